@@ -1,0 +1,105 @@
+"""Field types shared by manifests and VM configs: names, resources, boot args, labels."""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
+
+from roost.errors import InvalidError
+
+DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?")
+MAX_BOOT_ARGS = 1024
+MIN_VCPUS, MAX_VCPUS = 1, 32
+MIN_MEMORY_MIB, MAX_MEMORY_MIB = 16, 1024 * 1024
+# Boot args roost writes itself from the VM's name and network; a plugin must not set them.
+RESERVED_BOOT_ARGS = ("ip=", "roost.name=")
+
+
+def _dns_label(value: str) -> str:
+    if not DNS_LABEL.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not a valid name: use a DNS label of 1-63 characters, lower-case "
+            "letters, digits and '-', starting and ending with a letter or digit"
+        )
+    return value
+
+
+def check_name(name: str, loc: str = "name") -> str:
+    """A plugin's or VM's name, or `InvalidError` at `loc` saying what a name must be."""
+    try:
+        return _dns_label(name)
+    except ValueError as error:
+        raise InvalidError.at(loc, str(error)) from None
+
+
+def _strict_int(value: Any) -> Any:
+    # JSON `true` and `"2"` are not vCPU counts; refuse them instead of coercing.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError("must be a whole number")
+    return value
+
+
+def _boot_args(value: str) -> str:
+    text = " ".join(value.split())
+    if len(text) > MAX_BOOT_ARGS:
+        raise ValueError(f"is {len(text)} characters long; the limit is {MAX_BOOT_ARGS}")
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    for word in text.split():
+        for reserved in RESERVED_BOOT_ARGS:
+            if word.startswith(reserved):
+                raise ValueError(
+                    f"{word!r}: roost sets {reserved}... itself from the VM's name and network; "
+                    "describe the network in `network` instead"
+                )
+    return text
+
+
+def _labels(value: dict[str, str]) -> dict[str, str]:
+    for key, text in value.items():
+        if not LABEL_KEY.fullmatch(key):
+            raise ValueError(
+                f"label key {key!r} must be 1-253 characters of letters, digits, '.', '_', '/' "
+                "and '-', starting and ending with a letter or digit"
+            )
+        if len(text) > 256:
+            raise ValueError(f"label {key!r}: values are limited to 256 characters")
+    return dict(sorted(value.items()))
+
+
+Name = Annotated[str, AfterValidator(_dns_label)]
+VCPUs = Annotated[int, BeforeValidator(_strict_int), Field(ge=MIN_VCPUS, le=MAX_VCPUS)]
+MemoryMiB = Annotated[
+    int, BeforeValidator(_strict_int), Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+]
+BootArgs = Annotated[str, AfterValidator(_boot_args)]
+Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+
+
+class Spec(BaseModel):
+    """Base of every spec model: unknown fields are errors (they are usually typos)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class Resources(Spec):
+    """A plugin's resources; each has a default."""
+
+    vcpus: VCPUs = 1
+    memory_mib: MemoryMiB = 128
+
+
+class ResourcesOverride(Spec):
+    """A VM's resources; an unset field keeps the plugin's value."""
+
+    vcpus: VCPUs | None = None
+    memory_mib: MemoryMiB | None = None
+
+    def apply(self, base: Resources) -> Resources:
+        return Resources(
+            vcpus=base.vcpus if self.vcpus is None else self.vcpus,
+            memory_mib=base.memory_mib if self.memory_mib is None else self.memory_mib,
+        )

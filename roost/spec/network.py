@@ -1,0 +1,258 @@
+"""The network part of the spec: the three modes and the rules that tie their fields together.
+
+Field formats are checked by pydantic (so their errors carry the field's own `loc`); the rules
+that relate fields, and that depend on where a network is written (a plugin's default, a VM's
+override, or the effective network after resolution), live in `network_errors`, written once.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Callable
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
+
+from roost.errors import ErrorDetail, InvalidError
+from roost.spec.parse import details_of
+
+MIN_PREFIX = 8
+MAX_PREFIX = 30
+
+
+class NetworkMode(StrEnum):
+    """How a VM is networked."""
+
+    VSOCK = "vsock"
+    BRIDGED = "bridged"
+    DHCP = "dhcp"
+
+
+MODES_TEXT = ", ".join(m.value for m in NetworkMode)
+BRIDGED_ONLY_FIELDS = ("subnet", "gateway", "ip")
+
+
+def parse_mode(value: Any) -> NetworkMode:
+    """A mode written any way a human might (` Bridged `) as its canonical value."""
+    if isinstance(value, NetworkMode):
+        return value
+    if not isinstance(value, str):
+        raise ValueError(f"must be a string, one of {MODES_TEXT}")
+    text = value.strip().lower()
+    try:
+        return NetworkMode(text)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a network mode; use one of {MODES_TEXT}") from None
+
+
+ModeName = Annotated[NetworkMode, BeforeValidator(parse_mode)]
+
+
+def parse_subnet(value: Any) -> ipaddress.IPv4Network:
+    """A strict IPv4 CIDR between /8 and /30, with a suggestion when host bits are set."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string CIDR such as 10.100.0.0/24")
+    text = value.strip()
+    if "/" not in text:
+        raise ValueError(f"{text!r} is not a CIDR; write it with a prefix, e.g. {text}/24")
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(f"{text!r} is not a CIDR such as 10.100.0.0/24") from None
+    if network.version == 6:
+        raise ValueError(f"{text}: IPv6 is not supported yet; use an IPv4 CIDR")
+    assert isinstance(network, ipaddress.IPv4Network)
+    if ipaddress.ip_interface(text).ip != network.network_address:
+        raise ValueError(f"{text} has host bits set; did you mean {network}?")
+    if not MIN_PREFIX <= network.prefixlen <= MAX_PREFIX:
+        raise ValueError(
+            f"{network}: prefix /{network.prefixlen} is out of range; use /{MIN_PREFIX} to "
+            f"/{MAX_PREFIX}"
+        )
+    return network
+
+
+def parse_address(value: Any) -> ipaddress.IPv4Address:
+    """A plain IPv4 address (no prefix)."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string IPv4 address such as 10.100.0.7")
+    text = value.strip()
+    try:
+        address = ipaddress.ip_address(text)
+    except ValueError:
+        raise ValueError(f"{text!r} is not an IPv4 address such as 10.100.0.7") from None
+    if address.version == 6:
+        raise ValueError(f"{text}: IPv6 is not supported yet; use an IPv4 address")
+    assert isinstance(address, ipaddress.IPv4Address)
+    return address
+
+
+def first_host(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
+    """The gateway a subnet gets when none is named: its first host address."""
+    return subnet.network_address + 1
+
+
+class NetworkConfig(BaseModel):
+    """A network as written in a manifest (the plugin's default) or a VM config (an override).
+
+    Every field may be unset; unset (`None`) is different from `false` for `auto_assign`.
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    mode: ModeName | None = None
+    subnet: str | None = None
+    gateway: str | None = None
+    auto_assign: bool | None = None
+    ip: str | None = None
+
+    @field_validator("subnet", mode="before")
+    @classmethod
+    def _subnet(cls, value: Any) -> str | None:
+        return None if value is None else str(parse_subnet(value))
+
+    @field_validator("gateway", "ip", mode="before")
+    @classmethod
+    def _address(cls, value: Any) -> str | None:
+        return None if value is None else str(parse_address(value))
+
+    @field_validator("auto_assign", mode="before")
+    @classmethod
+    def _strict_bool(cls, value: Any) -> Any:
+        if value is not None and not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
+
+    @property
+    def subnet_net(self) -> ipaddress.IPv4Network | None:
+        return None if self.subnet is None else ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def gateway_addr(self) -> ipaddress.IPv4Address | None:
+        return None if self.gateway is None else ipaddress.IPv4Address(self.gateway)
+
+    @property
+    def ip_addr(self) -> ipaddress.IPv4Address | None:
+        return None if self.ip is None else ipaddress.IPv4Address(self.ip)
+
+
+Where = Literal["plugin", "vm", "effective"]
+Report = Callable[[str | None, str], None]
+
+
+def network_errors(
+    net: NetworkConfig, where: Where, *, prefix: str = "network", default_subnet: str | None = None
+) -> list[ErrorDetail]:
+    """Every rule that relates a network's fields, for the place the network is written.
+
+    - `plugin`: a manifest's default, checked as written (mode required, no `ip`).
+    - `vm`: a VM's override as written; only what cannot change by inheritance is checked here
+      (the rest is checked on the resolved network).
+    - `effective`: the resolved network of a VM; `default_subnet` names the daemon's default
+      network when the network has no subnet of its own.
+    """
+    errors: list[ErrorDetail] = []
+
+    def err(field: str | None, msg: str) -> None:
+        errors.append(ErrorDetail(f"{prefix}.{field}" if field else prefix, msg))
+
+    if net.mode is None:
+        if where == "plugin":
+            err("mode", f"is required; use one of {MODES_TEXT}")
+        return errors
+
+    if net.mode is not NetworkMode.BRIDGED:
+        for field in BRIDGED_ONLY_FIELDS:
+            if getattr(net, field) is not None:
+                err(field, f"is only valid in bridged mode, not in {net.mode} mode")
+        if net.auto_assign is True:
+            err("auto_assign", f"is only valid in bridged mode, not in {net.mode} mode")
+        return errors
+
+    if where == "plugin" and net.ip is not None:
+        err("ip", "is per-VM: a plugin serves many VMs, so set ip on a VM, not in the manifest")
+
+    # A VM override without a subnet inherits the plugin's (same mode); judge it once resolved.
+    complete = where != "vm" or net.subnet is not None
+    if not complete:
+        return errors
+
+    subnet = net.subnet_net
+    if subnet is None:
+        if net.gateway is not None:
+            err("gateway", "needs a subnet; set network.subnet as well, or drop the gateway")
+        if where == "effective" and default_subnet is not None:
+            subnet = ipaddress.IPv4Network(default_subnet)
+            _check_inside(err, "ip", net.ip_addr, subnet, " (the daemon's default network)")
+            _check_ip_not_gateway(err, net.ip_addr, first_host(subnet))
+        if where == "effective" and net.ip is None and net.auto_assign is False:
+            err(None, "a bridged network needs an ip or auto_assign: true")
+        return errors
+
+    if net.gateway is None and net.auto_assign is not True:
+        err(
+            "gateway",
+            f"bridged mode on subnet {subnet} needs a gateway or auto_assign: true",
+        )
+    _check_inside(err, "gateway", net.gateway_addr, subnet)
+    _check_inside(err, "ip", net.ip_addr, subnet)
+    gateway = net.gateway_addr or first_host(subnet)
+    _check_ip_not_gateway(err, net.ip_addr, gateway)
+    if where == "effective" and net.ip is None and net.auto_assign is not True:
+        err(None, f"a bridged network on subnet {subnet} needs an ip or auto_assign: true")
+    return errors
+
+
+def _check_inside(
+    err: Report,
+    field: str,
+    address: ipaddress.IPv4Address | None,
+    subnet: ipaddress.IPv4Network,
+    note: str = "",
+) -> None:
+    if address is None:
+        return
+    if address not in subnet:
+        err(field, f"{address} is not inside subnet {subnet}{note}")
+    elif address == subnet.network_address:
+        err(field, f"{address} is the network address of {subnet}; use a host address")
+    elif address == subnet.broadcast_address:
+        err(field, f"{address} is the broadcast address of {subnet}; use a host address")
+
+
+def _check_ip_not_gateway(
+    err: Report, ip: ipaddress.IPv4Address | None, gateway: ipaddress.IPv4Address
+) -> None:
+    if ip is not None and ip == gateway:
+        err("ip", f"{ip} is the gateway's address; choose another")
+
+
+def network_override(
+    base: NetworkConfig | None,
+    *,
+    mode: str | None = None,
+    subnet: str | None = None,
+    gateway: str | None = None,
+    auto_assign: bool | None = None,
+    ip: str | None = None,
+) -> NetworkConfig | None:
+    """A VM's override built from command-line flags, the same way wherever they appear.
+
+    Flags override `base` (e.g. a --config file's network) field by field; a `mode` starts a
+    fresh override from the flags alone. Raises `InvalidError` with `network.*` locs.
+    """
+    flags = {"subnet": subnet, "gateway": gateway, "auto_assign": auto_assign, "ip": ip}
+    given = {key: value for key, value in flags.items() if value is not None}
+    if mode is not None:
+        data: dict[str, Any] = {"mode": mode, **given}
+    elif given:
+        data = {**(base.model_dump(exclude_none=True) if base else {}), **given}
+    else:
+        return base
+    try:
+        return NetworkConfig.model_validate(data)
+    except ValidationError as error:
+        raise InvalidError.of(
+            [ErrorDetail(f"network.{d.loc}", d.msg) for d in details_of(error)]
+        ) from None

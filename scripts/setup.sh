@@ -1,0 +1,33 @@
+#!/usr/bin/env bash
+# Installs everything roost's demo and tests need, idempotently: Debian packages, a .venv
+# with roost in it, and the test artifacts (Firecracker binary, guest kernel and initramfs).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+packages=(qemu-system-x86 busybox-static dnsmasq-base nftables iptables iputils-ping lz4 socat
+          containernetworking-plugins iproute2 cpio python3-venv ca-certificates)
+
+missing=()
+for pkg in "${packages[@]}"; do
+    dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || missing+=("$pkg")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup: installing Debian packages: ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -qq
+    apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+python=${PYTHON:-python3}
+if [ ! -x .venv/bin/python ]; then
+    echo "setup: creating .venv with $($python --version)"
+    "$python" -m venv .venv
+fi
+stamp=.venv/.roost-installed
+if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "setup: installing roost and its dev tools into .venv"
+    .venv/bin/pip install -q --upgrade pip
+    .venv/bin/pip install -q -e '.[dev]'
+    touch "$stamp"
+fi
+echo "setup: done"
