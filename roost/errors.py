@@ -104,6 +104,14 @@ class UnauthorizedError(RoostError):
     exit_code = ExitCode.UNREACHABLE
 
 
+class UnreachableError(RoostError):
+    """The CLI cannot reach the daemon."""
+
+    code = "unreachable"
+    http_status = 503
+    exit_code = ExitCode.UNREACHABLE
+
+
 class VMMUnavailableError(RoostError):
     """The VMM cannot be run at all here (binary missing, not executable)."""
 

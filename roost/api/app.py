@@ -1,0 +1,189 @@
+"""The REST API: a thin layer that parses requests, calls the engine and maps errors to
+`{"error": {"code", "message", "details"}}` with the right status."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from fastapi import FastAPI, Query, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from starlette.concurrency import run_in_threadpool
+
+from roost import __version__
+from roost.engine.core import Engine
+from roost.errors import ErrorDetail, InvalidError, RoostError
+from roost.spec import Manifest, VMConfig, load_json, parse
+from roost.spec.common import check_name
+from roost.spec.parse import dotted
+
+log = logging.getLogger("roost.api")
+NDJSON = "application/x-ndjson"
+PROGRESS_INTERVAL = 0.2
+
+
+def error_response(error: RoostError) -> JSONResponse:
+    return JSONResponse(error.to_json(), status_code=error.http_status)
+
+
+def _schema_body(model: type[Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    schema = model.model_json_schema()
+    if extra:
+        schema = {**schema, "properties": {**schema["properties"], **extra}}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
+
+
+async def _json_body(request: Request) -> Any:
+    return load_json(await request.body())
+
+
+def create_app(engine: Engine) -> FastAPI:
+    app = FastAPI(title="roost", version=__version__, description="microVMs for plugins")
+
+    @app.exception_handler(RoostError)
+    async def _roost_error(_: Request, error: RoostError) -> JSONResponse:
+        return error_response(error)
+
+    @app.exception_handler(RequestValidationError)
+    async def _request_error(_: Request, error: RequestValidationError) -> JSONResponse:
+        details = [
+            ErrorDetail(dotted(tuple(item["loc"][1:])), item["msg"]) for item in error.errors()
+        ]
+        return error_response(InvalidError.of(details))
+
+    @app.exception_handler(Exception)
+    async def _bug(_: Request, error: Exception) -> JSONResponse:
+        log.exception("internal error")
+        return error_response(RoostError(f"internal error (a bug in roost): {error!r}"))
+
+    @app.get("/healthz")
+    def healthz() -> dict[str, str]:
+        return {"status": "ok", "version": __version__}
+
+    @app.get("/v1/plugins")
+    def list_plugins() -> list[dict[str, Any]]:
+        return engine.list_plugins()
+
+    @app.post("/v1/plugins", status_code=201, openapi_extra=_schema_body(Manifest))
+    async def install_plugin(
+        request: Request, force: bool = Query(False, description="replace an installed plugin")
+    ) -> Any:
+        manifest = parse(Manifest, await _json_body(request))
+        if NDJSON not in request.headers.get("accept", ""):
+            result = await run_in_threadpool(engine.install_plugin, manifest, force=force)
+            return JSONResponse(result, status_code=201)
+        return StreamingResponse(
+            _install_with_progress(engine, manifest, force), media_type=NDJSON, status_code=201
+        )
+
+    @app.get("/v1/plugins/{name}")
+    def show_plugin(name: str) -> dict[str, Any]:
+        return engine.show_plugin(name)
+
+    @app.delete("/v1/plugins/{name}", status_code=204)
+    def remove_plugin(name: str) -> Response:
+        engine.remove_plugin(name)
+        return Response(status_code=204)
+
+    @app.get("/v1/vms")
+    def list_vms() -> list[dict[str, Any]]:
+        return engine.list_vms()
+
+    create_extra = {
+        "name": {"type": "string", "description": "the VM's name (a DNS label)"},
+        "start": {"type": "boolean", "default": True},
+    }
+
+    @app.post("/v1/vms", status_code=201, openapi_extra=_schema_body(VMConfig, create_extra))
+    async def create_vm(request: Request) -> JSONResponse:
+        body = await _json_body(request)
+        if not isinstance(body, dict):
+            raise InvalidError.at("-", "must be a JSON object")
+        name, start = body.pop("name", None), body.pop("start", True)
+        if not isinstance(name, str):
+            raise InvalidError.at("name", "is required: the VM's name")
+        if not isinstance(start, bool):
+            raise InvalidError.at("start", "must be true or false")
+        check_name(name)
+        config = parse(VMConfig, body)
+        result = await run_in_threadpool(engine.create_vm, name, config, start=start)
+        return JSONResponse(result, status_code=201)
+
+    @app.get("/v1/vms/{name}")
+    def show_vm(name: str) -> dict[str, Any]:
+        return engine.show_vm(name)
+
+    @app.delete("/v1/vms/{name}", status_code=204)
+    def remove_vm(name: str) -> Response:
+        engine.destroy_vm(name)
+        return Response(status_code=204)
+
+    @app.post("/v1/vms/{name}/start")
+    def start_vm(name: str) -> dict[str, Any]:
+        return engine.start_vm(name)
+
+    @app.post("/v1/vms/{name}/stop")
+    def stop_vm(
+        name: str,
+        timeout: float | None = Query(None, ge=0, description="seconds to wait after Ctrl-Alt-Del"),
+        force: bool = Query(False, description="kill at once"),
+    ) -> dict[str, Any]:
+        return engine.stop_vm(name, timeout=timeout, force=force)
+
+    @app.post("/v1/vms/{name}/restart")
+    def restart_vm(name: str) -> dict[str, Any]:
+        return engine.restart_vm(name)
+
+    @app.post("/v1/vms/{name}/pause")
+    def pause_vm(name: str) -> dict[str, Any]:
+        return engine.pause_vm(name)
+
+    @app.post("/v1/vms/{name}/resume")
+    def resume_vm(name: str) -> dict[str, Any]:
+        return engine.resume_vm(name)
+
+    @app.get("/v1/networks")
+    def list_networks() -> list[dict[str, Any]]:
+        return engine.list_networks()
+
+    return app
+
+
+async def _install_with_progress(
+    engine: Engine, manifest: Manifest, force: bool
+) -> AsyncIterator[bytes]:
+    """Progress events as JSON lines while the install runs, then the plugin (or the error)."""
+    loop = asyncio.get_running_loop()
+    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    last_sent = {"at": 0.0}
+
+    def progress(event: dict[str, Any]) -> None:
+        now = time.monotonic()
+        done = event.get("done") == event.get("total")
+        if event["event"] == "progress" and not done and now - last_sent["at"] < PROGRESS_INTERVAL:
+            return
+        last_sent["at"] = now
+        loop.call_soon_threadsafe(queue.put_nowait, event)
+
+    async def install() -> dict[str, Any]:
+        try:
+            return await run_in_threadpool(
+                engine.install_plugin, manifest, force=force, progress=progress
+            )
+        except RoostError as error:
+            return error.to_json()
+
+    task = asyncio.create_task(install())
+    while not task.done() or not queue.empty():
+        getter = asyncio.ensure_future(queue.get())
+        finished, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
+        if getter in finished:
+            yield (json.dumps(getter.result()) + "\n").encode()
+        else:
+            getter.cancel()
+    yield (json.dumps(task.result()) + "\n").encode()

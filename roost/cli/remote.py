@@ -1,0 +1,335 @@
+"""Commands that talk to the daemon: plugins, VMs, networks."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
+
+from roost.cli.apps import Globals, network_app, plugin_app, vm_app
+from roost.cli.client import Client
+from roost.cli.files import read_manifest, with_resolved_artifacts
+from roost.cli.options import (
+    ConfigOpt,
+    JSONOpt,
+    NetworkAutoAssignOpt,
+    NetworkFlags,
+    NetworkGatewayOpt,
+    NetworkIPOpt,
+    NetworkModeOpt,
+    NetworkSubnetOpt,
+    vm_config_from,
+)
+from roost.cli.output import err, fields, print_json, reporting, table
+from roost.errors import InvalidError
+
+NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
+
+
+@contextmanager
+def daemon(as_json: bool) -> Iterator[Client]:
+    """A client for the daemon, with any error turned into output and an exit code."""
+    with reporting(as_json):
+        client = Client(Globals.api)
+        try:
+            yield client
+        finally:
+            client.close()
+
+
+def show(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
+    if as_json:
+        print_json(data)
+    else:
+        human(data)
+
+
+# ---- plugins --------------------------------------------------------------------------------
+
+
+def _plugin_human(plugin: dict[str, Any]) -> None:
+    manifest = plugin["manifest"]
+    network = manifest.get("network") or {"mode": "(daemon default)"}
+    pairs: list[tuple[str, Any]] = [
+        ("name", plugin["name"]),
+        ("version", plugin["version"]),
+        ("description", manifest.get("description")),
+        ("network", ", ".join(f"{k}={v}" for k, v in network.items())),
+        ("allowed modes", ", ".join(manifest.get("allowed_network_modes") or []) or "any"),
+    ]
+    for role, artifact in plugin["artifacts"].items():
+        pairs.append((role, f"sha256:{artifact['sha256'][:16]}… ({artifact['size']} bytes)"))
+    pairs.append(("vms", ", ".join(plugin["vms"]) or None))
+    fields(pairs)
+
+
+@plugin_app.command("install")
+def plugin_install(
+    file: Annotated[Path, typer.Argument(help="The plugin's manifest.")],
+    force: Annotated[bool, typer.Option("--force", help="Replace an installed plugin.")] = False,
+    as_json: JSONOpt = False,
+) -> None:
+    """Install a plugin: the daemon stores its artifacts (checking sha256s)."""
+    with daemon(as_json) as client:
+        try:
+            manifest = with_resolved_artifacts(read_manifest(file), file)
+        except InvalidError as error:
+            raise InvalidError(f"{file} is not a valid plugin manifest", error.details) from None
+        body = manifest.model_dump(mode="json", exclude_none=True)
+        with _TransferProgress(quiet=as_json) as progress:
+            plugin = client.stream(
+                "POST",
+                "/v1/plugins",
+                body=body,
+                on_event=progress.update,
+                force=force or None,
+            )
+    show(plugin, as_json, _plugin_human)
+
+
+class _TransferProgress:
+    """Progress bars (on stderr) for the artifacts a daemon stores."""
+
+    def __init__(self, quiet: bool) -> None:
+        self._progress = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            DownloadColumn(),
+            TransferSpeedColumn(),
+            console=err,
+            disable=quiet,
+            transient=False,
+        )
+        self._tasks: dict[str, Any] = {}
+
+    def __enter__(self) -> _TransferProgress:
+        self._progress.__enter__()
+        return self
+
+    def __exit__(self, *args: Any) -> None:
+        self._progress.__exit__(*args)
+
+    def update(self, event: dict[str, Any]) -> None:
+        role = event.get("role", "?")
+        if event.get("event") == "artifact":
+            self._tasks[role] = self._progress.add_task(f"{role:<9}", total=None)
+        elif event.get("event") == "progress" and role in self._tasks:
+            self._progress.update(self._tasks[role], completed=event["done"], total=event["total"])
+
+
+@plugin_app.command("list")
+def plugin_list(as_json: JSONOpt = False) -> None:
+    """List installed plugins."""
+    with daemon(as_json) as client:
+        plugins = client.call("GET", "/v1/plugins")
+
+    def human(items: list[dict[str, Any]]) -> None:
+        rows = [
+            (
+                p["name"],
+                p["version"],
+                (p["manifest"].get("network") or {}).get("mode", "default"),
+                len(p["vms"]),
+            )
+            for p in items
+        ]
+        table(["NAME", "VERSION", "NETWORK", "VMS"], rows)
+
+    show(plugins, as_json, human)
+
+
+@plugin_app.command("show")
+def plugin_show(name: Annotated[str, typer.Argument()], as_json: JSONOpt = False) -> None:
+    """Show one plugin."""
+    with daemon(as_json) as client:
+        plugin = client.call("GET", f"/v1/plugins/{name}")
+    show(plugin, as_json, _plugin_human)
+
+
+@plugin_app.command("rm")
+def plugin_rm(name: Annotated[str, typer.Argument()], as_json: JSONOpt = False) -> None:
+    """Remove a plugin no VM uses."""
+    with daemon(as_json) as client:
+        client.call("DELETE", f"/v1/plugins/{name}")
+    if as_json:
+        print_json({"removed": name})
+    else:
+        err.print(f"removed plugin {name}", markup=False)
+
+
+# ---- VMs ------------------------------------------------------------------------------------
+
+VM_COLUMNS = ["NAME", "PLUGIN", "STATUS", "MODE", "IP", "MAC", "TAP", "CID", "VMM", "PID"]
+
+
+def _vm_row(vm: dict[str, Any]) -> list[Any]:
+    network = vm["network"]
+    return [
+        vm["name"],
+        vm["plugin"],
+        vm["status"],
+        network["mode"],
+        network["ip"],
+        network["mac"],
+        network["tap"],
+        vm["vsock"]["cid"],
+        vm["vmm"]["kind"],
+        vm["vmm"]["pid"],
+    ]
+
+
+def _vm_human(vm: dict[str, Any]) -> None:
+    network, vsock, vmm = vm["network"], vm["vsock"], vm["vmm"]
+    status = vm["status"]
+    if vm["status_reason"]:
+        status += f" ({vm['status_reason']})"
+    fields(
+        [
+            ("name", vm["name"]),
+            ("plugin", vm["plugin"]),
+            ("status", status),
+            ("exit code", vm["exit_code"]),
+            ("network", f"{network['mode']} (from {network['source']})"),
+            ("subnet", network["subnet"]),
+            ("gateway", network["gateway"]),
+            ("ip", network["ip"]),
+            ("mac", network["mac"]),
+            ("bridge", network["bridge"]),
+            ("tap", network["tap"]),
+            ("vsock cid", vsock["cid"]),
+            ("vsock socket", vsock["uds_path"]),
+            ("resources", f"{vm['resources']['vcpus']} vCPU, {vm['resources']['memory_mib']} MiB"),
+            ("vmm", f"{vmm['kind']} pid {vmm['pid']}" if vmm["pid"] else vmm["kind"]),
+            ("api socket", vmm["api_socket"]),
+            ("created", vm["created_at"]),
+        ]
+    )
+
+
+@vm_app.command("create")
+def vm_create(
+    name: NameArg,
+    plugin: Annotated[str, typer.Option("--plugin", help="The installed plugin to run.")],
+    vcpus: Annotated[
+        int | None, typer.Option("--vcpus", help="Override the plugin's vCPUs.")
+    ] = None,
+    memory: Annotated[
+        int | None, typer.Option("--memory", help="Override the plugin's memory (MiB).")
+    ] = None,
+    network_mode: NetworkModeOpt = None,
+    network_subnet: NetworkSubnetOpt = None,
+    network_gateway: NetworkGatewayOpt = None,
+    network_auto_assign: NetworkAutoAssignOpt = None,
+    network_ip: NetworkIPOpt = None,
+    config: ConfigOpt = None,
+    no_start: Annotated[
+        bool, typer.Option("--no-start", help="Create and allocate, but do not boot.")
+    ] = False,
+    as_json: JSONOpt = False,
+) -> None:
+    """Create a VM from an installed plugin (and start it, unless --no-start)."""
+    with daemon(as_json) as client:
+        flags = NetworkFlags(
+            network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
+        )
+        vm_config = vm_config_from(plugin, config, flags, vcpus=vcpus, memory_mib=memory)
+        body = {
+            "name": name,
+            "start": not no_start,
+            **vm_config.model_dump(mode="json", exclude_none=True),
+        }
+        vm = client.call("POST", "/v1/vms", body=body)
+    show(vm, as_json, _vm_human)
+
+
+@vm_app.command("list")
+def vm_list(as_json: JSONOpt = False) -> None:
+    """List VMs."""
+    with daemon(as_json) as client:
+        vms = client.call("GET", "/v1/vms")
+    show(vms, as_json, lambda items: table(VM_COLUMNS, [_vm_row(vm) for vm in items]))
+
+
+@vm_app.command("show")
+def vm_show(name: NameArg, as_json: JSONOpt = False) -> None:
+    """Show one VM."""
+    with daemon(as_json) as client:
+        vm = client.call("GET", f"/v1/vms/{name}")
+    show(vm, as_json, _vm_human)
+
+
+def _action(name: str, action: str, as_json: bool, **params: Any) -> None:
+    with daemon(as_json) as client:
+        vm = client.call("POST", f"/v1/vms/{name}/{action}", **params)
+    show(vm, as_json, _vm_human)
+
+
+@vm_app.command("start")
+def vm_start(name: NameArg, as_json: JSONOpt = False) -> None:
+    """Start a VM (resume it if paused)."""
+    _action(name, "start", as_json)
+
+
+@vm_app.command("stop")
+def vm_stop(
+    name: NameArg,
+    timeout: Annotated[
+        float | None,
+        typer.Option("--timeout", help="Seconds to wait after Ctrl-Alt-Del before SIGTERM."),
+    ] = None,
+    force: Annotated[bool, typer.Option("--force", help="Kill at once (SIGKILL).")] = False,
+    as_json: JSONOpt = False,
+) -> None:
+    """Stop a VM: Ctrl-Alt-Del, then SIGTERM, then SIGKILL."""
+    _action(name, "stop", as_json, timeout=timeout, force=force or None)
+
+
+@vm_app.command("restart")
+def vm_restart(name: NameArg, as_json: JSONOpt = False) -> None:
+    """Stop and start a VM (its plan is recomputed)."""
+    _action(name, "restart", as_json)
+
+
+@vm_app.command("pause")
+def vm_pause(name: NameArg, as_json: JSONOpt = False) -> None:
+    """Pause a running VM."""
+    _action(name, "pause", as_json)
+
+
+@vm_app.command("resume")
+def vm_resume(name: NameArg, as_json: JSONOpt = False) -> None:
+    """Resume a paused VM."""
+    _action(name, "resume", as_json)
+
+
+@vm_app.command("rm")
+def vm_rm(name: NameArg, as_json: JSONOpt = False) -> None:
+    """Remove a VM (stopping it first) and release everything it holds."""
+    with daemon(as_json) as client:
+        client.call("DELETE", f"/v1/vms/{name}")
+    if as_json:
+        print_json({"removed": name})
+    else:
+        err.print(f"removed VM {name}", markup=False)
+
+
+# ---- networks -------------------------------------------------------------------------------
+
+
+@network_app.command("list")
+def network_list(as_json: JSONOpt = False) -> None:
+    """List the bridged networks roost manages and the addresses held on them."""
+    with daemon(as_json) as client:
+        networks = client.call("GET", "/v1/networks")
+
+    def human(items: list[dict[str, Any]]) -> None:
+        rows = [
+            (n["name"], n["bridge"], n["subnet"], n["gateway"], len(n["leases"])) for n in items
+        ]
+        table(["NAME", "BRIDGE", "SUBNET", "GATEWAY", "LEASES"], rows)
+
+    show(networks, as_json, human)

@@ -1,0 +1,82 @@
+"""`roost serve`: run the daemon."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from roost.api.endpoints import DEFAULT_API, Endpoint
+from roost.cli.apps import app
+from roost.cli.output import reporting
+from roost.engine.settings import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, Settings
+from roost.plan.network import DEFAULT_SUBNET
+
+
+@app.command("serve")
+def serve_command(
+    state_dir: Annotated[
+        Path, typer.Option("--state-dir", help="Database and stored artifacts.")
+    ] = DEFAULT_STATE_DIR,
+    run_dir: Annotated[
+        Path, typer.Option("--run-dir", help="Per-VM sockets, logs and status files.")
+    ] = DEFAULT_RUN_DIR,
+    database_url: Annotated[
+        str | None,
+        typer.Option(
+            "--database-url", help="Any SQLAlchemy URL (default: SQLite in the state dir)."
+        ),
+    ] = None,
+    listen: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--listen",
+            help=f"unix:///path or tcp://HOST:PORT; repeatable (default {DEFAULT_API}).",
+        ),
+    ] = None,
+    netns: Annotated[
+        str | None,
+        typer.Option("--netns", help="An existing network namespace for links, rules and VMMs."),
+    ] = None,
+    firecracker: Annotated[
+        str | None,
+        typer.Option("--firecracker", help="The Firecracker binary ($ROOST_FIRECRACKER, PATH)."),
+    ] = None,
+    kernel: Annotated[
+        Path | None,
+        typer.Option("--kernel", help="Default ELF vmlinux for plugins that name none."),
+    ] = None,
+    default_subnet: Annotated[
+        str, typer.Option("--default-subnet", help="The default bridged network.")
+    ] = DEFAULT_SUBNET,
+    dhcp_bridge: Annotated[
+        str | None,
+        typer.Option(
+            "--dhcp-bridge", help="The operator's bridge, with a DHCP server, for dhcp VMs."
+        ),
+    ] = None,
+    log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
+) -> None:
+    """Run the roost daemon (its VMs keep running when it stops)."""
+    logging.basicConfig(
+        level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    for chatty in ("alembic", "httpx", "uvicorn.error"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    from roost.api.server import serve
+
+    with reporting(as_json=False):
+        endpoints = [Endpoint.parse(url) for url in (listen or [DEFAULT_API])]
+        settings = Settings(
+            state_dir=state_dir.resolve(),
+            run_dir=run_dir.resolve(),
+            database_url=database_url,
+            netns=netns,
+            firecracker=firecracker,
+            kernel=kernel.resolve() if kernel else None,
+            default_subnet=default_subnet,
+            dhcp_bridge=dhcp_bridge,
+        )
+        serve(settings, endpoints)

@@ -1,0 +1,33 @@
+"""Recording what an operation did, so a failure can undo it in reverse order."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+
+log = logging.getLogger("roost.engine")
+
+
+class Steps:
+    """The steps of one operation on one VM, each with the action that undoes it."""
+
+    def __init__(self, operation: str, vm: str) -> None:
+        self.operation = operation
+        self.vm = vm
+        self._undo: list[tuple[str, Callable[[], object]]] = []
+
+    def done(self, what: str, undo: Callable[[], object] | None = None) -> None:
+        log.info("%s %s: %s", self.operation, self.vm, what)
+        if undo is not None:
+            self._undo.append((what, undo))
+
+    def rollback(self) -> None:
+        """Undo every recorded step, newest first; an undo that fails is logged, not raised,
+        so the others still run."""
+        while self._undo:
+            what, undo = self._undo.pop()
+            try:
+                undo()
+                log.info("%s %s: undid %s", self.operation, self.vm, what)
+            except Exception:
+                log.exception("%s %s: could not undo %s", self.operation, self.vm, what)

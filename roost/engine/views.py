@@ -1,0 +1,74 @@
+"""The JSON the API returns for VMs, plugins and networks (the contract scripts rely on)."""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from typing import Any
+
+from roost.spec import Manifest, VMConfig
+from roost.state.models import VM, Network, Plugin
+from roost.vmm.base import RunDir
+from roost.vmm.process import VMMProcess
+
+
+def timestamp(moment: datetime) -> str:
+    if moment.tzinfo is None:  # SQLite hands back naive datetimes; roost stores UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
+def vm_view(vm: VM, run_dir: RunDir, process: VMMProcess | None) -> dict[str, Any]:
+    current = vm.configs[-1]
+    manifest = Manifest.model_validate(current.manifest)
+    config = VMConfig.model_validate(current.config)
+    resources = config.resources.apply(manifest.resources)
+    effective, plan = vm.network["effective"], vm.network["plan"]
+    running = process is not None
+    return {
+        "name": vm.name,
+        "plugin": vm.plugin.name,
+        "status": vm.status,
+        "status_reason": vm.status_reason,
+        "exit_code": vm.exit_code,
+        "network": {
+            **effective,
+            "mac": vm.mac if plan["nic"] else None,
+            "bridge": vm.network["bridge"] if plan["tap"] else None,
+            "tap": vm.tap if plan["tap"] else None,
+        },
+        "vsock": {
+            "cid": vm.cid_lease.cid if vm.cid_lease else None,
+            "uds_path": str(run_dir.vsock_socket) if plan["vsock"] else None,
+        },
+        "resources": {"vcpus": resources.vcpus, "memory_mib": resources.memory_mib},
+        "vmm": {
+            "kind": vm.vmm_kind,
+            "pid": vm.pid if running else None,
+            "api_socket": str(run_dir.api_socket) if running else None,
+        },
+        "config_version": vm.config_version,
+        "created_at": timestamp(vm.created_at),
+        "updated_at": timestamp(vm.updated_at),
+    }
+
+
+def plugin_view(plugin: Plugin, vms: list[str]) -> dict[str, Any]:
+    return {
+        "name": plugin.name,
+        "version": plugin.version,
+        "manifest": plugin.manifest,
+        "artifacts": {a.role: {"sha256": a.sha256, "size": a.size} for a in plugin.artifacts},
+        "vms": vms,
+    }
+
+
+def network_view(network: Network, leased: Iterable[int]) -> dict[str, Any]:
+    return {
+        "name": network.name,
+        "bridge": network.bridge,
+        "subnet": network.subnet,
+        "gateway": network.gateway,
+        "leases": [str(ipaddress.IPv4Address(ip)) for ip in leased],
+    }

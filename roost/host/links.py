@@ -1,0 +1,149 @@
+"""Bridges and taps through netlink (pyroute2), always on the namespace's own thread."""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+from dataclasses import dataclass
+from typing import Any
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from roost.errors import HostError
+from roost.host.netns import NetnsWorker
+
+IFNAMSIZ = 15
+
+
+@dataclass(frozen=True)
+class LinkInfo:
+    name: str
+    kind: str | None
+    up: bool
+    master: str | None
+    mac: str
+
+
+def _kind(link: Any) -> str | None:
+    info = link.get_attr("IFLA_LINKINFO")
+    return None if info is None else info.get_attr("IFLA_INFO_KIND")
+
+
+class Links:
+    """The links roost manages in its namespace. Every method runs on the worker's thread,
+    so the netlink socket is only ever used by one thread."""
+
+    def __init__(self, worker: NetnsWorker) -> None:
+        self._worker = worker
+        self._ipr: IPRoute = worker.run(IPRoute)
+
+    def close(self) -> None:
+        self._worker.run(self._ipr.close)
+
+    def _index(self, name: str) -> int | None:
+        found = self._ipr.link_lookup(ifname=name)
+        return found[0] if found else None
+
+    def _info(self, name: str) -> LinkInfo | None:
+        index = self._index(name)
+        if index is None:
+            return None
+        link = self._ipr.get_links(index)[0]
+        master_index = link.get_attr("IFLA_MASTER")
+        master = None
+        if master_index:
+            master = self._ipr.get_links(master_index)[0].get_attr("IFLA_IFNAME")
+        return LinkInfo(
+            name=name,
+            kind=_kind(link),
+            up=bool(link["flags"] & 1),
+            master=master,
+            mac=link.get_attr("IFLA_ADDRESS"),
+        )
+
+    def info(self, name: str) -> LinkInfo | None:
+        return self._worker.run(self._info, name)
+
+    def names(self, prefix: str) -> list[str]:
+        def work() -> list[str]:
+            names = (link.get_attr("IFLA_IFNAME") for link in self._ipr.get_links())
+            return sorted(name for name in names if name.startswith(prefix))
+
+        return self._worker.run(work)
+
+    def ensure_bridge(self, name: str, address: ipaddress.IPv4Interface) -> None:
+        """A bridge `name`, up, with `address` on it (created if missing)."""
+
+        def work() -> None:
+            index = self._index(name)
+            if index is None:
+                self._ipr.link("add", ifname=name, kind="bridge", br_stp_state=0)
+                index = self._index(name)
+                assert index is not None
+            elif _kind(self._ipr.get_links(index)[0]) != "bridge":
+                raise HostError(f"link {name} exists but is not a bridge; remove or rename it")
+            have = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                for a in self._ipr.get_addr(index=index, family=2)
+            }
+            if (str(address.ip), address.network.prefixlen) not in have:
+                self._ipr.addr(
+                    "add",
+                    index=index,
+                    address=str(address.ip),
+                    prefixlen=address.network.prefixlen,
+                )
+            self._ipr.link("set", index=index, state="up")
+
+        self._call(f"set up bridge {name}", work)
+
+    def create_tap(self, name: str, bridge: str, mac: str) -> None:
+        """A fresh tap `name` (vnet_hdr, no packet info), with its own `mac`, on `bridge`, up.
+        A stale tap of the same name (ours, from a crash) is replaced."""
+        if len(name.encode()) > IFNAMSIZ:
+            raise HostError(f"tap name {name!r} is longer than {IFNAMSIZ} bytes")
+
+        def work() -> None:
+            master = self._index(bridge)
+            if master is None:
+                raise HostError(f"bridge {bridge} does not exist; cannot attach tap {name}")
+            stale = self._index(name)
+            if stale is not None:
+                self._ipr.link("del", index=stale)
+            flags = {"no_pi": True, "vnet_hdr": True, "one_queue": False, "multi_queue": False}
+            self._ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr=flags)
+            index = self._index(name)
+            assert index is not None
+            self._ipr.link("set", index=index, address=mac, master=master, state="up")
+
+        try:
+            self._call(f"create tap {name}", work)
+        except HostError:
+            self.delete(name)
+            raise
+
+    def delete(self, name: str) -> bool:
+        """Remove link `name` if it exists; True when something was removed."""
+
+        def work() -> bool:
+            index = self._index(name)
+            if index is None:
+                return False
+            try:
+                self._ipr.link("del", index=index)
+            except NetlinkError as error:
+                if error.code == errno.ENODEV:
+                    return False
+                raise
+            return True
+
+        return bool(self._call(f"delete link {name}", work))
+
+    def _call(self, what: str, work: Any) -> Any:
+        try:
+            return self._worker.run(work)
+        except NetlinkError as error:
+            raise HostError(f"cannot {what}: {error.args[-1] if error.args else error}") from None
+        except OSError as error:
+            raise HostError(f"cannot {what}: {error.strerror or error}") from None

@@ -1,0 +1,75 @@
+"""Doing host work inside the daemon's network namespace.
+
+`setns()` moves only the calling thread, and a process inherits the namespaces of the thread
+that forks it. So one worker thread enters the namespace once and stays there: every netlink
+socket it opens, every tap it creates (an ioctl, not a netlink call) and every process it
+spawns lives in that namespace, while the rest of the daemon (API listener, downloads) stays
+where it started. Without a namespace the thread simply works in the daemon's own.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import subprocess
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from roost.errors import HostError, InvalidError
+
+NETNS_DIR = Path("/run/netns")
+CLONE_NEWNET = 0x40000000
+T = TypeVar("T")
+
+
+def netns_path(name: str) -> Path:
+    return NETNS_DIR / name
+
+
+def _enter(name: str) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if libc.setns(fd, CLONE_NEWNET) != 0:
+            error = ctypes.get_errno()
+            raise OSError(error, f"setns({name}): {os.strerror(error)}")
+    finally:
+        os.close(fd)
+
+
+class NetnsWorker:
+    """A single thread, inside `netns` (or the daemon's own namespace when None), that runs
+    host work in order."""
+
+    def __init__(self, netns: str | None) -> None:
+        self.netns = netns
+        if netns is not None and not netns_path(netns).exists():
+            raise InvalidError.at(
+                "netns",
+                f"network namespace {netns!r} does not exist; create it first "
+                f"(ip netns add {netns}) — roost never creates or deletes it",
+            )
+        initializer = (lambda: _enter(netns)) if netns is not None else None
+        self._pool = ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="roost-netns", initializer=initializer
+        )
+
+    def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """Run `work` on the namespace's thread and return its result (or raise its error)."""
+        return self._pool.submit(work, *args, **kwargs).result()
+
+    def spawn(self, argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
+        """Start a process inside the namespace."""
+
+        def start() -> subprocess.Popen[bytes]:
+            try:
+                return subprocess.Popen(argv, **popen)
+            except OSError as error:
+                raise HostError(f"cannot start {argv[0]}: {error.strerror}") from None
+
+        return self.run(start)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True)

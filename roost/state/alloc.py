@@ -1,0 +1,219 @@
+"""Allocation of what VMs hold: networks, IP addresses, vsock CIDs, MACs and tap names.
+
+Every function runs inside the caller's write transaction (`Database.transact`), so an
+allocation is committed with the record that holds it, or not at all. Uniqueness is enforced by
+the schema; the code only finds a free value.
+"""
+
+from __future__ import annotations
+
+import heapq
+import ipaddress
+import secrets
+from collections.abc import Iterable, Iterator
+
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from roost.errors import ConflictError
+from roost.state.models import VM, CIDLease, IPLease, Network
+
+MIN_CID = 3  # 0-2 are the hypervisor, local and host
+MAX_CID = 2**32 - 2  # 2**32 - 1 is VMADDR_CID_ANY
+BATCH = 512
+TAP_PREFIX = "rtap"
+BRIDGE_PREFIX = "rbr"
+# 02:xx: locally administered unicast for guests; fe:xx for their taps (as libvirt does).
+GUEST_MAC_PREFIX = "02"
+TAP_MAC_PREFIX = "fe"
+
+
+def first_gap(taken: Iterable[int], start: int, end: int) -> int | None:
+    """The lowest value in [start, end] not in `taken` (ascending, all ≥ start)."""
+    candidate = start
+    for value in taken:
+        if value > candidate:
+            break
+        candidate = value + 1
+    return candidate if candidate <= end else None
+
+
+def _leased_from(session: Session, network_id: int, start: int, end: int) -> Iterator[int]:
+    """The addresses leased in [start, end], ascending, fetched in batches as needed."""
+    low = start
+    while True:
+        batch = list(
+            session.scalars(
+                select(IPLease.ip)
+                .where(IPLease.network_id == network_id, IPLease.ip >= low, IPLease.ip <= end)
+                .order_by(IPLease.ip)
+                .limit(BATCH)
+            )
+        )
+        yield from batch
+        if len(batch) < BATCH:
+            return
+        low = batch[-1] + 1
+
+
+def network_by_subnet(session: Session, subnet: ipaddress.IPv4Network) -> Network | None:
+    return session.scalar(select(Network).where(Network.subnet == str(subnet)))
+
+
+def ensure_network(
+    session: Session,
+    subnet: ipaddress.IPv4Network,
+    gateway: ipaddress.IPv4Address,
+    *,
+    name: str | None = None,
+    bridge: str | None = None,
+) -> Network:
+    """The network for `subnet`, created if new. A different gateway on the same subnet, or a
+    subnet overlapping another network, is a conflict naming that network."""
+    network = network_by_subnet(session, subnet)
+    if network is not None:
+        if network.gateway != str(gateway):
+            raise ConflictError(
+                f"subnet {subnet} is network {network.name!r} with gateway {network.gateway}, "
+                f"not {gateway}; use gateway {network.gateway} or another subnet",
+            )
+        return network
+    first, last = int(subnet.network_address), int(subnet.broadcast_address)
+    clash = session.scalar(
+        select(Network).where(Network.first <= last, Network.last >= first).limit(1)
+    )
+    if clash is not None:
+        raise ConflictError(
+            f"subnet {subnet} overlaps network {clash.name!r} ({clash.subnet}); "
+            "choose a subnet that does not overlap it",
+            code="subnet_overlap",
+        )
+    network = Network(
+        name=name or f"net-{subnet.network_address}-{subnet.prefixlen}".replace(".", "-"),
+        bridge=bridge or "",
+        subnet=str(subnet),
+        gateway=str(gateway),
+        first=first,
+        last=last,
+        next_hint=first + 1,
+    )
+    session.add(network)
+    session.flush()
+    if not network.bridge:
+        network.bridge = f"{BRIDGE_PREFIX}{network.id}"
+    return network
+
+
+def allocate_ip(
+    session: Session,
+    network: Network,
+    vm: VM,
+    requested: ipaddress.IPv4Address | None = None,
+) -> ipaddress.IPv4Address:
+    """An address on `network` for `vm`: `requested` if free, else the next free one after the
+    last handed out (wrapping). Asking again for the same VM returns its own lease."""
+    held = session.scalar(select(IPLease).where(IPLease.vm_id == vm.id))
+    if held is not None:
+        if held.network_id != network.id:
+            raise ValueError(f"VM {vm.name} holds a lease on another network; release it first")
+        if requested in (None, ipaddress.IPv4Address(held.ip)):
+            return ipaddress.IPv4Address(held.ip)
+        session.delete(held)
+        session.flush()
+    gateway = int(ipaddress.IPv4Address(network.gateway))
+    if requested is not None:
+        value = int(requested)
+        holder = session.scalar(
+            select(VM.name)
+            .join(IPLease, IPLease.vm_id == VM.id)
+            .where(IPLease.network_id == network.id, IPLease.ip == value)
+        )
+        if holder is not None:
+            raise ConflictError(
+                f"{requested} is already held by VM {holder!r} on network {network.name!r}; "
+                "choose another address or let roost assign one",
+                code="ip_taken",
+            )
+    else:
+        value = _next_free(session, network, gateway)
+    session.add(IPLease(network_id=network.id, ip=value, vm_id=vm.id))
+    if requested is None:
+        network.next_hint = value + 1 if value + 1 < network.last else network.first + 1
+    session.flush()
+    return ipaddress.IPv4Address(value)
+
+
+def _next_free(session: Session, network: Network, gateway: int) -> int:
+    low, high = network.first + 1, network.last - 1
+
+    def search(start: int, end: int) -> int | None:
+        reserved = [gateway] if start <= gateway <= end else []
+        leased = _leased_from(session, network.id, start, end)
+        return first_gap(heapq.merge(leased, reserved), start, end)
+
+    hint = min(max(network.next_hint, low), high)
+    found = search(hint, high)
+    if found is None and hint > low:
+        found = search(low, hint - 1)
+    if found is None:
+        raise ConflictError(
+            f"network {network.name!r} ({network.subnet}) has no free address left; "
+            "remove a VM or use a larger subnet",
+            code="network_full",
+        )
+    return found
+
+
+def release_ip(session: Session, vm: VM) -> Network | None:
+    """Drop the VM's address; returns its network when no lease is left on it."""
+    lease = session.scalar(select(IPLease).where(IPLease.vm_id == vm.id))
+    if lease is None:
+        return None
+    network = session.get(Network, lease.network_id)
+    session.delete(lease)
+    session.flush()
+    if network is not None and not network_in_use(session, network):
+        return network
+    return None
+
+
+def network_in_use(session: Session, network: Network) -> bool:
+    return session.scalar(select(IPLease.ip).where(IPLease.network_id == network.id)) is not None
+
+
+def allocate_cid(session: Session, vm: VM) -> int:
+    """The lowest free vsock CID (≥ 3) for `vm`, or the one it already holds."""
+    held = session.scalar(select(CIDLease.cid).where(CIDLease.vm_id == vm.id))
+    if held is not None:
+        return held
+    taken = session.scalars(
+        select(CIDLease.cid).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
+    )
+    cid = first_gap(taken, MIN_CID, MAX_CID)
+    if cid is None:
+        raise ConflictError("no vsock CID is free on this host", code="cid_exhausted")
+    session.add(CIDLease(cid=cid, vm_id=vm.id))
+    session.flush()
+    return cid
+
+
+def release_cid(session: Session, vm: VM) -> None:
+    session.execute(delete(CIDLease).where(CIDLease.vm_id == vm.id))
+
+
+def new_mac(session: Session) -> str:
+    """A random locally administered unicast MAC no VM has."""
+    while True:
+        mac = ":".join([GUEST_MAC_PREFIX, *(f"{b:02x}" for b in secrets.token_bytes(5))])
+        if session.scalar(select(VM.id).where(VM.mac == mac)) is None:
+            return mac
+
+
+def tap_mac(guest_mac: str) -> str:
+    """The tap's own MAC: the guest's with another locally administered prefix."""
+    return TAP_MAC_PREFIX + guest_mac[2:]
+
+
+def tap_name(vm: VM) -> str:
+    """A tap name ≤ 15 bytes, unique because VM ids are never reused, and recognisable."""
+    return f"{TAP_PREFIX}{vm.id}"

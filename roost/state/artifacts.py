@@ -1,0 +1,142 @@
+"""The content store: artifact files kept once under their sha256, whatever their source."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO
+from urllib.parse import unquote, urlparse
+
+import httpx
+
+from roost.errors import HostError, InvalidError
+
+CHUNK = 1 << 20
+ELF_MAGIC = b"\x7fELF"
+Progress = Callable[[int, int | None], None]
+
+
+@dataclass(frozen=True)
+class StoredArtifact:
+    sha256: str
+    size: int
+
+
+class ArtifactStore:
+    """Files under `<root>/sha256/<digest>`, written atomically, read-only once stored."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root / "sha256"
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def path(self, sha256: str) -> Path:
+        return self.root / sha256
+
+    def fetch(
+        self,
+        source: str,
+        *,
+        loc: str,
+        expected_sha256: str | None = None,
+        progress: Progress | None = None,
+    ) -> StoredArtifact:
+        """Copy `source` (an absolute path, a file:// or an http(s):// URL) into the store,
+        checking `expected_sha256`. `loc` names the manifest field in errors."""
+        parsed = urlparse(source)
+        if parsed.scheme in ("http", "https"):
+            return self._download(source, loc, expected_sha256, progress)
+        path = Path(unquote(parsed.path) if parsed.scheme == "file" else source)
+        if not path.is_absolute():
+            raise InvalidError.at(
+                loc, f"{source} is a relative path; the daemon needs an absolute path or a URL"
+            )
+        try:
+            with path.open("rb") as reader:
+                return self._store(reader, path.stat().st_size, loc, expected_sha256, progress)
+        except FileNotFoundError:
+            raise InvalidError.at(loc, f"{path} does not exist on the daemon's host") from None
+        except IsADirectoryError:
+            raise InvalidError.at(loc, f"{path} is a directory, not a file") from None
+        except PermissionError:
+            raise InvalidError.at(loc, f"{path} is not readable by the daemon") from None
+
+    def _download(
+        self, url: str, loc: str, expected: str | None, progress: Progress | None
+    ) -> StoredArtifact:
+        try:
+            with httpx.stream("GET", url, follow_redirects=True, timeout=30) as response:
+                if response.status_code != 200:
+                    raise InvalidError.at(loc, f"{url} answered HTTP {response.status_code}")
+                length = response.headers.get("content-length")
+                total = int(length) if length and length.isdigit() else None
+                chunks = _IterReader(response.iter_bytes(CHUNK))
+                return self._store(chunks, total, loc, expected, progress)
+        except httpx.HTTPError as error:
+            raise InvalidError.at(loc, f"cannot download {url}: {error}") from None
+
+    def _store(
+        self,
+        reader: BinaryIO | _IterReader,
+        total: int | None,
+        loc: str,
+        expected: str | None,
+        progress: Progress | None,
+    ) -> StoredArtifact:
+        digest = hashlib.sha256()
+        size = 0
+        handle, temp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        try:
+            with os.fdopen(handle, "wb") as writer:
+                while chunk := reader.read(CHUNK):
+                    writer.write(chunk)
+                    digest.update(chunk)
+                    size += len(chunk)
+                    if progress is not None:
+                        progress(size, total)
+            sha256 = digest.hexdigest()
+            if expected is not None and sha256 != expected:
+                raise InvalidError.at(
+                    f"{loc}.sha256",
+                    f"the file's sha256 is {sha256}, not {expected} as declared; "
+                    "fix the manifest or the file",
+                )
+            os.chmod(temp, 0o444)
+            os.replace(temp, self.path(sha256))
+        except OSError as error:
+            raise HostError(f"cannot store artifact {loc}: {error}") from None
+        finally:
+            if os.path.exists(temp):
+                os.unlink(temp)
+        return StoredArtifact(sha256, size)
+
+    def is_elf(self, sha256: str) -> bool:
+        with self.path(sha256).open("rb") as reader:
+            return reader.read(4) == ELF_MAGIC
+
+    def collect_garbage(self, referenced: Iterable[str]) -> list[str]:
+        """Remove stored files nothing refers to any more; returns their digests."""
+        keep = set(referenced)
+        removed = []
+        for path in self.root.iterdir():
+            if path.name not in keep and not path.name.startswith("."):
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
+    def remove_incomplete(self) -> None:
+        for path in self.root.glob(".incoming-*"):
+            path.unlink(missing_ok=True)
+
+
+class _IterReader:
+    """A `read()` over an iterator of byte chunks (httpx streams)."""
+
+    def __init__(self, chunks: Iterable[bytes]) -> None:
+        self._chunks = iter(chunks)
+
+    def read(self, _size: int) -> bytes:
+        return next(self._chunks, b"")

@@ -1,0 +1,110 @@
+"""The database connection: SQLite (WAL) by default, any SQLAlchemy URL when asked.
+
+Writers on SQLite take the write lock when their transaction begins (`BEGIN IMMEDIATE`) and
+wait for it (busy timeout), so concurrent requests queue instead of failing with "database is
+locked"; readers use plain transactions and never block writers under WAL. Everything
+SQLite-specific is in this module.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, TypeVar
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.exc import IntegrityError, OperationalError
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+BUSY_TIMEOUT_MS = 30_000
+T = TypeVar("T")
+
+
+class Retry(Exception):  # noqa: N818 - a signal, not an error
+    """Raised inside a write transaction to run it again (e.g. a random value collided)."""
+
+
+def sqlite_url(state_dir: Path) -> str:
+    return f"sqlite:///{state_dir / 'roost.db'}"
+
+
+def _is_sqlite(url: str) -> bool:
+    return url.startswith("sqlite")
+
+
+def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
+    engine = create_engine(url, pool_size=8, max_overflow=32, pool_timeout=60)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite would defer it).
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute("PRAGMA journal_mode=WAL")
+        cursor.execute(f"PRAGMA busy_timeout={BUSY_TIMEOUT_MS}")
+        cursor.execute("PRAGMA foreign_keys=ON")
+        cursor.execute("PRAGMA synchronous=NORMAL")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE" if immediate else "BEGIN")
+
+    return engine
+
+
+class Database:
+    """Sessions for reading and for writing, and the schema's migrations."""
+
+    def __init__(self, url: str) -> None:
+        self.url = url
+        if _is_sqlite(url):
+            self._write_engine = _sqlite_engine(url, immediate=True)
+            self._read_engine = _sqlite_engine(url, immediate=False)
+        else:
+            self._write_engine = self._read_engine = create_engine(url, pool_pre_ping=True)
+        self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
+        self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
+
+    def migrate(self) -> None:
+        """Bring the schema up to date (Alembic `upgrade head`)."""
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        with self._write_engine.connect() as connection:
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            connection.commit()
+
+    @contextmanager
+    def read(self) -> Iterator[Session]:
+        with self._reader() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def write(self) -> Iterator[Session]:
+        """One transaction, committed on success, rolled back on any error."""
+        with self._writer() as session, session.begin():
+            yield session
+
+    def transact(self, work: Callable[[Session], T], attempts: int = 8) -> T:
+        """Run `work` in a write transaction, again from scratch on `Retry`, on a unique
+        collision of a random value, or on a lock timeout."""
+        for attempt in range(attempts):
+            try:
+                with self.write() as session:
+                    return work(session)
+            except (Retry, IntegrityError, OperationalError) as error:
+                retryable = isinstance(error, Retry | IntegrityError) or "locked" in str(error)
+                if not retryable or attempt == attempts - 1:
+                    raise
+                time.sleep(0.001 * 2**attempt)
+        raise AssertionError("unreachable")
+
+    def dispose(self) -> None:
+        self._write_engine.dispose()
+        self._read_engine.dispose()

@@ -1,0 +1,163 @@
+"""The database schema. Allocation invariants are constraints here, not only code:
+one VM per (network, ip), one VM per CID, unique MACs, tap names and VM names."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    ForeignKey,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+NAMING = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING)
+    type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}
+
+
+class Plugin(Base):
+    """An installed plugin: its normalized manifest and the artifacts stored for it."""
+
+    __tablename__ = "plugins"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    version: Mapped[str] = mapped_column(String(64))
+    manifest: Mapped[dict[str, Any]]
+    installed_at: Mapped[datetime] = mapped_column(default=utcnow)
+    artifacts: Mapped[list[PluginArtifact]] = relationship(
+        back_populates="plugin", cascade="all, delete-orphan", order_by="PluginArtifact.role"
+    )
+
+
+class PluginArtifact(Base):
+    """One file of a plugin, kept in the content store under its sha256."""
+
+    __tablename__ = "plugin_artifacts"
+
+    plugin_id: Mapped[int] = mapped_column(
+        ForeignKey("plugins.id", ondelete="CASCADE"), primary_key=True
+    )
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64), index=True)
+    size: Mapped[int] = mapped_column(BigInteger)
+    plugin: Mapped[Plugin] = relationship(back_populates="artifacts")
+
+
+class Network(Base):
+    """A bridged network, identified by its subnet. `first`/`last` bound its addresses as
+    integers so overlap checks and allocation are plain comparisons."""
+
+    __tablename__ = "networks"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    bridge: Mapped[str] = mapped_column(String(15), unique=True)
+    subnet: Mapped[str] = mapped_column(String(18), unique=True)
+    gateway: Mapped[str] = mapped_column(String(15))
+    first: Mapped[int] = mapped_column(BigInteger)
+    last: Mapped[int] = mapped_column(BigInteger)
+    next_hint: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class VM(Base):
+    """A VM and what it holds: its status, its MAC and tap name (kept for life), its VMM."""
+
+    __tablename__ = "vms"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    plugin_id: Mapped[int] = mapped_column(ForeignKey("plugins.id", ondelete="RESTRICT"))
+    status: Mapped[str] = mapped_column(String(16))
+    status_reason: Mapped[str | None] = mapped_column(Text)
+    exit_code: Mapped[int | None] = mapped_column(Integer)
+    vmm_kind: Mapped[str] = mapped_column(String(32))
+    mac: Mapped[str | None] = mapped_column(String(17), unique=True)
+    tap: Mapped[str | None] = mapped_column(String(15), unique=True)
+    network: Mapped[dict[str, Any]]
+    observed_ip: Mapped[str | None] = mapped_column(String(15))
+    vsock_unavailable: Mapped[str | None] = mapped_column(Text)
+    pid: Mapped[int | None] = mapped_column(Integer)
+    supervisor_pid: Mapped[int | None] = mapped_column(Integer)
+    config_version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+    plugin: Mapped[Plugin] = relationship()
+    configs: Mapped[list[VMConfigVersion]] = relationship(
+        back_populates="vm", cascade="all, delete-orphan", order_by="VMConfigVersion.version"
+    )
+    ip_lease: Mapped[IPLease | None] = relationship(
+        back_populates="vm", cascade="all, delete-orphan"
+    )
+    cid_lease: Mapped[CIDLease | None] = relationship(
+        back_populates="vm", cascade="all, delete-orphan"
+    )
+
+
+class VMConfigVersion(Base):
+    """Each config a VM has had, with the plugin manifest and artifacts it was made against
+    (so reinstalling a plugin never changes an existing VM)."""
+
+    __tablename__ = "vm_configs"
+
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    config: Mapped[dict[str, Any]]
+    manifest: Mapped[dict[str, Any]]
+    artifacts: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    vm: Mapped[VM] = relationship(back_populates="configs")
+
+
+class IPLease(Base):
+    """An address held by a VM; the primary key makes (network, ip) single-holder."""
+
+    __tablename__ = "ip_leases"
+    __table_args__ = (UniqueConstraint("vm_id"),)
+
+    network_id: Mapped[int] = mapped_column(
+        ForeignKey("networks.id", ondelete="RESTRICT"), primary_key=True
+    )
+    ip: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    network: Mapped[Network] = relationship()
+    vm: Mapped[VM] = relationship(back_populates="ip_lease")
+
+
+class CIDLease(Base):
+    """A vsock context id held by a VM, unique on the host."""
+
+    __tablename__ = "cid_leases"
+    __table_args__ = (UniqueConstraint("vm_id"),)
+
+    cid: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    vm: Mapped[VM] = relationship(back_populates="cid_lease")

@@ -1,0 +1,117 @@
+"""What every VMM driver takes and gives: a `LaunchSpec` in, a running `VMMProcess` out."""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+from roost.errors import InvalidError
+from roost.host.netns import NetnsWorker
+from roost.vmm.process import VMMProcess
+
+# sun_path holds 108 bytes; Firecracker adds "_<port>" (up to 11 bytes) to the vsock path.
+MAX_SOCKET_PATH = 107 - 11
+
+
+@dataclass(frozen=True)
+class NIC:
+    tap: str
+    mac: str
+
+
+@dataclass(frozen=True)
+class Vsock:
+    cid: int
+    uds_path: Path
+
+
+@dataclass(frozen=True)
+class RunDir:
+    """One VM's run dir: every socket, log and status file of its VMM, so cleanup is one
+    `rm -r` and VMs never collide."""
+
+    path: Path
+
+    @property
+    def api_socket(self) -> Path:
+        return self.path / "api.sock"
+
+    @property
+    def vsock_socket(self) -> Path:
+        return self.path / "vsock.sock"
+
+    @property
+    def console_log(self) -> Path:
+        return self.path / "console.log"
+
+    @property
+    def vmm_log(self) -> Path:
+        return self.path / "vmm.log"
+
+    @property
+    def metrics(self) -> Path:
+        return self.path / "metrics.json"
+
+    def check_length(self) -> None:
+        if len(str(self.vsock_socket)) > MAX_SOCKET_PATH:
+            raise InvalidError.at(
+                "run_dir",
+                f"{self.vsock_socket} is too long for a Unix socket path; start the daemon "
+                "with a shorter --run-dir",
+            )
+
+    def prepare(self) -> None:
+        """A fresh run dir for a new VMM process: no stale socket, PID or exit file."""
+        self.check_length()
+        self.path.mkdir(parents=True, exist_ok=True, mode=0o700)
+        for leftover in self.path.iterdir():
+            if leftover.name != "console.log" and not leftover.is_dir():
+                leftover.unlink(missing_ok=True)
+
+    def remove_sockets(self) -> None:
+        for socket in self.path.glob("*.sock*"):
+            socket.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class LaunchSpec:
+    """Everything a driver needs to boot one VM; `nic`/`vsock` are None when the plan has none."""
+
+    name: str
+    run_dir: RunDir
+    kernel: Path
+    initrd: Path | None
+    rootfs: Path | None
+    boot_args: str
+    vcpus: int
+    memory_mib: int
+    nic: NIC | None
+    vsock: Vsock | None
+
+
+class Driver(Protocol):
+    """A VMM: boots a `LaunchSpec`, then stops, pauses and resumes what it booted."""
+
+    kind: str
+
+    def check_available(self) -> None:
+        """Raise `VMMUnavailableError` when this VMM cannot run here at all."""
+
+    def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
+        """Start the VMM in the worker's namespace and boot the guest; on failure leave no
+        process behind and raise `VMMFailedError`."""
+        ...
+
+    def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
+        """Stop gracefully within `timeout` (or kill at once when `force`); reap; return the
+        exit code."""
+        ...
+
+    def pause(self, process: VMMProcess) -> None: ...
+
+    def resume(self, process: VMMProcess) -> None: ...
