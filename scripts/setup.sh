@@ -30,4 +30,7 @@ if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
     .venv/bin/pip install -q -e '.[dev]'
     touch "$stamp"
 fi
+# Test and demo artifacts (git-ignored): the Firecracker binary and a bootable demo guest.
+./scripts/fetch-firecracker.sh build/firecracker
+.venv/bin/roost image build-demo --out build/demo
 echo "setup: done"

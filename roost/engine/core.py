@@ -98,7 +98,7 @@ class Engine:
             raise InvalidError.at(
                 "kernel", f"{kernel} is not an uncompressed ELF vmlinux (or is not readable)"
             )
-        RunDir(self.settings.run_dir / "vms" / ("x" * 63)).check_length()
+        self._run_dir("x").check_length()
 
     def _ensure_default_network(self) -> None:
         def work(session: Session) -> None:
@@ -368,6 +368,7 @@ class Engine:
     ) -> None:
         """Everything that would make a start fail for a reason the user can fix, checked
         before anything is allocated."""
+        self._run_dir(plan.name).check_length()
         if plan.net.attach is Attachment.EXTERNAL and self.settings.dhcp_bridge is None:
             raise InvalidError.at(
                 "network.mode",

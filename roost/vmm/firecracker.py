@@ -6,6 +6,7 @@ import logging
 import os
 import shutil
 import signal
+import socket
 import ssl
 import time
 from pathlib import Path
@@ -83,13 +84,22 @@ def boot_requests(spec: LaunchSpec) -> list[Request]:
     return requests
 
 
+def _accepts(path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(str(path))
+        except OSError:
+            return False
+    return True
+
+
 class FirecrackerAPI:
     """A small client for one VM's API socket (Firecracker serves few connections: one
     client per VM, opened only while talking to it)."""
 
-    def __init__(self, socket: Path, timeout: float = 10.0) -> None:
+    def __init__(self, api_socket: Path, timeout: float = 10.0) -> None:
         self._client = httpx.Client(
-            transport=httpx.HTTPTransport(uds=str(socket), verify=_NO_TLS),
+            transport=httpx.HTTPTransport(uds=str(api_socket), verify=_NO_TLS),
             base_url="http://localhost",
             timeout=timeout,
             verify=_NO_TLS,
@@ -150,16 +160,18 @@ class FirecrackerDriver:
             raise
         return process
 
-    def _wait_for_socket(self, process: VMMProcess, socket: Path) -> None:
+    def _wait_for_socket(self, process: VMMProcess, path: Path) -> None:
+        """Until Firecracker accepts connections (the file appears at bind(), a moment before
+        listen(), so existence alone is not enough)."""
         deadline = time.monotonic() + SOCKET_TIMEOUT
-        while not socket.exists():
+        while not _accepts(path):
             if process.exited():
                 raise VMMFailedError(
                     f"Firecracker exited before opening its API socket "
                     f"(exit code {process.exit_code()}); see {process.run_dir / 'console.log'}"
                 )
             if time.monotonic() > deadline:
-                raise VMMFailedError(f"Firecracker did not open {socket} within {SOCKET_TIMEOUT}s")
+                raise VMMFailedError(f"Firecracker did not open {path} within {SOCKET_TIMEOUT}s")
             time.sleep(0.0005)
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:

@@ -1,0 +1,1 @@
+"""Guest images roost builds itself: the demo plugin (`roost.image.demo`)."""

@@ -1,0 +1,230 @@
+"""Driving a real roost daemon from tests: namespaces, the daemon process, the CLI, the API.
+
+Everything a test starts is ended by PID and reaped; namespaces are deleted even on failure.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import secrets
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+from typer.testing import CliRunner
+
+from roost.cli.main import app
+
+ROOT = Path(__file__).resolve().parents[1]
+BUILD = ROOT / "build"
+FIRECRACKER = Path(os.environ.get("ROOST_TEST_FIRECRACKER", BUILD / "firecracker" / "firecracker"))
+DEMO = Path(os.environ.get("ROOST_TEST_DEMO", BUILD / "demo"))
+KERNEL = DEMO / "vmlinux"
+INITRAMFS = DEMO / "initramfs.cpio.gz"
+EXAMPLES = ROOT / "examples" / "plugins"
+
+
+def run(
+    *argv: str, check: bool = True, netns: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    prefix = ["ip", "netns", "exec", netns] if netns else []
+    return subprocess.run([*prefix, *argv], check=check, capture_output=True, text=True)
+
+
+@contextlib.contextmanager
+def network_namespace() -> Iterator[str]:
+    """A fresh namespace `roost-t-<random>`, deleted afterwards with whatever still runs in it
+    (by PID)."""
+    name = f"roost-t-{secrets.token_hex(4)}"
+    run("ip", "netns", "add", name)
+    try:
+        yield name
+    finally:
+        for pid in namespace_pids(name):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        run("ip", "netns", "del", name, check=False)
+
+
+def namespace_pids(name: str) -> list[int]:
+    output = run("ip", "netns", "pids", name, check=False).stdout
+    return [int(pid) for pid in output.split()]
+
+
+def links(netns: str) -> dict[str, dict[str, Any]]:
+    """The namespace's links as `ip -j -d link` describes them, by name."""
+    data = json.loads(run("ip", "-j", "-d", "link", "show", netns=netns).stdout)
+    return {link["ifname"]: link for link in data}
+
+
+def addresses(netns: str, name: str) -> list[str]:
+    data = json.loads(run("ip", "-j", "addr", "show", "dev", name, netns=netns).stdout)
+    return [f"{a['local']}/{a['prefixlen']}" for a in data[0]["addr_info"] if a["family"] == "inet"]
+
+
+def short_tmp() -> Path:
+    """A short directory (Unix socket paths are limited to 108 bytes)."""
+    return Path(tempfile.mkdtemp(prefix="roost-t-", dir="/tmp"))
+
+
+@dataclass
+class CLIResult:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+    def json(self) -> Any:
+        return json.loads(self.stdout)
+
+
+class Daemon:
+    """A `roost serve` process in its own dirs, inside `netns`."""
+
+    def __init__(self, netns: str, *args: str, firecracker: Path | None = FIRECRACKER) -> None:
+        self.netns = netns
+        self.dir = short_tmp()
+        self.socket = self.dir / "api.sock"
+        self.api = f"unix://{self.socket}"
+        self.state_dir = self.dir / "state"
+        self.run_dir = self.dir / "run"
+        self.log = self.dir / "daemon.log"
+        argv = [
+            sys.executable,
+            "-m",
+            "roost.cli.main",
+            "serve",
+            "--state-dir",
+            str(self.state_dir),
+            "--run-dir",
+            str(self.run_dir),
+            "--listen",
+            self.api,
+            "--netns",
+            netns,
+        ]
+        if firecracker is not None:
+            argv += ["--firecracker", str(firecracker)]
+        self.argv = [*argv, *args]
+        self.process: subprocess.Popen[bytes] | None = None
+        self.http = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(self.socket)),
+            base_url="http://roost",
+            timeout=120,
+        )
+
+    def start(self, timeout: float = 30) -> Daemon:
+        with self.log.open("ab") as sink:
+            self.process = subprocess.Popen(self.argv, stdout=sink, stderr=sink)
+        deadline = time.monotonic() + timeout
+        while True:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.logs()}")
+            with contextlib.suppress(httpx.TransportError):
+                if self.http.get("/healthz").status_code == 200:
+                    return self
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"daemon did not answer within {timeout}s:\n{self.logs()}")
+            time.sleep(0.05)
+
+    def logs(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+    def stop(self) -> int | None:
+        """SIGTERM the daemon and reap it (its VMs keep running)."""
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(30)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        code = self.process.returncode
+        self.process = None
+        return code
+
+    def close(self) -> None:
+        """Remove every VM through the API (stopping their VMMs), stop the daemon, and remove
+        its dirs."""
+        if self.process is not None and self.process.poll() is None:
+            with contextlib.suppress(httpx.HTTPError):
+                for vm in self.http.get("/v1/vms").json():
+                    self.http.delete(f"/v1/vms/{vm['name']}")
+        self.stop()
+        self.http.close()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def cli(self, *args: str | Path) -> CLIResult:
+        """The roost CLI, in-process, pointed at this daemon."""
+        result = CliRunner().invoke(app, ["--api", self.api, *map(str, args)])
+        if result.exception is not None and not isinstance(result.exception, SystemExit):
+            raise result.exception
+        return CLIResult(result.exit_code, result.stdout, result.stderr)
+
+    def ok(self, *args: str | Path) -> Any:
+        """Run a CLI command with --json that must succeed; return its JSON."""
+        result = self.cli(*args, "--json")
+        assert result.exit_code == 0, f"{args}: {result.stdout}{result.stderr}"
+        return result.json()
+
+    def firecracker_config(self, vm: dict[str, Any]) -> dict[str, Any]:
+        """What Firecracker itself says it was told (GET /vm/config on the VM's socket)."""
+        socket = vm["vmm"]["api_socket"]
+        with httpx.Client(transport=httpx.HTTPTransport(uds=socket), base_url="http://fc") as fc:
+            return fc.get("/vm/config").json()
+
+    def firecracker_state(self, vm: dict[str, Any]) -> str:
+        socket = vm["vmm"]["api_socket"]
+        with httpx.Client(transport=httpx.HTTPTransport(uds=socket), base_url="http://fc") as fc:
+            return str(fc.get("/").json()["state"])
+
+
+def write_plugin(directory: Path, name: str, **fields: Any) -> Path:
+    manifest = {
+        "name": name,
+        "version": "1.0.0",
+        "kernel": {"path": str(KERNEL)},
+        "initramfs": {"path": str(INITRAMFS)},
+        "boot_args": "console=ttyS0 reboot=k panic=1",
+        **fields,
+    }
+    path = directory / f"{name}.json"
+    path.write_text(json.dumps(manifest))
+    return path
+
+
+def process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return (
+        Path(f"/proc/{pid}").exists()
+        and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
+    )
+
+
+def wait_for(predicate: Any, timeout: float = 15, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+        time.sleep(0.05)
+
+
+def missing(paths: Sequence[Path]) -> list[str]:
+    return [str(p) for p in paths if not p.exists()]

@@ -1,0 +1,224 @@
+"""The state layer on a real SQLite database: schema, constraints and allocation."""
+
+from __future__ import annotations
+
+import ipaddress
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.orm import Session
+
+from roost.errors import ConflictError
+from roost.state import alloc
+from roost.state.db import Database, sqlite_url
+from roost.state.models import VM, Base, CIDLease, IPLease, Network, Plugin
+
+SUBNET = ipaddress.IPv4Network("10.100.0.0/24")
+GATEWAY = ipaddress.IPv4Address("10.100.0.1")
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> Iterator[Database]:
+    database = Database(sqlite_url(tmp_path))
+    database.migrate()
+    yield database
+    database.dispose()
+
+
+def make_vms(db: Database, count: int, prefix: str = "vm") -> list[int]:
+    def work(session: Session) -> list[int]:
+        plugin = session.scalar(select(Plugin).where(Plugin.name == "p"))
+        if plugin is None:
+            plugin = Plugin(name="p", version="1", manifest={})
+            session.add(plugin)
+            session.flush()
+        vms = [
+            VM(
+                name=f"{prefix}-{i}",
+                plugin_id=plugin.id,
+                status="created",
+                vmm_kind="firecracker",
+                network={},
+            )
+            for i in range(count)
+        ]
+        session.add_all(vms)
+        session.flush()
+        return [vm.id for vm in vms]
+
+    return db.transact(work)
+
+
+def test_migrations_match_the_models(db: Database) -> None:
+    with db.write() as session:
+        context = MigrationContext.configure(session.connection())
+        assert compare_metadata(context, Base.metadata) == []
+
+
+def test_sqlite_runs_in_wal_mode(db: Database) -> None:
+    with db.read() as session:
+        assert session.connection().exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def allocate(db: Database, vm_id: int, requested: str | None = None) -> str:
+    def work(session: Session) -> str:
+        network = alloc.ensure_network(session, SUBNET, GATEWAY)
+        vm = session.get(VM, vm_id)
+        assert vm is not None
+        want = ipaddress.IPv4Address(requested) if requested else None
+        return str(alloc.allocate_ip(session, network, vm, want))
+
+    return db.transact(work)
+
+
+def test_auto_allocation_skips_network_gateway_and_broadcast(db: Database) -> None:
+    ids = make_vms(db, 253)
+    got = [allocate(db, vm_id) for vm_id in ids]
+    assert got[0] == "10.100.0.2"
+    assert len(set(got)) == 253
+    assert not {"10.100.0.0", "10.100.0.1", "10.100.0.255"} & set(got)
+    extra = make_vms(db, 1, "extra")[0]
+    with pytest.raises(ConflictError) as caught:
+        allocate(db, extra)
+    assert caught.value.code == "network_full"
+
+
+def test_asking_again_returns_the_same_lease(db: Database) -> None:
+    vm_id = make_vms(db, 1)[0]
+    assert allocate(db, vm_id) == allocate(db, vm_id)
+
+
+def test_manual_address_taken_names_the_holder(db: Database) -> None:
+    first, second = make_vms(db, 2)
+    assert allocate(db, first, "10.100.0.7") == "10.100.0.7"
+    with pytest.raises(ConflictError) as caught:
+        allocate(db, second, "10.100.0.7")
+    assert caught.value.code == "ip_taken"
+    assert "vm-0" in caught.value.message
+
+
+def test_auto_allocation_works_around_manual_ones_and_reuses_released(db: Database) -> None:
+    a, b, c, d = make_vms(db, 4)
+    allocate(db, a, "10.100.0.3")
+    assert allocate(db, b) == "10.100.0.2"
+    assert allocate(db, c) == "10.100.0.4"
+
+    def release(session: Session) -> None:
+        vm = session.get(VM, b)
+        assert vm is not None
+        alloc.release_ip(session, vm)
+
+    db.transact(release)
+    # next-fit: carries on after the last handed out, then wraps to the freed one
+    assert allocate(db, d) == "10.100.0.5"
+
+
+def test_the_database_refuses_two_holders_of_one_address(db: Database) -> None:
+    a, b = make_vms(db, 2)
+    allocate(db, a, "10.100.0.9")
+    with pytest.raises(IntegrityError), db.write() as session:
+        network = session.scalar(select(Network).where(Network.subnet == str(SUBNET)))
+        assert network is not None
+        session.add(
+            IPLease(network_id=network.id, ip=int(ipaddress.IPv4Address("10.100.0.9")), vm_id=b)
+        )
+        session.flush()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"), [("mac", "02:00:00:00:00:01"), ("tap", "rtap1"), ("name", "vm-0")]
+)
+def test_the_database_refuses_duplicate_identities(db: Database, column: str, value: str) -> None:
+    a, b = make_vms(db, 2)
+    with db.write() as session:
+        vm = session.get(VM, a)
+        assert vm is not None
+        setattr(vm, column, value)
+    with pytest.raises(IntegrityError), db.write() as session:
+        other = session.get(VM, b)
+        assert other is not None
+        setattr(other, column, value)
+        session.flush()
+
+
+def test_cids_start_at_three_are_unique_and_reused(db: Database) -> None:
+    ids = make_vms(db, 4)
+
+    def cid(vm_id: int) -> int:
+        def work(session: Session) -> int:
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            return alloc.allocate_cid(session, vm)
+
+        return db.transact(work)
+
+    assert [cid(i) for i in ids[:3]] == [3, 4, 5]
+    assert cid(ids[0]) == 3
+
+    def release(session: Session) -> None:
+        vm = session.get(VM, ids[1])
+        assert vm is not None
+        alloc.release_cid(session, vm)
+
+    db.transact(release)
+    assert cid(ids[3]) == 4
+    with pytest.raises(IntegrityError), db.write() as session:
+        session.add(CIDLease(cid=3, vm_id=ids[1]))
+        session.flush()
+
+
+def test_overlapping_subnets_and_gateway_mismatch_are_refused(db: Database) -> None:
+    def ensure(subnet: str, gateway: str) -> str:
+        def work(session: Session) -> str:
+            network = alloc.ensure_network(
+                session, ipaddress.IPv4Network(subnet), ipaddress.IPv4Address(gateway)
+            )
+            return network.name
+
+        return db.transact(work)
+
+    name = ensure("10.100.0.0/24", "10.100.0.1")
+    assert ensure("10.100.0.0/24", "10.100.0.1") == name
+    with pytest.raises(ConflictError) as caught:
+        ensure("10.100.0.0/16", "10.100.0.1")
+    assert caught.value.code == "subnet_overlap"
+    assert name in caught.value.message
+    with pytest.raises(ConflictError) as mismatch:
+        ensure("10.100.0.0/24", "10.100.0.254")
+    assert "gateway 10.100.0.1" in mismatch.value.message
+    assert ensure("10.101.0.0/24", "10.101.0.1") != name
+
+
+def test_concurrent_allocations_never_collide_or_lock(db: Database) -> None:
+    ids = make_vms(db, 120)
+    results: dict[int, tuple[str, int, str]] = {}
+    errors: list[BaseException] = []
+
+    def work(vm_id: int) -> None:
+        def txn(session: Session) -> tuple[str, int, str]:
+            network = alloc.ensure_network(session, SUBNET, GATEWAY)
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            ip = alloc.allocate_ip(session, network, vm)
+            vm.mac = alloc.new_mac(session)
+            return str(ip), alloc.allocate_cid(session, vm), vm.mac
+
+        try:
+            results[vm_id] = db.transact(txn)
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(i,)) for i in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    ips, cids, macs = zip(*results.values(), strict=True)
+    assert len(set(ips)) == len(set(cids)) == len(set(macs)) == 120
