@@ -102,6 +102,14 @@ class Driver(Protocol):
     def check_available(self) -> None:
         """Raise `VMMUnavailableError` when this VMM cannot run here at all."""
 
+    def api_socket(self, run_dir: RunDir) -> Path:
+        """The VMM's control socket in `run_dir` (Firecracker's API, QEMU's QMP)."""
+        ...
+
+    def vsock_unavailable(self) -> str | None:
+        """Why VMs of this driver get no vsock device on this host, or None when they do."""
+        ...
+
     def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
         """Start the VMM in the worker's namespace and boot the guest; on failure leave no
         process behind and raise `VMMFailedError`."""

@@ -16,7 +16,7 @@ import httpx
 
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import LaunchSpec
+from roost.vmm.base import LaunchSpec, RunDir
 from roost.vmm.process import VMMProcess
 
 log = logging.getLogger(__name__)
@@ -141,6 +141,12 @@ class FirecrackerDriver:
             raise VMMUnavailableError(
                 f"Firecracker binary {self.binary} does not exist or is not executable"
             )
+
+    def api_socket(self, run_dir: RunDir) -> Path:
+        return run_dir.api_socket
+
+    def vsock_unavailable(self) -> str | None:
+        return None  # hybrid vsock needs no kernel support on the host
 
     def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
         self.check_available()
