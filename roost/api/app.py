@@ -8,11 +8,12 @@ import json
 import logging
 import time
 from collections.abc import AsyncIterator
+from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
 
 from roost import __version__
@@ -25,6 +26,7 @@ from roost.spec.parse import dotted
 log = logging.getLogger("roost.api")
 NDJSON = "application/x-ndjson"
 PROGRESS_INTERVAL = 0.2
+FOLLOW_INTERVAL = 0.2
 
 
 def error_response(error: RoostError) -> JSONResponse:
@@ -147,11 +149,48 @@ def create_app(engine: Engine) -> FastAPI:
     def resume_vm(name: str) -> dict[str, Any]:
         return engine.resume_vm(name)
 
+    @app.get("/v1/vms/{name}/console")
+    def console(
+        name: str,
+        follow: bool = Query(False, description="keep streaming while the VM runs"),
+        offset: int = Query(0, ge=0, description="start at this byte"),
+    ) -> Response:
+        path, _ = engine.console(name)
+        if not follow:
+            return PlainTextResponse(_read_from(path, offset))
+        return StreamingResponse(_follow(engine, name, path, offset), media_type="text/plain")
+
     @app.get("/v1/networks")
     def list_networks() -> list[dict[str, Any]]:
         return engine.list_networks()
 
     return app
+
+
+def _read_from(path: Path, offset: int) -> bytes:
+    try:
+        with path.open("rb") as reader:
+            reader.seek(offset)
+            return reader.read()
+    except FileNotFoundError:
+        return b""
+
+
+async def _follow(engine: Engine, name: str, path: Path, offset: int) -> AsyncIterator[bytes]:
+    """The console from `offset` on, as it grows, until the VM stops and all is sent."""
+    while True:
+        chunk = await run_in_threadpool(_read_from, path, offset)
+        if chunk:
+            offset += len(chunk)
+            yield chunk
+            continue
+        try:
+            _, live = await run_in_threadpool(engine.console, name)
+        except RoostError:
+            return
+        if not live:
+            return
+        await asyncio.sleep(FOLLOW_INTERVAL)
 
 
 async def _install_with_progress(

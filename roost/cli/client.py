@@ -79,6 +79,15 @@ class Client:
             response.read()
             return self._result(response)
 
+    def text_stream(self, path: str, **params: Any) -> Iterator[bytes]:
+        """The raw body of a GET, chunk by chunk, as the daemon sends it."""
+        query = {key: value for key, value in params.items() if value is not None}
+        with self._reaching(), self._http.stream("GET", path, params=query) as response:
+            if response.status_code >= 400:
+                response.read()
+                self._result(response)
+            yield from response.iter_bytes()
+
     @staticmethod
     def _result(response: httpx.Response) -> Any:
         if response.status_code == 204:

@@ -70,6 +70,7 @@ def vm_config_from(
     *,
     vcpus: int | None = None,
     memory_mib: int | None = None,
+    vmm: str | None = None,
 ) -> VMConfig:
     """A VM config from `--config` (if any), with the command-line flags on top."""
     data = read_json(config_file) if config_file is not None else {}
@@ -88,6 +89,8 @@ def vm_config_from(
         resources["memory_mib"] = memory_mib
     if resources:
         data["resources"] = resources
+    if vmm is not None:
+        data["vmm"] = vmm
     config = parse(VMConfig, data)
     network = flags.apply(config.network)
     if network is config.network:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,6 +27,7 @@ from roost.cli.options import (
 )
 from roost.cli.output import err, fields, print_json, reporting, table
 from roost.errors import InvalidError
+from roost.spec import VMMKind
 
 NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
 
@@ -200,11 +202,13 @@ def _vm_human(vm: dict[str, Any]) -> None:
             ("mac", network["mac"]),
             ("bridge", network["bridge"]),
             ("tap", network["tap"]),
+            ("observed ip", network["observed_ip"]),
             ("vsock cid", vsock["cid"]),
-            ("vsock socket", vsock["uds_path"]),
+            ("vsock socket", vsock["uds_path"] or f"none: {vsock['reason']}"),
             ("resources", f"{vm['resources']['vcpus']} vCPU, {vm['resources']['memory_mib']} MiB"),
             ("vmm", f"{vmm['kind']} pid {vmm['pid']}" if vmm["pid"] else vmm["kind"]),
             ("api socket", vmm["api_socket"]),
+            ("console", vm["console_log"]),
             ("created", vm["created_at"]),
         ]
     )
@@ -229,6 +233,9 @@ def vm_create(
     no_start: Annotated[
         bool, typer.Option("--no-start", help="Create and allocate, but do not boot.")
     ] = False,
+    vmm: Annotated[
+        VMMKind | None, typer.Option("--vmm", help="The VMM for this VM (default: the daemon's).")
+    ] = None,
     as_json: JSONOpt = False,
 ) -> None:
     """Create a VM from an installed plugin (and start it, unless --no-start)."""
@@ -236,13 +243,14 @@ def vm_create(
         flags = NetworkFlags(
             network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
         )
-        vm_config = vm_config_from(plugin, config, flags, vcpus=vcpus, memory_mib=memory)
+        vm_config = vm_config_from(plugin, config, flags, vcpus=vcpus, memory_mib=memory, vmm=vmm)
         body = {
             "name": name,
             "start": not no_start,
             **vm_config.model_dump(mode="json", exclude_none=True),
         }
         vm = client.call("POST", "/v1/vms", body=body)
+    _warn_about_vsock(vm)
     show(vm, as_json, _vm_human)
 
 
@@ -265,7 +273,16 @@ def vm_show(name: NameArg, as_json: JSONOpt = False) -> None:
 def _action(name: str, action: str, as_json: bool, **params: Any) -> None:
     with daemon(as_json) as client:
         vm = client.call("POST", f"/v1/vms/{name}/{action}", **params)
+    if action in ("start", "restart"):
+        _warn_about_vsock(vm)
     show(vm, as_json, _vm_human)
+
+
+def _warn_about_vsock(vm: dict[str, Any]) -> None:
+    if vm["status"] == "running" and not vm["vsock"]["available"]:
+        err.print(
+            f"warning: VM {vm['name']} has no vsock device: {vm['vsock']['reason']}", markup=False
+        )
 
 
 @vm_app.command("start")
@@ -304,6 +321,23 @@ def vm_pause(name: NameArg, as_json: JSONOpt = False) -> None:
 def vm_resume(name: NameArg, as_json: JSONOpt = False) -> None:
     """Resume a paused VM."""
     _action(name, "resume", as_json)
+
+
+@vm_app.command("console")
+def vm_console(
+    name: NameArg,
+    follow: Annotated[
+        bool, typer.Option("--follow", "-f", help="Keep printing while the VM runs.")
+    ] = False,
+) -> None:
+    """Print a VM's serial console (either driver)."""
+    with daemon(as_json=False) as client:
+        try:
+            for chunk in client.text_stream(f"/v1/vms/{name}/console", follow=follow or None):
+                sys.stdout.buffer.write(chunk)
+                sys.stdout.buffer.flush()
+        except KeyboardInterrupt:
+            pass
 
 
 @vm_app.command("rm")

@@ -11,8 +11,15 @@ import typer
 from roost.api.endpoints import DEFAULT_API, Endpoint
 from roost.cli.apps import app
 from roost.cli.output import reporting
-from roost.engine.settings import DEFAULT_RUN_DIR, DEFAULT_STATE_DIR, Settings
+from roost.engine.settings import (
+    DEFAULT_RUN_DIR,
+    DEFAULT_STATE_DIR,
+    Accel,
+    QemuMachine,
+    Settings,
+)
 from roost.plan.network import DEFAULT_SUBNET
+from roost.spec import VMMKind
 
 
 @app.command("serve")
@@ -57,6 +64,17 @@ def serve_command(
             "--dhcp-bridge", help="The operator's bridge, with a DHCP server, for dhcp VMs."
         ),
     ] = None,
+    dhcp_leases: Annotated[
+        Path | None,
+        typer.Option("--dhcp-leases", help="A DHCP server's lease file to learn dhcp VMs' IPs."),
+    ] = None,
+    vmm: Annotated[VMMKind, typer.Option("--vmm", help="The default VMM.")] = VMMKind.FIRECRACKER,
+    qemu_machine: Annotated[
+        QemuMachine, typer.Option("--qemu-machine", help="QEMU's machine type.")
+    ] = QemuMachine.MICROVM,
+    accel: Annotated[
+        Accel, typer.Option("--accel", help="QEMU's accelerator (auto probes KVM once).")
+    ] = Accel.AUTO,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
 ) -> None:
     """Run the roost daemon (its VMs keep running when it stops)."""
@@ -78,5 +96,9 @@ def serve_command(
             kernel=kernel.resolve() if kernel else None,
             default_subnet=default_subnet,
             dhcp_bridge=dhcp_bridge,
+            dhcp_leases=dhcp_leases.resolve() if dhcp_leases else None,
+            vmm=vmm.value,
+            qemu_machine=qemu_machine.value,
+            accel=accel.value,
         )
         serve(settings, endpoints)

@@ -71,7 +71,6 @@ class Engine:
         self.drivers: dict[str, Driver] = {
             "firecracker": FirecrackerDriver(find_firecracker(settings.firecracker))
         }
-        self.default_vmm = "firecracker"
         self._check_settings()
         self._processes: dict[str, VMMProcess] = {}
         self._busy: dict[str, str] = {}
@@ -247,7 +246,17 @@ class Engine:
             return self._view(_vm(session, name))
 
     def _view(self, vm: VM) -> dict[str, Any]:
-        return vm_view(vm, self._run_dir(vm.name), self._processes.get(vm.name))
+        driver = self.drivers.get(vm.vmm_kind)
+        run_dir = self._run_dir(vm.name)
+        process = self._processes.get(vm.name)
+        api_socket = driver.api_socket(run_dir) if driver is not None and process else None
+        return vm_view(vm, run_dir, api_socket)
+
+    def console(self, name: str) -> tuple[Path, bool]:
+        """The VM's serial console log and whether its VMM may still write to it."""
+        with self.db.read() as session:
+            vm = _vm(session, name)
+            return self._run_dir(name).console_log, vm.status in LIVE
 
     def list_networks(self) -> list[dict[str, Any]]:
         with self.db.read() as session:
@@ -280,7 +289,7 @@ class Engine:
                 artifacts = {a.role: {"sha256": a.sha256, "size": a.size} for a in plugin.artifacts}
                 plugin_id, manifest_json = plugin.id, plugin.manifest
             plan = plan_vm(name, manifest, config, self.default)
-            vmm = self.default_vmm
+            vmm = self._vmm_of(config)
             self._check_launchable(plan, manifest, artifacts, vmm)
 
             def record(session: Session) -> None:
@@ -455,14 +464,19 @@ class Engine:
             manifest = Manifest.model_validate(current.manifest)
             config = VMConfig.model_validate(current.config)
             artifacts = current.artifacts
-            vmm = vm.vmm_kind
+        vmm = self._vmm_of(config)
         plan = plan_vm(name, manifest, config, self.default)
         self._check_launchable(plan, manifest, artifacts, vmm)
+        driver = self.drivers[vmm]
+        vsock_missing = driver.vsock_unavailable() if plan.net.vsock else None
+        if vsock_missing:
+            log.warning("VM %s starts without a vsock device: %s", name, vsock_missing)
 
         def allocate(session: Session) -> tuple[VM, list[tuple[int, str]]]:
             vm = _vm(session, name)
             emptied = self._allocate(session, vm, plan)
             vm.status, vm.status_reason, vm.exit_code = STARTING, None, None
+            vm.vmm_kind, vm.vsock_unavailable, vm.observed_ip = vmm, vsock_missing, None
             return vm, emptied
 
         vm, emptied = self.db.transact(allocate)
@@ -498,9 +512,8 @@ class Engine:
             vcpus=plan.resources.vcpus,
             memory_mib=plan.resources.memory_mib,
             nic=nic,
-            vsock=Vsock(cid=vm.cid_lease.cid, uds_path=run_dir.vsock_socket) if net.vsock else None,
+            vsock=Vsock(vm.cid_lease.cid, run_dir.vsock_socket) if net.vsock else None,
         )
-        driver = self.drivers[vmm]
         process = driver.launch(spec, self.worker)
         steps.done(f"started {vmm} (pid {process.pid})", process.kill)
         self._processes[name] = process
@@ -531,6 +544,9 @@ class Engine:
         if status not in (RUNNING, PAUSED) or process is None:
             raise ConflictError(f"cannot {what} VM {name!r}: it is {status}; start it first")
         return process
+
+    def _vmm_of(self, config: VMConfig) -> str:
+        return config.vmm.value if config.vmm is not None else self.settings.vmm
 
     def _driver_of(self, name: str) -> Driver:
         return self.drivers[self.show_vm(name)["vmm"]["kind"]]

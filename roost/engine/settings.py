@@ -2,10 +2,23 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 
 from roost.plan.network import DEFAULT_SUBNET
+
+
+class QemuMachine(StrEnum):
+    MICROVM = "microvm"
+    Q35 = "q35"
+
+
+class Accel(StrEnum):
+    AUTO = "auto"
+    KVM = "kvm"
+    TCG = "tcg"
+
 
 DEFAULT_STATE_DIR = Path("/var/lib/roost")
 DEFAULT_RUN_DIR = Path("/run/roost")
@@ -23,5 +36,8 @@ class Settings:
     kernel: Path | None = None
     default_subnet: str = DEFAULT_SUBNET
     dhcp_bridge: str | None = None
+    dhcp_leases: Path | None = None
+    vmm: str = "firecracker"
+    qemu_machine: str = "microvm"
+    accel: str = "auto"
     stop_timeout: float = 3.0
-    listen: list[str] = field(default_factory=list)

@@ -5,12 +5,12 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 from roost.spec import Manifest, VMConfig
 from roost.state.models import VM, Network, Plugin
 from roost.vmm.base import RunDir
-from roost.vmm.process import VMMProcess
 
 
 def timestamp(moment: datetime) -> str:
@@ -19,13 +19,15 @@ def timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def vm_view(vm: VM, run_dir: RunDir, process: VMMProcess | None) -> dict[str, Any]:
+def vm_view(vm: VM, run_dir: RunDir, api_socket: Path | None) -> dict[str, Any]:
+    """A VM as the API shows it; `api_socket` is its VMM's control socket while it runs."""
     current = vm.configs[-1]
     manifest = Manifest.model_validate(current.manifest)
     config = VMConfig.model_validate(current.config)
     resources = config.resources.apply(manifest.resources)
     effective, plan = vm.network["effective"], vm.network["plan"]
-    running = process is not None
+    running = api_socket is not None
+    vsock_ok = plan["vsock"] and vm.vsock_unavailable is None
     return {
         "name": vm.name,
         "plugin": vm.plugin.name,
@@ -37,17 +39,21 @@ def vm_view(vm: VM, run_dir: RunDir, process: VMMProcess | None) -> dict[str, An
             "mac": vm.mac if plan["nic"] else None,
             "bridge": vm.network["bridge"] if plan["tap"] else None,
             "tap": vm.tap if plan["tap"] else None,
+            "observed_ip": vm.observed_ip if plan["observe_ip"] else None,
         },
         "vsock": {
             "cid": vm.cid_lease.cid if vm.cid_lease else None,
-            "uds_path": str(run_dir.vsock_socket) if plan["vsock"] else None,
+            "uds_path": str(run_dir.vsock_socket) if vsock_ok else None,
+            "available": vsock_ok,
+            "reason": vm.vsock_unavailable,
         },
         "resources": {"vcpus": resources.vcpus, "memory_mib": resources.memory_mib},
         "vmm": {
             "kind": vm.vmm_kind,
             "pid": vm.pid if running else None,
-            "api_socket": str(run_dir.api_socket) if running else None,
+            "api_socket": str(api_socket) if running else None,
         },
+        "console_log": str(run_dir.console_log),
         "config_version": vm.config_version,
         "created_at": timestamp(vm.created_at),
         "updated_at": timestamp(vm.updated_at),

@@ -1,6 +1,6 @@
 """The pure data model of plugins and VMs, and every rule of the three network modes."""
 
-from roost.spec.common import Resources, ResourcesOverride
+from roost.spec.common import Resources, ResourcesOverride, VMMKind
 from roost.spec.manifest import Artifact, Manifest
 from roost.spec.network import NetworkConfig, NetworkMode
 from roost.spec.parse import load_json, parse
@@ -15,6 +15,7 @@ __all__ = [
     "ResourcesOverride",
     "VMConfig",
     "VMConfigPatch",
+    "VMMKind",
     "load_json",
     "parse",
 ]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
@@ -77,6 +78,13 @@ MemoryMiB = Annotated[
 ]
 BootArgs = Annotated[str, AfterValidator(_boot_args)]
 Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+
+
+class VMMKind(StrEnum):
+    """The VMM that runs a VM (the daemon's --vmm unless the VM names one)."""
+
+    FIRECRACKER = "firecracker"
+    QEMU = "qemu"
 
 
 class Spec(BaseModel):

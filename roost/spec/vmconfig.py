@@ -7,7 +7,7 @@ from typing import Self
 from pydantic import Field, model_validator
 
 from roost.errors import InvalidError
-from roost.spec.common import BootArgs, Labels, Name, ResourcesOverride, Spec
+from roost.spec.common import BootArgs, Labels, Name, ResourcesOverride, Spec, VMMKind
 from roost.spec.network import NetworkConfig, network_errors
 
 
@@ -26,6 +26,7 @@ class VMConfig(Spec):
     boot_args: BootArgs | None = None
     network: NetworkConfig | None = None
     labels: Labels = Field(default_factory=dict)
+    vmm: VMMKind | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> Self:
@@ -41,6 +42,7 @@ class VMConfigPatch(Spec):
     boot_args: BootArgs | None = None
     network: NetworkConfig | None = None
     labels: Labels | None = None
+    vmm: VMMKind | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> Self:

@@ -14,7 +14,7 @@ from typing import Any
 
 import httpx
 
-from roost.errors import VMMFailedError, VMMUnavailableError
+from roost.errors import InvalidError, VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
 from roost.vmm.base import LaunchSpec, RunDir
 from roost.vmm.process import VMMProcess
@@ -151,6 +151,12 @@ class FirecrackerDriver:
     def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
         self.check_available()
         assert self.binary is not None
+        if spec.vcpus > 1 and spec.vcpus % 2:
+            raise InvalidError.at(
+                "resources.vcpus",
+                f"Firecracker runs 1 or an even number of vCPUs, not {spec.vcpus}; "
+                f"use {spec.vcpus - 1} or {spec.vcpus + 1} (or the qemu driver)",
+            )
         run_dir = spec.run_dir
         run_dir.vmm_log.touch()  # Firecracker opens, but never creates, its log and metrics
         run_dir.metrics.touch()

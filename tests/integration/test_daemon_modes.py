@@ -47,6 +47,7 @@ def test_the_seed_examples_end_to_end(daemon: Daemon) -> None:
     assert config["network-interfaces"] == []
     assert config["vsock"]["guest_cid"] == worker["vsock"]["cid"] >= 3
     assert config["vsock"]["uds_path"] == worker["vsock"]["uds_path"]
+    assert (worker["vsock"]["available"], worker["vsock"]["reason"]) == (True, None)
     assert worker["network"] == {
         "mode": "vsock",
         "source": "plugin",
@@ -57,6 +58,7 @@ def test_the_seed_examples_end_to_end(daemon: Daemon) -> None:
         "mac": None,
         "bridge": None,
         "tap": None,
+        "observed_ip": None,
     }
     assert not [name for name in links(daemon.netns) if name.startswith("rtap")]
 

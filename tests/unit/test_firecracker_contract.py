@@ -1,0 +1,97 @@
+"""Every request the Firecracker driver sends is valid for Firecracker: its path and method
+exist in Firecracker's swagger file and its body matches the schema (no unknown fields)."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from jsonschema import Draft4Validator
+
+from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock
+from roost.vmm.firecracker import boot_requests
+
+SPEC = Path(__file__).resolve().parents[3] / "shared" / "specs" / "firecracker.yaml"
+
+
+@pytest.fixture(scope="module")
+def swagger() -> dict[str, Any]:
+    if not SPEC.exists():
+        pytest.skip(
+            f"Firecracker's API spec is not at {SPEC} (../shared/specs beside the checkout)"
+        )
+    return yaml.safe_load(SPEC.read_text())
+
+
+def closed(schema: dict[str, Any]) -> dict[str, Any]:
+    """The schema with unknown properties refused at every level (catches misspelt fields)."""
+    schema = copy.deepcopy(schema)
+    stack = [schema]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            if node.get("type") == "object" and "properties" in node:
+                node.setdefault("additionalProperties", False)
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    return schema
+
+
+def body_schema(swagger: dict[str, Any], method: str, path: str) -> dict[str, Any]:
+    for template, operations in swagger["paths"].items():
+        prefix = template.split("{")[0]
+        if template == path or ("{" in template and path.startswith(prefix)):
+            operation = operations.get(method.lower())
+            assert operation is not None, f"{method} {path} is not in Firecracker's API"
+            [body] = [p for p in operation["parameters"] if p["in"] == "body"]
+            return {**closed(body["schema"]), "definitions": closed(swagger["definitions"])}
+    raise AssertionError(f"{path} is not in Firecracker's API")
+
+
+SPECS = {
+    "vsock only": dict(nic=None, rootfs=None),
+    "bridged with rootfs": dict(nic=NIC("rtap7", "02:00:00:00:00:07"), rootfs=Path("/r.ext4")),
+}
+
+
+@pytest.mark.parametrize("case", list(SPECS))
+def test_every_boot_request_matches_firecrackers_schema(swagger: dict[str, Any], case: str) -> None:
+    spec = LaunchSpec(
+        name="vm-1",
+        run_dir=RunDir(Path("/run/roost/vms/vm-1")),
+        kernel=Path("/k/vmlinux"),
+        initrd=Path("/k/initrd"),
+        boot_args="console=ttyS0 roost.name=vm-1",
+        vcpus=2,
+        memory_mib=256,
+        vsock=Vsock(cid=3, uds_path=Path("/run/roost/vms/vm-1/vsock.sock")),
+        **SPECS[case],  # type: ignore[arg-type]
+    )
+    requests = boot_requests(spec)
+    assert requests[-1] == ("PUT", "/actions", {"action_type": "InstanceStart"})
+    for method, path, body in requests:
+        errors = list(Draft4Validator(body_schema(swagger, method, path)).iter_errors(body))
+        assert errors == [], f"{method} {path}: {[e.message for e in errors]}"
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body"),
+    [
+        ("PUT", "/actions", {"action_type": "SendCtrlAltDel"}),
+        ("PATCH", "/vm", {"state": "Paused"}),
+        ("PATCH", "/vm", {"state": "Resumed"}),
+    ],
+)
+def test_control_requests_match_firecrackers_schema(
+    swagger: dict[str, Any], method: str, path: str, body: dict[str, Any]
+) -> None:
+    assert list(Draft4Validator(body_schema(swagger, method, path)).iter_errors(body)) == []
+
+
+def test_the_contract_check_catches_a_misspelt_field(swagger: dict[str, Any]) -> None:
+    schema = body_schema(swagger, "PUT", "/machine-config")
+    assert list(Draft4Validator(schema).iter_errors({"vcpu_count": 1, "mem_size_mb": 128}))
