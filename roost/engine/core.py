@@ -26,6 +26,7 @@ from roost.errors import ConflictError, HostError, InvalidError, NotFoundError, 
 from roost.host.firewall import Firewall
 from roost.host.links import Links
 from roost.host.netns import NetnsWorker
+from roost.host.observe import LeaseObserver
 from roost.plan import IPAM, AntiSpoof, Attachment, DefaultNetwork, VMPlan, boot_args, plan_vm
 from roost.plan.network import EffectiveNetwork, plan_network
 from roost.spec import Manifest, VMConfig
@@ -68,6 +69,9 @@ class Engine:
         self.worker = NetnsWorker(settings.netns)
         self.links = Links(self.worker)
         self.firewall = Firewall(self.worker)
+        self.observer = LeaseObserver(
+            self.worker, self._address_observed, lease_file=settings.dhcp_leases
+        )
         self.drivers: dict[str, Driver] = {
             "firecracker": FirecrackerDriver(find_firecracker(settings.firecracker))
         }
@@ -127,6 +131,7 @@ class Engine:
     def close(self) -> None:
         """Stop serving; running VMMs keep running (they outlive the daemon)."""
         self.watcher.close()
+        self.observer.close()
         self._exits.shutdown(wait=True)
         self.links.close()
         self.worker.close()
@@ -520,6 +525,8 @@ class Engine:
         steps.done("tracked the VMM", lambda: self._processes.pop(name, None))
         self._set(name, status=RUNNING, pid=process.pid, supervisor_pid=process.supervisor_pid)
         self.watcher.watch(name, process)
+        if net.observe_ip and nic is not None:
+            self.observer.watch(name, nic.tap, nic.mac)
 
     def _ensure_bridge(self, bridge: str, attach: Attachment, vm: VM) -> None:
         if attach is Attachment.EXTERNAL:
@@ -566,6 +573,7 @@ class Engine:
 
     def _release_host(self, vm: dict[str, Any]) -> None:
         """Remove what only exists while the VMM runs: its tap, its rules and its sockets."""
+        self.observer.forget(vm["name"])
         tap = vm["network"]["tap"]
         if tap is not None:
             self.firewall.release(tap)
@@ -595,6 +603,17 @@ class Engine:
                 supervisor_pid=None,
             )
             log.info("VM %s: VMM exited on its own with %s -> %s", name, code, status)
+
+    def _address_observed(self, name: str, ip: str) -> None:
+        """The address a dhcp guest leased, as the host saw it (tap traffic or lease file)."""
+
+        def work(session: Session) -> None:
+            vm = session.scalar(select(VM).where(VM.name == name))
+            if vm is not None and vm.status in LIVE:
+                vm.observed_ip = ip
+
+        self.db.transact(work)
+        log.info("VM %s: observed address %s", name, ip)
 
     def _forget(self, name: str) -> None:
         """Remove the VM's record, leases, run dir and any empty network."""

@@ -39,6 +39,7 @@ PACKET_OUTGOING = 4  # the frame was sent *toward* the guest (sll_pkttype)
 DHCPACK = 5
 _DHCP_COOKIE = b"\x63\x82\x53\x63"
 _SERVER_TO_CLIENT = struct.pack("!HH", 67, 68)
+_CLIENT_TO_SERVER = struct.pack("!HH", 68, 67)
 _ARP_ETHERNET_IPV4 = struct.pack("!HHBB", 1, ETH_P_IP, 6, 4)
 _MAC = re.compile(r"[0-9a-fA-F]{1,2}(?:[:-][0-9a-fA-F]{1,2}){5}")
 
@@ -109,8 +110,8 @@ def _ipv4(packet: bytes, guest: bytes, own: bool) -> Sighting | None:
     if packet[9] == socket.IPPROTO_UDP and whole and udp[:4] == _SERVER_TO_CLIENT:
         length = int.from_bytes(udp[4:6], "big")
         return _dhcp_ack(udp[8:length], guest) if 8 <= length <= len(udp) else None
-    if not own:
-        return None
+    if not own or (packet[9] == socket.IPPROTO_UDP and udp[:4] == _CLIENT_TO_SERVER):
+        return None  # a client's own DHCP says nothing until the server ACKs (or on release)
     ip = _unicast(packet[12:16])
     return Sighting(ip, "ipv4") if ip else None
 
@@ -245,7 +246,8 @@ _AD = 0x1_0000_0000 - 0x1000  # SKF_AD_OFF (-4096) as the u32 a classic BPF `k` 
 _AD_PKTTYPE, _AD_VLAN_TAG_PRESENT = 4, 48
 _LD_W, _LD_H, _LD_B, _LDH_X, _LDX_IPHDR = 0x20, 0x28, 0x30, 0x48, 0xB1
 _JEQ, _JSET, _RET = 0x15, 0x45, 0x06
-_WHOLE, _HEAD = 0x40000, 128  # bytes kept: whole DHCP replies, only the headers otherwise
+_WHOLE = 14 + 65535  # bytes kept of a DHCP reply: all of it (the largest IPv4 packet)
+_HEAD = 128  # of anything else: its headers
 
 Instruction = tuple[int, int, str | None, str | None]
 
@@ -335,6 +337,7 @@ class LeaseObserver:
     """
 
     POLL = 0.5
+    SETTLE = 2.0
     BURST = 64  # frames read from one socket before the others get a turn
 
     def __init__(
@@ -364,6 +367,8 @@ class LeaseObserver:
         """Start watching `tap` for the guest with `mac` (replacing any earlier watch of `key`
         and forgetting what it had learned)."""
         guest = mac_bytes(mac)
+        if self._stopping:
+            raise HostError("the lease observer is closed")
 
         def open_socket() -> socket.socket:
             # protocol 0 receives nothing until bind, so no frame from another link or
@@ -453,6 +458,8 @@ class LeaseObserver:
         with self._lock:
             added, self._added = self._added, []
             retired, self._retired = self._retired, []
+        if added and self._lease_file is not None:
+            self._poll_leases(self._lease_file)  # so a new watch starts from the file as it is
         for watch in added:
             if watch.sock is not None:
                 self._selector.register(watch.sock, selectors.EVENT_READ, watch)
@@ -488,16 +495,19 @@ class LeaseObserver:
                 self._learn(watch, sighting.ip, hint=sighting.source == "ipv4")
 
     def _poll_leases(self, path: Path) -> None:
-        """Re-read the lease file when it changed and tell every watch what it now says."""
+        """Re-read the lease file when it changed and tell every watch what it now says. A file
+        changed in the last seconds is re-read every time: a same-size rewrite within one
+        timestamp tick would leave its signature as it was."""
         try:
-            stat = path.stat()
-            signature: tuple[int, int, int] | None = (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+            stat: os.stat_result | None = path.stat()
         except OSError:
-            signature = None
-        if signature == self._lease_signature:
+            stat = None
+        signature = None if stat is None else (stat.st_ino, stat.st_size, stat.st_mtime_ns)
+        settled = stat is None or time.time() - stat.st_mtime > self.SETTLE
+        if signature == self._lease_signature and settled:
             return
         self._lease_signature = signature
-        self._leases = read_leases(path) if signature is not None else {}
+        self._leases = read_leases(path) if stat is not None else {}
         with self._lock:
             watches = list(self._watches.values())
         for watch in watches:
