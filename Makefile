@@ -8,11 +8,11 @@ setup:
 	./scripts/setup.sh
 
 demo: setup
-	./scripts/demo.sh
+	$(PY) scripts/demo.py
 
 lint: setup
-	$(VENV)/bin/ruff check roost tests bench
-	$(VENV)/bin/ruff format --check roost tests bench
+	$(VENV)/bin/ruff check roost tests bench scripts
+	$(VENV)/bin/ruff format --check roost tests bench scripts
 
 typecheck: setup
 	$(VENV)/bin/mypy roost

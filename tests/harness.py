@@ -228,3 +228,58 @@ def wait_for(predicate: Any, timeout: float = 15, what: str = "condition") -> An
 
 def missing(paths: Sequence[Path]) -> list[str]:
     return [str(p) for p in paths if not p.exists()]
+
+
+READY = "roost-ready:"
+
+
+def console_of(daemon: Daemon, name: str) -> str:
+    path = daemon.run_dir / "vms" / name / "console.log"
+    return path.read_text(errors="replace") if path.exists() else ""
+
+
+def wait_ready(daemon: Daemon, name: str, timeout: float = 60, fresh: bool = False) -> str:
+    """The console from now (`fresh`) or from the start, once the guest says it is ready.
+    A boot that misses the deadline is retried once with a restart (TCG boots can hang)."""
+    for attempt in range(2):
+        offset = len(console_of(daemon, name)) if fresh or attempt else 0
+        try:
+            wait_for(
+                lambda start=offset: READY in console_of(daemon, name)[start:],
+                timeout=timeout,
+                what=f"{name} to be ready",
+            )
+            return console_of(daemon, name)[offset:]
+        except AssertionError:
+            if attempt:
+                raise AssertionError(
+                    f"{name} was not ready within {timeout}s twice; console:\n"
+                    f"{console_of(daemon, name)[-3000:]}"
+                ) from None
+            daemon.ok("vm", "restart", name)
+    raise AssertionError("unreachable")
+
+
+def http_get(netns: str, url: str, timeout: float = 30) -> str:
+    """GET `url` from inside `netns` (a thread that entered it), retrying until `timeout`."""
+    import urllib.request
+
+    from roost.host.netns import NetnsWorker
+
+    worker = NetnsWorker(netns)
+    try:
+
+        def fetch() -> str:
+            with urllib.request.urlopen(url, timeout=3) as response:
+                return str(response.read().decode())
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                return worker.run(fetch)
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+    finally:
+        worker.close()

@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
@@ -38,6 +38,7 @@ from roost.state.models import VM, IPLease, Network, Plugin, PluginArtifact, VMC
 from roost.vmm.base import NIC, Driver, LaunchSpec, RunDir, Vsock
 from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
 from roost.vmm.process import ExitWatcher, VMMProcess
+from roost.vmm.qemu import Accel, Machine, QemuDriver
 
 log = logging.getLogger("roost.engine")
 
@@ -73,7 +74,10 @@ class Engine:
             self.worker, self._address_observed, lease_file=settings.dhcp_leases
         )
         self.drivers: dict[str, Driver] = {
-            "firecracker": FirecrackerDriver(find_firecracker(settings.firecracker))
+            "firecracker": FirecrackerDriver(find_firecracker(settings.firecracker)),
+            "qemu": QemuDriver(
+                machine=cast(Machine, settings.qemu_machine), accel=cast(Accel, settings.accel)
+            ),
         }
         self._check_settings()
         self._processes: dict[str, VMMProcess] = {}
@@ -255,7 +259,8 @@ class Engine:
         run_dir = self._run_dir(vm.name)
         process = self._processes.get(vm.name)
         api_socket = driver.api_socket(run_dir) if driver is not None and process else None
-        return vm_view(vm, run_dir, api_socket)
+        vsock_path = driver.vsock_path(run_dir) if driver is not None else None
+        return vm_view(vm, run_dir, api_socket, vsock_path)
 
     def console(self, name: str) -> tuple[Path, bool]:
         """The VM's serial console log and whether its VMM may still write to it."""

@@ -19,8 +19,11 @@ def timestamp(moment: datetime) -> str:
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
-def vm_view(vm: VM, run_dir: RunDir, api_socket: Path | None) -> dict[str, Any]:
-    """A VM as the API shows it; `api_socket` is its VMM's control socket while it runs."""
+def vm_view(
+    vm: VM, run_dir: RunDir, api_socket: Path | None, vsock_path: Path | None
+) -> dict[str, Any]:
+    """A VM as the API shows it; `api_socket` is its VMM's control socket while it runs,
+    `vsock_path` where its driver's hybrid vsock listens (None when reached by CID)."""
     current = vm.configs[-1]
     manifest = Manifest.model_validate(current.manifest)
     config = VMConfig.model_validate(current.config)
@@ -43,7 +46,7 @@ def vm_view(vm: VM, run_dir: RunDir, api_socket: Path | None) -> dict[str, Any]:
         },
         "vsock": {
             "cid": vm.cid_lease.cid if vm.cid_lease else None,
-            "uds_path": str(run_dir.vsock_socket) if vsock_ok else None,
+            "uds_path": str(vsock_path) if vsock_ok and vsock_path else None,
             "available": vsock_ok,
             "reason": vm.vsock_unavailable,
         },

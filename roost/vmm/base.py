@@ -110,6 +110,11 @@ class Driver(Protocol):
         """Why VMs of this driver get no vsock device on this host, or None when they do."""
         ...
 
+    def vsock_path(self, run_dir: RunDir) -> Path | None:
+        """The Unix socket the host reaches the guest's vsock through (hybrid vsock), or None
+        when the guest is reached by CID instead."""
+        ...
+
     def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
         """Start the VMM in the worker's namespace and boot the guest; on failure leave no
         process behind and raise `VMMFailedError`."""

@@ -148,6 +148,9 @@ class FirecrackerDriver:
     def vsock_unavailable(self) -> str | None:
         return None  # hybrid vsock needs no kernel support on the host
 
+    def vsock_path(self, run_dir: RunDir) -> Path | None:
+        return run_dir.vsock_socket
+
     def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
         self.check_available()
         assert self.binary is not None

@@ -96,6 +96,10 @@ class VMMProcess:
             return None
 
     def signal(self, signum: int) -> None:
+        """Signal the VMM, unless its supervisor has already reaped it (its PID may then belong
+        to another process)."""
+        if self.exit_file.exists():
+            return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
 

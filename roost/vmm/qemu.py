@@ -202,6 +202,9 @@ def _end(process: VMMProcess) -> int | None:
 
 
 class QemuDriver:
+    """QEMU as a roost VMM: `microvm` (virtio-mmio, fastest to boot) or `q35` (PCI), with KVM
+    where it can run a guest and TCG elsewhere."""
+
     kind = "qemu"
 
     def __init__(
@@ -249,12 +252,15 @@ class QemuDriver:
             "this host has none"
         )
 
+    def vsock_path(self, run_dir: RunDir) -> Path | None:
+        return None  # vhost-vsock is kernel AF_VSOCK: the host reaches the guest by its CID
+
     def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
         """Start QEMU and return once QMP reports the VM running (not when the guest is ready:
         callers watch the console for that)."""
         self.check_available()
         assert self.binary is not None
-        accel = self._accel_for(spec.kernel, worker)
+        accel = self.accel_for(spec.kernel, worker)
         if spec.nic is not None:
             _check_tap(spec.nic.tap, worker)
         tsc_khz = host_tsc_khz() if self.machine == "microvm" and accel == "tcg" else None
@@ -316,7 +322,7 @@ class QemuDriver:
                 log.info("QMP %s to QEMU %d failed: %s", command, process.pid, error)
         return process.wait(wait)
 
-    def _accel_for(self, kernel: Path, worker: NetnsWorker) -> str:
+    def accel_for(self, kernel: Path, worker: NetnsWorker) -> str:
         """The accelerator to use, decided once per driver (the first launch probes)."""
         with self._accel_lock:
             if self.accel_in_use is None:

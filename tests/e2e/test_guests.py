@@ -1,0 +1,276 @@
+"""Real guests under QEMU/TCG, one network namespace per test, the real daemon: what each
+network mode means, seen from inside the guest and from the host."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.harness import (
+    DEMO,
+    Daemon,
+    console_of,
+    http_get,
+    links,
+    process_alive,
+    run,
+    short_tmp,
+    wait_for,
+    wait_ready,
+    write_plugin,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.e2e]
+
+DHCP_BRIDGE = "brdhcp"
+DHCP_NET = "10.58.0"
+
+
+class DHCPServer:
+    """dnsmasq on the operator's bridge: the external DHCP server dhcp VMs lease from."""
+
+    def __init__(self, netns: str) -> None:
+        self.dir = short_tmp()
+        self.leases = self.dir / "dnsmasq.leases"
+        run("ip", "link", "add", DHCP_BRIDGE, "type", "bridge", netns=netns)
+        run("ip", "addr", "add", f"{DHCP_NET}.1/24", "dev", DHCP_BRIDGE, netns=netns)
+        run("ip", "link", "set", DHCP_BRIDGE, "up", netns=netns)
+        self.process = subprocess.Popen(
+            [
+                "ip",
+                "netns",
+                "exec",
+                netns,
+                "dnsmasq",
+                "--no-daemon",
+                "--no-ping",
+                "--bind-interfaces",
+                "--port=0",
+                f"--interface={DHCP_BRIDGE}",
+                f"--dhcp-range={DHCP_NET}.100,{DHCP_NET}.150,255.255.255.0,1h",
+                f"--dhcp-leasefile={self.leases}",
+                "--conf-file=/dev/null",
+            ],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    def lease_of(self, mac: str) -> str | None:
+        if not self.leases.exists():
+            return None
+        for line in self.leases.read_text().splitlines():
+            fields = line.split()
+            if len(fields) >= 3 and fields[1].lower() == mac.lower():
+                return fields[2]
+        return None
+
+    def close(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self.leases.unlink(missing_ok=True)
+        self.dir.rmdir()
+
+
+@pytest.fixture
+def dhcp_server(netns: str) -> Iterator[DHCPServer]:
+    server = DHCPServer(netns)
+    try:
+        yield server
+    finally:
+        server.close()
+
+
+def qemu_daemon(netns: str, *args: str) -> Daemon:
+    return Daemon(netns, "--vmm", "qemu", *args).start()
+
+
+@pytest.fixture
+def demo_plugin() -> Path:
+    plugin = DEMO / "plugin.json"
+    if not plugin.exists():
+        pytest.skip(f"{plugin} is missing; run make setup")
+    return plugin
+
+
+def test_bridged_auto_and_manual_addresses_serve_http(netns: str, demo_plugin: Path) -> None:
+    daemon = qemu_daemon(netns)
+    try:
+        daemon.ok("plugin", "install", demo_plugin)
+        auto = daemon.ok("vm", "create", "auto-1", "--plugin", "roost-demo")
+        manual = daemon.ok(
+            "vm", "create", "manual-1", "--plugin", "roost-demo", "--network-ip", "10.57.0.77"
+        )
+        assert manual["network"]["ip"] == "10.57.0.77"
+        for vm in (auto, manual):
+            assert vm["vmm"]["kind"] == "qemu"
+            ready = wait_ready(daemon, vm["name"])
+            ip = vm["network"]["ip"]
+            assert f"roost-ready: name={vm['name']} ip={ip}" in ready
+            assert http_get(netns, f"http://{ip}/") == f"{vm['name']} {ip}\n"
+        # the guest's NIC has the MAC roost gave it
+        assert f"roost-net: eth0 static {manual['network']['ip']}/24" in console_of(
+            daemon, "manual-1"
+        )
+    finally:
+        daemon.close()
+
+
+@pytest.mark.parametrize("source", ["lease-file", "packet-watch"])
+def test_dhcp_guest_leases_from_the_external_server(
+    netns: str, dhcp_server: DHCPServer, demo_plugin: Path, source: str
+) -> None:
+    extra = ["--dhcp-leases", str(dhcp_server.leases)] if source == "lease-file" else []
+    daemon = qemu_daemon(netns, "--dhcp-bridge", DHCP_BRIDGE, *extra)
+    try:
+        daemon.ok("plugin", "install", demo_plugin)
+        vm = daemon.ok("vm", "create", "dhcp-1", "--plugin", "roost-demo", "--network-mode", "dhcp")
+        assert vm["network"]["ip"] is None
+        wait_ready(daemon, "dhcp-1")
+        lease = wait_for(lambda: dhcp_server.lease_of(vm["network"]["mac"]), what="a lease")
+        observed = wait_for(
+            lambda: daemon.ok("vm", "show", "dhcp-1")["network"]["observed_ip"],
+            what="roost to observe the address",
+        )
+        assert observed == lease
+        assert lease.startswith(f"{DHCP_NET}.")
+        assert http_get(netns, f"http://{lease}/") == f"dhcp-1 {lease}\n"
+    finally:
+        daemon.close()
+
+
+def test_vsock_guest_has_no_network_interface(netns: str, demo_plugin: Path) -> None:
+    daemon = qemu_daemon(netns)
+    try:
+        daemon.ok("plugin", "install", demo_plugin)
+        created = daemon.cli(
+            "vm", "create", "iso-1", "--plugin", "roost-demo", "--network-mode", "vsock"
+        )
+        assert created.exit_code == 0
+        vm = daemon.ok("vm", "show", "iso-1")
+        console = wait_ready(daemon, "iso-1")
+        assert "roost-guest: interfaces lo\n" in console
+        assert "roost-ready: name=iso-1 ip=none" in console
+        network = vm["network"]
+        assert (network["ip"], network["mac"], network["tap"], network["bridge"]) == (
+            None,
+            None,
+            None,
+            None,
+        )
+        if not Path("/dev/vhost-vsock").exists():
+            assert vm["vsock"]["available"] is False
+            assert "vhost-vsock" in vm["vsock"]["reason"]
+            assert "warning: VM iso-1 has no vsock device" in created.stderr
+        assert not [link for link in links(netns) if link.startswith("rtap")]
+    finally:
+        daemon.close()
+
+
+def test_plugin_default_and_vm_override(
+    netns: str, dhcp_server: DHCPServer, tmp_path: Path, demo_plugin: Path
+) -> None:
+    manifest = json.loads(demo_plugin.read_text())
+    plugin = write_plugin(
+        tmp_path,
+        "web",
+        network={"mode": "bridged", "subnet": "10.100.0.0/24", "auto_assign": True},
+        kernel={"path": str(DEMO / manifest["kernel"]["path"])},
+        initramfs={"path": str(DEMO / manifest["initramfs"]["path"])},
+    )
+    daemon = qemu_daemon(netns, "--dhcp-bridge", DHCP_BRIDGE)
+    try:
+        daemon.ok("plugin", "install", plugin)
+        default = daemon.ok("vm", "create", "web-1", "--plugin", "web")
+        override = daemon.ok("vm", "create", "web-2", "--plugin", "web", "--network-mode", "dhcp")
+        assert (default["network"]["source"], default["network"]["mode"]) == ("plugin", "bridged")
+        assert (override["network"]["source"], override["network"]["mode"]) == ("vm", "dhcp")
+        ip = default["network"]["ip"]
+        assert ip.startswith("10.100.0.")
+        wait_ready(daemon, "web-1")
+        assert http_get(netns, f"http://{ip}/") == f"web-1 {ip}\n"
+        console = wait_ready(daemon, "web-2")
+        leased = re.search(rf"roost-ready: name=web-2 ip=({DHCP_NET}\.\d+)", console)
+        assert leased, console
+        assert http_get(netns, f"http://{leased[1]}/") == f"web-2 {leased[1]}\n"
+    finally:
+        daemon.close()
+
+
+def test_two_guests_on_one_bridge_reach_each_other(
+    netns: str, tmp_path: Path, demo_plugin: Path
+) -> None:
+    daemon = qemu_daemon(netns)
+    try:
+        daemon.ok("plugin", "install", demo_plugin)
+        first = daemon.ok("vm", "create", "peer-1", "--plugin", "roost-demo")
+        config = tmp_path / "prober.json"
+        config.write_text(
+            json.dumps(
+                {"plugin": "roost-demo", "boot_args": f"roost.probe={first['network']['ip']}"}
+            )
+        )
+        daemon.ok("vm", "create", "peer-2", "--plugin", "roost-demo", "--config", config)
+        wait_ready(daemon, "peer-1")
+        wait_for(
+            lambda: "roost-probe:" in console_of(daemon, "peer-2"),
+            timeout=90,
+            what="peer-2's probe result",
+        )
+        assert f"roost-probe: {first['network']['ip']} reachable" in console_of(daemon, "peer-2")
+    finally:
+        daemon.close()
+
+
+def test_a_guest_that_powers_off_is_stopped_with_exit_code_zero(
+    netns: str, demo_plugin: Path
+) -> None:
+    daemon = qemu_daemon(netns)
+    try:
+        daemon.ok("plugin", "install", demo_plugin)
+        vm = daemon.ok("vm", "create", "q-1", "--plugin", "roost-demo", "--network-mode", "vsock")
+        wait_ready(daemon, "q-1")
+        qmp(vm["vmm"]["api_socket"], "quit")  # behind roost's back
+        stopped = wait_for(
+            lambda: (v := daemon.ok("vm", "show", "q-1"))["status"] != "running" and v,
+            what="roost to notice",
+        )
+        assert (stopped["status"], stopped["exit_code"], stopped["status_reason"]) == (
+            "stopped",
+            0,
+            None,
+        )
+        assert not process_alive(vm["vmm"]["pid"])
+        # a graceful stop powers the guest off: exit code 0 as well
+        daemon.ok("vm", "start", "q-1")
+        wait_ready(daemon, "q-1", fresh=True)
+        assert daemon.ok("vm", "stop", "q-1", "--timeout", "20")["exit_code"] == 0
+        assert daemon.cli("vm", "console", "q-1").stdout.count("roost-ready:") == 2
+    finally:
+        daemon.close()
+
+
+def qmp(socket_path: str, command: str) -> dict[str, Any]:
+    import socket
+
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:
+        conn.settimeout(10)
+        conn.connect(socket_path)
+        reader = conn.makefile("rb")
+        reader.readline()  # greeting
+        for message in ({"execute": "qmp_capabilities"}, {"execute": command}):
+            conn.sendall(json.dumps(message).encode() + b"\n")
+            while True:
+                reply = json.loads(reader.readline())
+                if "return" in reply or "error" in reply:
+                    break
+        return dict(reply)
