@@ -175,7 +175,7 @@ def _vm_row(vm: dict[str, Any]) -> list[Any]:
         vm["plugin"],
         vm["status"],
         network["mode"],
-        network["ip"],
+        network["ip"] or network["observed_ip"],
         network["mac"],
         network["tap"],
         vm["vsock"]["cid"],
