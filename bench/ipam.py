@@ -80,14 +80,11 @@ class RoostIPAM:
         return self.db.transact(work)
 
     def allocate(self, vm_id: int) -> ipaddress.IPv4Address:
-        """One committed allocation: load the VM, find or create the network, take the next
-        free address."""
+        """One committed allocation: find or create the network, take the next free address."""
 
         def work(session: Session) -> ipaddress.IPv4Address:
-            vm = session.get(VM, vm_id)
-            assert vm is not None
             network = alloc.ensure_network(session, self.subnet, self.gateway)
-            return alloc.allocate_ip(session, network, vm)
+            return alloc.allocate_ip(session, network, vm_id)
 
         return self.db.transact(work)
 

@@ -61,6 +61,21 @@ def namespace_pids(name: str) -> list[int]:
     return [int(pid) for pid in output.split()]
 
 
+def leftover_pids(name: str) -> list[int]:
+    """Processes in the namespace other than the daemon's idle supervisor (started ahead, with
+    no VMM under it)."""
+
+    def idle_supervisor(pid: int) -> bool:
+        try:
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+            children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+        except OSError:
+            return False
+        return cmdline.endswith(b"supervisor.py\0") and not children
+
+    return [pid for pid in namespace_pids(name) if not idle_supervisor(pid)]
+
+
 def links(netns: str) -> dict[str, dict[str, Any]]:
     """The namespace's links as `ip -j -d link` describes them, by name."""
     data = json.loads(run("ip", "-j", "-d", "link", "show", netns=netns).stdout)

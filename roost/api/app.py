@@ -69,7 +69,7 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/plugins")
     def list_plugins() -> list[dict[str, Any]]:
-        return engine.list_plugins()
+        return engine.plugins.list()
 
     @app.post("/v1/plugins", status_code=201, openapi_extra=_schema_body(Manifest))
     async def install_plugin(
@@ -77,7 +77,7 @@ def create_app(engine: Engine) -> FastAPI:
     ) -> Any:
         manifest = parse(Manifest, await _json_body(request))
         if NDJSON not in request.headers.get("accept", ""):
-            result = await run_in_threadpool(engine.install_plugin, manifest, force=force)
+            result = await run_in_threadpool(engine.plugins.install, manifest, force=force)
             return JSONResponse(result, status_code=201)
         return StreamingResponse(
             _install_with_progress(engine, manifest, force), media_type=NDJSON, status_code=201
@@ -85,11 +85,11 @@ def create_app(engine: Engine) -> FastAPI:
 
     @app.get("/v1/plugins/{name}")
     def show_plugin(name: str) -> dict[str, Any]:
-        return engine.show_plugin(name)
+        return engine.plugins.show(name)
 
     @app.delete("/v1/plugins/{name}", status_code=204)
     def remove_plugin(name: str) -> Response:
-        engine.remove_plugin(name)
+        engine.plugins.remove(name)
         return Response(status_code=204)
 
     @app.get("/v1/vms")
@@ -212,7 +212,7 @@ async def _install_with_progress(
     async def install() -> dict[str, Any]:
         try:
             return await run_in_threadpool(
-                engine.install_plugin, manifest, force=force, progress=progress
+                engine.plugins.install, manifest, force=force, progress=progress
             )
         except RoostError as error:
             return error.to_json()

@@ -10,31 +10,33 @@ import fcntl
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import IO, Any, cast
 
-from sqlalchemy import select
-from sqlalchemy.orm import Session, selectinload
+from sqlalchemy import Row, and_, select
+from sqlalchemy.orm import Session
 
+from roost.engine.plugins import Plugins, find
 from roost.engine.settings import DEFAULT_BRIDGE, DEFAULT_NETWORK, Settings
 from roost.engine.steps import Steps
-from roost.engine.views import network_view, plugin_view, vm_view
+from roost.engine.views import network_view, vm_view
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError, RoostError
 from roost.host.firewall import Firewall
 from roost.host.links import Links
 from roost.host.netns import NetnsWorker
 from roost.host.observe import LeaseObserver
 from roost.plan import IPAM, AntiSpoof, Attachment, DefaultNetwork, VMPlan, boot_args, plan_vm
-from roost.plan.network import EffectiveNetwork, plan_network
+from roost.plan.network import NetworkPlan, plan_network
 from roost.spec import Manifest, VMConfig
 from roost.spec.common import check_name
 from roost.state import alloc
-from roost.state.artifacts import ArtifactStore, Progress
+from roost.state.artifacts import ArtifactStore
 from roost.state.db import Database, sqlite_url
-from roost.state.models import VM, IPLease, Network, Plugin, PluginArtifact, VMConfigVersion
+from roost.state.models import VM, CIDLease, IPLease, Network, Plugin, VMConfigVersion
 from roost.vmm.base import NIC, Driver, LaunchSpec, RunDir, Vsock
 from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
 from roost.vmm.process import ExitWatcher, VMMProcess
@@ -45,13 +47,42 @@ log = logging.getLogger("roost.engine")
 CREATED, STARTING, RUNNING, PAUSED = "created", "starting", "running", "paused"
 STOPPING, STOPPED, CRASHED, ERROR = "stopping", "stopped", "crashed", "error"
 LIVE = (STARTING, RUNNING, PAUSED, STOPPING)
-InstallProgress = Callable[[dict[str, Any]], None]
+LOCK_DIR = Path("/run/lock")
+Emptied = list[tuple[int, str]]  # (network id, bridge) of networks that lost their last lease
 
 
-class StateDirLockedError(RoostError):
-    code = "state_dir_locked"
+class LockedError(RoostError):
+    code = "locked"
     http_status = 409
     exit_code = 4
+
+
+@dataclass(frozen=True)
+class Booting:
+    """What a starting VM holds, as the launch needs it (read once, in the allocating
+    transaction)."""
+
+    name: str
+    plan: VMPlan
+    net: NetworkPlan
+    manifest: Manifest
+    config: VMConfig
+    artifacts: dict[str, Any]
+    vmm: str
+    cid: int
+    mac: str | None
+    tap: str | None
+    bridge: str | None
+    ip: str | None
+    vsock_missing: str | None
+
+
+@dataclass
+class Live:
+    """A VMM this daemon watches, and the driver that runs it."""
+
+    process: VMMProcess
+    driver: Driver
 
 
 class Engine:
@@ -61,12 +92,25 @@ class Engine:
         self.settings = settings
         self.default = DefaultNetwork.from_cidr(settings.default_subnet)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
-        self._lock_file = _lock_state_dir(settings.state_dir)
+        self._locks = [
+            _lock(
+                settings.state_dir / "lock",
+                f"another roost daemon is using {settings.state_dir}"
+                "; stop it, or give this one its own --state-dir",
+            ),
+            _lock(
+                LOCK_DIR / f"roost-netns-{settings.netns or '-host-'}.lock",
+                f"another roost daemon manages network namespace {settings.netns or 'of the host'}"
+                "; one daemon per namespace",
+            ),
+        ]
         settings.run_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         self.db = Database(settings.database_url or sqlite_url(settings.state_dir))
         self.db.migrate()
-        self.store = ArtifactStore(settings.state_dir / "artifacts")
-        self.store.remove_incomplete()
+        store = ArtifactStore(settings.state_dir / "artifacts")
+        store.remove_incomplete()
+        self.store = store
+        self.plugins = Plugins(self.db, store)
         self.worker = NetnsWorker(settings.netns)
         self.links = Links(self.worker)
         self.firewall = Firewall(self.worker)
@@ -80,12 +124,13 @@ class Engine:
             ),
         }
         self._check_settings()
-        self._processes: dict[str, VMMProcess] = {}
+        self._live: dict[str, Live] = {}
         self._busy: dict[str, str] = {}
         self._busy_lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
         self._bridge_lock = threading.Lock()
-        self._exits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-exit")
+        self._bridges_ready: set[str] = set()
+        self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-bg")
         self.watcher = ExitWatcher(self._on_exit)
         self._ensure_default_network()
         self._recover()
@@ -136,11 +181,12 @@ class Engine:
         """Stop serving; running VMMs keep running (they outlive the daemon)."""
         self.watcher.close()
         self.observer.close()
-        self._exits.shutdown(wait=True)
+        self._background.shutdown(wait=True)
         self.links.close()
         self.worker.close()
         self.db.dispose()
-        self._lock_file.close()
+        for handle in self._locks:
+            handle.close()
 
     # ---- per-VM exclusivity ---------------------------------------------------------------
 
@@ -161,112 +207,38 @@ class Engine:
             self._busy.pop(name, None)
             lock.release()
 
-    # ---- plugins --------------------------------------------------------------------------
-
-    def install_plugin(
-        self, manifest: Manifest, *, force: bool, progress: InstallProgress | None = None
-    ) -> dict[str, Any]:
-        """Store the manifest's artifacts (checking sha256s) and record the plugin."""
-        if not force:
-            with self.db.read() as session:
-                if _plugin(session, manifest.name, missing_ok=True) is not None:
-                    raise _plugin_exists(manifest.name)
-        stored = {}
-        for role, artifact in manifest.artifacts().items():
-            source = artifact.path or artifact.url
-            assert source is not None
-            if progress is not None:
-                progress({"event": "artifact", "role": role, "source": source})
-            stored[role] = self.store.fetch(
-                source,
-                loc=role,
-                expected_sha256=artifact.sha256,
-                progress=_artifact_progress(progress, role),
-            )
-        if "kernel" in stored and not self.store.is_elf(stored["kernel"].sha256):
-            raise InvalidError.at(
-                "kernel",
-                "is not an uncompressed ELF vmlinux (Firecracker boots only those; extract it "
-                "from a bzImage with the kernel's scripts/extract-vmlinux)",
-            )
-
-        def work(session: Session) -> Plugin:
-            plugin = _plugin(session, manifest.name, missing_ok=True)
-            if plugin is not None and not force:
-                raise _plugin_exists(manifest.name)
-            if plugin is None:
-                plugin = Plugin(name=manifest.name)
-                session.add(plugin)
-            plugin.version = manifest.version
-            plugin.manifest = manifest.model_dump(mode="json", exclude_none=True)
-            plugin.artifacts = [
-                PluginArtifact(role=role, sha256=item.sha256, size=item.size)
-                for role, item in stored.items()
-            ]
-            session.flush()
-            return plugin
-
-        self.db.transact(work)
-        self._collect_garbage()
-        return self.show_plugin(manifest.name)
-
-    def list_plugins(self) -> list[dict[str, Any]]:
-        with self.db.read() as session:
-            plugins = session.scalars(
-                select(Plugin).options(selectinload(Plugin.artifacts)).order_by(Plugin.name)
-            )
-            return [plugin_view(p, _vm_names(session, p)) for p in plugins]
-
-    def show_plugin(self, name: str) -> dict[str, Any]:
-        with self.db.read() as session:
-            plugin = _plugin(session, name)
-            return plugin_view(plugin, _vm_names(session, plugin))
-
-    def remove_plugin(self, name: str) -> None:
-        def work(session: Session) -> None:
-            plugin = _plugin(session, name)
-            users = _vm_names(session, plugin)
-            if users:
-                raise ConflictError(
-                    f"plugin {name!r} is used by VM(s) {', '.join(users)}; remove them first",
-                    code="plugin_in_use",
-                )
-            session.delete(plugin)
-
-        self.db.transact(work)
-        self._collect_garbage()
-
-    def _collect_garbage(self) -> None:
-        with self.db.read() as session:
-            referenced = set(session.scalars(select(PluginArtifact.sha256)))
-            for artifacts in session.scalars(select(VMConfigVersion.artifacts)):
-                referenced.update(item["sha256"] for item in artifacts.values())
-        self.store.collect_garbage(referenced)
-
-    # ---- VMs: reading ---------------------------------------------------------------------
+    # ---- reading --------------------------------------------------------------------------
 
     def list_vms(self) -> list[dict[str, Any]]:
         with self.db.read() as session:
-            vms = session.scalars(_vm_query().order_by(VM.name))
-            return [self._view(vm) for vm in vms]
+            return [self._view(row) for row in session.execute(_view_query().order_by(VM.name))]
 
     def show_vm(self, name: str) -> dict[str, Any]:
         with self.db.read() as session:
-            return self._view(_vm(session, name))
+            row = session.execute(_view_query().where(VM.name == name)).first()
+        if row is None:
+            raise _no_vm(name)
+        return self._view(row)
 
-    def _view(self, vm: VM) -> dict[str, Any]:
+    def _view(self, row: Row[Any]) -> dict[str, Any]:
+        vm: VM = row.VM
         driver = self.drivers.get(vm.vmm_kind)
         run_dir = self._run_dir(vm.name)
-        process = self._processes.get(vm.name)
-        api_socket = driver.api_socket(run_dir) if driver is not None and process else None
-        vsock_path = driver.vsock_path(run_dir) if driver is not None else None
-        return vm_view(vm, run_dir, api_socket, vsock_path)
+        live = self._live.get(vm.name)
+        return vm_view(
+            vm,
+            plugin=row.plugin,
+            cid=row.cid,
+            config=row.config,
+            manifest=row.manifest,
+            run_dir=run_dir,
+            api_socket=driver.api_socket(run_dir) if driver and live else None,
+            vsock_path=driver.vsock_path(run_dir) if driver else None,
+        )
 
     def console(self, name: str) -> tuple[Path, bool]:
         """The VM's serial console log and whether its VMM may still write to it."""
-        with self.db.read() as session:
-            vm = _vm(session, name)
-            return self._run_dir(name).console_log, vm.status in LIVE
+        return self._run_dir(name).console_log, self._status(name) in LIVE
 
     def list_networks(self) -> list[dict[str, Any]]:
         with self.db.read() as session:
@@ -281,10 +253,17 @@ class Engine:
                 for n in networks
             ]
 
+    def _status(self, name: str) -> str:
+        with self.db.read() as session:
+            status = session.scalar(select(VM.status).where(VM.name == name))
+        if status is None:
+            raise _no_vm(name)
+        return status
+
     def _run_dir(self, name: str) -> RunDir:
         return RunDir(self.settings.run_dir / "vms" / name)
 
-    # ---- VMs: lifecycle -------------------------------------------------------------------
+    # ---- lifecycle ------------------------------------------------------------------------
 
     def create_vm(self, name: str, config: VMConfig, *, start: bool = True) -> dict[str, Any]:
         """Record a VM and allocate all its plan needs, then start it unless `start` is false.
@@ -294,35 +273,39 @@ class Engine:
             with self.db.read() as session:
                 if session.scalar(select(VM.id).where(VM.name == name)) is not None:
                     raise _vm_exists(name)
-                plugin = _plugin(session, config.plugin)
-                manifest = Manifest.model_validate(plugin.manifest)
+                plugin = find(session, config.plugin)
                 artifacts = {a.role: {"sha256": a.sha256, "size": a.size} for a in plugin.artifacts}
                 plugin_id, manifest_json = plugin.id, plugin.manifest
+            manifest = Manifest.model_validate(manifest_json)
             plan = plan_vm(name, manifest, config, self.default)
             vmm = self._vmm_of(config)
             self._check_launchable(plan, manifest, artifacts, vmm)
 
-            def record(session: Session) -> None:
+            def record(session: Session) -> Booting:
                 if session.scalar(select(VM.id).where(VM.name == name)) is not None:
                     raise _vm_exists(name)
                 vm = VM(name=name, plugin_id=plugin_id, status=CREATED, vmm_kind=vmm, network={})
                 session.add(vm)
                 session.flush()
-                vm.configs.append(
+                session.add(
                     VMConfigVersion(
+                        vm_id=vm.id,
                         version=1,
                         config=config.model_dump(mode="json", exclude_none=True),
                         manifest=manifest_json,
                         artifacts=artifacts,
                     )
                 )
-                self._allocate(session, vm, plan)
+                booting, _ = self._allocate(session, vm, plan, manifest, config, artifacts, vmm)
+                if start:
+                    vm.status = STARTING
+                return booting
 
-            self.db.transact(record)
+            booting = self.db.transact(record)
             log.info("create %s: recorded the VM and its allocations", name)
             if start:
                 try:
-                    self._start(name, "create")
+                    self._launch(booting, Steps("create", name))
                 except BaseException:
                     self._forget(name)
                     raise
@@ -330,12 +313,11 @@ class Engine:
 
     def start_vm(self, name: str) -> dict[str, Any]:
         with self._operation(name, "start"):
-            status = self.show_vm(name)["status"]
-            if status == RUNNING:
-                return self.show_vm(name)
+            status = self._status(name)
             if status == PAUSED:
-                return self._resume(name)
-            self._start(name, "start")
+                self._pause_or_resume(name, status, pause=False)
+            elif status != RUNNING:
+                self._start(name, "start")
             return self.show_vm(name)
 
     def stop_vm(
@@ -353,26 +335,13 @@ class Engine:
 
     def pause_vm(self, name: str) -> dict[str, Any]:
         with self._operation(name, "pause"):
-            status = self.show_vm(name)["status"]
-            if status == PAUSED:
-                return self.show_vm(name)
-            process = self._live_process(name, status, "pause")
-            self._driver_of(name).pause(process)
-            self._set(name, status=PAUSED)
+            self._pause_or_resume(name, self._status(name), pause=True)
             return self.show_vm(name)
 
     def resume_vm(self, name: str) -> dict[str, Any]:
         with self._operation(name, "resume"):
-            return self._resume(name)
-
-    def _resume(self, name: str) -> dict[str, Any]:
-        status = self.show_vm(name)["status"]
-        if status == RUNNING:
+            self._pause_or_resume(name, self._status(name), pause=False)
             return self.show_vm(name)
-        process = self._live_process(name, status, "resume")
-        self._driver_of(name).resume(process)
-        self._set(name, status=RUNNING)
-        return self.show_vm(name)
 
     def destroy_vm(self, name: str) -> None:
         """Stop the VM if it runs, then remove it and everything it holds."""
@@ -381,6 +350,9 @@ class Engine:
             self._forget(name)
 
     # ---- lifecycle internals --------------------------------------------------------------
+
+    def _vmm_of(self, config: VMConfig) -> str:
+        return config.vmm.value if config.vmm is not None else self.settings.vmm
 
     def _check_launchable(
         self, plan: VMPlan, manifest: Manifest, artifacts: dict[str, Any], vmm: str
@@ -402,10 +374,19 @@ class Engine:
             )
         self.drivers[vmm].check_available()
 
-    def _allocate(self, session: Session, vm: VM, plan: VMPlan) -> list[tuple[int, str]]:
+    def _allocate(
+        self,
+        session: Session,
+        vm: VM,
+        plan: VMPlan,
+        manifest: Manifest,
+        config: VMConfig,
+        artifacts: dict[str, Any],
+        vmm: str,
+    ) -> tuple[Booting, Emptied]:
         """Make the VM hold what its plan needs, and nothing else: address (bridged), CID,
-        MAC and tap name. Returns the (id, bridge) of networks left without leases."""
-        emptied = []
+        MAC and tap name; record the resolved network. Also says which networks it left."""
+        emptied: Emptied = []
         effective = plan.network
         bridge: str | None = None
         held = session.scalar(select(IPLease).where(IPLease.vm_id == vm.id))
@@ -417,23 +398,38 @@ class Engine:
             assert effective.subnet is not None and effective.gateway is not None
             network = alloc.ensure_network(session, effective.subnet, effective.gateway)
             requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
-            effective = effective.with_ip(alloc.allocate_ip(session, network, vm, requested))
+            effective = effective.with_ip(alloc.allocate_ip(session, network, vm.id, requested))
             bridge = network.bridge
         elif plan.net.attach is Attachment.EXTERNAL:
             bridge = self.settings.dhcp_bridge
-        alloc.allocate_cid(session, vm)
+        cid = alloc.allocate_cid(session, vm)
         if plan.net.nic and vm.mac is None:
             vm.mac = alloc.new_mac(session)
         if plan.net.tap and vm.tap is None:
             vm.tap = alloc.tap_name(vm)
-        vm.network = {
-            "effective": effective.to_json(),
-            "plan": plan_network(effective, vm.name).to_json(),
-            "bridge": bridge,
-        }
-        return emptied
+        net = plan_network(effective, vm.name)
+        vm.network = {"effective": effective.to_json(), "plan": net.to_json(), "bridge": bridge}
+        vsock_missing = self.drivers[vmm].vsock_unavailable() if net.vsock else None
+        vm.vmm_kind, vm.vsock_unavailable, vm.observed_ip = vmm, vsock_missing, None
+        vm.status_reason, vm.exit_code = None, None
+        booting = Booting(
+            name=vm.name,
+            plan=plan,
+            net=net,
+            manifest=manifest,
+            config=config,
+            artifacts=artifacts,
+            vmm=vmm,
+            cid=cid,
+            mac=vm.mac if net.nic else None,
+            tap=vm.tap if net.tap else None,
+            bridge=bridge,
+            ip=None if effective.ip is None else str(effective.ip),
+            vsock_missing=vsock_missing,
+        )
+        return booting, emptied
 
-    def _release_ip(self, session: Session, vm: VM) -> list[tuple[int, str]]:
+    def _release_ip(self, session: Session, vm: VM) -> Emptied:
         network = alloc.release_ip(session, vm)
         if network is None:
             return []
@@ -442,98 +438,133 @@ class Engine:
             session.delete(network)
         return emptied
 
-    def _remove_bridges(self, emptied: list[tuple[int, str]]) -> None:
+    def _remove_bridges(self, emptied: Emptied) -> None:
         """Remove the bridges of networks that lost their last lease (unless a VM took an
         address there meanwhile)."""
         for network_id, bridge in emptied:
             with self._bridge_lock:
                 with self.db.read() as session:
-                    if (
-                        session.scalar(select(IPLease.ip).where(IPLease.network_id == network_id))
-                        is not None
-                    ):
-                        continue
-                self.links.delete(bridge)
+                    leased = session.scalar(
+                        select(IPLease.ip).where(IPLease.network_id == network_id).limit(1)
+                    )
+                if leased is None:
+                    self._bridges_ready.discard(bridge)
+                    self.links.delete(bridge)
 
     def _start(self, name: str, operation: str) -> None:
-        """Plan again, allocate what the plan needs, set up the host, boot the VMM. A failure
-        leaves the VM `error` with its reason, its tap and process gone, its leases kept."""
-        steps = Steps(operation, name)
-        try:
-            self._boot(name, steps)
-        except BaseException as error:
-            reason = error.message if isinstance(error, RoostError) else repr(error)
-            steps.rollback()
-            self._set(name, status=ERROR, status_reason=reason, pid=None, supervisor_pid=None)
-            raise
-
-    def _boot(self, name: str, steps: Steps) -> None:
+        """Plan again from the VM's current config, allocate what the plan needs (releasing
+        what it no longer needs), then launch."""
         with self.db.read() as session:
-            vm = _vm(session, name)
-            current = vm.configs[-1]
+            current = session.scalar(
+                select(VMConfigVersion)
+                .join(
+                    VM,
+                    and_(
+                        VM.id == VMConfigVersion.vm_id, VM.config_version == VMConfigVersion.version
+                    ),
+                )
+                .where(VM.name == name)
+            )
+            if current is None:
+                raise _no_vm(name)
             manifest = Manifest.model_validate(current.manifest)
             config = VMConfig.model_validate(current.config)
             artifacts = current.artifacts
         vmm = self._vmm_of(config)
         plan = plan_vm(name, manifest, config, self.default)
         self._check_launchable(plan, manifest, artifacts, vmm)
-        driver = self.drivers[vmm]
-        vsock_missing = driver.vsock_unavailable() if plan.net.vsock else None
-        if vsock_missing:
-            log.warning("VM %s starts without a vsock device: %s", name, vsock_missing)
 
-        def allocate(session: Session) -> tuple[VM, list[tuple[int, str]]]:
-            vm = _vm(session, name)
-            emptied = self._allocate(session, vm, plan)
-            vm.status, vm.status_reason, vm.exit_code = STARTING, None, None
-            vm.vmm_kind, vm.vsock_unavailable, vm.observed_ip = vmm, vsock_missing, None
-            return vm, emptied
+        def allocate(session: Session) -> tuple[Booting, Emptied]:
+            vm = session.scalar(select(VM).where(VM.name == name))
+            if vm is None:
+                raise _no_vm(name)
+            booting, emptied = self._allocate(session, vm, plan, manifest, config, artifacts, vmm)
+            vm.status = STARTING
+            return booting, emptied
 
-        vm, emptied = self.db.transact(allocate)
+        booting, emptied = self.db.transact(allocate)
         self._remove_bridges(emptied)
-        net = plan_network(_effective_with_ip(plan, vm), name)
+        self._launch(booting, Steps(operation, name))
+
+    def _launch(self, booting: Booting, steps: Steps) -> None:
+        """Set up the host and boot the VMM. A failure leaves the VM `error` with its reason,
+        its tap and process gone, its leases kept."""
+        try:
+            self._boot(booting, steps)
+        except BaseException as error:
+            reason = error.message if isinstance(error, RoostError) else repr(error)
+            steps.rollback()
+            self._set(
+                booting.name, status=ERROR, status_reason=reason, pid=None, supervisor_pid=None
+            )
+            raise
+
+    def _boot(self, booting: Booting, steps: Steps) -> None:
+        name, net = booting.name, booting.net
+        if booting.vsock_missing:
+            log.warning("VM %s starts without a vsock device: %s", name, booting.vsock_missing)
         run_dir = self._run_dir(name)
         run_dir.prepare()
         steps.done("prepared the run dir", run_dir.remove_sockets)
 
         nic = None
+        rules: Future[None] | None = None
         if net.tap:
-            tap, mac, bridge = vm.tap, vm.mac, vm.network["bridge"]
-            assert tap is not None and mac is not None
-            with self._bridge_lock:
-                self._ensure_bridge(bridge, net.attach, vm)
-                self.links.create_tap(tap, bridge, alloc.tap_mac(mac))
+            tap, mac, bridge = booting.tap, booting.mac, booting.bridge
+            assert tap is not None and mac is not None and bridge is not None
+            self._attach_tap(tap, mac, bridge, net.attach, booting)
             steps.done(f"created tap {tap} on {bridge}", lambda: self.links.delete(tap))
             if net.antispoof is not AntiSpoof.NONE:
-                only_ip = net.antispoof is AntiSpoof.IP_AND_MAC
-                self.firewall.protect(tap, mac, vm.network["effective"]["ip"] if only_ip else None)
-                steps.done("added anti-spoofing rules", lambda: self.firewall.release(tap))
+                ip = booting.ip if net.antispoof is AntiSpoof.IP_AND_MAC else None
+                # nft runs while the VMM starts; the guest boots only once the rules are in
+                rules = self._background.submit(self.firewall.protect, tap, mac, ip)
+                steps.done("adding anti-spoofing rules", lambda: self._unprotect(tap, rules))
             nic = NIC(tap=tap, mac=mac)
 
-        kernel = self._artifact_path(artifacts, "kernel") or self.settings.kernel
-        assert kernel is not None and vm.cid_lease is not None
+        kernel = self._artifact_path(booting.artifacts, "kernel") or self.settings.kernel
+        assert kernel is not None
+        run_dir_vsock = booting.vsock_missing is None and net.vsock
         spec = LaunchSpec(
             name=name,
             run_dir=run_dir,
             kernel=kernel,
-            initrd=self._artifact_path(artifacts, "initramfs"),
-            rootfs=self._artifact_path(artifacts, "rootfs"),
-            boot_args=boot_args(manifest, config, name, net.kernel_ip_arg),
-            vcpus=plan.resources.vcpus,
-            memory_mib=plan.resources.memory_mib,
+            initrd=self._artifact_path(booting.artifacts, "initramfs"),
+            rootfs=self._artifact_path(booting.artifacts, "rootfs"),
+            boot_args=boot_args(booting.manifest, booting.config, name, net.kernel_ip_arg),
+            vcpus=booting.plan.resources.vcpus,
+            memory_mib=booting.plan.resources.memory_mib,
             nic=nic,
-            vsock=Vsock(vm.cid_lease.cid, run_dir.vsock_socket) if net.vsock else None,
+            vsock=Vsock(booting.cid, run_dir.vsock_socket) if run_dir_vsock else None,
         )
-        process = driver.launch(spec, self.worker)
-        steps.done(f"started {vmm} (pid {process.pid})", process.kill)
-        self._processes[name] = process
-        steps.done("tracked the VMM", lambda: self._processes.pop(name, None))
+        driver = self.drivers[booting.vmm]
+        gate = rules.result if rules is not None else None
+        process = driver.launch(spec, self.worker, before_boot=gate)
+        steps.done(f"started {booting.vmm} (pid {process.pid})", process.kill)
+        self._live[name] = Live(process, driver)
+        steps.done("tracked the VMM", lambda: self._live.pop(name, None))
         self._set(name, status=RUNNING, pid=process.pid, supervisor_pid=process.supervisor_pid)
         self.watcher.watch(name, process)
         if net.observe_ip and nic is not None:
             self.observer.watch(name, nic.tap, nic.mac)
 
-    def _ensure_bridge(self, bridge: str, attach: Attachment, vm: VM) -> None:
+    def _attach_tap(
+        self, tap: str, mac: str, bridge: str, attach: Attachment, booting: Booting
+    ) -> None:
+        """A fresh tap on `bridge`, setting the bridge up first unless this daemon already
+        did (and again if it has vanished since)."""
+        with self._bridge_lock:
+            if bridge not in self._bridges_ready:
+                self._ensure_bridge(bridge, attach, booting)
+                self._bridges_ready.add(bridge)
+            try:
+                self.links.create_tap(tap, bridge, alloc.tap_mac(mac))
+            except HostError:
+                self._bridges_ready.discard(bridge)
+                self._ensure_bridge(bridge, attach, booting)
+                self.links.create_tap(tap, bridge, alloc.tap_mac(mac))
+                self._bridges_ready.add(bridge)
+
+    def _ensure_bridge(self, bridge: str, attach: Attachment, booting: Booting) -> None:
         if attach is Attachment.EXTERNAL:
             info = self.links.info(bridge)
             if info is None or info.kind != "bridge":
@@ -542,67 +573,78 @@ class Engine:
                     "daemon's namespace; create it and connect it to a network with a DHCP server"
                 )
             return
-        effective = vm.network["effective"]
-        subnet = ipaddress.IPv4Network(effective["subnet"])
-        address = ipaddress.IPv4Interface(f"{effective['gateway']}/{subnet.prefixlen}")
+        effective = booting.plan.network
+        assert effective.subnet is not None and effective.gateway is not None
+        address = ipaddress.IPv4Interface(f"{effective.gateway}/{effective.subnet.prefixlen}")
         self.links.ensure_bridge(bridge, address)
+
+    def _unprotect(self, tap: str, rules: Future[None]) -> None:
+        rules.exception()  # wait until nft has finished before taking the rules away
+        self.firewall.release(tap)
 
     def _artifact_path(self, artifacts: dict[str, Any], role: str) -> Path | None:
         item = artifacts.get(role)
         return None if item is None else self.store.path(item["sha256"])
 
-    def _live_process(self, name: str, status: str, what: str) -> VMMProcess:
-        process = self._processes.get(name)
-        if status not in (RUNNING, PAUSED) or process is None:
+    def _pause_or_resume(self, name: str, status: str, *, pause: bool) -> None:
+        target = PAUSED if pause else RUNNING
+        if status == target:
+            return
+        live = self._live.get(name)
+        if status not in (RUNNING, PAUSED) or live is None:
+            what = "pause" if pause else "resume"
             raise ConflictError(f"cannot {what} VM {name!r}: it is {status}; start it first")
-        return process
-
-    def _vmm_of(self, config: VMConfig) -> str:
-        return config.vmm.value if config.vmm is not None else self.settings.vmm
-
-    def _driver_of(self, name: str) -> Driver:
-        return self.drivers[self.show_vm(name)["vmm"]["kind"]]
+        if pause:
+            live.driver.pause(live.process)
+        else:
+            live.driver.resume(live.process)
+        self._set(name, status=target)
 
     def _stop(self, name: str, timeout: float | None, force: bool) -> None:
-        vm = self.show_vm(name)
-        process = self._processes.get(name)
-        if process is None:
+        live = self._live.get(name)
+        if live is None:
+            self._status(name)  # a VM that does not exist is an error, a stopped one is not
             return
+        status = self._status(name)
         self._set(name, status=STOPPING)
-        self.watcher.forget(process)
+        self.watcher.forget(live.process)
+        if status == PAUSED and not force:
+            # a paused guest cannot act on a graceful shutdown request: let it run to do so
+            live.driver.resume(live.process)
         wait = self.settings.stop_timeout if timeout is None else timeout
-        code = self.drivers[vm["vmm"]["kind"]].stop(process, wait, force)
-        self._processes.pop(name, None)
-        self._release_host(vm)
+        code = live.driver.stop(live.process, wait, force)
+        self._live.pop(name, None)
+        self._release_host(name)
         self._set(name, status=STOPPED, exit_code=code, pid=None, supervisor_pid=None)
 
-    def _release_host(self, vm: dict[str, Any]) -> None:
+    def _release_host(self, name: str) -> None:
         """Remove what only exists while the VMM runs: its tap, its rules and its sockets."""
-        self.observer.forget(vm["name"])
-        tap = vm["network"]["tap"]
+        self.observer.forget(name)
+        with self.db.read() as session:
+            tap = session.scalar(select(VM.tap).where(VM.name == name))
         if tap is not None:
             self.firewall.release(tap)
             self.links.delete(tap)
-        self._run_dir(vm["name"]).remove_sockets()
+        self._run_dir(name).remove_sockets()
 
     def _on_exit(self, name: str, process: VMMProcess) -> None:
-        self._exits.submit(self._vmm_exited, name, process)
+        self._background.submit(self._vmm_exited, name, process)
 
     def _vmm_exited(self, name: str, process: VMMProcess) -> None:
         """A VMM ended without being asked: the VM is `stopped` (exit 0) or `crashed`."""
         with self._operation(name, "exit", wait=True):
-            if self._processes.get(name) is not process:
+            live = self._live.get(name)
+            if live is None or live.process is not process:
                 return
             process.wait(5)
             code = process.exit_code()
-            self._processes.pop(name, None)
-            self._release_host(self.show_vm(name))
+            self._live.pop(name, None)
+            self._release_host(name)
             status = STOPPED if code == 0 else CRASHED
-            reason = None if code == 0 else _exit_reason(code)
             self._set(
                 name,
                 status=status,
-                status_reason=reason,
+                status_reason=None if code == 0 else _exit_reason(code),
                 exit_code=code,
                 pid=None,
                 supervisor_pid=None,
@@ -623,7 +665,7 @@ class Engine:
     def _forget(self, name: str) -> None:
         """Remove the VM's record, leases, run dir and any empty network."""
 
-        def work(session: Session) -> list[tuple[int, str]]:
+        def work(session: Session) -> Emptied:
             vm = session.scalar(select(VM).where(VM.name == name))
             if vm is None:
                 return []
@@ -631,16 +673,17 @@ class Engine:
             session.delete(vm)
             return emptied
 
-        vm = self.show_vm(name)
-        self._release_host(vm)
+        self._release_host(name)
         emptied = self.db.transact(work)
         self._remove_bridges(emptied)
         self._run_dir(name).remove()
-        self._collect_garbage()
+        self.plugins.collect_garbage()
 
     def _set(self, name: str, **values: Any) -> None:
         def work(session: Session) -> None:
-            vm = _vm(session, name)
+            vm = session.scalar(select(VM).where(VM.name == name))
+            if vm is None:
+                raise _no_vm(name)
             for key, value in values.items():
                 setattr(vm, key, value)
 
@@ -651,11 +694,11 @@ class Engine:
     def _recover(self) -> None:
         """Bring the records in line with what runs: adopt live VMMs, settle the ended ones."""
         with self.db.read() as session:
-            live = [
-                (vm.name, vm.status, vm.pid, vm.supervisor_pid)
+            found = [
+                (vm.name, vm.status, vm.pid, vm.supervisor_pid, vm.vmm_kind)
                 for vm in session.scalars(select(VM).where(VM.status.in_(LIVE)))
             ]
-        for name, status, pid, supervisor_pid in live:
+        for name, status, pid, supervisor_pid, kind in found:
             run_dir = self._run_dir(name)
             process = None
             if pid is not None and supervisor_pid is not None:
@@ -663,27 +706,19 @@ class Engine:
             if process is not None and not process.exited() and _is_our_vmm(process.pid, run_dir):
                 if status in (STARTING, STOPPING):
                     code = process.kill()
-                    self._settle(
-                        name,
-                        STOPPED if status == STOPPING else ERROR,
-                        code,
-                        f"the daemon stopped while the VM was {status}",
-                    )
+                    interrupted = f"the daemon stopped while the VM was {status}"
+                    self._settle(name, STOPPED if status == STOPPING else ERROR, code, interrupted)
                 else:
-                    self._processes[name] = process
+                    self._live[name] = Live(process, self.drivers[kind])
                     self.watcher.watch(name, process)
                     log.info("VM %s: adopted its running VMM (pid %d)", name, pid)
                 continue
             code = process.exit_code() if process is not None else None
-            self._settle(
-                name,
-                STOPPED if code == 0 else CRASHED,
-                code,
-                None if code == 0 else _exit_reason(code),
-            )
+            reason = None if code == 0 else _exit_reason(code)
+            self._settle(name, STOPPED if code == 0 else CRASHED, code, reason)
 
     def _settle(self, name: str, status: str, code: int | None, reason: str | None) -> None:
-        self._release_host(self.show_vm(name))
+        self._release_host(name)
         self._set(
             name, status=status, exit_code=code, status_reason=reason, pid=None, supervisor_pid=None
         )
@@ -693,16 +728,15 @@ class Engine:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def _lock_state_dir(state_dir: Path) -> Any:
-    handle = (state_dir / "lock").open("a")
+def _lock(path: Path, message: str) -> IO[str]:
+    """An exclusive lock held for the daemon's life (released by the kernel if it dies)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    handle = path.open("a")
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise StateDirLockedError(
-            f"another roost daemon is using {state_dir}; stop it, or give this one its own "
-            "--state-dir"
-        ) from None
+        raise LockedError(message) from None
     return handle
 
 
@@ -731,53 +765,27 @@ def _exit_reason(code: int | None) -> str:
     return f"the VMM exited with code {code}"
 
 
-def _effective_with_ip(plan: VMPlan, vm: VM) -> EffectiveNetwork:
-    ip = vm.network["effective"]["ip"]
-    return plan.network if ip is None else plan.network.with_ip(ipaddress.IPv4Address(ip))
-
-
-def _artifact_progress(progress: InstallProgress | None, role: str) -> Progress | None:
-    if progress is None:
-        return None
-    return lambda done, total: progress(
-        {"event": "progress", "role": role, "done": done, "total": total}
-    )
-
-
-def _vm_query() -> Any:
-    return select(VM).options(
-        selectinload(VM.configs), selectinload(VM.plugin), selectinload(VM.cid_lease)
-    )
-
-
-def _vm(session: Session, name: str) -> VM:
-    vm: VM | None = session.scalar(_vm_query().where(VM.name == name))
-    if vm is None:
-        raise NotFoundError(f"VM {name!r} does not exist (roost vm list shows those that do)")
-    return vm
-
-
-def _plugin(session: Session, name: str, *, missing_ok: bool = False) -> Plugin:
-    plugin = session.scalar(
-        select(Plugin).options(selectinload(Plugin.artifacts)).where(Plugin.name == name)
-    )
-    if plugin is None and not missing_ok:
-        raise NotFoundError(
-            f"plugin {name!r} is not installed (roost plugin install FILE installs it)"
+def _view_query() -> Any:
+    """Everything a VM's JSON needs, in one query."""
+    return (
+        select(
+            VM,
+            Plugin.name.label("plugin"),
+            CIDLease.cid.label("cid"),
+            VMConfigVersion.config.label("config"),
+            VMConfigVersion.manifest.label("manifest"),
         )
-    return plugin  # type: ignore[return-value]
-
-
-def _vm_names(session: Session, plugin: Plugin) -> list[str]:
-    return list(session.scalars(select(VM.name).where(VM.plugin_id == plugin.id).order_by(VM.name)))
-
-
-def _plugin_exists(name: str) -> ConflictError:
-    return ConflictError(
-        f"plugin {name!r} is already installed; use --force to replace it (existing VMs keep "
-        "the manifest they were created with)",
-        code="exists",
+        .join(Plugin, Plugin.id == VM.plugin_id)
+        .join(
+            VMConfigVersion,
+            and_(VMConfigVersion.vm_id == VM.id, VMConfigVersion.version == VM.config_version),
+        )
+        .outerjoin(CIDLease, CIDLease.vm_id == VM.id)
     )
+
+
+def _no_vm(name: str) -> NotFoundError:
+    return NotFoundError(f"VM {name!r} does not exist (roost vm list shows those that do)")
 
 
 def _vm_exists(name: str) -> ConflictError:

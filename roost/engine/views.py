@@ -8,7 +8,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from roost.spec import Manifest, VMConfig
+from roost.spec import Resources, ResourcesOverride
 from roost.state.models import VM, Network, Plugin
 from roost.vmm.base import RunDir
 
@@ -20,20 +20,27 @@ def timestamp(moment: datetime) -> str:
 
 
 def vm_view(
-    vm: VM, run_dir: RunDir, api_socket: Path | None, vsock_path: Path | None
+    vm: VM,
+    *,
+    plugin: str,
+    cid: int | None,
+    config: dict[str, Any],
+    manifest: dict[str, Any],
+    run_dir: RunDir,
+    api_socket: Path | None,
+    vsock_path: Path | None,
 ) -> dict[str, Any]:
-    """A VM as the API shows it; `api_socket` is its VMM's control socket while it runs,
-    `vsock_path` where its driver's hybrid vsock listens (None when reached by CID)."""
-    current = vm.configs[-1]
-    manifest = Manifest.model_validate(current.manifest)
-    config = VMConfig.model_validate(current.config)
-    resources = config.resources.apply(manifest.resources)
+    """A VM as the API shows it. `config`/`manifest` are its current config version's;
+    `api_socket` is its VMM's control socket while it runs; `vsock_path` is where its driver's
+    hybrid vsock listens (None when the guest is reached by CID)."""
+    resources = ResourcesOverride.model_validate(config.get("resources", {})).apply(
+        Resources.model_validate(manifest.get("resources", {}))
+    )
     effective, plan = vm.network["effective"], vm.network["plan"]
-    running = api_socket is not None
     vsock_ok = plan["vsock"] and vm.vsock_unavailable is None
     return {
         "name": vm.name,
-        "plugin": vm.plugin.name,
+        "plugin": plugin,
         "status": vm.status,
         "status_reason": vm.status_reason,
         "exit_code": vm.exit_code,
@@ -45,7 +52,7 @@ def vm_view(
             "observed_ip": vm.observed_ip if plan["observe_ip"] else None,
         },
         "vsock": {
-            "cid": vm.cid_lease.cid if vm.cid_lease else None,
+            "cid": cid,
             "uds_path": str(vsock_path) if vsock_ok and vsock_path else None,
             "available": vsock_ok,
             "reason": vm.vsock_unavailable,
@@ -53,8 +60,8 @@ def vm_view(
         "resources": {"vcpus": resources.vcpus, "memory_mib": resources.memory_mib},
         "vmm": {
             "kind": vm.vmm_kind,
-            "pid": vm.pid if running else None,
-            "api_socket": str(api_socket) if running else None,
+            "pid": vm.pid if api_socket else None,
+            "api_socket": str(api_socket) if api_socket else None,
         },
         "console_log": str(run_dir.console_log),
         "config_version": vm.config_version,

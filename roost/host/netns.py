@@ -13,7 +13,7 @@ import ctypes
 import os
 import subprocess
 from collections.abc import Callable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -55,10 +55,19 @@ class NetnsWorker:
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="roost-netns", initializer=initializer
         )
+        self._closers: list[Callable[[], object]] = []
 
     def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run `work` on the namespace's thread and return its result (or raise its error)."""
-        return self._pool.submit(work, *args, **kwargs).result()
+        return self.submit(work, *args, **kwargs).result()
+
+    def submit(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
+        """Queue `work` on the namespace's thread without waiting for it."""
+        return self._pool.submit(work, *args, **kwargs)
+
+    def on_close(self, closer: Callable[[], object]) -> None:
+        """Run `closer` when the worker closes (for what others keep inside the namespace)."""
+        self._closers.append(closer)
 
     def spawn(self, argv: list[str], **popen: Any) -> subprocess.Popen[bytes]:
         """Start a process inside the namespace."""
@@ -72,4 +81,6 @@ class NetnsWorker:
         return self.run(start)
 
     def close(self) -> None:
+        for closer in reversed(self._closers):
+            closer()
         self._pool.shutdown(wait=True)

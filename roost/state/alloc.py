@@ -12,11 +12,12 @@ import ipaddress
 import secrets
 from collections.abc import Iterable, Iterator
 
-from sqlalchemy import delete, select
+from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from roost.errors import ConflictError
-from roost.state.models import VM, CIDLease, IPLease, Network
+from roost.state.models import VM, CIDLease, IPLease, Network, utcnow
 
 MIN_CID = 3  # 0-2 are the hypervisor, local and host
 MAX_CID = 2**32 - 2  # 2**32 - 1 is VMADDR_CID_ANY
@@ -38,17 +39,39 @@ def first_gap(taken: Iterable[int], start: int, end: int) -> int | None:
     return candidate if candidate <= end else None
 
 
-def _leased_from(session: Session, network_id: int, start: int, end: int) -> Iterator[int]:
+# Hot-path statements, built once: allocation runs per VM, and SQLAlchemy's ORM layer costs more
+# than SQLite itself here, so these go straight to the session's connection.
+_HELD = select(IPLease.network_id, IPLease.ip).where(IPLease.vm_id == bindparam("vm_id"))
+_LEASED = (
+    select(IPLease.ip)
+    .where(
+        IPLease.network_id == bindparam("network_id"),
+        IPLease.ip >= bindparam("low"),
+        IPLease.ip <= bindparam("high"),
+    )
+    .order_by(IPLease.ip)
+    .limit(BATCH)
+)
+_HOLDER = (
+    select(VM.name)
+    .join(IPLease, IPLease.vm_id == VM.id)
+    .where(IPLease.network_id == bindparam("network_id"), IPLease.ip == bindparam("ip"))
+)
+_DROP_LEASE = delete(IPLease).where(IPLease.vm_id == bindparam("vm_id"))
+_ADD_LEASE = insert(IPLease)
+_SET_HINT = (
+    update(Network).where(Network.id == bindparam("network_id")).values(next_hint=bindparam("hint"))
+)
+
+
+def _leased_from(connection: Connection, network_id: int, start: int, end: int) -> Iterator[int]:
     """The addresses leased in [start, end], ascending, fetched in batches as needed."""
     low = start
     while True:
         batch = list(
-            session.scalars(
-                select(IPLease.ip)
-                .where(IPLease.network_id == network_id, IPLease.ip >= low, IPLease.ip <= end)
-                .order_by(IPLease.ip)
-                .limit(BATCH)
-            )
+            connection.execute(
+                _LEASED, {"network_id": network_id, "low": low, "high": end}
+            ).scalars()
         )
         yield from batch
         if len(batch) < BATCH:
@@ -107,27 +130,22 @@ def ensure_network(
 def allocate_ip(
     session: Session,
     network: Network,
-    vm: VM,
+    vm_id: int,
     requested: ipaddress.IPv4Address | None = None,
 ) -> ipaddress.IPv4Address:
-    """An address on `network` for `vm`: `requested` if free, else the next free one after the
-    last handed out (wrapping). Asking again for the same VM returns its own lease."""
-    held = session.scalar(select(IPLease).where(IPLease.vm_id == vm.id))
+    """An address on `network` for VM `vm_id`: `requested` if free, else the next free one after
+    the last handed out (wrapping). Asking again for the same VM returns its own lease."""
+    connection = session.connection()
+    held = connection.execute(_HELD, {"vm_id": vm_id}).first()
     if held is not None:
         if held.network_id != network.id:
-            raise ValueError(f"VM {vm.name} holds a lease on another network; release it first")
+            raise ValueError(f"VM {vm_id} holds a lease on another network; release it first")
         if requested in (None, ipaddress.IPv4Address(held.ip)):
             return ipaddress.IPv4Address(held.ip)
-        session.delete(held)
-        session.flush()
-    gateway = int(ipaddress.IPv4Address(network.gateway))
+        connection.execute(_DROP_LEASE, {"vm_id": vm_id})
     if requested is not None:
         value = int(requested)
-        holder = session.scalar(
-            select(VM.name)
-            .join(IPLease, IPLease.vm_id == VM.id)
-            .where(IPLease.network_id == network.id, IPLease.ip == value)
-        )
+        holder = connection.execute(_HOLDER, {"network_id": network.id, "ip": value}).scalar()
         if holder is not None:
             raise ConflictError(
                 f"{requested} is already held by VM {holder!r} on network {network.name!r}; "
@@ -135,20 +153,24 @@ def allocate_ip(
                 code="ip_taken",
             )
     else:
-        value = _next_free(session, network, gateway)
-    session.add(IPLease(network_id=network.id, ip=value, vm_id=vm.id))
+        value = _next_free(connection, network)
+    connection.execute(
+        _ADD_LEASE, {"network_id": network.id, "ip": value, "vm_id": vm_id, "created_at": utcnow()}
+    )
     if requested is None:
-        network.next_hint = value + 1 if value + 1 < network.last else network.first + 1
-    session.flush()
+        hint = value + 1 if value + 1 < network.last else network.first + 1
+        connection.execute(_SET_HINT, {"network_id": network.id, "hint": hint})
+        set_committed_value(network, "next_hint", hint)
     return ipaddress.IPv4Address(value)
 
 
-def _next_free(session: Session, network: Network, gateway: int) -> int:
+def _next_free(connection: Connection, network: Network) -> int:
     low, high = network.first + 1, network.last - 1
+    gateway = int(ipaddress.IPv4Address(network.gateway))
 
     def search(start: int, end: int) -> int | None:
         reserved = [gateway] if start <= gateway <= end else []
-        leased = _leased_from(session, network.id, start, end)
+        leased = _leased_from(connection, network.id, start, end)
         return first_gap(heapq.merge(leased, reserved), start, end)
 
     hint = min(max(network.next_hint, low), high)

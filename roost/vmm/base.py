@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -115,9 +116,16 @@ class Driver(Protocol):
         when the guest is reached by CID instead."""
         ...
 
-    def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
-        """Start the VMM in the worker's namespace and boot the guest; on failure leave no
-        process behind and raise `VMMFailedError`."""
+    def launch(
+        self,
+        spec: LaunchSpec,
+        worker: NetnsWorker,
+        *,
+        before_boot: Callable[[], object] | None = None,
+    ) -> VMMProcess:
+        """Start the VMM in the worker's namespace and boot the guest, calling `before_boot`
+        (e.g. "wait until the tap's rules are in") at the last moment before the guest runs.
+        On failure leave no process behind and raise `VMMFailedError`."""
         ...
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:

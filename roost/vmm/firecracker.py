@@ -9,6 +9,7 @@ import signal
 import socket
 import ssl
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -151,7 +152,13 @@ class FirecrackerDriver:
     def vsock_path(self, run_dir: RunDir) -> Path | None:
         return run_dir.vsock_socket
 
-    def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
+    def launch(
+        self,
+        spec: LaunchSpec,
+        worker: NetnsWorker,
+        *,
+        before_boot: Callable[[], object] | None = None,
+    ) -> VMMProcess:
         self.check_available()
         assert self.binary is not None
         if spec.vcpus > 1 and spec.vcpus % 2:
@@ -168,9 +175,13 @@ class FirecrackerDriver:
         try:
             self._wait_for_socket(process, run_dir.api_socket)
             with FirecrackerAPI(run_dir.api_socket) as api:
-                for method, path, body in boot_requests(spec):
+                *configure, boot = boot_requests(spec)
+                for method, path, body in configure:
                     api.call(method, path, body)
-        except VMMFailedError:
+                if before_boot is not None:
+                    before_boot()
+                api.call(*boot)
+        except BaseException:
             process.kill()
             raise
         return process

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import selectors
@@ -12,6 +13,7 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from pathlib import Path
 
 from roost.errors import VMMFailedError
@@ -59,17 +61,16 @@ class VMMProcess:
         output: Path,
         timeout: float = 5.0,
     ) -> VMMProcess:
-        """Start `argv` under the supervisor in the worker's namespace, in a new session, with
-        its output appended to `output`."""
-        with output.open("ab") as sink:
-            supervisor = worker.spawn(
-                [sys.executable, "-I", "-S", str(SUPERVISOR), str(run_dir), *argv],
-                stdin=subprocess.DEVNULL,
-                stdout=sink,
-                stderr=sink,
-                start_new_session=True,
-                close_fds=True,
-            )
+        """Start `argv` under a supervisor in the worker's namespace, in a session of its own,
+        with its output appended to `output`."""
+        supervisor = _WarmSupervisors.of(worker).take()
+        command = {"run_dir": str(run_dir), "argv": argv, "output": str(output)}
+        assert supervisor.stdin is not None
+        try:
+            supervisor.stdin.write(json.dumps(command).encode() + b"\n")
+            supervisor.stdin.close()
+        except BrokenPipeError:
+            pass  # it died; found out below
         pid_file = run_dir / PID_FILE
         deadline = time.monotonic() + timeout
         while not pid_file.exists():
@@ -77,7 +78,7 @@ class VMMProcess:
                 supervisor.kill()
                 supervisor.wait()
                 raise VMMFailedError(f"{argv[0]} did not start (see {output})")
-            time.sleep(0.0005)
+            time.sleep(0.0002)
         return cls(run_dir, int(pid_file.read_text()), supervisor.pid, supervisor)
 
     @property
@@ -128,6 +129,66 @@ class VMMProcess:
     def pidfd(self) -> int:
         """A descriptor that becomes readable when the supervisor (and so the VMM) is gone."""
         return os.pidfd_open(self.supervisor_pid)
+
+
+class _WarmSupervisors:
+    """One supervisor kept started ahead, per namespace worker: Python takes ~10 ms to start,
+    which a VM launch should not wait for."""
+
+    _by_worker: dict[int, _WarmSupervisors] = {}
+    _registry_lock = threading.Lock()
+
+    def __init__(self, worker: NetnsWorker) -> None:
+        self._worker = worker
+        self._lock = threading.Lock()
+        self._ready: Future[subprocess.Popen[bytes]] | None = None
+        worker.on_close(self.close)
+
+    @classmethod
+    def of(cls, worker: NetnsWorker) -> _WarmSupervisors:
+        with cls._registry_lock:
+            warm = cls._by_worker.get(id(worker))
+            if warm is None:
+                warm = cls._by_worker[id(worker)] = cls(worker)
+            return warm
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        return subprocess.Popen(
+            [sys.executable, "-I", "-S", str(SUPERVISOR)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+            close_fds=True,
+        )
+
+    def take(self) -> subprocess.Popen[bytes]:
+        """A started supervisor waiting for its command; another is started for next time."""
+        with self._lock:
+            ready, self._ready = self._ready, self._worker.submit(self._spawn)
+        if ready is not None:
+            try:
+                supervisor = ready.result()
+                if supervisor.poll() is None:
+                    return supervisor
+                supervisor.wait()
+            except OSError as error:
+                log.warning("a supervisor started ahead failed: %s", error)
+        return self._worker.run(self._spawn)
+
+    def close(self) -> None:
+        """Let the supervisor started ahead go (EOF on its stdin) and reap it."""
+        with self._lock:
+            ready, self._ready = self._ready, None
+        with self._registry_lock:
+            self._by_worker.pop(id(self._worker), None)
+        if ready is None:
+            return
+        with contextlib.suppress(OSError):
+            supervisor = ready.result()
+            assert supervisor.stdin is not None
+            supervisor.stdin.close()
+            supervisor.wait(10)
 
 
 class ExitWatcher:

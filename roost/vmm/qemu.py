@@ -18,6 +18,7 @@ import subprocess
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from functools import cache
 from pathlib import Path
 from typing import Literal, get_args
@@ -255,14 +256,23 @@ class QemuDriver:
     def vsock_path(self, run_dir: RunDir) -> Path | None:
         return None  # vhost-vsock is kernel AF_VSOCK: the host reaches the guest by its CID
 
-    def launch(self, spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess:
+    def launch(
+        self,
+        spec: LaunchSpec,
+        worker: NetnsWorker,
+        *,
+        before_boot: Callable[[], object] | None = None,
+    ) -> VMMProcess:
         """Start QEMU and return once QMP reports the VM running (not when the guest is ready:
-        callers watch the console for that)."""
+        callers watch the console for that). The guest runs as soon as QEMU does, so
+        `before_boot` is called before QEMU starts."""
         self.check_available()
         assert self.binary is not None
         accel = self.accel_for(spec.kernel, worker)
         if spec.nic is not None:
             _check_tap(spec.nic.tap, worker)
+        if before_boot is not None:
+            before_boot()
         tsc_khz = host_tsc_khz() if self.machine == "microvm" and accel == "tcg" else None
         argv = qemu_argv(
             self.binary,

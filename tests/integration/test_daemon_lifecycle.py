@@ -17,8 +17,8 @@ import pytest
 from tests.harness import (
     KERNEL,
     Daemon,
+    leftover_pids,
     links,
-    namespace_pids,
     process_alive,
     wait_for,
     write_plugin,
@@ -32,7 +32,7 @@ def nothing_left(daemon: Daemon, name: str) -> None:
     assert [n["leases"] for n in daemon.ok("network", "list")] == [[]]
     assert not [link for link in links(daemon.netns) if link.startswith("rtap")]
     assert not (daemon.run_dir / "vms" / name).exists()
-    assert namespace_pids(daemon.netns) == []
+    assert leftover_pids(daemon.netns) == []
 
 
 def test_a_kernel_firecracker_cannot_boot_fails_the_create_and_leaves_nothing(

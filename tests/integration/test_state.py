@@ -69,10 +69,8 @@ def test_sqlite_runs_in_wal_mode(db: Database) -> None:
 def allocate(db: Database, vm_id: int, requested: str | None = None) -> str:
     def work(session: Session) -> str:
         network = alloc.ensure_network(session, SUBNET, GATEWAY)
-        vm = session.get(VM, vm_id)
-        assert vm is not None
         want = ipaddress.IPv4Address(requested) if requested else None
-        return str(alloc.allocate_ip(session, network, vm, want))
+        return str(alloc.allocate_ip(session, network, vm_id, want))
 
     return db.transact(work)
 
@@ -205,7 +203,7 @@ def test_concurrent_allocations_never_collide_or_lock(db: Database) -> None:
             network = alloc.ensure_network(session, SUBNET, GATEWAY)
             vm = session.get(VM, vm_id)
             assert vm is not None
-            ip = alloc.allocate_ip(session, network, vm)
+            ip = alloc.allocate_ip(session, network, vm_id)
             vm.mac = alloc.new_mac(session)
             return str(ip), alloc.allocate_cid(session, vm), vm.mac
 

@@ -241,7 +241,7 @@ def test_no_dev_kvm_means_tcg_without_probing(
     driver = QemuDriver(QEMU)
     monkeypatch.setattr(driver, "_probe_kvm", lambda *_: pytest.fail("probed"))
     caplog.set_level("INFO", logger="roost.vmm.qemu")
-    assert driver._accel_for(Path("/k/vmlinux"), NetnsWorker(None)) == "tcg"
+    assert driver.accel_for(Path("/k/vmlinux"), NetnsWorker(None)) == "tcg"
     assert driver.accel_in_use == "tcg"
     assert "does not exist" in caplog.text
 
@@ -266,7 +266,7 @@ def test_auto_probes_once_however_many_launches_race(
     worker = NetnsWorker(None)
     results: list[str] = []
     threads = [
-        threading.Thread(target=lambda: results.append(driver._accel_for(Path("/k"), worker)))
+        threading.Thread(target=lambda: results.append(driver.accel_for(Path("/k"), worker)))
         for _ in range(8)
     ]
     for thread in threads:

@@ -1,0 +1,135 @@
+"""Installed plugins: their manifests and the artifacts kept for them in the content store."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session, selectinload
+
+from roost.engine.views import plugin_view
+from roost.errors import ConflictError, InvalidError, NotFoundError
+from roost.spec import Manifest
+from roost.state.artifacts import ArtifactStore, Progress
+from roost.state.db import Database
+from roost.state.models import VM, Plugin, PluginArtifact, VMConfigVersion
+
+InstallProgress = Callable[[dict[str, Any]], None]
+
+
+class Plugins:
+    def __init__(self, db: Database, store: ArtifactStore) -> None:
+        self.db = db
+        self.store = store
+
+    def install(
+        self, manifest: Manifest, *, force: bool, progress: InstallProgress | None = None
+    ) -> dict[str, Any]:
+        """Store the manifest's artifacts (checking sha256s) and record the plugin. Existing
+        VMs keep the manifest and artifacts they were created with."""
+        if not force:
+            with self.db.read() as session:
+                if find(session, manifest.name, missing_ok=True) is not None:
+                    raise _exists(manifest.name)
+        stored = {}
+        for role, artifact in manifest.artifacts().items():
+            source = artifact.path or artifact.url
+            assert source is not None
+            if progress is not None:
+                progress({"event": "artifact", "role": role, "source": source})
+            stored[role] = self.store.fetch(
+                source,
+                loc=role,
+                expected_sha256=artifact.sha256,
+                progress=_artifact_progress(progress, role),
+            )
+        if "kernel" in stored and not self.store.is_elf(stored["kernel"].sha256):
+            raise InvalidError.at(
+                "kernel",
+                "is not an uncompressed ELF vmlinux (Firecracker boots only those; extract it "
+                "from a bzImage with the kernel's scripts/extract-vmlinux)",
+            )
+
+        def work(session: Session) -> None:
+            plugin = find(session, manifest.name, missing_ok=True)
+            if plugin is not None and not force:
+                raise _exists(manifest.name)
+            if plugin is None:
+                plugin = Plugin(name=manifest.name)
+                session.add(plugin)
+            plugin.version = manifest.version
+            plugin.manifest = manifest.model_dump(mode="json", exclude_none=True)
+            plugin.artifacts = [
+                PluginArtifact(role=role, sha256=item.sha256, size=item.size)
+                for role, item in stored.items()
+            ]
+
+        self.db.transact(work)
+        self.collect_garbage()
+        return self.show(manifest.name)
+
+    def list(self) -> list[dict[str, Any]]:
+        with self.db.read() as session:
+            plugins = session.scalars(
+                select(Plugin).options(selectinload(Plugin.artifacts)).order_by(Plugin.name)
+            )
+            return [plugin_view(p, users(session, p)) for p in plugins]
+
+    def show(self, name: str) -> dict[str, Any]:
+        with self.db.read() as session:
+            plugin = find(session, name)
+            return plugin_view(plugin, users(session, plugin))
+
+    def remove(self, name: str) -> None:
+        def work(session: Session) -> None:
+            plugin = find(session, name)
+            names = users(session, plugin)
+            if names:
+                raise ConflictError(
+                    f"plugin {name!r} is used by VM(s) {', '.join(names)}; remove them first",
+                    code="plugin_in_use",
+                )
+            session.delete(plugin)
+
+        self.db.transact(work)
+        self.collect_garbage()
+
+    def collect_garbage(self) -> None:
+        """Drop stored artifacts no plugin and no VM's config refers to any more."""
+        with self.db.read() as session:
+            referenced = set(session.scalars(select(PluginArtifact.sha256)))
+            for artifacts in session.scalars(select(VMConfigVersion.artifacts)):
+                referenced.update(item["sha256"] for item in artifacts.values())
+        self.store.collect_garbage(referenced)
+
+
+def find(session: Session, name: str, *, missing_ok: bool = False) -> Plugin:
+    plugin: Plugin | None = session.scalar(
+        select(Plugin).options(selectinload(Plugin.artifacts)).where(Plugin.name == name)
+    )
+    if plugin is None and not missing_ok:
+        raise NotFoundError(
+            f"plugin {name!r} is not installed (roost plugin install FILE installs it)"
+        )
+    return plugin  # type: ignore[return-value]
+
+
+def users(session: Session, plugin: Plugin) -> list[str]:
+    return list(session.scalars(select(VM.name).where(VM.plugin_id == plugin.id).order_by(VM.name)))
+
+
+def _exists(name: str) -> ConflictError:
+    return ConflictError(
+        f"plugin {name!r} is already installed; use --force to replace it (existing VMs keep "
+        "the manifest they were created with)",
+        code="exists",
+    )
+
+
+def _artifact_progress(progress: InstallProgress | None, role: str) -> Progress | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(
+        {"event": "progress", "role": role, "done": done, "total": total}
+    )
