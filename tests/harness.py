@@ -62,8 +62,8 @@ def namespace_pids(name: str) -> list[int]:
 
 
 def leftover_pids(name: str) -> list[int]:
-    """Processes in the namespace other than the daemon's idle supervisor (started ahead, with
-    no VMM under it)."""
+    """Processes in the namespace other than the daemon's supervisor when no VMM runs under it
+    (it lives as long as the daemon)."""
 
     def idle_supervisor(pid: int) -> bool:
         try:

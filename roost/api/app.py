@@ -64,12 +64,12 @@ def create_app(engine: Engine) -> FastAPI:
         return error_response(RoostError(f"internal error (a bug in roost): {error!r}"))
 
     @app.get("/healthz")
-    def healthz() -> dict[str, str]:
-        return {"status": "ok", "version": __version__}
+    def healthz() -> JSONResponse:
+        return JSONResponse({"status": "ok", "version": __version__})
 
     @app.get("/v1/plugins")
-    def list_plugins() -> list[dict[str, Any]]:
-        return engine.plugins.list()
+    def list_plugins() -> JSONResponse:
+        return JSONResponse(engine.plugins.list())
 
     @app.post("/v1/plugins", status_code=201, openapi_extra=_schema_body(Manifest))
     async def install_plugin(
@@ -84,8 +84,8 @@ def create_app(engine: Engine) -> FastAPI:
         )
 
     @app.get("/v1/plugins/{name}")
-    def show_plugin(name: str) -> dict[str, Any]:
-        return engine.plugins.show(name)
+    def show_plugin(name: str) -> JSONResponse:
+        return JSONResponse(engine.plugins.show(name))
 
     @app.delete("/v1/plugins/{name}", status_code=204)
     def remove_plugin(name: str) -> Response:
@@ -93,8 +93,8 @@ def create_app(engine: Engine) -> FastAPI:
         return Response(status_code=204)
 
     @app.get("/v1/vms")
-    def list_vms() -> list[dict[str, Any]]:
-        return engine.list_vms()
+    def list_vms() -> JSONResponse:
+        return JSONResponse(engine.list_vms())
 
     create_extra = {
         "name": {"type": "string", "description": "the VM's name (a DNS label)"},
@@ -117,8 +117,8 @@ def create_app(engine: Engine) -> FastAPI:
         return JSONResponse(result, status_code=201)
 
     @app.get("/v1/vms/{name}")
-    def show_vm(name: str) -> dict[str, Any]:
-        return engine.show_vm(name)
+    def show_vm(name: str) -> JSONResponse:
+        return JSONResponse(engine.show_vm(name))
 
     @app.delete("/v1/vms/{name}", status_code=204)
     def remove_vm(name: str) -> Response:
@@ -126,28 +126,28 @@ def create_app(engine: Engine) -> FastAPI:
         return Response(status_code=204)
 
     @app.post("/v1/vms/{name}/start")
-    def start_vm(name: str) -> dict[str, Any]:
-        return engine.start_vm(name)
+    def start_vm(name: str) -> JSONResponse:
+        return JSONResponse(engine.start_vm(name))
 
     @app.post("/v1/vms/{name}/stop")
     def stop_vm(
         name: str,
         timeout: float | None = Query(None, ge=0, description="seconds to wait after Ctrl-Alt-Del"),
         force: bool = Query(False, description="kill at once"),
-    ) -> dict[str, Any]:
-        return engine.stop_vm(name, timeout=timeout, force=force)
+    ) -> JSONResponse:
+        return JSONResponse(engine.stop_vm(name, timeout=timeout, force=force))
 
     @app.post("/v1/vms/{name}/restart")
-    def restart_vm(name: str) -> dict[str, Any]:
-        return engine.restart_vm(name)
+    def restart_vm(name: str) -> JSONResponse:
+        return JSONResponse(engine.restart_vm(name))
 
     @app.post("/v1/vms/{name}/pause")
-    def pause_vm(name: str) -> dict[str, Any]:
-        return engine.pause_vm(name)
+    def pause_vm(name: str) -> JSONResponse:
+        return JSONResponse(engine.pause_vm(name))
 
     @app.post("/v1/vms/{name}/resume")
-    def resume_vm(name: str) -> dict[str, Any]:
-        return engine.resume_vm(name)
+    def resume_vm(name: str) -> JSONResponse:
+        return JSONResponse(engine.resume_vm(name))
 
     @app.get("/v1/vms/{name}/console")
     def console(
@@ -161,8 +161,8 @@ def create_app(engine: Engine) -> FastAPI:
         return StreamingResponse(_follow(engine, name, path, offset), media_type="text/plain")
 
     @app.get("/v1/networks")
-    def list_networks() -> list[dict[str, Any]]:
-        return engine.list_networks()
+    def list_networks() -> JSONResponse:
+        return JSONResponse(engine.list_networks())
 
     return app
 

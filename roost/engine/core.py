@@ -12,12 +12,12 @@ import logging
 import threading
 from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, cast
 
-from sqlalchemy import Row, and_, select
+from sqlalchemy import Row, and_, select, update
 from sqlalchemy.orm import Session
 
 from roost.engine.plugins import Plugins, find
@@ -79,10 +79,11 @@ class Booting:
 
 @dataclass
 class Live:
-    """A VMM this daemon watches, and the driver that runs it."""
+    """A VMM this daemon watches, the driver that runs it, and whether it is paused."""
 
     process: VMMProcess
     driver: Driver
+    paused: bool = False
 
 
 class Engine:
@@ -269,22 +270,28 @@ class Engine:
         """Record a VM and allocate all its plan needs, then start it unless `start` is false.
         Any failure leaves nothing: no record, lease, tap, run dir or process."""
         check_name(name)
+        vmm = self._vmm_of(config)
         with self._operation(name, "create"):
             with self.db.read() as session:
                 if session.scalar(select(VM.id).where(VM.name == name)) is not None:
                     raise _vm_exists(name)
-                plugin = find(session, config.plugin)
-                artifacts = {a.role: {"sha256": a.sha256, "size": a.size} for a in plugin.artifacts}
-                plugin_id, manifest_json = plugin.id, plugin.manifest
-            manifest = Manifest.model_validate(manifest_json)
-            plan = plan_vm(name, manifest, config, self.default)
-            vmm = self._vmm_of(config)
-            self._check_launchable(plan, manifest, artifacts, vmm)
+            early = self._start_early(name, vmm) if start else None
 
             def record(session: Session) -> Booting:
                 if session.scalar(select(VM.id).where(VM.name == name)) is not None:
                     raise _vm_exists(name)
-                vm = VM(name=name, plugin_id=plugin_id, status=CREATED, vmm_kind=vmm, network={})
+                plugin = find(session, config.plugin)
+                artifacts = {a.role: {"sha256": a.sha256, "size": a.size} for a in plugin.artifacts}
+                manifest = Manifest.model_validate(plugin.manifest)
+                plan = plan_vm(name, manifest, config, self.default)
+                self._check_launchable(plan, manifest, artifacts, vmm)
+                vm = VM(
+                    name=name,
+                    plugin_id=plugin.id,
+                    status=STARTING if start else CREATED,
+                    vmm_kind=vmm,
+                    network={},
+                )
                 session.add(vm)
                 session.flush()
                 session.add(
@@ -292,33 +299,49 @@ class Engine:
                         vm_id=vm.id,
                         version=1,
                         config=config.model_dump(mode="json", exclude_none=True),
-                        manifest=manifest_json,
+                        manifest=plugin.manifest,
                         artifacts=artifacts,
                     )
                 )
                 booting, _ = self._allocate(session, vm, plan, manifest, config, artifacts, vmm)
-                if start:
-                    vm.status = STARTING
                 return booting
 
-            booting = self.db.transact(record)
+            try:
+                booting = self.db.transact(record)
+            except BaseException:
+                self._discard_early(name, early)
+                self._run_dir(name).remove()
+                raise
             log.info("create %s: recorded the VM and its allocations", name)
-            if start:
-                try:
-                    self._launch(booting, Steps("create", name))
-                except BaseException:
-                    self._forget(name)
-                    raise
-            return self.show_vm(name)
+            if not start:
+                return self.show_vm(name)
+            try:
+                return self._launch(booting, Steps("create", name), early)
+            except BaseException:
+                self._forget(name)
+                raise
+
+    def _start_early(self, name: str, vmm: str) -> Future[VMMProcess] | None:
+        """A fresh run dir, and whatever of the VMM can start before the allocations are
+        made (the driver decides); the VMM's start then overlaps the database and the tap."""
+        driver = self.drivers[vmm]
+        driver.check_available()
+        run_dir = self._run_dir(name)
+        run_dir.prepare()
+        return driver.start_early(name, run_dir, self.worker)
+
+    def _discard_early(self, name: str, early: Future[VMMProcess] | None) -> None:
+        """Undo `_start_early` for a launch that will not happen."""
+        if early is not None:
+            with suppress(Exception):
+                early.result().kill()
+        self._run_dir(name).remove_sockets()
 
     def start_vm(self, name: str) -> dict[str, Any]:
         with self._operation(name, "start"):
-            status = self._status(name)
-            if status == PAUSED:
-                self._pause_or_resume(name, status, pause=False)
-            elif status != RUNNING:
-                self._start(name, "start")
-            return self.show_vm(name)
+            if name in self._live:
+                return self._pause_or_resume(name, pause=False)
+            return self._start(name, "start")
 
     def stop_vm(
         self, name: str, *, timeout: float | None = None, force: bool = False
@@ -330,18 +353,15 @@ class Engine:
     def restart_vm(self, name: str) -> dict[str, Any]:
         with self._operation(name, "restart"):
             self._stop(name, None, False)
-            self._start(name, "restart")
-            return self.show_vm(name)
+            return self._start(name, "restart")
 
     def pause_vm(self, name: str) -> dict[str, Any]:
         with self._operation(name, "pause"):
-            self._pause_or_resume(name, self._status(name), pause=True)
-            return self.show_vm(name)
+            return self._pause_or_resume(name, pause=True)
 
     def resume_vm(self, name: str) -> dict[str, Any]:
         with self._operation(name, "resume"):
-            self._pause_or_resume(name, self._status(name), pause=False)
-            return self.show_vm(name)
+            return self._pause_or_resume(name, pause=False)
 
     def destroy_vm(self, name: str) -> None:
         """Stop the VM if it runs, then remove it and everything it holds."""
@@ -389,10 +409,8 @@ class Engine:
         emptied: Emptied = []
         effective = plan.network
         bridge: str | None = None
-        held = session.scalar(select(IPLease).where(IPLease.vm_id == vm.id))
-        if plan.net.ipam is IPAM.NONE or (
-            held is not None and held.network.subnet != str(effective.subnet)
-        ):
+        held_on = session.scalar(select(Network.subnet).join(IPLease).where(IPLease.vm_id == vm.id))
+        if held_on is not None and (plan.net.ipam is IPAM.NONE or held_on != str(effective.subnet)):
             emptied += self._release_ip(session, vm)
         if plan.net.ipam is not IPAM.NONE:
             assert effective.subnet is not None and effective.gateway is not None
@@ -451,7 +469,7 @@ class Engine:
                     self._bridges_ready.discard(bridge)
                     self.links.delete(bridge)
 
-    def _start(self, name: str, operation: str) -> None:
+    def _start(self, name: str, operation: str) -> dict[str, Any]:
         """Plan again from the VM's current config, allocate what the plan needs (releasing
         what it no longer needs), then launch."""
         with self.db.read() as session:
@@ -473,6 +491,7 @@ class Engine:
         vmm = self._vmm_of(config)
         plan = plan_vm(name, manifest, config, self.default)
         self._check_launchable(plan, manifest, artifacts, vmm)
+        early = self._start_early(name, vmm)
 
         def allocate(session: Session) -> tuple[Booting, Emptied]:
             vm = session.scalar(select(VM).where(VM.name == name))
@@ -482,15 +501,22 @@ class Engine:
             vm.status = STARTING
             return booting, emptied
 
-        booting, emptied = self.db.transact(allocate)
-        self._remove_bridges(emptied)
-        self._launch(booting, Steps(operation, name))
-
-    def _launch(self, booting: Booting, steps: Steps) -> None:
-        """Set up the host and boot the VMM. A failure leaves the VM `error` with its reason,
-        its tap and process gone, its leases kept."""
         try:
-            self._boot(booting, steps)
+            booting, emptied = self.db.transact(allocate)
+        except BaseException:
+            self._discard_early(name, early)
+            raise
+        self._remove_bridges(emptied)
+        return self._launch(booting, Steps(operation, name), early)
+
+    def _launch(
+        self, booting: Booting, steps: Steps, early: Future[VMMProcess] | None
+    ) -> dict[str, Any]:
+        """Set up the host and boot the VMM; the VM as it then is. A failure leaves the VM
+        `error` with its reason, its tap and process gone, its leases kept."""
+        steps.done("started the VMM early", lambda: self._discard_early(booting.name, early))
+        try:
+            return self._boot(booting, steps, early)
         except BaseException as error:
             reason = error.message if isinstance(error, RoostError) else repr(error)
             steps.rollback()
@@ -499,26 +525,27 @@ class Engine:
             )
             raise
 
-    def _boot(self, booting: Booting, steps: Steps) -> None:
+    def _boot(
+        self, booting: Booting, steps: Steps, early: Future[VMMProcess] | None
+    ) -> dict[str, Any]:
         name, net = booting.name, booting.net
         if booting.vsock_missing:
             log.warning("VM %s starts without a vsock device: %s", name, booting.vsock_missing)
         run_dir = self._run_dir(name)
-        run_dir.prepare()
-        steps.done("prepared the run dir", run_dir.remove_sockets)
 
         nic = None
         rules: Future[None] | None = None
         if net.tap:
             tap, mac, bridge = booting.tap, booting.mac, booting.bridge
             assert tap is not None and mac is not None and bridge is not None
-            self._attach_tap(tap, mac, bridge, net.attach, booting)
-            steps.done(f"created tap {tap} on {bridge}", lambda: self.links.delete(tap))
             if net.antispoof is not AntiSpoof.NONE:
                 ip = booting.ip if net.antispoof is AntiSpoof.IP_AND_MAC else None
-                # nft runs while the VMM starts; the guest boots only once the rules are in
+                # nft runs while the tap is made and the VMM starts; the guest boots only
+                # once the rules are in (the driver's before_boot)
                 rules = self._background.submit(self.firewall.protect, tap, mac, ip)
                 steps.done("adding anti-spoofing rules", lambda: self._unprotect(tap, rules))
+            self._attach_tap(tap, mac, bridge, net.attach, booting)
+            steps.done(f"created tap {tap} on {bridge}", lambda: self.links.delete(tap))
             nic = NIC(tap=tap, mac=mac)
 
         kernel = self._artifact_path(booting.artifacts, "kernel") or self.settings.kernel
@@ -538,14 +565,16 @@ class Engine:
         )
         driver = self.drivers[booting.vmm]
         gate = rules.result if rules is not None else None
-        process = driver.launch(spec, self.worker, before_boot=gate)
+        process = driver.launch(spec, self.worker, before_boot=gate, early=early)
         steps.done(f"started {booting.vmm} (pid {process.pid})", process.kill)
         self._live[name] = Live(process, driver)
         steps.done("tracked the VMM", lambda: self._live.pop(name, None))
-        self._set(name, status=RUNNING, pid=process.pid, supervisor_pid=process.supervisor_pid)
         self.watcher.watch(name, process)
         if net.observe_ip and nic is not None:
             self.observer.watch(name, nic.tap, nic.mac)
+        return self._set(
+            name, status=RUNNING, pid=process.pid, supervisor_pid=process.supervisor_pid
+        )
 
     def _attach_tap(
         self, tap: str, mac: str, bridge: str, attach: Attachment, booting: Booting
@@ -586,29 +615,31 @@ class Engine:
         item = artifacts.get(role)
         return None if item is None else self.store.path(item["sha256"])
 
-    def _pause_or_resume(self, name: str, status: str, *, pause: bool) -> None:
-        target = PAUSED if pause else RUNNING
-        if status == target:
-            return
+    def _pause_or_resume(self, name: str, *, pause: bool) -> dict[str, Any]:
+        """Pause or resume a VM whose VMM runs (the VMMs this daemon watches are exactly the
+        running and paused VMs); asking for the state it is in changes nothing."""
         live = self._live.get(name)
-        if status not in (RUNNING, PAUSED) or live is None:
+        if live is None:
             what = "pause" if pause else "resume"
+            status = self._status(name)
             raise ConflictError(f"cannot {what} VM {name!r}: it is {status}; start it first")
+        if live.paused == pause:
+            return self.show_vm(name)
         if pause:
             live.driver.pause(live.process)
         else:
             live.driver.resume(live.process)
-        self._set(name, status=target)
+        live.paused = pause
+        return self._set(name, status=PAUSED if pause else RUNNING)
 
     def _stop(self, name: str, timeout: float | None, force: bool) -> None:
         live = self._live.get(name)
         if live is None:
             self._status(name)  # a VM that does not exist is an error, a stopped one is not
             return
-        status = self._status(name)
         self._set(name, status=STOPPING)
         self.watcher.forget(live.process)
-        if status == PAUSED and not force:
+        if live.paused and not force:
             # a paused guest cannot act on a graceful shutdown request: let it run to do so
             live.driver.resume(live.process)
         wait = self.settings.stop_timeout if timeout is None else timeout
@@ -679,15 +710,17 @@ class Engine:
         self._run_dir(name).remove()
         self.plugins.collect_garbage()
 
-    def _set(self, name: str, **values: Any) -> None:
-        def work(session: Session) -> None:
-            vm = session.scalar(select(VM).where(VM.name == name))
-            if vm is None:
-                raise _no_vm(name)
-            for key, value in values.items():
-                setattr(vm, key, value)
+    def _set(self, name: str, **values: Any) -> dict[str, Any]:
+        """Update the VM's record and return its view, in one transaction."""
 
-        self.db.transact(work)
+        def work(session: Session) -> Row[Any]:
+            session.execute(update(VM).where(VM.name == name).values(**values))
+            row = session.execute(_view_query().where(VM.name == name)).first()
+            if row is None:
+                raise _no_vm(name)
+            return row
+
+        return self._view(self.db.transact(work))
 
     # ---- recovery after a daemon restart --------------------------------------------------
 
@@ -709,7 +742,7 @@ class Engine:
                     interrupted = f"the daemon stopped while the VM was {status}"
                     self._settle(name, STOPPED if status == STOPPING else ERROR, code, interrupted)
                 else:
-                    self._live[name] = Live(process, self.drivers[kind])
+                    self._live[name] = Live(process, self.drivers[kind], status == PAUSED)
                     self.watcher.watch(name, process)
                     log.info("VM %s: adopted its running VMM (pid %d)", name, pid)
                 continue

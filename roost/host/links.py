@@ -108,14 +108,15 @@ class Links:
             master = self._index(bridge)
             if master is None:
                 raise HostError(f"bridge {bridge} does not exist; cannot attach tap {name}")
-            stale = self._index(name)
-            if stale is not None:
-                self._ipr.link("del", index=stale)
             flags = {"no_pi": True, "vnet_hdr": True, "one_queue": False, "multi_queue": False}
-            self._ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr=flags)
-            index = self._index(name)
-            assert index is not None
-            self._ipr.link("set", index=index, address=mac, master=master, state="up")
+            try:
+                self._ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr=flags)
+            except (NetlinkError, OSError) as error:
+                if getattr(error, "code", getattr(error, "errno", None)) != errno.EBUSY:
+                    raise
+                self._ipr.link("del", ifname=name)  # a stale tap of ours, from a crash
+                self._ipr.link("add", ifname=name, kind="tuntap", mode="tap", ifr=flags)
+            self._ipr.link("set", ifname=name, address=mac, master=master, state="up")
 
         try:
             self._call(f"create tap {name}", work)

@@ -57,6 +57,10 @@ _HOLDER = (
     .join(IPLease, IPLease.vm_id == VM.id)
     .where(IPLease.network_id == bindparam("network_id"), IPLease.ip == bindparam("ip"))
 )
+_CID_HELD = select(CIDLease.cid).where(CIDLease.vm_id == bindparam("vm_id"))
+_CIDS_TAKEN = select(CIDLease.cid).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
+_ADD_CID = insert(CIDLease)
+_MAC_USED = select(VM.id).where(VM.mac == bindparam("mac"))
 _DROP_LEASE = delete(IPLease).where(IPLease.vm_id == bindparam("vm_id"))
 _ADD_LEASE = insert(IPLease)
 _SET_HINT = (
@@ -205,17 +209,14 @@ def network_in_use(session: Session, network: Network) -> bool:
 
 def allocate_cid(session: Session, vm: VM) -> int:
     """The lowest free vsock CID (≥ 3) for `vm`, or the one it already holds."""
-    held = session.scalar(select(CIDLease.cid).where(CIDLease.vm_id == vm.id))
+    connection = session.connection()
+    held = connection.execute(_CID_HELD, {"vm_id": vm.id}).scalar()
     if held is not None:
-        return held
-    taken = session.scalars(
-        select(CIDLease.cid).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
-    )
-    cid = first_gap(taken, MIN_CID, MAX_CID)
+        return int(held)
+    cid = first_gap(connection.execute(_CIDS_TAKEN).scalars(), MIN_CID, MAX_CID)
     if cid is None:
         raise ConflictError("no vsock CID is free on this host", code="cid_exhausted")
-    session.add(CIDLease(cid=cid, vm_id=vm.id))
-    session.flush()
+    connection.execute(_ADD_CID, {"cid": cid, "vm_id": vm.id})
     return cid
 
 
@@ -225,9 +226,10 @@ def release_cid(session: Session, vm: VM) -> None:
 
 def new_mac(session: Session) -> str:
     """A random locally administered unicast MAC no VM has."""
+    connection = session.connection()
     while True:
         mac = ":".join([GUEST_MAC_PREFIX, *(f"{b:02x}" for b in secrets.token_bytes(5))])
-        if session.scalar(select(VM.id).where(VM.mac == mac)) is None:
+        if connection.execute(_MAC_USED, {"mac": mac}).first() is None:
             return mac
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -116,16 +117,24 @@ class Driver(Protocol):
         when the guest is reached by CID instead."""
         ...
 
+    def start_early(
+        self, name: str, run_dir: RunDir, worker: NetnsWorker
+    ) -> Future[VMMProcess] | None:
+        """Start, in the background, whatever of the VMM needs nothing the engine is still
+        preparing (addresses, tap); None when the driver has nothing to start early."""
+        ...
+
     def launch(
         self,
         spec: LaunchSpec,
         worker: NetnsWorker,
         *,
         before_boot: Callable[[], object] | None = None,
+        early: Future[VMMProcess] | None = None,
     ) -> VMMProcess:
-        """Start the VMM in the worker's namespace and boot the guest, calling `before_boot`
-        (e.g. "wait until the tap's rules are in") at the last moment before the guest runs.
-        On failure leave no process behind and raise `VMMFailedError`."""
+        """Start the VMM in the worker's namespace (or finish what `start_early` began) and
+        boot the guest, calling `before_boot` (e.g. "wait until the tap's rules are in") at the
+        last moment before the guest runs. On failure leave no process behind and raise."""
         ...
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:

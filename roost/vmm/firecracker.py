@@ -10,6 +10,7 @@ import socket
 import ssl
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -34,22 +35,21 @@ def find_firecracker(explicit: str | None) -> Path | None:
     return Path(candidate) if candidate else None
 
 
+def logger_request(run_dir: RunDir) -> Request:
+    body = {
+        "log_path": str(run_dir.vmm_log),
+        "level": "Info",
+        "show_level": True,
+        "show_log_origin": False,
+    }
+    return ("PUT", "/logger", body)
+
+
 def boot_requests(spec: LaunchSpec) -> list[Request]:
     """Every API request that configures and boots `spec`, in Firecracker's required order
     (pure, so contract tests can check each body against Firecracker's swagger file)."""
-    run_dir = spec.run_dir
     requests: list[Request] = [
-        (
-            "PUT",
-            "/logger",
-            {
-                "log_path": str(run_dir.vmm_log),
-                "level": "Info",
-                "show_level": True,
-                "show_log_origin": False,
-            },
-        ),
-        ("PUT", "/metrics", {"metrics_path": str(run_dir.metrics)}),
+        logger_request(spec.run_dir),
         ("PUT", "/machine-config", {"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib}),
     ]
     boot: dict[str, Any] = {"kernel_image_path": str(spec.kernel), "boot_args": spec.boot_args}
@@ -131,6 +131,7 @@ class FirecrackerDriver:
 
     def __init__(self, binary: Path | None) -> None:
         self.binary = binary
+        self._early = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-fc-early")
 
     def check_available(self) -> None:
         if self.binary is None:
@@ -152,30 +153,56 @@ class FirecrackerDriver:
     def vsock_path(self, run_dir: RunDir) -> Path | None:
         return run_dir.vsock_socket
 
+    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> Future[VMMProcess]:
+        """Start Firecracker (up to its logger) in the background, while the engine allocates
+        and builds the tap: none of that is needed before the VM's own configuration."""
+        self.check_available()
+        return self._early.submit(self._spawn, name, run_dir, worker)
+
+    def _spawn(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> VMMProcess:
+        assert self.binary is not None
+        run_dir.vmm_log.touch()  # Firecracker opens, but never creates, its log and metrics
+        run_dir.metrics.touch()
+        # metrics go to the run dir from the start (a flag saves an API round trip)
+        argv = [
+            str(self.binary),
+            "--api-sock",
+            str(run_dir.api_socket),
+            "--id",
+            name,
+            "--metrics-path",
+            str(run_dir.metrics),
+        ]
+        process = VMMProcess.start(argv, run_dir.path, worker, output=run_dir.console_log)
+        try:
+            self._wait_for_socket(process, run_dir.api_socket)
+            with FirecrackerAPI(run_dir.api_socket) as api:
+                api.call(*logger_request(run_dir))
+        except BaseException:
+            process.kill()
+            raise
+        return process
+
     def launch(
         self,
         spec: LaunchSpec,
         worker: NetnsWorker,
         *,
         before_boot: Callable[[], object] | None = None,
+        early: Future[VMMProcess] | None = None,
     ) -> VMMProcess:
-        self.check_available()
-        assert self.binary is not None
         if spec.vcpus > 1 and spec.vcpus % 2:
             raise InvalidError.at(
                 "resources.vcpus",
                 f"Firecracker runs 1 or an even number of vCPUs, not {spec.vcpus}; "
                 f"use {spec.vcpus - 1} or {spec.vcpus + 1} (or the qemu driver)",
             )
-        run_dir = spec.run_dir
-        run_dir.vmm_log.touch()  # Firecracker opens, but never creates, its log and metrics
-        run_dir.metrics.touch()
-        argv = [str(self.binary), "--api-sock", str(run_dir.api_socket), "--id", spec.name]
-        process = VMMProcess.start(argv, run_dir.path, worker, output=run_dir.console_log)
+        if early is None:
+            early = self.start_early(spec.name, spec.run_dir, worker)
+        process = early.result()
         try:
-            self._wait_for_socket(process, run_dir.api_socket)
-            with FirecrackerAPI(run_dir.api_socket) as api:
-                *configure, boot = boot_requests(spec)
+            with FirecrackerAPI(spec.run_dir.api_socket) as api:
+                _logger, *configure, boot = boot_requests(spec)
                 for method, path, body in configure:
                     api.call(method, path, body)
                 if before_boot is not None:

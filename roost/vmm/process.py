@@ -13,7 +13,6 @@ import sys
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from pathlib import Path
 
 from roost.errors import VMMFailedError
@@ -36,50 +35,23 @@ def _pid_alive(pid: int) -> bool:
 
 
 class VMMProcess:
-    """A VMM and its supervisor. `supervisor` is the `Popen` when this daemon started it (so
-    the daemon reaps it); after a daemon restart it is None and init reaps it."""
+    """A VMM started by this daemon's supervisor (or an earlier daemon's): known by its PID and
+    its run dir, where the supervisor writes how it ended."""
 
-    def __init__(
-        self,
-        run_dir: Path,
-        pid: int,
-        supervisor_pid: int,
-        supervisor: subprocess.Popen[bytes] | None = None,
-    ) -> None:
+    def __init__(self, run_dir: Path, pid: int, supervisor_pid: int) -> None:
         self.run_dir = run_dir
         self.pid = pid
         self.supervisor_pid = supervisor_pid
-        self.supervisor = supervisor
 
     @classmethod
     def start(
-        cls,
-        argv: list[str],
-        run_dir: Path,
-        worker: NetnsWorker,
-        *,
-        output: Path,
-        timeout: float = 5.0,
+        cls, argv: list[str], run_dir: Path, worker: NetnsWorker, *, output: Path
     ) -> VMMProcess:
-        """Start `argv` under a supervisor in the worker's namespace, in a session of its own,
-        with its output appended to `output`."""
-        supervisor = _WarmSupervisors.of(worker).take()
-        command = {"run_dir": str(run_dir), "argv": argv, "output": str(output)}
-        assert supervisor.stdin is not None
-        try:
-            supervisor.stdin.write(json.dumps(command).encode() + b"\n")
-            supervisor.stdin.close()
-        except BrokenPipeError:
-            pass  # it died; found out below
-        pid_file = run_dir / PID_FILE
-        deadline = time.monotonic() + timeout
-        while not pid_file.exists():
-            if supervisor.poll() is not None or time.monotonic() > deadline:
-                supervisor.kill()
-                supervisor.wait()
-                raise VMMFailedError(f"{argv[0]} did not start (see {output})")
-            time.sleep(0.0002)
-        return cls(run_dir, int(pid_file.read_text()), supervisor.pid, supervisor)
+        """Start `argv` in the worker's namespace, in a session of its own, its output
+        appended to `output`."""
+        supervisor = Supervisor.of(worker)
+        pid = supervisor.launch(argv, run_dir, output)
+        return cls(run_dir, pid, supervisor.pid)
 
     @property
     def exit_file(self) -> Path:
@@ -97,98 +69,114 @@ class VMMProcess:
             return None
 
     def signal(self, signum: int) -> None:
-        """Signal the VMM, unless its supervisor has already reaped it (its PID may then belong
-        to another process)."""
+        """Signal the VMM, unless it has already been reaped (its PID may then belong to
+        another process)."""
         if self.exit_file.exists():
             return
         with contextlib.suppress(ProcessLookupError):
             os.kill(self.pid, signum)
 
     def wait(self, timeout: float) -> bool:
-        """Wait until the VMM has exited and been reaped; True if it has."""
-        if self.supervisor is not None:
-            try:
-                self.supervisor.wait(timeout)
-            except subprocess.TimeoutExpired:
-                return False
-            return True
+        """Wait until the VMM has exited and been reaped (its exit status written); True if it
+        has. A VMM whose supervisor is gone too counts once the VMM itself is gone."""
         deadline = time.monotonic() + timeout
-        while _pid_alive(self.supervisor_pid) or _pid_alive(self.pid):
+        pause = 0.0005
+        while not self.exit_file.exists():
+            if not _pid_alive(self.pid) and not _pid_alive(self.supervisor_pid):
+                return True
             if time.monotonic() > deadline:
                 return False
-            time.sleep(0.01)
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
         return True
 
     def kill(self) -> int | None:
-        """SIGKILL the VMM, reap it, return its exit code."""
+        """SIGKILL the VMM, wait until it is reaped, return its exit code."""
         self.signal(signal.SIGKILL)
         if not self.wait(10):
-            log.error("VMM %d did not die after SIGKILL", self.pid)
+            log.error("VMM %d did not end after SIGKILL", self.pid)
         return self.exit_code()
 
     def pidfd(self) -> int:
-        """A descriptor that becomes readable when the supervisor (and so the VMM) is gone."""
-        return os.pidfd_open(self.supervisor_pid)
+        """A descriptor that becomes readable when the VMM has exited."""
+        return os.pidfd_open(self.pid)
 
 
-class _WarmSupervisors:
-    """One supervisor kept started ahead, per namespace worker: Python takes ~10 ms to start,
-    which a VM launch should not wait for."""
+class Supervisor:
+    """The daemon's handle on its supervisor process (`supervisor.py`): one per namespace
+    worker, started on first use inside that namespace. Launches are serialised: one command,
+    one answer."""
 
-    _by_worker: dict[int, _WarmSupervisors] = {}
+    _by_worker: dict[int, Supervisor] = {}
     _registry_lock = threading.Lock()
 
     def __init__(self, worker: NetnsWorker) -> None:
         self._worker = worker
         self._lock = threading.Lock()
-        self._ready: Future[subprocess.Popen[bytes]] | None = None
+        self._process: subprocess.Popen[bytes] | None = None
         worker.on_close(self.close)
 
     @classmethod
-    def of(cls, worker: NetnsWorker) -> _WarmSupervisors:
+    def of(cls, worker: NetnsWorker) -> Supervisor:
         with cls._registry_lock:
-            warm = cls._by_worker.get(id(worker))
-            if warm is None:
-                warm = cls._by_worker[id(worker)] = cls(worker)
-            return warm
+            supervisor = cls._by_worker.get(id(worker))
+            if supervisor is None:
+                supervisor = cls._by_worker[id(worker)] = cls(worker)
+            return supervisor
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
-        return subprocess.Popen(
+    @property
+    def pid(self) -> int:
+        assert self._process is not None
+        return self._process.pid
+
+    def _running(self) -> subprocess.Popen[bytes]:
+        if self._process is not None and self._process.poll() is None:
+            return self._process
+        if self._process is not None:
+            log.warning(
+                "the VMM supervisor ended (code %s); starting another", self._process.returncode
+            )
+        self._process = self._worker.spawn(
             [sys.executable, "-I", "-S", str(SUPERVISOR)],
             stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
             start_new_session=True,
             close_fds=True,
         )
+        return self._process
 
-    def take(self) -> subprocess.Popen[bytes]:
-        """A started supervisor waiting for its command; another is started for next time."""
+    def launch(self, argv: list[str], run_dir: Path, output: Path) -> int:
+        """Start `argv` under the supervisor; its PID."""
+        command = {"run_dir": str(run_dir), "argv": argv, "output": str(output)}
         with self._lock:
-            ready, self._ready = self._ready, self._worker.submit(self._spawn)
-        if ready is not None:
+            process = self._running()
+            assert process.stdin is not None and process.stdout is not None
             try:
-                supervisor = ready.result()
-                if supervisor.poll() is None:
-                    return supervisor
-                supervisor.wait()
+                process.stdin.write(json.dumps(command).encode() + b"\n")
+                process.stdin.flush()
+                line = process.stdout.readline()
             except OSError as error:
-                log.warning("a supervisor started ahead failed: %s", error)
-        return self._worker.run(self._spawn)
+                line = json.dumps({"error": str(error)}).encode()
+        answer = json.loads(line) if line else {"error": "the supervisor exited"}
+        if "pid" not in answer:
+            raise VMMFailedError(f"cannot start {argv[0]}: {answer['error']}")
+        return int(answer["pid"])
 
     def close(self) -> None:
-        """Let the supervisor started ahead go (EOF on its stdin) and reap it."""
-        with self._lock:
-            ready, self._ready = self._ready, None
+        """Let the supervisor go: it starts nothing more and exits after its last VMM (which
+        outlive the daemon). Reaped here if it has none left."""
         with self._registry_lock:
             self._by_worker.pop(id(self._worker), None)
-        if ready is None:
+        with self._lock:
+            process, self._process = self._process, None
+        if process is None:
             return
+        assert process.stdin is not None
         with contextlib.suppress(OSError):
-            supervisor = ready.result()
-            assert supervisor.stdin is not None
-            supervisor.stdin.close()
-            supervisor.wait(10)
+            process.stdin.close()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            process.wait(1)
 
 
 class ExitWatcher:

@@ -19,6 +19,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from functools import cache
 from pathlib import Path
 from typing import Literal, get_args
@@ -256,12 +257,17 @@ class QemuDriver:
     def vsock_path(self, run_dir: RunDir) -> Path | None:
         return None  # vhost-vsock is kernel AF_VSOCK: the host reaches the guest by its CID
 
+    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> None:
+        """Nothing: QEMU takes the whole VM on its command line."""
+        return None
+
     def launch(
         self,
         spec: LaunchSpec,
         worker: NetnsWorker,
         *,
         before_boot: Callable[[], object] | None = None,
+        early: Future[VMMProcess] | None = None,
     ) -> VMMProcess:
         """Start QEMU and return once QMP reports the VM running (not when the guest is ready:
         callers watch the console for that). The guest runs as soon as QEMU does, so

@@ -1,46 +1,100 @@
-"""A VMM's parent: starts it, reaps it and writes how it ended into its run dir.
+"""The parent of every VMM a daemon starts: it forks and execs them, reaps them and writes how
+each ended into its run dir.
 
-Started ahead of need (`python -I -S supervisor.py`, standard library only) in a session of its
-own, it waits for one command on stdin — `{"run_dir", "argv", "output"}` as a JSON line — so a
-launch never waits for Python to start; EOF instead of a command means "not needed", and it
-exits. The VMM it starts outlives the daemon, and how it ended stays knowable across a daemon
-restart.
+One per daemon and network namespace, started once (`python -I -S supervisor.py`, standard
+library only) in a session of its own, so a VM launch costs a fork, not a Python start, and the
+VMMs outlive the daemon while how they end stays knowable across a daemon restart.
 
-Files in RUN_DIR: `vmm.pid` (the VMM's PID, once started) and `exit` (its exit status, or minus
-the signal that killed it). Both appear atomically (written aside, then renamed).
+Protocol: the daemon writes one JSON line per VMM on stdin, `{"run_dir", "argv", "output"}`;
+the supervisor answers on stdout with one line, `{"pid": N}` or `{"error": "..."}`. When stdin
+closes (the daemon is gone) it starts nothing more and exits once its last VMM has ended.
+
+Files in each run dir: `vmm.pid` (the VMM's PID) and `exit` (its exit status, or minus the
+signal that killed it), both written aside and renamed so they appear whole.
 """
 
+import contextlib
 import json
 import os
+import select
+import signal
 import sys
+from typing import Any
 
 
-def write_atomically(path: str, text: str) -> None:
-    with open(path + ".tmp", "w") as handle:
-        handle.write(text)
-    os.rename(path + ".tmp", path)
+def write_atomically(run_dir_fd: int, name: str, text: str) -> None:
+    """Write through the run dir's descriptor, so a renamed run dir still gets its files."""
+    temp = name + ".tmp"
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=run_dir_fd)
+    try:
+        os.write(fd, text.encode())
+    finally:
+        os.close(fd)
+    os.rename(temp, name, src_dir_fd=run_dir_fd, dst_dir_fd=run_dir_fd)
 
 
-def main() -> int:
-    line = sys.stdin.buffer.readline()
-    if not line:
-        return 0
-    command = json.loads(line)
-    run_dir, argv = command["run_dir"], command["argv"]
-    output = os.open(command["output"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-    os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-    os.dup2(output, 1)
-    os.dup2(output, 2)
+def launch(command: dict[str, Any], children: dict[int, int]) -> dict[str, int]:
+    run_dir_fd = os.open(command["run_dir"], os.O_RDONLY | os.O_DIRECTORY)
+    argv = command["argv"]
     pid = os.fork()
     if pid == 0:
         try:
+            output = os.open(command["output"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
+            os.dup2(output, 1)
+            os.dup2(output, 2)
+            os.setsid()
             os.execv(argv[0], argv)
         finally:
             os.write(2, f"roost-supervisor: cannot execute {argv[0]}\n".encode())
             os._exit(127)
-    write_atomically(os.path.join(run_dir, "vmm.pid"), f"{pid}\n")
-    _, status = os.waitpid(pid, 0)
-    write_atomically(os.path.join(run_dir, "exit"), f"{os.waitstatus_to_exitcode(status)}\n")
+    children[pid] = run_dir_fd
+    write_atomically(run_dir_fd, "vmm.pid", f"{pid}\n")
+    return {"pid": pid}
+
+
+def reap(children: dict[int, int]) -> None:
+    while children:
+        try:
+            pid, status = os.waitpid(-1, os.WNOHANG)
+        except ChildProcessError:
+            return
+        if pid == 0:
+            return
+        run_dir_fd = children.pop(pid, None)
+        if run_dir_fd is not None:
+            # a run dir removed meanwhile has nobody left to read its exit status
+            with contextlib.suppress(OSError):
+                write_atomically(run_dir_fd, "exit", f"{os.waitstatus_to_exitcode(status)}\n")
+            os.close(run_dir_fd)
+
+
+def main() -> int:
+    children: dict[int, int] = {}
+    wake_read, wake_write = os.pipe()
+    os.set_blocking(wake_write, False)
+    signal.set_wakeup_fd(wake_write)
+    signal.signal(signal.SIGCHLD, lambda *_: None)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    commands = sys.stdin.buffer
+    listening = True
+    while listening or children:
+        readable, _, _ = select.select([commands, wake_read] if listening else [wake_read], [], [])
+        if wake_read in readable:
+            os.read(wake_read, 4096)
+        reap(children)
+        if listening and commands in readable:
+            line = commands.readline()
+            if not line:
+                listening = False
+                continue
+            answer: dict[str, Any]
+            try:
+                answer = launch(json.loads(line), children)
+            except (OSError, ValueError, KeyError) as error:
+                answer = {"error": str(error)}
+            sys.stdout.write(json.dumps(answer) + "\n")
+            sys.stdout.flush()
     return 0
 
 

@@ -122,7 +122,8 @@ def http_get(netns: str, timeout: float) -> str | None:
 
 
 def gone(process: VMMProcess) -> bool:
-    return not process_alive(process.pid) and not process_alive(process.supervisor_pid)
+    """Ended and reaped: the supervisor has written its exit status."""
+    return not process_alive(process.pid) and process.exit_file.exists()
 
 
 def status(driver: QemuDriver, spec: LaunchSpec) -> str:
