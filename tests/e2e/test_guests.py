@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -274,3 +275,52 @@ def qmp(socket_path: str, command: str) -> dict[str, Any]:
                 if "return" in reply or "error" in reply:
                     break
         return dict(reply)
+
+
+def test_a_vm_may_choose_qemu_and_its_console_can_be_followed(
+    netns: str, demo_plugin: Path
+) -> None:
+    daemon = Daemon(netns).start()  # Firecracker by default
+    try:
+        daemon.ok("plugin", "install", demo_plugin)
+        vm = daemon.ok(
+            "vm",
+            "create",
+            "pick-1",
+            "--plugin",
+            "roost-demo",
+            "--vmm",
+            "qemu",
+            "--network-mode",
+            "vsock",
+        )
+        assert vm["vmm"]["kind"] == "qemu"
+        assert vm["console_log"].endswith("/pick-1/console.log")
+        wait_ready(daemon, "pick-1")
+        follower = subprocess.Popen(  # the CLI itself, as a user runs it
+            [
+                sys.executable,
+                "-m",
+                "roost.cli.main",
+                "--api",
+                daemon.api,
+                "vm",
+                "console",
+                "pick-1",
+                "-f",
+            ],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        try:
+            daemon.ok("vm", "stop", "pick-1", "--timeout", "20")
+            followed, _ = follower.communicate(timeout=30)  # ends once the VM has stopped
+        finally:
+            if follower.poll() is None:
+                follower.kill()
+                follower.wait()
+        assert follower.returncode == 0
+        assert "roost-ready: name=pick-1" in followed
+        assert "roost-guest: poweroff" in followed
+    finally:
+        daemon.close()

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 
 from tests.harness import (
+    INITRAMFS,
     KERNEL,
     Daemon,
     leftover_pids,
@@ -276,3 +277,108 @@ def test_cli_exit_codes_for_missing_things_and_an_unreachable_daemon(daemon: Dae
     assert (bad.status_code, bad.json()["error"]["code"]) == (400, "invalid_json")
     invalid = daemon.http.post("/v1/vms", json={"name": "Bad_Name", "plugin": "p"})
     assert (invalid.status_code, invalid.json()["error"]["details"][0]["loc"]) == (422, "name")
+
+
+def test_one_daemon_per_network_namespace(daemon: Daemon) -> None:
+    other = Daemon(daemon.netns)
+    try:
+        with pytest.raises(RuntimeError, match="one daemon per namespace"):
+            other.start()
+    finally:
+        other.close()
+    assert daemon.http.get("/healthz").status_code == 200
+
+
+def test_a_plugin_without_kernel_uses_the_daemons(netns: str, tmp_path: Path) -> None:
+    manifest = json.loads(write_plugin(tmp_path, "nokernel").read_text())
+    del manifest["kernel"]
+    plugin = tmp_path / "nokernel.json"
+    plugin.write_text(json.dumps(manifest))
+    bare = Daemon(netns).start()
+    try:
+        bare.ok("plugin", "install", plugin)
+        refused = bare.cli("vm", "create", "k0", "--plugin", "nokernel", "--json")
+        assert refused.exit_code == 1
+        assert refused.json()["error"]["details"][0]["loc"] == "kernel"
+        assert "--kernel" in refused.json()["error"]["message"]
+        assert bare.ok("vm", "list") == []
+    finally:
+        bare.close()
+    with_kernel = Daemon(netns, "--kernel", str(KERNEL)).start()
+    try:
+        with_kernel.ok("plugin", "install", plugin)
+        vm = with_kernel.ok("vm", "create", "k1", "--plugin", "nokernel")
+        with_kernel.ok("vm", "pause", "k1")
+        config = with_kernel.firecracker_config(vm)
+        assert config["boot-source"]["kernel_image_path"] == str(KERNEL)
+    finally:
+        with_kernel.close()
+
+
+def test_a_failed_start_keeps_the_vm_and_its_leases(daemon: Daemon, tmp_path: Path) -> None:
+    bogus = tmp_path / "bogus-vmlinux"
+    bogus.write_bytes(b"\x7fELF" + b"\0" * 4096)
+    daemon.ok("plugin", "install", write_plugin(tmp_path, "broken", kernel={"path": str(bogus)}))
+    created = daemon.ok("vm", "create", "f1", "--plugin", "broken", "--no-start")
+    result = daemon.cli("vm", "start", "f1", "--json")
+    assert result.exit_code == 6
+    failed = daemon.ok("vm", "show", "f1")
+    assert failed["status"] == "error"
+    assert "Cannot load kernel" in failed["status_reason"]
+    assert failed["network"]["ip"] == created["network"]["ip"]
+    assert failed["network"]["tap"] not in links(daemon.netns)
+    assert failed["vmm"]["pid"] is None
+    assert leftover_pids(daemon.netns) == []
+    assert created["network"]["ip"] in daemon.ok("network", "list")[0]["leases"]
+
+
+def test_a_vmm_that_ends_while_the_daemon_is_down_is_settled(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
+    vm = daemon.ok("vm", "create", "late", "--plugin", "p")
+    daemon.ok("vm", "pause", "late")
+    assert daemon.stop() == 0
+    os.kill(vm["vmm"]["pid"], signal.SIGKILL)
+    wait_for(
+        (daemon.run_dir / "vms" / "late" / "exit").exists,
+        what="the supervisor to record the exit",
+    )
+    daemon.start()
+    settled = daemon.ok("vm", "show", "late")
+    assert (settled["status"], settled["exit_code"]) == ("crashed", -9)
+    assert settled["network"]["tap"] not in links(daemon.netns)
+
+
+def test_artifacts_from_file_and_http_urls(daemon: Daemon, tmp_path: Path) -> None:
+    import http.server
+    import threading as threads
+
+    served = tmp_path / "www"
+    served.mkdir()
+    (served / "initramfs.cpio.gz").write_bytes(INITRAMFS.read_bytes())
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, directory=str(served), **kwargs)
+
+        def log_message(self, *_: Any) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    thread = threads.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/initramfs.cpio.gz"
+        plugin = write_plugin(
+            tmp_path, "remote", kernel={"url": f"file://{KERNEL}"}, initramfs={"url": url}
+        )
+        installed = daemon.ok("plugin", "install", plugin)
+        assert installed["artifacts"]["initramfs"]["size"] == INITRAMFS.stat().st_size
+        missing = write_plugin(tmp_path, "gone", initramfs={"url": url + ".missing"})
+        result = daemon.cli("plugin", "install", missing, "--json")
+        assert result.exit_code == 1
+        assert "HTTP 404" in result.json()["error"]["message"]
+    finally:
+        server.shutdown()
+        thread.join()
