@@ -276,27 +276,6 @@ class Bare:
 # ---- the roost side ------------------------------------------------------------------------
 
 
-class SessionDaemon(Daemon):
-    """The harness's daemon, in a session of its own: a Ctrl-C at the terminal then reaches
-    only the benchmark, which can still remove the VMs through the daemon's API."""
-
-    def start(self, timeout: float = 30) -> SessionDaemon:
-        with self.log.open("ab") as sink:
-            self.process = subprocess.Popen(
-                self.argv, stdout=sink, stderr=sink, start_new_session=True
-            )
-        deadline = time.monotonic() + timeout
-        while True:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"daemon exited with {self.process.returncode}:\n{self.logs()}")
-            with contextlib.suppress(httpx.TransportError):
-                if self.http.get("/healthz").status_code == 200:
-                    return self
-            if time.monotonic() > deadline:
-                raise RuntimeError(f"daemon did not answer within {timeout}s:\n{self.logs()}")
-            time.sleep(0.05)
-
-
 def _expect(response: httpx.Response, status: int) -> dict[str, Any]:
     if response.status_code != status:
         raise RuntimeError(
@@ -322,7 +301,7 @@ class Roost:
     """VMs created through a real daemon's API, in namespace `netns`."""
 
     def __init__(self, netns: str) -> None:
-        self.daemon = SessionDaemon(netns)
+        self.daemon = Daemon(netns)
         self.vms: dict[str, int] = {}  # name -> VMM PID, while the VM exists
         self.started: list[int] = []  # every VMM PID, for the final check
 
@@ -413,6 +392,9 @@ def _wait_gone(pid: int, timeout: float = 10) -> None:
 # ---- the benchmark -------------------------------------------------------------------------
 
 
+SETTLE_SECONDS = 2.0
+
+
 def _summary(rounds: list[Round]) -> dict[str, Any]:
     """The best and the median round, and each phase's median over every round (the bridge is
     set up once a round, everything else once a VM)."""
@@ -460,6 +442,9 @@ def run(rounds: int) -> dict[str, Any]:
                 results[side].append(outcome)
                 log(f"round {number + 1}/{rounds} {side}: {VMS} VMs in {outcome.seconds:.3f}s")
                 (bare.remove_all if side == "bare" else roost.remove_all)()
+                # the kernel tears the killed VMs down in the background (kworkers); let it
+                # finish so it does not slow down whichever side comes next
+                time.sleep(SETTLE_SECONDS)
     left = leftovers(
         {pid: f"{base}/" for pid in bare.started}
         | {pid: f"{roost.daemon.run_dir}/" for pid in roost.started},

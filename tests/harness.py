@@ -139,7 +139,11 @@ class Daemon:
 
     def start(self, timeout: float = 30) -> Daemon:
         with self.log.open("ab") as sink:
-            self.process = subprocess.Popen(self.argv, stdout=sink, stderr=sink)
+            # a session of its own: a Ctrl-C reaches only the test (or benchmark), which then
+            # removes the VMs through the daemon's API
+            self.process = subprocess.Popen(
+                self.argv, stdout=sink, stderr=sink, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

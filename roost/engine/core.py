@@ -550,7 +550,7 @@ class Engine:
 
         kernel = self._artifact_path(booting.artifacts, "kernel") or self.settings.kernel
         assert kernel is not None
-        run_dir_vsock = booting.vsock_missing is None and net.vsock
+        with_vsock = booting.vsock_missing is None and net.vsock
         spec = LaunchSpec(
             name=name,
             run_dir=run_dir,
@@ -561,7 +561,7 @@ class Engine:
             vcpus=booting.plan.resources.vcpus,
             memory_mib=booting.plan.resources.memory_mib,
             nic=nic,
-            vsock=Vsock(booting.cid, run_dir.vsock_socket) if run_dir_vsock else None,
+            vsock=Vsock(booting.cid, run_dir.vsock_socket) if with_vsock else None,
         )
         driver = self.drivers[booting.vmm]
         gate = rules.result if rules is not None else None
