@@ -22,13 +22,19 @@ from tests.harness import (
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     """Skip, with the reason, what this machine cannot run."""
+    gaps = missing([FIRECRACKER, KERNEL, INITRAMFS])
     reasons = {
         "root": None if os.geteuid() == 0 else "needs root (network namespaces)",
         "firecracker": (
             f"needs the test Firecracker binary and guest ({', '.join(gaps)}); run make setup"
-            if (gaps := missing([FIRECRACKER, KERNEL, INITRAMFS]))
+            if gaps
             else None
+            if Path("/dev/kvm").exists()
+            else "Firecracker needs /dev/kvm"
         ),
+        "e2e": None
+        if (KERNEL.exists() and INITRAMFS.exists())
+        else "needs build/demo; run make setup",
     }
     for item in items:
         for marker, reason in reasons.items():
