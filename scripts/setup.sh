@@ -4,7 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(qemu-system-x86 busybox-static dnsmasq-base nftables iptables iputils-ping lz4 socat
+packages=(qemu-system-x86 busybox-static dnsmasq-base nftables iptables iputils-ping lz4 socat unzip
           containernetworking-plugins iproute2 cpio python3-venv ca-certificates)
 
 missing=()

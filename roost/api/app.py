@@ -15,10 +15,11 @@ from fastapi import FastAPI, Query, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from roost import __version__
 from roost.engine.core import Engine
-from roost.errors import ErrorDetail, InvalidError, RoostError
+from roost.errors import ErrorDetail, InvalidError, NotFoundError, RoostError
 from roost.spec import Manifest, VMConfig, load_json, parse
 from roost.spec.common import check_name
 from roost.spec.parse import dotted
@@ -50,6 +51,13 @@ def create_app(engine: Engine) -> FastAPI:
     @app.exception_handler(RoostError)
     async def _roost_error(_: Request, error: RoostError) -> JSONResponse:
         return error_response(error)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_: Request, error: StarletteHTTPException) -> JSONResponse:
+        codes = {404: NotFoundError, 405: InvalidError}
+        kind = codes.get(error.status_code, RoostError)
+        body = kind(f"{error.detail}: see GET /openapi.json for the routes").to_json()
+        return JSONResponse(body, status_code=error.status_code)
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(_: Request, error: RequestValidationError) -> JSONResponse:
@@ -132,7 +140,9 @@ def create_app(engine: Engine) -> FastAPI:
     @app.post("/v1/vms/{name}/stop")
     def stop_vm(
         name: str,
-        timeout: float | None = Query(None, ge=0, description="seconds to wait after Ctrl-Alt-Del"),
+        timeout: float | None = Query(
+            None, ge=0, le=3600, description="seconds to wait for a graceful shutdown"
+        ),
         force: bool = Query(False, description="kill at once"),
     ) -> JSONResponse:
         return JSONResponse(engine.stop_vm(name, timeout=timeout, force=force))

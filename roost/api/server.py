@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import logging
 import os
 import signal
 import socket
+import stat
 from pathlib import Path
 
 import uvicorn
@@ -15,7 +17,7 @@ from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.engine.core import Engine
 from roost.engine.settings import Settings
-from roost.errors import ConflictError
+from roost.errors import ConflictError, InvalidError
 
 log = logging.getLogger("roost.serve")
 
@@ -24,6 +26,10 @@ def _unix_socket(path: Path) -> socket.socket:
     """A listening Unix socket at `path` (mode 0600); a stale socket file is replaced, a live
     one (another daemon) is refused."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists() and not stat.S_ISSOCK(path.lstat().st_mode):
+        raise InvalidError.at(
+            "listen", f"{path} exists and is not a socket; choose another path for --listen"
+        )
     if path.exists():
         probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
@@ -45,6 +51,18 @@ def _unix_socket(path: Path) -> socket.socket:
 
 
 def _tcp_socket(host: str, port: int) -> socket.socket:
+    """A TCP listener, on loopback only: the API has no authentication yet, and whoever reaches
+    it can make the daemon read files and start VMs as root."""
+    try:
+        loopback = ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = host == "localhost"
+    if not loopback:
+        raise InvalidError.at(
+            "listen",
+            f"tcp://{host} is not a loopback address; the API has no authentication yet, so it "
+            "listens on a Unix socket or on 127.0.0.1/::1 only",
+        )
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)

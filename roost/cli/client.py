@@ -35,6 +35,12 @@ class Client:
     def _reaching(self) -> Iterator[None]:
         try:
             yield
+        except httpx.TimeoutException:
+            raise RoostError(
+                f"the roost daemon at {self.endpoint.url} did not answer in time; the operation "
+                "may still finish (roost vm show tells)",
+                code="timeout",
+            ) from None
         except httpx.TransportError as error:
             raise UnreachableError(
                 f"cannot reach the roost daemon at {self.endpoint.url} ({error}); is "

@@ -11,7 +11,7 @@ import typer
 from roost.cli.files import read_json
 from roost.errors import ErrorDetail, InvalidError
 from roost.spec import NetworkConfig, VMConfig, parse
-from roost.spec.network import network_override
+from roost.spec.network import network_override, parse_network
 
 JSONOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NetworkModeOpt = Annotated[
@@ -91,12 +91,8 @@ def vm_config_from(
         data["resources"] = resources
     if vmm is not None:
         data["vmm"] = vmm
-    config = parse(VMConfig, data)
-    network = flags.apply(config.network)
-    if network is config.network:
-        return config
-    return parse(VMConfig, {**config.model_dump(exclude_none=True), "network": _dump(network)})
-
-
-def _dump(network: NetworkConfig | None) -> dict[str, object] | None:
-    return None if network is None else network.model_dump(exclude_none=True)
+    # the flags apply to the file's network as written; the result is validated once, whole
+    written = data.get("network")
+    network = flags.apply(None if written is None else parse_network(written))
+    data["network"] = None if network is None else network.model_dump(exclude_none=True)
+    return parse(VMConfig, data)

@@ -28,6 +28,7 @@ from roost.cli.options import (
 from roost.cli.output import err, fields, print_json, reporting, table
 from roost.errors import InvalidError
 from roost.spec import VMMKind
+from roost.spec.common import check_name
 
 NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
 
@@ -41,6 +42,17 @@ def daemon(as_json: bool) -> Iterator[Client]:
             yield client
         finally:
             client.close()
+
+
+def vm_path(name: str, action: str | None = None) -> str:
+    """The API path of a VM (or an action on it); a name that is not one is refused here,
+    before it can reach another route."""
+    path = f"/v1/vms/{check_name(name)}"
+    return f"{path}/{action}" if action else path
+
+
+def plugin_path(name: str) -> str:
+    return f"/v1/plugins/{check_name(name)}"
 
 
 def show(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
@@ -148,7 +160,7 @@ def plugin_list(as_json: JSONOpt = False) -> None:
 def plugin_show(name: Annotated[str, typer.Argument()], as_json: JSONOpt = False) -> None:
     """Show one plugin."""
     with daemon(as_json) as client:
-        plugin = client.call("GET", f"/v1/plugins/{name}")
+        plugin = client.call("GET", plugin_path(name))
     show(plugin, as_json, _plugin_human)
 
 
@@ -156,7 +168,7 @@ def plugin_show(name: Annotated[str, typer.Argument()], as_json: JSONOpt = False
 def plugin_rm(name: Annotated[str, typer.Argument()], as_json: JSONOpt = False) -> None:
     """Remove a plugin no VM uses."""
     with daemon(as_json) as client:
-        client.call("DELETE", f"/v1/plugins/{name}")
+        client.call("DELETE", plugin_path(name))
     if as_json:
         print_json({"removed": name})
     else:
@@ -266,13 +278,13 @@ def vm_list(as_json: JSONOpt = False) -> None:
 def vm_show(name: NameArg, as_json: JSONOpt = False) -> None:
     """Show one VM."""
     with daemon(as_json) as client:
-        vm = client.call("GET", f"/v1/vms/{name}")
+        vm = client.call("GET", vm_path(name))
     show(vm, as_json, _vm_human)
 
 
 def _action(name: str, action: str, as_json: bool, **params: Any) -> None:
     with daemon(as_json) as client:
-        vm = client.call("POST", f"/v1/vms/{name}/{action}", **params)
+        vm = client.call("POST", vm_path(name, action), **params)
     if action in ("start", "restart"):
         _warn_about_vsock(vm)
     show(vm, as_json, _vm_human)
@@ -333,7 +345,7 @@ def vm_console(
     """Print a VM's serial console (either driver)."""
     with daemon(as_json=False) as client:
         try:
-            for chunk in client.text_stream(f"/v1/vms/{name}/console", follow=follow or None):
+            for chunk in client.text_stream(vm_path(name, "console"), follow=follow or None):
                 sys.stdout.buffer.write(chunk)
                 sys.stdout.buffer.flush()
         except KeyboardInterrupt:
@@ -344,7 +356,7 @@ def vm_console(
 def vm_rm(name: NameArg, as_json: JSONOpt = False) -> None:
     """Remove a VM (stopping it first) and release everything it holds."""
     with daemon(as_json) as client:
-        client.call("DELETE", f"/v1/vms/{name}")
+        client.call("DELETE", vm_path(name))
     if as_json:
         print_json({"removed": name})
     else:

@@ -18,6 +18,7 @@ from roost.engine.settings import (
     QemuMachine,
     Settings,
 )
+from roost.errors import HostError
 from roost.plan.network import DEFAULT_SUBNET
 from roost.spec import VMMKind
 
@@ -101,4 +102,7 @@ def serve_command(
             qemu_machine=qemu_machine.value,
             accel=accel.value,
         )
-        serve(settings, endpoints)
+        try:
+            serve(settings, endpoints)
+        except OSError as error:  # e.g. the address is in use, or a directory is not writable
+            raise HostError(f"the daemon cannot run: {error}") from None

@@ -11,7 +11,7 @@ from sqlalchemy.orm import Session, selectinload
 from roost.engine.views import plugin_view
 from roost.errors import ConflictError, InvalidError, NotFoundError
 from roost.spec import Manifest
-from roost.state.artifacts import ArtifactStore, Progress
+from roost.state.artifacts import ArtifactStore, Progress, StoredArtifact
 from roost.state.db import Database
 from roost.state.models import VM, Plugin, PluginArtifact, VMConfigVersion
 
@@ -32,6 +32,17 @@ class Plugins:
             with self.db.read() as session:
                 if find(session, manifest.name, missing_ok=True) is not None:
                     raise _exists(manifest.name)
+        try:
+            with self.store.pinning():
+                stored = self._fetch_all(manifest, progress)
+                self.db.transact(lambda session: self._record(session, manifest, stored, force))
+        finally:
+            self.collect_garbage()  # what this install replaced, or stored before it failed
+        return self.show(manifest.name)
+
+    def _fetch_all(
+        self, manifest: Manifest, progress: InstallProgress | None
+    ) -> dict[str, StoredArtifact]:
         stored = {}
         for role, artifact in manifest.artifacts().items():
             source = artifact.path or artifact.url
@@ -50,24 +61,24 @@ class Plugins:
                 "is not an uncompressed ELF vmlinux (Firecracker boots only those; extract it "
                 "from a bzImage with the kernel's scripts/extract-vmlinux)",
             )
+        return stored
 
-        def work(session: Session) -> None:
-            plugin = find(session, manifest.name, missing_ok=True)
-            if plugin is not None and not force:
-                raise _exists(manifest.name)
-            if plugin is None:
-                plugin = Plugin(name=manifest.name)
-                session.add(plugin)
-            plugin.version = manifest.version
-            plugin.manifest = manifest.model_dump(mode="json", exclude_none=True)
-            plugin.artifacts = [
-                PluginArtifact(role=role, sha256=item.sha256, size=item.size)
-                for role, item in stored.items()
-            ]
-
-        self.db.transact(work)
-        self.collect_garbage()
-        return self.show(manifest.name)
+    @staticmethod
+    def _record(
+        session: Session, manifest: Manifest, stored: dict[str, StoredArtifact], force: bool
+    ) -> None:
+        plugin = find(session, manifest.name, missing_ok=True)
+        if plugin is not None and not force:
+            raise _exists(manifest.name)
+        if plugin is None:
+            plugin = Plugin(name=manifest.name)
+            session.add(plugin)
+        plugin.version = manifest.version
+        plugin.manifest = manifest.model_dump(mode="json", exclude_none=True)
+        plugin.artifacts = [
+            PluginArtifact(role=role, sha256=item.sha256, size=item.size)
+            for role, item in stored.items()
+        ]
 
     def list(self) -> list[dict[str, Any]]:
         with self.db.read() as session:

@@ -250,9 +250,17 @@ def network_override(
         data = {**(base.model_dump(exclude_none=True) if base else {}), **given}
     else:
         return base
+    return parse_network(data)
+
+
+def parse_network(data: Any) -> NetworkConfig:
+    """A network as written (field formats only), errors located under `network.`."""
     try:
         return NetworkConfig.model_validate(data)
     except ValidationError as error:
         raise InvalidError.of(
-            [ErrorDetail(f"network.{d.loc}", d.msg) for d in details_of(error)]
+            [
+                ErrorDetail("network" if d.loc == "-" else f"network.{d.loc}", d.msg)
+                for d in details_of(error)
+            ]
         ) from None

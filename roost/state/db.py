@@ -25,10 +25,6 @@ BUSY_TIMEOUT_MS = 30_000
 T = TypeVar("T")
 
 
-class Retry(Exception):  # noqa: N818 - a signal, not an error
-    """Raised inside a write transaction to run it again (e.g. a random value collided)."""
-
-
 def sqlite_url(state_dir: Path) -> str:
     return f"sqlite:///{state_dir / 'roost.db'}"
 
@@ -92,14 +88,14 @@ class Database:
             yield session
 
     def transact(self, work: Callable[[Session], T], attempts: int = 8) -> T:
-        """Run `work` in a write transaction, again from scratch on `Retry`, on a unique
-        collision of a random value, or on a lock timeout."""
+        """Run `work` in a write transaction, again from scratch when a concurrent writer took
+        the same unique value (a random MAC, the lowest free CID) or the lock timed out."""
         for attempt in range(attempts):
             try:
                 with self.write() as session:
                     return work(session)
-            except (Retry, IntegrityError, OperationalError) as error:
-                retryable = isinstance(error, Retry | IntegrityError) or "locked" in str(error)
+            except (IntegrityError, OperationalError) as error:
+                retryable = isinstance(error, IntegrityError) or "locked" in str(error)
                 if not retryable or attempt == attempts - 1:
                     raise
                 time.sleep(0.001 * 2**attempt)

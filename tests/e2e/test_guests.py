@@ -118,7 +118,7 @@ def test_bridged_auto_and_manual_addresses_serve_http(netns: str, demo_plugin: P
             ip = vm["network"]["ip"]
             assert f"roost-ready: name={vm['name']} ip={ip}" in ready
             assert http_get(netns, f"http://{ip}/") == f"{vm['name']} {ip}\n"
-        # the guest's NIC has the MAC roost gave it
+        # the guest configured its NIC from the ip= roost wrote on its command line
         assert f"roost-net: eth0 static {manual['network']['ip']}/24" in console_of(
             daemon, "manual-1"
         )

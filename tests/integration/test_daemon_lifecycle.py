@@ -36,6 +36,7 @@ def nothing_left(daemon: Daemon, name: str) -> None:
     assert leftover_pids(daemon.netns) == []
 
 
+@pytest.mark.kvm
 def test_a_kernel_firecracker_cannot_boot_fails_the_create_and_leaves_nothing(
     daemon: Daemon, tmp_path: Path
 ) -> None:
@@ -109,6 +110,7 @@ def test_concurrent_creates_get_distinct_allocations(daemon: Daemon, tmp_path: P
     assert len(daemon.ok("network", "list")[0]["leases"]) == 100
 
 
+@pytest.mark.kvm
 def test_statuses_follow_the_vmm(daemon: Daemon, tmp_path: Path) -> None:
     daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
     vm = daemon.ok("vm", "create", "life", "--plugin", "p")
@@ -140,6 +142,7 @@ def test_statuses_follow_the_vmm(daemon: Daemon, tmp_path: Path) -> None:
     assert daemon.ok("vm", "stop", "life")["status"] == "crashed"  # already not running
 
 
+@pytest.mark.kvm
 def test_one_operation_at_a_time(daemon: Daemon, tmp_path: Path) -> None:
     daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
     daemon.ok("vm", "create", "busy", "--plugin", "p")
@@ -160,6 +163,7 @@ def test_one_operation_at_a_time(daemon: Daemon, tmp_path: Path) -> None:
     assert daemon.ok("vm", "show", "busy")["status"] == "stopped"
 
 
+@pytest.mark.kvm
 def test_rm_of_a_running_vm_stops_it_first(daemon: Daemon, tmp_path: Path) -> None:
     daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
     vm = daemon.ok("vm", "create", "gone", "--plugin", "p")
@@ -196,6 +200,7 @@ def test_a_second_daemon_on_the_same_state_dir_exits_touching_nothing(daemon: Da
     assert daemon.http.get("/healthz").status_code == 200
 
 
+@pytest.mark.kvm
 def test_running_vmms_outlive_the_daemon_and_are_adopted(daemon: Daemon, tmp_path: Path) -> None:
     daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
     vm = daemon.ok("vm", "create", "keep", "--plugin", "p")
@@ -289,6 +294,7 @@ def test_one_daemon_per_network_namespace(daemon: Daemon) -> None:
     assert daemon.http.get("/healthz").status_code == 200
 
 
+@pytest.mark.kvm
 def test_a_plugin_without_kernel_uses_the_daemons(netns: str, tmp_path: Path) -> None:
     manifest = json.loads(write_plugin(tmp_path, "nokernel").read_text())
     del manifest["kernel"]
@@ -315,6 +321,7 @@ def test_a_plugin_without_kernel_uses_the_daemons(netns: str, tmp_path: Path) ->
         with_kernel.close()
 
 
+@pytest.mark.kvm
 def test_a_failed_start_keeps_the_vm_and_its_leases(daemon: Daemon, tmp_path: Path) -> None:
     bogus = tmp_path / "bogus-vmlinux"
     bogus.write_bytes(b"\x7fELF" + b"\0" * 4096)
@@ -332,6 +339,7 @@ def test_a_failed_start_keeps_the_vm_and_its_leases(daemon: Daemon, tmp_path: Pa
     assert created["network"]["ip"] in daemon.ok("network", "list")[0]["leases"]
 
 
+@pytest.mark.kvm
 def test_a_vmm_that_ends_while_the_daemon_is_down_is_settled(
     daemon: Daemon, tmp_path: Path
 ) -> None:

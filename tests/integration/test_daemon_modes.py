@@ -36,6 +36,7 @@ def assert_gone(daemon: Daemon, vm: dict[str, Any]) -> None:
     assert vm["network"]["ip"] not in held
 
 
+@pytest.mark.kvm
 def test_the_seed_examples_end_to_end(daemon: Daemon) -> None:
     daemon.ok("plugin", "install", SECURE)
     daemon.ok("plugin", "install", WEB)
@@ -112,6 +113,7 @@ def test_the_seed_examples_end_to_end(daemon: Daemon) -> None:
     assert "brdhcp" in links(daemon.netns)  # the operator's bridge is never touched
 
 
+@pytest.mark.kvm
 def test_manual_ip_and_the_default_network(daemon: Daemon, tmp_path: Path) -> None:
     plain = tmp_path / "plain.json"
     plain.write_text(WEB.read_text().replace('"web-service"', '"plain"'))
@@ -189,6 +191,7 @@ def test_dhcp_needs_a_dhcp_bridge(netns: str) -> None:
         daemon.close()
 
 
+@pytest.mark.kvm
 def test_stop_removes_the_tap_and_reaps_the_vmm(daemon: Daemon) -> None:
     daemon.ok("plugin", "install", WEB)
     vm = daemon.ok("vm", "create", "s", "--plugin", "web-service")

@@ -101,7 +101,7 @@ def test_manual_address_taken_names_the_holder(db: Database) -> None:
     assert "vm-0" in caught.value.message
 
 
-def test_auto_allocation_works_around_manual_ones_and_reuses_released(db: Database) -> None:
+def test_auto_allocation_works_around_manual_ones_and_goes_on_after_the_last(db: Database) -> None:
     a, b, c, d = make_vms(db, 4)
     allocate(db, a, "10.100.0.3")
     assert allocate(db, b) == "10.100.0.2"
@@ -115,6 +115,26 @@ def test_auto_allocation_works_around_manual_ones_and_reuses_released(db: Databa
     db.transact(release)
     # next-fit: carries on after the last handed out, then wraps to the freed one
     assert allocate(db, d) == "10.100.0.5"
+
+
+def test_released_addresses_are_handed_out_again_after_a_wrap(db: Database) -> None:
+    small = ipaddress.IPv4Network("10.100.0.0/29")  # .2 to .6: five addresses besides .1
+
+    def take(session: Session, vm_id: int) -> str:
+        network = alloc.ensure_network(session, small, small.network_address + 1)
+        return str(alloc.allocate_ip(session, network, vm_id))
+
+    ids = make_vms(db, 6)
+    first = [db.transact(lambda s, i=i: take(s, i)) for i in ids[:5]]
+    assert first == [f"10.100.0.{n}" for n in range(2, 7)]
+
+    def release(session: Session) -> None:
+        vm = session.get(VM, ids[1])
+        assert vm is not None
+        alloc.release_ip(session, vm)
+
+    db.transact(release)
+    assert db.transact(lambda s: take(s, ids[5])) == "10.100.0.3"
 
 
 def test_the_database_refuses_two_holders_of_one_address(db: Database) -> None:

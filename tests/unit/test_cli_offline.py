@@ -237,3 +237,11 @@ def test_schema(kind: str) -> None:
 
 def test_schema_unknown_kind_is_a_usage_error() -> None:
     assert run("schema", "vm").exit_code == 2
+
+
+def test_plan_flags_complete_a_config_network_before_it_is_judged(tmp_path: Path) -> None:
+    config = write(tmp_path, "vm.json", {"network": {"mode": "bridged", "subnet": "10.1.0.0/24"}})
+    alone = run("vm", "plan", "a", "--plugin", WEB, "--config", config, "--json")
+    assert alone.exit_code == 1
+    completed = plan("a", "--plugin", WEB, "--config", config, "--network-auto-assign")
+    assert (completed["network"]["gateway"], completed["plan"]["ipam"]) == ("10.1.0.1", "auto")
