@@ -37,6 +37,7 @@ Accel = Literal["auto", "kvm", "tcg"]
 
 KVM_DEVICE = Path("/dev/kvm")
 VHOST_VSOCK_DEVICE = Path("/dev/vhost-vsock")
+VHOST_NET_DEVICE = Path("/dev/vhost-net")
 CPUINFO = Path("/proc/cpuinfo")
 CPUFREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq")
 QMP_SOCKET = "qmp.sock"
@@ -113,9 +114,11 @@ def qemu_argv(
     accel: str,
     vsock: bool,
     tsc_khz: int | None,
+    vhost_net: bool = False,
 ) -> list[str]:
-    """QEMU's whole command line for `spec` (pure, so tests can check every case). `vsock` says
-    whether the host can back a vsock device."""
+    """QEMU's whole command line for `spec` (pure, so tests can check every case). `vsock` and
+    `vhost_net` say whether the host can back a vsock device and move the NIC's data path into
+    the kernel."""
     run_dir = spec.run_dir
     virtio = _VIRTIO_SUFFIX[machine]
     argv = [str(binary), "-name", _opt(spec.name), "-M", machine, "-accel", accel]
@@ -145,7 +148,8 @@ def qemu_argv(
     if spec.nic is not None:
         argv += [
             "-netdev",
-            f"tap,id=n0,ifname={_opt(spec.nic.tap)},script=no,downscript=no,vhost=off",
+            f"tap,id=n0,ifname={_opt(spec.nic.tap)},script=no,downscript=no,"
+            f"vhost={'on' if vhost_net else 'off'}",
             "-device",
             f"virtio-net-{virtio},netdev=n0,mac={spec.nic.mac}",
         ]
@@ -287,6 +291,7 @@ class QemuDriver:
             accel=accel,
             vsock=self.vsock_unavailable() is None,
             tsc_khz=tsc_khz,
+            vhost_net=VHOST_NET_DEVICE.exists(),
         )
         run_dir = spec.run_dir
         qmp_socket = self.api_socket(run_dir)

@@ -81,6 +81,11 @@ def test_microvm_tcg_with_nic_rootfs_and_vsock() -> None:
     ]
 
 
+def test_vhost_net_where_the_host_has_it() -> None:
+    args = argv(spec(nic=True), vhost_net=True)
+    assert "tap,id=n0,ifname=rtap1,script=no,downscript=no,vhost=on" in args
+
+
 def test_q35_uses_pci_devices_and_no_tsc_hint() -> None:
     assert argv(spec(nic=True, vsock=True, rootfs=True), "q35") == [
         str(QEMU),
