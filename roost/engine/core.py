@@ -1,7 +1,8 @@
 """The engine: VM lifecycle as plan → act, with every step recorded and undone on failure.
 
 Locking: one operation at a time per VM (a second gets `vm_busy`); bridge set-up and removal
-share one lock so a bridge is never removed under a tap that is being attached to it.
+share one lock so a bridge is never removed under a tap that is being attached to it (a tap made
+inside an allocating transaction keeps it until that transaction, and its lease, has committed).
 """
 
 from __future__ import annotations
@@ -10,39 +11,65 @@ import fcntl
 import ipaddress
 import logging
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any, TypeVar, cast
 
-from sqlalchemy import Row, and_, select, update
+from sqlalchemy import Row, and_, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from roost.engine.plugins import Plugins, find
 from roost.engine.settings import DEFAULT_BRIDGE, DEFAULT_NETWORK, Settings
 from roost.engine.steps import Steps
-from roost.engine.views import network_view, vm_view
+from roost.engine.views import VM_ROWS, network_view, vm_view
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError, RoostError
 from roost.host.firewall import Firewall
 from roost.host.links import Links
 from roost.host.netns import NetnsWorker
 from roost.host.observe import LeaseObserver
 from roost.plan import IPAM, AntiSpoof, Attachment, DefaultNetwork, VMPlan, boot_args, plan_vm
-from roost.plan.network import NetworkPlan, plan_network
+from roost.plan.network import EffectiveNetwork, NetworkPlan, plan_network
 from roost.spec import Manifest, VMConfig
 from roost.spec.common import check_name
 from roost.state import alloc
 from roost.state.artifacts import ArtifactStore
 from roost.state.db import Database, sqlite_url
-from roost.state.models import VM, CIDLease, IPLease, Network, Plugin, VMConfigVersion
+from roost.state.models import VM, IPLease, Network, Plugin, PluginArtifact, VMConfigVersion
 from roost.vmm.base import NIC, Driver, LaunchSpec, RunDir, Vsock
 from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
 from roost.vmm.process import ExitWatcher, VMMProcess
 from roost.vmm.qemu import Accel, Machine, QemuDriver
 
 log = logging.getLogger("roost.engine")
+T = TypeVar("T")
+# Hot-path statements, built once and run on the session's connection (see state/alloc.py)
+_VM_ROW = VM_ROWS.where(VM.name == bindparam("name"))
+_VM_ID = select(VM.id).where(VM.name == bindparam("name"))
+_ADD_CONFIG = insert(VMConfigVersion)
+_ADD_VM = insert(VM)
+# UPDATEs setting the columns their parameters name
+_SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
+_SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
+_HOLDING = (
+    select(VM.id, VM.mac, VM.tap, Network.subnet)
+    .outerjoin(IPLease, IPLease.vm_id == VM.id)
+    .outerjoin(Network, Network.id == IPLease.network_id)
+    .where(VM.name == bindparam("name"))
+)
+_PLUGIN = (
+    select(
+        Plugin.id,
+        Plugin.manifest,
+        PluginArtifact.role,
+        PluginArtifact.sha256,
+        PluginArtifact.size,
+    )
+    .outerjoin(PluginArtifact)
+    .where(Plugin.name == bindparam("name"))
+)
 
 CREATED, STARTING, RUNNING, PAUSED = "created", "starting", "running", "paused"
 STOPPING, STOPPED, CRASHED, ERROR = "stopping", "stopped", "crashed", "error"
@@ -60,7 +87,8 @@ class LockedError(RoostError):
 @dataclass(frozen=True)
 class Booting:
     """What a starting VM holds, as the launch needs it (read once, in the allocating
-    transaction)."""
+    transaction), and what of its launch is already under way: the VMM started early and the
+    tap's anti-spoofing rules."""
 
     name: str
     plan: VMPlan
@@ -72,9 +100,21 @@ class Booting:
     cid: int
     mac: str | None
     tap: str | None
-    bridge: str | None
-    ip: str | None
     vsock_missing: str | None
+    early: Future[VMMProcess] | None
+    rules: Future[None] | None
+
+
+@dataclass(frozen=True)
+class Holding:
+    """What allocation reads of a VM's record: its id, name, the MAC and tap name it keeps for
+    life once it has them, and the subnet it holds an address on."""
+
+    id: int
+    name: str
+    mac: str | None
+    tap: str | None
+    subnet: str | None
 
 
 @dataclass
@@ -129,7 +169,7 @@ class Engine:
         self._busy: dict[str, str] = {}
         self._busy_lock = threading.Lock()
         self._vm_locks: dict[str, threading.Lock] = {}
-        self._bridge_lock = threading.Lock()
+        self._bridge_lock = threading.RLock()  # undoing a failed allocation removes bridges
         self._bridges_ready: set[str] = set()
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-bg")
         self.watcher = ExitWatcher(self._on_exit)
@@ -212,26 +252,22 @@ class Engine:
 
     def list_vms(self) -> list[dict[str, Any]]:
         with self.db.read() as session:
-            return [self._view(row) for row in session.execute(_view_query().order_by(VM.name))]
+            rows = session.connection().execute(VM_ROWS.order_by(VM.name))
+            return [self._view(row) for row in rows]
 
     def show_vm(self, name: str) -> dict[str, Any]:
         with self.db.read() as session:
-            row = session.execute(_view_query().where(VM.name == name)).first()
+            row = session.connection().execute(_VM_ROW, {"name": name}).first()
         if row is None:
             raise _no_vm(name)
         return self._view(row)
 
-    def _view(self, row: Row[Any]) -> dict[str, Any]:
-        vm: VM = row.VM
+    def _view(self, vm: Row[Any]) -> dict[str, Any]:
         driver = self.drivers.get(vm.vmm_kind)
         run_dir = self._run_dir(vm.name)
         live = self._live.get(vm.name)
         return vm_view(
             vm,
-            plugin=row.plugin,
-            cid=row.cid,
-            config=row.config,
-            manifest=row.manifest,
             run_dir=run_dir,
             api_socket=driver.api_socket(run_dir) if driver and live else None,
             vsock_path=driver.vsock_path(run_dir) if driver else None,
@@ -272,70 +308,82 @@ class Engine:
         check_name(name)
         vmm = self._vmm_of(config)
         with self._operation(name, "create"):
-            with self.db.read() as session:
-                if session.scalar(select(VM.id).where(VM.name == name)) is not None:
-                    raise _vm_exists(name)
-            early = self._start_early(name, vmm) if start else None
+            steps = Steps("create", name)
+            host = steps if start else None
 
             def record(session: Session) -> Booting:
-                if session.scalar(select(VM.id).where(VM.name == name)) is not None:
+                connection = session.connection()
+                if connection.execute(_VM_ID, {"name": name}).first() is not None:
                     raise _vm_exists(name)
-                plugin = find(session, config.plugin)
-                artifacts = {a.role: {"sha256": a.sha256, "size": a.size} for a in plugin.artifacts}
-                manifest = Manifest.model_validate(plugin.manifest)
+                early = self._start_early(host, name, vmm, new=True) if host else None
+                plugin_id, manifest_json, artifacts = _plugin(session, config.plugin)
+                manifest = Manifest.model_validate(manifest_json)
                 plan = plan_vm(name, manifest, config, self.default)
                 self._check_launchable(plan, manifest, artifacts, vmm)
-                vm = VM(
-                    name=name,
-                    plugin_id=plugin.id,
-                    status=STARTING if start else CREATED,
-                    vmm_kind=vmm,
-                    network={},
+                status = STARTING if start else CREATED
+                added = connection.execute(
+                    _ADD_VM,
+                    {
+                        "name": name,
+                        "plugin_id": plugin_id,
+                        "status": status,
+                        "vmm_kind": vmm,
+                        "network": {},
+                    },
                 )
-                session.add(vm)
-                session.flush()
-                session.add(
-                    VMConfigVersion(
-                        vm_id=vm.id,
-                        version=1,
-                        config=config.model_dump(mode="json", exclude_none=True),
-                        manifest=plugin.manifest,
-                        artifacts=artifacts,
-                    )
+                assert added.inserted_primary_key is not None
+                vm_id = added.inserted_primary_key[0]
+                vm = Holding(id=vm_id, name=name, mac=None, tap=None, subnet=None)
+                connection.execute(
+                    _ADD_CONFIG,
+                    {
+                        "vm_id": vm.id,
+                        "version": 1,
+                        "config": config.model_dump(mode="json", exclude_none=True),
+                        "manifest": manifest_json,
+                        "artifacts": artifacts,
+                    },
                 )
-                booting, _ = self._allocate(session, vm, plan, manifest, config, artifacts, vmm)
+                booting, _ = self._allocate(
+                    session, vm, status, plan, manifest, config, artifacts, vmm, early, host
+                )
                 return booting
 
-            try:
-                booting = self.db.transact(record)
-            except BaseException:
-                self._discard_early(name, early)
-                self._run_dir(name).remove()
-                raise
+            booting = self._allocating(record, host)
             log.info("create %s: recorded the VM and its allocations", name)
             if not start:
                 return self.show_vm(name)
             try:
-                return self._launch(booting, Steps("create", name), early)
+                return self._launch(booting, steps)
             except BaseException:
                 self._forget(name)
                 raise
 
-    def _start_early(self, name: str, vmm: str) -> Future[VMMProcess] | None:
+    def _start_early(
+        self, host: Steps, name: str, vmm: str, *, new: bool
+    ) -> Future[VMMProcess] | None:
         """A fresh run dir, and whatever of the VMM can start before the allocations are
-        made (the driver decides); the VMM's start then overlaps the database and the tap."""
+        made (the driver decides); the VMM's start then overlaps the database and the tap.
+        Undone: the VMM killed, then the run dir removed (a `new` VM's) or its sockets."""
         driver = self.drivers[vmm]
         driver.check_available()
         run_dir = self._run_dir(name)
+        tidy = run_dir.remove if new else run_dir.remove_sockets
         run_dir.prepare()
-        return driver.start_early(name, run_dir, self.worker)
+        try:
+            early = driver.start_early(name, run_dir, self.worker)
+        except BaseException:
+            tidy()
+            raise
+        host.done("started the VMM early", lambda: self._discard_early(early, tidy))
+        return early
 
-    def _discard_early(self, name: str, early: Future[VMMProcess] | None) -> None:
+    def _discard_early(self, early: Future[VMMProcess] | None, tidy: Callable[[], object]) -> None:
         """Undo `_start_early` for a launch that will not happen."""
         if early is not None:
             with suppress(Exception):
                 early.result().kill()
-        self._run_dir(name).remove_sockets()
+        tidy()
 
     def start_vm(self, name: str) -> dict[str, Any]:
         with self._operation(name, "start"):
@@ -394,22 +442,47 @@ class Engine:
             )
         self.drivers[vmm].check_available()
 
+    def _allocating(self, work: Callable[[Session], T], host: Steps | None) -> T:
+        """Run allocating transaction `work`. With `host` (a launch follows), `work` also
+        starts the VM's tap and rules, recorded in `host`, so they are built while it runs; the
+        bridge lock is then held until it has committed, so no bridge is removed for lack of a
+        lease that is not visible yet. Host work of a failed attempt is undone."""
+        if host is None:
+            return self.db.transact(work)
+
+        def attempt(session: Session) -> T:
+            host.rollback()  # what an earlier attempt made, had its commit failed
+            return work(session)
+
+        with self._bridge_lock:
+            try:
+                return self.db.transact(attempt)
+            except BaseException:
+                host.rollback()
+                raise
+
     def _allocate(
         self,
         session: Session,
-        vm: VM,
+        vm: Holding,
+        status: str,
         plan: VMPlan,
         manifest: Manifest,
         config: VMConfig,
         artifacts: dict[str, Any],
         vmm: str,
+        early: Future[VMMProcess] | None,
+        host: Steps | None,
     ) -> tuple[Booting, Emptied]:
         """Make the VM hold what its plan needs, and nothing else: address (bridged), CID,
-        MAC and tap name; record the resolved network. Also says which networks it left."""
+        MAC and tap name; record them, the resolved network and `status`. Also says which
+        networks it left. With `host` (a launch follows), the tap and its rules are started as
+        soon as they are known, and the tap is there before this returns."""
         emptied: Emptied = []
         effective = plan.network
         bridge: str | None = None
-        held_on = session.scalar(select(Network.subnet).join(IPLease).where(IPLease.vm_id == vm.id))
+        network_id: int | None = None
+        held_on = vm.subnet
         if held_on is not None and (plan.net.ipam is IPAM.NONE or held_on != str(effective.subnet)):
             emptied += self._release_ip(session, vm)
         if plan.net.ipam is not IPAM.NONE:
@@ -417,19 +490,46 @@ class Engine:
             network = alloc.ensure_network(session, effective.subnet, effective.gateway)
             requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
             effective = effective.with_ip(alloc.allocate_ip(session, network, vm.id, requested))
-            bridge = network.bridge
+            bridge, network_id = network.bridge, network.id
         elif plan.net.attach is Attachment.EXTERNAL:
             bridge = self.settings.dhcp_bridge
-        cid = alloc.allocate_cid(session, vm)
-        if plan.net.nic and vm.mac is None:
-            vm.mac = alloc.new_mac(session)
-        if plan.net.tap and vm.tap is None:
-            vm.tap = alloc.tap_name(vm)
+        mac, tap = vm.mac, vm.tap  # both kept for the VM's life once it has them
+        if plan.net.nic and mac is None:
+            mac = alloc.new_mac(session)
+        if plan.net.tap and tap is None:
+            tap = alloc.tap_name(vm)
         net = plan_network(effective, vm.name)
-        vm.network = {"effective": effective.to_json(), "plan": net.to_json(), "bridge": bridge}
+        made: Future[None] | None = None
+        rules: Future[None] | None = None
+        if host is not None and net.tap:
+            assert tap is not None and mac is not None and bridge is not None
+            made = self._start_tap(host, tap, mac, bridge, network_id, net.attach, effective)
+            if net.antispoof is not AntiSpoof.NONE:
+                ip = str(effective.ip) if net.antispoof is AntiSpoof.IP_AND_MAC else None
+                rules = self._start_rules(host, tap, mac, ip)
+        cid = alloc.allocate_cid(session, vm)
         vsock_missing = self.drivers[vmm].vsock_unavailable() if net.vsock else None
-        vm.vmm_kind, vm.vsock_unavailable, vm.observed_ip = vmm, vsock_missing, None
-        vm.status_reason, vm.exit_code = None, None
+        session.connection().execute(
+            _SET_VM,
+            {
+                "vm_id": vm.id,
+                "status": status,
+                "mac": mac,
+                "tap": tap,
+                "network": {
+                    "effective": effective.to_json(),
+                    "plan": net.to_json(),
+                    "bridge": bridge,
+                },
+                "vmm_kind": vmm,
+                "vsock_unavailable": vsock_missing,
+                "observed_ip": None,
+                "status_reason": None,
+                "exit_code": None,
+            },
+        )
+        if made is not None:
+            made.result()  # only the commit is left
         booting = Booting(
             name=vm.name,
             plan=plan,
@@ -439,15 +539,77 @@ class Engine:
             artifacts=artifacts,
             vmm=vmm,
             cid=cid,
-            mac=vm.mac if net.nic else None,
-            tap=vm.tap if net.tap else None,
-            bridge=bridge,
-            ip=None if effective.ip is None else str(effective.ip),
+            mac=mac if net.nic else None,
+            tap=tap if net.tap else None,
             vsock_missing=vsock_missing,
+            early=early,
+            rules=rules,
         )
         return booting, emptied
 
-    def _release_ip(self, session: Session, vm: VM) -> Emptied:
+    def _start_tap(
+        self,
+        host: Steps,
+        tap: str,
+        mac: str,
+        bridge: str,
+        network_id: int | None,
+        attach: Attachment,
+        effective: EffectiveNetwork,
+    ) -> Future[None]:
+        made = self._background.submit(self._make_tap, tap, mac, bridge, attach, effective)
+        host.done(
+            f"creating tap {tap} on {bridge}",
+            lambda: self._drop_tap(tap, made, bridge, network_id),
+        )
+        return made
+
+    def _drop_tap(self, tap: str, made: Future[None], bridge: str, network_id: int | None) -> None:
+        """Remove the tap once it is made (or has failed), then its bridge unless a lease keeps
+        it (making the tap may have set it up; roost's own bridges only)."""
+        made.exception()
+        self.links.delete(tap)
+        if network_id is not None:
+            self._remove_bridges([(network_id, bridge)])
+
+    def _make_tap(
+        self, tap: str, mac: str, bridge: str, attach: Attachment, effective: EffectiveNetwork
+    ) -> None:
+        """A fresh tap on `bridge`, setting the bridge up first unless this daemon already
+        did (and again if it has vanished since). Runs while its allocating transaction holds
+        the bridge lock."""
+        if bridge not in self._bridges_ready:
+            self._ensure_bridge(bridge, attach, effective)
+            self._bridges_ready.add(bridge)
+        try:
+            self.links.create_tap(tap, bridge, alloc.tap_mac(mac))
+        except HostError:
+            self._bridges_ready.discard(bridge)
+            self._ensure_bridge(bridge, attach, effective)
+            self.links.create_tap(tap, bridge, alloc.tap_mac(mac))
+            self._bridges_ready.add(bridge)
+
+    def _ensure_bridge(self, bridge: str, attach: Attachment, effective: EffectiveNetwork) -> None:
+        if attach is Attachment.EXTERNAL:
+            info = self.links.info(bridge)
+            if info is None or info.kind != "bridge":
+                raise HostError(
+                    f"the dhcp bridge {bridge} does not exist (or is not a bridge) in the "
+                    "daemon's namespace; create it and connect it to a network with a DHCP server"
+                )
+            return
+        assert effective.subnet is not None and effective.gateway is not None
+        address = ipaddress.IPv4Interface(f"{effective.gateway}/{effective.subnet.prefixlen}")
+        self.links.ensure_bridge(bridge, address)
+
+    def _start_rules(self, host: Steps, tap: str, mac: str, ip: str | None) -> Future[None]:
+        """The tap's anti-spoofing rules, written by nft while the tap is made and the VMM
+        starts; the guest boots only once they are in (the driver's `before_boot`)."""
+        rules = self._background.submit(self.firewall.protect, tap, mac, ip)
+        host.done("adding anti-spoofing rules", lambda: self._unprotect(tap, rules))
+        return rules
+
+    def _release_ip(self, session: Session, vm: alloc.Holder) -> Emptied:
         network = alloc.release_ip(session, vm)
         if network is None:
             return []
@@ -491,32 +653,27 @@ class Engine:
         vmm = self._vmm_of(config)
         plan = plan_vm(name, manifest, config, self.default)
         self._check_launchable(plan, manifest, artifacts, vmm)
-        early = self._start_early(name, vmm)
+        steps = Steps(operation, name)
 
         def allocate(session: Session) -> tuple[Booting, Emptied]:
-            vm = session.scalar(select(VM).where(VM.name == name))
-            if vm is None:
+            row = session.connection().execute(_HOLDING, {"name": name}).first()
+            if row is None:
                 raise _no_vm(name)
-            booting, emptied = self._allocate(session, vm, plan, manifest, config, artifacts, vmm)
-            vm.status = STARTING
-            return booting, emptied
+            early = self._start_early(steps, name, vmm, new=False)
+            vm = Holding(id=row.id, name=name, mac=row.mac, tap=row.tap, subnet=row.subnet)
+            return self._allocate(
+                session, vm, STARTING, plan, manifest, config, artifacts, vmm, early, steps
+            )
 
-        try:
-            booting, emptied = self.db.transact(allocate)
-        except BaseException:
-            self._discard_early(name, early)
-            raise
+        booting, emptied = self._allocating(allocate, steps)
         self._remove_bridges(emptied)
-        return self._launch(booting, Steps(operation, name), early)
+        return self._launch(booting, steps)
 
-    def _launch(
-        self, booting: Booting, steps: Steps, early: Future[VMMProcess] | None
-    ) -> dict[str, Any]:
+    def _launch(self, booting: Booting, steps: Steps) -> dict[str, Any]:
         """Set up the host and boot the VMM; the VM as it then is. A failure leaves the VM
         `error` with its reason, its tap and process gone, its leases kept."""
-        steps.done("started the VMM early", lambda: self._discard_early(booting.name, early))
         try:
-            return self._boot(booting, steps, early)
+            return self._boot(booting, steps)
         except BaseException as error:
             reason = error.message if isinstance(error, RoostError) else repr(error)
             steps.rollback()
@@ -525,29 +682,15 @@ class Engine:
             )
             raise
 
-    def _boot(
-        self, booting: Booting, steps: Steps, early: Future[VMMProcess] | None
-    ) -> dict[str, Any]:
+    def _boot(self, booting: Booting, steps: Steps) -> dict[str, Any]:
         name, net = booting.name, booting.net
         if booting.vsock_missing:
             log.warning("VM %s starts without a vsock device: %s", name, booting.vsock_missing)
         run_dir = self._run_dir(name)
-
         nic = None
-        rules: Future[None] | None = None
         if net.tap:
-            tap, mac, bridge = booting.tap, booting.mac, booting.bridge
-            assert tap is not None and mac is not None and bridge is not None
-            if net.antispoof is not AntiSpoof.NONE:
-                ip = booting.ip if net.antispoof is AntiSpoof.IP_AND_MAC else None
-                # nft runs while the tap is made and the VMM starts; the guest boots only
-                # once the rules are in (the driver's before_boot)
-                rules = self._background.submit(self.firewall.protect, tap, mac, ip)
-                steps.done("adding anti-spoofing rules", lambda: self._unprotect(tap, rules))
-            self._attach_tap(tap, mac, bridge, net.attach, booting)
-            steps.done(f"created tap {tap} on {bridge}", lambda: self.links.delete(tap))
-            nic = NIC(tap=tap, mac=mac)
-
+            assert booting.tap is not None and booting.mac is not None
+            nic = NIC(tap=booting.tap, mac=booting.mac)
         kernel = self._artifact_path(booting.artifacts, "kernel") or self.settings.kernel
         assert kernel is not None
         with_vsock = booting.vsock_missing is None and net.vsock
@@ -564,11 +707,12 @@ class Engine:
             vsock=Vsock(booting.cid, run_dir.vsock_socket) if with_vsock else None,
         )
         driver = self.drivers[booting.vmm]
-        gate = rules.result if rules is not None else None
-        process = driver.launch(spec, self.worker, before_boot=gate, early=early)
-        steps.done(f"started {booting.vmm} (pid {process.pid})", process.kill)
+        gate = booting.rules.result if booting.rules is not None else None
+        process = driver.launch(spec, self.worker, before_boot=gate, early=booting.early)
         self._live[name] = Live(process, driver)
-        steps.done("tracked the VMM", lambda: self._live.pop(name, None))
+        steps.done(
+            f"started {booting.vmm} (pid {process.pid})", lambda: self._untrack(name, process)
+        )
         self.watcher.watch(name, process)
         if net.observe_ip and nic is not None:
             self.observer.watch(name, nic.tap, nic.mac)
@@ -576,36 +720,10 @@ class Engine:
             name, status=RUNNING, pid=process.pid, supervisor_pid=process.supervisor_pid
         )
 
-    def _attach_tap(
-        self, tap: str, mac: str, bridge: str, attach: Attachment, booting: Booting
-    ) -> None:
-        """A fresh tap on `bridge`, setting the bridge up first unless this daemon already
-        did (and again if it has vanished since)."""
-        with self._bridge_lock:
-            if bridge not in self._bridges_ready:
-                self._ensure_bridge(bridge, attach, booting)
-                self._bridges_ready.add(bridge)
-            try:
-                self.links.create_tap(tap, bridge, alloc.tap_mac(mac))
-            except HostError:
-                self._bridges_ready.discard(bridge)
-                self._ensure_bridge(bridge, attach, booting)
-                self.links.create_tap(tap, bridge, alloc.tap_mac(mac))
-                self._bridges_ready.add(bridge)
-
-    def _ensure_bridge(self, bridge: str, attach: Attachment, booting: Booting) -> None:
-        if attach is Attachment.EXTERNAL:
-            info = self.links.info(bridge)
-            if info is None or info.kind != "bridge":
-                raise HostError(
-                    f"the dhcp bridge {bridge} does not exist (or is not a bridge) in the "
-                    "daemon's namespace; create it and connect it to a network with a DHCP server"
-                )
-            return
-        effective = booting.plan.network
-        assert effective.subnet is not None and effective.gateway is not None
-        address = ipaddress.IPv4Interface(f"{effective.gateway}/{effective.subnet.prefixlen}")
-        self.links.ensure_bridge(bridge, address)
+    def _untrack(self, name: str, process: VMMProcess) -> None:
+        """Undo a launch: no longer track the VMM, and end it."""
+        self._live.pop(name, None)
+        process.kill()
 
     def _unprotect(self, tap: str, rules: Future[None]) -> None:
         rules.exception()  # wait until nft has finished before taking the rules away
@@ -711,11 +829,13 @@ class Engine:
         self.plugins.collect_garbage()
 
     def _set(self, name: str, **values: Any) -> dict[str, Any]:
-        """Update the VM's record and return its view, in one transaction."""
+        """Update the VM's record and return its view, in one transaction (Core statements:
+        the ORM would cost several times the queries)."""
 
         def work(session: Session) -> Row[Any]:
-            session.execute(update(VM).where(VM.name == name).values(**values))
-            row = session.execute(_view_query().where(VM.name == name)).first()
+            connection = session.connection()
+            connection.execute(_SET_NAMED, {"vm_name": name, **values})
+            row = connection.execute(_VM_ROW, {"name": name}).first()
             if row is None:
                 raise _no_vm(name)
             return row
@@ -798,23 +918,14 @@ def _exit_reason(code: int | None) -> str:
     return f"the VMM exited with code {code}"
 
 
-def _view_query() -> Any:
-    """Everything a VM's JSON needs, in one query."""
-    return (
-        select(
-            VM,
-            Plugin.name.label("plugin"),
-            CIDLease.cid.label("cid"),
-            VMConfigVersion.config.label("config"),
-            VMConfigVersion.manifest.label("manifest"),
-        )
-        .join(Plugin, Plugin.id == VM.plugin_id)
-        .join(
-            VMConfigVersion,
-            and_(VMConfigVersion.vm_id == VM.id, VMConfigVersion.version == VM.config_version),
-        )
-        .outerjoin(CIDLease, CIDLease.vm_id == VM.id)
-    )
+def _plugin(session: Session, name: str) -> tuple[int, dict[str, Any], dict[str, Any]]:
+    """The installed plugin's id, manifest and artifacts, in one Core query (`find` says when
+    it is not installed)."""
+    rows = session.connection().execute(_PLUGIN, {"name": name}).all()
+    if not rows:
+        find(session, name)  # raises: it is not installed
+    artifacts = {r.role: {"sha256": r.sha256, "size": r.size} for r in rows if r.role is not None}
+    return rows[0].id, rows[0].manifest, artifacts
 
 
 def _no_vm(name: str) -> NotFoundError:

@@ -8,9 +8,29 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy import Row, Select, and_, select
+
 from roost.spec import Resources, ResourcesOverride
-from roost.state.models import VM, Network, Plugin
+from roost.state.models import VM, CIDLease, Network, Plugin, VMConfigVersion
 from roost.vmm.base import RunDir
+
+# Everything a VM's JSON needs, in one Core query (the ORM's entity loading costs several times
+# the query itself): the VM's columns, its plugin's name, its CID and its current config version.
+VM_ROWS: Select[Any] = (
+    select(
+        *VM.__table__.columns,
+        Plugin.name.label("plugin"),
+        CIDLease.cid.label("cid"),
+        VMConfigVersion.config.label("config"),
+        VMConfigVersion.manifest.label("manifest"),
+    )
+    .join(Plugin, Plugin.id == VM.plugin_id)
+    .join(
+        VMConfigVersion,
+        and_(VMConfigVersion.vm_id == VM.id, VMConfigVersion.version == VM.config_version),
+    )
+    .outerjoin(CIDLease, CIDLease.vm_id == VM.id)
+)
 
 
 def timestamp(moment: datetime) -> str:
@@ -20,27 +40,23 @@ def timestamp(moment: datetime) -> str:
 
 
 def vm_view(
-    vm: VM,
+    vm: Row[Any],
     *,
-    plugin: str,
-    cid: int | None,
-    config: dict[str, Any],
-    manifest: dict[str, Any],
     run_dir: RunDir,
     api_socket: Path | None,
     vsock_path: Path | None,
 ) -> dict[str, Any]:
-    """A VM as the API shows it. `config`/`manifest` are its current config version's;
-    `api_socket` is its VMM's control socket while it runs; `vsock_path` is where its driver's
-    hybrid vsock listens (None when the guest is reached by CID)."""
-    resources = ResourcesOverride.model_validate(config.get("resources", {})).apply(
-        Resources.model_validate(manifest.get("resources", {}))
+    """A VM as the API shows it, from its `VM_ROWS` row. `api_socket` is its VMM's control
+    socket while it runs; `vsock_path` is where its driver's hybrid vsock listens (None when the
+    guest is reached by CID)."""
+    resources = ResourcesOverride.model_validate(vm.config.get("resources", {})).apply(
+        Resources.model_validate(vm.manifest.get("resources", {}))
     )
     effective, plan = vm.network["effective"], vm.network["plan"]
     vsock_ok = plan["vsock"] and vm.vsock_unavailable is None
     return {
         "name": vm.name,
-        "plugin": plugin,
+        "plugin": vm.plugin,
         "status": vm.status,
         "status_reason": vm.status_reason,
         "exit_code": vm.exit_code,
@@ -52,7 +68,7 @@ def vm_view(
             "observed_ip": vm.observed_ip if plan["observe_ip"] else None,
         },
         "vsock": {
-            "cid": cid,
+            "cid": vm.cid,
             "uds_path": str(vsock_path) if vsock_ok and vsock_path else None,
             "available": vsock_ok,
             "reason": vm.vsock_unavailable,

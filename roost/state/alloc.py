@@ -11,6 +11,7 @@ import heapq
 import ipaddress
 import secrets
 from collections.abc import Iterable, Iterator
+from typing import Protocol
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
@@ -27,6 +28,13 @@ BRIDGE_PREFIX = "rbr"
 # 02:xx: locally administered unicast for guests; fe:xx for their taps (as libvirt does).
 GUEST_MAC_PREFIX = "02"
 TAP_MAC_PREFIX = "fe"
+
+
+class Holder(Protocol):
+    """What allocation needs of a VM: its id (a `VM`, or any row or record that has one)."""
+
+    @property
+    def id(self) -> int: ...
 
 
 def first_gap(taken: Iterable[int], start: int, end: int) -> int | None:
@@ -57,8 +65,8 @@ _HOLDER = (
     .join(IPLease, IPLease.vm_id == VM.id)
     .where(IPLease.network_id == bindparam("network_id"), IPLease.ip == bindparam("ip"))
 )
-_CID_HELD = select(CIDLease.cid).where(CIDLease.vm_id == bindparam("vm_id"))
-_CIDS_TAKEN = select(CIDLease.cid).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
+_NETWORK = select(Network).where(Network.subnet == bindparam("subnet"))
+_CIDS = select(CIDLease.cid, CIDLease.vm_id).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
 _ADD_CID = insert(CIDLease)
 _MAC_USED = select(VM.id).where(VM.mac == bindparam("mac"))
 _DROP_LEASE = delete(IPLease).where(IPLease.vm_id == bindparam("vm_id"))
@@ -84,7 +92,7 @@ def _leased_from(connection: Connection, network_id: int, start: int, end: int) 
 
 
 def network_by_subnet(session: Session, subnet: ipaddress.IPv4Network) -> Network | None:
-    return session.scalar(select(Network).where(Network.subnet == str(subnet)))
+    return session.scalar(_NETWORK, {"subnet": str(subnet)})
 
 
 def ensure_network(
@@ -190,7 +198,7 @@ def _next_free(connection: Connection, network: Network) -> int:
     return found
 
 
-def release_ip(session: Session, vm: VM) -> Network | None:
+def release_ip(session: Session, vm: Holder) -> Network | None:
     """Drop the VM's address; returns its network when no lease is left on it."""
     lease = session.scalar(select(IPLease).where(IPLease.vm_id == vm.id))
     if lease is None:
@@ -207,20 +215,22 @@ def network_in_use(session: Session, network: Network) -> bool:
     return session.scalar(select(IPLease.ip).where(IPLease.network_id == network.id)) is not None
 
 
-def allocate_cid(session: Session, vm: VM) -> int:
-    """The lowest free vsock CID (≥ 3) for `vm`, or the one it already holds."""
+def allocate_cid(session: Session, vm: Holder) -> int:
+    """The lowest free vsock CID (≥ 3) for `vm`, or the one it already holds (one query for
+    both: a new VM, the usual case, needs them all anyway)."""
     connection = session.connection()
-    held = connection.execute(_CID_HELD, {"vm_id": vm.id}).scalar()
+    taken = connection.execute(_CIDS).all()
+    held = next((cid for cid, holder in taken if holder == vm.id), None)
     if held is not None:
         return int(held)
-    cid = first_gap(connection.execute(_CIDS_TAKEN).scalars(), MIN_CID, MAX_CID)
+    cid = first_gap((cid for cid, _ in taken), MIN_CID, MAX_CID)
     if cid is None:
         raise ConflictError("no vsock CID is free on this host", code="cid_exhausted")
     connection.execute(_ADD_CID, {"cid": cid, "vm_id": vm.id})
     return cid
 
 
-def release_cid(session: Session, vm: VM) -> None:
+def release_cid(session: Session, vm: Holder) -> None:
     session.execute(delete(CIDLease).where(CIDLease.vm_id == vm.id))
 
 
@@ -238,6 +248,6 @@ def tap_mac(guest_mac: str) -> str:
     return TAP_MAC_PREFIX + guest_mac[2:]
 
 
-def tap_name(vm: VM) -> str:
+def tap_name(vm: Holder) -> str:
     """A tap name ≤ 15 bytes, unique because VM ids are never reused, and recognisable."""
     return f"{TAP_PREFIX}{vm.id}"
