@@ -10,6 +10,7 @@ from __future__ import annotations
 import fcntl
 import ipaddress
 import logging
+import os
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -28,14 +29,14 @@ from roost.engine.views import VM_ROWS, network_view, vm_view
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError, RoostError
 from roost.host.firewall import Firewall
 from roost.host.links import Links
-from roost.host.netns import NetnsWorker
+from roost.host.netns import NetnsWorker, namespace_file
 from roost.host.observe import LeaseObserver
 from roost.plan import IPAM, AntiSpoof, Attachment, DefaultNetwork, VMPlan, boot_args, plan_vm
 from roost.plan.network import EffectiveNetwork, NetworkPlan, plan_network
 from roost.spec import Manifest, VMConfig
 from roost.spec.common import check_name
 from roost.state import alloc
-from roost.state.artifacts import ArtifactStore
+from roost.state.artifacts import ArtifactStore, is_elf
 from roost.state.db import Database, sqlite_url
 from roost.state.models import VM, IPLease, Network, Plugin, PluginArtifact, VMConfigVersion
 from roost.vmm.base import NIC, Driver, LaunchSpec, RunDir, Vsock
@@ -74,7 +75,6 @@ _PLUGIN = (
 CREATED, STARTING, RUNNING, PAUSED = "created", "starting", "running", "paused"
 STOPPING, STOPPED, CRASHED, ERROR = "stopping", "stopped", "crashed", "error"
 LIVE = (STARTING, RUNNING, PAUSED, STOPPING)
-LOCK_DIR = Path("/run/lock")
 Emptied = list[tuple[int, str]]  # (network id, bridge) of networks that lost their last lease
 
 
@@ -133,14 +133,17 @@ class Engine:
         self.settings = settings
         self.default = DefaultNetwork.from_cidr(settings.default_subnet)
         settings.state_dir.mkdir(parents=True, exist_ok=True)
+        settings.state_dir.chmod(0o700)  # the database and the artifacts are root's business
         self._locks = [
             _lock(
                 settings.state_dir / "lock",
                 f"another roost daemon is using {settings.state_dir}"
                 "; stop it, or give this one its own --state-dir",
+                create=True,
             ),
+            # the namespace itself (its nsfs file) is the lock: nothing is left behind
             _lock(
-                LOCK_DIR / f"roost-netns-{settings.netns or '-host-'}.lock",
+                namespace_file(settings.netns),
                 f"another roost daemon manages network namespace {settings.netns or 'of the host'}"
                 "; one daemon per namespace",
             ),
@@ -172,6 +175,8 @@ class Engine:
         self._bridge_lock = threading.RLock()  # undoing a failed allocation removes bridges
         self._bridges_ready: set[str] = set()
         self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-bg")
+        # exits wait for their VM's lock: their own pool, so they never hold up a boot's jobs
+        self._exits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-exit")
         self.watcher = ExitWatcher(self._on_exit)
         self._ensure_default_network()
         self._recover()
@@ -187,7 +192,7 @@ class Engine:
                 "DHCP server behind it",
             )
         kernel = self.settings.kernel
-        if kernel is not None and not _is_elf(kernel):
+        if kernel is not None and not is_elf(kernel):
             raise InvalidError.at(
                 "kernel", f"{kernel} is not an uncompressed ELF vmlinux (or is not readable)"
             )
@@ -222,6 +227,7 @@ class Engine:
         """Stop serving; running VMMs keep running (they outlive the daemon)."""
         self.watcher.close()
         self.observer.close()
+        self._exits.shutdown(wait=True)
         self._background.shutdown(wait=True)
         self.links.close()
         self.worker.close()
@@ -375,7 +381,8 @@ class Engine:
         except BaseException:
             tidy()
             raise
-        host.done("started the VMM early", lambda: self._discard_early(early, tidy))
+        what = "prepared the run dir" if early is None else "started the VMM early"
+        host.done(what, lambda: self._discard_early(early, tidy))
         return early
 
     def _discard_early(self, early: Future[VMMProcess] | None, tidy: Callable[[], object]) -> None:
@@ -699,7 +706,7 @@ class Engine:
             run_dir=run_dir,
             kernel=kernel,
             initrd=self._artifact_path(booting.artifacts, "initramfs"),
-            rootfs=self._artifact_path(booting.artifacts, "rootfs"),
+            rootfs=self._disk(name, booting.artifacts),
             boot_args=boot_args(booting.manifest, booting.config, name, net.kernel_ip_arg),
             vcpus=booting.plan.resources.vcpus,
             memory_mib=booting.plan.resources.memory_mib,
@@ -733,6 +740,29 @@ class Engine:
         item = artifacts.get(role)
         return None if item is None else self.store.path(item["sha256"])
 
+    def _disk_path(self, name: str) -> Path:
+        return self.settings.state_dir / "disks" / f"{name}.img"
+
+    def _disk(self, name: str, artifacts: dict[str, Any]) -> Path | None:
+        """The VM's own copy of its plugin's rootfs, made at its first boot and kept for its
+        life: guests write to their disks, and the stored artifact is shared and must not
+        change."""
+        source = self._artifact_path(artifacts, "rootfs")
+        if source is None:
+            return None
+        disk = self._disk_path(name)
+        if not disk.exists():
+            disk.parent.mkdir(mode=0o700, exist_ok=True)
+            partial = disk.with_suffix(".partial")
+            try:
+                _copy_file(source, partial)
+                partial.chmod(0o600)
+                partial.rename(disk)
+            except OSError as error:
+                partial.unlink(missing_ok=True)
+                raise HostError(f"cannot make the disk of VM {name}: {error}") from None
+        return disk
+
     def _pause_or_resume(self, name: str, *, pause: bool) -> dict[str, Any]:
         """Pause or resume a VM whose VMM runs (the VMMs this daemon watches are exactly the
         running and paused VMs); asking for the state it is in changes nothing."""
@@ -759,7 +789,10 @@ class Engine:
         self.watcher.forget(live.process)
         if live.paused and not force:
             # a paused guest cannot act on a graceful shutdown request: let it run to do so
-            live.driver.resume(live.process)
+            try:
+                live.driver.resume(live.process)
+            except RoostError as error:
+                log.warning("VM %s: could not resume it to stop it gracefully: %s", name, error)
         wait = self.settings.stop_timeout if timeout is None else timeout
         code = live.driver.stop(live.process, wait, force)
         self._live.pop(name, None)
@@ -777,7 +810,7 @@ class Engine:
         self._run_dir(name).remove_sockets()
 
     def _on_exit(self, name: str, process: VMMProcess) -> None:
-        self._background.submit(self._vmm_exited, name, process)
+        self._exits.submit(self._vmm_exited, name, process)
 
     def _vmm_exited(self, name: str, process: VMMProcess) -> None:
         """A VMM ended without being asked: the VM is `stopped` (exit 0) or `crashed`."""
@@ -826,6 +859,7 @@ class Engine:
         emptied = self.db.transact(work)
         self._remove_bridges(emptied)
         self._run_dir(name).remove()
+        self._disk_path(name).unlink(missing_ok=True)
         self.plugins.collect_garbage()
 
     def _set(self, name: str, **values: Any) -> dict[str, Any]:
@@ -845,30 +879,76 @@ class Engine:
     # ---- recovery after a daemon restart --------------------------------------------------
 
     def _recover(self) -> None:
-        """Bring the records in line with what runs: adopt live VMMs, settle the ended ones."""
+        """Bring the records and the host in line after a restart or a crash: adopt the VMMs
+        still running, settle the ones that ended, end the VMMs nothing accounts for, and
+        remove taps, bridges and run dirs that belong to no VM."""
         with self.db.read() as session:
-            found = [
-                (vm.name, vm.status, vm.pid, vm.supervisor_pid, vm.vmm_kind)
-                for vm in session.scalars(select(VM).where(VM.status.in_(LIVE)))
-            ]
-        for name, status, pid, supervisor_pid, kind in found:
-            run_dir = self._run_dir(name)
-            process = None
-            if pid is not None and supervisor_pid is not None:
-                process = VMMProcess(run_dir.path, pid, supervisor_pid)
-            if process is not None and not process.exited() and _is_our_vmm(process.pid, run_dir):
-                if status in (STARTING, STOPPING):
-                    code = process.kill()
-                    interrupted = f"the daemon stopped while the VM was {status}"
-                    self._settle(name, STOPPED if status == STOPPING else ERROR, code, interrupted)
-                else:
-                    self._live[name] = Live(process, self.drivers[kind], status == PAUSED)
-                    self.watcher.watch(name, process)
-                    log.info("VM %s: adopted its running VMM (pid %d)", name, pid)
+            records = session.execute(
+                select(VM.name, VM.status, VM.pid, VM.supervisor_pid, VM.vmm_kind, VM.network)
+            ).all()
+        for record in records:
+            if record.status in LIVE:
+                self._recover_vm(record)
+        self._end_strays({record.name for record in records})
+        self._reap_links()
+
+    def _recover_vm(self, record: Row[Any]) -> None:
+        name, status = record.name, record.status
+        run_dir = self._run_dir(name)
+        pid = record.pid or _recorded_pid(run_dir)  # a crash while starting leaves only this
+        process = VMMProcess(run_dir.path, pid, record.supervisor_pid or pid) if pid else None
+        if process is not None and not process.exited() and _is_our_vmm(process.pid, run_dir):
+            if status in (STARTING, STOPPING):
+                code = process.kill()
+                interrupted = f"the daemon stopped while the VM was {status}"
+                self._settle(name, STOPPED if status == STOPPING else ERROR, code, interrupted)
+                return
+            self._live[name] = Live(process, self.drivers[record.vmm_kind], status == PAUSED)
+            self.watcher.watch(name, process)
+            self._observe_again(name, record.network)
+            log.info("VM %s: adopted its running VMM (pid %d)", name, process.pid)
+            return
+        code = process.exit_code() if process is not None else None
+        self._settle(
+            name, STOPPED if code == 0 else CRASHED, code, None if code == 0 else _exit_reason(code)
+        )
+
+    def _observe_again(self, name: str, network: dict[str, Any]) -> None:
+        """An adopted VM whose address the host learns by watching keeps being watched."""
+        if not network.get("plan", {}).get("observe_ip"):
+            return
+        with self.db.read() as session:
+            tap, mac = session.execute(select(VM.tap, VM.mac).where(VM.name == name)).one()
+        if tap is not None and mac is not None:
+            self.observer.watch(name, tap, mac)
+
+    def _end_strays(self, names: set[str]) -> None:
+        """Run dirs of no VM (a create the daemon died in): end their VMM, remove them."""
+        vms = self.settings.run_dir / "vms"
+        for path in sorted(vms.iterdir()) if vms.is_dir() else []:
+            if path.name in names:
                 continue
-            code = process.exit_code() if process is not None else None
-            reason = None if code == 0 else _exit_reason(code)
-            self._settle(name, STOPPED if code == 0 else CRASHED, code, reason)
+            run_dir = RunDir(path)
+            pid = _recorded_pid(run_dir)
+            if pid is not None and _is_our_vmm(pid, run_dir):
+                VMMProcess(path, pid, pid).kill()
+                log.info("ended VMM %d of %s, which no VM accounts for", pid, path)
+            run_dir.remove()
+
+    def _reap_links(self) -> None:
+        """Taps of no running VM, and managed bridges no VM holds an address on."""
+        with self.db.read() as session:
+            live_taps = set(session.scalars(select(VM.tap).where(VM.name.in_(list(self._live)))))
+            used = set(session.scalars(select(Network.bridge).join(IPLease).distinct()))
+        for tap in self.links.names(alloc.TAP_PREFIX):
+            if tap not in live_taps:
+                self.firewall.release(tap)
+                self.links.delete(tap)
+                log.info("removed tap %s, which no running VM uses", tap)
+        for bridge in [*self.links.names(alloc.BRIDGE_PREFIX), *self.links.names(DEFAULT_BRIDGE)]:
+            if bridge not in used:
+                self.links.delete(bridge)
+                log.info("removed bridge %s, on which no VM holds an address", bridge)
 
     def _settle(self, name: str, status: str, code: int | None, reason: str | None) -> None:
         self._release_host(name)
@@ -881,10 +961,13 @@ class Engine:
 # ---- helpers -------------------------------------------------------------------------------
 
 
-def _lock(path: Path, message: str) -> IO[str]:
-    """An exclusive lock held for the daemon's life (released by the kernel if it dies)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    handle = path.open("a")
+def _lock(path: Path, message: str, *, create: bool = False) -> IO[bytes]:
+    """An exclusive lock on `path` held for the daemon's life (the kernel releases it if the
+    daemon dies)."""
+    try:
+        handle = path.open("ab" if create else "rb")
+    except OSError as error:
+        raise HostError(f"cannot open {path} to lock it: {error.strerror}") from None
     try:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -893,12 +976,23 @@ def _lock(path: Path, message: str) -> IO[str]:
     return handle
 
 
-def _is_elf(path: Path) -> bool:
+def _copy_file(source: Path, target: Path) -> None:
+    """Copy in the kernel (a reflink where the filesystem can, so a big disk costs nothing)."""
+    with source.open("rb") as reader, target.open("wb") as writer:
+        remaining = os.fstat(reader.fileno()).st_size
+        while remaining > 0:
+            copied = os.copy_file_range(reader.fileno(), writer.fileno(), remaining)
+            if copied == 0:
+                raise OSError(f"{source} ended early")
+            remaining -= copied
+
+
+def _recorded_pid(run_dir: RunDir) -> int | None:
+    """The PID the supervisor wrote into the run dir, if any."""
     try:
-        with path.open("rb") as reader:
-            return reader.read(4) == b"\x7fELF"
-    except OSError:
-        return False
+        return int((run_dir.path / "vmm.pid").read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def _is_our_vmm(pid: int, run_dir: RunDir) -> bool:
@@ -907,7 +1001,7 @@ def _is_our_vmm(pid: int, run_dir: RunDir) -> bool:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return str(run_dir.path).encode() in cmdline
+    return f"{run_dir.path}/".encode() in cmdline
 
 
 def _exit_reason(code: int | None) -> str:

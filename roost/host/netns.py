@@ -28,6 +28,20 @@ def netns_path(name: str) -> Path:
     return NETNS_DIR / name
 
 
+def namespace_file(netns: str | None) -> Path:
+    """The file that is `netns` (the daemon's own namespace when None); it must exist."""
+    if netns is None:
+        return Path("/proc/self/ns/net")
+    path = netns_path(netns)
+    if not path.exists():
+        raise InvalidError.at(
+            "netns",
+            f"network namespace {netns!r} does not exist; create it first "
+            f"(ip netns add {netns}) — roost never creates or deletes it",
+        )
+    return path
+
+
 def _enter(name: str) -> None:
     libc = ctypes.CDLL(None, use_errno=True)
     fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
@@ -45,12 +59,7 @@ class NetnsWorker:
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
-        if netns is not None and not netns_path(netns).exists():
-            raise InvalidError.at(
-                "netns",
-                f"network namespace {netns!r} does not exist; create it first "
-                f"(ip netns add {netns}) — roost never creates or deletes it",
-            )
+        namespace_file(netns)
         initializer = (lambda: _enter(netns)) if netns is not None else None
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="roost-netns", initializer=initializer

@@ -156,11 +156,6 @@ _ISC_STATE = re.compile(r"^\s*binding\s+state\s+(\w+)\s*;", re.M)
 _ISC_ENDS = re.compile(r"^\s*ends\s+(?:\d\s+(\d+/\d+/\d+\s+\d+:\d+:\d+)|epoch\s+(\d+))\s*;", re.M)
 
 
-def read_lease_file(path: Path, mac: str) -> str | None:
-    """The IPv4 address the lease file at `path` (dnsmasq or ISC dhcpd) gives `mac`, if any."""
-    return read_leases(path).get(mac_bytes(mac).hex(":"))
-
-
 def read_leases(path: Path, *, now: float | None = None) -> dict[str, str]:
     """MAC (lower-case, colon-separated) → address of its current lease. A missing, unreadable
     or half-written file gives what can be trusted of it, never an error: the server rewrites

@@ -230,10 +230,6 @@ def allocate_cid(session: Session, vm: Holder) -> int:
     return cid
 
 
-def release_cid(session: Session, vm: Holder) -> None:
-    session.execute(delete(CIDLease).where(CIDLease.vm_id == vm.id))
-
-
 def new_mac(session: Session) -> str:
     """A random locally administered unicast MAC no VM has."""
     connection = session.connection()

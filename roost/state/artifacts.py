@@ -169,8 +169,7 @@ class ArtifactStore:
         return StoredArtifact(sha256, size)
 
     def is_elf(self, sha256: str) -> bool:
-        with self.path(sha256).open("rb") as reader:
-            return reader.read(4) == ELF_MAGIC
+        return is_elf(self.path(sha256))
 
     def collect_garbage(self, referenced: Iterable[str]) -> list[str]:
         """Remove stored files nothing refers to any more (and no install in progress holds);
@@ -187,6 +186,15 @@ class ArtifactStore:
     def remove_incomplete(self) -> None:
         for path in self.root.glob(".incoming-*"):
             path.unlink(missing_ok=True)
+
+
+def is_elf(path: Path) -> bool:
+    """Whether `path` is an ELF file (what Firecracker boots: an uncompressed vmlinux)."""
+    try:
+        with path.open("rb") as reader:
+            return reader.read(4) == ELF_MAGIC
+    except OSError:
+        return False
 
 
 def _too_big(loc: str, what: object) -> InvalidError:

@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from roost.errors import InvalidError, VMMFailedError, VMMUnavailableError
+from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
 from roost.vmm.base import LaunchSpec, RunDir
 from roost.vmm.process import VMMProcess
@@ -224,12 +224,6 @@ class FirecrackerDriver:
         before_boot: Callable[[], object] | None = None,
         early: Future[VMMProcess] | None = None,
     ) -> VMMProcess:
-        if spec.vcpus > 1 and spec.vcpus % 2:
-            raise InvalidError.at(
-                "resources.vcpus",
-                f"Firecracker runs 1 or an even number of vCPUs, not {spec.vcpus}; "
-                f"use {spec.vcpus - 1} or {spec.vcpus + 1} (or the qemu driver)",
-            )
         if early is None:
             early = self.start_early(spec.name, spec.run_dir, worker)
         process = early.result()

@@ -21,6 +21,7 @@ from tests.harness import (
     leftover_pids,
     links,
     process_alive,
+    run,
     wait_for,
     write_plugin,
 )
@@ -390,3 +391,48 @@ def test_artifacts_from_file_and_http_urls(daemon: Daemon, tmp_path: Path) -> No
     finally:
         server.shutdown()
         thread.join()
+
+
+def test_a_restart_ends_and_removes_what_belongs_to_no_vm(daemon: Daemon) -> None:
+    # what a daemon that died mid-create leaves: a run dir with a VMM, a tap, a bridge
+    ghost = daemon.run_dir / "vms" / "ghost"
+    ghost.mkdir(parents=True)
+    stray = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", f"{ghost}/api.sock"],
+        start_new_session=True,
+    )
+    try:
+        (ghost / "vmm.pid").write_text(f"{stray.pid}\n")
+        run("ip", "tuntap", "add", "rtap999", "mode", "tap", netns=daemon.netns)
+        run("ip", "link", "add", "rbr999", "type", "bridge", netns=daemon.netns)
+        assert daemon.stop() == 0
+        daemon.start()
+        assert stray.wait(10) == -signal.SIGKILL
+        assert not ghost.exists()
+        assert not {"rtap999", "rbr999"} & set(links(daemon.netns))
+        assert "brdhcp" in links(daemon.netns)  # the operator's bridge is never touched
+    finally:
+        if stray.poll() is None:
+            stray.kill()
+            stray.wait()
+
+
+@pytest.mark.kvm
+def test_each_vm_writes_to_its_own_copy_of_the_rootfs(daemon: Daemon, tmp_path: Path) -> None:
+    rootfs = tmp_path / "rootfs.ext4"
+    rootfs.write_bytes(b"\0" * (1 << 20))
+    daemon.ok("plugin", "install", write_plugin(tmp_path, "disky", rootfs={"path": str(rootfs)}))
+    stored = daemon.state_dir / "artifacts" / "sha256"
+    drives = []
+    for name in ("d1", "d2"):
+        vm = daemon.ok("vm", "create", name, "--plugin", "disky")
+        daemon.ok("vm", "pause", name)
+        [drive] = daemon.firecracker_config(vm)["drives"]
+        assert drive["is_read_only"] is False
+        drives.append(Path(drive["path_on_host"]))
+    assert drives == [daemon.state_dir / "disks" / "d1.img", daemon.state_dir / "disks" / "d2.img"]
+    assert all(disk.read_bytes() == rootfs.read_bytes() for disk in drives)
+    assert not any(disk.parent == stored for disk in drives)
+    assert daemon.cli("vm", "rm", "d1").exit_code == 0
+    assert not drives[0].exists()
+    assert drives[1].exists()

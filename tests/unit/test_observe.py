@@ -17,7 +17,6 @@ from roost.host.observe import (
     bpf_program,
     mac_bytes,
     parse_frame,
-    read_lease_file,
     read_leases,
 )
 
@@ -260,6 +259,10 @@ def test_dnsmasq_leases_pick_the_latest_unexpired_one(tmp_path: Path) -> None:
         "02:bb:bb:bb:bb:bb": "10.77.0.105",
         "02:cc:cc:cc:cc:cc": "10.77.0.107",
     }
+
+
+def read_lease_file(path: Path, mac: str) -> str | None:
+    return read_leases(path).get(mac.lower())
 
 
 def test_read_lease_file_for_one_mac(tmp_path: Path) -> None:
