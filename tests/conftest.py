@@ -29,12 +29,9 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
             f"needs the test Firecracker binary and guest ({', '.join(gaps)}); run make setup"
             if gaps
             else None
-            if Path("/dev/kvm").exists()
-            else "Firecracker needs /dev/kvm"
         ),
-        "e2e": None
-        if (KERNEL.exists() and INITRAMFS.exists())
-        else "needs build/demo; run make setup",
+        "kvm": None if Path("/dev/kvm").exists() else "Firecracker guests need /dev/kvm",
+        "e2e": "needs build/demo; run make setup" if missing([KERNEL, INITRAMFS]) else None,
     }
     for item in items:
         for marker, reason in reasons.items():
