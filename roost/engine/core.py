@@ -33,7 +33,7 @@ from roost.host.netns import NetnsWorker, namespace_file
 from roost.host.observe import LeaseObserver
 from roost.plan import IPAM, AntiSpoof, Attachment, DefaultNetwork, VMPlan, boot_args, plan_vm
 from roost.plan.network import EffectiveNetwork, NetworkPlan, plan_network
-from roost.spec import Manifest, VMConfig
+from roost.spec import Manifest, Resources, VMConfig
 from roost.spec.common import check_name
 from roost.state import alloc
 from roost.state.artifacts import ArtifactStore, is_elf
@@ -41,7 +41,7 @@ from roost.state.db import Database, sqlite_url
 from roost.state.models import VM, IPLease, Network, Plugin, PluginArtifact, VMConfigVersion
 from roost.vmm.base import NIC, Driver, LaunchSpec, RunDir, Vsock
 from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
-from roost.vmm.process import ExitWatcher, VMMProcess
+from roost.vmm.process import ExitWatcher, VMMProcess, recorded_pid
 from roost.vmm.qemu import Accel, Machine, QemuDriver
 
 log = logging.getLogger("roost.engine")
@@ -87,11 +87,11 @@ class LockedError(RoostError):
 @dataclass(frozen=True)
 class Booting:
     """What a starting VM holds, as the launch needs it (read once, in the allocating
-    transaction), and what of its launch is already under way: the VMM started early and the
-    tap's anti-spoofing rules."""
+    transaction; `net` is the plan with the allocated address filled in), and what of its
+    launch is already under way: the VMM started early and the tap's anti-spoofing rules."""
 
     name: str
-    plan: VMPlan
+    resources: Resources
     net: NetworkPlan
     manifest: Manifest
     config: VMConfig
@@ -539,7 +539,7 @@ class Engine:
             made.result()  # only the commit is left
         booting = Booting(
             name=vm.name,
-            plan=plan,
+            resources=plan.resources,
             net=net,
             manifest=manifest,
             config=config,
@@ -708,8 +708,8 @@ class Engine:
             initrd=self._artifact_path(booting.artifacts, "initramfs"),
             rootfs=self._disk(name, booting.artifacts),
             boot_args=boot_args(booting.manifest, booting.config, name, net.kernel_ip_arg),
-            vcpus=booting.plan.resources.vcpus,
-            memory_mib=booting.plan.resources.memory_mib,
+            vcpus=booting.resources.vcpus,
+            memory_mib=booting.resources.memory_mib,
             nic=nic,
             vsock=Vsock(booting.cid, run_dir.vsock_socket) if with_vsock else None,
         )
@@ -895,7 +895,7 @@ class Engine:
     def _recover_vm(self, record: Row[Any]) -> None:
         name, status = record.name, record.status
         run_dir = self._run_dir(name)
-        pid = record.pid or _recorded_pid(run_dir)  # a crash while starting leaves only this
+        pid = record.pid or recorded_pid(run_dir.path)  # a crash while starting leaves only this
         process = VMMProcess(run_dir.path, pid, record.supervisor_pid or pid) if pid else None
         if process is not None and not process.exited() and _is_our_vmm(process.pid, run_dir):
             if status in (STARTING, STOPPING):
@@ -929,7 +929,7 @@ class Engine:
             if path.name in names:
                 continue
             run_dir = RunDir(path)
-            pid = _recorded_pid(run_dir)
+            pid = recorded_pid(run_dir.path)
             if pid is not None and _is_our_vmm(pid, run_dir):
                 VMMProcess(path, pid, pid).kill()
                 log.info("ended VMM %d of %s, which no VM accounts for", pid, path)
@@ -985,14 +985,6 @@ def _copy_file(source: Path, target: Path) -> None:
             if copied == 0:
                 raise OSError(f"{source} ended early")
             remaining -= copied
-
-
-def _recorded_pid(run_dir: RunDir) -> int | None:
-    """The PID the supervisor wrote into the run dir, if any."""
-    try:
-        return int((run_dir.path / "vmm.pid").read_text())
-    except (OSError, ValueError):
-        return None
 
 
 def _is_our_vmm(pid: int, run_dir: RunDir) -> bool:

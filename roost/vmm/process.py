@@ -24,6 +24,14 @@ PID_FILE = "vmm.pid"
 EXIT_FILE = "exit"
 
 
+def recorded_pid(run_dir: Path) -> int | None:
+    """The PID of the VMM the supervisor started in `run_dir`, if it wrote one."""
+    try:
+        return int((run_dir / PID_FILE).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
