@@ -33,7 +33,7 @@ from roost.host.netns import NetnsWorker, namespace_file
 from roost.host.observe import LeaseObserver
 from roost.plan import IPAM, AntiSpoof, Attachment, DefaultNetwork, VMPlan, boot_args, plan_vm
 from roost.plan.network import EffectiveNetwork, NetworkPlan, plan_network
-from roost.spec import Manifest, Resources, VMConfig
+from roost.spec import Manifest, VMConfig
 from roost.spec.common import check_name
 from roost.state import alloc
 from roost.state.artifacts import ArtifactStore, is_elf
@@ -88,16 +88,14 @@ class LockedError(RoostError):
 class Booting:
     """What a starting VM holds, as the launch needs it (read once, in the allocating
     transaction; `net` is the plan with the allocated address filled in), and what of its
-    launch is already under way: the VMM started early and the tap's anti-spoofing rules."""
+    launch is already under way: the VMM started early and being configured (`early`, what the
+    driver's `prepare` returned) and the tap's anti-spoofing rules."""
 
     name: str
-    resources: Resources
+    spec: LaunchSpec
     net: NetworkPlan
-    manifest: Manifest
-    config: VMConfig
     artifacts: dict[str, Any]
     vmm: str
-    cid: int
     mac: str | None
     tap: str | None
     vsock_missing: str | None
@@ -356,8 +354,8 @@ class Engine:
                 return booting
 
             booting = self._allocating(record, host)
-            log.info("create %s: recorded the VM and its allocations", name)
             if not start:
+                log.info("create %s: recorded the VM and its allocations", name)
                 return self.show_vm(name)
             try:
                 return self._launch(booting, steps)
@@ -483,21 +481,20 @@ class Engine:
     ) -> tuple[Booting, Emptied]:
         """Make the VM hold what its plan needs, and nothing else: address (bridged), CID,
         MAC and tap name; record them, the resolved network and `status`. Also says which
-        networks it left. With `host` (a launch follows), the tap and its rules are started as
-        soon as they are known, and the tap is there before this returns."""
+        networks it left. With `host` (a launch follows), the tap, its rules and the VMM's
+        configuration are started as soon as what they need is known, and the tap is there
+        before this returns."""
         emptied: Emptied = []
         effective = plan.network
         bridge: str | None = None
-        network_id: int | None = None
+        network: Network | None = None
         held_on = vm.subnet
         if held_on is not None and (plan.net.ipam is IPAM.NONE or held_on != str(effective.subnet)):
             emptied += self._release_ip(session, vm)
         if plan.net.ipam is not IPAM.NONE:
             assert effective.subnet is not None and effective.gateway is not None
             network = alloc.ensure_network(session, effective.subnet, effective.gateway)
-            requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
-            effective = effective.with_ip(alloc.allocate_ip(session, network, vm.id, requested))
-            bridge, network_id = network.bridge, network.id
+            bridge = network.bridge
         elif plan.net.attach is Attachment.EXTERNAL:
             bridge = self.settings.dhcp_bridge
         mac, tap = vm.mac, vm.tap  # both kept for the VM's life once it has them
@@ -505,15 +502,21 @@ class Engine:
             mac = alloc.new_mac(session)
         if plan.net.tap and tap is None:
             tap = alloc.tap_name(vm)
-        net = plan_network(effective, vm.name)
         made: Future[None] | None = None
-        rules: Future[None] | None = None
-        if host is not None and net.tap:
+        if host is not None and plan.net.tap:
+            # the tap first: it takes longest, and needs no address
             assert tap is not None and mac is not None and bridge is not None
-            made = self._start_tap(host, tap, mac, bridge, network_id, net.attach, effective)
-            if net.antispoof is not AntiSpoof.NONE:
-                ip = str(effective.ip) if net.antispoof is AntiSpoof.IP_AND_MAC else None
-                rules = self._start_rules(host, tap, mac, ip)
+            network_id = network.id if network is not None else None
+            made = self._start_tap(host, tap, mac, bridge, network_id, plan.net.attach, effective)
+        if network is not None:
+            requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
+            effective = effective.with_ip(alloc.allocate_ip(session, network, vm.id, requested))
+        net = plan_network(effective, vm.name)
+        rules: Future[None] | None = None
+        if host is not None and made is not None and net.antispoof is not AntiSpoof.NONE:
+            assert tap is not None and mac is not None
+            ip = str(effective.ip) if net.antispoof is AntiSpoof.IP_AND_MAC else None
+            rules = self._start_rules(host, tap, mac, ip)
         cid = alloc.allocate_cid(session, vm)
         vsock_missing = self.drivers[vmm].vsock_unavailable() if net.vsock else None
         session.connection().execute(
@@ -535,23 +538,37 @@ class Engine:
                 "exit_code": None,
             },
         )
-        if made is not None:
-            made.result()  # only the commit is left
+        run_dir = self._run_dir(vm.name)
+        kernel = self._artifact_path(artifacts, "kernel") or self.settings.kernel
+        assert kernel is not None
+        with_vsock = net.vsock and vsock_missing is None
+        spec = LaunchSpec(
+            name=vm.name,
+            run_dir=run_dir,
+            kernel=kernel,
+            initrd=self._artifact_path(artifacts, "initramfs"),
+            rootfs=self._disk_path(vm.name) if "rootfs" in artifacts else None,
+            boot_args=boot_args(manifest, config, vm.name, net.kernel_ip_arg),
+            vcpus=plan.resources.vcpus,
+            memory_mib=plan.resources.memory_mib,
+            nic=NIC(tap=tap, mac=mac) if net.tap and tap and mac else None,
+            vsock=Vsock(cid, run_dir.vsock_socket) if with_vsock else None,
+        )
         booting = Booting(
             name=vm.name,
-            resources=plan.resources,
+            spec=spec,
             net=net,
-            manifest=manifest,
-            config=config,
             artifacts=artifacts,
             vmm=vmm,
-            cid=cid,
             mac=mac if net.nic else None,
             tap=tap if net.tap else None,
             vsock_missing=vsock_missing,
-            early=early,
+            # the VMM is configured while the transaction commits
+            early=self.drivers[vmm].prepare(spec, early) if early is not None else None,
             rules=rules,
         )
+        if made is not None:
+            made.result()  # only the commit is left
         return booting, emptied
 
     def _start_tap(
@@ -611,7 +628,7 @@ class Engine:
 
     def _start_rules(self, host: Steps, tap: str, mac: str, ip: str | None) -> Future[None]:
         """The tap's anti-spoofing rules, written by nft while the tap is made and the VMM
-        starts; the guest boots only once they are in (the driver's `before_boot`)."""
+        starts; the guest boots only once they are in (see `_host_ready`)."""
         rules = self._background.submit(self.firewall.protect, tap, mac, ip)
         host.done("adding anti-spoofing rules", lambda: self._unprotect(tap, rules))
         return rules
@@ -693,39 +710,31 @@ class Engine:
         name, net = booting.name, booting.net
         if booting.vsock_missing:
             log.warning("VM %s starts without a vsock device: %s", name, booting.vsock_missing)
-        run_dir = self._run_dir(name)
-        nic = None
-        if net.tap:
-            assert booting.tap is not None and booting.mac is not None
-            nic = NIC(tap=booting.tap, mac=booting.mac)
-        kernel = self._artifact_path(booting.artifacts, "kernel") or self.settings.kernel
-        assert kernel is not None
-        with_vsock = booting.vsock_missing is None and net.vsock
-        spec = LaunchSpec(
-            name=name,
-            run_dir=run_dir,
-            kernel=kernel,
-            initrd=self._artifact_path(booting.artifacts, "initramfs"),
-            rootfs=self._disk(name, booting.artifacts),
-            boot_args=boot_args(booting.manifest, booting.config, name, net.kernel_ip_arg),
-            vcpus=booting.resources.vcpus,
-            memory_mib=booting.resources.memory_mib,
-            nic=nic,
-            vsock=Vsock(booting.cid, run_dir.vsock_socket) if with_vsock else None,
-        )
         driver = self.drivers[booting.vmm]
-        gate = booting.rules.result if booting.rules is not None else None
-        process = driver.launch(spec, self.worker, before_boot=gate, early=booting.early)
-        self._live[name] = Live(process, driver)
-        steps.done(
-            f"started {booting.vmm} (pid {process.pid})", lambda: self._untrack(name, process)
+        process = driver.launch(
+            booting.spec,
+            self.worker,
+            host_ready=lambda: self._host_ready(booting),
+            early=booting.early,
         )
+        self._live[name] = Live(process, driver)
+        steps.done(f"started {booting.vmm}", lambda: self._untrack(name, process))
+        log.info("%s %s: %s started (pid %d)", steps.operation, name, booting.vmm, process.pid)
         self.watcher.watch(name, process)
-        if net.observe_ip and nic is not None:
-            self.observer.watch(name, nic.tap, nic.mac)
+        if net.observe_ip and booting.tap is not None:
+            assert booting.mac is not None
+            self.observer.watch(name, booting.tap, booting.mac)
         return self._set(
             name, status=RUNNING, pid=process.pid, supervisor_pid=process.supervisor_pid
         )
+
+    def _host_ready(self, booting: Booting) -> None:
+        """Until the tap's rules are in (the tap itself was made before the VM's record
+        committed); then the VM's disk."""
+        if booting.rules is not None:
+            booting.rules.result()
+        if booting.spec.rootfs is not None:
+            self._make_disk(booting.name, booting.artifacts)
 
     def _untrack(self, name: str, process: VMMProcess) -> None:
         """Undo a launch: no longer track the VMM, and end it."""
@@ -743,13 +752,12 @@ class Engine:
     def _disk_path(self, name: str) -> Path:
         return self.settings.state_dir / "disks" / f"{name}.img"
 
-    def _disk(self, name: str, artifacts: dict[str, Any]) -> Path | None:
+    def _make_disk(self, name: str, artifacts: dict[str, Any]) -> None:
         """The VM's own copy of its plugin's rootfs, made at its first boot and kept for its
         life: guests write to their disks, and the stored artifact is shared and must not
         change."""
         source = self._artifact_path(artifacts, "rootfs")
-        if source is None:
-            return None
+        assert source is not None
         disk = self._disk_path(name)
         if not disk.exists():
             disk.parent.mkdir(mode=0o700, exist_ok=True)
@@ -761,7 +769,6 @@ class Engine:
             except OSError as error:
                 partial.unlink(missing_ok=True)
                 raise HostError(f"cannot make the disk of VM {name}: {error}") from None
-        return disk
 
     def _pause_or_resume(self, name: str, *, pause: bool) -> dict[str, Any]:
         """Pause or resume a VM whose VMM runs (the VMMs this daemon watches are exactly the

@@ -17,7 +17,7 @@ class Steps:
         self._undo: list[tuple[str, Callable[[], object]]] = []
 
     def done(self, what: str, undo: Callable[[], object] | None = None) -> None:
-        log.info("%s %s: %s", self.operation, self.vm, what)
+        log.debug("%s %s: %s", self.operation, self.vm, what)
         if undo is not None:
             self._undo.append((what, undo))
 

@@ -2,19 +2,20 @@
 
 One bridge-family table `roost` in the daemon's namespace; each tap gets a chain, reached
 through a verdict map keyed by the tap's name, so adding or removing a VM touches only its
-own chain and map element (one atomic `nft -f` batch each).
+own chain and map element (one atomic batch each). The batches are the text `nft -f` reads,
+run by libnftables (the library behind `nft`) in the daemon itself: no process per VM.
 """
 
 from __future__ import annotations
 
+import ctypes
 import logging
-import shutil
-import subprocess
 
 from roost.errors import HostError
 from roost.host.netns import NetnsWorker
 
 log = logging.getLogger(__name__)
+LIBRARY = "libnftables.so.1"
 TABLE = "bridge roost"
 BASE = f"""
 table {TABLE} {{
@@ -27,39 +28,63 @@ table {TABLE} {{
 """
 
 
+class _Nftables:
+    """One libnftables context. Every call runs on the namespace's thread: the context's
+    netlink socket must live in that namespace, and a context is not thread-safe."""
+
+    def __init__(self, library: ctypes.CDLL) -> None:
+        library.nft_ctx_new.restype = ctypes.c_void_p
+        library.nft_ctx_new.argtypes = [ctypes.c_uint32]
+        library.nft_ctx_free.argtypes = [ctypes.c_void_p]
+        library.nft_ctx_buffer_output.argtypes = [ctypes.c_void_p]
+        library.nft_ctx_buffer_error.argtypes = [ctypes.c_void_p]
+        library.nft_ctx_get_error_buffer.restype = ctypes.c_char_p
+        library.nft_ctx_get_error_buffer.argtypes = [ctypes.c_void_p]
+        library.nft_run_cmd_from_buffer.argtypes = [ctypes.c_void_p, ctypes.c_char_p]
+        self._library = library
+        self._context = library.nft_ctx_new(0)
+        if not self._context:
+            raise HostError("libnftables could not make a context")
+        library.nft_ctx_buffer_output(self._context)  # what `list` prints is not wanted
+        library.nft_ctx_buffer_error(self._context)
+
+    def run(self, script: str) -> str | None:
+        """Run `script` as one atomic batch; None on success, else what nftables said."""
+        if self._library.nft_run_cmd_from_buffer(self._context, script.encode()) == 0:
+            return None
+        said = self._library.nft_ctx_get_error_buffer(self._context) or b""
+        return said.decode(errors="replace").strip() or "no reason given"
+
+    def free(self) -> None:
+        self._library.nft_ctx_free(self._context)
+
+
 class Firewall:
-    """Per-tap rules; a no-op (with a warning at start) where `nft` is missing."""
+    """Per-tap rules; a no-op (with a warning at start) where libnftables is missing."""
 
     def __init__(self, worker: NetnsWorker) -> None:
         self._worker = worker
-        self._nft = shutil.which("nft")
-        if self._nft is None:
-            log.warning("nft not found: taps get no anti-spoofing rules (install nftables)")
+        self._nft: _Nftables | None = None
+        try:
+            library = ctypes.CDLL(LIBRARY)
+        except OSError:
+            log.warning("%s not found: taps get no anti-spoofing rules (install nftables)", LIBRARY)
             return
-        if self._run(f"list table {TABLE}\n", check=False) != 0:
+        self._nft = worker.run(_Nftables, library)
+        worker.on_close(self._nft.free)
+        if self._run(f"list table {TABLE}\n", check=False) is not None:
             self._run(BASE)
 
     @property
     def enabled(self) -> bool:
         return self._nft is not None
 
-    def _run(self, script: str, *, check: bool = True) -> int:
+    def _run(self, script: str, *, check: bool = True) -> str | None:
         assert self._nft is not None
-        process = self._worker.spawn(
-            [self._nft, "-f", "-"],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE,
-        )
-        try:
-            _, errors = process.communicate(script.encode(), timeout=30)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-            raise HostError("nft did not finish within 30 s") from None
-        if check and process.returncode != 0:
-            raise HostError(f"nftables refused the rules: {errors.decode().strip()}")
-        return process.returncode
+        refused = self._worker.run(self._nft.run, script)
+        if check and refused is not None:
+            raise HostError(f"nftables refused the rules: {refused}")
+        return refused
 
     def protect(self, tap: str, mac: str, ip: str | None) -> None:
         """Let `tap` send only IPv4 and ARP, from `mac`, never as a DHCP server, and — when

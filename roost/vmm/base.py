@@ -124,17 +124,26 @@ class Driver(Protocol):
         preparing (addresses, tap); None when the driver has nothing to start early."""
         ...
 
+    def prepare(
+        self, spec: LaunchSpec, early: Future[VMMProcess] | None
+    ) -> Future[VMMProcess] | None:
+        """Go on, in the background, with what `start_early` began: configure the VMM with
+        whatever of `spec` needs nothing of the host (its tap, its disk) while the engine
+        commits the VM's record. Returns what `launch` takes as `early`."""
+        ...
+
     def launch(
         self,
         spec: LaunchSpec,
         worker: NetnsWorker,
         *,
-        before_boot: Callable[[], object] | None = None,
+        host_ready: Callable[[], object] | None = None,
         early: Future[VMMProcess] | None = None,
     ) -> VMMProcess:
-        """Start the VMM in the worker's namespace (or finish what `start_early` began) and
-        boot the guest, calling `before_boot` (e.g. "wait until the tap's rules are in") at the
-        last moment before the guest runs. On failure leave no process behind and raise."""
+        """Finish what `prepare` began (or start the VMM in the worker's namespace) and boot
+        the guest. `host_ready` blocks until the host side is complete (the tap's rules, the
+        VM's disk); the driver calls it before it touches the tap or the disk and before the
+        guest runs. On failure leave no process behind and raise."""
         ...
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:

@@ -2,21 +2,21 @@
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import http.client
+import json
 import logging
 import os
 import shutil
 import signal
 import socket
-import ssl
+import threading
 import time
 import weakref
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
-
-import httpx
 
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
@@ -27,8 +27,6 @@ log = logging.getLogger(__name__)
 SOCKET_TIMEOUT = 5.0
 TERM_WAIT = 3.0
 Request = tuple[str, str, dict[str, Any]]
-# httpx builds an SSL context per transport unless given one (~20 ms); a Unix socket never uses it.
-_NO_TLS = ssl.create_default_context()
 
 
 def find_firecracker(explicit: str | None) -> Path | None:
@@ -37,27 +35,27 @@ def find_firecracker(explicit: str | None) -> Path | None:
     return Path(candidate) if candidate else None
 
 
-def logger_request(run_dir: RunDir) -> Request:
-    body = {
-        "log_path": str(run_dir.vmm_log),
-        "level": "Info",
-        "show_level": True,
-        "show_log_origin": False,
-    }
-    return ("PUT", "/logger", body)
-
-
-def boot_requests(spec: LaunchSpec) -> list[Request]:
-    """Every API request that configures and boots `spec`, in Firecracker's required order
-    (pure, so contract tests can check each body against Firecracker's swagger file)."""
+def configure_requests(spec: LaunchSpec) -> list[Request]:
+    """The API requests that configure `spec` and need nothing of the host: they are sent
+    while the engine is still making the tap and committing the VM's record."""
     requests: list[Request] = [
-        logger_request(spec.run_dir),
         ("PUT", "/machine-config", {"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib}),
     ]
     boot: dict[str, Any] = {"kernel_image_path": str(spec.kernel), "boot_args": spec.boot_args}
     if spec.initrd is not None:
         boot["initrd_path"] = str(spec.initrd)
     requests.append(("PUT", "/boot-source", boot))
+    if spec.vsock is not None:
+        requests.append(
+            ("PUT", "/vsock", {"guest_cid": spec.vsock.cid, "uds_path": str(spec.vsock.uds_path)})
+        )
+    return requests
+
+
+def attach_requests(spec: LaunchSpec) -> list[Request]:
+    """The requests that hand Firecracker the host's devices (it opens them at once): sent
+    only when the host is ready, the disk copied and the tap made."""
+    requests: list[Request] = []
     if spec.rootfs is not None:
         requests.append(
             (
@@ -79,18 +77,20 @@ def boot_requests(spec: LaunchSpec) -> list[Request]:
                 {"iface_id": "eth0", "host_dev_name": spec.nic.tap, "guest_mac": spec.nic.mac},
             )
         )
-    if spec.vsock is not None:
-        requests.append(
-            ("PUT", "/vsock", {"guest_cid": spec.vsock.cid, "uds_path": str(spec.vsock.uds_path)})
-        )
-    requests.append(("PUT", "/actions", {"action_type": "InstanceStart"}))
     return requests
 
 
-@functools.cache
-def _url(path: str) -> httpx.URL:
-    """The URL of an API path, parsed once (httpx parses URLs in Python)."""
-    return httpx.URL(f"http://localhost{path}")
+START: Request = ("PUT", "/actions", {"action_type": "InstanceStart"})
+
+
+def boot_requests(spec: LaunchSpec) -> list[Request]:
+    """Every API request that configures and boots `spec`, in the order the driver sends them
+    (pure, so contract tests can check each body against Firecracker's swagger file)."""
+    return [
+        *configure_requests(spec),
+        *attach_requests(spec),
+        START,
+    ]
 
 
 def _accepts(path: Path) -> bool:
@@ -102,18 +102,36 @@ def _accepts(path: Path) -> bool:
     return True
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = str(path)
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self._path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class FirecrackerAPI:
-    """A small client for one VM's API socket: an httpx transport whose one connection is kept
-    open from the VMM's first call to its last (Firecracker serves few connections). Requests go
-    to the transport directly: nothing of the Client layer (base URL, auth, redirects, cookies,
-    hooks) applies to Firecracker, and it cost a third of each call here."""
+    """A small client for one VM's API socket, its one connection kept open from the VMM's
+    first call to its last (Firecracker serves few connections). The standard library's HTTP
+    client: these calls are on the path of every boot, and it spends less than half the CPU
+    time of httpx's on each (measured: 0.10 ms against 0.24 ms a call)."""
 
     def __init__(self, api_socket: Path, timeout: float = 10.0) -> None:
-        self._transport = httpx.HTTPTransport(uds=str(api_socket), verify=_NO_TLS)
-        self._timeout = httpx.Timeout(timeout).as_dict()
+        self._connection = _UnixHTTPConnection(api_socket, timeout)
+        self._timeout = timeout
+        self._lock = threading.Lock()
 
     def close(self) -> None:
-        self._transport.close()
+        with self._lock:
+            self._connection.close()
 
     def call(
         self,
@@ -123,23 +141,27 @@ class FirecrackerAPI:
         *,
         timeout: float | None = None,
     ) -> Any:
-        limits = self._timeout if timeout is None else httpx.Timeout(timeout).as_dict()
-        request = httpx.Request(method, _url(path), json=body, extensions={"timeout": limits})
-        try:
-            response = self._transport.handle_request(request)
+        payload = None if body is None else json.dumps(body)
+        headers = {"Content-Type": "application/json"} if body is not None else {}
+        with self._lock:
+            connection = self._connection
+            connection.timeout = self._timeout if timeout is None else timeout
+            if connection.sock is not None:
+                connection.sock.settimeout(connection.timeout)
             try:
-                response.read()
-            finally:
-                response.close()
-        except httpx.HTTPError as error:
-            raise VMMFailedError(f"Firecracker API {method} {path} failed: {error}") from None
-        if response.status_code >= 300:
-            try:
-                fault = response.json().get("fault_message", response.text)
-            except ValueError:
-                fault = response.text
-            raise VMMFailedError(f"Firecracker refused {method} {path}: {fault}")
-        return response.json() if response.content else None
+                connection.request(method, path, payload, headers)
+                response = connection.getresponse()
+                status, text = response.status, response.read()
+            except (OSError, http.client.HTTPException) as error:
+                connection.close()  # a half-read answer must not be taken for the next one
+                reason = str(error) or type(error).__name__
+                raise VMMFailedError(f"Firecracker API {method} {path} failed: {reason}") from None
+        if status >= 300:
+            message = text.decode(errors="replace")
+            with contextlib.suppress(ValueError, AttributeError):
+                message = json.loads(message).get("fault_message", message)
+            raise VMMFailedError(f"Firecracker refused {method} {path}: {message}")
+        return json.loads(text) if text else None
 
 
 class FirecrackerDriver:
@@ -148,7 +170,9 @@ class FirecrackerDriver:
     def __init__(self, binary: Path | None) -> None:
         self.binary = binary
         self._early = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-fc-early")
-        # one API client per VMM, from its logger call on; closed when the driver stops the VMM,
+        # configuring waits for the early start: a pool of its own, so they never deadlock
+        self._configuring = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-fc-config")
+        # one API client per VMM, from its first call on; closed when the driver stops the VMM,
         # or when the engine lets go of the process (it ended on its own, or never booted)
         self._apis: weakref.WeakKeyDictionary[VMMProcess, FirecrackerAPI] = (
             weakref.WeakKeyDictionary()
@@ -187,29 +211,53 @@ class FirecrackerDriver:
             api.close()
 
     def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> Future[VMMProcess]:
-        """Start Firecracker (up to its logger) in the background, while the engine allocates
+        """Start Firecracker (up to its API socket) in the background, while the engine allocates
         and builds the tap: none of that is needed before the VM's own configuration."""
         self.check_available()
+        # Firecracker opens, but never creates, its log and metrics files; made here, as the
+        # spawning thread would wait for the interpreter lock at each call
+        run_dir.vmm_log.touch()
+        run_dir.metrics.touch()
         return self._early.submit(self._spawn, name, run_dir, worker)
 
     def _spawn(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> VMMProcess:
         assert self.binary is not None
-        run_dir.vmm_log.touch()  # Firecracker opens, but never creates, its log and metrics
-        run_dir.metrics.touch()
-        # metrics go to the run dir from the start (a flag saves an API round trip)
+        # the logger set up by flags, as the metrics: one API round trip fewer on every boot
         argv = [
             str(self.binary),
             "--api-sock",
             str(run_dir.api_socket),
             "--id",
             name,
+            "--log-path",
+            str(run_dir.vmm_log),
+            "--level",
+            "Info",
+            "--show-level",
             "--metrics-path",
             str(run_dir.metrics),
         ]
         process = VMMProcess.start(argv, run_dir.path, worker, output=run_dir.console_log)
         try:
             self._wait_for_socket(process, run_dir.api_socket)
-            self._api(process).call(*logger_request(run_dir))
+        except BaseException:
+            process.kill()
+            raise
+        return process
+
+    def prepare(
+        self, spec: LaunchSpec, early: Future[VMMProcess] | None
+    ) -> Future[VMMProcess] | None:
+        if early is None:
+            return None
+        return self._configuring.submit(self._configure, spec, early)
+
+    def _configure(self, spec: LaunchSpec, early: Future[VMMProcess]) -> VMMProcess:
+        process = early.result()
+        try:
+            api = self._api(process)
+            for request in configure_requests(spec):
+                api.call(*request)
         except BaseException:
             self._close_api(process)
             process.kill()
@@ -221,20 +269,20 @@ class FirecrackerDriver:
         spec: LaunchSpec,
         worker: NetnsWorker,
         *,
-        before_boot: Callable[[], object] | None = None,
+        host_ready: Callable[[], object] | None = None,
         early: Future[VMMProcess] | None = None,
     ) -> VMMProcess:
         if early is None:
-            early = self.start_early(spec.name, spec.run_dir, worker)
+            early = self.prepare(spec, self.start_early(spec.name, spec.run_dir, worker))
+            assert early is not None
         process = early.result()
         try:
+            if host_ready is not None:
+                host_ready()
             api = self._api(process)
-            _logger, *configure, boot = boot_requests(spec)
-            for method, path, body in configure:
-                api.call(method, path, body)
-            if before_boot is not None:
-                before_boot()
-            api.call(*boot)
+            for request in attach_requests(spec):
+                api.call(*request)
+            api.call(*START)
         except BaseException:
             self._close_api(process)
             process.kill()

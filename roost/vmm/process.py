@@ -192,7 +192,7 @@ class ExitWatcher:
 
     def __init__(self, on_exit: Callable[[str, VMMProcess], None]) -> None:
         self._on_exit = on_exit
-        self._selector = selectors.DefaultSelector()
+        self._selector = selectors.EpollSelector()
         self._lock = threading.Lock()
         self._wake_read, self._wake_write = os.pipe()
         self._selector.register(self._wake_read, selectors.EVENT_READ, None)
@@ -206,9 +206,8 @@ class ExitWatcher:
         except ProcessLookupError:
             self._on_exit(key, process)
             return
-        with self._lock:
+        with self._lock:  # epoll watches a new descriptor at once: no need to wake the thread
             self._selector.register(fd, selectors.EVENT_READ, (key, process))
-        os.write(self._wake_write, b"x")
 
     def forget(self, process: VMMProcess) -> None:
         """Stop watching `process` (the engine is ending it itself)."""

@@ -265,24 +265,28 @@ class QemuDriver:
         """Nothing: QEMU takes the whole VM on its command line."""
         return None
 
+    def prepare(self, spec: LaunchSpec, early: Future[VMMProcess] | None) -> None:
+        """Nothing, as for `start_early`."""
+        return None
+
     def launch(
         self,
         spec: LaunchSpec,
         worker: NetnsWorker,
         *,
-        before_boot: Callable[[], object] | None = None,
+        host_ready: Callable[[], object] | None = None,
         early: Future[VMMProcess] | None = None,
     ) -> VMMProcess:
         """Start QEMU and return once QMP reports the VM running (not when the guest is ready:
         callers watch the console for that). The guest runs as soon as QEMU does, so
-        `before_boot` is called before QEMU starts."""
+        `host_ready` is called before QEMU starts."""
         self.check_available()
         assert self.binary is not None
         accel = self.accel_for(spec.kernel, worker)
+        if host_ready is not None:
+            host_ready()
         if spec.nic is not None:
             _check_tap(spec.nic.tap, worker)
-        if before_boot is not None:
-            before_boot()
         tsc_khz = host_tsc_khz() if self.machine == "microvm" and accel == "tcg" else None
         argv = qemu_argv(
             self.binary,

@@ -27,8 +27,12 @@ def assert_tap(daemon: Daemon, vm: dict[str, Any], bridge: str) -> None:
 
 
 def assert_gone(daemon: Daemon, vm: dict[str, Any]) -> None:
-    """`vm rm` left no tap, socket, run dir, process or lease."""
-    assert vm["network"]["tap"] is None or vm["network"]["tap"] not in links(daemon.netns)
+    """`vm rm` left no tap, rules, socket, run dir, process or lease."""
+    tap = vm["network"]["tap"]
+    assert tap is None or tap not in links(daemon.netns)
+    if tap is not None:
+        table = run("nft", "list", "table", "bridge", "roost", netns=daemon.netns).stdout
+        assert tap not in table
     assert not (daemon.run_dir / "vms" / vm["name"]).exists()
     if vm["vmm"]["pid"]:
         assert not process_alive(vm["vmm"]["pid"])
