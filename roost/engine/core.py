@@ -12,8 +12,8 @@ import ipaddress
 import logging
 import os
 import threading
-from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from collections.abc import Callable, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,7 +39,7 @@ from roost.state import alloc
 from roost.state.artifacts import ArtifactStore, is_elf
 from roost.state.db import Database, sqlite_url
 from roost.state.models import VM, IPLease, Network, Plugin, PluginArtifact, VMConfigVersion
-from roost.vmm.base import NIC, Driver, LaunchSpec, RunDir, Vsock
+from roost.vmm.base import NIC, Driver, Early, LaunchSpec, RunDir, Vsock
 from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
 from roost.vmm.process import ExitWatcher, VMMProcess, recorded_pid
 from roost.vmm.qemu import Accel, Machine, QemuDriver
@@ -54,6 +54,7 @@ _ADD_VM = insert(VM)
 # UPDATEs setting the columns their parameters name
 _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
+_SET_NAMED_RETURNING = _SET_NAMED.returning(*VM.__table__.columns)
 _HOLDING = (
     select(VM.id, VM.mac, VM.tap, Network.subnet)
     .outerjoin(IPLease, IPLease.vm_id == VM.id)
@@ -88,8 +89,7 @@ class LockedError(RoostError):
 class Booting:
     """What a starting VM holds, as the launch needs it (read once, in the allocating
     transaction; `net` is the plan with the allocated address filled in), and what of its
-    launch is already under way: the VMM started early and being configured (`early`, what the
-    driver's `prepare` returned) and the tap's anti-spoofing rules."""
+    launch is already under way: the VMM started early."""
 
     name: str
     spec: LaunchSpec
@@ -99,8 +99,8 @@ class Booting:
     mac: str | None
     tap: str | None
     vsock_missing: str | None
-    early: Future[VMMProcess] | None
-    rules: Future[None] | None
+    early: Early | None
+    shown: dict[str, Any]  # what of its view cannot change while its VMM runs (see `Live`)
 
 
 @dataclass(frozen=True)
@@ -117,11 +117,15 @@ class Holding:
 
 @dataclass
 class Live:
-    """A VMM this daemon watches, the driver that runs it, and whether it is paused."""
+    """A VMM this daemon watches, the driver that runs it, and whether it is paused. `shown`
+    holds the columns of the VM's view that come from other tables and cannot change while
+    its VMM runs (plugin, CID, config and manifest), so a status change need not read them
+    again; None for a VMM adopted after a restart."""
 
     process: VMMProcess
     driver: Driver
     paused: bool = False
+    shown: dict[str, Any] | None = None
 
 
 class Engine:
@@ -172,7 +176,6 @@ class Engine:
         self._vm_locks: dict[str, threading.Lock] = {}
         self._bridge_lock = threading.RLock()  # undoing a failed allocation removes bridges
         self._bridges_ready: set[str] = set()
-        self._background = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-bg")
         # exits wait for their VM's lock: their own pool, so they never hold up a boot's jobs
         self._exits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-exit")
         self.watcher = ExitWatcher(self._on_exit)
@@ -226,7 +229,6 @@ class Engine:
         self.watcher.close()
         self.observer.close()
         self._exits.shutdown(wait=True)
-        self._background.shutdown(wait=True)
         self.links.close()
         self.worker.close()
         self.db.dispose()
@@ -257,19 +259,19 @@ class Engine:
     def list_vms(self) -> list[dict[str, Any]]:
         with self.db.read() as session:
             rows = session.connection().execute(VM_ROWS.order_by(VM.name))
-            return [self._view(row) for row in rows]
+            return [self._view(row._mapping) for row in rows]
 
     def show_vm(self, name: str) -> dict[str, Any]:
         with self.db.read() as session:
             row = session.connection().execute(_VM_ROW, {"name": name}).first()
         if row is None:
             raise _no_vm(name)
-        return self._view(row)
+        return self._view(row._mapping)
 
-    def _view(self, vm: Row[Any]) -> dict[str, Any]:
-        driver = self.drivers.get(vm.vmm_kind)
-        run_dir = self._run_dir(vm.name)
-        live = self._live.get(vm.name)
+    def _view(self, vm: Mapping[Any, Any]) -> dict[str, Any]:
+        driver = self.drivers.get(vm["vmm_kind"])
+        run_dir = self._run_dir(vm["name"])
+        live = self._live.get(vm["name"])
         return vm_view(
             vm,
             run_dir=run_dir,
@@ -338,18 +340,21 @@ class Engine:
                 assert added.inserted_primary_key is not None
                 vm_id = added.inserted_primary_key[0]
                 vm = Holding(id=vm_id, name=name, mac=None, tap=None, subnet=None)
+                config_json = config.model_dump(mode="json", exclude_none=True)
+                shown = {"plugin": config.plugin, "config": config_json, "manifest": manifest_json}
+                booting, _ = self._allocate(
+                    session, vm, status, plan, manifest, config, artifacts, vmm, early, host, shown
+                )
+                # after the allocations, which start the tap and the VMM's configuration
                 connection.execute(
                     _ADD_CONFIG,
                     {
                         "vm_id": vm.id,
                         "version": 1,
-                        "config": config.model_dump(mode="json", exclude_none=True),
+                        "config": config_json,
                         "manifest": manifest_json,
                         "artifacts": artifacts,
                     },
-                )
-                booting, _ = self._allocate(
-                    session, vm, status, plan, manifest, config, artifacts, vmm, early, host
                 )
                 return booting
 
@@ -363,9 +368,7 @@ class Engine:
                 self._forget(name)
                 raise
 
-    def _start_early(
-        self, host: Steps, name: str, vmm: str, *, new: bool
-    ) -> Future[VMMProcess] | None:
+    def _start_early(self, host: Steps, name: str, vmm: str, *, new: bool) -> Early | None:
         """A fresh run dir, and whatever of the VMM can start before the allocations are
         made (the driver decides); the VMM's start then overlaps the database and the tap.
         Undone: the VMM killed, then the run dir removed (a `new` VM's) or its sockets."""
@@ -383,7 +386,7 @@ class Engine:
         host.done(what, lambda: self._discard_early(early, tidy))
         return early
 
-    def _discard_early(self, early: Future[VMMProcess] | None, tidy: Callable[[], object]) -> None:
+    def _discard_early(self, early: Early | None, tidy: Callable[[], object]) -> None:
         """Undo `_start_early` for a launch that will not happen."""
         if early is not None:
             with suppress(Exception):
@@ -449,9 +452,9 @@ class Engine:
 
     def _allocating(self, work: Callable[[Session], T], host: Steps | None) -> T:
         """Run allocating transaction `work`. With `host` (a launch follows), `work` also
-        starts the VM's tap and rules, recorded in `host`, so they are built while it runs; the
-        bridge lock is then held until it has committed, so no bridge is removed for lack of a
-        lease that is not visible yet. Host work of a failed attempt is undone."""
+        makes the VM's tap and rules, recorded in `host`; the bridge lock is then held until it
+        has committed, so no bridge is removed for lack of a lease that is not visible yet.
+        Host work of a failed attempt is undone."""
         if host is None:
             return self.db.transact(work)
 
@@ -476,14 +479,14 @@ class Engine:
         config: VMConfig,
         artifacts: dict[str, Any],
         vmm: str,
-        early: Future[VMMProcess] | None,
+        early: Early | None,
         host: Steps | None,
+        shown: dict[str, Any],
     ) -> tuple[Booting, Emptied]:
         """Make the VM hold what its plan needs, and nothing else: address (bridged), CID,
         MAC and tap name; record them, the resolved network and `status`. Also says which
-        networks it left. With `host` (a launch follows), the tap, its rules and the VMM's
-        configuration are started as soon as what they need is known, and the tap is there
-        before this returns."""
+        networks it left. With `host` (a launch follows), the tap and its rules are made too,
+        their undoing recorded in `host`."""
         emptied: Emptied = []
         effective = plan.network
         bridge: str | None = None
@@ -502,21 +505,18 @@ class Engine:
             mac = alloc.new_mac(session)
         if plan.net.tap and tap is None:
             tap = alloc.tap_name(vm)
-        made: Future[None] | None = None
-        if host is not None and plan.net.tap:
-            # the tap first: it takes longest, and needs no address
-            assert tap is not None and mac is not None and bridge is not None
-            network_id = network.id if network is not None else None
-            made = self._start_tap(host, tap, mac, bridge, network_id, plan.net.attach, effective)
         if network is not None:
             requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
             effective = effective.with_ip(alloc.allocate_ip(session, network, vm.id, requested))
         net = plan_network(effective, vm.name)
-        rules: Future[None] | None = None
-        if host is not None and made is not None and net.antispoof is not AntiSpoof.NONE:
-            assert tap is not None and mac is not None
-            ip = str(effective.ip) if net.antispoof is AntiSpoof.IP_AND_MAC else None
-            rules = self._start_rules(host, tap, mac, ip)
+        if host is not None and net.tap:
+            assert tap is not None and mac is not None and bridge is not None
+            network_id = network.id if network is not None else None
+            self._add_tap(host, tap, mac, bridge, network_id, net.attach, effective)
+            if net.antispoof is not AntiSpoof.NONE:
+                ip = str(effective.ip) if net.antispoof is AntiSpoof.IP_AND_MAC else None
+                self.firewall.protect(tap, mac, ip)
+                host.done("added anti-spoofing rules", lambda: self.firewall.release(tap))
         cid = alloc.allocate_cid(session, vm)
         vsock_missing = self.drivers[vmm].vsock_unavailable() if net.vsock else None
         session.connection().execute(
@@ -563,15 +563,12 @@ class Engine:
             mac=mac if net.nic else None,
             tap=tap if net.tap else None,
             vsock_missing=vsock_missing,
-            # the VMM is configured while the transaction commits
-            early=self.drivers[vmm].prepare(spec, early) if early is not None else None,
-            rules=rules,
+            early=early,
+            shown={**shown, "cid": cid},
         )
-        if made is not None:
-            made.result()  # only the commit is left
         return booting, emptied
 
-    def _start_tap(
+    def _add_tap(
         self,
         host: Steps,
         tap: str,
@@ -580,28 +577,24 @@ class Engine:
         network_id: int | None,
         attach: Attachment,
         effective: EffectiveNetwork,
-    ) -> Future[None]:
-        made = self._background.submit(self._make_tap, tap, mac, bridge, attach, effective)
-        host.done(
-            f"creating tap {tap} on {bridge}",
-            lambda: self._drop_tap(tap, made, bridge, network_id),
-        )
-        return made
+    ) -> None:
+        """Make the tap; undone: the tap removed, then its bridge unless a lease keeps it
+        (making the tap may have set the bridge up; roost's own bridges only)."""
+        self._make_tap(tap, mac, bridge, attach, effective)
 
-    def _drop_tap(self, tap: str, made: Future[None], bridge: str, network_id: int | None) -> None:
-        """Remove the tap once it is made (or has failed), then its bridge unless a lease keeps
-        it (making the tap may have set it up; roost's own bridges only)."""
-        made.exception()
-        self.links.delete(tap)
-        if network_id is not None:
-            self._remove_bridges([(network_id, bridge)])
+        def drop() -> None:
+            self.links.delete(tap)
+            if network_id is not None:
+                self._remove_bridges([(network_id, bridge)])
+
+        host.done(f"created tap {tap} on {bridge}", drop)
 
     def _make_tap(
         self, tap: str, mac: str, bridge: str, attach: Attachment, effective: EffectiveNetwork
     ) -> None:
         """A fresh tap on `bridge`, setting the bridge up first unless this daemon already
-        did (and again if it has vanished since). Runs while its allocating transaction holds
-        the bridge lock."""
+        did (and again if it has vanished since). Runs on the namespace's thread, while its
+        allocating transaction holds the bridge lock."""
         if bridge not in self._bridges_ready:
             self._ensure_bridge(bridge, attach, effective)
             self._bridges_ready.add(bridge)
@@ -625,13 +618,6 @@ class Engine:
         assert effective.subnet is not None and effective.gateway is not None
         address = ipaddress.IPv4Interface(f"{effective.gateway}/{effective.subnet.prefixlen}")
         self.links.ensure_bridge(bridge, address)
-
-    def _start_rules(self, host: Steps, tap: str, mac: str, ip: str | None) -> Future[None]:
-        """The tap's anti-spoofing rules, written by nft while the tap is made and the VMM
-        starts; the guest boots only once they are in (see `_host_ready`)."""
-        rules = self._background.submit(self.firewall.protect, tap, mac, ip)
-        host.done("adding anti-spoofing rules", lambda: self._unprotect(tap, rules))
-        return rules
 
     def _release_ip(self, session: Session, vm: alloc.Holder) -> Emptied:
         network = alloc.release_ip(session, vm)
@@ -674,6 +660,11 @@ class Engine:
             manifest = Manifest.model_validate(current.manifest)
             config = VMConfig.model_validate(current.config)
             artifacts = current.artifacts
+            shown = {
+                "plugin": config.plugin,
+                "config": current.config,
+                "manifest": current.manifest,
+            }
         vmm = self._vmm_of(config)
         plan = plan_vm(name, manifest, config, self.default)
         self._check_launchable(plan, manifest, artifacts, vmm)
@@ -686,7 +677,7 @@ class Engine:
             early = self._start_early(steps, name, vmm, new=False)
             vm = Holding(id=row.id, name=name, mac=row.mac, tap=row.tap, subnet=row.subnet)
             return self._allocate(
-                session, vm, STARTING, plan, manifest, config, artifacts, vmm, early, steps
+                session, vm, STARTING, plan, manifest, config, artifacts, vmm, early, steps, shown
             )
 
         booting, emptied = self._allocating(allocate, steps)
@@ -714,10 +705,11 @@ class Engine:
         process = driver.launch(
             booting.spec,
             self.worker,
-            host_ready=lambda: self._host_ready(booting),
+            # the VM's own disk, made once its record exists and copied while the VMM starts
+            host_ready=lambda: self._make_disk(name, booting.artifacts),
             early=booting.early,
         )
-        self._live[name] = Live(process, driver)
+        self._live[name] = Live(process, driver, shown=booting.shown)
         steps.done(f"started {booting.vmm}", lambda: self._untrack(name, process))
         log.info("%s %s: %s started (pid %d)", steps.operation, name, booting.vmm, process.pid)
         self.watcher.watch(name, process)
@@ -728,22 +720,10 @@ class Engine:
             name, status=RUNNING, pid=process.pid, supervisor_pid=process.supervisor_pid
         )
 
-    def _host_ready(self, booting: Booting) -> None:
-        """Until the tap's rules are in (the tap itself was made before the VM's record
-        committed); then the VM's disk."""
-        if booting.rules is not None:
-            booting.rules.result()
-        if booting.spec.rootfs is not None:
-            self._make_disk(booting.name, booting.artifacts)
-
     def _untrack(self, name: str, process: VMMProcess) -> None:
         """Undo a launch: no longer track the VMM, and end it."""
         self._live.pop(name, None)
         process.kill()
-
-    def _unprotect(self, tap: str, rules: Future[None]) -> None:
-        rules.exception()  # wait until nft has finished before taking the rules away
-        self.firewall.release(tap)
 
     def _artifact_path(self, artifacts: dict[str, Any], role: str) -> Path | None:
         item = artifacts.get(role)
@@ -753,11 +733,12 @@ class Engine:
         return self.settings.state_dir / "disks" / f"{name}.img"
 
     def _make_disk(self, name: str, artifacts: dict[str, Any]) -> None:
-        """The VM's own copy of its plugin's rootfs, made at its first boot and kept for its
-        life: guests write to their disks, and the stored artifact is shared and must not
-        change."""
+        """The VM's own copy of its plugin's rootfs (if it has one), made at its first boot
+        and kept for its life: guests write to their disks, and the stored artifact is shared
+        and must not change."""
         source = self._artifact_path(artifacts, "rootfs")
-        assert source is not None
+        if source is None:
+            return
         disk = self._disk_path(name)
         if not disk.exists():
             disk.parent.mkdir(mode=0o700, exist_ok=True)
@@ -871,15 +852,24 @@ class Engine:
 
     def _set(self, name: str, **values: Any) -> dict[str, Any]:
         """Update the VM's record and return its view, in one transaction (Core statements:
-        the ORM would cost several times the queries)."""
+        the ORM would cost several times the queries). A VM whose VMM runs is one statement:
+        what its view takes from other tables is known (`Live.shown`)."""
+        live = self._live.get(name)
+        shown = live.shown if live is not None else None
 
-        def work(session: Session) -> Row[Any]:
+        def work(session: Session) -> Mapping[Any, Any]:
             connection = session.connection()
-            connection.execute(_SET_NAMED, {"vm_name": name, **values})
+            parameters = {"vm_name": name, **values}
+            if shown is not None:
+                updated = connection.execute(_SET_NAMED_RETURNING, parameters).first()
+                if updated is None:
+                    raise _no_vm(name)
+                return {**updated._mapping, **shown}
+            connection.execute(_SET_NAMED, parameters)
             row = connection.execute(_VM_ROW, {"name": name}).first()
             if row is None:
                 raise _no_vm(name)
-            return row
+            return row._mapping
 
         return self._view(self.db.transact(work))
 

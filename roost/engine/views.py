@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Row, Select, and_, select
+from sqlalchemy import Select, and_, select
 
 from roost.spec import Resources, ResourcesOverride
 from roost.state.models import VM, CIDLease, Network, Plugin, VMConfigVersion
@@ -40,49 +40,49 @@ def timestamp(moment: datetime) -> str:
 
 
 def vm_view(
-    vm: Row[Any],
+    vm: Mapping[Any, Any],
     *,
     run_dir: RunDir,
     api_socket: Path | None,
     vsock_path: Path | None,
 ) -> dict[str, Any]:
-    """A VM as the API shows it, from its `VM_ROWS` row. `api_socket` is its VMM's control
-    socket while it runs; `vsock_path` is where its driver's hybrid vsock listens (None when the
-    guest is reached by CID)."""
-    resources = ResourcesOverride.model_validate(vm.config.get("resources", {})).apply(
-        Resources.model_validate(vm.manifest.get("resources", {}))
+    """A VM as the API shows it, from its `VM_ROWS` row (as a mapping). `api_socket` is its
+    VMM's control socket while it runs; `vsock_path` is where its driver's hybrid vsock listens
+    (None when the guest is reached by CID)."""
+    resources = ResourcesOverride.model_validate(vm["config"].get("resources", {})).apply(
+        Resources.model_validate(vm["manifest"].get("resources", {}))
     )
-    effective, plan = vm.network["effective"], vm.network["plan"]
-    vsock_ok = plan["vsock"] and vm.vsock_unavailable is None
+    effective, plan = vm["network"]["effective"], vm["network"]["plan"]
+    vsock_ok = plan["vsock"] and vm["vsock_unavailable"] is None
     return {
-        "name": vm.name,
-        "plugin": vm.plugin,
-        "status": vm.status,
-        "status_reason": vm.status_reason,
-        "exit_code": vm.exit_code,
+        "name": vm["name"],
+        "plugin": vm["plugin"],
+        "status": vm["status"],
+        "status_reason": vm["status_reason"],
+        "exit_code": vm["exit_code"],
         "network": {
             **effective,
-            "mac": vm.mac if plan["nic"] else None,
-            "bridge": vm.network["bridge"] if plan["tap"] else None,
-            "tap": vm.tap if plan["tap"] else None,
-            "observed_ip": vm.observed_ip if plan["observe_ip"] else None,
+            "mac": vm["mac"] if plan["nic"] else None,
+            "bridge": vm["network"]["bridge"] if plan["tap"] else None,
+            "tap": vm["tap"] if plan["tap"] else None,
+            "observed_ip": vm["observed_ip"] if plan["observe_ip"] else None,
         },
         "vsock": {
-            "cid": vm.cid,
+            "cid": vm["cid"],
             "uds_path": str(vsock_path) if vsock_ok and vsock_path else None,
             "available": vsock_ok,
-            "reason": vm.vsock_unavailable,
+            "reason": vm["vsock_unavailable"],
         },
         "resources": {"vcpus": resources.vcpus, "memory_mib": resources.memory_mib},
         "vmm": {
-            "kind": vm.vmm_kind,
-            "pid": vm.pid if api_socket else None,
+            "kind": vm["vmm_kind"],
+            "pid": vm["pid"] if api_socket else None,
             "api_socket": str(api_socket) if api_socket else None,
         },
         "console_log": str(run_dir.console_log),
-        "config_version": vm.config_version,
-        "created_at": timestamp(vm.created_at),
-        "updated_at": timestamp(vm.updated_at),
+        "config_version": vm["config_version"],
+        "created_at": timestamp(vm["created_at"]),
+        "updated_at": timestamp(vm["updated_at"]),
     }
 
 

@@ -3,13 +3,15 @@
 One bridge-family table `roost` in the daemon's namespace; each tap gets a chain, reached
 through a verdict map keyed by the tap's name, so adding or removing a VM touches only its
 own chain and map element (one atomic batch each). The batches are the text `nft -f` reads,
-run by libnftables (the library behind `nft`) in the daemon itself: no process per VM.
+run by libnftables (the library behind `nft`) in the daemon itself, from the calling thread
+(inside the namespace for the moment): no process per VM, no hand-over to another thread.
 """
 
 from __future__ import annotations
 
 import ctypes
 import logging
+import threading
 
 from roost.errors import HostError
 from roost.host.netns import NetnsWorker
@@ -29,8 +31,8 @@ table {TABLE} {{
 
 
 class _Nftables:
-    """One libnftables context. Every call runs on the namespace's thread: the context's
-    netlink socket must live in that namespace, and a context is not thread-safe."""
+    """One libnftables context: made on the namespace's thread, used by one thread at a time,
+    each inside the namespace (its netlink socket must live there)."""
 
     def __init__(self, library: ctypes.CDLL) -> None:
         library.nft_ctx_new.restype = ctypes.c_void_p
@@ -71,6 +73,7 @@ class Firewall:
             log.warning("%s not found: taps get no anti-spoofing rules (install nftables)", LIBRARY)
             return
         self._nft = worker.run(_Nftables, library)
+        self._lock = threading.Lock()
         worker.on_close(self._nft.free)
         if self._run(f"list table {TABLE}\n", check=False) is not None:
             self._run(BASE)
@@ -81,7 +84,8 @@ class Firewall:
 
     def _run(self, script: str, *, check: bool = True) -> str | None:
         assert self._nft is not None
-        refused = self._worker.run(self._nft.run, script)
+        with self._lock, self._worker.inside():
+            refused = self._nft.run(script)
         if check and refused is not None:
             raise HostError(f"nftables refused the rules: {refused}")
         return refused

@@ -12,8 +12,10 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
-from collections.abc import Callable
+import threading
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -42,15 +44,14 @@ def namespace_file(netns: str | None) -> Path:
     return path
 
 
-def _enter(name: str) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    fd = os.open(netns_path(name), os.O_RDONLY | os.O_CLOEXEC)
-    try:
-        if libc.setns(fd, CLONE_NEWNET) != 0:
-            error = ctypes.get_errno()
-            raise OSError(error, f"setns({name}): {os.strerror(error)}")
-    finally:
-        os.close(fd)
+_LIBC = ctypes.CDLL(None, use_errno=True)
+
+
+def _setns(fd: int, what: str) -> None:
+    """Move the calling thread into the network namespace `fd` is open on."""
+    if _LIBC.setns(fd, CLONE_NEWNET) != 0:
+        error = ctypes.get_errno()
+        raise OSError(error, f"setns({what}): {os.strerror(error)}")
 
 
 class NetnsWorker:
@@ -59,15 +60,42 @@ class NetnsWorker:
 
     def __init__(self, netns: str | None) -> None:
         self.netns = netns
-        namespace_file(netns)
-        initializer = (lambda: _enter(netns)) if netns is not None else None
+        path = namespace_file(netns)
+        self._namespace = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if netns else None
+        self._thread: int | None = None
         self._pool = ThreadPoolExecutor(
-            max_workers=1, thread_name_prefix="roost-netns", initializer=initializer
+            max_workers=1, thread_name_prefix="roost-netns", initializer=self._start
         )
         self._closers: list[Callable[[], object]] = []
 
+    def _start(self) -> None:
+        if self._namespace is not None:
+            _setns(self._namespace, str(self.netns))
+        self._thread = threading.get_ident()
+
+    @contextmanager
+    def inside(self) -> Iterator[None]:
+        """The calling thread inside the namespace for the block, and back in its own after
+        it: for quick host work (a tap's ioctls, its rules) that handing to the namespace's
+        thread would only delay. The block must not start threads or processes."""
+        if self._namespace is None or threading.get_ident() == self._thread:
+            yield
+            return
+        own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            _setns(self._namespace, str(self.netns))
+            try:
+                yield
+            finally:
+                _setns(own, "the thread's own namespace")
+        finally:
+            os.close(own)
+
     def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `work` on the namespace's thread and return its result (or raise its error)."""
+        """Run `work` on the namespace's thread and return its result (or raise its error);
+        work already on that thread runs at once, so jobs can be made of other jobs."""
+        if threading.get_ident() == self._thread:
+            return work(*args, **kwargs)
         return self.submit(work, *args, **kwargs).result()
 
     def submit(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
@@ -93,3 +121,5 @@ class NetnsWorker:
         for closer in reversed(self._closers):
             closer()
         self._pool.shutdown(wait=True)
+        if self._namespace is not None:
+            os.close(self._namespace)

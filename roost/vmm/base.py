@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Callable
-from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -80,6 +79,14 @@ class RunDir:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+class Early(Protocol):
+    """A VMM started ahead of its launch (see `Driver.start_early`)."""
+
+    def result(self) -> VMMProcess:
+        """The VMM once it is up; raises (leaving no process) if it never came up."""
+        ...
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
     """Everything a driver needs to boot one VM; `nic`/`vsock` are None when the plan has none."""
@@ -117,19 +124,9 @@ class Driver(Protocol):
         when the guest is reached by CID instead."""
         ...
 
-    def start_early(
-        self, name: str, run_dir: RunDir, worker: NetnsWorker
-    ) -> Future[VMMProcess] | None:
-        """Start, in the background, whatever of the VMM needs nothing the engine is still
-        preparing (addresses, tap); None when the driver has nothing to start early."""
-        ...
-
-    def prepare(
-        self, spec: LaunchSpec, early: Future[VMMProcess] | None
-    ) -> Future[VMMProcess] | None:
-        """Go on, in the background, with what `start_early` began: configure the VMM with
-        whatever of `spec` needs nothing of the host (its tap, its disk) while the engine
-        commits the VM's record. Returns what `launch` takes as `early`."""
+    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> Early | None:
+        """Start whatever of the VMM needs nothing the engine is still preparing (addresses,
+        tap), without waiting for it; None when the driver has nothing to start early."""
         ...
 
     def launch(
@@ -138,12 +135,12 @@ class Driver(Protocol):
         worker: NetnsWorker,
         *,
         host_ready: Callable[[], object] | None = None,
-        early: Future[VMMProcess] | None = None,
+        early: Early | None = None,
     ) -> VMMProcess:
-        """Finish what `prepare` began (or start the VMM in the worker's namespace) and boot
-        the guest. `host_ready` blocks until the host side is complete (the tap's rules, the
-        VM's disk); the driver calls it before it touches the tap or the disk and before the
-        guest runs. On failure leave no process behind and raise."""
+        """Finish what `start_early` began (or start the VMM in the worker's namespace),
+        configure it and boot the guest. `host_ready` completes the host side (the VM's disk);
+        the driver calls it before it touches the disk and before the guest runs. On failure
+        leave no process behind and raise."""
         ...
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:

@@ -14,14 +14,13 @@ import threading
 import time
 import weakref
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import LaunchSpec, RunDir
-from roost.vmm.process import VMMProcess
+from roost.vmm.base import Early, LaunchSpec, RunDir
+from roost.vmm.process import Starting, VMMProcess
 
 log = logging.getLogger(__name__)
 SOCKET_TIMEOUT = 5.0
@@ -164,14 +163,40 @@ class FirecrackerAPI:
         return json.loads(text) if text else None
 
 
+class _Early:
+    """Firecracker being started by the supervisor; `result()` is the process once its API
+    socket accepts connections (or raises, leaving no process), the same on every call."""
+
+    def __init__(self, driver: FirecrackerDriver, starting: Starting, api_socket: Path) -> None:
+        self._driver = driver
+        self._starting = starting
+        self._api_socket = api_socket
+        self._process: VMMProcess | None = None
+        self._error: BaseException | None = None
+
+    def result(self) -> VMMProcess:
+        if self._process is None and self._error is None:
+            try:
+                process = self._starting.result()
+                try:
+                    self._driver._wait_for_socket(process, self._api_socket)
+                except BaseException:
+                    process.kill()
+                    raise
+                self._process = process
+            except BaseException as error:
+                self._error = error
+        if self._error is not None:
+            raise self._error
+        assert self._process is not None
+        return self._process
+
+
 class FirecrackerDriver:
     kind = "firecracker"
 
     def __init__(self, binary: Path | None) -> None:
         self.binary = binary
-        self._early = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-fc-early")
-        # configuring waits for the early start: a pool of its own, so they never deadlock
-        self._configuring = ThreadPoolExecutor(max_workers=4, thread_name_prefix="roost-fc-config")
         # one API client per VMM, from its first call on; closed when the driver stops the VMM,
         # or when the engine lets go of the process (it ended on its own, or never booted)
         self._apis: weakref.WeakKeyDictionary[VMMProcess, FirecrackerAPI] = (
@@ -210,18 +235,13 @@ class FirecrackerDriver:
         if api is not None:
             api.close()
 
-    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> Future[VMMProcess]:
-        """Start Firecracker (up to its API socket) in the background, while the engine allocates
-        and builds the tap: none of that is needed before the VM's own configuration."""
-        self.check_available()
-        # Firecracker opens, but never creates, its log and metrics files; made here, as the
-        # spawning thread would wait for the interpreter lock at each call
-        run_dir.vmm_log.touch()
-        run_dir.metrics.touch()
-        return self._early.submit(self._spawn, name, run_dir, worker)
-
-    def _spawn(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> VMMProcess:
+    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> _Early:
+        """Have the supervisor start Firecracker, and go on: it comes up while the engine
+        allocates and builds the tap, none of which it needs before the VM's configuration."""
         assert self.binary is not None
+        self.check_available()
+        run_dir.vmm_log.touch()  # Firecracker opens, but never creates, its log and metrics
+        run_dir.metrics.touch()
         # the logger set up by flags, as the metrics: one API round trip fewer on every boot
         argv = [
             str(self.binary),
@@ -237,32 +257,8 @@ class FirecrackerDriver:
             "--metrics-path",
             str(run_dir.metrics),
         ]
-        process = VMMProcess.start(argv, run_dir.path, worker, output=run_dir.console_log)
-        try:
-            self._wait_for_socket(process, run_dir.api_socket)
-        except BaseException:
-            process.kill()
-            raise
-        return process
-
-    def prepare(
-        self, spec: LaunchSpec, early: Future[VMMProcess] | None
-    ) -> Future[VMMProcess] | None:
-        if early is None:
-            return None
-        return self._configuring.submit(self._configure, spec, early)
-
-    def _configure(self, spec: LaunchSpec, early: Future[VMMProcess]) -> VMMProcess:
-        process = early.result()
-        try:
-            api = self._api(process)
-            for request in configure_requests(spec):
-                api.call(*request)
-        except BaseException:
-            self._close_api(process)
-            process.kill()
-            raise
-        return process
+        starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.console_log)
+        return _Early(self, starting, run_dir.api_socket)
 
     def launch(
         self,
@@ -270,16 +266,19 @@ class FirecrackerDriver:
         worker: NetnsWorker,
         *,
         host_ready: Callable[[], object] | None = None,
-        early: Future[VMMProcess] | None = None,
+        early: Early | None = None,
     ) -> VMMProcess:
+        """Configure and boot, all from the caller's thread: under the interpreter lock a
+        thread per step would only add hand-overs."""
         if early is None:
-            early = self.prepare(spec, self.start_early(spec.name, spec.run_dir, worker))
-            assert early is not None
+            early = self.start_early(spec.name, spec.run_dir, worker)
         process = early.result()
         try:
+            api = self._api(process)
+            for request in configure_requests(spec):
+                api.call(*request)
             if host_ready is not None:
                 host_ready()
-            api = self._api(process)
             for request in attach_requests(spec):
                 api.call(*request)
             api.call(*START)

@@ -13,7 +13,9 @@ import sys
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from roost.errors import VMMFailedError
 from roost.host.netns import NetnsWorker
@@ -57,9 +59,15 @@ class VMMProcess:
     ) -> VMMProcess:
         """Start `argv` in the worker's namespace, in a session of its own, its output
         appended to `output`."""
+        return cls.begin(argv, run_dir, worker, output=output).result()
+
+    @classmethod
+    def begin(
+        cls, argv: list[str], run_dir: Path, worker: NetnsWorker, *, output: Path
+    ) -> Starting:
+        """As `start`, but only ask the supervisor: the VMM starts while the caller goes on."""
         supervisor = Supervisor.of(worker)
-        pid = supervisor.launch(argv, run_dir, output)
-        return cls(run_dir, pid, supervisor.pid)
+        return Starting(supervisor, supervisor.send(argv, run_dir, output), run_dir)
 
     @property
     def exit_file(self) -> Path:
@@ -110,10 +118,40 @@ class VMMProcess:
         return os.pidfd_open(self.pid)
 
 
+class Starting:
+    """A VMM its supervisor has been asked to start; `result()` waits for its PID (once)."""
+
+    def __init__(self, supervisor: Supervisor, ticket: Ticket, run_dir: Path) -> None:
+        self._supervisor = supervisor
+        self._ticket = ticket
+        self._run_dir = run_dir
+        self._process: VMMProcess | None = None
+
+    def result(self) -> VMMProcess:
+        if self._process is None:
+            pid = self._supervisor.answer(self._ticket)
+            self._process = VMMProcess(self._run_dir, pid, self._supervisor.pid)
+        return self._process
+
+
+@dataclass
+class _Channel:
+    """One supervisor process and the answers read from it: it answers in the order it was
+    asked, so the n-th answer belongs to the n-th command."""
+
+    process: subprocess.Popen[bytes]
+    sent: int = 0
+    read: int = 0
+    answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # read, not yet collected
+
+
+Ticket = tuple[_Channel, int, str]  # the channel, the command's number, the program
+
+
 class Supervisor:
     """The daemon's handle on its supervisor process (`supervisor.py`): one per namespace
-    worker, started on first use inside that namespace. Launches are serialised: one command,
-    one answer."""
+    worker, started on first use inside that namespace. Commands are sent at once and their
+    answers collected later, so a VMM starts while the daemon does other work."""
 
     _by_worker: dict[int, Supervisor] = {}
     _registry_lock = threading.Lock()
@@ -121,7 +159,7 @@ class Supervisor:
     def __init__(self, worker: NetnsWorker) -> None:
         self._worker = worker
         self._lock = threading.Lock()
-        self._process: subprocess.Popen[bytes] | None = None
+        self._channel: _Channel | None = None
         worker.on_close(self.close)
 
     @classmethod
@@ -134,17 +172,19 @@ class Supervisor:
 
     @property
     def pid(self) -> int:
-        assert self._process is not None
-        return self._process.pid
+        assert self._channel is not None
+        return self._channel.process.pid
 
-    def _running(self) -> subprocess.Popen[bytes]:
-        if self._process is not None and self._process.poll() is None:
-            return self._process
-        if self._process is not None:
+    def _running(self) -> _Channel:
+        channel = self._channel
+        if channel is not None and channel.process.poll() is None:
+            return channel
+        if channel is not None:
             log.warning(
-                "the VMM supervisor ended (code %s); starting another", self._process.returncode
+                "the VMM supervisor ended (code %s); starting another",
+                channel.process.returncode,
             )
-        self._process = self._worker.spawn(
+        process = self._worker.spawn(
             [sys.executable, "-I", "-S", str(SUPERVISOR)],
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
@@ -152,23 +192,42 @@ class Supervisor:
             start_new_session=True,
             close_fds=True,
         )
-        return self._process
+        self._channel = _Channel(process)
+        return self._channel
 
-    def launch(self, argv: list[str], run_dir: Path, output: Path) -> int:
-        """Start `argv` under the supervisor; its PID."""
+    def send(self, argv: list[str], run_dir: Path, output: Path) -> Ticket:
+        """Ask for `argv` to be started; `answer` gives its PID."""
         command = {"run_dir": str(run_dir), "argv": argv, "output": str(output)}
         with self._lock:
-            process = self._running()
-            assert process.stdin is not None and process.stdout is not None
+            channel = self._running()
+            assert channel.process.stdin is not None
+            number = channel.sent
+            channel.sent += 1
             try:
-                process.stdin.write(json.dumps(command).encode() + b"\n")
-                process.stdin.flush()
-                line = process.stdout.readline()
-            except OSError as error:
-                line = json.dumps({"error": str(error)}).encode()
-        answer = json.loads(line) if line else {"error": "the supervisor exited"}
+                channel.process.stdin.write(json.dumps(command).encode() + b"\n")
+                channel.process.stdin.flush()
+            except OSError:
+                pass  # the supervisor is gone: reading the answers says so
+        return channel, number, argv[0]
+
+    def answer(self, ticket: Ticket) -> int:
+        """The PID of the VMM `ticket` asked for, reading (and keeping for the others) every
+        answer before it."""
+        channel, number, program = ticket
+        with self._lock:
+            stdout = channel.process.stdout
+            assert stdout is not None
+            while channel.read <= number:
+                try:
+                    line = stdout.readline()
+                except (OSError, ValueError):  # ValueError: closed by `close`
+                    line = b""
+                said = json.loads(line) if line else {"error": "the supervisor exited"}
+                channel.answers[channel.read] = said
+                channel.read += 1
+            answer = channel.answers.pop(number)
         if "pid" not in answer:
-            raise VMMFailedError(f"cannot start {argv[0]}: {answer['error']}")
+            raise VMMFailedError(f"cannot start {program}: {answer['error']}")
         return int(answer["pid"])
 
     def close(self) -> None:
@@ -177,9 +236,10 @@ class Supervisor:
         with self._registry_lock:
             self._by_worker.pop(id(self._worker), None)
         with self._lock:
-            process, self._process = self._process, None
-        if process is None:
+            channel, self._channel = self._channel, None
+        if channel is None:
             return
+        process = channel.process
         assert process.stdin is not None
         with contextlib.suppress(OSError):
             process.stdin.close()

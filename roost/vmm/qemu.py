@@ -19,14 +19,13 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from functools import cache
 from pathlib import Path
 from typing import Literal, get_args
 
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import LaunchSpec, RunDir
+from roost.vmm.base import Early, LaunchSpec, RunDir
 from roost.vmm.process import VMMProcess
 from roost.vmm.qmp import qmp
 
@@ -265,17 +264,13 @@ class QemuDriver:
         """Nothing: QEMU takes the whole VM on its command line."""
         return None
 
-    def prepare(self, spec: LaunchSpec, early: Future[VMMProcess] | None) -> None:
-        """Nothing, as for `start_early`."""
-        return None
-
     def launch(
         self,
         spec: LaunchSpec,
         worker: NetnsWorker,
         *,
         host_ready: Callable[[], object] | None = None,
-        early: Future[VMMProcess] | None = None,
+        early: Early | None = None,
     ) -> VMMProcess:
         """Start QEMU and return once QMP reports the VM running (not when the guest is ready:
         callers watch the console for that). The guest runs as soon as QEMU does, so

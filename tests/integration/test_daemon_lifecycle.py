@@ -116,9 +116,13 @@ def test_statuses_follow_the_vmm(daemon: Daemon, tmp_path: Path) -> None:
     daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
     vm = daemon.ok("vm", "create", "life", "--plugin", "p")
     assert vm["status"] == "running"
+    # what a status change answers is what reading the VM says (the change reads less)
+    assert vm == daemon.ok("vm", "show", "life")
     # asking for the status it has is a no-op
     assert daemon.ok("vm", "start", "life")["vmm"]["pid"] == vm["vmm"]["pid"]
-    assert daemon.ok("vm", "pause", "life")["status"] == "paused"
+    paused = daemon.ok("vm", "pause", "life")
+    assert paused["status"] == "paused"
+    assert paused == daemon.ok("vm", "show", "life")
     assert daemon.firecracker_state(vm) == "Paused"
     assert daemon.ok("vm", "pause", "life")["status"] == "paused"
     assert daemon.ok("vm", "resume", "life")["status"] == "running"
@@ -211,6 +215,9 @@ def test_running_vmms_outlive_the_daemon_and_are_adopted(daemon: Daemon, tmp_pat
     daemon.start()
     adopted = daemon.ok("vm", "show", "keep")
     assert (adopted["status"], adopted["vmm"]["pid"]) == ("paused", vm["vmm"]["pid"])
+    resumed = daemon.ok("vm", "resume", "keep")
+    assert resumed == {**adopted, "status": "running", "updated_at": resumed["updated_at"]}
+    assert daemon.ok("vm", "pause", "keep") == daemon.ok("vm", "show", "keep")
     stopped = daemon.ok("vm", "stop", "keep", "--force")
     assert stopped["exit_code"] == -9
     wait_for(lambda: not process_alive(vm["vmm"]["pid"]), what="the adopted VMM to end")
