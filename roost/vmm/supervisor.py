@@ -1,8 +1,8 @@
-"""The parent of every VMM a daemon starts: it forks and execs them, reaps them and writes how
+"""The parent of every VMM a daemon starts: it spawns them, reaps them and writes how
 each ended into its run dir.
 
 One per daemon and network namespace, started once (`python -I -S supervisor.py`, standard
-library only) in a session of its own, so a VM launch costs a fork, not a Python start, and the
+library only) in a session of its own, so a VM launch costs a spawn, not a Python start, and the
 VMMs outlive the daemon while how they end stays knowable across a daemon restart.
 
 Protocol: the daemon writes one JSON line per VMM on stdin, `{"run_dir", "argv", "output"}`;
@@ -34,20 +34,28 @@ def write_atomically(run_dir_fd: int, name: str, text: str) -> None:
 
 
 def launch(command: dict[str, Any], children: dict[int, int]) -> dict[str, int]:
+    """Start the command's program in a session of its own, stdin from /dev/null and its
+    output appended to the command's file. posix_spawn (vfork and exec): no copy of this
+    process's memory to fault in, and a program that cannot run is an error here, not an
+    exit status later."""
     run_dir_fd = os.open(command["run_dir"], os.O_RDONLY | os.O_DIRECTORY)
     argv = command["argv"]
-    pid = os.fork()
-    if pid == 0:
-        try:
-            output = os.open(command["output"], os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
-            os.dup2(os.open(os.devnull, os.O_RDONLY), 0)
-            os.dup2(output, 1)
-            os.dup2(output, 2)
-            os.setsid()
-            os.execv(argv[0], argv)
-        finally:
-            os.write(2, f"roost-supervisor: cannot execute {argv[0]}\n".encode())
-            os._exit(127)
+    output_flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
+    try:
+        pid = os.posix_spawn(
+            argv[0],
+            argv,
+            os.environ,
+            file_actions=[
+                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                (os.POSIX_SPAWN_OPEN, 1, command["output"], output_flags, 0o600),
+                (os.POSIX_SPAWN_DUP2, 1, 2),
+            ],
+            setsid=True,
+        )
+    except BaseException:
+        os.close(run_dir_fd)
+        raise
     children[pid] = run_dir_fd
     write_atomically(run_dir_fd, "vmm.pid", f"{pid}\n")
     return {"pid": pid}
@@ -76,7 +84,8 @@ def main() -> int:
     signal.set_wakeup_fd(wake_write)
     signal.signal(signal.SIGCHLD, lambda *_: None)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    commands = sys.stdin.buffer
+    commands = sys.stdin.fileno()
+    pending = b""  # read, not yet a whole line: several commands may arrive at once
     listening = True
     while listening or children:
         readable, _, _ = select.select([commands, wake_read] if listening else [wake_read], [], [])
@@ -84,16 +93,18 @@ def main() -> int:
             os.read(wake_read, 4096)
         reap(children)
         if listening and commands in readable:
-            line = commands.readline()
-            if not line:
+            chunk = os.read(commands, 65536)
+            if not chunk:
                 listening = False
                 continue
-            answer: dict[str, Any]
-            try:
-                answer = launch(json.loads(line), children)
-            except (OSError, ValueError, KeyError) as error:
-                answer = {"error": str(error)}
-            sys.stdout.write(json.dumps(answer) + "\n")
+            *lines, pending = (pending + chunk).split(b"\n")
+            for line in lines:
+                answer: dict[str, Any]
+                try:
+                    answer = launch(json.loads(line), children)
+                except (OSError, ValueError, KeyError) as error:
+                    answer = {"error": str(error)}
+                sys.stdout.write(json.dumps(answer) + "\n")
             sys.stdout.flush()
     return 0
 

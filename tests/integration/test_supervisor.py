@@ -1,0 +1,77 @@
+"""The VMM supervisor and the daemon's handle on it, with real processes (`sleep`, `true`):
+commands sent ahead of their answers, answers collected in any order, exit statuses recorded."""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from roost.errors import VMMFailedError
+from roost.host.netns import NetnsWorker
+from roost.vmm.process import Supervisor, VMMProcess, recorded_pid
+
+SLEEP = shutil.which("sleep")
+TRUE = shutil.which("true")
+pytestmark = pytest.mark.skipif(SLEEP is None or TRUE is None, reason="needs sleep and true")
+
+
+@pytest.fixture
+def worker() -> Iterator[NetnsWorker]:
+    """The test's own namespace worker; closing it lets its supervisor go."""
+    worker = NetnsWorker(None)
+    yield worker
+    worker.close()
+
+
+def run_dir(root: Path, name: str) -> Path:
+    path = root / name
+    path.mkdir()
+    return path
+
+
+def test_commands_sent_together_are_each_answered(worker: NetnsWorker, tmp_path: Path) -> None:
+    assert SLEEP is not None and TRUE is not None
+    supervisor = Supervisor.of(worker)
+    dirs = [run_dir(tmp_path, f"vm{n}") for n in range(3)]
+    argvs = [[SLEEP, "30"], [TRUE], [SLEEP, "30"]]
+    tickets = [
+        supervisor.send(argv, path, path / "console.log")
+        for argv, path in zip(argvs, dirs, strict=True)
+    ]
+    # collected out of order: each answer still goes to the command that asked for it
+    pids = {n: supervisor.answer(tickets[n]) for n in (2, 0, 1)}
+    processes = [VMMProcess(path, pids[n], supervisor.pid) for n, path in enumerate(dirs)]
+    try:
+        assert len(set(pids.values())) == 3
+        for process in processes:
+            assert recorded_pid(process.run_dir) == process.pid
+        assert processes[1].wait(10)
+        assert processes[1].exit_code() == 0
+        assert not processes[0].exited() and not processes[2].exited()
+    finally:
+        for process in processes:
+            process.kill()
+    assert [process.exit_code() for process in (processes[0], processes[2])] == [-9, -9]
+
+
+def test_a_command_that_fails_is_an_error_for_that_command_only(
+    worker: NetnsWorker, tmp_path: Path
+) -> None:
+    assert TRUE is not None
+    supervisor = Supervisor.of(worker)
+    good, other = run_dir(tmp_path, "good"), run_dir(tmp_path, "other")
+    gone = tmp_path / "removed-run-dir"
+    no_run_dir = supervisor.send([TRUE], gone, gone / "console.log")
+    no_program = supervisor.send([str(tmp_path / "no-vmm")], other, other / "console.log")
+    fine = supervisor.send([TRUE], good, good / "console.log")
+    with pytest.raises(VMMFailedError, match=f"cannot start {TRUE}"):
+        supervisor.answer(no_run_dir)
+    with pytest.raises(VMMFailedError, match=r"cannot start .*no-vmm: .*No such file"):
+        supervisor.answer(no_program)
+    assert recorded_pid(other) is None
+    process = VMMProcess(good, supervisor.answer(fine), supervisor.pid)
+    assert process.wait(10)
+    assert process.exit_code() == 0
