@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import http.client
 import json
 import logging
 import os
@@ -101,36 +100,28 @@ def _accepts(path: Path) -> bool:
     return True
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    def __init__(self, path: Path, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self._path = str(path)
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self._path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
-
-
 class FirecrackerAPI:
-    """A small client for one VM's API socket, its one connection kept open from the VMM's
-    first call to its last (Firecracker serves few connections). The standard library's HTTP
-    client: these calls are on the path of every boot, and it spends less than half the CPU
-    time of httpx's on each (measured: 0.10 ms against 0.24 ms a call)."""
+    """A client for one VM's API socket, its one connection kept open from the VMM's first
+    call to its last (Firecracker serves few connections). These calls are on the path of every
+    boot, so HTTP/1.1 is spoken here directly, as much of it as Firecracker's server speaks:
+    requests with a Content-Length, answers with one (or none, for no body). Measured per call:
+    0.02 ms of CPU, against 0.10 ms with the standard library's client and 0.24 ms with httpx."""
 
     def __init__(self, api_socket: Path, timeout: float = 10.0) -> None:
-        self._connection = _UnixHTTPConnection(api_socket, timeout)
+        self._path = str(api_socket)
         self._timeout = timeout
         self._lock = threading.Lock()
+        self._socket: socket.socket | None = None
+        self._unread = b""  # received after the last answer (nothing, from a well-behaved server)
 
     def close(self) -> None:
         with self._lock:
-            self._connection.close()
+            self._disconnect()
+
+    def _disconnect(self) -> None:
+        if self._socket is not None:
+            self._socket.close()
+        self._socket, self._unread = None, b""
 
     def call(
         self,
@@ -140,19 +131,23 @@ class FirecrackerAPI:
         *,
         timeout: float | None = None,
     ) -> Any:
-        payload = None if body is None else json.dumps(body)
-        headers = {"Content-Type": "application/json"} if body is not None else {}
+        payload = b"" if body is None else json.dumps(body).encode()
+        request = (
+            f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(payload)}\r\n\r\n"
+        ).encode() + payload
         with self._lock:
-            connection = self._connection
-            connection.timeout = self._timeout if timeout is None else timeout
-            if connection.sock is not None:
-                connection.sock.settimeout(connection.timeout)
             try:
-                connection.request(method, path, payload, headers)
-                response = connection.getresponse()
-                status, text = response.status, response.read()
-            except (OSError, http.client.HTTPException) as error:
-                connection.close()  # a half-read answer must not be taken for the next one
+                if self._socket is None:
+                    self._socket = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                    self._socket.settimeout(self._timeout if timeout is None else timeout)
+                    self._socket.connect(self._path)
+                else:
+                    self._socket.settimeout(self._timeout if timeout is None else timeout)
+                self._socket.sendall(request)
+                status, text = self._answer(self._socket)
+            except (OSError, ValueError, IndexError) as error:
+                self._disconnect()  # a half-read answer must not be taken for the next one
                 reason = str(error) or type(error).__name__
                 raise VMMFailedError(f"Firecracker API {method} {path} failed: {reason}") from None
         if status >= 300:
@@ -161,6 +156,34 @@ class FirecrackerAPI:
                 message = json.loads(message).get("fault_message", message)
             raise VMMFailedError(f"Firecracker refused {method} {path}: {message}")
         return json.loads(text) if text else None
+
+    def _answer(self, sock: socket.socket) -> tuple[int, bytes]:
+        """The next answer's status and body."""
+        received = self._unread
+        while b"\r\n\r\n" not in received:
+            received += _receive(sock)
+        head, _, rest = received.partition(b"\r\n\r\n")
+        status_line, *fields = head.split(b"\r\n")
+        status = int(status_line.split(b" ", 2)[1])
+        length = 0
+        for field in fields:
+            name, _, value = field.partition(b":")
+            name = name.strip().lower()
+            if name == b"content-length":
+                length = int(value)
+            elif name == b"transfer-encoding":
+                raise ValueError(f"unexpected Transfer-Encoding {value.strip().decode()!r}")
+        while len(rest) < length:
+            rest += _receive(sock)
+        self._unread = rest[length:]
+        return status, rest[:length]
+
+
+def _receive(sock: socket.socket) -> bytes:
+    data = sock.recv(65536)
+    if not data:
+        raise ConnectionError("Firecracker closed the connection")
+    return data
 
 
 class _Early:
