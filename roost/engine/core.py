@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any, TypeVar, cast
 
-from sqlalchemy import Row, and_, bindparam, insert, select, update
+from sqlalchemy import Connection, Row, and_, bindparam, insert, select, update
 from sqlalchemy.orm import Session
 
 from roost.engine.plugins import Plugins, find
@@ -490,7 +490,7 @@ class Engine:
         emptied: Emptied = []
         effective = plan.network
         bridge: str | None = None
-        network: Network | None = None
+        network: alloc.NetworkRow | None = None
         held_on = vm.subnet
         if held_on is not None and (plan.net.ipam is IPAM.NONE or held_on != str(effective.subnet)):
             emptied += self._release_ip(session, vm)
@@ -857,8 +857,7 @@ class Engine:
         live = self._live.get(name)
         shown = live.shown if live is not None else None
 
-        def work(session: Session) -> Mapping[Any, Any]:
-            connection = session.connection()
+        def work(connection: Connection) -> Mapping[Any, Any]:
             parameters = {"vm_name": name, **values}
             if shown is not None:
                 updated = connection.execute(_SET_NAMED_RETURNING, parameters).first()
@@ -871,7 +870,7 @@ class Engine:
                 raise _no_vm(name)
             return row._mapping
 
-        return self._view(self.db.transact(work))
+        return self._view(self.db.transact_core(work))
 
     # ---- recovery after a daemon restart --------------------------------------------------
 

@@ -11,11 +11,11 @@ import heapq
 import ipaddress
 import secrets
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from typing import Protocol
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
-from sqlalchemy.orm.attributes import set_committed_value
 
 from roost.errors import ConflictError
 from roost.state.models import VM, CIDLease, IPLease, Network, utcnow
@@ -28,6 +28,21 @@ BRIDGE_PREFIX = "rbr"
 # 02:xx: locally administered unicast for guests; fe:xx for their taps (as libvirt does).
 GUEST_MAC_PREFIX = "02"
 TAP_MAC_PREFIX = "fe"
+
+
+@dataclass(frozen=True)
+class NetworkRow:
+    """A network as allocation reads it (a plain row: loading the ORM entity costs several
+    times the query, on the path of every bridged boot)."""
+
+    id: int
+    name: str
+    bridge: str
+    subnet: str
+    gateway: str
+    first: int
+    last: int
+    next_hint: int
 
 
 class Holder(Protocol):
@@ -65,7 +80,17 @@ _HOLDER = (
     .join(IPLease, IPLease.vm_id == VM.id)
     .where(IPLease.network_id == bindparam("network_id"), IPLease.ip == bindparam("ip"))
 )
-_NETWORK = select(Network).where(Network.subnet == bindparam("subnet"))
+_NETWORK_COLUMNS = (
+    Network.id,
+    Network.name,
+    Network.bridge,
+    Network.subnet,
+    Network.gateway,
+    Network.first,
+    Network.last,
+    Network.next_hint,
+)
+_NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet"))
 _CIDS = select(CIDLease.cid, CIDLease.vm_id).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
 _ADD_CID = insert(CIDLease)
 _MAC_USED = select(VM.id).where(VM.mac == bindparam("mac"))
@@ -91,8 +116,9 @@ def _leased_from(connection: Connection, network_id: int, start: int, end: int) 
         low = batch[-1] + 1
 
 
-def network_by_subnet(session: Session, subnet: ipaddress.IPv4Network) -> Network | None:
-    return session.scalar(_NETWORK, {"subnet": str(subnet)})
+def network_by_subnet(session: Session, subnet: ipaddress.IPv4Network) -> NetworkRow | None:
+    row = session.connection().execute(_NETWORK, {"subnet": str(subnet)}).first()
+    return None if row is None else NetworkRow(*row)
 
 
 def ensure_network(
@@ -102,17 +128,17 @@ def ensure_network(
     *,
     name: str | None = None,
     bridge: str | None = None,
-) -> Network:
+) -> NetworkRow:
     """The network for `subnet`, created if new. A different gateway on the same subnet, or a
     subnet overlapping another network, is a conflict naming that network."""
-    network = network_by_subnet(session, subnet)
-    if network is not None:
-        if network.gateway != str(gateway):
+    found = network_by_subnet(session, subnet)
+    if found is not None:
+        if found.gateway != str(gateway):
             raise ConflictError(
-                f"subnet {subnet} is network {network.name!r} with gateway {network.gateway}, "
-                f"not {gateway}; use gateway {network.gateway} or another subnet",
+                f"subnet {subnet} is network {found.name!r} with gateway {found.gateway}, "
+                f"not {gateway}; use gateway {found.gateway} or another subnet",
             )
-        return network
+        return found
     first, last = int(subnet.network_address), int(subnet.broadcast_address)
     clash = session.scalar(
         select(Network).where(Network.first <= last, Network.last >= first).limit(1)
@@ -136,12 +162,13 @@ def ensure_network(
     session.flush()
     if not network.bridge:
         network.bridge = f"{BRIDGE_PREFIX}{network.id}"
-    return network
+        session.flush()
+    return NetworkRow(*(getattr(network, column.key) for column in _NETWORK_COLUMNS))
 
 
 def allocate_ip(
     session: Session,
-    network: Network,
+    network: NetworkRow,
     vm_id: int,
     requested: ipaddress.IPv4Address | None = None,
 ) -> ipaddress.IPv4Address:
@@ -172,11 +199,10 @@ def allocate_ip(
     if requested is None:
         hint = value + 1 if value + 1 < network.last else network.first + 1
         connection.execute(_SET_HINT, {"network_id": network.id, "hint": hint})
-        set_committed_value(network, "next_hint", hint)
     return ipaddress.IPv4Address(value)
 
 
-def _next_free(connection: Connection, network: Network) -> int:
+def _next_free(connection: Connection, network: NetworkRow) -> int:
     low, high = network.first + 1, network.last - 1
     gateway = int(ipaddress.IPv4Address(network.gateway))
 
