@@ -702,6 +702,12 @@ class Engine:
         if booting.vsock_missing:
             log.warning("VM %s starts without a vsock device: %s", name, booting.vsock_missing)
         driver = self.drivers[booting.vmm]
+        # logged before the boot: the moments after it are the busiest of all
+        if booting.early is not None:
+            pid = booting.early.result().pid
+            log.info("%s %s: booting %s (pid %d)", steps.operation, name, booting.vmm, pid)
+        else:
+            log.info("%s %s: booting %s", steps.operation, name, booting.vmm)
         process = driver.launch(
             booting.spec,
             self.worker,
@@ -711,7 +717,6 @@ class Engine:
         )
         self._live[name] = Live(process, driver, shown=booting.shown)
         steps.done(f"started {booting.vmm}", lambda: self._untrack(name, process))
-        log.info("%s %s: %s started (pid %d)", steps.operation, name, booting.vmm, process.pid)
         self.watcher.watch(name, process)
         if net.observe_ip and booting.tap is not None:
             assert booting.mac is not None
