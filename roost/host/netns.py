@@ -12,9 +12,8 @@ from __future__ import annotations
 import ctypes
 import os
 import subprocess
-import threading
 from collections.abc import Callable, Iterator
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -62,7 +61,6 @@ class NetnsWorker:
         self.netns = netns
         path = namespace_file(netns)
         self._namespace = os.open(path, os.O_RDONLY | os.O_CLOEXEC) if netns else None
-        self._thread: int | None = None
         self._pool = ThreadPoolExecutor(
             max_workers=1, thread_name_prefix="roost-netns", initializer=self._start
         )
@@ -71,14 +69,13 @@ class NetnsWorker:
     def _start(self) -> None:
         if self._namespace is not None:
             _setns(self._namespace, str(self.netns))
-        self._thread = threading.get_ident()
 
     @contextmanager
     def inside(self) -> Iterator[None]:
         """The calling thread inside the namespace for the block, and back in its own after
         it: for quick host work (a tap's ioctls, its rules) that handing to the namespace's
         thread would only delay. The block must not start threads or processes."""
-        if self._namespace is None or threading.get_ident() == self._thread:
+        if self._namespace is None:
             yield
             return
         own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
@@ -92,15 +89,8 @@ class NetnsWorker:
             os.close(own)
 
     def run(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> T:
-        """Run `work` on the namespace's thread and return its result (or raise its error);
-        work already on that thread runs at once, so jobs can be made of other jobs."""
-        if threading.get_ident() == self._thread:
-            return work(*args, **kwargs)
-        return self.submit(work, *args, **kwargs).result()
-
-    def submit(self, work: Callable[..., T], *args: Any, **kwargs: Any) -> Future[T]:
-        """Queue `work` on the namespace's thread without waiting for it."""
-        return self._pool.submit(work, *args, **kwargs)
+        """Run `work` on the namespace's thread and return its result (or raise its error)."""
+        return self._pool.submit(work, *args, **kwargs).result()
 
     def on_close(self, closer: Callable[[], object]) -> None:
         """Run `closer` when the worker closes (for what others keep inside the namespace)."""

@@ -34,8 +34,8 @@ def find_firecracker(explicit: str | None) -> Path | None:
 
 
 def configure_requests(spec: LaunchSpec) -> list[Request]:
-    """The API requests that configure `spec` and need nothing of the host: they are sent
-    while the engine is still making the tap and committing the VM's record."""
+    """The API requests that configure `spec` and touch nothing of the host's: sent before
+    the engine's `host_ready`."""
     requests: list[Request] = [
         ("PUT", "/machine-config", {"vcpu_count": spec.vcpus, "mem_size_mib": spec.memory_mib}),
     ]
@@ -186,12 +186,26 @@ def _receive(sock: socket.socket) -> bytes:
     return data
 
 
+def _wait_for_socket(process: VMMProcess, path: Path) -> None:
+    """Until Firecracker accepts connections (the file appears at bind(), a moment before
+    listen(), so existence alone is not enough)."""
+    deadline = time.monotonic() + SOCKET_TIMEOUT
+    while not _accepts(path):
+        if process.exited():
+            raise VMMFailedError(
+                f"Firecracker exited before opening its API socket "
+                f"(exit code {process.exit_code()}); see {process.run_dir / 'console.log'}"
+            )
+        if time.monotonic() > deadline:
+            raise VMMFailedError(f"Firecracker did not open {path} within {SOCKET_TIMEOUT}s")
+        time.sleep(0.0005)
+
+
 class _Early:
     """Firecracker being started by the supervisor; `result()` is the process once its API
     socket accepts connections (or raises, leaving no process), the same on every call."""
 
-    def __init__(self, driver: FirecrackerDriver, starting: Starting, api_socket: Path) -> None:
-        self._driver = driver
+    def __init__(self, starting: Starting, api_socket: Path) -> None:
         self._starting = starting
         self._api_socket = api_socket
         self._process: VMMProcess | None = None
@@ -202,7 +216,7 @@ class _Early:
             try:
                 process = self._starting.result()
                 try:
-                    self._driver._wait_for_socket(process, self._api_socket)
+                    _wait_for_socket(process, self._api_socket)
                 except BaseException:
                     process.kill()
                     raise
@@ -261,8 +275,8 @@ class FirecrackerDriver:
     def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> _Early:
         """Have the supervisor start Firecracker, and go on: it comes up while the engine
         allocates and builds the tap, none of which it needs before the VM's configuration."""
-        assert self.binary is not None
         self.check_available()
+        assert self.binary is not None
         run_dir.vmm_log.touch()  # Firecracker opens, but never creates, its log and metrics
         run_dir.metrics.touch()
         # the logger set up by flags, as the metrics: one API round trip fewer on every boot
@@ -281,7 +295,7 @@ class FirecrackerDriver:
             str(run_dir.metrics),
         ]
         starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.console_log)
-        return _Early(self, starting, run_dir.api_socket)
+        return _Early(starting, run_dir.api_socket)
 
     def launch(
         self,
@@ -310,20 +324,6 @@ class FirecrackerDriver:
             process.kill()
             raise
         return process
-
-    def _wait_for_socket(self, process: VMMProcess, path: Path) -> None:
-        """Until Firecracker accepts connections (the file appears at bind(), a moment before
-        listen(), so existence alone is not enough)."""
-        deadline = time.monotonic() + SOCKET_TIMEOUT
-        while not _accepts(path):
-            if process.exited():
-                raise VMMFailedError(
-                    f"Firecracker exited before opening its API socket "
-                    f"(exit code {process.exit_code()}); see {process.run_dir / 'console.log'}"
-                )
-            if time.monotonic() > deadline:
-                raise VMMFailedError(f"Firecracker did not open {path} within {SOCKET_TIMEOUT}s")
-            time.sleep(0.0005)
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
         """Ctrl-Alt-Del, wait `timeout`; SIGTERM, wait; SIGKILL. Always reaped."""
