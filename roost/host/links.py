@@ -169,16 +169,14 @@ class Links:
         if len(name.encode()) > IFNAMSIZ:
             raise HostError(f"tap name {name!r} is longer than {IFNAMSIZ} bytes")
         try:
-            try:
-                with self._worker.inside():
-                    _add_tap(name)
-            except OSError as error:
-                if error.errno != errno.EBUSY:
-                    raise
-                self.delete(name)  # a stale tap of ours, from a crash, still held open
-                with self._worker.inside():
-                    _add_tap(name)
             with self._worker.inside():
+                try:
+                    _add_tap(name)
+                except OSError as error:
+                    if error.errno != errno.EBUSY:
+                        raise
+                    self.delete(name)  # a stale tap of ours, from a crash, still held open
+                    _add_tap(name)
                 _set_up_tap(name, mac, bridge)
         except (OSError, HostError) as error:
             self.delete(name)
