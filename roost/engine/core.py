@@ -341,11 +341,6 @@ class Engine:
                 vm_id = added.inserted_primary_key[0]
                 vm = Holding(id=vm_id, name=name, mac=None, tap=None, subnet=None)
                 config_json = config.model_dump(mode="json", exclude_none=True)
-                shown = {"plugin": config.plugin, "config": config_json, "manifest": manifest_json}
-                booting, _ = self._allocate(
-                    session, vm, status, plan, manifest, config, artifacts, vmm, early, host, shown
-                )
-                # after the allocations, which start the tap and the VMM's configuration
                 connection.execute(
                     _ADD_CONFIG,
                     {
@@ -355,6 +350,10 @@ class Engine:
                         "manifest": manifest_json,
                         "artifacts": artifacts,
                     },
+                )
+                shown = {"plugin": config.plugin, "config": config_json, "manifest": manifest_json}
+                booting, _ = self._allocate(
+                    session, vm, status, plan, manifest, config, artifacts, vmm, early, host, shown
                 )
                 return booting
 
@@ -593,8 +592,8 @@ class Engine:
         self, tap: str, mac: str, bridge: str, attach: Attachment, effective: EffectiveNetwork
     ) -> None:
         """A fresh tap on `bridge`, setting the bridge up first unless this daemon already
-        did (and again if it has vanished since). Runs on the namespace's thread, while its
-        allocating transaction holds the bridge lock."""
+        did (and again if it has vanished since). Runs while its allocating transaction holds
+        the bridge lock."""
         if bridge not in self._bridges_ready:
             self._ensure_bridge(bridge, attach, effective)
             self._bridges_ready.add(bridge)
@@ -711,7 +710,7 @@ class Engine:
         process = driver.launch(
             booting.spec,
             self.worker,
-            # the VM's own disk, made once its record exists and copied while the VMM starts
+            # the VM's own disk, made once its record exists, before the VMM is handed it
             host_ready=lambda: self._make_disk(name, booting.artifacts),
             early=booting.early,
         )

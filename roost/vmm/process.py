@@ -119,19 +119,26 @@ class VMMProcess:
 
 
 class Starting:
-    """A VMM its supervisor has been asked to start; `result()` waits for its PID (once)."""
+    """A VMM its supervisor has been asked to start; `result()` waits for its PID the first
+    time, and gives the same process (or raises the same error) every time."""
 
     def __init__(self, supervisor: Supervisor, ticket: Ticket, run_dir: Path) -> None:
         self._supervisor = supervisor
         self._ticket = ticket
         self._run_dir = run_dir
-        self._process: VMMProcess | None = None
+        self._outcome: VMMProcess | VMMFailedError | None = None
 
     def result(self) -> VMMProcess:
-        if self._process is None:
-            pid = self._supervisor.answer(self._ticket)
-            self._process = VMMProcess(self._run_dir, pid, self._supervisor.pid)
-        return self._process
+        if self._outcome is None:
+            channel = self._ticket[0]
+            try:
+                pid = self._supervisor.answer(self._ticket)
+                self._outcome = VMMProcess(self._run_dir, pid, channel.process.pid)
+            except VMMFailedError as error:
+                self._outcome = error
+        if isinstance(self._outcome, VMMFailedError):
+            raise self._outcome
+        return self._outcome
 
 
 @dataclass
