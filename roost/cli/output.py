@@ -11,11 +11,13 @@ from typing import Any, NoReturn
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 from roost.errors import RoostError
 
-out = Console(highlight=False, soft_wrap=True)
-err = Console(stderr=True, highlight=False, soft_wrap=True)
+# no emoji codes: a MAC such as 02:2e:f4:ab:5b:92 holds ":ab:", which rich would draw as 🆎
+out = Console(highlight=False, soft_wrap=True, emoji=False)
+err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
 
 
 def print_json(data: Any) -> None:
@@ -27,7 +29,7 @@ def fail(error: RoostError, as_json: bool) -> NoReturn:
     """Report `error` (stderr for people, the error object on stdout with --json) and exit."""
     if as_json:
         print_json(error.to_json())
-    err.print(f"[red]error:[/red] {error.message}", markup=True)
+    err.print(f"[red]error:[/red] {escape(error.message)}", markup=True)
     for detail in error.details:
         if f"{detail.loc}: {detail.msg}" != error.message:
             err.print(f"  {detail.loc}: {detail.msg}", markup=False)
