@@ -707,12 +707,29 @@ class Engine:
             log.info("%s %s: booting %s (pid %d)", steps.operation, name, booting.vmm, pid)
         else:
             log.info("%s %s: booting %s", steps.operation, name, booting.vmm)
+        recorded: list[Mapping[Any, Any]] = []
+
+        def record_running(process: VMMProcess) -> None:
+            """While the VMM boots the guest (Firecracker: InstanceStart sent, its answer not
+            yet in), so the write overlaps the VMM's work instead of following it. A boot that
+            fails after this is recorded as `error` by `_launch`."""
+            recorded.append(
+                self._write(
+                    name,
+                    booting.shown,
+                    status=RUNNING,
+                    pid=process.pid,
+                    supervisor_pid=process.supervisor_pid,
+                )
+            )
+
         process = driver.launch(
             booting.spec,
             self.worker,
             # the VM's own disk, made once its record exists, before the VMM is handed it
             host_ready=lambda: self._make_disk(name, booting.artifacts),
             early=booting.early,
+            while_booting=record_running,
         )
         self._live[name] = Live(process, driver, shown=booting.shown)
         steps.done(f"started {booting.vmm}", lambda: self._untrack(name, process))
@@ -720,9 +737,9 @@ class Engine:
         if net.observe_ip and booting.tap is not None:
             assert booting.mac is not None
             self.observer.watch(name, booting.tap, booting.mac)
-        return self._set(
-            name, status=RUNNING, pid=process.pid, supervisor_pid=process.supervisor_pid
-        )
+        if not recorded:  # a driver that never called back
+            record_running(process)
+        return self._view(recorded[0])
 
     def _untrack(self, name: str, process: VMMProcess) -> None:
         """Undo a launch: no longer track the VMM, and end it."""
@@ -855,11 +872,15 @@ class Engine:
         self.plugins.collect_garbage()
 
     def _set(self, name: str, **values: Any) -> dict[str, Any]:
-        """Update the VM's record and return its view, in one transaction (Core statements:
-        the ORM would cost several times the queries). A VM whose VMM runs is one statement:
-        what its view takes from other tables is known (`Live.shown`)."""
+        """Update the VM's record and return its view."""
         live = self._live.get(name)
-        shown = live.shown if live is not None else None
+        return self._view(self._write(name, live.shown if live is not None else None, **values))
+
+    def _write(self, name: str, shown: dict[str, Any] | None, **values: Any) -> Mapping[Any, Any]:
+        """Update the VM's record in one transaction and return its row for the view (Core
+        statements: the ORM would cost several times the queries). With `shown` — what a
+        running VM's view takes from other tables, which cannot change while it runs — that is
+        one statement."""
 
         def work(connection: Connection) -> Mapping[Any, Any]:
             parameters = {"vm_name": name, **values}
@@ -874,7 +895,7 @@ class Engine:
                 raise _no_vm(name)
             return row._mapping
 
-        return self._view(self.db.transact_core(work))
+        return self.db.transact_core(work)
 
     # ---- recovery after a daemon restart --------------------------------------------------
 

@@ -136,11 +136,14 @@ class Driver(Protocol):
         *,
         host_ready: Callable[[], object] | None = None,
         early: Early | None = None,
+        while_booting: Callable[[VMMProcess], object] | None = None,
     ) -> VMMProcess:
         """Finish what `start_early` began (or start the VMM in the worker's namespace),
         configure it and boot the guest. `host_ready` completes the host side (the VM's disk);
-        the driver calls it before it touches the disk and before the guest runs. On failure
-        leave no process behind and raise."""
+        the driver calls it before it touches the disk and before the guest runs.
+        `while_booting` runs once the boot has been asked of the VMM, while the driver waits
+        for it to be done (the engine records the VM as running meanwhile). On failure leave
+        no process behind and raise."""
         ...
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:

@@ -130,7 +130,11 @@ class FirecrackerAPI:
         body: dict[str, Any] | None = None,
         *,
         timeout: float | None = None,
+        meanwhile: Callable[[], object] | None = None,
     ) -> Any:
+        """Send the request and return the answer's JSON (None when it has no body).
+        `meanwhile` runs once the request is sent, while Firecracker works on it; if it
+        raises, the answer is not waited for (the connection is dropped) and its error is."""
         payload = b"" if body is None else json.dumps(body).encode()
         request = (
             f"{method} {path} HTTP/1.1\r\nHost: localhost\r\n"
@@ -145,6 +149,12 @@ class FirecrackerAPI:
                 else:
                     self._socket.settimeout(self._timeout if timeout is None else timeout)
                 self._socket.sendall(request)
+                if meanwhile is not None:
+                    try:
+                        meanwhile()
+                    except BaseException:
+                        self._disconnect()
+                        raise
                 status, text = self._answer(self._socket)
             except (OSError, ValueError, IndexError) as error:
                 self._disconnect()  # a half-read answer must not be taken for the next one
@@ -304,6 +314,7 @@ class FirecrackerDriver:
         *,
         host_ready: Callable[[], object] | None = None,
         early: Early | None = None,
+        while_booting: Callable[[VMMProcess], object] | None = None,
     ) -> VMMProcess:
         """Configure and boot, all from the caller's thread: under the interpreter lock a
         thread per step would only add hand-overs."""
@@ -318,7 +329,8 @@ class FirecrackerDriver:
                 host_ready()
             for request in attach_requests(spec):
                 api.call(*request)
-            api.call(*START)
+            meanwhile = (lambda: while_booting(process)) if while_booting is not None else None
+            api.call(*START, meanwhile=meanwhile)
         except BaseException:
             self._close_api(process)
             process.kill()

@@ -271,10 +271,11 @@ class QemuDriver:
         *,
         host_ready: Callable[[], object] | None = None,
         early: Early | None = None,
+        while_booting: Callable[[VMMProcess], object] | None = None,
     ) -> VMMProcess:
         """Start QEMU and return once QMP reports the VM running (not when the guest is ready:
         callers watch the console for that). The guest runs as soon as QEMU does, so
-        `host_ready` is called before QEMU starts."""
+        `host_ready` is called before QEMU starts, and `while_booting` once it has."""
         self.check_available()
         assert self.binary is not None
         accel = self.accel_for(spec.kernel, worker)
@@ -299,8 +300,10 @@ class QemuDriver:
         try:
             process = VMMProcess.start(argv, run_dir.path, worker, output=run_dir.vmm_log)
             try:
+                if while_booting is not None:
+                    while_booting(process)
                 _wait_until_running(process, qmp_socket)
-            except VMMFailedError:
+            except BaseException:
                 _end(process)
                 raise
         except VMMFailedError as error:

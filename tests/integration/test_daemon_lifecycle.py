@@ -59,6 +59,30 @@ def test_a_kernel_firecracker_cannot_boot_fails_the_create_and_leaves_nothing(
     assert "rbr" not in " ".join(links(daemon.netns))
 
 
+@pytest.mark.kvm
+def test_a_start_whose_boot_fails_leaves_the_vm_in_error(daemon: Daemon, tmp_path: Path) -> None:
+    """The VM is recorded as running while Firecracker boots it; a boot that then fails must
+    still end as `error`, with its leases kept and no VMM."""
+    bogus = tmp_path / "bogus-vmlinux"
+    bogus.write_bytes(b"\x7fELF" + b"\0" * 4096)
+    plugin = write_plugin(
+        tmp_path,
+        "broken",
+        kernel={"path": str(bogus)},
+        network={"mode": "bridged", "subnet": "10.9.0.0/24", "auto_assign": True},
+    )
+    daemon.ok("plugin", "install", plugin)
+    created = daemon.ok("vm", "create", "b2", "--plugin", "broken", "--no-start")
+    result = daemon.cli("vm", "start", "b2", "--json")
+    assert (result.exit_code, result.json()["error"]["code"]) == (6, "vmm_failed")
+    vm = daemon.ok("vm", "show", "b2")
+    assert vm["status"] == "error"
+    assert "Cannot load kernel" in vm["status_reason"]
+    assert vm["vmm"]["pid"] is None
+    assert vm["network"]["ip"] == created["network"]["ip"]
+    assert vm["network"]["tap"] not in links(daemon.netns)
+
+
 def test_a_kernel_that_is_not_elf_is_refused_at_install(daemon: Daemon, tmp_path: Path) -> None:
     bzimage = tmp_path / "vmlinuz"
     bzimage.write_bytes(b"MZ" + b"\0" * 1024)
