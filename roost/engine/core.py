@@ -782,12 +782,23 @@ class Engine:
             raise ConflictError(f"cannot {what} VM {name!r}: it is {status}; start it first")
         if live.paused == pause:
             return self.show_vm(name)
-        if pause:
-            live.driver.pause(live.process)
-        else:
-            live.driver.resume(live.process)
+        before, after = (RUNNING, PAUSED) if pause else (PAUSED, RUNNING)
+        written: list[Mapping[Any, Any]] = []
+
+        def record() -> None:  # while the VMM pauses or resumes the guest
+            written.append(self._write(name, live.shown, status=after))
+
+        change = live.driver.pause if pause else live.driver.resume
+        try:
+            change(live.process, record)
+        except BaseException:
+            if written:  # recorded, then the VMM refused: the record goes back
+                self._write(name, live.shown, status=before)
+            raise
         live.paused = pause
-        return self._set(name, status=PAUSED if pause else RUNNING)
+        if not written:
+            record()
+        return self._view(written[0])
 
     def _stop(self, name: str, timeout: float | None, force: bool) -> None:
         live = self._live.get(name)

@@ -356,8 +356,8 @@ class FirecrackerDriver:
         finally:
             self._close_api(process)
 
-    def pause(self, process: VMMProcess) -> None:
-        self._api(process).call("PATCH", "/vm", {"state": "Paused"})
+    def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
+        self._api(process).call("PATCH", "/vm", {"state": "Paused"}, meanwhile=meanwhile)
 
-    def resume(self, process: VMMProcess) -> None:
-        self._api(process).call("PATCH", "/vm", {"state": "Resumed"})
+    def resume(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
+        self._api(process).call("PATCH", "/vm", {"state": "Resumed"}, meanwhile=meanwhile)

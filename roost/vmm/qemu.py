@@ -323,17 +323,21 @@ class QemuDriver:
                 return process.exit_code()
         return _end(process)
 
-    def pause(self, process: VMMProcess) -> None:
-        self._command(process, "stop", "pause")
+    def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
+        self._command(process, "stop", "pause", meanwhile)
 
-    def resume(self, process: VMMProcess) -> None:
-        self._command(process, "cont", "resume")
+    def resume(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
+        self._command(process, "cont", "resume", meanwhile)
 
-    def _command(self, process: VMMProcess, command: str, what: str) -> None:
+    def _command(
+        self, process: VMMProcess, command: str, what: str, after: Callable[[], object] | None
+    ) -> None:
         try:
             qmp(self.api_socket(RunDir(process.run_dir)), command)
         except VMMFailedError as error:
             raise VMMFailedError(f"cannot {what} QEMU {process.pid}: {error}") from None
+        if after is not None:
+            after()
 
     def _ask_and_wait(self, process: VMMProcess, command: str, wait: float) -> bool:
         """Send `command` (unless QEMU is gone already); True once QEMU has exited and been
