@@ -229,7 +229,10 @@ class Supervisor:
                     line = stdout.readline()
                 except (OSError, ValueError):  # ValueError: closed by `close`
                     line = b""
-                said = json.loads(line) if line else {"error": "the supervisor exited"}
+                try:
+                    said = json.loads(line) if line else {"error": "the supervisor exited"}
+                except ValueError:  # cut short: it died while answering
+                    said = {"error": f"the supervisor answered {line!r}"}
                 channel.answers[channel.read] = said
                 channel.read += 1
             answer = channel.answers.pop(number)
