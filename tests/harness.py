@@ -11,11 +11,13 @@ import os
 import secrets
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -302,3 +304,16 @@ def http_get(netns: str, url: str, timeout: float = 30) -> str:
                 time.sleep(0.2)
     finally:
         worker.close()
+
+
+def serve_unix(
+    path: Path, serve: Callable[[socket.socket], None]
+) -> tuple[socket.socket, threading.Thread]:
+    """A listening Unix socket at `path`, handed to `serve` on a daemon thread: the scripted
+    peer of a protocol test."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen()
+    thread = threading.Thread(target=serve, args=(listener,), daemon=True)
+    thread.start()
+    return listener, thread

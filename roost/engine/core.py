@@ -372,7 +372,6 @@ class Engine:
         made (the driver decides); the VMM's start then overlaps the database and the tap.
         Undone: the VMM killed, then the run dir removed (a `new` VM's) or its sockets."""
         driver = self.drivers[vmm]
-        driver.check_available()
         run_dir = self._run_dir(name)
         tidy = run_dir.remove if new else run_dir.remove_sockets
         run_dir.prepare()
@@ -737,9 +736,8 @@ class Engine:
         if net.observe_ip and booting.tap is not None:
             assert booting.mac is not None
             self.observer.watch(name, booting.tap, booting.mac)
-        if not recorded:  # a driver that never called back
-            record_running(process)
-        return self._view(recorded[0])
+        [row] = recorded  # drivers call `while_booting` once for every boot they complete
+        return self._view(row)
 
     def _untrack(self, name: str, process: VMMProcess) -> None:
         """Undo a launch: no longer track the VMM, and end it."""
@@ -796,9 +794,8 @@ class Engine:
                 self._write(name, live.shown, status=before)
             raise
         live.paused = pause
-        if not written:
-            record()
-        return self._view(written[0])
+        [row] = written  # drivers call `meanwhile` once for every change they complete
+        return self._view(row)
 
     def _stop(self, name: str, timeout: float | None, force: bool) -> None:
         live = self._live.get(name)

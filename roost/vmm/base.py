@@ -141,9 +141,9 @@ class Driver(Protocol):
         """Finish what `start_early` began (or start the VMM in the worker's namespace),
         configure it and boot the guest. `host_ready` completes the host side (the VM's disk);
         the driver calls it before it touches the disk and before the guest runs.
-        `while_booting` runs once the boot has been asked of the VMM, while the driver waits
-        for it to be done (the engine records the VM as running meanwhile). On failure leave
-        no process behind and raise."""
+        `while_booting` runs once for every boot, after it has been asked of the VMM and before
+        it is known to be done (the engine records the VM as running meanwhile). On failure
+        leave no process behind and raise."""
         ...
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
@@ -152,8 +152,8 @@ class Driver(Protocol):
         ...
 
     def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
-        """Pause the guest; `meanwhile` runs while the VMM does it (or after: the driver's
-        choice), so the engine's bookkeeping overlaps the VMM's work."""
+        """Pause the guest; `meanwhile` runs once, while the VMM does it (or after: the
+        driver's choice), so the engine's bookkeeping overlaps the VMM's work."""
         ...
 
     def resume(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:

@@ -37,12 +37,11 @@ def nothing_left(daemon: Daemon, name: str) -> None:
     assert leftover_pids(daemon.netns) == []
 
 
-@pytest.mark.kvm
-def test_a_kernel_firecracker_cannot_boot_fails_the_create_and_leaves_nothing(
-    daemon: Daemon, tmp_path: Path
-) -> None:
+def install_unbootable_plugin(daemon: Daemon, tmp_path: Path) -> None:
+    """Plugin `broken`: bridged, with a kernel that looks like ELF and is not one, so
+    Firecracker takes the configuration and then refuses InstanceStart."""
     bogus = tmp_path / "bogus-vmlinux"
-    bogus.write_bytes(b"\x7fELF" + b"\0" * 4096)  # looks like ELF, is not a kernel
+    bogus.write_bytes(b"\x7fELF" + b"\0" * 4096)
     plugin = write_plugin(
         tmp_path,
         "broken",
@@ -50,6 +49,13 @@ def test_a_kernel_firecracker_cannot_boot_fails_the_create_and_leaves_nothing(
         network={"mode": "bridged", "subnet": "10.9.0.0/24", "auto_assign": True},
     )
     daemon.ok("plugin", "install", plugin)
+
+
+@pytest.mark.kvm
+def test_a_kernel_firecracker_cannot_boot_fails_the_create_and_leaves_nothing(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    install_unbootable_plugin(daemon, tmp_path)
     result = daemon.cli("vm", "create", "b1", "--plugin", "broken", "--json")
     assert result.exit_code == 6
     error = result.json()["error"]
@@ -63,15 +69,7 @@ def test_a_kernel_firecracker_cannot_boot_fails_the_create_and_leaves_nothing(
 def test_a_start_whose_boot_fails_leaves_the_vm_in_error(daemon: Daemon, tmp_path: Path) -> None:
     """The VM is recorded as running while Firecracker boots it; a boot that then fails must
     still end as `error`, with its leases kept and no VMM."""
-    bogus = tmp_path / "bogus-vmlinux"
-    bogus.write_bytes(b"\x7fELF" + b"\0" * 4096)
-    plugin = write_plugin(
-        tmp_path,
-        "broken",
-        kernel={"path": str(bogus)},
-        network={"mode": "bridged", "subnet": "10.9.0.0/24", "auto_assign": True},
-    )
-    daemon.ok("plugin", "install", plugin)
+    install_unbootable_plugin(daemon, tmp_path)
     created = daemon.ok("vm", "create", "b2", "--plugin", "broken", "--no-start")
     result = daemon.cli("vm", "start", "b2", "--json")
     assert (result.exit_code, result.json()["error"]["code"]) == (6, "vmm_failed")

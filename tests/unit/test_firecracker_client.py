@@ -6,7 +6,6 @@ produce on demand.)"""
 from __future__ import annotations
 
 import socket
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -14,6 +13,7 @@ import pytest
 
 from roost.errors import VMMFailedError
 from roost.vmm.firecracker import FirecrackerAPI
+from tests.harness import serve_unix
 
 
 class Peer:
@@ -23,15 +23,11 @@ class Peer:
     def __init__(self, path: Path, script: list[list[bytes] | None]) -> None:
         self.requests: list[bytes] = []
         self._script = script
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(path))
-        self._server.listen()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        self._server, self._thread = serve_unix(path, self._serve)
 
-    def _serve(self) -> None:
+    def _serve(self, listener: socket.socket) -> None:
         while self._script:
-            connection, _ = self._server.accept()
+            connection, _ = listener.accept()
             with connection:
                 while self._script:
                     request = connection.recv(65536)

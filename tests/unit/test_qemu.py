@@ -20,6 +20,7 @@ from roost.vmm import qemu
 from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock
 from roost.vmm.qemu import QemuDriver, guest_cmdline, kvm_verdict, qemu_argv, tsc_khz_from
 from roost.vmm.qmp import qmp
+from tests.harness import serve_unix
 
 QEMU = Path("/usr/bin/qemu-system-x86_64")
 RUN = RunDir(Path("/run/roost/vms/g1"))
@@ -329,15 +330,11 @@ class FakeMonitor:
         self.path = path
         self.answers = answers
         self.received: list[dict[str, Any]] = []
-        self._server = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self._server.bind(str(path))
-        self._server.listen()
-        self._thread = threading.Thread(target=self._serve, daemon=True)
-        self._thread.start()
+        _, self._thread = serve_unix(path, self._serve)
 
-    def _serve(self) -> None:
-        with self._server:
-            connection, _ = self._server.accept()
+    def _serve(self, listener: socket.socket) -> None:
+        with listener:
+            connection, _ = listener.accept()
             with connection, connection.makefile("rwb") as stream:
                 stream.write(b'{"QMP": {"version": {}, "capabilities": []}}\r\n')
                 stream.flush()
