@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import unquote, urlparse
+from urllib.parse import ParseResult, unquote, urlparse
 
 import httpx
 
@@ -79,13 +79,13 @@ class ArtifactStore:
         if parsed.scheme in ("http", "https"):
             stored = self._download(source, loc, expected_sha256, progress)
         else:
-            stored = self._copy(self._local_path(source, loc), loc, expected_sha256, progress)
+            path = self._local_path(parsed, source, loc)
+            stored = self._copy(path, loc, expected_sha256, progress)
         self._pin(stored.sha256)
         return stored
 
     @staticmethod
-    def _local_path(source: str, loc: str) -> Path:
-        parsed = urlparse(source)
+    def _local_path(parsed: ParseResult, source: str, loc: str) -> Path:
         if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
             raise InvalidError.at(
                 loc, f"{source} names host {parsed.netloc!r}; file:// URLs are local to the daemon"
