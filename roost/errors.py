@@ -1,14 +1,16 @@
 """Errors every layer raises, each carrying its API code, HTTP status and CLI exit code.
 
-One table here keeps the REST API and the CLI in step: a rule broken anywhere surfaces as the
-same `{"error": {"code", "message", "details"}}` object with the same exit code.
+`CODES` is the one table: every code the API or the CLI can report, with its HTTP status and
+exit code. A rule broken anywhere surfaces as the same `{"error": {"code", "message",
+"details"}}` object with the same exit code, and the CLI rebuilds any error a daemon sends from
+its code alone.
 """
 
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any
 
 
 class ExitCode:
@@ -24,6 +26,49 @@ class ExitCode:
 
 
 @dataclass(frozen=True)
+class Code:
+    """What one error code means to HTTP clients and to scripts."""
+
+    http_status: int
+    exit_code: int
+
+
+CODES: dict[str, Code] = {
+    # the request itself
+    "invalid_json": Code(400, ExitCode.INVALID),
+    "unauthorized": Code(401, ExitCode.UNREACHABLE),
+    "not_found": Code(404, ExitCode.NOT_FOUND),
+    "too_large": Code(413, ExitCode.INVALID),
+    "unsupported_media_type": Code(415, ExitCode.INVALID),
+    "misdirected": Code(421, ExitCode.UNREACHABLE),
+    "invalid": Code(422, ExitCode.INVALID),
+    # clashes with the state
+    "conflict": Code(409, ExitCode.CONFLICT),
+    "exists": Code(409, ExitCode.CONFLICT),
+    "vm_busy": Code(409, ExitCode.CONFLICT),
+    "ip_taken": Code(409, ExitCode.CONFLICT),
+    "subnet_overlap": Code(409, ExitCode.CONFLICT),
+    "network_full": Code(409, ExitCode.CONFLICT),
+    "cid_exhausted": Code(409, ExitCode.CONFLICT),
+    "plugin_in_use": Code(409, ExitCode.CONFLICT),
+    "locked": Code(409, ExitCode.CONFLICT),
+    "orphans": Code(409, ExitCode.CONFLICT),
+    # the daemon, the host or a VMM
+    "internal": Code(500, ExitCode.FAILURE),
+    "vmm_failed": Code(502, ExitCode.FAILURE),
+    "host_error": Code(502, ExitCode.FAILURE),
+    "vmm_unavailable": Code(503, ExitCode.FAILURE),
+    "busy": Code(503, ExitCode.FAILURE),
+    "recovering": Code(503, ExitCode.FAILURE),
+    "database_gone": Code(503, ExitCode.FAILURE),
+    "no_space": Code(507, ExitCode.FAILURE),
+    # said by the CLI about a daemon it cannot reach or that does not answer
+    "unreachable": Code(503, ExitCode.UNREACHABLE),
+    "timeout": Code(504, ExitCode.FAILURE),
+}
+
+
+@dataclass(frozen=True)
 class ErrorDetail:
     """One problem at one place: `loc` is dotted (`network.gateway`), `-` for the whole input."""
 
@@ -35,20 +80,36 @@ class ErrorDetail:
 
 
 class RoostError(Exception):
-    """Base of every error roost reports to a user."""
+    """Base of every error roost reports to a user; `code` (a key of `CODES`) decides the
+    HTTP status and the exit code."""
 
     code: str = "internal"
-    http_status: ClassVar[int] = 500
-    exit_code: ClassVar[int] = ExitCode.FAILURE
+    retry_after: float | None = None  # seconds, for the codes a client may retry
 
     def __init__(
-        self, message: str, details: Iterable[ErrorDetail] = (), *, code: str | None = None
+        self,
+        message: str,
+        details: Iterable[ErrorDetail] = (),
+        *,
+        code: str | None = None,
+        retry_after: float | None = None,
     ) -> None:
         super().__init__(message)
         self.message = message
         self.details: tuple[ErrorDetail, ...] = tuple(details)
         if code is not None:
             self.code = code
+        if retry_after is not None:
+            self.retry_after = retry_after
+        assert self.code in CODES, f"error code {self.code!r} is not in roost.errors.CODES"
+
+    @property
+    def http_status(self) -> int:
+        return CODES[self.code].http_status
+
+    @property
+    def exit_code(self) -> int:
+        return CODES[self.code].exit_code
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -64,8 +125,6 @@ class InvalidError(RoostError):
     """The input breaks a rule; `details` says where and why."""
 
     code = "invalid"
-    http_status = 422
-    exit_code = ExitCode.INVALID
 
     @classmethod
     def at(cls, loc: str, msg: str) -> InvalidError:
@@ -80,75 +139,53 @@ class InvalidError(RoostError):
 
 class InvalidJSONError(RoostError):
     code = "invalid_json"
-    http_status = 400
-    exit_code = ExitCode.INVALID
 
 
 class NotFoundError(RoostError):
     code = "not_found"
-    http_status = 404
-    exit_code = ExitCode.NOT_FOUND
 
 
 class ConflictError(RoostError):
     """A clash with existing state; `code` narrows it (vm_busy, ip_taken, exists, ...)."""
 
     code = "conflict"
-    http_status = 409
-    exit_code = ExitCode.CONFLICT
-
-
-class UnauthorizedError(RoostError):
-    code = "unauthorized"
-    http_status = 401
-    exit_code = ExitCode.UNREACHABLE
 
 
 class UnreachableError(RoostError):
     """The CLI cannot reach the daemon."""
 
     code = "unreachable"
-    http_status = 503
-    exit_code = ExitCode.UNREACHABLE
 
 
 class VMMUnavailableError(RoostError):
     """The VMM cannot be run at all here (binary missing, not executable)."""
 
     code = "vmm_unavailable"
-    http_status = 503
-    exit_code = ExitCode.FAILURE
 
 
 class VMMFailedError(RoostError):
     """The VMM ran but refused or failed what it was asked to do."""
 
     code = "vmm_failed"
-    http_status = 502
-    exit_code = ExitCode.FAILURE
 
 
 class HostError(RoostError):
     """The host could not do what roost needed (netlink, files, processes)."""
 
     code = "host_error"
-    http_status = 502
-    exit_code = ExitCode.FAILURE
 
 
-ERROR_TYPES: dict[str, type[RoostError]] = {
-    cls.code: cls
-    for cls in (
-        InvalidError,
-        InvalidJSONError,
-        NotFoundError,
-        ConflictError,
-        UnauthorizedError,
-        VMMUnavailableError,
-        VMMFailedError,
-        HostError,
-    )
-}
+class NoSpaceError(RoostError):
+    """A filesystem the daemon writes to (state, artifacts, disks) is full."""
+
+    code = "no_space"
+
+
+class UnavailableError(RoostError):
+    """The daemon cannot take this now (`busy`, `recovering`, `database_gone`); a client may
+    try again after `retry_after` seconds where that is set."""
+
+    code = "busy"
 
 
 def error_from_json(status: int, body: Any) -> RoostError:
@@ -162,7 +199,8 @@ def error_from_json(status: int, body: Any) -> RoostError:
         for d in error.get("details") or []
         if isinstance(d, dict)
     ]
-    cls = ERROR_TYPES.get(code)
-    if cls is None:
-        cls = ConflictError if status == 409 else RoostError
-    return cls(str(error.get("message", "")), details, code=code)
+    message = str(error.get("message", ""))
+    if code not in CODES:  # a newer daemon's code: judged by its HTTP status
+        message = f"{message} (error code {code!r})"
+        code = "conflict" if status == 409 else "invalid" if 400 <= status < 500 else "internal"
+    return RoostError(message, details, code=code)

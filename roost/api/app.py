@@ -18,6 +18,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from roost import __version__
+from roost.api.endpoints import Endpoint
 from roost.engine.core import Engine
 from roost.errors import ErrorDetail, InvalidError, NotFoundError, RoostError
 from roost.spec import Manifest, VMConfig, load_json, parse
@@ -45,7 +46,7 @@ async def _json_body(request: Request) -> Any:
     return load_json(await request.body())
 
 
-def create_app(engine: Engine) -> FastAPI:
+def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     app = FastAPI(title="roost", version=__version__, description="microVMs for plugins")
 
     @app.exception_handler(RoostError)

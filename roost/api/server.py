@@ -106,7 +106,10 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
             if endpoint.path is not None:
                 bound.append(endpoint.path)
         config = uvicorn.Config(
-            create_app(engine), log_config=None, access_log=False, timeout_graceful_shutdown=30
+            create_app(engine, endpoints),
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=30,
         )
         server = uvicorn.Server(config)
         # what start-up made lives as long as the daemon: keep it out of every later garbage

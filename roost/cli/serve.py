@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -12,13 +13,16 @@ from roost.api.endpoints import DEFAULT_API, Endpoint
 from roost.cli.apps import app
 from roost.cli.output import reporting
 from roost.engine.settings import (
+    DEFAULT_MAX_BODY_BYTES,
+    DEFAULT_MAX_OPERATIONS,
     DEFAULT_RUN_DIR,
     DEFAULT_STATE_DIR,
     Accel,
+    Orphans,
     QemuMachine,
     Settings,
 )
-from roost.errors import HostError
+from roost.errors import HostError, InvalidError
 from roost.plan.network import DEFAULT_SUBNET
 from roost.spec import VMMKind
 
@@ -76,9 +80,37 @@ def serve_command(
     accel: Annotated[
         Accel, typer.Option("--accel", help="QEMU's accelerator (auto probes KVM once).")
     ] = Accel.AUTO,
+    artifact_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--artifact-dir",
+            help="A directory TCP clients may name artifact paths in; repeatable.",
+        ),
+    ] = None,
+    reap_orphans: Annotated[
+        bool,
+        typer.Option("--reap-orphans", help="End live VMMs the database does not know."),
+    ] = False,
+    keep_orphans: Annotated[
+        bool,
+        typer.Option("--keep-orphans", help="Leave live VMMs the database does not know."),
+    ] = False,
+    max_operations: Annotated[
+        int,
+        typer.Option(
+            "--max-operations", min=1, max=1024, help="VM operations and installs at once."
+        ),
+    ] = DEFAULT_MAX_OPERATIONS,
+    max_body_bytes: Annotated[
+        int,
+        typer.Option("--max-body-bytes", min=1024, help="The largest request body accepted."),
+    ] = DEFAULT_MAX_BODY_BYTES,
     log_level: Annotated[str, typer.Option("--log-level", help="debug, info, warning.")] = "info",
 ) -> None:
-    """Run the roost daemon (its VMs keep running when it stops)."""
+    """Run the roost daemon (its VMs keep running when it stops).
+
+    A tcp:// listener needs $ROOST_TOKEN: clients then send it as a bearer token.
+    """
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
@@ -87,7 +119,13 @@ def serve_command(
     from roost.api.server import serve
 
     with reporting(as_json=False):
+        if reap_orphans and keep_orphans:
+            typer.echo("error: --reap-orphans and --keep-orphans exclude each other", err=True)
+            raise typer.Exit(2)
         endpoints = [Endpoint.parse(url) for url in (listen or [DEFAULT_API])]
+        token = os.environ.get("ROOST_TOKEN") or None
+        _check_listeners(endpoints, token)
+        orphans = Orphans.REAP if reap_orphans else Orphans.KEEP if keep_orphans else Orphans.REFUSE
         settings = Settings(
             state_dir=state_dir.resolve(),
             run_dir=run_dir.resolve(),
@@ -101,8 +139,33 @@ def serve_command(
             vmm=vmm.value,
             qemu_machine=qemu_machine.value,
             accel=accel.value,
+            artifact_dirs=tuple(path.resolve() for path in artifact_dir or ()),
+            orphans=orphans,
+            max_operations=max_operations,
+            max_body_bytes=max_body_bytes,
+            token=token,
         )
         try:
             serve(settings, endpoints)
         except OSError as error:  # e.g. the address is in use, or a directory is not writable
             raise HostError(f"the daemon cannot run: {error}") from None
+
+
+def _check_listeners(endpoints: list[Endpoint], token: str | None) -> None:
+    """TCP listeners only on loopback and only with a token: whoever reaches the API can make
+    the daemon start VMs as root."""
+    for endpoint in endpoints:
+        if not endpoint.is_tcp:
+            continue
+        if not endpoint.is_loopback:
+            raise InvalidError.at(
+                "listen",
+                f"{endpoint.url}: TCP listeners must be on a loopback address (127.0.0.1, ::1 "
+                "or localhost); use a Unix socket to reach the daemon from elsewhere",
+            )
+        if token is None:
+            raise InvalidError.at(
+                "listen",
+                f"{endpoint.url}: a TCP listener needs a token; set $ROOST_TOKEN (clients send "
+                "it as 'Authorization: Bearer <token>'), or listen on a Unix socket",
+            )

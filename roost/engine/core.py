@@ -79,12 +79,6 @@ LIVE = (STARTING, RUNNING, PAUSED, STOPPING)
 Emptied = list[tuple[int, str]]  # (network id, bridge) of networks that lost their last lease
 
 
-class LockedError(RoostError):
-    code = "locked"
-    http_status = 409
-    exit_code = 4
-
-
 @dataclass(frozen=True)
 class Booting:
     """What a starting VM holds, as the launch needs it (read once, in the allocating
@@ -156,7 +150,7 @@ class Engine:
         store = ArtifactStore(settings.state_dir / "artifacts")
         store.remove_incomplete()
         self.store = store
-        self.plugins = Plugins(self.db, store)
+        self.plugins = Plugins(self.db, store, settings.artifact_dirs)
         self.worker = NetnsWorker(settings.netns)
         self.links = Links(self.worker)
         self.firewall = Firewall(self.worker)
@@ -223,6 +217,10 @@ class Engine:
                 )
 
         self.db.transact(work)
+
+    def health(self) -> dict[str, Any]:
+        """What `/healthz` reports: `status` is `ok`, `recovering` or `database_gone`."""
+        return {"status": "ok"}
 
     def close(self) -> None:
         """Stop serving; running VMMs keep running (they outlive the daemon)."""
@@ -1001,7 +999,7 @@ def _lock(path: Path, message: str, *, create: bool = False) -> IO[bytes]:
         fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         handle.close()
-        raise LockedError(message) from None
+        raise ConflictError(message, code="locked") from None
     return handle
 
 

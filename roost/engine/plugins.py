@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import select
@@ -19,12 +20,20 @@ InstallProgress = Callable[[dict[str, Any]], None]
 
 
 class Plugins:
-    def __init__(self, db: Database, store: ArtifactStore) -> None:
+    def __init__(
+        self, db: Database, store: ArtifactStore, artifact_dirs: tuple[Path, ...] = ()
+    ) -> None:
         self.db = db
         self.store = store
+        self.artifact_dirs = artifact_dirs
 
     def install(
-        self, manifest: Manifest, *, force: bool, progress: InstallProgress | None = None
+        self,
+        manifest: Manifest,
+        *,
+        force: bool,
+        progress: InstallProgress | None = None,
+        any_path: bool = True,
     ) -> dict[str, Any]:
         """Store the manifest's artifacts (checking sha256s) and record the plugin. Existing
         VMs keep the manifest and artifacts they were created with."""

@@ -20,10 +20,21 @@ class Accel(StrEnum):
     TCG = "tcg"
 
 
+class Orphans(StrEnum):
+    """What a starting daemon does with live VMMs its database does not account for."""
+
+    REFUSE = "refuse"  # exit 4, naming them (the default: never kill what it does not know)
+    REAP = "reap"  # --reap-orphans: end them
+    KEEP = "keep"  # --keep-orphans: leave them running, untouched
+
+
 DEFAULT_STATE_DIR = Path("/var/lib/roost")
 DEFAULT_RUN_DIR = Path("/run/roost")
 DEFAULT_BRIDGE = "roost0"
 DEFAULT_NETWORK = "default"
+DEFAULT_MAX_OPERATIONS = 16
+MAX_QUEUED_OPERATIONS = 256
+DEFAULT_MAX_BODY_BYTES = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -41,3 +52,11 @@ class Settings:
     qemu_machine: str = "microvm"
     accel: str = "auto"
     stop_timeout: float = 3.0
+    # directories `path` artifacts may come from for API clients that are not root (TCP);
+    # the local Unix socket's clients are root anyway and may name any regular file
+    artifact_dirs: tuple[Path, ...] = ()
+    orphans: Orphans = Orphans.REFUSE
+    max_operations: int = DEFAULT_MAX_OPERATIONS
+    max_queued_operations: int = MAX_QUEUED_OPERATIONS
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
+    token: str | None = None  # the bearer token TCP clients must send ($ROOST_TOKEN)
