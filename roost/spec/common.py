@@ -12,6 +12,10 @@ from roost.errors import InvalidError
 
 DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?")
+# Labels are stored with each config version and sent in every listing: 64 of at most 253 + 256
+# characters keep a VM's labels under 33 KiB (Kubernetes' key length, a short value).
+MAX_LABELS = 64
+MAX_LABEL_VALUE = 256
 MAX_BOOT_ARGS = 1024
 MIN_VCPUS, MAX_VCPUS = 1, 32
 MIN_MEMORY_MIB, MAX_MEMORY_MIB = 16, 1024 * 1024
@@ -59,6 +63,16 @@ def _boot_args(value: str) -> str:
     return text
 
 
+def _label_count(value: Any) -> Any:
+    # Before pydantic reads the members: a million labels are refused without reading them.
+    if isinstance(value, dict) and len(value) > MAX_LABELS:
+        raise ValueError(
+            f"has {len(value)} labels; at most {MAX_LABELS} are allowed: keep the ones you "
+            "select or report VMs by"
+        )
+    return value
+
+
 def _labels(value: dict[str, str]) -> dict[str, str]:
     for key, text in value.items():
         if not LABEL_KEY.fullmatch(key):
@@ -66,8 +80,8 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
                 f"label key {key!r} must be 1-253 characters of letters, digits, '.', '_', '/' "
                 "and '-', starting and ending with a letter or digit"
             )
-        if len(text) > 256:
-            raise ValueError(f"label {key!r}: values are limited to 256 characters")
+        if len(text) > MAX_LABEL_VALUE:
+            raise ValueError(f"label {key!r}: values are limited to {MAX_LABEL_VALUE} characters")
     return dict(sorted(value.items()))
 
 
@@ -77,7 +91,7 @@ MemoryMiB = Annotated[
     int, BeforeValidator(_strict_int), Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
 ]
 BootArgs = Annotated[str, AfterValidator(_boot_args)]
-Labels = Annotated[dict[str, str], AfterValidator(_labels)]
+Labels = Annotated[dict[str, str], BeforeValidator(_label_count), AfterValidator(_labels)]
 
 
 class VMMKind(StrEnum):

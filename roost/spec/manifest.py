@@ -16,6 +16,21 @@ from roost.spec.network import ModeName, NetworkConfig, NetworkMode, network_err
 SHA256 = re.compile(r"[0-9a-f]{64}")
 URL_SCHEMES = ("http", "https", "file")
 ARTIFACT_ROLES = ("kernel", "initramfs", "rootfs")
+MAX_PATH_BYTES = 4095  # Linux's PATH_MAX, less the terminating NUL
+MAX_URL_BYTES = 8192
+
+
+def _text(value: str, limit: int) -> str:
+    """What a path or URL must be to reach the filesystem or the network at all."""
+    if "\x00" in value:
+        raise ValueError("must not contain NUL characters")
+    try:
+        size = len(value.encode())
+    except UnicodeEncodeError:
+        raise ValueError("must be valid UTF-8 text") from None
+    if size > limit:
+        raise ValueError(f"is {size} bytes long; the limit is {limit}")
+    return value
 
 
 def _sha256(value: str) -> str:
@@ -38,18 +53,27 @@ class Artifact(Spec):
     @field_validator("path")
     @classmethod
     def _path(cls, value: str | None) -> str | None:
-        if value is not None and not value.strip():
+        if value is None:
+            return None
+        if not value.strip():
             raise ValueError("must not be empty")
-        return value
+        return _text(value, MAX_PATH_BYTES)
 
     @field_validator("url")
     @classmethod
     def _url(cls, value: str | None) -> str | None:
         if value is None:
             return None
-        parsed = urlparse(value)
-        if parsed.scheme not in URL_SCHEMES or not (parsed.netloc or parsed.scheme == "file"):
+        _text(value, MAX_URL_BYTES)
+        try:
+            parsed = urlparse(value)
+            port = parsed.port  # a port out of range or not a number raises here
+        except ValueError as error:
+            raise ValueError(f"{value!r} is not a valid URL: {error}") from None
+        if parsed.scheme not in URL_SCHEMES or not (parsed.hostname or parsed.scheme == "file"):
             raise ValueError(f"{value!r} must be an http://, https:// or file:// URL")
+        if port == 0:
+            raise ValueError(f"{value!r} names port 0, which no server listens on")
         return value
 
     @model_validator(mode="after")

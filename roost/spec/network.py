@@ -8,6 +8,7 @@ override, or the effective network after resolution), live in `network_errors`, 
 from __future__ import annotations
 
 import ipaddress
+import re
 from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
@@ -19,6 +20,20 @@ from roost.spec.parse import details_of
 
 MIN_PREFIX = 8
 MAX_PREFIX = 30
+PREFIX_LENGTH = re.compile(r"0|[1-9][0-9]*")  # ASCII digits, no leading zero
+# Ranges a VM network may not overlap: configured on a bridge, each would route (or claim) what
+# the host needs for something else.
+RESERVED_RANGES = (
+    (ipaddress.IPv4Network("0.0.0.0/8"), "'this network' range"),
+    (ipaddress.IPv4Network("127.0.0.0/8"), "loopback range"),
+    (ipaddress.IPv4Network("169.254.0.0/16"), "link-local range"),
+    (ipaddress.IPv4Network("224.0.0.0/4"), "multicast range"),
+    (
+        ipaddress.IPv4Network("240.0.0.0/4"),
+        "reserved range (with the limited broadcast address 255.255.255.255)",
+    ),
+)
+PRIVATE_RANGES_TEXT = "10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
 
 
 class NetworkMode(StrEnum):
@@ -50,7 +65,8 @@ ModeName = Annotated[NetworkMode, BeforeValidator(parse_mode)]
 
 
 def parse_subnet(value: Any) -> ipaddress.IPv4Network:
-    """A strict IPv4 CIDR between /8 and /30, with a suggestion when host bits are set."""
+    """A strict IPv4 CIDR between /8 and /30 (a prefix length, not a netmask) that overlaps no
+    reserved range, with a suggestion where one helps."""
     if not isinstance(value, str):
         raise ValueError("must be a string CIDR such as 10.100.0.0/24")
     text = value.strip()
@@ -62,6 +78,12 @@ def parse_subnet(value: Any) -> ipaddress.IPv4Network:
         raise ValueError(f"{text!r} is not a CIDR such as 10.100.0.0/24") from None
     if network.version == 6:
         raise ValueError(f"{text}: IPv6 is not supported yet; use an IPv4 CIDR")
+    address, _, prefix = text.partition("/")
+    if not PREFIX_LENGTH.fullmatch(prefix):
+        problem = "has a leading zero" if prefix.isascii() and prefix.isdigit() else "is a mask"
+        raise ValueError(
+            f"{text}: /{prefix} {problem}; write the prefix length, {address}/{network.prefixlen}"
+        )
     assert isinstance(network, ipaddress.IPv4Network)
     if ipaddress.ip_interface(text).ip != network.network_address:
         raise ValueError(f"{text} has host bits set; did you mean {network}?")
@@ -70,6 +92,12 @@ def parse_subnet(value: Any) -> ipaddress.IPv4Network:
             f"{network}: prefix /{network.prefixlen} is out of range; use /{MIN_PREFIX} to "
             f"/{MAX_PREFIX}"
         )
+    for reserved, what in RESERVED_RANGES:
+        if network.overlaps(reserved):
+            raise ValueError(
+                f"{network} overlaps {reserved}, the {what}, which a VM network cannot use; "
+                f"choose a private range such as {PRIVATE_RANGES_TEXT}"
+            )
     return network
 
 

@@ -112,6 +112,10 @@ def test_bridged_rule_two(network: dict[str, Any], locs: list[str]) -> None:
         ("10.0.0.0/33", "is not a CIDR"),
         ("banana/24", "is not a CIDR"),
         (24, "must be a string CIDR"),
+        ("10.0.0.0/024", "/024 has a leading zero; write the prefix length, 10.0.0.0/24"),
+        ("10.0.0.0/255.255.0.0", "/255.255.0.0 is a mask; write the prefix length, 10.0.0.0/16"),
+        ("127.0.0.0/8", "overlaps 127.0.0.0/8, the loopback range"),
+        ("169.254.1.0/24", "overlaps 169.254.0.0/16, the link-local range"),
     ],
 )
 def test_subnet_errors(subnet: Any, text: str) -> None:
