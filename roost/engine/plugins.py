@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -12,7 +12,7 @@ from sqlalchemy.orm import Session, selectinload
 from roost.engine.views import plugin_view
 from roost.errors import ConflictError, InvalidError, NotFoundError
 from roost.spec import Manifest
-from roost.state.artifacts import ArtifactStore, Progress, StoredArtifact
+from roost.state.artifacts import ArtifactStore, Pins, Progress, StoredArtifact
 from roost.state.db import Database
 from roost.state.models import VM, Plugin, PluginArtifact, VMConfigVersion
 
@@ -20,6 +20,9 @@ InstallProgress = Callable[[dict[str, Any]], None]
 
 
 class Plugins:
+    """Installs and removes plugins. `artifact_dirs` are the only directories clients that may
+    not read the whole filesystem (`any_path=False`: TCP clients) take local artifacts from."""
+
     def __init__(
         self, db: Database, store: ArtifactStore, artifact_dirs: tuple[Path, ...] = ()
     ) -> None:
@@ -36,21 +39,29 @@ class Plugins:
         any_path: bool = True,
     ) -> dict[str, Any]:
         """Store the manifest's artifacts (checking sha256s) and record the plugin. Existing
-        VMs keep the manifest and artifacts they were created with."""
+        VMs keep the manifest and artifacts they were created with. `any_path` lets the client
+        name any local file (the Unix socket's, root anyway); otherwise only files inside
+        `artifact_dirs`. Nobody gets files from /proc, /sys or /dev, or non-regular ones."""
         if not force:
             with self.db.read() as session:
                 if find(session, manifest.name, missing_ok=True) is not None:
                     raise _exists(manifest.name)
+        allowed_dirs = None if any_path else self.artifact_dirs
         try:
-            with self.store.pinning():
-                stored = self._fetch_all(manifest, progress)
+            # the pins are released only once the transaction has committed the references
+            with self.store.pinning() as pins:
+                stored = self._fetch_all(manifest, pins, allowed_dirs, progress)
                 self.db.transact(lambda session: self._record(session, manifest, stored, force))
         finally:
             self.collect_garbage()  # what this install replaced, or stored before it failed
         return self.show(manifest.name)
 
     def _fetch_all(
-        self, manifest: Manifest, progress: InstallProgress | None
+        self,
+        manifest: Manifest,
+        pins: Pins,
+        allowed_dirs: Sequence[Path] | None,
+        progress: InstallProgress | None,
     ) -> dict[str, StoredArtifact]:
         stored = {}
         for role, artifact in manifest.artifacts().items():
@@ -59,9 +70,10 @@ class Plugins:
             if progress is not None:
                 progress({"event": "artifact", "role": role, "source": source})
             stored[role] = self.store.fetch(
-                source,
-                loc=role,
-                expected_sha256=artifact.sha256,
+                role,
+                artifact,
+                pins=pins,
+                allowed_dirs=allowed_dirs,
                 progress=_artifact_progress(progress, role),
             )
         if "kernel" in stored and not self.store.is_elf(stored["kernel"].sha256):
@@ -117,11 +129,16 @@ class Plugins:
 
     def collect_garbage(self) -> None:
         """Drop stored artifacts no plugin and no VM's config refers to any more."""
+        self.store.collect_garbage(self._referenced)
+
+    def _referenced(self) -> set[str]:
+        """The digests the database refers to; the store reads them under its lock (why that
+        keeps concurrent installs safe: roost.state.artifacts)."""
         with self.db.read() as session:
             referenced = set(session.scalars(select(PluginArtifact.sha256)))
             for artifacts in session.scalars(select(VMConfigVersion.artifacts)):
                 referenced.update(item["sha256"] for item in artifacts.values())
-        self.store.collect_garbage(referenced)
+        return referenced
 
 
 def find(session: Session, name: str, *, missing_ok: bool = False) -> Plugin:

@@ -1,27 +1,51 @@
-"""The content store: artifact files kept once under their sha256, whatever their source."""
+"""The content store: artifact files kept once under their sha256, whatever their source.
+
+Two things make it safe to run for clients the daemon does not trust with its filesystem:
+
+- **Nothing an install stores is collected before the database refers to it.** One lock
+  (`ArtifactStore._lock`) orders every change to what the store keeps. An install pins a
+  digest under that lock *before* its file is renamed into the store, and releases its pins
+  under it only after the transaction that records the plugin has committed. Garbage
+  collection holds the lock from reading the database's references to its last unlink. So
+  every file a collection sees is either pinned, or was unpinned before the collection began
+  (its references were committed before the collection read them), or lands after it ends.
+  Installs take the lock only for a rename and a counter change; their copies and downloads
+  run outside it.
+- **A local path is judged by the file actually opened, not by its name.** The path is opened
+  with `O_PATH` (which follows symlinks but reads nothing and has no side effect on a device or
+  a FIFO); the kernel's own name for that file (`/proc/self/fd/N`) and its type decide; only a
+  regular file that passes is reopened for reading through that same descriptor. Swapping a
+  symlink or a directory between the check and the read changes nothing.
+"""
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import os
 import stat
 import tempfile
 import threading
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO
-from urllib.parse import ParseResult, unquote, urlparse
+from urllib.parse import unquote, urlparse
 
 import httpx
 
-from roost.errors import HostError, InvalidError
+from roost.errors import HostError, InvalidError, NoSpaceError
+from roost.spec.manifest import Artifact
 
 CHUNK = 1 << 20
 MAX_ARTIFACT_BYTES = 64 << 30
 ELF_MAGIC = b"\x7fELF"
+# Never read from these, whoever asks: their files are the kernel's and the devices' views
+# (secrets, endless or side-effecting reads), not artifacts.
+PSEUDO_FILESYSTEMS = (b"/proc", b"/sys", b"/dev")
+FULL_ERRNOS = (errno.ENOSPC, errno.EDQUOT)
 Progress = Callable[[int, int | None], None]
 
 
@@ -29,6 +53,27 @@ Progress = Callable[[int, int | None], None]
 class StoredArtifact:
     sha256: str
     size: int
+
+
+@dataclass(frozen=True)
+class _Source:
+    """Where an artifact comes from in the manifest: `loc` names the field errors point at."""
+
+    role: str
+    member: str  # "path" or "url"
+    sha256: str | None
+
+    @property
+    def loc(self) -> str:
+        return f"{self.role}.{self.member}"
+
+
+@dataclass
+class Pins:
+    """The digests one install holds against garbage collection until the database refers to
+    them (taken by `ArtifactStore.fetch`, released when `ArtifactStore.pinning` ends)."""
+
+    digests: list[str] = field(default_factory=list)
 
 
 class ArtifactStore:
@@ -39,85 +84,69 @@ class ArtifactStore:
         self.root = root / "sha256"
         self.root.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._pins: Counter[str] = Counter()
-        self._lock = threading.Lock()
-        self._local = threading.local()
+        self._lock = threading.Lock()  # see the module's docstring
 
     @contextmanager
-    def pinning(self) -> Iterator[None]:
-        """While inside, what this thread fetches is safe from garbage collection (an install
-        stores its files before the database refers to them)."""
-        pinned: list[str] = []
-        self._local.pinned = pinned
+    def pinning(self) -> Iterator[Pins]:
+        """Pins for the fetches of one install; leave only once their references are
+        committed (or the install has failed)."""
+        pins = Pins()
         try:
-            yield
+            yield pins
         finally:
-            self._local.pinned = None
             with self._lock:
-                self._pins.subtract(pinned)
-
-    def _pin(self, sha256: str) -> None:
-        pinned = getattr(self._local, "pinned", None)
-        if pinned is not None:
-            with self._lock:
-                self._pins[sha256] += 1
-            pinned.append(sha256)
+                self._pins -= Counter(pins.digests)
 
     def path(self, sha256: str) -> Path:
         return self.root / sha256
 
     def fetch(
         self,
-        source: str,
+        role: str,
+        artifact: Artifact,
         *,
-        loc: str,
-        expected_sha256: str | None = None,
+        pins: Pins,
+        allowed_dirs: Sequence[Path] | None,
         progress: Progress | None = None,
     ) -> StoredArtifact:
-        """Copy `source` (an absolute path, a file:// or an http(s):// URL) into the store,
-        checking `expected_sha256`. `loc` names the manifest field in errors."""
-        parsed = urlparse(source)
+        """Copy the artifact (an absolute path, a file:// or an http(s):// URL) into the store,
+        checking its sha256, and pin it in `pins`. Local files must lie inside `allowed_dirs`
+        once symlinks are resolved (`None`: anywhere, for clients that are root anyway).
+        Errors name the manifest's field (`kernel.path`, `initramfs.url`, ...)."""
+        if artifact.path is not None:
+            source = _Source(role, "path", artifact.sha256)
+            reader = _open_local(artifact.path, source.loc, allowed_dirs)
+            return self._copy(reader, source, pins, progress)
+        assert artifact.url is not None
+        source = _Source(role, "url", artifact.sha256)
+        parsed = urlparse(artifact.url)
         if parsed.scheme in ("http", "https"):
-            stored = self._download(source, loc, expected_sha256, progress)
-        else:
-            path = self._local_path(parsed, source, loc)
-            stored = self._copy(path, loc, expected_sha256, progress)
-        self._pin(stored.sha256)
-        return stored
-
-    @staticmethod
-    def _local_path(parsed: ParseResult, source: str, loc: str) -> Path:
-        if parsed.scheme == "file" and parsed.netloc not in ("", "localhost"):
+            return self._download(artifact.url, source, pins, progress)
+        loc = source.loc
+        if parsed.netloc not in ("", "localhost"):
             raise InvalidError.at(
-                loc, f"{source} names host {parsed.netloc!r}; file:// URLs are local to the daemon"
+                loc, f"names host {parsed.netloc!r}; file:// URLs are local to the daemon"
             )
-        path = Path(unquote(parsed.path) if parsed.scheme == "file" else source)
-        if not path.is_absolute():
-            raise InvalidError.at(
-                loc, f"{source} is a relative path; the daemon needs an absolute path or a URL"
-            )
-        return path
+        try:
+            path = unquote(parsed.path, errors="strict")
+        except UnicodeDecodeError:
+            raise InvalidError.at(loc, "is not valid UTF-8 once %-escapes are decoded") from None
+        reader = _open_local(path, loc, allowed_dirs)
+        return self._copy(reader, source, pins, progress)
 
     def _copy(
-        self, path: Path, loc: str, expected: str | None, progress: Progress | None
+        self, reader: BinaryIO, source: _Source, pins: Pins, progress: Progress | None
     ) -> StoredArtifact:
-        """A regular file only: never a device (endless) or a FIFO (a reader that hangs)."""
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-        except FileNotFoundError:
-            raise InvalidError.at(loc, f"{path} does not exist on the daemon's host") from None
-        except PermissionError:
-            raise InvalidError.at(loc, f"{path} is not readable by the daemon") from None
-        with os.fdopen(fd, "rb") as reader:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise InvalidError.at(loc, f"{path} is not a regular file")
-            if info.st_size > MAX_ARTIFACT_BYTES:
-                raise _too_big(loc, path)
-            return self._store(reader, info.st_size, loc, expected, progress)
+        with reader:
+            size = os.fstat(reader.fileno()).st_size
+            if size > MAX_ARTIFACT_BYTES:
+                raise _too_big(source.loc, "the file")
+            return self._store(reader, size, source, pins, progress)
 
     def _download(
-        self, url: str, loc: str, expected: str | None, progress: Progress | None
+        self, url: str, source: _Source, pins: Pins, progress: Progress | None
     ) -> StoredArtifact:
+        loc = source.loc
         try:
             with httpx.stream("GET", url, follow_redirects=True, timeout=30) as response:
                 if response.status_code != 200:
@@ -127,65 +156,163 @@ class ArtifactStore:
                 if total is not None and total > MAX_ARTIFACT_BYTES:
                     raise _too_big(loc, url)
                 chunks = _IterReader(response.iter_bytes(CHUNK))
-                return self._store(chunks, total, loc, expected, progress)
-        except httpx.HTTPError as error:
+                return self._store(chunks, total, source, pins, progress)
+        # InvalidURL (a bad port or IPv6 literal) is not an HTTPError; UnicodeError is a host
+        # name IDNA cannot encode.
+        except (httpx.HTTPError, httpx.InvalidURL, UnicodeError) as error:
             raise InvalidError.at(loc, f"cannot download {url}: {error}") from None
 
     def _store(
         self,
         reader: BinaryIO | _IterReader,
         total: int | None,
-        loc: str,
-        expected: str | None,
+        source: _Source,
+        pins: Pins,
         progress: Progress | None,
     ) -> StoredArtifact:
         digest = hashlib.sha256()
         size = 0
-        handle, temp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
+        temp: str | None = None
         try:
+            handle, temp = tempfile.mkstemp(dir=self.root, prefix=".incoming-")
             with os.fdopen(handle, "wb") as writer:
                 while chunk := reader.read(CHUNK):
                     writer.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
                     if size > MAX_ARTIFACT_BYTES:
-                        raise _too_big(loc, "it")
+                        raise _too_big(source.loc, "it")
                     if progress is not None:
                         progress(size, total)
             sha256 = digest.hexdigest()
-            if expected is not None and sha256 != expected:
+            if source.sha256 is not None and sha256 != source.sha256:
                 raise InvalidError.at(
-                    f"{loc}.sha256",
-                    f"the file's sha256 is {sha256}, not {expected} as declared; "
+                    f"{source.role}.sha256",
+                    f"the file's sha256 is {sha256}, not {source.sha256} as declared; "
                     "fix the manifest or the file",
                 )
             os.chmod(temp, 0o444)
-            os.replace(temp, self.path(sha256))
+            with self._lock:  # pinned before it lands: no collection can miss it
+                self._pins[sha256] += 1
+                pins.digests.append(sha256)
+                os.replace(temp, self.path(sha256))
         except OSError as error:
-            raise HostError(f"cannot store artifact {loc}: {error}") from None
+            if error.errno in FULL_ERRNOS:
+                raise NoSpaceError(
+                    f"cannot store {source.role}: the artifact store's filesystem "
+                    f"({self.root}) is full ({error.strerror}); free space there, or remove "
+                    "plugins no VM uses (roost plugin rm NAME), then install again"
+                ) from None
+            raise HostError(f"cannot store artifact {source.role}: {error}") from None
         finally:
-            if os.path.exists(temp):
+            if temp is not None and os.path.exists(temp):
                 os.unlink(temp)
         return StoredArtifact(sha256, size)
 
     def is_elf(self, sha256: str) -> bool:
         return is_elf(self.path(sha256))
 
-    def collect_garbage(self, referenced: Iterable[str]) -> list[str]:
-        """Remove stored files nothing refers to any more (and no install in progress holds);
-        returns their digests."""
-        with self._lock:
-            keep = set(referenced) | {sha for sha, count in self._pins.items() if count > 0}
+    def collect_garbage(self, referenced: Callable[[], Iterable[str]]) -> list[str]:
+        """Remove stored files that neither `referenced()` (the database's references, read
+        under the store's lock) nor an install in progress holds; returns their digests."""
         removed = []
-        for path in self.root.iterdir():
-            if path.name not in keep and not path.name.startswith("."):
-                path.unlink(missing_ok=True)
-                removed.append(path.name)
+        with self._lock:
+            keep = set(referenced()) | set(self._pins)
+            for path in self.root.iterdir():
+                if path.name not in keep and not path.name.startswith("."):
+                    path.unlink(missing_ok=True)
+                    removed.append(path.name)
         return removed
 
     def remove_incomplete(self) -> None:
         for path in self.root.glob(".incoming-*"):
             path.unlink(missing_ok=True)
+
+
+def _open_local(text: str, loc: str, allowed_dirs: Sequence[Path] | None) -> BinaryIO:
+    """The regular file `text` names, open for reading, if the policy allows it (see the
+    module's docstring); `InvalidError` at `loc` saying why not and what to do otherwise."""
+    if "\0" in text:
+        raise InvalidError.at(loc, "contains a NUL character; give the file's absolute path")
+    if not text.startswith("/"):
+        raise InvalidError.at(
+            loc,
+            f"{text} is a relative path; the daemon needs an absolute path or a URL "
+            "(roost plugin install makes a manifest's relative paths absolute)",
+        )
+    encoded = text.encode()  # UTF-8 already: the spec and unquote refuse what is not
+    allowed = None if allowed_dirs is None else [os.fsencode(d) for d in allowed_dirs]
+    if allowed is not None and not _inside_any(os.path.normpath(encoded), allowed):
+        raise InvalidError.at(loc, _outside_message(text, None, allowed_dirs or ()))
+    try:
+        handle = os.open(encoded, os.O_PATH | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise InvalidError.at(loc, f"{text} does not exist on the daemon's host") from None
+    except PermissionError:
+        raise InvalidError.at(loc, f"{text} is not readable by the daemon") from None
+    except OSError as error:
+        raise InvalidError.at(loc, f"{text} cannot be opened: {error.strerror}") from None
+    try:
+        opened = f"/proc/self/fd/{handle}"
+        real = os.readlink(os.fsencode(opened))
+        for pseudo in PSEUDO_FILESYSTEMS:
+            if _inside_any(real, [pseudo]):
+                raise InvalidError.at(
+                    loc,
+                    f"{_shown(text, real)} is inside {pseudo.decode()}; artifacts are never read "
+                    "from /proc, /sys or /dev: copy the file elsewhere",
+                )
+        if allowed is not None and not _inside_any(real, allowed):
+            raise InvalidError.at(loc, _outside_message(text, real, allowed_dirs or ()))
+        mode = os.fstat(handle).st_mode
+        if stat.S_ISDIR(mode):
+            raise InvalidError.at(loc, f"{_shown(text, real)} is a directory; name a file in it")
+        if not stat.S_ISREG(mode):
+            raise InvalidError.at(
+                loc,
+                f"{_shown(text, real)} is a {_kind(mode)}, not a regular file; artifacts must be "
+                "regular files",
+            )
+        try:
+            return os.fdopen(os.open(opened, os.O_RDONLY | os.O_CLOEXEC), "rb")
+        except PermissionError:
+            raise InvalidError.at(loc, f"{text} is not readable by the daemon") from None
+    finally:
+        os.close(handle)
+
+
+def _inside_any(path: bytes, dirs: Iterable[bytes]) -> bool:
+    return any(path == d or path.startswith(d.rstrip(b"/") + b"/") for d in dirs)
+
+
+def _shown(text: str, real: bytes) -> str:
+    """The path as the client wrote it, and where it led when that differs."""
+    resolved = real.decode(errors="backslashreplace")
+    return text if resolved == text else f"{text} (which is {resolved})"
+
+
+def _outside_message(text: str, real: bytes | None, allowed_dirs: Sequence[Path]) -> str:
+    where = text if real is None else _shown(text, real)
+    if not allowed_dirs:
+        return (
+            f"{where}: this daemon takes no local paths from clients over TCP; start the daemon "
+            "with --artifact-dir DIR and put the file there, or serve it over http(s)"
+        )
+    dirs = ", ".join(str(d) for d in allowed_dirs)
+    return (
+        f"{where} is outside the directories this daemon takes artifacts from ({dirs}); move "
+        "the file into one of them, or start the daemon with --artifact-dir DIR"
+    )
+
+
+def _kind(mode: int) -> str:
+    kinds = (
+        (stat.S_ISSOCK, "socket"),
+        (stat.S_ISFIFO, "FIFO"),
+        (stat.S_ISCHR, "character device"),
+        (stat.S_ISBLK, "block device"),
+    )
+    return next((name for test, name in kinds if test(mode)), "special file")
 
 
 def is_elf(path: Path) -> bool:
