@@ -107,8 +107,15 @@ class CLIResult:
 class Daemon:
     """A `roost serve` process in its own dirs, inside `netns`."""
 
-    def __init__(self, netns: str, *args: str, firecracker: Path | None = FIRECRACKER) -> None:
+    def __init__(
+        self,
+        netns: str,
+        *args: str,
+        firecracker: Path | None = FIRECRACKER,
+        env: dict[str, str] | None = None,
+    ) -> None:
         self.netns = netns
+        self.env = dict(env or {})  # added to the daemon's environment
         self.dir = short_tmp()
         self.socket = self.dir / "api.sock"
         self.api = f"unix://{self.socket}"
@@ -139,13 +146,24 @@ class Daemon:
             timeout=120,
         )
 
-    def start(self, timeout: float = 30) -> Daemon:
+    def launch(self, *extra: str) -> subprocess.Popen[bytes]:
+        """Start the daemon (with `extra` arguments this time) without waiting for it."""
         with self.log.open("ab") as sink:
             # a session of its own: a Ctrl-C reaches only the test (or benchmark), which then
             # removes the VMs through the daemon's API
             self.process = subprocess.Popen(
-                self.argv, stdout=sink, stderr=sink, start_new_session=True
+                [*self.argv, *extra],
+                stdout=sink,
+                stderr=sink,
+                start_new_session=True,
+                env={**os.environ, **self.env},
             )
+        return self.process
+
+    def start(self, *extra: str, timeout: float = 30) -> Daemon:
+        """Start the daemon and wait until it answers."""
+        self.launch(*extra)
+        assert self.process is not None
         deadline = time.monotonic() + timeout
         while True:
             if self.process.poll() is not None:

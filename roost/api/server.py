@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import contextlib
 import gc
-import ipaddress
 import logging
 import os
 import signal
@@ -16,7 +15,7 @@ import uvicorn
 
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
-from roost.engine.core import Engine
+from roost.engine.daemon import Daemon
 from roost.engine.settings import Settings
 from roost.errors import ConflictError, InvalidError
 
@@ -52,18 +51,7 @@ def _unix_socket(path: Path) -> socket.socket:
 
 
 def _tcp_socket(host: str, port: int) -> socket.socket:
-    """A TCP listener, on loopback only: the API has no authentication yet, and whoever reaches
-    it can make the daemon read files and start VMs as root."""
-    try:
-        loopback = ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        loopback = host == "localhost"
-    if not loopback:
-        raise InvalidError.at(
-            "listen",
-            f"tcp://{host} is not a loopback address; the API has no authentication yet, so it "
-            "listens on a Unix socket or on 127.0.0.1/::1 only",
-        )
+    """A TCP listener (`roost serve` allows loopback addresses only, with a token)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -93,25 +81,31 @@ def _raise_shutdown(_signum: int, _frame: object) -> None:
 
 
 def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
-    """Run until SIGINT/SIGTERM; VMs keep running after the daemon stops."""
+    """Run until SIGINT/SIGTERM; VMs keep running after the daemon stops.
+
+    Start-up order: the locks (a refused daemon touches nothing), the database and the check of
+    what runs against it (orphans refuse the start), the listeners, then recovery in the
+    background while the API answers (`/healthz` says `recovering` until it is done)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_shutdown)
-    engine: Engine | None = None
+    daemon: Daemon | None = None
     listeners: list[socket.socket] = []
     bound: list[Path] = []
     try:
-        engine = Engine(settings)
+        daemon = Daemon.open(settings)
+        assert daemon.engine is not None and daemon.recovery is not None
         for endpoint in endpoints:
             listeners.append(bind(endpoint))
             if endpoint.path is not None:
                 bound.append(endpoint.path)
         config = uvicorn.Config(
-            create_app(engine, endpoints),
+            create_app(daemon.engine, endpoints),
             log_config=None,
             access_log=False,
             timeout_graceful_shutdown=30,
         )
         server = uvicorn.Server(config)
+        daemon.recovery.start()
         # what start-up made lives as long as the daemon: keep it out of every later garbage
         # collection, which then scans only what requests allocate
         gc.freeze()
@@ -125,5 +119,7 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
         for path in bound:
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
-        if engine is not None:
-            engine.close()
+        if daemon is not None:
+            if daemon.recovery is not None:
+                daemon.recovery.finished.wait(30)
+            daemon.close()

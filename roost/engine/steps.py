@@ -21,10 +21,14 @@ class Steps:
         if undo is not None:
             self._undo.append((what, undo))
 
-    def rollback(self) -> None:
-        """Undo every recorded step, newest first; an undo that fails is logged, not raised,
-        so the others still run."""
-        while self._undo:
+    def mark(self) -> int:
+        """A point to roll back to: `rollback(mark)` undoes only what was done after it."""
+        return len(self._undo)
+
+    def rollback(self, to: int = 0) -> None:
+        """Undo every step recorded after `to` (all of them by default), newest first; an undo
+        that fails is logged, not raised, so the others still run."""
+        while len(self._undo) > to:
             what, undo = self._undo.pop()
             try:
                 undo()

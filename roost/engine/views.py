@@ -8,29 +8,10 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Select, and_, select
-
 from roost.spec import Resources, ResourcesOverride
-from roost.state.models import VM, CIDLease, Network, Plugin, VMConfigVersion
+from roost.state.models import Network, Plugin
+from roost.state.vms import StoredNetwork
 from roost.vmm.base import RunDir
-
-# Everything a VM's JSON needs, in one Core query (the ORM's entity loading costs several times
-# the query itself): the VM's columns, its plugin's name, its CID and its current config version.
-VM_ROWS: Select[Any] = (
-    select(
-        *VM.__table__.columns,
-        Plugin.name.label("plugin"),
-        CIDLease.cid.label("cid"),
-        VMConfigVersion.config.label("config"),
-        VMConfigVersion.manifest.label("manifest"),
-    )
-    .join(Plugin, Plugin.id == VM.plugin_id)
-    .join(
-        VMConfigVersion,
-        and_(VMConfigVersion.vm_id == VM.id, VMConfigVersion.version == VM.config_version),
-    )
-    .outerjoin(CIDLease, CIDLease.vm_id == VM.id)
-)
 
 
 def timestamp(moment: datetime) -> str:
@@ -46,14 +27,16 @@ def vm_view(
     api_socket: Path | None,
     vsock_path: Path | None,
 ) -> dict[str, Any]:
-    """A VM as the API shows it, from its `VM_ROWS` row (as a mapping). `api_socket` is its
-    VMM's control socket while it runs; `vsock_path` is where its driver's hybrid vsock listens
-    (None when the guest is reached by CID)."""
+    """A VM as the API shows it, from its `roost.state.vms.VM_ROWS` row (as a mapping).
+    `api_socket` is its VMM's control socket while it runs; `vsock_path` is where its driver's
+    hybrid vsock listens (None when the guest is reached by CID)."""
     resources = ResourcesOverride.model_validate(vm["config"].get("resources", {})).apply(
         Resources.model_validate(vm["manifest"].get("resources", {}))
     )
-    effective, plan = vm["network"]["effective"], vm["network"]["plan"]
-    vsock_ok = plan["vsock"] and vm["vsock_unavailable"] is None
+    stored = StoredNetwork.from_json(vm["network"])
+    assert stored is not None, "a VM is shown once its create has planned its network"
+    plan = stored.plan
+    vsock_ok = plan.vsock and vm["vsock_unavailable"] is None
     return {
         "name": vm["name"],
         "plugin": vm["plugin"],
@@ -61,11 +44,11 @@ def vm_view(
         "status_reason": vm["status_reason"],
         "exit_code": vm["exit_code"],
         "network": {
-            **effective,
-            "mac": vm["mac"] if plan["nic"] else None,
-            "bridge": vm["network"]["bridge"] if plan["tap"] else None,
-            "tap": vm["tap"] if plan["tap"] else None,
-            "observed_ip": vm["observed_ip"] if plan["observe_ip"] else None,
+            **stored.effective.to_json(),
+            "mac": vm["mac"] if plan.nic else None,
+            "bridge": stored.bridge if plan.tap else None,
+            "tap": vm["tap"] if plan.tap else None,
+            "observed_ip": vm["observed_ip"] if plan.observe_ip else None,
         },
         "vsock": {
             "cid": vm["cid"],

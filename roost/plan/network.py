@@ -84,6 +84,23 @@ class EffectiveNetwork:
             self.mode, self.source, self.subnet, self.gateway, self.auto_assign, ip
         )
 
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> EffectiveNetwork:
+        """The inverse of `to_json` (a network recorded by this daemon, so trusted)."""
+
+        def optional(key: str, kind: Any) -> Any:
+            value = data.get(key)
+            return None if value is None else kind(value)
+
+        return cls(
+            NetworkMode(data["mode"]),
+            Source(data["source"]),
+            optional("subnet", ipaddress.IPv4Network),
+            optional("gateway", ipaddress.IPv4Address),
+            data.get("auto_assign"),
+            optional("ip", ipaddress.IPv4Address),
+        )
+
     def to_json(self) -> dict[str, Any]:
         return {
             "mode": self.mode.value,
@@ -165,6 +182,20 @@ class NetworkPlan:
     kernel_ip_arg: str | None
     observe_ip: bool
     antispoof: AntiSpoof
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> NetworkPlan:
+        """The inverse of `to_json`."""
+        return cls(
+            tap=bool(data["tap"]),
+            attach=Attachment(data["attach"]),
+            ipam=IPAM(data["ipam"]),
+            nic=bool(data["nic"]),
+            vsock=bool(data["vsock"]),
+            kernel_ip_arg=data.get("kernel_ip_arg"),
+            observe_ip=bool(data["observe_ip"]),
+            antispoof=AntiSpoof(data["antispoof"]),
+        )
 
     def to_json(self) -> dict[str, Any]:
         return {

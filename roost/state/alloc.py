@@ -238,7 +238,43 @@ def release_ip(session: Session, vm: Holder) -> Network | None:
 
 
 def network_in_use(session: Session, network: Network) -> bool:
-    return session.scalar(select(IPLease.ip).where(IPLease.network_id == network.id)) is not None
+    return has_leases(session, network.id)
+
+
+def has_leases(session: Session, network_id: int) -> bool:
+    return (
+        session.scalar(select(IPLease.ip).where(IPLease.network_id == network_id).limit(1))
+        is not None
+    )
+
+
+def release_address(session: Session, vm: Holder, *, keep_network: str) -> list[tuple[int, str]]:
+    """Drop the VM's address; a network left without leases is removed (unless it is
+    `keep_network`, the daemon's default). Returns the (id, bridge) of such a network, whose
+    bridge the caller removes once this has committed."""
+    network = release_ip(session, vm)
+    if network is None:
+        return []
+    emptied = [(network.id, network.bridge)]
+    if network.name != keep_network:
+        session.delete(network)
+    return emptied
+
+
+def networks_and_leases(session: Session) -> list[tuple[Network, list[int]]]:
+    """Every network, with the addresses leased on it (ascending)."""
+    networks = list(session.scalars(select(Network).order_by(Network.id)))
+    leased: dict[int, list[int]] = {network.id: [] for network in networks}
+    for network_id, ip in session.execute(
+        select(IPLease.network_id, IPLease.ip).order_by(IPLease.ip)
+    ):
+        leased[network_id].append(ip)
+    return [(network, leased[network.id]) for network in networks]
+
+
+def bridges_in_use(session: Session) -> set[str]:
+    """The bridges of networks on which some VM holds an address."""
+    return set(session.scalars(select(Network.bridge).join(IPLease).distinct()))
 
 
 def allocate_cid(session: Session, vm: Holder) -> int:
@@ -263,6 +299,13 @@ def new_mac(session: Session) -> str:
         mac = ":".join([GUEST_MAC_PREFIX, *(f"{b:02x}" for b in secrets.token_bytes(5))])
         if connection.execute(_MAC_USED, {"mac": mac}).first() is None:
             return mac
+
+
+def gateway_interface(
+    gateway: ipaddress.IPv4Address, subnet: ipaddress.IPv4Network
+) -> ipaddress.IPv4Interface:
+    """The address a managed bridge carries: its network's gateway, with the subnet's prefix."""
+    return ipaddress.IPv4Interface(f"{gateway}/{subnet.prefixlen}")
 
 
 def tap_mac(guest_mac: str) -> str:

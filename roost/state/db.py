@@ -8,6 +8,7 @@ SQLite-specific is in this module.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -16,9 +17,11 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, create_engine, event, make_url
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
+
+from roost.errors import NoSpaceError, UnavailableError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
@@ -31,6 +34,36 @@ def sqlite_url(state_dir: Path) -> str:
 
 def _is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
+
+
+def _sqlite_file(url: str) -> Path | None:
+    """The file of an SQLite URL (None for an in-memory database or another backend)."""
+    if not _is_sqlite(url):
+        return None
+    database = make_url(url).database
+    return Path(database) if database and database != ":memory:" else None
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    try:
+        info = os.stat(path)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+@contextmanager
+def _reporting_full_disk() -> Iterator[None]:
+    """A full filesystem is the operator's to fix, not a bug: say so (507 `no_space`)."""
+    try:
+        yield
+    except OperationalError as error:
+        if "full" in str(error.orig):
+            raise NoSpaceError(
+                "the filesystem of the daemon's database is full; free space there (or grow "
+                "it) and try again"
+            ) from None
+        raise
 
 
 def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
@@ -59,6 +92,8 @@ class Database:
 
     def __init__(self, url: str) -> None:
         self.url = url
+        self._file = _sqlite_file(url)
+        self._identity: tuple[int, int] | None = None
         if _is_sqlite(url):
             self._write_engine = _sqlite_engine(url, immediate=True)
             self._read_engine = _sqlite_engine(url, immediate=False)
@@ -75,6 +110,22 @@ class Database:
             config.attributes["connection"] = connection
             command.upgrade(config, "head")
             connection.commit()
+        if self._file is not None:
+            self._identity = _identity(self._file)
+
+    def gone(self) -> bool:
+        """Whether the database file this daemon opened has been removed or replaced since
+        (writes would then go to a deleted file, or mix two databases)."""
+        return self._identity is not None and _identity(self._file or Path()) != self._identity
+
+    def check_present(self) -> None:
+        if self.gone():
+            raise UnavailableError(
+                f"the daemon's database {self._file} was removed or replaced while it ran, so "
+                "it refuses to write; restart the daemon (it then checks what runs against the "
+                "database it finds)",
+                code="database_gone",
+            )
 
     @contextmanager
     def read(self) -> Iterator[Session]:
@@ -84,7 +135,8 @@ class Database:
     @contextmanager
     def write(self) -> Iterator[Session]:
         """One transaction, committed on success, rolled back on any error."""
-        with self._writer() as session, session.begin():
+        self.check_present()
+        with _reporting_full_disk(), self._writer() as session, session.begin():
             yield session
 
     def transact(self, work: Callable[[Session], T], attempts: int = 8) -> T:
@@ -102,7 +154,8 @@ class Database:
         path of every boot, where the session's machinery costs more than the statement."""
 
         def once() -> T:
-            with self._write_engine.begin() as connection:
+            self.check_present()
+            with _reporting_full_disk(), self._write_engine.begin() as connection:
                 return work(connection)
 
         return _retried(once, attempts)

@@ -161,3 +161,14 @@ class CIDLease(Base):
     cid: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
     vm: Mapped[VM] = relationship(back_populates="cid_lease")
+
+
+class PendingCreate(Base):
+    """A create that has begun and not yet returned: recorded (and committed) before the
+    create starts anything on the host, removed once it has answered. A daemon that finds one
+    at start knows the create was cut short and rolls it back, VMM and all."""
+
+    __tablename__ = "pending_creates"
+
+    name: Mapped[str] = mapped_column(String(63), primary_key=True)
+    started_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -34,6 +34,16 @@ def recorded_pid(run_dir: Path) -> int | None:
         return None
 
 
+def is_vmm_of(pid: int, run_dir: Path) -> bool:
+    """Whether process `pid` is a VMM started for `run_dir` (it names the run dir on its
+    command line): a guard against PID reuse before a PID is adopted or signalled."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return f"{run_dir}/".encode() in cmdline
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)

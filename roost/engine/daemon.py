@@ -1,0 +1,236 @@
+"""A daemon's start-up: prove it is alone, then build the engine and its collaborators.
+
+A daemon locks its network namespace, its run dir and its state dir before it touches anything
+else; a daemon refused any of them changes nothing and leaves nothing (a directory it made only
+to lock it is removed again). Only then does it open the database, check what runs against it
+(`Recovery.check`) and build the engine.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import cast
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from roost.engine.core import Engine
+from roost.engine.disks import Disks
+from roost.engine.hostnet import HostNetwork
+from roost.engine.plugins import Plugins
+from roost.engine.recovery import Recovery
+from roost.engine.settings import DEFAULT_BRIDGE, DEFAULT_NETWORK, Settings
+from roost.errors import ConflictError, HostError, InvalidError
+from roost.host.firewall import Firewall
+from roost.host.links import Links
+from roost.host.netns import NetnsWorker, namespace_file
+from roost.host.observe import LeaseObserver
+from roost.plan import DefaultNetwork
+from roost.state import alloc
+from roost.state.artifacts import ArtifactStore, is_elf
+from roost.state.db import Database, sqlite_url
+from roost.state.models import Network
+from roost.vmm.base import Driver, RunDir
+from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
+from roost.vmm.qemu import Accel, Machine, QemuDriver
+
+log = logging.getLogger("roost.daemon")
+
+
+class Locks:
+    """What a daemon must hold alone for its whole life: its network namespace, its run dir
+    and its state dir (the kernel releases the locks if the daemon dies)."""
+
+    def __init__(self) -> None:
+        self._held: list[int] = []
+        self._made: list[Path] = []
+
+    @classmethod
+    def acquire(cls, settings: Settings) -> Locks:
+        locks = cls()
+        try:
+            # the namespace itself (its nsfs file) is the lock: nothing is made for it
+            locks._lock(
+                namespace_file(settings.netns),
+                f"another roost daemon manages network namespace {settings.netns or 'of the host'}"
+                "; one daemon per namespace",
+            )
+            locks._lock_dir(
+                settings.run_dir,
+                f"another roost daemon uses run dir {settings.run_dir} (its VMs' sockets and "
+                "status files); give this one its own --run-dir",
+            )
+            locks._lock_dir(
+                settings.state_dir,
+                f"another roost daemon uses state dir {settings.state_dir}; stop it, or give "
+                "this one its own --state-dir",
+            )
+        except BaseException:
+            locks.release(remove_made=True)
+            raise
+        settings.state_dir.chmod(0o700)  # the database and the artifacts are root's business
+        return locks
+
+    def _lock_dir(self, path: Path, message: str) -> None:
+        missing = []
+        parent = path
+        while not parent.exists():
+            missing.append(parent)
+            parent = parent.parent
+        for directory in reversed(missing):
+            try:
+                directory.mkdir(mode=0o700)
+            except FileExistsError:
+                continue
+            except OSError as error:
+                raise HostError(f"cannot make {directory}: {error.strerror}") from None
+            self._made.append(directory)
+        self._lock(path, message)
+
+    def _lock(self, path: Path, message: str) -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+        except OSError as error:
+            raise HostError(f"cannot open {path} to lock it: {error.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise ConflictError(message, code="locked") from None
+        self._held.append(fd)
+
+    def release(self, *, remove_made: bool = False) -> None:
+        """Let the locks go; with `remove_made`, remove the (still empty) directories that
+        were made only to be locked."""
+        while self._held:
+            os.close(self._held.pop())
+        if remove_made:
+            for directory in reversed(self._made):
+                with contextlib.suppress(OSError):
+                    directory.rmdir()
+        self._made.clear()
+
+
+class Daemon:
+    """The engine and everything it was built from, closed in the reverse order."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self._closers: list[Callable[[], object]] = []
+        self.engine: Engine | None = None
+        self.recovery: Recovery | None = None
+
+    @classmethod
+    def open(cls, settings: Settings) -> Daemon:
+        """Lock, build and check: a daemon ready to listen, whose recovery has not begun."""
+        daemon = cls(settings)
+        locks = Locks.acquire(settings)
+        daemon._closers.append(locks.release)
+        try:
+            daemon._build()
+        except BaseException:
+            daemon.close()
+            raise
+        return daemon
+
+    def _build(self) -> None:
+        settings = self.settings
+        default = DefaultNetwork.from_cidr(settings.default_subnet)
+        db = Database(settings.database_url or sqlite_url(settings.state_dir))
+        self._closers.append(db.dispose)
+        db.migrate()
+        store = ArtifactStore(settings.state_dir / "artifacts")
+        store.remove_incomplete()
+        worker = NetnsWorker(settings.netns)
+        self._closers.append(worker.close)
+        links = Links(worker)
+        self._closers.append(links.close)
+        _check_settings(settings)
+
+        def leased(network_id: int) -> bool:
+            with db.read() as session:
+                return alloc.has_leases(session, network_id)
+
+        def observed(name: str, ip: str) -> None:
+            engine.address_observed(name, ip)
+
+        drivers: dict[str, Driver] = {
+            "firecracker": FirecrackerDriver(find_firecracker(settings.firecracker)),
+            "qemu": QemuDriver(
+                machine=cast(Machine, settings.qemu_machine), accel=cast(Accel, settings.accel)
+            ),
+        }
+        engine = Engine(
+            settings,
+            db=db,
+            store=store,
+            plugins=Plugins(db, store, settings.artifact_dirs),
+            host=HostNetwork(links, Firewall(worker), leased),
+            drivers=drivers,
+            observer=LeaseObserver(worker, observed, lease_file=settings.dhcp_leases),
+            disks=Disks(settings.state_dir / "disks"),
+            worker=worker,
+        )
+        self._closers.append(engine.close)
+        _ensure_default_network(db, default)
+        recovery = Recovery(engine, settings.orphans)
+        recovery.check()
+        self.engine, self.recovery = engine, recovery
+
+    def close(self) -> None:
+        while self._closers:
+            closer = self._closers.pop()
+            try:
+                closer()
+            except Exception:
+                log.exception("closing the daemon: %s failed", closer)
+
+
+def _check_settings(settings: Settings) -> None:
+    dhcp = settings.dhcp_bridge
+    if dhcp is not None and (dhcp == DEFAULT_BRIDGE or dhcp.startswith(alloc.BRIDGE_PREFIX)):
+        raise InvalidError.at(
+            "dhcp_bridge",
+            f"{dhcp} is a bridge roost manages; name the operator's bridge that has a "
+            "DHCP server behind it",
+        )
+    kernel = settings.kernel
+    if kernel is not None and not is_elf(kernel):
+        raise InvalidError.at(
+            "kernel", f"{kernel} is not an uncompressed ELF vmlinux (or is not readable)"
+        )
+    RunDir(settings.run_dir / "vms" / "x").check_length()
+
+
+def _ensure_default_network(db: Database, default: DefaultNetwork) -> None:
+    """The daemon's default network, as `--default-subnet` says (moved only while no VM
+    holds an address on it)."""
+
+    def work(session: Session) -> None:
+        network = session.scalar(select(Network).where(Network.name == DEFAULT_NETWORK))
+        subnet = str(default.subnet)
+        if network is not None and network.subnet != subnet:
+            if alloc.network_in_use(session, network):
+                raise InvalidError.at(
+                    "default_subnet",
+                    f"the default network is {network.subnet} and VMs hold addresses on "
+                    f"it; remove them first or keep --default-subnet {network.subnet}",
+                )
+            session.delete(network)
+            session.flush()
+            network = None
+        if network is None:
+            alloc.ensure_network(
+                session,
+                default.subnet,
+                default.gateway,
+                name=DEFAULT_NETWORK,
+                bridge=DEFAULT_BRIDGE,
+            )
+
+    db.transact(work)

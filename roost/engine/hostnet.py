@@ -1,0 +1,131 @@
+"""The host side of VMs' networks: the bridges roost manages, the VMs' taps, and their
+anti-spoofing rules, each made with its undo recorded.
+
+Bridge set-up and removal share one lock, so a bridge is never removed under a tap that is being
+attached to it: a tap made inside an allocating transaction keeps the lock until that
+transaction, and the lease that keeps its bridge, has committed (see `Engine._allocating`).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from roost.engine.settings import DEFAULT_BRIDGE
+from roost.engine.steps import Steps
+from roost.errors import HostError
+from roost.host.firewall import Firewall
+from roost.host.links import Links
+from roost.plan import AntiSpoof, Attachment
+from roost.state import alloc
+
+log = logging.getLogger("roost.engine")
+Emptied = list[tuple[int, str]]  # (network id, bridge) of networks that lost their last lease
+
+
+@dataclass(frozen=True)
+class TapPlan:
+    """One tap as the plan and the allocation have it: its name and guest MAC, the bridge it
+    joins (and the managed network behind that bridge, if roost manages it), how it joins, the
+    bridge's own address (a managed bridge's gateway) and what its rules let it send."""
+
+    tap: str
+    mac: str
+    bridge: str
+    network_id: int | None
+    attach: Attachment
+    gateway: ipaddress.IPv4Interface | None
+    antispoof: AntiSpoof
+    ip: str | None
+
+
+class HostNetwork:
+    """Bridges, taps and rules in the daemon's namespace. `leased(network_id)` says whether a
+    network still has an address leased on it (read from the database by the caller's
+    choice of collaborator)."""
+
+    def __init__(self, links: Links, firewall: Firewall, leased: Callable[[int], bool]) -> None:
+        self.links = links
+        self.firewall = firewall
+        self._leased = leased
+        self.lock = threading.RLock()  # undoing a failed allocation removes bridges
+        self._bridges_ready: set[str] = set()
+
+    def attach(self, steps: Steps, tap: TapPlan) -> None:
+        """Make the tap on its bridge (setting the bridge up first) and add its rules, each
+        undone through `steps`: the rules dropped; the tap removed, then its bridge unless a
+        lease keeps it."""
+        self._make_tap(tap)
+
+        def drop() -> None:
+            self.links.delete(tap.tap)
+            if tap.network_id is not None:
+                self.remove_bridges([(tap.network_id, tap.bridge)])
+
+        steps.done(f"created tap {tap.tap} on {tap.bridge}", drop)
+        if tap.antispoof is not AntiSpoof.NONE:
+            ip = tap.ip if tap.antispoof is AntiSpoof.IP_AND_MAC else None
+            self.firewall.protect(tap.tap, tap.mac, ip)
+            steps.done("added anti-spoofing rules", lambda: self.firewall.release(tap.tap))
+
+    def _make_tap(self, tap: TapPlan) -> None:
+        """A fresh tap on its bridge, setting the bridge up first unless this daemon already
+        did (and again if it has vanished since)."""
+        if tap.bridge not in self._bridges_ready:
+            self._ensure_bridge(tap)
+            self._bridges_ready.add(tap.bridge)
+        try:
+            self.links.create_tap(tap.tap, tap.bridge, alloc.tap_mac(tap.mac))
+        except HostError:
+            self._bridges_ready.discard(tap.bridge)
+            self._ensure_bridge(tap)
+            self.links.create_tap(tap.tap, tap.bridge, alloc.tap_mac(tap.mac))
+            self._bridges_ready.add(tap.bridge)
+
+    def _ensure_bridge(self, tap: TapPlan) -> None:
+        if tap.attach is Attachment.EXTERNAL:
+            info = self.links.info(tap.bridge)
+            if info is None or info.kind != "bridge":
+                raise HostError(
+                    f"the dhcp bridge {tap.bridge} does not exist (or is not a bridge) in the "
+                    "daemon's namespace; create it and connect it to a network with a DHCP server"
+                )
+            return
+        assert tap.gateway is not None
+        self.links.ensure_bridge(tap.bridge, tap.gateway)
+
+    def release(self, tap: str) -> None:
+        """Remove a tap and its rules (what exists only while its VMM runs)."""
+        self.firewall.release(tap)
+        self.links.delete(tap)
+
+    def remove_bridges(self, emptied: Emptied) -> None:
+        """Remove the bridges of networks that lost their last lease (unless a VM took an
+        address there meanwhile)."""
+        for network_id, bridge in emptied:
+            with self.lock:
+                if not self._leased(network_id):
+                    self._bridges_ready.discard(bridge)
+                    self.links.delete(bridge)
+
+    def reap(self, keep_taps: Callable[[], set[str]], used_bridges: Callable[[], set[str]]) -> None:
+        """Remove taps (and their rules) other than `keep_taps()`, and managed bridges other
+        than `used_bridges()`: what a crash left behind. Both are asked under the bridge lock,
+        which a start holds from making its tap until its record says it runs."""
+        with self.lock:
+            keep, used = keep_taps(), used_bridges()
+            for tap in self.links.names(alloc.TAP_PREFIX):
+                if tap not in keep:
+                    self.release(tap)
+                    log.info("removed tap %s, which no running VM uses", tap)
+            for bridge in [
+                *self.links.names(alloc.BRIDGE_PREFIX),
+                *self.links.names(DEFAULT_BRIDGE),
+            ]:
+                if bridge not in used:
+                    self._bridges_ready.discard(bridge)
+                    self.links.delete(bridge)
+                    log.info("removed bridge %s, on which no VM holds an address", bridge)

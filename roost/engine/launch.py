@@ -1,0 +1,48 @@
+"""From what a VM is planned and holds to what its driver boots: a pure function."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from roost.plan import NetworkPlan, VMPlan, boot_args
+from roost.spec import Manifest, VMConfig
+from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock
+
+
+@dataclass(frozen=True)
+class Files:
+    """Where the VM's files are on the host: the kernel, the initramfs and its own disk."""
+
+    kernel: Path
+    initrd: Path | None
+    disk: Path | None
+
+
+def launch_spec(
+    plan: VMPlan,
+    net: NetworkPlan,
+    manifest: Manifest,
+    config: VMConfig,
+    files: Files,
+    run_dir: RunDir,
+    *,
+    tap: str | None,
+    mac: str | None,
+    cid: int,
+    vsock_available: bool,
+) -> LaunchSpec:
+    """The driver's launch spec for `plan`, with `net` the network plan once the address is
+    allocated (its `kernel_ip_arg` complete)."""
+    return LaunchSpec(
+        name=plan.name,
+        run_dir=run_dir,
+        kernel=files.kernel,
+        initrd=files.initrd,
+        rootfs=files.disk,
+        boot_args=boot_args(manifest, config, plan.name, net.kernel_ip_arg),
+        vcpus=plan.resources.vcpus,
+        memory_mib=plan.resources.memory_mib,
+        nic=NIC(tap=tap, mac=mac) if net.nic and tap and mac else None,
+        vsock=Vsock(cid, run_dir.vsock_socket) if net.vsock and vsock_available else None,
+    )

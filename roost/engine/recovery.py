@@ -1,0 +1,183 @@
+"""Recovery at start: bring the records and the host in line after a restart or a crash.
+
+First, before the daemon listens, `check` finds the live VMMs in the run dirs and compares
+them with the database: a VMM that no VM record accounts for (and that is not one of a create
+the database records as in progress) is an orphan, and a daemon never kills silently what its
+database does not know: it refuses to start, naming them, unless told to reap or keep them.
+
+Then, with the API up, `run` rolls back the creates a daemon died in, adopts the VMMs still
+running, settles the ones that ended, and removes run dirs, disks, taps and bridges that belong
+to no VM. Operations on a VM wait (503 `recovering`) until it has been recovered.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from roost.engine.core import Engine, exit_reason
+from roost.engine.settings import Orphans
+from roost.errors import ConflictError
+from roost.state import alloc
+from roost.state.vms import LiveRecord, VMStatus
+from roost.vmm.base import RunDir
+from roost.vmm.process import VMMProcess, is_vmm_of, recorded_pid
+
+log = logging.getLogger("roost.recovery")
+
+
+@dataclass(frozen=True)
+class FoundVMM:
+    """A live VMM of this daemon's kind, found in the run dir of VM `name`."""
+
+    name: str
+    pid: int
+    run_dir: Path
+
+
+def live_vmms(run_root: Path) -> list[FoundVMM]:
+    """Every live VMM started in a run dir under `run_root` (its PID file names it, and it
+    names its run dir on its command line)."""
+    vms = run_root / "vms"
+    found = []
+    for path in sorted(vms.iterdir()) if vms.is_dir() else []:
+        pid = recorded_pid(path)
+        if pid is not None and not VMMProcess(path, pid, pid).exited() and is_vmm_of(pid, path):
+            found.append(FoundVMM(path.name, pid, path))
+    return found
+
+
+def unaccounted(
+    found: list[FoundVMM], records: list[LiveRecord], pending: set[str]
+) -> list[FoundVMM]:
+    """The VMMs no record accounts for: not a create in progress, and not the VMM of a VM
+    whose record says one runs (with this PID, or none recorded yet)."""
+    by_name = {record.name: record for record in records}
+    orphans = []
+    for vmm in found:
+        record = by_name.get(vmm.name)
+        if vmm.name in pending or (record is not None and record.pid in (None, vmm.pid)):
+            continue
+        orphans.append(vmm)
+    return orphans
+
+
+def orphans_error(orphans: list[FoundVMM]) -> ConflictError:
+    listed = ", ".join(f"{vmm.name} (pid {vmm.pid})" for vmm in orphans)
+    return ConflictError(
+        f"live VMMs that the database does not account for run in the run dir: {listed}. "
+        "The database may have been replaced or restored from an older copy. Start the daemon "
+        "with --reap-orphans to end them, or --keep-orphans to leave them running untouched",
+        code="orphans",
+    )
+
+
+class Recovery:
+    """One daemon start's recovery: `check` (before listening), then `start` (in the
+    background)."""
+
+    def __init__(self, engine: Engine, policy: Orphans) -> None:
+        self.engine = engine
+        self.policy = policy
+        self.records: list[LiveRecord] = []
+        self.pending: set[str] = set()
+        self.orphans: list[FoundVMM] = []
+        self.finished = threading.Event()
+
+    def check(self) -> None:
+        """Find the orphans; refuse them unless the policy says otherwise."""
+        self.records = self.engine.records.live()
+        self.pending = self.engine.records.pending_creates()
+        found = live_vmms(self.engine.settings.run_dir)
+        self.orphans = unaccounted(found, self.records, self.pending)
+        if self.orphans and self.policy is Orphans.REFUSE:
+            raise orphans_error(self.orphans)
+        if self.policy is Orphans.KEEP:
+            self.engine.kept_orphans = {vmm.name for vmm in self.orphans}
+
+    def start(self) -> threading.Thread:
+        names = {record.name for record in self.records} | self.pending
+        self.engine.locks.begin_recovery(names)
+        thread = threading.Thread(target=self.run, name="roost-recovery", daemon=True)
+        thread.start()
+        return thread
+
+    def run(self) -> None:
+        try:
+            self._reap_orphans()
+            for name in sorted(self.pending):
+                self._roll_back_create(name)
+            for record in self.records:
+                if record.name not in self.pending:
+                    self._recover_vm(record)
+                    self.engine.locks.recovered(record.name)
+            self._remove_strays()
+            log.info("recovery done: %d VMs looked at", len(self.records) + len(self.pending))
+        except Exception:
+            log.exception("recovery failed; VMs not yet recovered may need a daemon restart")
+        finally:
+            self.engine.locks.end_recovery()
+            self.finished.set()
+
+    def _reap_orphans(self) -> None:
+        for vmm in self.orphans:
+            if self.policy is Orphans.REAP:
+                VMMProcess(vmm.run_dir, vmm.pid, vmm.pid).kill()
+                log.warning("ended VMM %d in %s, which no VM accounts for", vmm.pid, vmm.run_dir)
+            else:
+                log.warning("left VMM %d in %s running (--keep-orphans)", vmm.pid, vmm.run_dir)
+
+    def _roll_back_create(self, name: str) -> None:
+        """A create that never returned: its VMM ended, then everything it made removed."""
+        run_dir = self.engine.run_dir(name)
+        pid = recorded_pid(run_dir.path)
+        if pid is not None and is_vmm_of(pid, run_dir.path):
+            VMMProcess(run_dir.path, pid, pid).kill()
+        self.engine.roll_back_create(name)
+        self.engine.locks.recovered(name)
+        log.info("VM %s: rolled back its create, which the daemon died in", name)
+
+    def _recover_vm(self, record: LiveRecord) -> None:
+        name, status = record.name, record.status
+        run_dir = self.engine.run_dir(name)
+        pid = record.pid or recorded_pid(run_dir.path)  # a crash while starting leaves only this
+        process = VMMProcess(run_dir.path, pid, record.supervisor_pid or pid) if pid else None
+        if process is not None and not process.exited() and is_vmm_of(process.pid, run_dir.path):
+            if status in (VMStatus.STARTING, VMStatus.STOPPING):
+                code = process.kill()
+                doing = "starting" if status is VMStatus.STARTING else "stopping"
+                reason = f"the daemon stopped while the VM was {doing}; start it again"
+                self.engine.settle(name, VMStatus.STOPPED, code, reason, record.tap)
+                return
+            self.engine.adopt(record, process)
+            log.info("VM %s: adopted its running VMM (pid %d)", name, process.pid)
+            return
+        code = process.exit_code() if process is not None else None
+        ended = VMStatus.STOPPED if code == 0 else VMStatus.CRASHED
+        self.engine.settle(name, ended, code, None if code == 0 else exit_reason(code), record.tap)
+
+    def _remove_strays(self) -> None:
+        """Run dirs and disks of no VM, then taps of no running VM and bridges no VM holds an
+        address on — unless orphans were kept, whose run dirs and links are theirs."""
+        engine = self.engine
+        names = engine.records.names()
+        kept = engine.kept_orphans
+        vms = engine.settings.run_dir / "vms"
+        for path in sorted(vms.iterdir()) if vms.is_dir() else []:
+            if path.name not in names and path.name not in kept:
+                RunDir(path).remove()
+                log.info("removed run dir %s, which belongs to no VM", path)
+        for name in engine.disks.names() - names:
+            engine.disks.remove(name)
+            log.info("removed the disk of %s, which belongs to no VM", name)
+        if kept:
+            log.warning("left taps and bridges as they are: kept orphaned VMMs may use them")
+            return
+
+        def used_bridges() -> set[str]:
+            with engine.db.read() as session:
+                return alloc.bridges_in_use(session)
+
+        engine.host.reap(engine.records.live_taps, used_bridges)
