@@ -1,10 +1,12 @@
 """The artifact store under a daemon: a full store is 507 `no_space` (a small tmpfs stands in
-for a full disk), and installs and removes racing over the API never leave a plugin without
-its files."""
+for a full disk), installs and removes racing over the API never leave a plugin without its
+files, and a TCP client reads only what --artifact-dir allows."""
 
 from __future__ import annotations
 
 import contextlib
+import secrets
+import socket
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -138,3 +140,45 @@ def test_installs_and_removes_racing_over_the_api_leave_every_plugin_its_files(
     for plugin in daemon.ok("plugin", "list"):
         for item in plugin["artifacts"].values():
             assert (stored / item["sha256"]).exists(), plugin["name"]
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
+
+
+@pytest.mark.firecracker
+def test_a_tcp_client_installs_only_from_the_artifact_dirs_and_a_unix_socket_one_from_anywhere(
+    netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "initramfs.cpio").write_bytes(b"allowed")
+    (allowed / "escape").symlink_to("/etc/shadow")
+    outside = tmp_path / "outside.cpio"
+    outside.write_bytes(b"outside")
+    token = secrets.token_hex(16)
+    monkeypatch.setenv("ROOST_TOKEN", token)
+    port = free_loopback_port()
+    daemon = Daemon(netns, "--listen", f"tcp://127.0.0.1:{port}", "--artifact-dir", str(allowed))
+    try:
+        daemon.start()
+        with httpx.Client(
+            base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {token}"}
+        ) as tcp:
+            for path in (outside, allowed / "escape", Path("/proc/self/environ")):
+                answer = tcp.post("/v1/plugins", json=manifest_data("p", path))
+                assert answer.status_code == 422, path
+                [detail] = answer.json()["error"]["details"]
+                assert detail["loc"] == "initramfs.path"
+                assert "--artifact-dir" in detail["msg"]
+            answer = tcp.post("/v1/plugins", json=manifest_data("p", allowed / "initramfs.cpio"))
+            assert answer.status_code == 201, answer.text
+        answer = daemon.http.post(
+            "/v1/plugins", params={"force": "true"}, json=manifest_data("p", outside)
+        )
+        assert answer.status_code == 201, answer.text
+    finally:
+        daemon.close()
