@@ -40,6 +40,7 @@ from roost.state.vms import (
     Holding,
     LiveRecord,
     Row,
+    StoredConfig,
     StoredNetwork,
     VMRecords,
     VMStatus,
@@ -197,9 +198,10 @@ class Engine:
                     steps,
                 )
                 failpoint("create:allocated")
-                view = self._launch(booting, steps)
+                view = self._boot(booting, steps)
                 failpoint("create:booted")
             except BaseException:
+                steps.rollback()
                 self._undo_create(name)
                 raise
             self.records.end_create(name)
@@ -456,9 +458,22 @@ class Engine:
 
     def _start(self, name: str, operation: str) -> dict[str, Any]:
         """Plan again from the VM's current config, allocate what the plan needs (releasing
-        what it no longer needs), then launch. A failed launch leaves the VM `error` with its
-        reason, its tap and process gone, its leases kept."""
-        stored = self.records.current_config(name)
+        what it no longer needs), then launch. A start that fails leaves the VM `error` with
+        its reason, its tap, rules and process gone, its leases kept."""
+        stored = self.records.current_config(name)  # a VM that does not exist stays so
+        try:
+            return self._plan_and_launch(name, operation, stored)
+        except BaseException as error:
+            reason = error.message if isinstance(error, RoostError) else repr(error)
+            try:
+                self._set(
+                    name, status=VMStatus.ERROR, status_reason=reason, pid=None, supervisor_pid=None
+                )
+            except RoostError as unrecorded:
+                log.error("VM %s: could not record its failed start: %s", name, unrecorded)
+            raise
+
+    def _plan_and_launch(self, name: str, operation: str, stored: StoredConfig) -> dict[str, Any]:
         manifest = Manifest.model_validate(stored.manifest)
         config = VMConfig.model_validate(stored.config)
         shown = {"plugin": config.plugin, "config": stored.config, "manifest": stored.manifest}
@@ -484,26 +499,16 @@ class Engine:
                 shown,
             )
 
-        booting, emptied = self._allocating(allocate, steps)
-        self.host.remove_bridges(emptied)
         try:
-            return self._launch(booting, steps)
-        except BaseException as error:
-            reason = error.message if isinstance(error, RoostError) else repr(error)
-            self._set(
-                name, status=VMStatus.ERROR, status_reason=reason, pid=None, supervisor_pid=None
-            )
-            raise
-
-    def _launch(self, booting: Booting, steps: Steps) -> dict[str, Any]:
-        """Boot the VMM; the VM as it then is. A failure undoes every host step and raises."""
-        try:
+            booting, emptied = self._allocating(allocate, steps)
+            self.host.remove_bridges(emptied)
             return self._boot(booting, steps)
         except BaseException:
             steps.rollback()
             raise
 
     def _boot(self, booting: Booting, steps: Steps) -> dict[str, Any]:
+        """Boot the VMM; the VM as it then is. On failure the caller rolls `steps` back."""
         name, net = booting.name, booting.net
         if booting.vsock_missing:
             log.warning("VM %s starts without a vsock device: %s", name, booting.vsock_missing)

@@ -13,17 +13,39 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 from roost.engine.settings import DEFAULT_BRIDGE
 from roost.engine.steps import Steps
 from roost.errors import HostError
-from roost.host.firewall import Firewall
-from roost.host.links import Links
+from roost.host.links import LinkInfo
 from roost.plan import AntiSpoof, Attachment
 from roost.state import alloc
 
 log = logging.getLogger("roost.engine")
 Emptied = list[tuple[int, str]]  # (network id, bridge) of networks that lost their last lease
+
+
+class Links(Protocol):
+    """The links of the daemon's namespace (`roost.host.links.Links`)."""
+
+    def info(self, name: str) -> LinkInfo | None: ...
+
+    def names(self, prefix: str) -> list[str]: ...
+
+    def ensure_bridge(self, name: str, address: ipaddress.IPv4Interface) -> None: ...
+
+    def create_tap(self, name: str, bridge: str, mac: str) -> None: ...
+
+    def delete(self, name: str) -> bool: ...
+
+
+class Rules(Protocol):
+    """Per-tap anti-spoofing rules (`roost.host.firewall.Firewall`)."""
+
+    def protect(self, tap: str, mac: str, ip: str | None) -> None: ...
+
+    def release(self, tap: str) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -47,7 +69,7 @@ class HostNetwork:
     network still has an address leased on it (read from the database by the caller's
     choice of collaborator)."""
 
-    def __init__(self, links: Links, firewall: Firewall, leased: Callable[[int], bool]) -> None:
+    def __init__(self, links: Links, firewall: Rules, leased: Callable[[int], bool]) -> None:
         self.links = links
         self.firewall = firewall
         self._leased = leased
