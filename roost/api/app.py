@@ -1,38 +1,64 @@
 """The REST API: a thin layer that parses requests, calls the engine and maps errors to
-`{"error": {"code", "message", "details"}}` with the right status."""
+`{"error": {"code", "message", "details"}}` with the right status.
+
+Where work runs, so that the API keeps answering: long operations (VM lifecycle, plugin
+installs and removals) on the operation gate's threads; reads, body parsing and console
+chunks on threads of their own (`READ_THREADS`); `/healthz` on a few more of its own. Nothing
+that blocks runs on the event loop.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import json
 import logging
+import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from fastapi import FastAPI, Query, Request, Response
+import anyio
+from fastapi import Depends, FastAPI, Query, Request, Response
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
-from starlette.concurrency import run_in_threadpool
+from fastapi.routing import APIRoute
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from roost import __version__
 from roost.api.endpoints import Endpoint
+from roost.api.guard import Guard
+from roost.api.operations import OperationGate
+from roost.api.replies import error_response, on_unix_socket
 from roost.engine.core import Engine
 from roost.errors import ErrorDetail, InvalidError, NotFoundError, RoostError
 from roost.spec import Manifest, VMConfig, load_json, parse
 from roost.spec.common import check_name
-from roost.spec.parse import dotted
+from roost.spec.parse import MESSAGES, dotted
 
 log = logging.getLogger("roost.api")
+T = TypeVar("T")
 NDJSON = "application/x-ndjson"
 PROGRESS_INTERVAL = 0.2
 FOLLOW_INTERVAL = 0.2
+READ_THREADS = 32
+HEALTH_THREADS = 2
+MAX_OFFSET = 2**63 - 1  # the largest position a file can be read from
 
-
-def error_response(error: RoostError) -> JSONResponse:
-    return JSONResponse(error.to_json(), status_code=error.http_status)
+# pydantic's wording for query parameters, rephrased as roost says it elsewhere
+QUERY_MESSAGES = {
+    **MESSAGES,
+    "finite_number": "must be a finite number",
+    "float_parsing": "must be a number",
+    "float_type": "must be a number",
+    "int_parsing": "must be a whole number",
+    "int_parsing_size": "must be a whole number",
+    "bool_parsing": "must be true or false",
+}
 
 
 def _schema_body(model: type[Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -42,12 +68,61 @@ def _schema_body(model: type[Any], extra: dict[str, Any] | None = None) -> dict[
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
-async def _json_body(request: Request) -> Any:
-    return load_json(await request.body())
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for dependency in dependant.dependencies:
+        names |= _query_names(dependency)
+    return names
+
+
+async def _known_query_only(request: Request) -> None:
+    """Refuse query parameters the route does not take: ignoring them silently did what the
+    client did not ask (`POST /v1/vms?start=false` started the VM)."""
+    route = request.scope.get("route")
+    known = _query_names(route.dependant) if isinstance(route, APIRoute) else set()
+    unknown = [name for name in dict.fromkeys(request.query_params.keys()) if name not in known]
+    if unknown:
+        takes = ", ".join(sorted(known)) or "none"
+        raise InvalidError.of(
+            [
+                ErrorDetail(f"query.{name}", f"is not a parameter of this route (it takes {takes})")
+                for name in unknown
+            ]
+        )
 
 
 def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
-    app = FastAPI(title="roost", version=__version__, description="microVMs for plugins")
+    settings = engine.settings
+    gate = OperationGate(settings.max_operations, settings.max_queued_operations)
+    reads = anyio.CapacityLimiter(READ_THREADS)
+    probes = anyio.CapacityLimiter(HEALTH_THREADS)
+
+    async def read(work: Callable[..., T], *args: Any) -> T:
+        return await anyio.to_thread.run_sync(partial(work, *args), limiter=reads)
+
+    async def json_body(request: Request) -> Any:
+        return await read(load_json, await request.body())
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            gate.close()
+
+    app = FastAPI(
+        title="roost",
+        version=__version__,
+        description="microVMs for plugins",
+        lifespan=lifespan,
+        dependencies=[Depends(_known_query_only)],
+    )
+    app.add_middleware(
+        Guard,
+        endpoints=endpoints,
+        token=settings.token,
+        max_body_bytes=settings.max_body_bytes,
+    )
 
     @app.exception_handler(RoostError)
     async def _roost_error(_: Request, error: RoostError) -> JSONResponse:
@@ -62,48 +137,71 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _request_error(_: Request, error: RequestValidationError) -> JSONResponse:
-        details = [
-            ErrorDetail(dotted(tuple(item["loc"][1:])), item["msg"]) for item in error.errors()
-        ]
+        details = []
+        for item in error.errors():
+            template = QUERY_MESSAGES.get(item["type"])
+            msg = template.format(**item.get("ctx", {})) if template else item["msg"]
+            details.append(ErrorDetail(dotted(tuple(item["loc"])), msg))
         return error_response(InvalidError.of(details))
 
+    @app.exception_handler(ClientDisconnect)
+    async def _gone(request: Request, _: ClientDisconnect) -> JSONResponse:
+        # the client went away before its request was whole: nothing wrong, nobody to answer
+        log.debug("client left during %s %s", request.method, request.url.path)
+        return error_response(InvalidError("the request ended before its body was whole"))
+
     @app.exception_handler(Exception)
-    async def _bug(_: Request, error: Exception) -> JSONResponse:
-        log.exception("internal error")
+    async def _bug(request: Request, error: Exception) -> JSONResponse:
+        # the server logs the traceback as the error leaves the app
+        log.error("internal error in %s %s: %r", request.method, request.url.path, error)
         return error_response(RoostError(f"internal error (a bug in roost): {error!r}"))
 
     @app.get("/healthz")
-    def healthz() -> JSONResponse:
-        return JSONResponse({"status": "ok", "version": __version__})
+    async def healthz() -> JSONResponse:
+        health = await anyio.to_thread.run_sync(engine.health, limiter=probes)
+        body = {**health, "version": __version__}
+        if health.get("status") != "database_gone":
+            return JSONResponse(body)
+        gone = RoostError(
+            "the daemon's database file is gone or was replaced while it ran; it refuses "
+            "changes until it is restarted with its database in place",
+            code="database_gone",
+        )
+        return JSONResponse({**body, **gone.to_json()}, status_code=gone.http_status)
 
     @app.get("/v1/plugins")
-    def list_plugins() -> JSONResponse:
-        return JSONResponse(engine.plugins.list())
+    async def list_plugins() -> JSONResponse:
+        return JSONResponse(await read(engine.plugins.list))
 
     @app.post("/v1/plugins", status_code=201, openapi_extra=_schema_body(Manifest))
     async def install_plugin(
         request: Request, force: bool = Query(False, description="replace an installed plugin")
-    ) -> Any:
-        manifest = parse(Manifest, await _json_body(request))
+    ) -> Response:
+        manifest = parse(Manifest, await json_body(request))
+        install = partial(
+            engine.plugins.install,
+            manifest,
+            force=force,
+            any_path=on_unix_socket(request.scope),
+        )
         if NDJSON not in request.headers.get("accept", ""):
-            result = await run_in_threadpool(engine.plugins.install, manifest, force=force)
-            return JSONResponse(result, status_code=201)
+            return JSONResponse(await gate.run(install), status_code=201)
         return StreamingResponse(
-            _install_with_progress(engine, manifest, force), media_type=NDJSON, status_code=201
+            _install_with_progress(gate, install), media_type=NDJSON, status_code=201
         )
 
     @app.get("/v1/plugins/{name}")
-    def show_plugin(name: str) -> JSONResponse:
-        return JSONResponse(engine.plugins.show(name))
+    async def show_plugin(name: str) -> JSONResponse:
+        return JSONResponse(await read(engine.plugins.show, check_name(name)))
 
     @app.delete("/v1/plugins/{name}", status_code=204)
-    def remove_plugin(name: str) -> Response:
-        engine.plugins.remove(name)
+    async def remove_plugin(name: str) -> Response:
+        await gate.run(engine.plugins.remove, check_name(name))
         return Response(status_code=204)
 
     @app.get("/v1/vms")
-    def list_vms() -> JSONResponse:
-        return JSONResponse(engine.list_vms())
+    async def list_vms() -> JSONResponse:
+        return JSONResponse(await read(engine.list_vms))
 
     create_extra = {
         "name": {"type": "string", "description": "the VM's name (a DNS label)"},
@@ -112,7 +210,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
 
     @app.post("/v1/vms", status_code=201, openapi_extra=_schema_body(VMConfig, create_extra))
     async def create_vm(request: Request) -> JSONResponse:
-        body = await _json_body(request)
+        body = await json_body(request)
         if not isinstance(body, dict):
             raise InvalidError.at("-", "must be a JSON object")
         name, start = body.pop("name", None), body.pop("start", True)
@@ -122,81 +220,92 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
             raise InvalidError.at("start", "must be true or false")
         check_name(name)
         config = parse(VMConfig, body)
-        result = await run_in_threadpool(engine.create_vm, name, config, start=start)
+        result = await gate.run(engine.create_vm, name, config, start=start)
         return JSONResponse(result, status_code=201)
 
     @app.get("/v1/vms/{name}")
-    def show_vm(name: str) -> JSONResponse:
-        return JSONResponse(engine.show_vm(name))
+    async def show_vm(name: str) -> JSONResponse:
+        return JSONResponse(await read(engine.show_vm, check_name(name)))
 
     @app.delete("/v1/vms/{name}", status_code=204)
-    def remove_vm(name: str) -> Response:
-        engine.destroy_vm(name)
+    async def remove_vm(name: str) -> Response:
+        await gate.run(engine.destroy_vm, check_name(name))
         return Response(status_code=204)
 
     @app.post("/v1/vms/{name}/start")
-    def start_vm(name: str) -> JSONResponse:
-        return JSONResponse(engine.start_vm(name))
+    async def start_vm(name: str) -> JSONResponse:
+        return JSONResponse(await gate.run(engine.start_vm, check_name(name)))
 
     @app.post("/v1/vms/{name}/stop")
-    def stop_vm(
+    async def stop_vm(
         name: str,
         timeout: float | None = Query(
-            None, ge=0, le=3600, description="seconds to wait for a graceful shutdown"
+            None,
+            ge=0,
+            le=3600,
+            allow_inf_nan=False,
+            description="seconds to wait for a graceful shutdown",
         ),
         force: bool = Query(False, description="kill at once"),
     ) -> JSONResponse:
-        return JSONResponse(engine.stop_vm(name, timeout=timeout, force=force))
+        stop = partial(engine.stop_vm, check_name(name), timeout=timeout, force=force)
+        return JSONResponse(await gate.run(stop))
 
     @app.post("/v1/vms/{name}/restart")
-    def restart_vm(name: str) -> JSONResponse:
-        return JSONResponse(engine.restart_vm(name))
+    async def restart_vm(name: str) -> JSONResponse:
+        return JSONResponse(await gate.run(engine.restart_vm, check_name(name)))
 
     @app.post("/v1/vms/{name}/pause")
-    def pause_vm(name: str) -> JSONResponse:
-        return JSONResponse(engine.pause_vm(name))
+    async def pause_vm(name: str) -> JSONResponse:
+        return JSONResponse(await gate.run(engine.pause_vm, check_name(name)))
 
     @app.post("/v1/vms/{name}/resume")
-    def resume_vm(name: str) -> JSONResponse:
-        return JSONResponse(engine.resume_vm(name))
+    async def resume_vm(name: str) -> JSONResponse:
+        return JSONResponse(await gate.run(engine.resume_vm, check_name(name)))
 
     @app.get("/v1/vms/{name}/console")
-    def console(
+    async def console(
         name: str,
         follow: bool = Query(False, description="keep streaming while the VM runs"),
-        offset: int = Query(0, ge=0, description="start at this byte"),
+        offset: int = Query(0, ge=0, le=MAX_OFFSET, description="start at this byte"),
     ) -> Response:
-        path, _ = engine.console(name)
+        path, _ = await read(engine.console, check_name(name))
         if not follow:
-            return PlainTextResponse(_read_from(path, offset))
-        return StreamingResponse(_follow(engine, name, path, offset), media_type="text/plain")
+            return PlainTextResponse(await read(_read_from, path, offset))
+        return StreamingResponse(_follow(read, engine, name, path, offset), media_type="text/plain")
 
     @app.get("/v1/networks")
-    def list_networks() -> JSONResponse:
-        return JSONResponse(engine.list_networks())
+    async def list_networks() -> JSONResponse:
+        return JSONResponse(await read(engine.list_networks))
 
     return app
 
 
 def _read_from(path: Path, offset: int) -> bytes:
+    """The file from `offset` on; nothing past its end (a filesystem refuses to seek beyond
+    its largest file size)."""
     try:
         with path.open("rb") as reader:
+            if offset >= os.fstat(reader.fileno()).st_size:
+                return b""
             reader.seek(offset)
             return reader.read()
     except FileNotFoundError:
         return b""
 
 
-async def _follow(engine: Engine, name: str, path: Path, offset: int) -> AsyncIterator[bytes]:
+async def _follow(
+    read: Callable[..., Any], engine: Engine, name: str, path: Path, offset: int
+) -> AsyncIterator[bytes]:
     """The console from `offset` on, as it grows, until the VM stops and all is sent."""
     while True:
-        chunk = await run_in_threadpool(_read_from, path, offset)
+        chunk = await read(_read_from, path, offset)
         if chunk:
             offset += len(chunk)
             yield chunk
             continue
         try:
-            _, live = await run_in_threadpool(engine.console, name)
+            _, live = await read(engine.console, name)
         except RoostError:
             return
         if not live:
@@ -204,36 +313,84 @@ async def _follow(engine: Engine, name: str, path: Path, offset: int) -> AsyncIt
         await asyncio.sleep(FOLLOW_INTERVAL)
 
 
-async def _install_with_progress(
-    engine: Engine, manifest: Manifest, force: bool
+def _line(data: dict[str, Any]) -> bytes:
+    return (json.dumps(data) + "\n").encode()
+
+
+def _install_with_progress(
+    gate: OperationGate, install: Callable[..., dict[str, Any]]
 ) -> AsyncIterator[bytes]:
-    """Progress events as JSON lines while the install runs, then the plugin (or the error)."""
+    """Progress events as JSON lines while the install runs, then the plugin or the error
+    object, whatever went wrong (the status line went out with the first event). The install
+    is submitted at once, so that `busy` is an answer of its own, not a stream."""
     loop = asyncio.get_running_loop()
-    queue: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
-    last_sent = {"at": 0.0}
+    events: asyncio.Queue[dict[str, Any]] = asyncio.Queue()
+    throttle = _Throttle(PROGRESS_INTERVAL)
 
     def progress(event: dict[str, Any]) -> None:
-        now = time.monotonic()
-        done = event.get("done") == event.get("total")
-        if event["event"] == "progress" and not done and now - last_sent["at"] < PROGRESS_INTERVAL:
-            return
-        last_sent["at"] = now
-        loop.call_soon_threadsafe(queue.put_nowait, event)
+        if throttle.passes(event):
+            loop.call_soon_threadsafe(events.put_nowait, event)
 
-    async def install() -> dict[str, Any]:
-        try:
-            return await run_in_threadpool(
-                engine.plugins.install, manifest, force=force, progress=progress
-            )
-        except RoostError as error:
-            return error.to_json()
+    task = gate.submit(_logging_bugs, install, progress=progress)
+    # a client that leaves stops the stream, not the install: its outcome is then nobody's
+    task.add_done_callback(_settled)
+    return _lines(task, events)
 
-    task = asyncio.create_task(install())
-    while not task.done() or not queue.empty():
-        getter = asyncio.ensure_future(queue.get())
+
+async def _lines(
+    task: asyncio.Future[dict[str, Any]], events: asyncio.Queue[dict[str, Any]]
+) -> AsyncIterator[bytes]:
+    while not task.done() or not events.empty():
+        getter = asyncio.ensure_future(events.get())
         finished, _ = await asyncio.wait({getter, task}, return_when=asyncio.FIRST_COMPLETED)
         if getter in finished:
-            yield (json.dumps(getter.result()) + "\n").encode()
+            yield _line(getter.result())
         else:
             getter.cancel()
-    yield (json.dumps(task.result()) + "\n").encode()
+    yield _line(_outcome(task))
+
+
+def _logging_bugs(install: Callable[..., dict[str, Any]], **kwargs: Any) -> dict[str, Any]:
+    """The install; a bug in it is logged here, once, with its traceback, whether or not
+    its client is still there to be told."""
+    try:
+        return install(**kwargs)
+    except RoostError:
+        raise
+    except Exception:
+        log.exception("internal error while installing a plugin")
+        raise
+
+
+def _settled(task: asyncio.Future[Any]) -> None:
+    """Mark an outcome as seen: an install whose client left logs no "exception was never
+    retrieved"."""
+    if not task.cancelled():
+        task.exception()
+
+
+def _outcome(task: asyncio.Future[dict[str, Any]]) -> dict[str, Any]:
+    """The last line of the stream: the plugin, or the error object with its own code."""
+    try:
+        return task.result()
+    except RoostError as error:
+        return error.to_json()
+    except Exception as error:
+        return RoostError(f"internal error (a bug in roost): {error!r}").to_json()
+
+
+class _Throttle:
+    """Lets through every event but progress, and progress at most once per `interval`
+    (and its last one, whatever the interval)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.last = 0.0
+
+    def passes(self, event: dict[str, Any]) -> bool:
+        now = time.monotonic()
+        done = event.get("done") == event.get("total")
+        if event["event"] == "progress" and not done and now - self.last < self.interval:
+            return False
+        self.last = now
+        return True
