@@ -1,34 +1,56 @@
-"""The daemon's client for the CLI: HTTP over a Unix socket or TCP, errors as RoostErrors."""
+"""The daemon's client for the CLI: HTTP over a Unix socket or TCP, errors as RoostErrors.
+
+A daemon that answers `busy` or `recovering` is asked again after the Retry-After it sends,
+until the client's timeout; then the CLI fails with `timeout`.
+"""
 
 from __future__ import annotations
 
 import json
+import os
 import ssl
+import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
+from functools import partial
 from typing import Any
 
 import httpx
 
 from roost.api.endpoints import Endpoint
-from roost.errors import RoostError, UnreachableError, error_from_json
+from roost.errors import CODES, RoostError, UnreachableError, error_from_json
 
 # Creating a client's default TLS context costs ~20 ms; nothing here speaks TLS.
 _NO_TLS = ssl.create_default_context()
 NDJSON = "application/x-ndjson"
+RETRIED_CODES = ("busy", "recovering")
+DEFAULT_RETRY_AFTER = 1.0  # seconds, for a retryable answer that says no Retry-After
 
 
 class Client:
-    def __init__(self, api: str, timeout: float = 600.0) -> None:
+    def __init__(
+        self,
+        api: str,
+        timeout: float = 600.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
+        """`transport` replaces the connection to `api` (tests answer in-process)."""
         self.endpoint = Endpoint.parse(api, loc="api")
-        if self.endpoint.path is not None:
-            transport = httpx.HTTPTransport(uds=str(self.endpoint.path), verify=_NO_TLS)
+        self.timeout = timeout
+        uds = str(self.endpoint.path) if self.endpoint.path is not None else None
+        if uds is not None:
             base = "http://roost"
         else:
-            transport = httpx.HTTPTransport(verify=_NO_TLS)
-            base = f"http://{self.endpoint.host}:{self.endpoint.port}"
+            host = self.endpoint.host or ""
+            base = f"http://{f'[{host}]' if ':' in host else host}:{self.endpoint.port}"
+        transport = transport or httpx.HTTPTransport(uds=uds, verify=_NO_TLS)
+        token = os.environ.get("ROOST_TOKEN")
         self._http = httpx.Client(
-            transport=transport, base_url=base, timeout=timeout, verify=_NO_TLS
+            transport=transport,
+            base_url=base,
+            timeout=timeout,
+            verify=_NO_TLS,
+            headers={"authorization": f"Bearer {token}"} if token else None,
         )
 
     @contextmanager
@@ -47,10 +69,33 @@ class Client:
                 "`roost serve` running there? (--api or $ROOST_API choose another address)"
             ) from None
 
+    @contextmanager
+    def _answer(
+        self, opening: Callable[[], AbstractContextManager[httpx.Response]]
+    ) -> Iterator[httpx.Response]:
+        """The first answer to `opening` that is not `busy` or `recovering`, asking again as
+        each such answer's Retry-After says until the client's timeout."""
+        deadline = time.monotonic() + self.timeout
+        while True:
+            with self._reaching(), opening() as response:
+                refusal = _retryable(response)
+                if refusal is None:
+                    yield response
+                    return
+            wait = _retry_after(response)
+            if time.monotonic() + wait > deadline:
+                raise RoostError(
+                    f"the roost daemon at {self.endpoint.url} kept answering "
+                    f"{refusal.code} for {self.timeout:g}s ({refusal.message})",
+                    code="timeout",
+                )
+            time.sleep(wait)
+
     def call(self, method: str, path: str, *, body: Any = None, **params: Any) -> Any:
         query = {key: value for key, value in params.items() if value is not None}
-        with self._reaching():
-            response = self._http.request(method, path, json=body, params=query)
+        opening = partial(self._http.stream, method, path, json=body, params=query)
+        with self._answer(opening) as response:
+            response.read()
         return self._result(response)
 
     def stream(
@@ -63,32 +108,33 @@ class Client:
         **params: Any,
     ) -> Any:
         """Send a request that answers with JSON lines; each but the last goes to
-        `on_event`, the last is the result (or the error)."""
+        `on_event`, the last is the result (or the error, rebuilt with its own code)."""
         query = {key: value for key, value in params.items() if value is not None}
         last: Any = None
-        with (
-            self._reaching(),
-            self._http.stream(
+        with self._answer(
+            lambda: self._http.stream(
                 method, path, json=body, params=query, headers={"accept": NDJSON}
-            ) as response,
-        ):
-            if response.headers.get("content-type", "").startswith(NDJSON):
-                for line in response.iter_lines():
-                    if not line.strip():
-                        continue
-                    if last is not None:
-                        on_event(last)
-                    last = json.loads(line)
-                if isinstance(last, dict) and "error" in last:
-                    raise error_from_json(409, last)
-                return last
-            response.read()
-            return self._result(response)
+            )
+        ) as response:
+            if not response.headers.get("content-type", "").startswith(NDJSON):
+                response.read()
+                return self._result(response)
+            for line in response.iter_lines():
+                if not line.strip():
+                    continue
+                if last is not None:
+                    on_event(last)
+                last = json.loads(line)
+        if isinstance(last, dict) and isinstance(last.get("error"), dict):
+            code = last["error"].get("code")
+            status = CODES[code].http_status if code in CODES else 500
+            raise error_from_json(status, last)
+        return last
 
     def text_stream(self, path: str, **params: Any) -> Iterator[bytes]:
         """The raw body of a GET, chunk by chunk, as the daemon sends it."""
         query = {key: value for key, value in params.items() if value is not None}
-        with self._reaching(), self._http.stream("GET", path, params=query) as response:
+        with self._answer(lambda: self._http.stream("GET", path, params=query)) as response:
             if response.status_code >= 400:
                 response.read()
                 self._result(response)
@@ -110,3 +156,20 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _retryable(response: httpx.Response) -> RoostError | None:
+    """The daemon's `busy` or `recovering` refusal in `response`, read whole, or None."""
+    if response.status_code != 503:
+        return None
+    response.read()
+    try:
+        error = error_from_json(response.status_code, response.json())
+    except ValueError:
+        return None
+    return error if error.code in RETRIED_CODES else None
+
+
+def _retry_after(response: httpx.Response) -> float:
+    text = response.headers.get("retry-after", "")
+    return float(text) if text.isascii() and text.isdigit() else DEFAULT_RETRY_AFTER
