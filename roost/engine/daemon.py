@@ -128,6 +128,8 @@ class Daemon:
     @classmethod
     def open(cls, settings: Settings) -> Daemon:
         """Lock, build and check: a daemon ready to listen, whose recovery has not begun."""
+        DefaultNetwork.from_cidr(settings.default_subnet)  # judged before anything is made
+        _check_settings(settings)
         daemon = cls(settings)
         locks = Locks.acquire(settings)
         daemon._closers.append(locks.release)
@@ -150,7 +152,6 @@ class Daemon:
         self._closers.append(worker.close)
         links = Links(worker)
         self._closers.append(links.close)
-        _check_settings(settings)
 
         def leased(network_id: int) -> bool:
             with db.read() as session:

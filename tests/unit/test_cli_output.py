@@ -20,5 +20,5 @@ def test_a_mac_holding_an_emoji_code_is_printed_as_it_is(
 def test_an_error_message_is_not_read_as_markup(capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(typer.Exit) as exited:
         fail(ConflictError("VM [bold]x[/bold] is busy :ab:"), as_json=False)
-    assert exited.value.exit_code == ConflictError.exit_code
+    assert exited.value.exit_code == ConflictError("x").exit_code == 4
     assert capsys.readouterr().err == "error: VM [bold]x[/bold] is busy :ab:\n"

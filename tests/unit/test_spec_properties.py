@@ -29,7 +29,8 @@ mode_spelling = st.sampled_from(["", " ", "\t"]).flatmap(
 @st.composite
 def bridged_network(draw: st.DrawFn, with_ip: bool) -> dict[str, Any]:
     prefix = draw(st.integers(16, 28))
-    base = draw(st.integers(0, 2**32 - 1)) & ~((1 << (32 - prefix)) - 1)
+    # 1.0.0.0-126.255.255.255: clear of every reserved range a subnet may not overlap
+    base = draw(st.integers(0x0100_0000, 0x7EFF_FFFF)) & ~((1 << (32 - prefix)) - 1)
     subnet = ipaddress.IPv4Network((base, prefix))
     hosts = subnet.num_addresses - 2
     gateway = subnet.network_address + draw(st.integers(1, hosts))
