@@ -108,7 +108,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         try:
             yield
         finally:
-            gate.close()
+            await anyio.to_thread.run_sync(gate.close)
 
     app = FastAPI(
         title="roost",

@@ -57,5 +57,5 @@ class OperationGate:
             self._admitted -= 1
 
     def close(self) -> None:
-        """Drop what waits for a thread; what runs finishes on its own."""
-        self._executor.shutdown(wait=False, cancel_futures=True)
+        """Drop what waits for a thread and wait for what runs: the engine closes after."""
+        self._executor.shutdown(wait=True, cancel_futures=True)

@@ -455,3 +455,28 @@ def test_a_client_that_leaves_before_its_body_is_whole_is_no_error(
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]
     assert not [record for record in caplog.records if record.exc_info]
     assert engine.created == []
+
+
+def test_closing_the_gate_drops_queued_operations_and_waits_for_running_ones() -> None:
+    from roost.api.operations import OperationGate
+
+    gate = OperationGate(workers=1, queued=1)
+    release = threading.Event()
+    ran: list[str] = []
+
+    def operation(name: str) -> None:
+        ran.append(name)
+        release.wait(10)
+        ran.append(f"{name} done")
+
+    async def scenario() -> None:
+        running = gate.submit(operation, "running")
+        queued = gate.submit(operation, "queued")
+        await until(lambda: ran == ["running"], "the first operation to run")
+        threading.Timer(0.2, release.set).start()
+        await asyncio.to_thread(gate.close)
+        assert ran == ["running", "running done"]
+        await running
+        assert queued.cancelled()
+
+    asyncio.run(scenario())
