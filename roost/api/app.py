@@ -2,9 +2,10 @@
 `{"error": {"code", "message", "details"}}` with the right status.
 
 Where work runs, so that the API keeps answering: long operations (VM lifecycle, plugin
-installs and removals) on the operation gate's threads; reads, body parsing and console
-chunks on threads of their own (`READ_THREADS`); `/healthz` on a few more of its own. Nothing
-that blocks runs on the event loop.
+installs and removals; a future PATCH of a VM's config too) on the operation gate's threads;
+reads, body parsing and validation, and console chunks on threads of their own
+(`READ_THREADS`); `/healthz` on a few more of its own. Nothing that blocks or takes long runs
+on the event loop.
 """
 
 from __future__ import annotations
@@ -177,7 +178,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     async def install_plugin(
         request: Request, force: bool = Query(False, description="replace an installed plugin")
     ) -> Response:
-        manifest = parse(Manifest, await json_body(request))
+        manifest = await read(parse, Manifest, await json_body(request))
         install = partial(
             engine.plugins.install,
             manifest,
@@ -219,7 +220,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         if not isinstance(start, bool):
             raise InvalidError.at("start", "must be true or false")
         check_name(name)
-        config = parse(VMConfig, body)
+        config = await read(parse, VMConfig, body)
         result = await gate.run(engine.create_vm, name, config, start=start)
         return JSONResponse(result, status_code=201)
 

@@ -53,6 +53,10 @@ class Guard:
         self.max_body_bytes = max_body_bytes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "websocket":
+            # no route speaks WebSocket: refused outright, rather than let past the checks
+            await send({"type": "websocket.close", "code": 1008})
+            return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -91,9 +95,10 @@ class Guard:
         if endpoint is None or host is None or not _names(host, endpoint):
             listener = endpoint.url if endpoint is not None else "a listener it does not know"
             other = " (or localhost)" if endpoint is not None and endpoint.is_loopback else ""
+            named = f"is meant for host {host!r}" if host is not None else "names no host"
             return RoostError(
-                f"this request is meant for host {host!r}, not for this daemon's listener "
-                f"{listener}; address the daemon by its --listen host{other}",
+                f"this request {named}, not this daemon's listener {listener}; address the "
+                f"daemon by its --listen host{other}",
                 code="misdirected",
             )
         if path in OPEN_PATHS:

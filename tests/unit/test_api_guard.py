@@ -272,3 +272,28 @@ def test_a_refused_body_is_answered_first_then_read_and_thrown_away(engine: Fake
         *["receive"] * 20,
         "http.response.body",
     ]
+
+
+def test_a_websocket_is_closed_before_any_route(engine: FakeEngine) -> None:
+    app = create_app(engine, [Endpoint.parse(TCP)])  # type: ignore[arg-type]
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/v1/vms",
+        "raw_path": b"/v1/vms",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"127.0.0.1:8000")],
+        "server": ("127.0.0.1", 8000),
+        "client": ("127.0.0.1", 40000),
+        "subprotocols": [],
+    }
+    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
+    assert sent == [{"type": "websocket.close", "code": 1008}]
