@@ -18,7 +18,7 @@ from typing import Any
 import httpx
 
 from roost.api.endpoints import Endpoint
-from roost.errors import CODES, RoostError, UnreachableError, error_from_json
+from roost.errors import CODES, InvalidError, RoostError, UnreachableError, error_from_json
 
 # Creating a client's default TLS context costs ~20 ms; nothing here speaks TLS.
 _NO_TLS = ssl.create_default_context()
@@ -50,7 +50,7 @@ class Client:
             base_url=base,
             timeout=timeout,
             verify=_NO_TLS,
-            headers={"authorization": f"Bearer {token}"} if token else None,
+            headers={b"authorization": _bearer(token)} if token else None,
         )
 
     @contextmanager
@@ -156,6 +156,15 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+
+
+def _bearer(token: str) -> bytes:
+    """The Authorization header for `token`, sent as its UTF-8 bytes."""
+    if any(char.isspace() or not char.isprintable() for char in token):
+        raise InvalidError.at(
+            "ROOST_TOKEN", "holds a space or a control character; a token is a single word"
+        )
+    return b"Bearer " + token.encode()
 
 
 def _retryable(response: httpx.Response) -> RoostError | None:

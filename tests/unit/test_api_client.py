@@ -155,3 +155,26 @@ def test_a_bad_roost_api_is_invalid_input_not_a_traceback(
     assert result.exception is None or isinstance(result.exception, SystemExit)
     assert "Traceback" not in result.stderr
     assert "ROOST_API" in result.stderr or "api:" in result.stderr
+
+
+def test_a_token_of_any_letters_goes_out_as_its_utf8_bytes(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bytes] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(dict(request.headers.raw)[b"authorization"])
+        return httpx.Response(200, json=[])
+
+    monkeypatch.setenv("ROOST_TOKEN", "clé-été")
+    client(handler, "tcp://127.0.0.1:8000").call("GET", "/v1/vms")
+    assert seen == [b"Bearer " + "clé-été".encode()]
+
+
+@pytest.mark.parametrize("token", ["two words", "line\n", "tab\there", "bell\x07"])
+def test_a_token_with_spaces_or_control_characters_is_invalid_input(
+    token: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("ROOST_TOKEN", token)
+    monkeypatch.setenv("ROOST_API", "tcp://127.0.0.1:8000")
+    result = CliRunner().invoke(app, ["vm", "list"])
+    assert result.exit_code == 1, result.output
+    assert "ROOST_TOKEN" in result.stderr

@@ -297,3 +297,11 @@ def test_a_websocket_is_closed_before_any_route(engine: FakeEngine) -> None:
     }
     asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
     assert sent == [{"type": "websocket.close", "code": 1008}]
+
+
+def test_a_token_beyond_ascii_matches_as_its_utf8_bytes() -> None:
+    engine = FakeEngine(Settings(token="clé-été"))
+    token = b"Bearer " + "clé-été".encode()
+    assert ask(engine, "GET", "/v1/vms", headers={b"authorization": token}).status_code == 200
+    latin1 = b"Bearer " + "clé-été".encode("latin-1")
+    assert ask(engine, "GET", "/v1/vms", headers={b"authorization": latin1}).status_code == 401
