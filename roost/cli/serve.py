@@ -124,6 +124,12 @@ def serve_command(
             raise typer.Exit(2)
         endpoints = [Endpoint.parse(url) for url in (listen or [DEFAULT_API])]
         token = os.environ.get("ROOST_TOKEN") or None
+        if token is not None and any(c.isspace() or not c.isprintable() for c in token):
+            raise InvalidError.at(
+                "ROOST_TOKEN",
+                "holds a space or a control character; a token is a single word (clients "
+                "send it as 'Authorization: Bearer <token>')",
+            )
         _check_listeners(endpoints, token)
         orphans = Orphans.REAP if reap_orphans else Orphans.KEEP if keep_orphans else Orphans.REFUSE
         settings = Settings(
