@@ -15,37 +15,32 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from sqlalchemy.orm import Session
-
+from roost.engine.allocation import Allocator, Booting
 from roost.engine.disks import Disks
 from roost.engine.exclusive import VMLocks
 from roost.engine.failpoints import failpoint
-from roost.engine.hostnet import Emptied, HostNetwork, TapPlan
-from roost.engine.launch import Files, launch_spec
+from roost.engine.hostnet import HostNetwork
 from roost.engine.plugins import Plugins
-from roost.engine.settings import DEFAULT_NETWORK, Settings
+from roost.engine.settings import Settings
 from roost.engine.steps import Steps
 from roost.engine.views import network_view, vm_view
-from roost.errors import ConflictError, InvalidError, RoostError
+from roost.errors import ConflictError, RoostError
 from roost.host.netns import NetnsWorker
-from roost.plan import IPAM, Attachment, DefaultNetwork, VMPlan, plan_vm
-from roost.plan.network import NetworkPlan, plan_network
-from roost.spec import Manifest, VMConfig
+from roost.spec import VMConfig, VMConfigPatch
 from roost.spec.common import check_name
-from roost.state import alloc
+from roost.state import alloc, configs
 from roost.state.artifacts import ArtifactStore
+from roost.state.configs import ConfigVersion
 from roost.state.db import Database
 from roost.state.vms import (
     LIVE,
-    Holding,
     LiveRecord,
     Row,
-    StoredConfig,
-    StoredNetwork,
     VMRecords,
     VMStatus,
+    no_vm,
 )
-from roost.vmm.base import Driver, Early, LaunchSpec, RunDir
+from roost.vmm.base import Driver, Early, RunDir
 from roost.vmm.process import ExitWatcher, VMMProcess
 
 log = logging.getLogger("roost.engine")
@@ -60,24 +55,6 @@ class Observer(Protocol):
     def forget(self, key: str) -> None: ...
 
     def close(self) -> None: ...
-
-
-@dataclass(frozen=True)
-class Booting:
-    """What a starting VM holds, as the launch needs it (read once, in the allocating
-    transaction; `net` is the plan with the allocated address filled in), and what of its
-    launch is already under way: the VMM started early."""
-
-    name: str
-    spec: LaunchSpec
-    net: NetworkPlan
-    artifacts: dict[str, Any]
-    vmm: str
-    mac: str | None
-    tap: str | None
-    vsock_missing: str | None
-    early: Early | None
-    shown: dict[str, Any]  # what of its view cannot change while its VMM runs (see `Live`)
 
 
 @dataclass
@@ -110,7 +87,6 @@ class Engine:
         worker: NetnsWorker,
     ) -> None:
         self.settings = settings
-        self.default = DefaultNetwork.from_cidr(settings.default_subnet)
         self.db = db
         self.records = VMRecords(db)
         self.store = store
@@ -120,9 +96,18 @@ class Engine:
         self.observer = observer
         self.disks = disks
         self.worker = worker
+        self.allocator = Allocator(
+            settings,
+            db=db,
+            records=self.records,
+            host=host,
+            drivers=self.drivers,
+            store=store,
+            disk_path=disks.path,
+            run_dir=self.run_dir,
+        )
         self.locks = VMLocks()
         self.live: dict[str, Live] = {}
-        self.kept_orphans: set[str] = set()  # run dirs where VMMs no VM accounts for were kept
         # exits wait for their VM's lock: their own pool, so they never hold up a boot's jobs
         self._exits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-exit")
         self.watcher = ExitWatcher(self._on_exit)
@@ -179,22 +164,23 @@ class Engine:
         starts is recorded as in progress first, so a daemon that dies during it rolls it
         back when it next starts."""
         check_name(name)
-        vmm = self._vmm_of(config)
+        allocator = self.allocator
+        vmm = allocator.vmm_of(config)
         with self.locks.hold(name, "create", new=True):
             if not start:
                 self.db.transact(
-                    lambda session: self._record_new(session, name, config, vmm, None, None)
+                    lambda session: allocator.record_new(session, name, config, vmm, None, None)
                 )
                 log.info("create %s: recorded the VM and its allocations", name)
                 return self.show_vm(name)
-            self._check_run_dir_free(name)
+            allocator.check_run_dir_free(name)
             self.records.begin_create(name)
             failpoint("create:recorded")
             steps = Steps("create", name)
             try:
                 early = self._start_early(steps, name, vmm, new=True)
-                booting = self._allocating(
-                    lambda session: self._record_new(session, name, config, vmm, early, steps),
+                booting = allocator.transact(
+                    lambda session: allocator.record_new(session, name, config, vmm, early, steps),
                     steps,
                 )
                 failpoint("create:allocated")
@@ -206,42 +192,6 @@ class Engine:
                 raise
             self.records.end_create(name)
             return view
-
-    def _record_new(
-        self,
-        session: Session,
-        name: str,
-        config: VMConfig,
-        vmm: str,
-        early: Early | None,
-        host: Steps | None,
-    ) -> Booting:
-        """Record a new VM (`starting` when `host` is given, else `created`) and allocate what
-        its plan needs."""
-        connection = session.connection()
-        if host is None:
-            self.records.check_new(connection, name)
-        plugin = self.records.plugin(connection, config.plugin)
-        manifest = Manifest.model_validate(plugin.manifest)
-        plan = plan_vm(name, manifest, config, self.default)
-        self._check_launchable(plan, manifest, plugin.artifacts, vmm)
-        status = VMStatus.STARTING if host is not None else VMStatus.CREATED
-        config_json = config.model_dump(mode="json", exclude_none=True)
-        vm = self.records.add(
-            connection,
-            name=name,
-            plugin_id=plugin.id,
-            status=status,
-            vmm=vmm,
-            config=config_json,
-            manifest=plugin.manifest,
-            artifacts=plugin.artifacts,
-        )
-        shown = {"plugin": config.plugin, "config": config_json, "manifest": plugin.manifest}
-        booting, _ = self._allocate(
-            session, vm, status, plan, manifest, config, plugin.artifacts, vmm, early, host, shown
-        )
-        return booting
 
     def _undo_create(self, name: str) -> None:
         """A create that failed (or was cut short by a crash) leaves nothing: its VMM, record,
@@ -296,6 +246,44 @@ class Engine:
         with self.locks.hold(name, "resume"):
             return self._pause_or_resume(name, pause=False)
 
+    # ---- config versions ------------------------------------------------------------------
+
+    def config(self, name: str) -> dict[str, Any]:
+        """The VM's latest config version."""
+        with self.db.read() as session:
+            latest = configs.latest(session.connection(), name)
+        if latest is None:
+            raise no_vm(name)
+        return latest.to_json()
+
+    def config_history(self, name: str) -> list[dict[str, Any]]:
+        """Every config version of the VM, newest first."""
+        with self.db.read() as session:
+            versions = configs.history(session.connection(), name)
+        if not versions:
+            raise no_vm(name)
+        return [version.to_json() for version in versions]
+
+    def patch_config(
+        self, name: str, patch: VMConfigPatch, *, restart: bool = False
+    ) -> dict[str, Any]:
+        """Store what `patch` makes of the VM's config as a new version (validated as a create
+        is, its address reserved at once); it takes effect at the VM's next start. With
+        `restart`, a VM whose VMM runs an older version that needs restarting is restarted now
+        (the version is stored first; a restart that fails raises, leaving the VM `error`)."""
+        with self.locks.hold(name, "patch"):
+            vmm_runs = name in self.live
+            patched = self.db.transact(
+                lambda session: self.allocator.patch(session, name, patch, vmm_runs=vmm_runs)
+            )
+            self.host.remove_bridges(patched.emptied)
+            if patched.created:
+                log.info("patch %s: stored config version %d", name, patched.version.version)
+            if restart and vmm_runs and patched.restart_required:
+                self._stop(name, None, False)
+                self._start(name, "restart")
+            return patched.version.to_json()
+
     def destroy_vm(self, name: str) -> None:
         """Stop the VM if it runs, then remove it and everything it holds."""
         with self.locks.hold(name, "remove"):
@@ -304,165 +292,17 @@ class Engine:
 
     # ---- lifecycle internals --------------------------------------------------------------
 
-    def _check_run_dir_free(self, name: str) -> None:
-        if name in self.kept_orphans:
-            raise ConflictError(
-                f"a VMM that no VM accounts for runs in the run dir of {name!r} (kept by "
-                "--keep-orphans); end it, or restart the daemon with --reap-orphans, first"
-            )
-
-    def _vmm_of(self, config: VMConfig) -> str:
-        return config.vmm.value if config.vmm is not None else self.settings.vmm
-
-    def _check_launchable(
-        self, plan: VMPlan, manifest: Manifest, artifacts: dict[str, Any], vmm: str
-    ) -> None:
-        """Everything that would make a start fail for a reason the user can fix, checked
-        before anything is allocated."""
-        self._check_run_dir_free(plan.name)
-        self.run_dir(plan.name).check_length()
-        if plan.net.attach is Attachment.EXTERNAL and self.settings.dhcp_bridge is None:
-            raise InvalidError.at(
-                "network.mode",
-                "dhcp VMs need a bridge with a DHCP server behind it, and this daemon has none: "
-                "restart it with --dhcp-bridge NAME, or choose vsock or bridged",
-            )
-        if "kernel" not in artifacts and self.settings.kernel is None:
-            raise InvalidError.at(
-                "kernel",
-                f"plugin {manifest.name} names no kernel and the daemon has no default; "
-                "add a kernel to the manifest or start the daemon with --kernel PATH",
-            )
-        self.drivers[vmm].check_available()
-
-    def _allocating(self, work: Callable[[Session], T], host: Steps | None) -> T:
-        """Run allocating transaction `work`. With `host` (a launch follows), `work` also
-        makes the VM's tap and rules, recorded in `host`; the bridge lock is then held until it
-        has committed, so no bridge is removed for lack of a lease that is not visible yet.
-        Host work of a failed attempt is undone."""
-        if host is None:
-            return self.db.transact(work)
-        before = host.mark()
-
-        def attempt(session: Session) -> T:
-            host.rollback(before)  # what an earlier attempt made, had its commit failed
-            return work(session)
-
-        with self.host.lock:
-            try:
-                return self.db.transact(attempt)
-            except BaseException:
-                host.rollback(before)
-                raise
-
-    def _allocate(
-        self,
-        session: Session,
-        vm: Holding,
-        status: VMStatus,
-        plan: VMPlan,
-        manifest: Manifest,
-        config: VMConfig,
-        artifacts: dict[str, Any],
-        vmm: str,
-        early: Early | None,
-        host: Steps | None,
-        shown: dict[str, Any],
-    ) -> tuple[Booting, Emptied]:
-        """Make the VM hold what its plan needs, and nothing else: address (bridged), CID,
-        MAC and tap name; record them, the resolved network and `status`. Also says which
-        networks it left. With `host` (a launch follows), the tap and its rules are made too,
-        their undoing recorded in `host`."""
-        emptied: Emptied = []
-        effective = plan.network
-        bridge: str | None = None
-        network: alloc.NetworkRow | None = None
-        held_on = vm.subnet
-        if held_on is not None and (plan.net.ipam is IPAM.NONE or held_on != str(effective.subnet)):
-            emptied += alloc.release_address(session, vm, keep_network=DEFAULT_NETWORK)
-        if plan.net.ipam is not IPAM.NONE:
-            assert effective.subnet is not None and effective.gateway is not None
-            network = alloc.ensure_network(session, effective.subnet, effective.gateway)
-            bridge = network.bridge
-        elif plan.net.attach is Attachment.EXTERNAL:
-            bridge = self.settings.dhcp_bridge
-        mac, tap = vm.mac, vm.tap  # both kept for the VM's life once it has them
-        if plan.net.nic and mac is None:
-            mac = alloc.new_mac(session)
-        if plan.net.tap and tap is None:
-            tap = alloc.tap_name(vm)
-        if network is not None:
-            requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
-            effective = effective.with_ip(alloc.allocate_ip(session, network, vm.id, requested))
-        net = plan_network(effective, vm.name)
-        if host is not None and net.tap:
-            assert tap is not None and mac is not None and bridge is not None
-            gateway = None
-            if effective.subnet is not None and effective.gateway is not None:
-                gateway = alloc.gateway_interface(effective.gateway, effective.subnet)
-            self.host.attach(
-                host,
-                TapPlan(
-                    tap=tap,
-                    mac=mac,
-                    bridge=bridge,
-                    network_id=network.id if network is not None else None,
-                    attach=net.attach,
-                    gateway=gateway,
-                    antispoof=net.antispoof,
-                    ip=None if effective.ip is None else str(effective.ip),
-                ),
-            )
-        cid = alloc.allocate_cid(session, vm)
-        vsock_missing = self.drivers[vmm].vsock_unavailable() if net.vsock else None
-        self.records.set_planned(
-            session.connection(),
-            vm.id,
-            status=status,
-            mac=mac,
-            tap=tap,
-            network=StoredNetwork(effective, net, bridge),
-            vmm=vmm,
-            vsock_unavailable=vsock_missing,
-        )
-        files = Files(
-            kernel=self._artifact_path(artifacts, "kernel") or _required(self.settings.kernel),
-            initrd=self._artifact_path(artifacts, "initramfs"),
-            disk=self.disks.path(vm.name) if "rootfs" in artifacts else None,
-        )
-        spec = launch_spec(
-            plan,
-            net,
-            manifest,
-            config,
-            files,
-            self.run_dir(vm.name),
-            tap=tap if net.tap else None,
-            mac=mac,
-            cid=cid,
-            vsock_available=vsock_missing is None,
-        )
-        booting = Booting(
-            name=vm.name,
-            spec=spec,
-            net=net,
-            artifacts=artifacts,
-            vmm=vmm,
-            mac=mac if net.nic else None,
-            tap=tap if net.tap else None,
-            vsock_missing=vsock_missing,
-            early=early,
-            shown={**shown, "cid": cid},
-        )
-        return booting, emptied
-
     def _start(self, name: str, operation: str) -> dict[str, Any]:
-        """Plan again from the VM's current config, allocate what the plan needs (releasing
-        what it no longer needs), then launch. A start that fails leaves the VM `error` with
-        its reason, its tap, rules and process gone, its leases kept."""
-        stored = self.records.current_config(name)  # a VM that does not exist stays so
+        """Plan again from the VM's latest config version, allocate what the plan needs
+        (taking the address a patch reserved, releasing what it no longer needs), then launch.
+        A start that fails leaves the VM `error` with its reason, its tap, rules and process
+        gone, its leases kept."""
+        with self.db.read() as session:
+            latest = configs.latest(session.connection(), name)
+        if latest is None:
+            raise no_vm(name)
         try:
-            return self._plan_and_launch(name, operation, stored)
+            return self._plan_and_launch(name, operation, latest)
         except BaseException as error:
             reason = error.message if isinstance(error, RoostError) else repr(error)
             try:
@@ -473,34 +313,15 @@ class Engine:
                 log.error("VM %s: could not record its failed start: %s", name, unrecorded)
             raise
 
-    def _plan_and_launch(self, name: str, operation: str, stored: StoredConfig) -> dict[str, Any]:
-        manifest = Manifest.model_validate(stored.manifest)
-        config = VMConfig.model_validate(stored.config)
-        shown = {"plugin": config.plugin, "config": stored.config, "manifest": stored.manifest}
-        vmm = self._vmm_of(config)
-        plan = plan_vm(name, manifest, config, self.default)
-        self._check_launchable(plan, manifest, stored.artifacts, vmm)
+    def _plan_and_launch(self, name: str, operation: str, latest: ConfigVersion) -> dict[str, Any]:
+        allocator = self.allocator
+        vmm = allocator.prepare_start(name, latest)
         steps = Steps(operation, name)
-        early = self._start_early(steps, name, vmm, new=False)
-
-        def allocate(session: Session) -> tuple[Booting, Emptied]:
-            vm = self.records.holding(session.connection(), name)
-            return self._allocate(
-                session,
-                vm,
-                VMStatus.STARTING,
-                plan,
-                manifest,
-                config,
-                stored.artifacts,
-                vmm,
-                early,
-                steps,
-                shown,
-            )
-
         try:
-            booting, emptied = self._allocating(allocate, steps)
+            early = self._start_early(steps, name, vmm, new=False)
+            booting, emptied = allocator.transact(
+                lambda session: allocator.for_start(session, name, latest, early, steps), steps
+            )
             self.host.remove_bridges(emptied)
             return self._boot(booting, steps)
         except BaseException:
@@ -532,10 +353,12 @@ class Engine:
                     status=VMStatus.RUNNING,
                     pid=process.pid,
                     supervisor_pid=process.supervisor_pid,
+                    running_version=booting.version,
+                    restart_required=False,
                 )
             )
 
-        disk_source = self._artifact_path(booting.artifacts, "rootfs")
+        disk_source = self.allocator.artifact_path(booting.artifacts, "rootfs")
         process = driver.launch(
             booting.spec,
             self.worker,
@@ -558,10 +381,6 @@ class Engine:
         self.live.pop(name, None)
         self.watcher.forget(process)
         process.kill()
-
-    def _artifact_path(self, artifacts: dict[str, Any], role: str) -> Path | None:
-        item = artifacts.get(role)
-        return None if item is None else self.store.path(item["sha256"])
 
     def _pause_or_resume(self, name: str, *, pause: bool) -> dict[str, Any]:
         """Pause or resume a VM whose VMM runs (the VMMs this daemon watches are exactly the
@@ -609,7 +428,7 @@ class Engine:
         code = live.driver.stop(live.process, wait, force)
         self.live.pop(name, None)
         self.release_host(name)
-        self._set(name, status=VMStatus.STOPPED, exit_code=code, pid=None, supervisor_pid=None)
+        self._set(name, status=VMStatus.STOPPED, exit_code=code, **self._ended(name))
 
     def release_host(self, name: str, tap: str | None = None) -> None:
         """Remove what only exists while the VMM runs: its tap, its rules and its sockets."""
@@ -638,8 +457,7 @@ class Engine:
                 status=status,
                 status_reason=None if code == 0 else exit_reason(code),
                 exit_code=code,
-                pid=None,
-                supervisor_pid=None,
+                **self._ended(name),
             )
             log.info("VM %s: VMM exited on its own with %s -> %s", name, code, status)
 
@@ -651,21 +469,23 @@ class Engine:
     def _forget(self, name: str) -> None:
         """Remove the VM's record, leases, run dir, disk and any network it leaves empty."""
 
-        def work(session: Session) -> Emptied:
-            emptied: Emptied = []
-
-            def release(vm: alloc.Holder) -> None:
-                emptied.extend(alloc.release_address(session, vm, keep_network=DEFAULT_NETWORK))
-
-            self.records.delete(session, name, release)
-            return emptied
-
         self.release_host(name)
-        emptied = self.db.transact(work)
+        emptied = self.db.transact(lambda session: self.allocator.forget(session, name))
         self.host.remove_bridges(emptied)
         self.run_dir(name).remove()
         self.disks.remove(name)
         self.plugins.collect_garbage()
+
+    def _ended(self, name: str) -> dict[str, Any]:
+        """What a VM's record says once its VMM has ended: no VMM, no version running, and —
+        when it ran an older version than its latest — what its latest version has it hold."""
+        return {
+            "pid": None,
+            "supervisor_pid": None,
+            "running_version": None,
+            "restart_required": False,
+            **self.db.transact(lambda session: self.allocator.latest_planned(session, name)),
+        }
 
     def _set(self, name: str, **values: Any) -> dict[str, Any]:
         """Update the VM's record and return its view."""
@@ -689,9 +509,7 @@ class Engine:
     ) -> None:
         """Record how a VM's VMM ended while no daemon followed it, and tidy what it used."""
         self.release_host(name, tap)
-        self._set(
-            name, status=status, exit_code=code, status_reason=reason, pid=None, supervisor_pid=None
-        )
+        self._set(name, status=status, exit_code=code, status_reason=reason, **self._ended(name))
         log.info("VM %s: found %s (exit code %s)", name, status, code)
 
     def roll_back_create(self, name: str) -> None:
@@ -707,11 +525,6 @@ def _discard_early(early: Early | None, tidy: Callable[[], object]) -> None:
         with suppress(Exception):
             early.result().kill()
     tidy()
-
-
-def _required(kernel: Path | None) -> Path:
-    assert kernel is not None, "_check_launchable makes sure a kernel is known"
-    return kernel
 
 
 def exit_reason(code: int | None) -> str:

@@ -95,7 +95,7 @@ class Recovery:
         if self.orphans and self.policy is Orphans.REFUSE:
             raise orphans_error(self.orphans)
         if self.policy is Orphans.KEEP:
-            self.engine.kept_orphans = {vmm.name for vmm in self.orphans}
+            self.engine.allocator.kept_orphans = {vmm.name for vmm in self.orphans}
 
     def start(self) -> threading.Thread:
         names = {record.name for record in self.records} | self.pending
@@ -163,7 +163,7 @@ class Recovery:
         address on — unless orphans were kept, whose run dirs and links are theirs."""
         engine = self.engine
         names = engine.records.names()
-        kept = engine.kept_orphans
+        kept = engine.allocator.kept_orphans
         vms = engine.settings.run_dir / "vms"
         for path in sorted(vms.iterdir()) if vms.is_dir() else []:
             if path.name not in names and path.name not in kept:

@@ -64,6 +64,8 @@ def vm_view(
         },
         "console_log": str(run_dir.console_log),
         "config_version": vm["config_version"],
+        "running_version": vm["running_version"],
+        "restart_required": bool(vm["restart_required"]),
         "created_at": timestamp(vm["created_at"]),
         "updated_at": timestamp(vm["updated_at"]),
     }

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from roost.plan.network import (
     DefaultNetwork,
@@ -40,3 +41,30 @@ def boot_args(manifest: Manifest, config: VMConfig, name: str, ip_arg: str | Non
     """The guest's command line: the plugin's, the VM's, its name, then its `ip=`."""
     parts = [manifest.boot_args, config.boot_args, f"roost.name={name}", ip_arg]
     return " ".join(part for part in parts if part)
+
+
+def effective_json(plan: VMPlan, network: EffectiveNetwork, vmm: str) -> dict[str, Any]:
+    """What a config version resolves to, as the API shows it: its network (`network` is the
+    plan's, with the address allocated or reserved for it), resources and VMM."""
+    return {
+        "network": network.to_json(),
+        "resources": {"vcpus": plan.resources.vcpus, "memory_mib": plan.resources.memory_mib},
+        "vmm": vmm,
+    }
+
+
+def needs_restart(
+    before: dict[str, Any],
+    before_config: dict[str, Any],
+    after: dict[str, Any],
+    after_config: dict[str, Any],
+) -> bool:
+    """Whether a VMM running version `before` must restart to run `after` (both as
+    `effective_json` and their configs): anything the VMM or the guest's command line is
+    made from counts; labels, and where a network was written, do not."""
+
+    def what_boots(effective: dict[str, Any], config: dict[str, Any]) -> tuple[Any, ...]:
+        network = {key: value for key, value in effective["network"].items() if key != "source"}
+        return network, effective["resources"], effective["vmm"], config.get("boot_args")
+
+    return what_boots(before, before_config) != what_boots(after, after_config)

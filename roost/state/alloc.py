@@ -64,7 +64,10 @@ def first_gap(taken: Iterable[int], start: int, end: int) -> int | None:
 
 # Hot-path statements, built once: allocation runs per VM, and SQLAlchemy's ORM layer costs more
 # than SQLite itself here, so these go straight to the session's connection.
-_HELD = select(IPLease.network_id, IPLease.ip).where(IPLease.vm_id == bindparam("vm_id"))
+CURRENT, RESERVED = "current", "reserved"  # an IP lease's purpose (see models.IPLease)
+_HELD = select(IPLease.network_id, IPLease.ip).where(
+    IPLease.vm_id == bindparam("vm_id"), IPLease.purpose == bindparam("purpose")
+)
 _LEASED = (
     select(IPLease.ip)
     .where(
@@ -94,7 +97,9 @@ _NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet")
 _CIDS = select(CIDLease.cid, CIDLease.vm_id).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
 _ADD_CID = insert(CIDLease)
 _MAC_USED = select(VM.id).where(VM.mac == bindparam("mac"))
-_DROP_LEASE = delete(IPLease).where(IPLease.vm_id == bindparam("vm_id"))
+_DROP_LEASE = delete(IPLease).where(
+    IPLease.vm_id == bindparam("vm_id"), IPLease.purpose == bindparam("purpose")
+)
 _ADD_LEASE = insert(IPLease)
 _SET_HINT = (
     update(Network).where(Network.id == bindparam("network_id")).values(next_hint=bindparam("hint"))
@@ -171,17 +176,20 @@ def allocate_ip(
     network: NetworkRow,
     vm_id: int,
     requested: ipaddress.IPv4Address | None = None,
+    *,
+    purpose: str = CURRENT,
 ) -> ipaddress.IPv4Address:
-    """An address on `network` for VM `vm_id`: `requested` if free, else the next free one after
-    the last handed out (wrapping). Asking again for the same VM returns its own lease."""
+    """An address on `network` for VM `vm_id`, held for `purpose`: `requested` if free, else
+    the next free one after the last handed out (wrapping). Asking again for the same VM and
+    purpose returns its own lease."""
     connection = session.connection()
-    held = connection.execute(_HELD, {"vm_id": vm_id}).first()
+    held = connection.execute(_HELD, {"vm_id": vm_id, "purpose": purpose}).first()
     if held is not None:
         if held.network_id != network.id:
             raise ValueError(f"VM {vm_id} holds a lease on another network; release it first")
         if requested in (None, ipaddress.IPv4Address(held.ip)):
             return ipaddress.IPv4Address(held.ip)
-        connection.execute(_DROP_LEASE, {"vm_id": vm_id})
+        connection.execute(_DROP_LEASE, {"vm_id": vm_id, "purpose": purpose})
     if requested is not None:
         value = int(requested)
         holder = connection.execute(_HOLDER, {"network_id": network.id, "ip": value}).scalar()
@@ -194,7 +202,14 @@ def allocate_ip(
     else:
         value = _next_free(connection, network)
     connection.execute(
-        _ADD_LEASE, {"network_id": network.id, "ip": value, "vm_id": vm_id, "created_at": utcnow()}
+        _ADD_LEASE,
+        {
+            "network_id": network.id,
+            "ip": value,
+            "vm_id": vm_id,
+            "purpose": purpose,
+            "created_at": utcnow(),
+        },
     )
     if requested is None:
         hint = value + 1 if value + 1 < network.last else network.first + 1
@@ -224,9 +239,12 @@ def _next_free(connection: Connection, network: NetworkRow) -> int:
     return found
 
 
-def release_ip(session: Session, vm: Holder) -> Network | None:
-    """Drop the VM's address; returns its network when no lease is left on it."""
-    lease = session.scalar(select(IPLease).where(IPLease.vm_id == vm.id))
+def release_ip(session: Session, vm: Holder, purpose: str = CURRENT) -> Network | None:
+    """Drop the VM's address held for `purpose`; returns its network when no lease is left
+    on it."""
+    lease = session.scalar(
+        select(IPLease).where(IPLease.vm_id == vm.id, IPLease.purpose == purpose)
+    )
     if lease is None:
         return None
     network = session.get(Network, lease.network_id)
@@ -248,11 +266,13 @@ def has_leases(session: Session, network_id: int) -> bool:
     )
 
 
-def release_address(session: Session, vm: Holder, *, keep_network: str) -> list[tuple[int, str]]:
-    """Drop the VM's address; a network left without leases is removed (unless it is
-    `keep_network`, the daemon's default). Returns the (id, bridge) of such a network, whose
-    bridge the caller removes once this has committed."""
-    network = release_ip(session, vm)
+def release_address(
+    session: Session, vm: Holder, *, keep_network: str, purpose: str = CURRENT
+) -> list[tuple[int, str]]:
+    """Drop the VM's address held for `purpose`; a network left without leases is removed
+    (unless it is `keep_network`, the daemon's default). Returns the (id, bridge) of such a
+    network, whose bridge the caller removes once this has committed."""
+    network = release_ip(session, vm, purpose)
     if network is None:
         return []
     emptied = [(network.id, network.bridge)]
@@ -316,3 +336,40 @@ def tap_mac(guest_mac: str) -> str:
 def tap_name(vm: Holder) -> str:
     """A tap name ≤ 15 bytes, unique because VM ids are never reused, and recognisable."""
     return f"{TAP_PREFIX}{vm.id}"
+
+
+@dataclass(frozen=True)
+class Lease:
+    """An address a VM holds, for which purpose, and on which network (by subnet)."""
+
+    purpose: str
+    network_id: int
+    subnet: str
+    ip: ipaddress.IPv4Address
+
+
+def leases_of(session: Session, vm_id: int) -> dict[str, Lease]:
+    """The VM's leases by purpose (`current`, `reserved`)."""
+    found = session.execute(
+        select(IPLease.purpose, IPLease.network_id, Network.subnet, IPLease.ip)
+        .join(Network, Network.id == IPLease.network_id)
+        .where(IPLease.vm_id == vm_id)
+    )
+    return {
+        row.purpose: Lease(row.purpose, row.network_id, row.subnet, ipaddress.IPv4Address(row.ip))
+        for row in found
+    }
+
+
+def promote_reserved(session: Session, vm: Holder, *, keep_network: str) -> list[tuple[int, str]]:
+    """A VM that starts with the address a patch reserved: its current address is released
+    (its network removed if that was its last lease), and the reserved one becomes current."""
+    reserved = session.scalar(
+        select(IPLease).where(IPLease.vm_id == vm.id, IPLease.purpose == RESERVED)
+    )
+    if reserved is None:
+        return []
+    emptied = release_address(session, vm, keep_network=keep_network)
+    reserved.purpose = CURRENT
+    session.flush()
+    return emptied

@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import (
     JSON,
     BigInteger,
+    CheckConstraint,
     DateTime,
     ForeignKey,
     Integer,
@@ -89,7 +90,16 @@ class VM(Base):
     """A VM and what it holds: its status, its MAC and tap name (kept for life), its VMM."""
 
     __tablename__ = "vms"
-    __table_args__ = {"sqlite_autoincrement": True}
+    __table_args__ = (
+        CheckConstraint(
+            "running_version IS NULL OR running_version <= config_version",
+            name="running_version",
+        ),
+        CheckConstraint(
+            "restart_required = 0 OR running_version IS NOT NULL", name="restart_required"
+        ),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
@@ -106,6 +116,9 @@ class VM(Base):
     pid: Mapped[int | None] = mapped_column(Integer)
     supervisor_pid: Mapped[int | None] = mapped_column(Integer)
     config_version: Mapped[int] = mapped_column(Integer, default=1)
+    # the version its VMM was booted with, while one runs; never newer than the latest
+    running_version: Mapped[int | None] = mapped_column(Integer)
+    restart_required: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
 
@@ -113,7 +126,7 @@ class VM(Base):
     configs: Mapped[list[VMConfigVersion]] = relationship(
         back_populates="vm", cascade="all, delete-orphan", order_by="VMConfigVersion.version"
     )
-    ip_lease: Mapped[IPLease | None] = relationship(
+    ip_leases: Mapped[list[IPLease]] = relationship(
         back_populates="vm", cascade="all, delete-orphan"
     )
     cid_lease: Mapped[CIDLease | None] = relationship(
@@ -123,7 +136,9 @@ class VM(Base):
 
 class VMConfigVersion(Base):
     """Each config a VM has had, with the plugin manifest and artifacts it was made against
-    (so reinstalling a plugin never changes an existing VM)."""
+    (so reinstalling a plugin never changes an existing VM; a patch copies them on), and what
+    it resolved to: `effective` network (with the address this version was given), resources
+    and VMM."""
 
     __tablename__ = "vm_configs"
 
@@ -132,24 +147,31 @@ class VMConfigVersion(Base):
     config: Mapped[dict[str, Any]]
     manifest: Mapped[dict[str, Any]]
     artifacts: Mapped[dict[str, Any]]
+    effective: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     vm: Mapped[VM] = relationship(back_populates="configs")
 
 
 class IPLease(Base):
-    """An address held by a VM; the primary key makes (network, ip) single-holder."""
+    """An address held by a VM; the primary key makes (network, ip) single-holder. A VM holds
+    at most one `current` address (the one it runs with, or will start with) and, while its
+    VMM runs a version older than a patch that needs another address, one `reserved`."""
 
     __tablename__ = "ip_leases"
-    __table_args__ = (UniqueConstraint("vm_id"),)
+    __table_args__ = (
+        UniqueConstraint("vm_id", "purpose"),
+        CheckConstraint("purpose IN ('current', 'reserved')", name="purpose"),
+    )
 
     network_id: Mapped[int] = mapped_column(
         ForeignKey("networks.id", ondelete="RESTRICT"), primary_key=True
     )
     ip: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    purpose: Mapped[str] = mapped_column(String(8), default="current")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     network: Mapped[Network] = relationship()
-    vm: Mapped[VM] = relationship(back_populates="ip_lease")
+    vm: Mapped[VM] = relationship(back_populates="ip_leases")
 
 
 class CIDLease(Base):

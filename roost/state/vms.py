@@ -18,6 +18,7 @@ from sqlalchemy import (
     and_,
     bindparam,
     delete,
+    func,
     insert,
     select,
     update,
@@ -57,7 +58,7 @@ LIVE = frozenset({VMStatus.STARTING, VMStatus.RUNNING, VMStatus.PAUSED, VMStatus
 Row = Mapping[Any, Any]
 
 # Everything a VM's JSON needs, in one query: the VM's columns, its plugin's name, its CID and
-# its current config version.
+# the config version that describes what it has now (the one its VMM runs, else the latest).
 VM_ROWS: Select[Any] = (
     select(
         *VM.__table__.columns,
@@ -69,7 +70,10 @@ VM_ROWS: Select[Any] = (
     .join(Plugin, Plugin.id == VM.plugin_id)
     .join(
         VMConfigVersion,
-        and_(VMConfigVersion.vm_id == VM.id, VMConfigVersion.version == VM.config_version),
+        and_(
+            VMConfigVersion.vm_id == VM.id,
+            VMConfigVersion.version == func.coalesce(VM.running_version, VM.config_version),
+        ),
     )
     .outerjoin(CIDLease, CIDLease.vm_id == VM.id)
 )
@@ -77,23 +81,14 @@ _VM_ROW = VM_ROWS.where(VM.name == bindparam("name"))
 _VM_ID = select(VM.id).where(VM.name == bindparam("name"))
 _STATUS = select(VM.status).where(VM.name == bindparam("name"))
 _TAP = select(VM.tap).where(VM.name == bindparam("name"))
-_ADD_CONFIG = insert(VMConfigVersion)
 _ADD_VM = insert(VM)
 _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
 _SET_NAMED_RETURNING = _SET_NAMED.returning(*VM.__table__.columns)
 _HOLDING = (
     select(VM.id, VM.mac, VM.tap, Network.subnet)
-    .outerjoin(IPLease, IPLease.vm_id == VM.id)
+    .outerjoin(IPLease, and_(IPLease.vm_id == VM.id, IPLease.purpose == "current"))
     .outerjoin(Network, Network.id == IPLease.network_id)
-    .where(VM.name == bindparam("name"))
-)
-_CURRENT_CONFIG = (
-    select(VMConfigVersion.config, VMConfigVersion.manifest, VMConfigVersion.artifacts)
-    .join(
-        VM,
-        and_(VM.id == VMConfigVersion.vm_id, VM.config_version == VMConfigVersion.version),
-    )
     .where(VM.name == bindparam("name"))
 )
 _PLUGIN = (
@@ -121,16 +116,6 @@ class Holding:
     mac: str | None
     tap: str | None
     subnet: str | None
-
-
-@dataclass(frozen=True)
-class StoredConfig:
-    """A VM's current config version as stored: the config, and the manifest and artifacts
-    of the plugin it was made against."""
-
-    config: dict[str, Any]
-    manifest: dict[str, Any]
-    artifacts: dict[str, Any]
 
 
 @dataclass(frozen=True)
@@ -178,6 +163,7 @@ class LiveRecord:
     status: VMStatus
     pid: int | None
     supervisor_pid: int | None
+    running_version: int | None
     vmm_kind: str
     tap: str | None
     mac: str | None
@@ -224,13 +210,6 @@ class VMRecords:
             tap: str | None = session.connection().execute(_TAP, {"name": name}).scalar()
             return tap
 
-    def current_config(self, name: str) -> StoredConfig:
-        with self.db.read() as session:
-            found = session.connection().execute(_CURRENT_CONFIG, {"name": name}).first()
-        if found is None:
-            raise no_vm(name)
-        return StoredConfig(found.config, found.manifest, found.artifacts)
-
     def names(self) -> set[str]:
         with self.db.read() as session:
             return set(session.scalars(select(VM.name)))
@@ -244,6 +223,7 @@ class VMRecords:
                     VM.status,
                     VM.pid,
                     VM.supervisor_pid,
+                    VM.running_version,
                     VM.vmm_kind,
                     VM.tap,
                     VM.mac,
@@ -256,6 +236,7 @@ class VMRecords:
                 VMStatus(row.status),
                 row.pid,
                 row.supervisor_pid,
+                row.running_version,
                 row.vmm_kind,
                 row.tap,
                 row.mac,
@@ -298,17 +279,10 @@ class VMRecords:
 
     @staticmethod
     def add(
-        connection: Connection,
-        *,
-        name: str,
-        plugin_id: int,
-        status: VMStatus,
-        vmm: str,
-        config: dict[str, Any],
-        manifest: dict[str, Any],
-        artifacts: dict[str, Any],
+        connection: Connection, *, name: str, plugin_id: int, status: VMStatus, vmm: str
     ) -> Holding:
-        """Record a new VM and its first config version; it holds nothing yet."""
+        """Record a new VM; it holds nothing yet (its first config version is added once its
+        allocation has resolved it)."""
         added = connection.execute(
             _ADD_VM,
             {
@@ -321,16 +295,6 @@ class VMRecords:
         )
         assert added.inserted_primary_key is not None
         vm_id = int(added.inserted_primary_key[0])
-        connection.execute(
-            _ADD_CONFIG,
-            {
-                "vm_id": vm_id,
-                "version": 1,
-                "config": config,
-                "manifest": manifest,
-                "artifacts": artifacts,
-            },
-        )
         return Holding(id=vm_id, name=name, mac=None, tap=None, subnet=None)
 
     @staticmethod
@@ -368,6 +332,41 @@ class VMRecords:
                 "exit_code": None,
             },
         )
+
+    @staticmethod
+    def running_version(connection: Connection, name: str) -> int | None:
+        version: int | None = connection.execute(
+            select(VM.running_version).where(VM.name == name)
+        ).scalar()
+        return version
+
+    @staticmethod
+    def restart_required(connection: Connection, name: str) -> bool:
+        return bool(connection.execute(select(VM.restart_required).where(VM.name == name)).scalar())
+
+    @staticmethod
+    def set_latest(
+        connection: Connection,
+        vm_id: int,
+        version: int,
+        *,
+        restart_required: bool,
+        network: StoredNetwork | None = None,
+        vmm: str | None = None,
+        vsock_unavailable: str | None = None,
+    ) -> None:
+        """Make `version` the VM's latest; with `network` (no VMM runs), it is also what the VM
+        has now: its network, its VMM and whether that VMM gives it a vsock device."""
+        values: dict[str, Any] = {
+            "vm_id": vm_id,
+            "config_version": version,
+            "restart_required": restart_required,
+        }
+        if network is not None:
+            values.update(
+                network=network.to_json(), vmm_kind=vmm, vsock_unavailable=vsock_unavailable
+            )
+        connection.execute(_SET_VM, values)
 
     # ---- status changes -----------------------------------------------------------------
 

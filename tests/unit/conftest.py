@@ -1,0 +1,18 @@
+"""Fixtures of the unit tests."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.engine_fakes import World
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    """An engine on fakes (no root), with plugin `p`: bridged, auto-assigned on SUBNET."""
+    instance = World(tmp_path)
+    yield instance
+    instance.close()
