@@ -9,21 +9,39 @@ import typer
 
 from roost.api.endpoints import DEFAULT_API
 
+# Help is click's plain text (no rich panels): it wraps at the terminal's width and never cuts
+# an option's name short, as rich's tables do at 80 columns.
+PLAIN_HELP = None
+
 app = typer.Typer(
     name="roost",
     help="Run plugins as microVMs, networked as vsock-only, bridged or dhcp.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
+    rich_markup_mode=PLAIN_HELP,
 )
-plugin_app = typer.Typer(help="Plugins: validate, install, list, show, rm.", no_args_is_help=True)
-vm_app = typer.Typer(
-    help="VMs: plan, create, list, show, start, stop, restart, pause, resume, rm.",
+plugin_app = typer.Typer(
+    help="Plugins: validate, install, list, show, rm.",
     no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
 )
-network_app = typer.Typer(help="Networks roost manages.", no_args_is_help=True)
+vm_app = typer.Typer(
+    help="VMs: plan, create, list, show, start, stop, restart, pause, resume, rm, config.",
+    no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
+)
+config_app = typer.Typer(
+    help="A VM's config versions: show, history, patch.",
+    no_args_is_help=True,
+    rich_markup_mode=PLAIN_HELP,
+)
+network_app = typer.Typer(
+    help="Networks roost manages.", no_args_is_help=True, rich_markup_mode=PLAIN_HELP
+)
 app.add_typer(plugin_app, name="plugin")
 app.add_typer(vm_app, name="vm")
+vm_app.add_typer(config_app, name="config")
 app.add_typer(network_app, name="network")
 
 

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from roost.cli import image, offline, remote, serve
+from roost.cli import configs, image, offline, remote, serve
 from roost.cli.apps import app
 
-COMMAND_MODULES = (image, offline, remote, serve)
+COMMAND_MODULES = (configs, image, offline, remote, serve)
 
 
 def main() -> None:

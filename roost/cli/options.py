@@ -52,6 +52,13 @@ class NetworkFlags:
     auto_assign: bool | None
     ip: str | None
 
+    @property
+    def given(self) -> bool:
+        return any(
+            value is not None
+            for value in (self.mode, self.subnet, self.gateway, self.auto_assign, self.ip)
+        )
+
     def apply(self, base: NetworkConfig | None) -> NetworkConfig | None:
         return network_override(
             base,

@@ -25,7 +25,7 @@ from roost.cli.options import (
     NetworkSubnetOpt,
     vm_config_from,
 )
-from roost.cli.output import err, fields, print_json, reporting, table
+from roost.cli.output import err, fields, print_json, reporting, table, yes_no
 from roost.errors import InvalidError
 from roost.spec import VMMKind
 from roost.spec.common import check_name
@@ -180,12 +180,15 @@ def plugin_rm(name: Annotated[str, typer.Argument()], as_json: JSONOpt = False) 
 VM_COLUMNS = ["NAME", "PLUGIN", "STATUS", "MODE", "IP", "MAC", "TAP", "CID", "VMM", "PID"]
 
 
+RESTART_MARK = "*"
+
+
 def _vm_row(vm: dict[str, Any]) -> list[Any]:
     network = vm["network"]
     return [
         vm["name"],
         vm["plugin"],
-        vm["status"],
+        vm["status"] + (RESTART_MARK if vm["restart_required"] else ""),
         network["mode"],
         network["ip"] or network["observed_ip"],
         network["mac"],
@@ -221,6 +224,9 @@ def _vm_human(vm: dict[str, Any]) -> None:
             ("vmm", f"{vmm['kind']} pid {vmm['pid']}" if vmm["pid"] else vmm["kind"]),
             ("api socket", vmm["api_socket"]),
             ("console", vm["console_log"]),
+            ("config version", vm["config_version"]),
+            ("running version", vm["running_version"]),
+            ("restart required", yes_no(vm["restart_required"])),
             ("created", vm["created_at"]),
         ]
     )
@@ -271,7 +277,16 @@ def vm_list(as_json: JSONOpt = False) -> None:
     """List VMs."""
     with daemon(as_json) as client:
         vms = client.call("GET", "/v1/vms")
-    show(vms, as_json, lambda items: table(VM_COLUMNS, [_vm_row(vm) for vm in items]))
+    def human(items: list[dict[str, Any]]) -> None:
+        table(VM_COLUMNS, [_vm_row(vm) for vm in items])
+        if any(vm["restart_required"] for vm in items):
+            err.print(
+                f"{RESTART_MARK} restart required: runs an older config version than its latest "
+                "(roost vm restart NAME applies it)",
+                markup=False,
+            )
+
+    show(vms, as_json, human)
 
 
 @vm_app.command("show")

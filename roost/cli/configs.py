@@ -1,0 +1,219 @@
+"""`roost vm config`: a VM's config versions, and patches that make new ones."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from roost.cli.apps import config_app
+from roost.cli.files import read_json
+from roost.cli.options import (
+    JSONOpt,
+    NetworkAutoAssignOpt,
+    NetworkFlags,
+    NetworkGatewayOpt,
+    NetworkIPOpt,
+    NetworkModeOpt,
+    NetworkSubnetOpt,
+)
+from roost.cli.output import err, fields, out, print_json, table
+from roost.cli.remote import NameArg, daemon, show, vm_path
+from roost.errors import ExitCode, InvalidError
+from roost.spec import VMConfigPatch, VMMKind, parse
+from roost.spec.network import parse_network
+
+
+def _version_human(version: dict[str, Any]) -> None:
+    effective = version["effective"]
+    network = effective["network"]
+    resources = effective["resources"]
+    fields(
+        [
+            ("version", version["version"]),
+            ("created", version["created_at"]),
+            ("network", f"{network['mode']} (from {network['source']})"),
+            ("subnet", network["subnet"]),
+            ("gateway", network["gateway"]),
+            ("ip", network["ip"]),
+            ("resources", f"{resources['vcpus']} vCPU, {resources['memory_mib']} MiB"),
+            ("vmm", effective["vmm"]),
+            (
+                "labels",
+                ", ".join(f"{k}={v}" for k, v in version["config"].get("labels", {}).items())
+                or None,
+            ),
+            ("config", _compact(version["config"])),
+        ]
+    )
+
+
+def _compact(data: Any) -> str:
+    return json.dumps(data, separators=(",", ":"), sort_keys=True)
+
+
+@config_app.command("show")
+def config_show(name: NameArg, as_json: JSONOpt = False) -> None:
+    """Show a VM's latest config version and what it resolves to."""
+    with daemon(as_json) as client:
+        version = client.call("GET", vm_path(name, "config"))
+    show(version, as_json, _version_human)
+
+
+@config_app.command("history")
+def config_history(name: NameArg, as_json: JSONOpt = False) -> None:
+    """List a VM's config versions, newest first."""
+    with daemon(as_json) as client:
+        versions = client.call("GET", vm_path(name, "config/history"))
+
+    def human(items: list[dict[str, Any]]) -> None:
+        rows = []
+        for item in items:
+            network = item["effective"]["network"]
+            resources = item["effective"]["resources"]
+            rows.append(
+                (
+                    item["version"],
+                    item["created_at"],
+                    network["mode"],
+                    network["ip"],
+                    f"{resources['vcpus']}/{resources['memory_mib']}",
+                    item["effective"]["vmm"],
+                )
+            )
+        table(["VERSION", "CREATED", "MODE", "IP", "CPU/MIB", "VMM"], rows)
+
+    show(versions, as_json, human)
+
+
+def patch_body(
+    stored_network: dict[str, Any] | None,
+    document: dict[str, Any] | None,
+    flags: NetworkFlags,
+    *,
+    reset_network: bool,
+    vcpus: int | None = None,
+    memory_mib: int | None = None,
+    vmm: str | None = None,
+) -> dict[str, Any]:
+    """A patch from `--file`'s document and the flags. The network flags start from the
+    document's `network` when it has one, else from the VM's stored override, and change it
+    field by field (`--network-mode` starts afresh) — as `vm plan` and `vm create` do."""
+    body = dict(document or {})
+    if reset_network:
+        body["network"] = None
+    elif flags.given:
+        written = body.get("network", stored_network)
+        network = flags.apply(None if written is None else parse_network(written))
+        body["network"] = None if network is None else network.model_dump(exclude_none=True)
+    resources = dict(body.get("resources") or {})
+    if vcpus is not None:
+        resources["vcpus"] = vcpus
+    if memory_mib is not None:
+        resources["memory_mib"] = memory_mib
+    if resources:
+        body["resources"] = resources
+    if vmm is not None:
+        body["vmm"] = vmm
+    parse(VMConfigPatch, body)  # judged here too, so a bad flag fails before any request
+    return body
+
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a new version changed, field by field (`network.ip: 10.0.0.2 -> 10.0.0.9`)."""
+
+    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+        items: dict[str, Any] = {}
+        for key, value in data.items():
+            if isinstance(value, dict) and value:
+                items.update(flat(value, f"{prefix}{key}."))
+            else:
+                items[f"{prefix}{key}"] = value
+        return items
+
+    old = flat({"config": before["config"], "effective": before["effective"]})
+    new = flat({"config": after["config"], "effective": after["effective"]})
+    return [
+        (key, f"{_shown(old.get(key))} -> {_shown(new.get(key))}")
+        for key in sorted(old.keys() | new.keys())
+        if old.get(key) != new.get(key)
+    ]
+
+
+def _shown(value: Any) -> str:
+    return "-" if value is None else str(value)
+
+
+@config_app.command("patch")
+def config_patch(
+    name: NameArg,
+    vcpus: Annotated[int | None, typer.Option("--vcpus", help="vCPUs.")] = None,
+    memory: Annotated[int | None, typer.Option("--memory", help="Memory (MiB).")] = None,
+    vmm: Annotated[VMMKind | None, typer.Option("--vmm", help="The VMM to run it.")] = None,
+    network_mode: NetworkModeOpt = None,
+    network_subnet: NetworkSubnetOpt = None,
+    network_gateway: NetworkGatewayOpt = None,
+    network_auto_assign: NetworkAutoAssignOpt = None,
+    network_ip: NetworkIPOpt = None,
+    network_reset: Annotated[
+        bool,
+        typer.Option("--network-reset", help="Back to the plugin's network (no override)."),
+    ] = False,
+    file: Annotated[
+        Path | None,
+        typer.Option("--file", help="A patch document (a VM config patch, JSON)."),
+    ] = None,
+    restart: Annotated[
+        bool, typer.Option("--restart", help="Apply at once: restart the VM if it must.")
+    ] = False,
+    as_json: JSONOpt = False,
+) -> None:
+    """Change a VM's config: a new version, applied at its next start.
+
+    Network flags change the VM's stored network override (or --file's) field by field;
+    --network-mode starts a fresh override from the flags given.
+    """
+    flags = NetworkFlags(
+        network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
+    )
+    if network_reset and flags.given:
+        err.print("error: --network-reset cannot be combined with --network-* flags", markup=False)
+        raise typer.Exit(ExitCode.USAGE)
+    with daemon(as_json) as client:
+        document = None
+        if file is not None:
+            document = read_json(file)
+            if not isinstance(document, dict):
+                raise InvalidError.at("-", f"{file} must hold a JSON object (a VM config patch)")
+        before = client.call("GET", vm_path(name, "config"))
+        body = patch_body(
+            before["config"].get("network"),
+            document,
+            flags,
+            reset_network=network_reset,
+            vcpus=vcpus,
+            memory_mib=memory,
+            vmm=vmm.value if vmm is not None else None,
+        )
+        after = client.call(
+            "PATCH", vm_path(name, "config"), body=body, restart="true" if restart else None
+        )
+        vm = client.call("GET", vm_path(name))
+    if as_json:
+        print_json(after)
+        return
+    if after["version"] == before["version"]:
+        out.print(f"VM {name}: nothing changed (config version {after['version']})", markup=False)
+        return
+    out.print(
+        f"VM {name}: config version {after['version']} (was {before['version']})", markup=False
+    )
+    fields(changes(before, after))
+    if vm["restart_required"]:
+        out.print(
+            f"restart required: VM {name} runs version {vm['running_version']}; "
+            f"roost vm restart {name} applies version {after['version']}",
+            markup=False,
+        )
