@@ -37,7 +37,7 @@ from roost.api.operations import OperationGate
 from roost.api.replies import error_response, on_unix_socket
 from roost.engine.core import Engine
 from roost.errors import ErrorDetail, InvalidError, NotFoundError, RoostError
-from roost.spec import Manifest, VMConfig, load_json, parse
+from roost.spec import Manifest, VMConfig, VMConfigPatch, load_json, parse
 from roost.spec.common import check_name
 from roost.spec.parse import MESSAGES, dotted
 
@@ -263,6 +263,25 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     @app.post("/v1/vms/{name}/resume")
     async def resume_vm(name: str) -> JSONResponse:
         return JSONResponse(await gate.run(engine.resume_vm, check_name(name)))
+
+    @app.get("/v1/vms/{name}/config")
+    async def show_config(name: str) -> JSONResponse:
+        return JSONResponse(await read(engine.config, check_name(name)))
+
+    @app.get("/v1/vms/{name}/config/history")
+    async def config_history(name: str) -> JSONResponse:
+        return JSONResponse(await read(engine.config_history, check_name(name)))
+
+    @app.patch("/v1/vms/{name}/config", openapi_extra=_schema_body(VMConfigPatch))
+    async def patch_config(
+        name: str,
+        request: Request,
+        restart: bool = Query(False, description="apply at once: restart the VM if it must"),
+    ) -> JSONResponse:
+        check_name(name)
+        patch = await read(parse, VMConfigPatch, await json_body(request))
+        changed = partial(engine.patch_config, name, patch, restart=restart)
+        return JSONResponse(await gate.run(changed))
 
     @app.get("/v1/vms/{name}/console")
     async def console(

@@ -127,7 +127,7 @@ def changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, st
     def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}
         for key, value in data.items():
-            if isinstance(value, dict) and value:
+            if isinstance(value, dict):  # an empty one holds nothing to tell
                 items.update(flat(value, f"{prefix}{key}."))
             else:
                 items[f"{prefix}{key}"] = value

@@ -277,6 +277,7 @@ def vm_list(as_json: JSONOpt = False) -> None:
     """List VMs."""
     with daemon(as_json) as client:
         vms = client.call("GET", "/v1/vms")
+
     def human(items: list[dict[str, Any]]) -> None:
         table(VM_COLUMNS, [_vm_row(vm) for vm in items])
         if any(vm["restart_required"] for vm in items):

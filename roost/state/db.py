@@ -103,13 +103,30 @@ class Database:
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
 
     def migrate(self) -> None:
-        """Bring the schema up to date (Alembic `upgrade head`)."""
+        """Bring the schema up to date (Alembic `upgrade head`).
+
+        On SQLite, foreign keys are off while the migrations run: a migration that changes a
+        table's constraints copies it into a new table and drops the old one, and with foreign
+        keys on, that drop would cascade into every row that refers to it (a VM's config
+        versions and leases). They are checked once the migrations are done."""
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
-        with self._write_engine.connect() as connection:
-            config.attributes["connection"] = connection
-            command.upgrade(config, "head")
-            connection.commit()
+        with _reporting_full_disk(), self._write_engine.connect() as connection:
+            raw = connection.connection.driver_connection if _is_sqlite(self.url) else None
+            if raw is not None:  # outside any transaction, where SQLite heeds it
+                raw.execute("PRAGMA foreign_keys=OFF")
+            try:
+                config.attributes["connection"] = connection
+                command.upgrade(config, "head")
+                if raw is not None:
+                    broken = connection.exec_driver_sql("PRAGMA foreign_key_check").all()
+                    if broken:
+                        raise RuntimeError(f"a migration broke foreign keys: {broken[:5]}")
+                connection.commit()
+            finally:
+                if raw is not None:
+                    connection.rollback()
+                    raw.execute("PRAGMA foreign_keys=ON")
         if self._file is not None:
             self._identity = _identity(self._file)
 

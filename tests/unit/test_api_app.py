@@ -109,6 +109,16 @@ class FakeEngine:
     def destroy_vm(self, name: str) -> None:
         self.hold()
 
+    def patch_config(self, name: str, patch: Any, *, restart: bool) -> dict[str, Any]:
+        self.hold()
+        return {"version": 2}
+
+    def config(self, name: str) -> dict[str, Any]:
+        return {"version": 1}
+
+    def config_history(self, name: str) -> list[dict[str, Any]]:
+        return [{"version": 1}]
+
     def console(self, name: str) -> tuple[Path, bool]:
         return self.console_log, False
 
@@ -210,6 +220,7 @@ OPERATIONS = [
     ("POST", "/v1/plugins", {"json": MANIFEST}),
     ("POST", "/v1/plugins", {"json": MANIFEST, "headers": {"accept": "application/x-ndjson"}}),
     ("DELETE", "/v1/plugins/p", {}),
+    ("PATCH", "/v1/vms/x/config", {"json": {"labels": {"a": "b"}}}),
 ]
 
 
@@ -308,6 +319,9 @@ def test_a_query_parameter_the_route_does_not_take_is_invalid_and_nothing_happen
         ("POST", "/v1/vms/x/stop?timeout=1&graceful=true"),
         ("DELETE", "/v1/plugins/p?force=true"),
         ("GET", "/v1/networks?x"),
+        ("GET", "/v1/vms/x/config?version=1"),
+        ("GET", "/v1/vms/x/config/history?limit=3"),
+        ("PATCH", "/v1/vms/x/config?restart=true&now=1"),
     ],
 )
 def test_every_route_refuses_query_parameters_it_does_not_take(

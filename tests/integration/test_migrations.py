@@ -1,0 +1,86 @@
+"""A database made before config versions recorded what they resolved to is brought forward:
+each version gets its `effective`, a running VM its `running_version`, each lease `current`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import create_engine, text
+
+from roost.state.db import MIGRATIONS, Database, sqlite_url
+
+
+def test_version_two_databases_get_effective_configs_and_running_versions(
+    tmp_path: Path,
+) -> None:
+    url = sqlite_url(tmp_path)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0002")
+        network = {
+            "effective": {
+                "mode": "bridged",
+                "source": "plugin",
+                "subnet": "10.9.0.0/24",
+                "gateway": "10.9.0.1",
+                "auto_assign": True,
+                "ip": "10.9.0.2",
+            },
+            "plan": {},
+            "bridge": "rbr2",
+        }
+        statements = [
+            "INSERT INTO plugins (id, name, version, manifest, installed_at) VALUES "
+            "(1, 'p', '1', '{\"resources\": {\"memory_mib\": 64}}', '2026-01-01')",
+            "INSERT INTO networks (id, name, bridge, subnet, gateway, first, last, next_hint, "
+            "created_at) VALUES (2, 'n', 'rbr2', '10.9.0.0/24', '10.9.0.1', 168361984, "
+            "168362239, 168361987, '2026-01-01')",
+        ]
+        for status, vm_id in (("running", 1), ("stopped", 2)):
+            statements += [
+                "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, "
+                f"config_version, created_at, updated_at) VALUES ({vm_id}, 'vm{vm_id}', 1, "
+                f"'{status}', 'qemu', '{json.dumps(network)}', 1, '2026-01-01', '2026-01-01')",
+                "INSERT INTO vm_configs (vm_id, version, config, manifest, artifacts, "
+                f'created_at) VALUES ({vm_id}, 1, \'{{"plugin": "p", "resources": '
+                f'{{"vcpus": 2}}}}\', \'{{"resources": {{"memory_mib": 64}}}}\', \'{{}}\', '
+                "'2026-01-01')",
+                "INSERT INTO ip_leases (network_id, ip, vm_id, created_at) VALUES "
+                f"(2, {168361985 + vm_id}, {vm_id}, '2026-01-01')",
+            ]
+        for statement in statements:
+            connection.execute(text(statement))
+    engine.dispose()
+
+    database = Database(url)
+    database.migrate()
+    with database.read() as session:
+        rows = (
+            session.connection()
+            .execute(
+                text(
+                    "SELECT v.name, v.running_version, v.restart_required, c.effective "
+                    "FROM vms v JOIN vm_configs c ON c.vm_id = v.id ORDER BY v.name"
+                )
+            )
+            .all()
+        )
+        purposes = session.connection().execute(text("SELECT purpose FROM ip_leases")).scalars()
+        assert set(purposes) == {"current"}
+    database.dispose()
+    expected = {
+        "network": network["effective"],
+        "resources": {"vcpus": 2, "memory_mib": 64},
+        "vmm": "qemu",
+    }
+    assert [(r.name, r.running_version, bool(r.restart_required)) for r in rows] == [
+        ("vm1", 1, False),
+        ("vm2", None, False),
+    ]
+    assert [json.loads(r.effective) for r in rows] == [expected, expected]
