@@ -18,6 +18,7 @@ from roost.cli.options import (
     NetworkIPOpt,
     NetworkModeOpt,
     NetworkSubnetOpt,
+    with_flags,
 )
 from roost.cli.output import err, fields, out, print_json, table
 from roost.cli.remote import NameArg, daemon, show, vm_path
@@ -108,15 +109,7 @@ def patch_body(
         written = body.get("network", stored_network)
         network = flags.apply(None if written is None else parse_network(written))
         body["network"] = None if network is None else network.model_dump(exclude_none=True)
-    resources = dict(body.get("resources") or {})
-    if vcpus is not None:
-        resources["vcpus"] = vcpus
-    if memory_mib is not None:
-        resources["memory_mib"] = memory_mib
-    if resources:
-        body["resources"] = resources
-    if vmm is not None:
-        body["vmm"] = vmm
+    with_flags(body, vcpus=vcpus, memory_mib=memory_mib, vmm=vmm)
     parse(VMConfigPatch, body)  # judged here too, so a bad flag fails before any request
     return body
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -89,6 +89,18 @@ def vm_config_from(
             f"{config_file} is a config for plugin {named!r}, not {plugin!r}",
             [ErrorDetail("plugin", f"is {named!r}, but the command names plugin {plugin!r}")],
         )
+    with_flags(data, vcpus=vcpus, memory_mib=memory_mib, vmm=vmm)
+    # the flags apply to the file's network as written; the result is validated once, whole
+    written = data.get("network")
+    network = flags.apply(None if written is None else parse_network(written))
+    data["network"] = None if network is None else network.model_dump(exclude_none=True)
+    return parse(VMConfig, data)
+
+
+def with_flags(
+    data: dict[str, Any], *, vcpus: int | None, memory_mib: int | None, vmm: str | None
+) -> None:
+    """Put the resource and VMM flags into a config or patch document (resources per field)."""
     resources = dict(data.get("resources") or {})
     if vcpus is not None:
         resources["vcpus"] = vcpus
@@ -98,8 +110,3 @@ def vm_config_from(
         data["resources"] = resources
     if vmm is not None:
         data["vmm"] = vmm
-    # the flags apply to the file's network as written; the result is validated once, whole
-    written = data.get("network")
-    network = flags.apply(None if written is None else parse_network(written))
-    data["network"] = None if network is None else network.model_dump(exclude_none=True)
-    return parse(VMConfig, data)

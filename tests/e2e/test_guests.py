@@ -24,7 +24,9 @@ from tests.harness import (
     short_tmp,
     wait_for,
     wait_ready,
-    write_plugin,
+)
+from tests.harness import (
+    demo_plugin as make_demo_plugin,
 )
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
@@ -180,13 +182,8 @@ def test_vsock_guest_has_no_network_interface(netns: str, demo_plugin: Path) -> 
 def test_plugin_default_and_vm_override(
     netns: str, dhcp_server: DHCPServer, tmp_path: Path, demo_plugin: Path
 ) -> None:
-    manifest = json.loads(demo_plugin.read_text())
-    plugin = write_plugin(
-        tmp_path,
-        "web",
-        network={"mode": "bridged", "subnet": "10.100.0.0/24", "auto_assign": True},
-        kernel={"path": str(DEMO / manifest["kernel"]["path"])},
-        initramfs={"path": str(DEMO / manifest["initramfs"]["path"])},
+    plugin = make_demo_plugin(
+        tmp_path, "web", network={"mode": "bridged", "subnet": "10.100.0.0/24", "auto_assign": True}
     )
     daemon = qemu_daemon(netns, "--dhcp-bridge", DHCP_BRIDGE)
     try:

@@ -4,49 +4,20 @@ it has an IP."""
 
 from __future__ import annotations
 
-import json
 import re
 from pathlib import Path
 
 import pytest
 
 from tests.e2e.test_guests import DHCP_BRIDGE, DHCP_NET, DHCPServer
-from tests.harness import DEMO, READY, Daemon, console_of, http_get, wait_for, write_plugin
+from tests.harness import Daemon, console_of, demo_plugin, http_get, wait_ready
 
 pytestmark = [pytest.mark.root, pytest.mark.e2e]
 
 
-def boot_after(daemon: Daemon, name: str, offset: int, timeout: float = 60) -> str:
-    """The console from `offset` on, once the guest booted there says it is ready (one
-    restart if a TCG boot hangs)."""
-    for attempt in range(2):
-        try:
-            wait_for(
-                lambda start=offset: READY in console_of(daemon, name)[start:],
-                timeout=timeout,
-                what=f"{name} to be ready",
-            )
-            return console_of(daemon, name)[offset:]
-        except AssertionError:
-            if attempt:
-                raise
-            print(f"{name}: no ready line within {timeout}s; restarting it once")
-            offset = len(console_of(daemon, name))
-            daemon.ok("vm", "restart", name)
-    raise AssertionError("unreachable")
-
-
 def test_a_guest_walks_through_every_mode_and_says_what_it_got(netns: str, tmp_path: Path) -> None:
-    demo = DEMO / "plugin.json"
-    if not demo.exists():
-        pytest.skip(f"{demo} is missing; run make setup")
-    manifest = json.loads(demo.read_text())
-    plugin = write_plugin(
-        tmp_path,
-        "web",
-        network={"mode": "bridged", "subnet": "10.93.0.0/24", "auto_assign": True},
-        kernel={"path": str(DEMO / manifest["kernel"]["path"])},
-        initramfs={"path": str(DEMO / manifest["initramfs"]["path"])},
+    plugin = demo_plugin(
+        tmp_path, "web", network={"mode": "bridged", "subnet": "10.93.0.0/24", "auto_assign": True}
     )
     server = DHCPServer(netns)
     daemon = Daemon(netns, "--vmm", "qemu", "--dhcp-bridge", DHCP_BRIDGE)
@@ -54,7 +25,7 @@ def test_a_guest_walks_through_every_mode_and_says_what_it_got(netns: str, tmp_p
         daemon.start()
         daemon.ok("plugin", "install", plugin)
         vm = daemon.ok("vm", "create", "walker", "--plugin", "web")
-        console = boot_after(daemon, "walker", 0)
+        console = wait_ready(daemon, "walker")
         assert "roost-guest: interfaces lo eth0\n" in console
         assert "roost-ready: name=walker ip=10.93.0.2" in console
         assert http_get(netns, "http://10.93.0.2/") == "walker 10.93.0.2\n"
@@ -63,7 +34,7 @@ def test_a_guest_walks_through_every_mode_and_says_what_it_got(netns: str, tmp_p
         def step(*flags: str) -> tuple[dict[str, object], str]:
             offset = len(console_of(daemon, "walker"))
             daemon.ok("vm", "config", "patch", "walker", *flags, "--restart")
-            console = boot_after(daemon, "walker", offset)
+            console = wait_ready(daemon, "walker", since=offset)
             return daemon.ok("vm", "show", "walker"), console
 
         vm, console = step("--network-mode", "vsock")

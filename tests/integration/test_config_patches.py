@@ -18,6 +18,12 @@ pytestmark = [pytest.mark.root, pytest.mark.firecracker, pytest.mark.kvm]
 FIRST, SECOND = "10.91.0.0/24", "10.92.0.0/24"
 
 
+def install_on_first(daemon: Daemon, directory: Path) -> None:
+    """Plugin `p`: bridged, auto-assigned on FIRST."""
+    network = {"mode": "bridged", "subnet": FIRST, "auto_assign": True}
+    daemon.ok("plugin", "install", write_plugin(directory, "p", network=network))
+
+
 def leases(daemon: Daemon) -> dict[str, list[str]]:
     return {n["subnet"]: n["leases"] for n in daemon.ok("network", "list") if n["leases"]}
 
@@ -56,13 +62,7 @@ def check_firecracker(daemon: Daemon, vm: dict[str, Any]) -> dict[str, Any]:
 
 
 def test_one_vm_walks_through_every_network_mode(daemon: Daemon, tmp_path: Path) -> None:
-    daemon.ok(
-        "plugin",
-        "install",
-        write_plugin(
-            tmp_path, "p", network={"mode": "bridged", "subnet": FIRST, "auto_assign": True}
-        ),
-    )
+    install_on_first(daemon, tmp_path)
     vm = daemon.ok("vm", "create", "walker", "--plugin", "p")
     vm = daemon.ok("vm", "pause", "walker")
     mac, cid = vm["network"]["mac"], vm["vsock"]["cid"]
@@ -146,13 +146,7 @@ def test_one_vm_walks_through_every_network_mode(daemon: Daemon, tmp_path: Path)
 def test_a_running_vm_holds_both_addresses_until_its_restart(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    daemon.ok(
-        "plugin",
-        "install",
-        write_plugin(
-            tmp_path, "p", network={"mode": "bridged", "subnet": FIRST, "auto_assign": True}
-        ),
-    )
+    install_on_first(daemon, tmp_path)
     daemon.ok("vm", "create", "r", "--plugin", "p")
     daemon.ok("vm", "pause", "r")
     result = daemon.cli("vm", "config", "patch", "r", "--network-ip", "10.91.0.9")
@@ -191,13 +185,7 @@ def test_conflicts_at_patch_time_change_nothing(
 ) -> None:
     daemon = Daemon(netns).start()  # no --dhcp-bridge: dhcp is refused as a create would be
     try:
-        daemon.ok(
-            "plugin",
-            "install",
-            write_plugin(
-                tmp_path, "p", network={"mode": "bridged", "subnet": FIRST, "auto_assign": True}
-            ),
-        )
+        install_on_first(daemon, tmp_path)
         daemon.ok("vm", "create", "holder", "--plugin", "p", "--no-start")
         daemon.ok("vm", "create", "a", "--plugin", "p", "--no-start")
         before = (
@@ -244,13 +232,7 @@ def test_network_reset_and_flags_together_are_a_usage_error(daemon: Daemon) -> N
 
 
 def test_a_patch_file_and_flags_build_one_patch(daemon: Daemon, tmp_path: Path) -> None:
-    daemon.ok(
-        "plugin",
-        "install",
-        write_plugin(
-            tmp_path, "p", network={"mode": "bridged", "subnet": FIRST, "auto_assign": True}
-        ),
-    )
+    install_on_first(daemon, tmp_path)
     daemon.ok("vm", "create", "f", "--plugin", "p", "--no-start")
     document = tmp_path / "patch.json"
     document.write_text(

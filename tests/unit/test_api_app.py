@@ -19,6 +19,7 @@ from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.engine.settings import Settings
 from roost.errors import NotFoundError, RoostError
+from tests.asgi import json_post_scope
 
 T = TypeVar("T")
 UNIX = "http://roost"  # no port: what uvicorn reports for a Unix socket
@@ -450,20 +451,7 @@ def test_a_client_that_leaves_before_its_body_is_whole_is_no_error(
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/vms",
-        "raw_path": b"/v1/vms",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"400")],
-        "server": ("/run/roost/roost.sock", None),
-        "client": None,
-    }
+    scope = json_post_scope("/v1/vms", 400)
     with caplog.at_level(logging.DEBUG):
         asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
     assert not [record for record in caplog.records if record.levelno >= logging.WARNING]

@@ -13,6 +13,7 @@ import pytest
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.engine.settings import Settings
+from tests.asgi import json_post_scope
 from tests.unit.test_api_app import TCP, TOKEN, UNIX, Api, FakeEngine
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -251,20 +252,7 @@ def test_a_refused_body_is_answered_first_then_read_and_thrown_away(engine: Fake
             assert message["status"] == 413
             assert (b"connection", b"close") in message["headers"]
 
-    scope = {
-        "type": "http",
-        "asgi": {"version": "3.0", "spec_version": "2.3"},
-        "http_version": "1.1",
-        "method": "POST",
-        "scheme": "http",
-        "path": "/v1/vms",
-        "raw_path": b"/v1/vms",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"content-type", b"application/json"), (b"content-length", b"20000")],
-        "server": ("/run/roost/roost.sock", None),
-        "client": None,
-    }
+    scope = json_post_scope("/v1/vms", 20000)
     asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
     assert events == [
         "http.response.start",
