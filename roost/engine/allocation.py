@@ -358,16 +358,27 @@ class Allocator:
         item = artifacts.get(role)
         return None if item is None else self.store.path(item["sha256"])
 
-    def latest_planned(self, session: Session, name: str) -> dict[str, Any]:
+    def latest_planned(self, session: Session, name: str) -> tuple[dict[str, Any], Emptied]:
         """For a VM whose VMM has just ended: when it ran an older version than its latest,
-        the record values that make it show (and next start) its latest — its network with the
-        address that version was given, its VMM and its vsock availability; else nothing."""
+        the addresses that version does not need are released (a reserved one becomes its
+        own), and the record values that make it show (and next start) its latest — its
+        network with the address that version was given, its VMM and its vsock availability;
+        else nothing. Also the networks left without leases."""
         connection = session.connection()
         running = self.records.running_version(connection, name)
         latest = configs.latest(connection, name)
         if running is None or latest is None or latest.version == running:
-            return {}
+            return {}, []
         effective = EffectiveNetwork.from_json(latest.effective["network"])
+        vm = self.records.holding(connection, name)
+        emptied: Emptied = []
+        if effective.ip is None:
+            for purpose in (alloc.RESERVED, alloc.CURRENT):
+                emptied += alloc.release_address(
+                    session, vm, keep_network=DEFAULT_NETWORK, purpose=purpose
+                )
+        else:
+            emptied += alloc.promote_reserved(session, vm, keep_network=DEFAULT_NETWORK)
         net = plan_network(effective, name)
         bridge = None
         if net.attach is Attachment.EXTERNAL:
@@ -376,11 +387,12 @@ class Allocator:
             network = alloc.network_by_subnet(session, effective.subnet)
             bridge = None if network is None else network.bridge
         vmm = str(latest.effective["vmm"])
-        return {
+        values = {
             "network": StoredNetwork(effective, net, bridge).to_json(),
             "vmm_kind": vmm,
             "vsock_unavailable": self.drivers[vmm].vsock_unavailable() if net.vsock else None,
         }
+        return values, emptied
 
     # ---- patches ------------------------------------------------------------------------
 
@@ -464,6 +476,12 @@ class Allocator:
             bridge = self.settings.dhcp_bridge if plan.net.attach is Attachment.EXTERNAL else None
             return effective, emptied, bridge
         assert effective.subnet is not None and effective.gateway is not None
+        if not vmm_runs:  # nothing runs with them: leases on other subnets go before the new
+            for lease in (reserved, current):  # network is judged (it may overlap theirs)
+                if lease is not None and lease.subnet != str(effective.subnet):
+                    release(lease.purpose)
+            leases = alloc.leases_of(session, vm.id)
+            current, reserved = leases.get(alloc.CURRENT), leases.get(alloc.RESERVED)
         network = alloc.ensure_network(session, effective.subnet, effective.gateway)
         requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
 

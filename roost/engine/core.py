@@ -287,6 +287,7 @@ class Engine:
     def destroy_vm(self, name: str) -> None:
         """Stop the VM if it runs, then remove it and everything it holds."""
         with self.locks.hold(name, "remove"):
+            self.allocator.check_run_dir_free(name)
             self._stop(name, None, False)
             self._forget(name)
 
@@ -317,8 +318,12 @@ class Engine:
         allocator = self.allocator
         vmm = allocator.prepare_start(name, latest)
         steps = Steps(operation, name)
+        # recorded before any VMM is started for it: a daemon that dies from here on finds a
+        # VM it was starting (and ends its VMM), not a VMM its database does not account for
+        self.records.write(name, None, status=VMStatus.STARTING, status_reason=None)
         try:
             early = self._start_early(steps, name, vmm, new=False)
+            failpoint("start:vmm")
             booting, emptied = allocator.transact(
                 lambda session: allocator.for_start(session, name, latest, early, steps), steps
             )
@@ -443,7 +448,7 @@ class Engine:
 
     def _vmm_exited(self, name: str, process: VMMProcess) -> None:
         """A VMM ended without being asked: the VM is `stopped` (exit 0) or `crashed`."""
-        with self.locks.hold(name, "exit", wait=True):
+        with self.locks.hold(name, "exit", wait=True, recovery=True):
             live = self.live.get(name)
             if live is None or live.process is not process:
                 return
@@ -478,13 +483,18 @@ class Engine:
 
     def _ended(self, name: str) -> dict[str, Any]:
         """What a VM's record says once its VMM has ended: no VMM, no version running, and —
-        when it ran an older version than its latest — what its latest version has it hold."""
+        when it ran an older version than its latest — what its latest version has it hold
+        (the addresses it no longer needs released now, as a patch of a stopped VM would)."""
+        planned, emptied = self.db.transact(
+            lambda session: self.allocator.latest_planned(session, name)
+        )
+        self.host.remove_bridges(emptied)
         return {
             "pid": None,
             "supervisor_pid": None,
             "running_version": None,
             "restart_required": False,
-            **self.db.transact(lambda session: self.allocator.latest_planned(session, name)),
+            **planned,
         }
 
     def _set(self, name: str, **values: Any) -> dict[str, Any]:

@@ -6,7 +6,7 @@ import threading
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 
-from roost.errors import ConflictError, UnavailableError
+from roost.errors import ConflictError, HostError, UnavailableError
 
 RECOVERING_RETRY_AFTER = 1.0
 
@@ -21,6 +21,7 @@ class VMLocks:
         self._locks: dict[str, threading.Lock] = {}
         self._doing: dict[str, str] = {}
         self._unrecovered: set[str] = set()
+        self._failed: dict[str, str] = {}  # VMs recovery could not recover, and why
         self._recovering = False
 
     @contextmanager
@@ -36,6 +37,12 @@ class VMLocks:
         """Hold `name` for `what`; `new` for a create (refused while recovery runs: it would
         race the removal of what belongs to no VM); `recovery` for recovery's own work."""
         with self._guard:
+            if name in self._failed and not recovery:
+                raise HostError(
+                    f"the daemon could not recover VM {name!r} when it started "
+                    f"({self._failed[name]}); it is left as it was: fix the cause and restart "
+                    "the daemon"
+                )
             if self._recovering and not recovery and (new or name in self._unrecovered):
                 raise UnavailableError(
                     f"the daemon is recovering after a restart and has not reached VM {name!r} "
@@ -70,6 +77,11 @@ class VMLocks:
     def recovered(self, name: str) -> None:
         with self._guard:
             self._unrecovered.discard(name)
+
+    def failed(self, name: str, reason: str) -> None:
+        with self._guard:
+            self._unrecovered.discard(name)
+            self._failed[name] = reason
 
     def end_recovery(self) -> None:
         with self._guard:

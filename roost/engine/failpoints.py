@@ -4,7 +4,8 @@ start; without the variable a failpoint is one comparison with None.
 
 Step ids (also in the README): `create:recorded` (the create is recorded as in progress),
 `create:allocated` (its record, leases, tap and rules are committed), `create:booted` (the
-guest was booted; the create has not answered yet).
+guest was booted; the create has not answered yet), `start:vmm` (a start's VMM process has been
+asked for; nothing else of the start is done).
 """
 
 from __future__ import annotations

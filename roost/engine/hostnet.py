@@ -75,6 +75,8 @@ class HostNetwork:
         self._leased = leased
         self.lock = threading.RLock()  # undoing a failed allocation removes bridges
         self._bridges_ready: set[str] = set()
+        # set when orphaned VMMs were kept at start: their taps may be on any managed bridge
+        self.keep_bridges = False
 
     def attach(self, steps: Steps, tap: TapPlan) -> None:
         """Make the tap on its bridge (setting the bridge up first) and add its rules, each
@@ -127,6 +129,8 @@ class HostNetwork:
     def remove_bridges(self, emptied: Emptied) -> None:
         """Remove the bridges of networks that lost their last lease (unless a VM took an
         address there meanwhile)."""
+        if self.keep_bridges:
+            return
         for network_id, bridge in emptied:
             with self.lock:
                 if not self._leased(network_id):

@@ -14,18 +14,21 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from roost.engine.core import Engine, exit_reason
 from roost.engine.settings import Orphans
-from roost.errors import ConflictError
+from roost.errors import ConflictError, RoostError
 from roost.state import alloc
 from roost.state.vms import LiveRecord, VMStatus
 from roost.vmm.base import RunDir
 from roost.vmm.process import VMMProcess, is_vmm_of, recorded_pid
 
 log = logging.getLogger("roost.recovery")
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -94,8 +97,9 @@ class Recovery:
         self.orphans = unaccounted(found, self.records, self.pending)
         if self.orphans and self.policy is Orphans.REFUSE:
             raise orphans_error(self.orphans)
-        if self.policy is Orphans.KEEP:
+        if self.policy is Orphans.KEEP and self.orphans:
             self.engine.allocator.kept_orphans = {vmm.name for vmm in self.orphans}
+            self.engine.host.keep_bridges = True  # an orphan's tap may be on any of them
 
     def start(self) -> threading.Thread:
         names = {record.name for record in self.records} | self.pending
@@ -108,11 +112,10 @@ class Recovery:
         try:
             self._reap_orphans()
             for name in sorted(self.pending):
-                self._roll_back_create(name)
+                self._each(name, self._roll_back_create, name)
             for record in self.records:
                 if record.name not in self.pending:
-                    self._recover_vm(record)
-                    self.engine.locks.recovered(record.name)
+                    self._each(record.name, self._recover_vm, record)
             self._remove_strays()
             log.info("recovery done: %d VMs looked at", len(self.records) + len(self.pending))
         except Exception:
@@ -120,6 +123,18 @@ class Recovery:
         finally:
             self.engine.locks.end_recovery()
             self.finished.set()
+
+    def _each(self, name: str, recover: Callable[[T], object], what: T) -> None:
+        """Recover one VM; one that cannot be is left as it is (its VMM, tap and leases
+        kept) and refuses operations until a restart of the daemon recovers it."""
+        try:
+            recover(what)
+        except Exception as error:
+            log.exception("VM %s: could not recover it", name)
+            reason = error.message if isinstance(error, RoostError) else repr(error)
+            self.engine.locks.failed(name, reason)
+        else:
+            self.engine.locks.recovered(name)
 
     def _reap_orphans(self) -> None:
         for vmm in self.orphans:
@@ -136,21 +151,26 @@ class Recovery:
         if pid is not None and is_vmm_of(pid, run_dir.path):
             VMMProcess(run_dir.path, pid, pid).kill()
         self.engine.roll_back_create(name)
-        self.engine.locks.recovered(name)
         log.info("VM %s: rolled back its create, which the daemon died in", name)
 
     def _recover_vm(self, record: LiveRecord) -> None:
+        """A VM whose record says a VMM runs for it: one the daemon died starting or stopping
+        is stopped (its VMM ended, if any); a running or paused one is adopted if its VMM
+        lives, else settled as its VMM ended."""
         name, status = record.name, record.status
         run_dir = self.engine.run_dir(name)
         pid = record.pid or recorded_pid(run_dir.path)  # a crash while starting leaves only this
         process = VMMProcess(run_dir.path, pid, record.supervisor_pid or pid) if pid else None
-        if process is not None and not process.exited() and is_vmm_of(process.pid, run_dir.path):
-            if status in (VMStatus.STARTING, VMStatus.STOPPING):
-                code = process.kill()
-                doing = "starting" if status is VMStatus.STARTING else "stopping"
-                reason = f"the daemon stopped while the VM was {doing}; start it again"
-                self.engine.settle(name, VMStatus.STOPPED, code, reason, record.tap)
-                return
+        alive = (
+            process is not None and not process.exited() and is_vmm_of(process.pid, run_dir.path)
+        )
+        if status in (VMStatus.STARTING, VMStatus.STOPPING):
+            code = process.kill() if alive and process is not None else None
+            doing = "starting" if status is VMStatus.STARTING else "stopping"
+            reason = f"the daemon stopped while the VM was {doing}; start it again"
+            self.engine.settle(name, VMStatus.STOPPED, code, reason, record.tap)
+            return
+        if alive and process is not None:
             self.engine.adopt(record, process)
             log.info("VM %s: adopted its running VMM (pid %d)", name, process.pid)
             return
@@ -169,7 +189,7 @@ class Recovery:
             if path.name not in names and path.name not in kept:
                 RunDir(path).remove()
                 log.info("removed run dir %s, which belongs to no VM", path)
-        for name in engine.disks.names() - names:
+        for name in engine.disks.names() - names - kept:
             engine.disks.remove(name)
             log.info("removed the disk of %s, which belongs to no VM", name)
         if kept:

@@ -60,11 +60,13 @@ def needs_restart(
     after_config: dict[str, Any],
 ) -> bool:
     """Whether a VMM running version `before` must restart to run `after` (both as
-    `effective_json` and their configs): anything the VMM or the guest's command line is
-    made from counts; labels, and where a network was written, do not."""
+    `effective_json` and their configs): what the VMM, the tap and its rules, and the guest's
+    command line are made from counts; labels, where a network was written, and whether an
+    address was picked or pinned do not."""
 
     def what_boots(effective: dict[str, Any], config: dict[str, Any]) -> tuple[Any, ...]:
-        network = {key: value for key, value in effective["network"].items() if key != "source"}
-        return network, effective["resources"], effective["vmm"], config.get("boot_args")
+        network = effective["network"]
+        addressing = tuple(network.get(key) for key in ("mode", "subnet", "gateway", "ip"))
+        return addressing, effective["resources"], effective["vmm"], config.get("boot_args")
 
     return what_boots(before, before_config) != what_boots(after, after_config)

@@ -96,7 +96,7 @@ class VM(Base):
             name="running_version",
         ),
         CheckConstraint(
-            "restart_required = 0 OR running_version IS NOT NULL", name="restart_required"
+            "NOT restart_required OR running_version IS NOT NULL", name="restart_required"
         ),
         {"sqlite_autoincrement": True},
     )

@@ -298,6 +298,8 @@ class ExitWatcher:
                     os.close(key.fd)
 
     def close(self) -> None:
+        if self._stopping:
+            return
         self._stopping = True
         os.write(self._wake_write, b"x")
         self._thread.join(5)

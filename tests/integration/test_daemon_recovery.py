@@ -68,7 +68,7 @@ def fake_vmm(run_dir: Path) -> Iterator[subprocess.Popen[bytes]]:
 
 
 def test_a_vmm_no_record_accounts_for_stops_the_start_until_the_operator_decides(
-    daemon: Daemon,
+    daemon: Daemon, tmp_path: Path
 ) -> None:
     # a run dir and links of no VM, with no VMM: removed at the next start as before
     stray = daemon.run_dir / "vms" / "stray"
@@ -83,6 +83,10 @@ def test_a_vmm_no_record_accounts_for_stops_the_start_until_the_operator_decides
     assert "brdhcp" in links(daemon.netns)  # the operator's bridge is never touched
 
     ghost = daemon.run_dir / "vms" / "ghost"
+    disk = daemon.state_dir / "disks" / "ghost.img"  # the disk an orphaned VMM writes to
+    disk.parent.mkdir(exist_ok=True)
+    disk.write_bytes(b"precious")
+    daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
     with fake_vmm(ghost) as vmm:
         run("ip", "tuntap", "add", "rtap998", "mode", "tap", netns=daemon.netns)
         assert daemon.stop() == 0
@@ -94,15 +98,18 @@ def test_a_vmm_no_record_accounts_for_stops_the_start_until_the_operator_decides
         daemon.start("--keep-orphans")
         healthy(daemon)
         assert vmm.poll() is None and (ghost / "vmm.pid").exists()
+        assert disk.read_bytes() == b"precious"
         assert "rtap998" in links(daemon.netns)  # links an orphan may use are left alone
         taken = daemon.cli("vm", "create", "ghost", "--plugin", "p", "--json")
-        assert taken.exit_code in (3, 4)  # no plugin p, or the run dir is the orphan's
+        assert (taken.exit_code, taken.json()["error"]["code"]) == (4, "conflict")
+        assert "--keep-orphans" in taken.json()["error"]["message"]
 
         assert daemon.stop() == 0
         daemon.start("--reap-orphans")
         healthy(daemon)
         assert vmm.wait(10) == -signal.SIGKILL
         assert not ghost.exists()
+        assert not disk.exists()
         assert "rtap998" not in links(daemon.netns)
 
 
@@ -209,6 +216,37 @@ def test_a_create_cut_short_by_a_daemon_crash_is_rolled_back_at_restart(
         assert daemon.ok("vm", "create", "cut", "--plugin", "p", "--no-start")["name"] == "cut"
     finally:
         daemon.close()
+
+
+@pytest.mark.kvm
+def test_a_start_cut_short_by_a_daemon_crash_leaves_the_vm_stopped(
+    netns: str, tmp_path: Path
+) -> None:
+    daemon = Daemon(netns, env={"ROOST_FAILPOINT": "start:vmm"})
+    try:
+        daemon.start()
+        daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
+        daemon.ok("vm", "create", "s", "--plugin", "p", "--no-start")
+        assert daemon.cli("vm", "start", "s").exit_code == 5  # the daemon died under it
+        assert daemon.process is not None and daemon.process.wait(10) == -signal.SIGKILL
+        daemon.process = None
+        started = wait_for(lambda: recorded_vmm(daemon, "s"), what="the VMM the start began")
+
+        daemon.env.clear()
+        daemon.start()  # no orphan: the database knew the VM was starting
+        healthy(daemon)
+        vm = daemon.ok("vm", "show", "s")
+        assert vm["status"] == "stopped"
+        assert "while the VM was starting" in vm["status_reason"]
+        assert not process_alive(started)
+        assert daemon.ok("vm", "start", "s")["status"] == "running"
+    finally:
+        daemon.close()
+
+
+def recorded_vmm(daemon: Daemon, name: str) -> int | None:
+    pid_file = daemon.run_dir / "vms" / name / "vmm.pid"
+    return int(pid_file.read_text()) if pid_file.exists() else None
 
 
 @pytest.mark.kvm

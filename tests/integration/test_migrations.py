@@ -53,7 +53,9 @@ def test_version_two_databases_get_effective_configs_and_running_versions(
                 "'2026-01-01')",
                 "INSERT INTO ip_leases (network_id, ip, vm_id, created_at) VALUES "
                 f"(2, {168361985 + vm_id}, {vm_id}, '2026-01-01')",
+                f"INSERT INTO cid_leases (cid, vm_id) VALUES ({2 + vm_id}, {vm_id})",
             ]
+        statements.append("INSERT INTO pending_creates (name, started_at) VALUES ('x', '2026')")
         for statement in statements:
             connection.execute(text(statement))
     engine.dispose()
@@ -71,8 +73,19 @@ def test_version_two_databases_get_effective_configs_and_running_versions(
             )
             .all()
         )
-        purposes = session.connection().execute(text("SELECT purpose FROM ip_leases")).scalars()
-        assert set(purposes) == {"current"}
+        kept = (
+            session.connection()
+            .execute(text("SELECT vm_id, ip, purpose FROM ip_leases ORDER BY vm_id"))
+            .all()
+        )
+        assert [tuple(row) for row in kept] == [
+            (1, 168361986, "current"),
+            (2, 168361987, "current"),
+        ]
+        cids = session.connection().execute(text("SELECT cid FROM cid_leases")).scalars()
+        assert sorted(cids) == [3, 4]
+        pending = session.connection().execute(text("SELECT name FROM pending_creates"))
+        assert pending.scalars().all() == ["x"]
     database.dispose()
     expected = {
         "network": network["effective"],

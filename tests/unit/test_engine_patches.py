@@ -14,6 +14,7 @@ import pytest
 from roost.errors import ConflictError, InvalidError
 from roost.spec import Manifest, VMConfig, VMConfigPatch
 from tests.engine_fakes import DHCP_BRIDGE, SUBNET, World
+from tests.harness import wait_for
 
 OTHER = "10.67.0.0/24"
 
@@ -287,3 +288,55 @@ def test_history_survives_a_new_engine_on_the_same_database(tmp_path: Path) -> N
         assert again.engine.config_history("a") == history
     finally:
         again.close()
+
+
+@pytest.mark.parametrize("end", ["stop", "exit"])
+def test_a_vm_whose_vmm_ends_lets_go_of_what_its_latest_version_does_not_need(
+    world: World, end: str
+) -> None:
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    patch(world, "a", network={"mode": "bridged", "subnet": OTHER, "auto_assign": True})
+    patch(world, "a", network={"mode": "vsock"})  # releases the reservation on OTHER at once
+    assert leases(world) == {SUBNET: ["10.66.0.2"]}  # the running VMM's own
+    if end == "stop":
+        world.engine.stop_vm("a", timeout=0, force=True)
+    else:
+        world.driver.started[-1].kill()  # ends on its own: the exit watcher settles it
+        wait_for(
+            lambda: world.engine.show_vm("a")["status"] != "running", what="the exit to settle"
+        )
+    shown = world.engine.show_vm("a")
+    assert (shown["network"]["mode"], shown["running_version"]) == ("vsock", None)
+    assert leases(world) == {}  # vsock needs none: released now, not at a start that may never come
+    assert "rbr1" not in world.links.links
+
+
+def test_a_stopped_vm_takes_its_reserved_address_as_its_own(world: World) -> None:
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    patch(world, "a", network={"mode": "bridged", "subnet": OTHER, "auto_assign": True})
+    world.engine.stop_vm("a", timeout=0, force=True)
+    shown = world.engine.show_vm("a")
+    assert (shown["network"]["subnet"], shown["network"]["ip"]) == (OTHER, "10.67.0.2")
+    assert leases(world) == {OTHER: ["10.67.0.2"]}
+
+
+def test_pinning_the_address_a_vm_has_needs_no_restart(world: World) -> None:
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    pinned = patch(
+        world,
+        "a",
+        network={"mode": "bridged", "subnet": SUBNET, "gateway": "10.66.0.1", "ip": "10.66.0.2"},
+    )
+    assert pinned["version"] == 2
+    assert world.engine.show_vm("a")["restart_required"] is False
+
+
+def test_a_stopped_vm_may_move_to_a_subnet_overlapping_the_one_only_it_used(
+    world: World,
+) -> None:
+    world.engine.create_vm("a", VMConfig(plugin="p"), start=False)
+    moved = patch(
+        world, "a", network={"mode": "bridged", "subnet": "10.66.0.0/16", "auto_assign": True}
+    )
+    assert moved["effective"]["network"]["subnet"] == "10.66.0.0/16"
+    assert list(leases(world)) == ["10.66.0.0/16"]

@@ -43,7 +43,7 @@ def upgrade() -> None:
             "running_version", "running_version IS NULL OR running_version <= config_version"
         )
         batch.create_check_constraint(
-            "restart_required", "restart_required = 0 OR running_version IS NOT NULL"
+            "restart_required", "NOT restart_required OR running_version IS NOT NULL"
         )
     with op.batch_alter_table("vm_configs") as batch:
         batch.add_column(sa.Column("effective", sa.JSON(), nullable=False, server_default="{}"))
