@@ -321,7 +321,9 @@ class Roost:
                 "auto_assign": True,
             },
         )
-        _expect(self.daemon.http.post("/v1/plugins", content=manifest.read_bytes()), 201)
+        body = manifest.read_bytes()
+        headers = {"content-type": "application/json"}
+        _expect(self.daemon.http.post("/v1/plugins", content=body, headers=headers), 201)
 
     def round(self, number: int) -> Round:
         result = Round()

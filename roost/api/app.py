@@ -211,18 +211,15 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
 
     @app.post("/v1/vms", status_code=201, openapi_extra=_schema_body(VMConfig, create_extra))
     async def create_vm(request: Request) -> JSONResponse:
-        body = await json_body(request)
-        if not isinstance(body, dict):
-            raise InvalidError.at("-", "must be a JSON object")
-        name, start = body.pop("name", None), body.pop("start", True)
-        if not isinstance(name, str):
-            raise InvalidError.at("name", "is required: the VM's name")
-        if not isinstance(start, bool):
-            raise InvalidError.at("start", "must be true or false")
-        check_name(name)
-        config = await read(parse, VMConfig, body)
-        result = await gate.run(engine.create_vm, name, config, start=start)
-        return JSONResponse(result, status_code=201)
+        raw = await request.body()
+
+        def create() -> dict[str, Any]:
+            """Parsed and judged on the operation's own thread: off the event loop, without
+            a hand-over to another thread first (each costs about a millisecond here)."""
+            name, start, config = _create_request(load_json(raw))
+            return engine.create_vm(name, config, start=start)
+
+        return JSONResponse(await gate.run(create), status_code=201)
 
     @app.get("/v1/vms/{name}")
     async def show_vm(name: str) -> JSONResponse:
@@ -299,6 +296,19 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         return JSONResponse(await read(engine.list_networks))
 
     return app
+
+
+def _create_request(body: Any) -> tuple[str, bool, VMConfig]:
+    """A create's body: the VM's `name`, whether to `start` it, and its config."""
+    if not isinstance(body, dict):
+        raise InvalidError.at("-", "must be a JSON object")
+    name, start = body.pop("name", None), body.pop("start", True)
+    if not isinstance(name, str):
+        raise InvalidError.at("name", "is required: the VM's name")
+    if not isinstance(start, bool):
+        raise InvalidError.at("start", "must be true or false")
+    check_name(name)
+    return name, start, parse(VMConfig, body)
 
 
 def _read_from(path: Path, offset: int) -> bytes:
