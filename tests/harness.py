@@ -244,14 +244,14 @@ def write_plugin(directory: Path, name: str, **fields: Any) -> Path:
 
 
 def process_alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie does not); a process that ends while it is looked at
+    does not either."""
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (ProcessLookupError, FileNotFoundError, IndexError):
         return False
-    return (
-        Path(f"/proc/{pid}").exists()
-        and "Z" not in Path(f"/proc/{pid}/stat").read_text().split()[2]
-    )
+    return state != "Z"
 
 
 def wait_for(predicate: Any, timeout: float = 15, what: str = "condition") -> Any:
