@@ -64,9 +64,6 @@ class VMLocks:
             self._doing.pop(name, None)
             lock.release()
 
-    def doing(self, name: str) -> str | None:
-        return self._doing.get(name)
-
     # ---- recovery -----------------------------------------------------------------------
 
     def begin_recovery(self, names: Iterable[str]) -> None:
