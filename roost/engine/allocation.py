@@ -260,7 +260,7 @@ class Allocator:
         network: alloc.NetworkRow | None = None
         held_on = vm.subnet
         if held_on is not None and (plan.net.ipam is IPAM.NONE or held_on != str(effective.subnet)):
-            emptied += alloc.release_address(session, vm, keep_network=DEFAULT_NETWORK)
+            emptied += self._release(session, vm)
         if plan.net.ipam is not IPAM.NONE:
             assert effective.subnet is not None and effective.gateway is not None
             network = alloc.ensure_network(session, effective.subnet, effective.gateway)
@@ -295,7 +295,7 @@ class Allocator:
                 ),
             )
         cid = alloc.allocate_cid(session, vm)
-        vsock_missing = self.drivers[vmm].vsock_unavailable() if net.vsock else None
+        vsock_missing = self._vsock_missing(vmm, net)
         self.records.set_planned(
             session.connection(),
             vm.id,
@@ -345,14 +345,36 @@ class Allocator:
 
         def release(vm: alloc.Holder) -> None:
             for purpose in (alloc.RESERVED, alloc.CURRENT):
-                emptied.extend(
-                    alloc.release_address(
-                        session, vm, keep_network=DEFAULT_NETWORK, purpose=purpose
-                    )
-                )
+                emptied.extend(self._release(session, vm, purpose))
 
         self.records.delete(session, name, release)
         return emptied
+
+    def _release(self, session: Session, vm: alloc.Holder, purpose: str = alloc.CURRENT) -> Emptied:
+        """Release the VM's address held for `purpose`; the networks that leaves empty."""
+        return alloc.release_address(session, vm, keep_network=DEFAULT_NETWORK, purpose=purpose)
+
+    def _vsock_missing(self, vmm: str, net: NetworkPlan) -> str | None:
+        return self.drivers[vmm].vsock_unavailable() if net.vsock else None
+
+    def _held_now(
+        self, session: Session, name: str, effective: EffectiveNetwork, vmm: str
+    ) -> dict[str, Any]:
+        """The record values that say what a VM with no VMM has now (what its next start
+        uses): its network, with the bridge it attaches to, its VMM and whether that VMM gives
+        it a vsock device."""
+        net = plan_network(effective, name)
+        bridge = None
+        if net.attach is Attachment.EXTERNAL:
+            bridge = self.settings.dhcp_bridge
+        elif effective.subnet is not None:
+            network = alloc.network_by_subnet(session, effective.subnet)
+            bridge = None if network is None else network.bridge
+        return {
+            "network": StoredNetwork(effective, net, bridge).to_json(),
+            "vmm_kind": vmm,
+            "vsock_unavailable": self._vsock_missing(vmm, net),
+        }
 
     def artifact_path(self, artifacts: dict[str, Any], role: str) -> Path | None:
         item = artifacts.get(role)
@@ -374,25 +396,10 @@ class Allocator:
         emptied: Emptied = []
         if effective.ip is None:
             for purpose in (alloc.RESERVED, alloc.CURRENT):
-                emptied += alloc.release_address(
-                    session, vm, keep_network=DEFAULT_NETWORK, purpose=purpose
-                )
+                emptied += self._release(session, vm, purpose)
         else:
             emptied += alloc.promote_reserved(session, vm, keep_network=DEFAULT_NETWORK)
-        net = plan_network(effective, name)
-        bridge = None
-        if net.attach is Attachment.EXTERNAL:
-            bridge = self.settings.dhcp_bridge
-        elif effective.subnet is not None:
-            network = alloc.network_by_subnet(session, effective.subnet)
-            bridge = None if network is None else network.bridge
-        vmm = str(latest.effective["vmm"])
-        values = {
-            "network": StoredNetwork(effective, net, bridge).to_json(),
-            "vmm_kind": vmm,
-            "vsock_unavailable": self.drivers[vmm].vsock_unavailable() if net.vsock else None,
-        }
-        return values, emptied
+        return self._held_now(session, name, effective, str(latest.effective["vmm"])), emptied
 
     # ---- patches ------------------------------------------------------------------------
 
@@ -417,7 +424,7 @@ class Allocator:
         plan = plan_vm(name, manifest, config, self.default)
         vmm = self.vmm_of(config)
         self.check_launchable(plan, manifest, latest.artifacts, vmm)
-        effective, emptied, bridge = self._address_for(session, vm, plan, vmm_runs=vmm_runs)
+        effective, emptied = self._address_for(session, vm, plan, vmm_runs=vmm_runs)
         number = latest.version + 1
         new_effective = effective_json(plan, effective, vmm)
         configs.add(
@@ -438,15 +445,9 @@ class Allocator:
             self.records.set_latest(connection, vm.id, number, restart_required=restart)
         else:
             restart = False
-            net = plan_network(effective, name)
+            held_now = self._held_now(session, name, effective, vmm)
             self.records.set_latest(
-                connection,
-                vm.id,
-                number,
-                restart_required=False,
-                network=StoredNetwork(effective, net, bridge),
-                vmm=vmm,
-                vsock_unavailable=self.drivers[vmm].vsock_unavailable() if net.vsock else None,
+                connection, vm.id, number, restart_required=False, held_now=held_now
             )
         created = configs.version(connection, name, number)
         assert created is not None
@@ -454,27 +455,24 @@ class Allocator:
 
     def _address_for(
         self, session: Session, vm: Holding, plan: VMPlan, *, vmm_runs: bool
-    ) -> tuple[EffectiveNetwork, Emptied, str | None]:
+    ) -> tuple[EffectiveNetwork, Emptied]:
         """The address a new version needs, held now: the VM's own when it fits, else a new
         one (`reserved` while a VMM runs an older version, else `current`); what no version
-        the VM runs or will run needs is released. Also the bridge the version attaches to."""
+        the VM runs or will run needs is released."""
         effective = plan.network
         leases = alloc.leases_of(session, vm.id)
         current, reserved = leases.get(alloc.CURRENT), leases.get(alloc.RESERVED)
         emptied: Emptied = []
 
         def release(purpose: str) -> None:
-            emptied.extend(
-                alloc.release_address(session, vm, keep_network=DEFAULT_NETWORK, purpose=purpose)
-            )
+            emptied.extend(self._release(session, vm, purpose))
 
         if plan.net.ipam is IPAM.NONE:
             if reserved is not None:
                 release(alloc.RESERVED)
             if current is not None and not vmm_runs:
                 release(alloc.CURRENT)
-            bridge = self.settings.dhcp_bridge if plan.net.attach is Attachment.EXTERNAL else None
-            return effective, emptied, bridge
+            return effective, emptied
         assert effective.subnet is not None and effective.gateway is not None
         if not vmm_runs:  # nothing runs with them: leases on other subnets go before the new
             for lease in (reserved, current):  # network is judged (it may overlap theirs)
@@ -496,12 +494,12 @@ class Allocator:
             assert current is not None
             if reserved is not None:
                 release(alloc.RESERVED)
-            return effective.with_ip(current.ip), emptied, network.bridge
+            return effective.with_ip(current.ip), emptied
         if fits(reserved):
             assert reserved is not None
             if not vmm_runs:  # nothing runs with the current one: the reserved one replaces it
                 emptied += alloc.promote_reserved(session, vm, keep_network=DEFAULT_NETWORK)
-            return effective.with_ip(reserved.ip), emptied, network.bridge
+            return effective.with_ip(reserved.ip), emptied
         # a new address: leases on other networks go first (their networks may go with
         # them), one on this network is swapped by the allocation or released after it (so
         # this network is never left empty and removed under the new lease)
@@ -513,7 +511,7 @@ class Allocator:
         ip = alloc.allocate_ip(session, network, vm.id, requested, purpose=purpose)
         if not vmm_runs and reserved is not None and reserved.network_id == network.id:
             release(alloc.RESERVED)
-        return effective.with_ip(ip), emptied, network.bridge
+        return effective.with_ip(ip), emptied
 
 
 def _required(kernel: Path | None) -> Path:

@@ -1,6 +1,6 @@
 """The engine: VM lifecycle as plan → act, with every host step recorded and undone on failure.
 
-Its collaborators are passed in (see `roost.engine.daemon.open_engine`, which builds the real
+Its collaborators are passed in (see `roost.engine.daemon.Daemon`, which builds the real
 ones): the VM records, the plugins, the host network, the VMM drivers, the lease observer and
 the disks, so each failure path can be exercised with a failing fake.
 """
@@ -195,11 +195,8 @@ class Engine:
 
     def _undo_create(self, name: str) -> None:
         """A create that failed (or was cut short by a crash) leaves nothing: its VMM, record,
-        leases, tap, rules, run dir and disk go, then the record that it was in progress."""
-        live = self.live.pop(name, None)
-        if live is not None:
-            self.watcher.forget(live.process)
-            live.process.kill()
+        leases, tap, rules, run dir and disk go (its VMM was ended by the steps' rollback, or
+        by recovery), then the record that it was in progress."""
         self._forget(name)
         self.records.end_create(name)
 
@@ -525,8 +522,7 @@ class Engine:
     def roll_back_create(self, name: str) -> None:
         """Undo a create a daemon died in (its VMM, if any, ended by the caller)."""
         with self.locks.hold(name, "rollback", wait=True, recovery=True):
-            self._forget(name)
-            self.records.end_create(name)
+            self._undo_create(name)
 
 
 def _discard_early(early: Early | None, tidy: Callable[[], object]) -> None:

@@ -142,7 +142,6 @@ class Daemon:
 
     def _build(self) -> None:
         settings = self.settings
-        default = DefaultNetwork.from_cidr(settings.default_subnet)
         db = Database(settings.database_url or sqlite_url(settings.state_dir))
         self._closers.append(db.dispose)
         db.migrate()
@@ -178,7 +177,7 @@ class Daemon:
             worker=worker,
         )
         self._closers.append(engine.close)
-        _ensure_default_network(db, default)
+        _ensure_default_network(db, engine.allocator.default)
         recovery = Recovery(engine, settings.orphans)
         recovery.check()
         self.engine, self.recovery = engine, recovery

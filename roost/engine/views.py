@@ -4,20 +4,13 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 from roost.spec import Resources, ResourcesOverride
-from roost.state.models import Network, Plugin
+from roost.state.models import Network, Plugin, timestamp
 from roost.state.vms import StoredNetwork
 from roost.vmm.base import RunDir
-
-
-def timestamp(moment: datetime) -> str:
-    if moment.tzinfo is None:  # SQLite hands back naive datetimes; roost stores UTC
-        moment = moment.replace(tzinfo=UTC)
-    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
 def vm_view(

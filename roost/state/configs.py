@@ -8,12 +8,12 @@ to (`effective`: network with the address this version was given, resources, VMM
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
 from sqlalchemy import Connection, bindparam, insert, select
 
-from roost.state.models import VM, VMConfigVersion
+from roost.state.models import VM, VMConfigVersion, timestamp
 
 _ADD = insert(VMConfigVersion)
 _COLUMNS = (
@@ -53,14 +53,11 @@ class ConfigVersion:
 
     def to_json(self) -> dict[str, Any]:
         """The API's object for a version: `{"version", "config", "effective", "created_at"}`."""
-        created = self.created_at
-        if created.tzinfo is None:  # SQLite hands back naive datetimes; roost stores UTC
-            created = created.replace(tzinfo=UTC)
         return {
             "version": self.version,
             "config": self.config,
             "effective": self.effective,
-            "created_at": created.astimezone(UTC).isoformat().replace("+00:00", "Z"),
+            "created_at": timestamp(self.created_at),
         }
 
 

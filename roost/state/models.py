@@ -33,6 +33,13 @@ def utcnow() -> datetime:
     return datetime.now(UTC)
 
 
+def timestamp(moment: datetime) -> str:
+    """A stored moment as the API shows it: ISO 8601 in UTC, with a `Z`."""
+    if moment.tzinfo is None:  # SQLite hands back naive datetimes; roost stores UTC
+        moment = moment.replace(tzinfo=UTC)
+    return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
+
+
 class Base(DeclarativeBase):
     metadata = MetaData(naming_convention=NAMING)
     type_annotation_map = {dict[str, Any]: JSON, datetime: DateTime(timezone=True)}

@@ -351,21 +351,16 @@ class VMRecords:
         version: int,
         *,
         restart_required: bool,
-        network: StoredNetwork | None = None,
-        vmm: str | None = None,
-        vsock_unavailable: str | None = None,
+        held_now: Mapping[str, Any] | None = None,
     ) -> None:
-        """Make `version` the VM's latest; with `network` (no VMM runs), it is also what the VM
-        has now: its network, its VMM and whether that VMM gives it a vsock device."""
+        """Make `version` the VM's latest; with `held_now` (no VMM runs: the record values of
+        its network, VMM and vsock availability), it is also what the VM has now."""
         values: dict[str, Any] = {
             "vm_id": vm_id,
             "config_version": version,
             "restart_required": restart_required,
+            **(held_now or {}),
         }
-        if network is not None:
-            values.update(
-                network=network.to_json(), vmm_kind=vmm, vsock_unavailable=vsock_unavailable
-            )
         connection.execute(_SET_VM, values)
 
     # ---- status changes -----------------------------------------------------------------
