@@ -25,7 +25,7 @@ from roost.spec import Manifest
 from roost.state import alloc
 from roost.state.artifacts import ArtifactStore
 from roost.state.db import Database, sqlite_url
-from roost.vmm.base import Early, LaunchSpec, RunDir
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
 from roost.vmm.process import VMMProcess
 
 SUBNET = "10.66.0.0/24"
@@ -114,8 +114,8 @@ class FakeDriver:
     def vsock_unavailable(self) -> str | None:
         return None
 
-    def vsock_path(self, run_dir: RunDir) -> Path | None:
-        return run_dir.vsock_socket
+    def vsock_backend(self) -> VsockBackend:
+        return VsockBackend.FIRECRACKER
 
     def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> Early | None:
         """Started before the allocation, as Firecracker is: a failure after this point must

@@ -296,6 +296,7 @@ class Allocator:
             )
         cid = alloc.allocate_cid(session, vm)
         vsock_missing = self._vsock_missing(vmm, net)
+        vsock_backend = None if vsock_missing else self.drivers[vmm].vsock_backend()
         self.records.set_planned(
             session.connection(),
             vm.id,
@@ -305,6 +306,7 @@ class Allocator:
             network=StoredNetwork(effective, net, bridge),
             vmm=vmm,
             vsock_unavailable=vsock_missing,
+            vsock_backend=vsock_backend,
         )
         files = Files(
             kernel=self.artifact_path(artifacts, "kernel") or _required(self.settings.kernel),
@@ -321,7 +323,7 @@ class Allocator:
             tap=tap if net.tap else None,
             mac=mac,
             cid=cid,
-            vsock_available=vsock_missing is None,
+            vsock_backend=vsock_backend,
         )
         booting = Booting(
             name=vm.name,

@@ -40,7 +40,15 @@ from roost.state.vms import (
     VMStatus,
     no_vm,
 )
-from roost.vmm.base import Driver, Early, RunDir
+from roost.vmm.base import (
+    Driver,
+    Early,
+    HybridVsock,
+    KernelVsock,
+    RunDir,
+    VsockBackend,
+    VsockTarget,
+)
 from roost.vmm.process import ExitWatcher, VMMProcess
 
 log = logging.getLogger("roost.engine")
@@ -55,6 +63,35 @@ class Observer(Protocol):
     def forget(self, key: str) -> None: ...
 
     def close(self) -> None: ...
+
+
+class VsockListeners(Protocol):
+    """What the daemon listens on for a VM while its VMM runs (its `vsock_services`), bound
+    before its guest boots and closed with its VMM; its persisted forwards go with the VM.
+    Called from the engine's threads."""
+
+    def vm_started(self, name: str, target: VsockTarget, services: Mapping[int, str]) -> None:
+        """Listen for the VM's guest-initiated connections; raises if a listener cannot be
+        bound (the start then fails)."""
+
+    def vm_stopped(self, name: str) -> None:
+        """Close the VM's service listeners (its forwards stay, refusing connections)."""
+
+    def vm_removed(self, name: str) -> None:
+        """Close everything held for the VM, forwards too."""
+
+
+class NoListeners:
+    """For an engine without a daemon's relays (tests of other parts)."""
+
+    def vm_started(self, name: str, target: VsockTarget, services: Mapping[int, str]) -> None:
+        return None
+
+    def vm_stopped(self, name: str) -> None:
+        return None
+
+    def vm_removed(self, name: str) -> None:
+        return None
 
 
 @dataclass
@@ -85,6 +122,7 @@ class Engine:
         observer: Observer,
         disks: Disks,
         worker: NetnsWorker,
+        listeners: VsockListeners | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -96,6 +134,7 @@ class Engine:
         self.observer = observer
         self.disks = disks
         self.worker = worker
+        self.listeners: VsockListeners = listeners or NoListeners()
         self.allocator = Allocator(
             settings,
             db=db,
@@ -142,12 +181,28 @@ class Engine:
             vm,
             run_dir=run_dir,
             api_socket=driver.api_socket(run_dir) if driver and live else None,
-            vsock_path=driver.vsock_path(run_dir) if driver else None,
         )
 
     def console(self, name: str) -> tuple[Path, bool]:
         """The VM's serial console log and whether its VMM may still write to it."""
         return self.run_dir(name).console_log, self.records.status(name) in LIVE
+
+    def vsock_target(self, name: str) -> VsockTarget:
+        """How the host reaches VM `name`'s vsock now: its hybrid socket, or its CID. A VM whose
+        VMM does not run (a paused one does) cannot be reached: conflict."""
+        row = self.records.row(name)
+        if name not in self.live:
+            raise ConflictError(
+                f"VM {name!r} is {row['status']}: its vsock is reachable only while its VMM "
+                f"runs; start it first (roost vm start {name})"
+            )
+        backend = row["vsock_backend"]
+        if backend is None:
+            reason = row["vsock_unavailable"] or "its network plan has none"
+            raise ConflictError(f"VM {name!r} has no vsock device: {reason}")
+        if backend == VsockBackend.KERNEL:
+            return KernelVsock(row["cid"])
+        return HybridVsock(self.run_dir(name).vsock_socket)
 
     def list_networks(self) -> list[dict[str, Any]]:
         with self.db.read() as session:

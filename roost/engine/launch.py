@@ -7,7 +7,7 @@ from pathlib import Path
 
 from roost.plan import NetworkPlan, VMPlan, boot_args
 from roost.spec import Manifest, VMConfig
-from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock
+from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock, VsockBackend
 
 
 @dataclass(frozen=True)
@@ -30,10 +30,11 @@ def launch_spec(
     tap: str | None,
     mac: str | None,
     cid: int,
-    vsock_available: bool,
+    vsock_backend: VsockBackend | None,
 ) -> LaunchSpec:
     """The driver's launch spec for `plan`, with `net` the network plan once the address is
-    allocated (its `kernel_ip_arg` complete)."""
+    allocated (its `kernel_ip_arg` complete); `vsock_backend` is None when the VMM can give
+    the VM no vsock device."""
     return LaunchSpec(
         name=plan.name,
         run_dir=run_dir,
@@ -44,5 +45,9 @@ def launch_spec(
         vcpus=plan.resources.vcpus,
         memory_mib=plan.resources.memory_mib,
         nic=NIC(tap=tap, mac=mac) if net.nic and tap and mac else None,
-        vsock=Vsock(cid, run_dir.vsock_socket) if net.vsock and vsock_available else None,
+        vsock=(
+            Vsock(cid, run_dir.vsock_socket, vsock_backend)
+            if net.vsock and vsock_backend is not None
+            else None
+        ),
     )

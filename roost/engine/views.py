@@ -10,7 +10,7 @@ from typing import Any
 from roost.spec import Resources, ResourcesOverride
 from roost.state.models import Network, Plugin, timestamp
 from roost.state.vms import StoredNetwork
-from roost.vmm.base import RunDir
+from roost.vmm.base import RunDir, VsockBackend
 
 
 def vm_view(
@@ -18,11 +18,9 @@ def vm_view(
     *,
     run_dir: RunDir,
     api_socket: Path | None,
-    vsock_path: Path | None,
 ) -> dict[str, Any]:
     """A VM as the API shows it, from its `roost.state.vms.VM_ROWS` row (as a mapping).
-    `api_socket` is its VMM's control socket while it runs; `vsock_path` is where its driver's
-    hybrid vsock listens (None when the guest is reached by CID)."""
+    `api_socket` is its VMM's control socket while it runs."""
     resources = ResourcesOverride.model_validate(vm["config"].get("resources", {})).apply(
         Resources.model_validate(vm["manifest"].get("resources", {}))
     )
@@ -30,6 +28,8 @@ def vm_view(
     assert stored is not None, "a VM is shown once its create has planned its network"
     plan = stored.plan
     vsock_ok = plan.vsock and vm["vsock_unavailable"] is None
+    backend = vm["vsock_backend"] if vsock_ok else None
+    hybrid = backend in (VsockBackend.FIRECRACKER, VsockBackend.USER)
     return {
         "name": vm["name"],
         "plugin": vm["plugin"],
@@ -45,8 +45,9 @@ def vm_view(
         },
         "vsock": {
             "cid": vm["cid"],
-            "uds_path": str(vsock_path) if vsock_ok and vsock_path else None,
+            "uds_path": str(run_dir.vsock_socket) if hybrid else None,
             "available": vsock_ok,
+            "backend": backend,
             "reason": vm["vsock_unavailable"],
         },
         "resources": {"vcpus": resources.vcpus, "memory_mib": resources.memory_mib},

@@ -105,6 +105,9 @@ class VM(Base):
         CheckConstraint(
             "NOT restart_required OR running_version IS NOT NULL", name="restart_required"
         ),
+        CheckConstraint(
+            "vsock_backend IN ('firecracker', 'user', 'kernel')", name="vsock_backend"
+        ),
         {"sqlite_autoincrement": True},
     )
 
@@ -120,6 +123,8 @@ class VM(Base):
     network: Mapped[dict[str, Any]]
     observed_ip: Mapped[str | None] = mapped_column(String(15))
     vsock_unavailable: Mapped[str | None] = mapped_column(Text)
+    # how the host reaches its guest's vsock, chosen when its VMM starts (see VsockBackend)
+    vsock_backend: Mapped[str | None] = mapped_column(String(16))
     pid: Mapped[int | None] = mapped_column(Integer)
     supervisor_pid: Mapped[int | None] = mapped_column(Integer)
     config_version: Mapped[int] = mapped_column(Integer, default=1)
@@ -190,6 +195,24 @@ class CIDLease(Base):
     cid: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
     vm: Mapped[VM] = relationship(back_populates="cid_lease")
+
+
+class VsockForward(Base):
+    """A TCP listener the daemon holds for a VM (`vm forward --persist`), relaying each
+    connection to the guest's vsock `guest_port`; restored when the daemon restarts, removed
+    with its VM. `listen` is `ADDR:PORT`, a loopback address."""
+
+    __tablename__ = "vsock_forwards"
+    __table_args__ = (
+        CheckConstraint("guest_port BETWEEN 1 AND 4294967294", name="guest_port"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    listen: Mapped[str] = mapped_column(String(64), unique=True)
+    guest_port: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class PendingCreate(Base):

@@ -168,6 +168,7 @@ class LiveRecord:
     tap: str | None
     mac: str | None
     network: StoredNetwork | None
+    vsock_backend: str | None
 
 
 def no_vm(name: str) -> NotFoundError:
@@ -228,6 +229,7 @@ class VMRecords:
                     VM.tap,
                     VM.mac,
                     VM.network,
+                    VM.vsock_backend,
                 ).where(VM.status.in_([status.value for status in LIVE]))
             ).all()
         return [
@@ -241,6 +243,7 @@ class VMRecords:
                 row.tap,
                 row.mac,
                 StoredNetwork.from_json(row.network),
+                row.vsock_backend,
             )
             for row in found
         ]
@@ -315,6 +318,7 @@ class VMRecords:
         network: StoredNetwork,
         vmm: str,
         vsock_unavailable: str | None,
+        vsock_backend: str | None,
     ) -> None:
         """Record what a VM holds and the network it is planned with, as it starts afresh."""
         connection.execute(
@@ -327,6 +331,7 @@ class VMRecords:
                 "network": network.to_json(),
                 "vmm_kind": vmm,
                 "vsock_unavailable": vsock_unavailable,
+                "vsock_backend": vsock_backend,
                 "observed_ip": None,
                 "status_reason": None,
                 "exit_code": None,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import shutil
 from collections.abc import Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
@@ -22,10 +23,37 @@ class NIC:
     mac: str
 
 
+class VsockBackend(StrEnum):
+    """What backs a VM's vsock device, chosen when its VMM starts and recorded with the VM."""
+
+    FIRECRACKER = "firecracker"  # Firecracker's own hybrid vsock (a Unix socket)
+    USER = "user"  # roost's vhost-user-vsock process for QEMU, with the same hybrid socket
+    KERNEL = "kernel"  # the host kernel's vhost-vsock: the host reaches the guest by its CID
+
+
 @dataclass(frozen=True)
 class Vsock:
     cid: int
     uds_path: Path
+    backend: VsockBackend
+
+
+@dataclass(frozen=True)
+class HybridVsock:
+    """A guest reached through a hybrid vsock socket: connect, send `CONNECT <port>\\n`, read
+    `OK <hostport>\\n`; the guest reaches host port P by dialling `<uds_path>_<P>`."""
+
+    uds_path: Path
+
+
+@dataclass(frozen=True)
+class KernelVsock:
+    """A guest reached with AF_VSOCK at its CID (the host kernel's vhost-vsock)."""
+
+    cid: int
+
+
+VsockTarget = HybridVsock | KernelVsock
 
 
 @dataclass(frozen=True)
@@ -119,9 +147,9 @@ class Driver(Protocol):
         """Why VMs of this driver get no vsock device on this host, or None when they do."""
         ...
 
-    def vsock_path(self, run_dir: RunDir) -> Path | None:
-        """The Unix socket the host reaches the guest's vsock through (hybrid vsock), or None
-        when the guest is reached by CID instead."""
+    def vsock_backend(self) -> VsockBackend:
+        """What backs the vsock device of the VMs it starts now (when `vsock_unavailable` says
+        they get one)."""
         ...
 
     def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> Early | None:

@@ -18,7 +18,7 @@ from typing import Any
 
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
 from roost.vmm.process import Starting, VMMProcess
 
 log = logging.getLogger(__name__)
@@ -267,8 +267,8 @@ class FirecrackerDriver:
     def vsock_unavailable(self) -> str | None:
         return None  # hybrid vsock needs no kernel support on the host
 
-    def vsock_path(self, run_dir: RunDir) -> Path | None:
-        return run_dir.vsock_socket
+    def vsock_backend(self) -> VsockBackend:
+        return VsockBackend.FIRECRACKER
 
     def _api(self, process: VMMProcess) -> FirecrackerAPI:
         api = self._apis.get(process)
