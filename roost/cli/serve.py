@@ -20,6 +20,7 @@ from roost.engine.settings import (
     Accel,
     Orphans,
     QemuMachine,
+    QemuVsock,
     Settings,
 )
 from roost.errors import HostError, InvalidError
@@ -80,6 +81,14 @@ def serve_command(
     accel: Annotated[
         Accel, typer.Option("--accel", help="QEMU's accelerator (auto probes KVM once).")
     ] = Accel.AUTO,
+    qemu_vsock: Annotated[
+        QemuVsock,
+        typer.Option(
+            "--qemu-vsock",
+            help="What backs QEMU VMs' vsock: the kernel's vhost-vsock, roost's own device "
+            "(user), or auto (kernel where /dev/vhost-vsock exists, else user).",
+        ),
+    ] = QemuVsock.AUTO,
     artifact_dir: Annotated[
         list[Path] | None,
         typer.Option(
@@ -145,6 +154,7 @@ def serve_command(
             vmm=vmm.value,
             qemu_machine=qemu_machine.value,
             accel=accel.value,
+            qemu_vsock=qemu_vsock.value,
             artifact_dirs=tuple(path.resolve() for path in artifact_dir or ()),
             orphans=orphans,
             max_operations=max_operations,

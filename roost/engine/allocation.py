@@ -52,6 +52,7 @@ class Booting:
     early: Early | None
     shown: dict[str, Any]  # what of its view cannot change while its VMM runs
     effective: EffectiveNetwork
+    services: dict[int, str]  # its vsock_services: guest port -> the host service it reaches
 
 
 @dataclass(frozen=True)
@@ -338,6 +339,7 @@ class Allocator:
             early=early,
             shown={**shown, "cid": cid},
             effective=effective,
+            services=dict(config.vsock_services),
         )
         return booting, emptied
 

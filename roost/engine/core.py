@@ -45,7 +45,9 @@ from roost.vmm.base import (
     Early,
     HybridVsock,
     KernelVsock,
+    LaunchSpec,
     RunDir,
+    Vsock,
     VsockBackend,
     VsockTarget,
 )
@@ -53,6 +55,8 @@ from roost.vmm.process import ExitWatcher, VMMProcess
 
 log = logging.getLogger("roost.engine")
 T = TypeVar("T")
+# how long a vsock device's end may precede its VMM's for both to be the VMM's own end
+DEVICE_VMM_GRACE = 1.0
 
 
 class Observer(Protocol):
@@ -415,6 +419,7 @@ class Engine:
                 )
             )
 
+        self._listen(name, booting.spec, booting.services, steps)
         disk_source = self.allocator.artifact_path(booting.artifacts, "rootfs")
         process = driver.launch(
             booting.spec,
@@ -426,17 +431,39 @@ class Engine:
         )
         self.live[name] = Live(process, driver, shown=booting.shown)
         steps.done(f"started {booting.vmm}", lambda: self._untrack(name, process))
-        self.watcher.watch(name, process)
+        self._watch(name, process)
         if net.observe_ip and booting.tap is not None:
             assert booting.mac is not None
             self.observer.watch(name, booting.tap, booting.mac)
         [row] = recorded  # drivers call `while_booting` once for every boot they complete
         return self._view(row)
 
+    def _listen(
+        self, name: str, spec: LaunchSpec, services: Mapping[int, str], steps: Steps
+    ) -> None:
+        """Listen for the guest's connections to its `vsock_services` before it boots."""
+        if spec.vsock is None:
+            return
+        target = vsock_target_of(spec.vsock)
+        self.listeners.vm_started(name, target, services)
+        steps.done("listened for vsock services", lambda: self.listeners.vm_stopped(name))
+
+    def _watch(self, name: str, process: VMMProcess) -> None:
+        """Follow the VMM, and its vsock device if it has one: the device's end kills the
+        guest's vsock for good, so it ends the VM too."""
+        self.watcher.watch(name, process)
+        if process.device is not None:
+            self.watcher.watch(name, process.device)
+
+    def _unwatch(self, process: VMMProcess) -> None:
+        self.watcher.forget(process)
+        if process.device is not None:
+            self.watcher.forget(process.device)
+
     def _untrack(self, name: str, process: VMMProcess) -> None:
         """Undo a launch: no longer follow the VMM, and end it."""
         self.live.pop(name, None)
-        self.watcher.forget(process)
+        self._unwatch(process)
         process.kill()
 
     def _pause_or_resume(self, name: str, *, pause: bool) -> dict[str, Any]:
@@ -474,7 +501,7 @@ class Engine:
             self.records.status(name)  # a VM that does not exist is an error, a stopped one not
             return
         self._set(name, status=VMStatus.STOPPING)
-        self.watcher.forget(live.process)
+        self._unwatch(live.process)
         if live.paused and not force:
             # a paused guest cannot act on a graceful shutdown request: let it run to do so
             try:
@@ -490,6 +517,7 @@ class Engine:
     def release_host(self, name: str, tap: str | None = None) -> None:
         """Remove what only exists while the VMM runs: its tap, its rules and its sockets."""
         self.observer.forget(name)
+        self.listeners.vm_stopped(name)
         tap = tap or self.records.tap(name)
         if tap is not None:
             self.host.release(tap)
@@ -499,24 +527,62 @@ class Engine:
         self._exits.submit(self._vmm_exited, name, process)
 
     def _vmm_exited(self, name: str, process: VMMProcess) -> None:
-        """A VMM ended without being asked: the VM is `stopped` (exit 0) or `crashed`."""
+        """A VMM (or its vsock device) ended without being asked: the VM is `stopped` (exit 0)
+        or `crashed`."""
         with self.locks.hold(name, "exit", wait=True, recovery=True):
             live = self.live.get(name)
-            if live is None or live.process is not process:
+            if live is None:
                 return
-            process.wait(5)
-            code = process.exit_code()
-            self.live.pop(name, None)
-            self.release_host(name)
-            status = VMStatus.STOPPED if code == 0 else VMStatus.CRASHED
-            self._set(
-                name,
-                status=status,
-                status_reason=None if code == 0 else exit_reason(code),
-                exit_code=code,
-                **self._ended(name),
-            )
-            log.info("VM %s: VMM exited on its own with %s -> %s", name, code, status)
+            if process is live.process.device:
+                self._device_ended(name, live)
+                return
+            if live.process is process:
+                self._record_exit(name, process)
+
+    def _record_exit(self, name: str, process: VMMProcess) -> None:
+        process.wait(5)
+        process.end_device()
+        code = process.exit_code()
+        self.live.pop(name, None)
+        self.release_host(name)
+        status = VMStatus.STOPPED if code == 0 else VMStatus.CRASHED
+        self._set(
+            name,
+            status=status,
+            status_reason=None if code == 0 else exit_reason(code),
+            exit_code=code,
+            **self._ended(name),
+        )
+        log.info("VM %s: VMM exited on its own with %s -> %s", name, code, status)
+
+    def _device_ended(self, name: str, live: Live) -> None:
+        """The VM's vsock device ended. When its VMM ends too (the device goes once the VMM
+        does), that is the VMM's end; else the guest's vsock is dead for good (QEMU cannot
+        reconnect a vhost-user device): the VMM is stopped and the VM `crashed`."""
+        process, device = live.process, live.process.device
+        assert device is not None
+        if process.wait(DEVICE_VMM_GRACE):
+            self._unwatch(process)
+            self._record_exit(name, process)
+            return
+        device.wait(1)
+        what = f"the VM's vsock device (roost's vhost-user-vsock backend, pid {device.pid})"
+        reason = (
+            f"{exit_reason(device.exit_code(), what)}; its guest cannot get vsock back, so its "
+            "VMM was stopped"
+        )
+        log.error("VM %s: %s", name, reason)
+        self._unwatch(process)
+        code = live.driver.stop(process, 0, True)
+        self.live.pop(name, None)
+        self.release_host(name)
+        self._set(
+            name,
+            status=VMStatus.CRASHED,
+            status_reason=reason,
+            exit_code=code,
+            **self._ended(name),
+        )
 
     def address_observed(self, name: str, ip: str) -> None:
         """The address a dhcp guest leased, as the host saw it (tap traffic or lease file)."""
@@ -527,6 +593,7 @@ class Engine:
         """Remove the VM's record, leases, run dir, disk and any network it leaves empty."""
 
         self.release_host(name)
+        self.listeners.vm_removed(name)
         emptied = self.db.transact(lambda session: self.allocator.forget(session, name))
         self.host.remove_bridges(emptied)
         self.run_dir(name).remove()
@@ -561,10 +628,26 @@ class Engine:
         self.live[record.name] = Live(
             process, self.drivers[record.vmm_kind], record.status is VMStatus.PAUSED
         )
-        self.watcher.watch(record.name, process)
+        self._watch(record.name, process)
         watched = record.network is not None and record.network.plan.observe_ip
         if watched and record.tap is not None and record.mac is not None:
             self.observer.watch(record.name, record.tap, record.mac)
+        if record.vsock_backend is not None:
+            self._listen_again(record.name, record.running_version)
+
+    def _listen_again(self, name: str, version: int | None) -> None:
+        """Listen for an adopted VM's vsock services again (those of the version it runs); a
+        listener that cannot be bound is logged, and the VM adopted all the same."""
+        with self.db.read() as session:
+            running = configs.version(session.connection(), name, version or 0)
+            running = running or configs.latest(session.connection(), name)
+        if running is None:
+            return
+        services = VMConfig.model_validate(running.config).vsock_services
+        try:
+            self.listeners.vm_started(name, self.vsock_target(name), services)
+        except Exception:
+            log.exception("VM %s: could not listen for its vsock services again", name)
 
     def settle(
         self, name: str, status: VMStatus, code: int | None, reason: str | None, tap: str | None
@@ -588,9 +671,16 @@ def _discard_early(early: Early | None, tidy: Callable[[], object]) -> None:
     tidy()
 
 
-def exit_reason(code: int | None) -> str:
+def vsock_target_of(vsock: Vsock) -> VsockTarget:
+    """How the host reaches a guest with this vsock device."""
+    if vsock.backend is VsockBackend.KERNEL:
+        return KernelVsock(vsock.cid)
+    return HybridVsock(vsock.uds_path)
+
+
+def exit_reason(code: int | None, what: str = "the VMM") -> str:
     if code is None:
-        return "the VMM ended and its exit status is unknown"
+        return f"{what} ended and its exit status is unknown"
     if code < 0:
-        return f"the VMM was killed by signal {-code}"
-    return f"the VMM exited with code {code}"
+        return f"{what} was killed by signal {-code}"
+    return f"{what} exited with code {code}"

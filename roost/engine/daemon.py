@@ -37,7 +37,7 @@ from roost.state.db import Database, sqlite_url
 from roost.state.models import Network
 from roost.vmm.base import Driver, RunDir
 from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
-from roost.vmm.qemu import Accel, Machine, QemuDriver
+from roost.vmm.qemu import Accel, Machine, QemuDriver, VsockChoice, check_vsock_choice
 
 log = logging.getLogger("roost.daemon")
 
@@ -162,7 +162,9 @@ class Daemon:
         drivers: dict[str, Driver] = {
             "firecracker": FirecrackerDriver(find_firecracker(settings.firecracker)),
             "qemu": QemuDriver(
-                machine=cast(Machine, settings.qemu_machine), accel=cast(Accel, settings.accel)
+                machine=cast(Machine, settings.qemu_machine),
+                accel=cast(Accel, settings.accel),
+                vsock=cast(VsockChoice, settings.qemu_vsock),
             ),
         }
         engine = Engine(
@@ -205,6 +207,7 @@ def _check_settings(settings: Settings) -> None:
             "kernel", f"{kernel} is not an uncompressed ELF vmlinux (or is not readable)"
         )
     RunDir(settings.run_dir / "vms" / "x").check_length()
+    check_vsock_choice(settings.qemu_vsock)
 
 
 def _ensure_default_network(db: Database, default: DefaultNetwork) -> None:

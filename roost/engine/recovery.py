@@ -24,8 +24,15 @@ from roost.engine.settings import Orphans
 from roost.errors import ConflictError, RoostError
 from roost.state import alloc
 from roost.state.vms import LiveRecord, VMStatus
-from roost.vmm.base import RunDir
-from roost.vmm.process import VMMProcess, is_vmm_of, recorded_pid
+from roost.vmm.base import RunDir, VsockBackend
+from roost.vmm.process import (
+    DEVICE_FILES,
+    VMM_FILES,
+    ProcessFiles,
+    VMMProcess,
+    is_vmm_of,
+    recorded_pid,
+)
 
 log = logging.getLogger("roost.recovery")
 T = TypeVar("T")
@@ -33,22 +40,50 @@ T = TypeVar("T")
 
 @dataclass(frozen=True)
 class FoundVMM:
-    """A live VMM of this daemon's kind, found in the run dir of VM `name`."""
+    """A live VMM of this daemon's kind, or its live vsock device (or both), found in the run
+    dir of VM `name`."""
 
     name: str
-    pid: int
+    pid: int | None
     run_dir: Path
+    device_pid: int | None = None
+
+    def end(self) -> None:
+        """Kill both, by PID, the VMM first."""
+        for process in (_process(self.run_dir, self.pid), self.device()):
+            if process is not None:
+                process.kill()
+
+    def device(self) -> VMMProcess | None:
+        return _process(self.run_dir, self.device_pid, DEVICE_FILES)
+
+    def __str__(self) -> str:
+        pids = [f"pid {self.pid}"] if self.pid else []
+        pids += [f"vsock device pid {self.device_pid}"] if self.device_pid else []
+        return f"{self.name} ({', '.join(pids)})"
+
+
+def _process(run_dir: Path, pid: int | None, files: ProcessFiles = VMM_FILES) -> VMMProcess | None:
+    return None if pid is None else VMMProcess(run_dir, pid, pid, files)
+
+
+def _live_pid(run_dir: Path, files: ProcessFiles) -> int | None:
+    """The PID the supervisor recorded in `run_dir`, if that process still lives and names the
+    run dir on its command line (not a stranger that got the PID since)."""
+    pid = recorded_pid(run_dir, files)
+    if pid is None or VMMProcess(run_dir, pid, pid, files).exited():
+        return None
+    return pid if is_vmm_of(pid, run_dir) else None
 
 
 def live_vmms(run_root: Path) -> list[FoundVMM]:
-    """Every live VMM started in a run dir under `run_root` (its PID file names it, and it
-    names its run dir on its command line)."""
+    """Every run dir under `run_root` where a VMM or a vsock device started for it lives."""
     vms = run_root / "vms"
     found = []
     for path in sorted(vms.iterdir()) if vms.is_dir() else []:
-        pid = recorded_pid(path)
-        if pid is not None and not VMMProcess(path, pid, pid).exited() and is_vmm_of(pid, path):
-            found.append(FoundVMM(path.name, pid, path))
+        pid, device_pid = _live_pid(path, VMM_FILES), _live_pid(path, DEVICE_FILES)
+        if pid is not None or device_pid is not None:
+            found.append(FoundVMM(path.name, pid, path, device_pid))
     return found
 
 
@@ -61,14 +96,15 @@ def unaccounted(
     orphans = []
     for vmm in found:
         record = by_name.get(vmm.name)
-        if vmm.name in pending or (record is not None and record.pid in (None, vmm.pid)):
+        accounted = record is not None and (vmm.pid is None or record.pid in (None, vmm.pid))
+        if vmm.name in pending or accounted:
             continue
         orphans.append(vmm)
     return orphans
 
 
 def orphans_error(orphans: list[FoundVMM]) -> ConflictError:
-    listed = ", ".join(f"{vmm.name} (pid {vmm.pid})" for vmm in orphans)
+    listed = ", ".join(str(vmm) for vmm in orphans)
     return ConflictError(
         f"live VMMs that the database does not account for run in the run dir: {listed}. "
         "The database may have been replaced or restored from an older copy. Start the daemon "
@@ -139,17 +175,15 @@ class Recovery:
     def _reap_orphans(self) -> None:
         for vmm in self.orphans:
             if self.policy is Orphans.REAP:
-                VMMProcess(vmm.run_dir, vmm.pid, vmm.pid).kill()
-                log.warning("ended VMM %d in %s, which no VM accounts for", vmm.pid, vmm.run_dir)
+                vmm.end()
+                log.warning("ended %s in %s, which no VM accounts for", vmm, vmm.run_dir)
             else:
-                log.warning("left VMM %d in %s running (--keep-orphans)", vmm.pid, vmm.run_dir)
+                log.warning("left %s in %s running (--keep-orphans)", vmm, vmm.run_dir)
 
     def _roll_back_create(self, name: str) -> None:
         """A create that never returned: its VMM ended, then everything it made removed."""
-        run_dir = self.engine.run_dir(name)
-        pid = recorded_pid(run_dir.path)
-        if pid is not None and is_vmm_of(pid, run_dir.path):
-            VMMProcess(run_dir.path, pid, pid).kill()
+        path = self.engine.run_dir(name).path
+        FoundVMM(name, _live_pid(path, VMM_FILES), path, _live_pid(path, DEVICE_FILES)).end()
         self.engine.roll_back_create(name)
         log.info("VM %s: rolled back its create, which the daemon died in", name)
 
@@ -164,6 +198,11 @@ class Recovery:
         alive = (
             process is not None and not process.exited() and is_vmm_of(process.pid, run_dir.path)
         )
+        device = _process(run_dir.path, _live_pid(run_dir.path, DEVICE_FILES), DEVICE_FILES)
+        if process is not None:
+            process.device = device
+        elif device is not None:
+            device.kill()
         if status in (VMStatus.STARTING, VMStatus.STOPPING):
             code = process.kill() if alive and process is not None else None
             doing = "starting" if status is VMStatus.STARTING else "stopping"
@@ -171,9 +210,19 @@ class Recovery:
             self.engine.settle(name, VMStatus.STOPPED, code, reason, record.tap)
             return
         if alive and process is not None:
+            if record.vsock_backend == VsockBackend.USER and device is None:
+                code = process.kill()
+                reason = (
+                    "the VM's vsock device (roost's vhost-user-vsock backend) ended while no "
+                    "daemon followed it; its guest cannot get vsock back, so its VMM was stopped"
+                )
+                self.engine.settle(name, VMStatus.CRASHED, code, reason, record.tap)
+                return
             self.engine.adopt(record, process)
             log.info("VM %s: adopted its running VMM (pid %d)", name, process.pid)
             return
+        if process is not None:
+            process.end_device()
         code = process.exit_code() if process is not None else None
         ended = VMStatus.STOPPED if code == 0 else VMStatus.CRASHED
         self.engine.settle(name, ended, code, None if code == 0 else exit_reason(code), record.tap)

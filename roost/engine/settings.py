@@ -20,6 +20,12 @@ class Accel(StrEnum):
     TCG = "tcg"
 
 
+class QemuVsock(StrEnum):
+    AUTO = "auto"
+    USER = "user"
+    KERNEL = "kernel"
+
+
 class Orphans(StrEnum):
     """What a starting daemon does with live VMMs its database does not account for."""
 
@@ -51,6 +57,7 @@ class Settings:
     vmm: str = "firecracker"
     qemu_machine: str = "microvm"
     accel: str = "auto"
+    qemu_vsock: str = "auto"  # what backs QEMU VMs' vsock: auto, user (roost's) or kernel
     stop_timeout: float = 3.0
     # directories `path` artifacts may come from for API clients that are not root (TCP);
     # the local Unix socket's clients are root anyway and may name any regular file

@@ -22,21 +22,35 @@ from roost.host.netns import NetnsWorker
 
 log = logging.getLogger(__name__)
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
-PID_FILE = "vmm.pid"
-EXIT_FILE = "exit"
+DEVICE_GRACE = 2.0  # for a device process to end on its own once its VMM has
 
 
-def recorded_pid(run_dir: Path) -> int | None:
-    """The PID of the VMM the supervisor started in `run_dir`, if it wrote one."""
+@dataclass(frozen=True)
+class ProcessFiles:
+    """The names of the files in a run dir where the supervisor writes a process's PID and its
+    exit status."""
+
+    pid: str
+    exit: str
+
+
+VMM_FILES = ProcessFiles("vmm.pid", "exit")
+# a device process that serves the VMM (roost's vhost-user-vsock backend)
+DEVICE_FILES = ProcessFiles("vsock.pid", "vsock.exit")
+
+
+def recorded_pid(run_dir: Path, files: ProcessFiles = VMM_FILES) -> int | None:
+    """The PID of the process the supervisor started in `run_dir`, if it wrote one."""
     try:
-        return int((run_dir / PID_FILE).read_text())
+        return int((run_dir / files.pid).read_text())
     except (OSError, ValueError):
         return None
 
 
 def is_vmm_of(pid: int, run_dir: Path) -> bool:
-    """Whether process `pid` is a VMM started for `run_dir` (it names the run dir on its
-    command line): a guard against PID reuse before a PID is adopted or signalled."""
+    """Whether process `pid` was started for `run_dir` (a VMM or its device process: it names
+    the run dir on its command line): a guard against PID reuse before a PID is adopted or
+    signalled."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
@@ -56,32 +70,49 @@ def _pid_alive(pid: int) -> bool:
 
 class VMMProcess:
     """A VMM started by this daemon's supervisor (or an earlier daemon's): known by its PID and
-    its run dir, where the supervisor writes how it ended."""
+    its run dir, where the supervisor writes how it ended. `device` is the process serving
+    one of its devices (roost's vsock backend), which lives and ends with it."""
 
-    def __init__(self, run_dir: Path, pid: int, supervisor_pid: int) -> None:
+    def __init__(
+        self, run_dir: Path, pid: int, supervisor_pid: int, files: ProcessFiles = VMM_FILES
+    ) -> None:
         self.run_dir = run_dir
         self.pid = pid
         self.supervisor_pid = supervisor_pid
+        self.files = files
+        self.device: VMMProcess | None = None
 
     @classmethod
     def start(
-        cls, argv: list[str], run_dir: Path, worker: NetnsWorker, *, output: Path
+        cls,
+        argv: list[str],
+        run_dir: Path,
+        worker: NetnsWorker,
+        *,
+        output: Path,
+        files: ProcessFiles = VMM_FILES,
     ) -> VMMProcess:
         """Start `argv` in the worker's namespace, in a session of its own, its output
         appended to `output`."""
-        return cls.begin(argv, run_dir, worker, output=output).result()
+        return cls.begin(argv, run_dir, worker, output=output, files=files).result()
 
     @classmethod
     def begin(
-        cls, argv: list[str], run_dir: Path, worker: NetnsWorker, *, output: Path
+        cls,
+        argv: list[str],
+        run_dir: Path,
+        worker: NetnsWorker,
+        *,
+        output: Path,
+        files: ProcessFiles = VMM_FILES,
     ) -> Starting:
         """As `start`, but only ask the supervisor: the VMM starts while the caller goes on."""
         supervisor = Supervisor.of(worker)
-        return Starting(supervisor, supervisor.send(argv, run_dir, output), run_dir)
+        return Starting(supervisor, supervisor.send(argv, run_dir, output, files), run_dir, files)
 
     @property
     def exit_file(self) -> Path:
-        return self.run_dir / EXIT_FILE
+        return self.run_dir / self.files.exit
 
     def exited(self) -> bool:
         return self.exit_file.exists() or not _pid_alive(self.pid)
@@ -117,11 +148,20 @@ class VMMProcess:
         return True
 
     def kill(self) -> int | None:
-        """SIGKILL the VMM, wait until it is reaped, return its exit code."""
+        """SIGKILL the VMM, wait until it is reaped, end its device process; the VMM's exit
+        code."""
         self.signal(signal.SIGKILL)
         if not self.wait(10):
             log.error("VMM %d did not end after SIGKILL", self.pid)
+        self.end_device()
         return self.exit_code()
+
+    def end_device(self) -> None:
+        """Once the VMM has ended: give its device process a moment to end on its own (it
+        does when the VMM goes), then SIGKILL it; reaped either way."""
+        device = self.device
+        if device is not None and not device.wait(DEVICE_GRACE):
+            device.kill()
 
     def pidfd(self) -> int:
         """A descriptor that becomes readable when the VMM has exited."""
@@ -132,10 +172,13 @@ class Starting:
     """A VMM its supervisor has been asked to start; `result()` waits for its PID the first
     time, and gives the same process (or raises the same error) every time."""
 
-    def __init__(self, supervisor: Supervisor, ticket: Ticket, run_dir: Path) -> None:
+    def __init__(
+        self, supervisor: Supervisor, ticket: Ticket, run_dir: Path, files: ProcessFiles
+    ) -> None:
         self._supervisor = supervisor
         self._ticket = ticket
         self._run_dir = run_dir
+        self._files = files
         self._outcome: VMMProcess | VMMFailedError | None = None
 
     def result(self) -> VMMProcess:
@@ -143,7 +186,7 @@ class Starting:
             channel = self._ticket[0]
             try:
                 pid = self._supervisor.answer(self._ticket)
-                self._outcome = VMMProcess(self._run_dir, pid, channel.process.pid)
+                self._outcome = VMMProcess(self._run_dir, pid, channel.process.pid, self._files)
             except VMMFailedError as error:
                 self._outcome = error
         if isinstance(self._outcome, VMMFailedError):
@@ -212,9 +255,15 @@ class Supervisor:
         self._channel = _Channel(process)
         return self._channel
 
-    def send(self, argv: list[str], run_dir: Path, output: Path) -> Ticket:
+    def send(self, argv: list[str], run_dir: Path, output: Path, files: ProcessFiles) -> Ticket:
         """Ask for `argv` to be started; `answer` gives its PID."""
-        command = {"run_dir": str(run_dir), "argv": argv, "output": str(output)}
+        command = {
+            "run_dir": str(run_dir),
+            "argv": argv,
+            "output": str(output),
+            "pid_file": files.pid,
+            "exit_file": files.exit,
+        }
         with self._lock:
             channel = self._running()
             assert channel.process.stdin is not None

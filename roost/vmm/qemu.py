@@ -15,6 +15,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -23,16 +24,18 @@ from functools import cache
 from pathlib import Path
 from typing import Literal, get_args
 
-from roost.errors import VMMFailedError, VMMUnavailableError
+from roost.errors import InvalidError, VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir
-from roost.vmm.process import VMMProcess
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
+from roost.vmm.process import DEVICE_FILES, VMMProcess
 from roost.vmm.qmp import qmp
 
 log = logging.getLogger(__name__)
 
 Machine = Literal["microvm", "q35"]
 Accel = Literal["auto", "kvm", "tcg"]
+# auto: the kernel's vhost-vsock where /dev/vhost-vsock exists, roost's own backend elsewhere
+VsockChoice = Literal["auto", "user", "kernel"]
 
 KVM_DEVICE = Path("/dev/kvm")
 VHOST_VSOCK_DEVICE = Path("/dev/vhost-vsock")
@@ -40,6 +43,10 @@ VHOST_NET_DEVICE = Path("/dev/vhost-net")
 CPUINFO = Path("/proc/cpuinfo")
 CPUFREQ = Path("/sys/devices/system/cpu/cpu0/cpufreq")
 QMP_SOCKET = "qmp.sock"
+VHOST_USER_SOCKET = "vhost-user.sock"  # roost's vsock backend serves QEMU here
+VSOCK_LOG = "vsock.log"
+GUEST_MEMORY = "mem"  # the id of the shared memory backend the vsock backend maps
+DEVICE_READY_WAIT = 5.0  # until the vsock backend listens (Python starts in ~0.1 s)
 
 QMP_WAIT = 5.0  # from start until QMP answers
 QMP_CALL_TIMEOUT = 1.0  # one call while stopping or waiting for QMP
@@ -59,6 +66,17 @@ _VIRTIO_SUFFIX: dict[str, str] = {"microvm": "device", "q35": "pci"}
 def _opt(value: object) -> str:
     """A value inside a QEMU `key=value,...` option, where a comma must be doubled."""
     return str(value).replace(",", ",,")
+
+
+def check_vsock_choice(choice: str) -> None:
+    """Refuse a vsock choice this host cannot honour (the daemon checks before it starts)."""
+    if choice == "kernel" and not VHOST_VSOCK_DEVICE.exists():
+        raise InvalidError.at(
+            "qemu_vsock",
+            f"kernel needs {VHOST_VSOCK_DEVICE} (kernel module vhost_vsock), which this host "
+            "does not have; load the module, or use --qemu-vsock auto or user (roost's own "
+            "vsock device)",
+        )
 
 
 def tsc_khz_from(cpuinfo: str, cpufreq: Path) -> tuple[int | None, str]:
@@ -111,16 +129,15 @@ def qemu_argv(
     *,
     machine: Machine,
     accel: str,
-    vsock: bool,
     tsc_khz: int | None,
     vhost_net: bool = False,
 ) -> list[str]:
-    """QEMU's whole command line for `spec` (pure, so tests can check every case). `vsock` and
-    `vhost_net` say whether the host can back a vsock device and move the NIC's data path into
-    the kernel."""
+    """QEMU's whole command line for `spec` (pure, so tests can check every case).
+    `vhost_net` says whether the host can move the NIC's data path into the kernel."""
     run_dir = spec.run_dir
     virtio = _VIRTIO_SUFFIX[machine]
-    argv = [str(binary), "-name", _opt(spec.name), "-M", machine, "-accel", accel]
+    argv = [str(binary), "-name", _opt(spec.name), "-M", machine_option(machine, spec)]
+    argv += ["-accel", accel]
     if accel == "kvm":
         argv += ["-cpu", "host"]
     argv += ["-m", str(spec.memory_mib), "-smp", str(spec.vcpus)]
@@ -152,9 +169,45 @@ def qemu_argv(
             "-device",
             f"virtio-net-{virtio},netdev=n0,mac={spec.nic.mac}",
         ]
-    if spec.vsock is not None and vsock:
-        argv += ["-device", f"vhost-vsock-{virtio},guest-cid={spec.vsock.cid}"]
+    if spec.vsock is not None:
+        argv += _vsock_args(spec, machine)
     return argv
+
+
+def _vsock_args(spec: LaunchSpec, machine: Machine) -> list[str]:
+    """The vsock device: the kernel's vhost-vsock with the VM's CID, or roost's vhost-user
+    backend, which maps guest memory (so that becomes a shared memfd) and hands QEMU the CID
+    through the device config."""
+    assert spec.vsock is not None
+    virtio = _VIRTIO_SUFFIX[machine]
+    if spec.vsock.backend is VsockBackend.KERNEL:
+        return ["-device", f"vhost-vsock-{virtio},guest-cid={spec.vsock.cid}"]
+    socket_path = spec.run_dir.path / VHOST_USER_SOCKET
+    size = f"{spec.memory_mib}M"
+    return [
+        *("-object", f"memory-backend-memfd,id={GUEST_MEMORY},size={size},share=on"),
+        *("-chardev", f"socket,id=vu,path={_opt(socket_path)}"),
+        *("-device", f"vhost-user-vsock-{virtio},chardev=vu"),
+    ]
+
+
+def machine_option(machine: Machine, spec: LaunchSpec) -> str:
+    """`-M`'s value: the user-space vsock backend needs guest memory it can map."""
+    user_vsock = spec.vsock is not None and spec.vsock.backend is VsockBackend.USER
+    return f"{machine},memory-backend={GUEST_MEMORY}" if user_vsock else machine
+
+
+def device_argv(spec: LaunchSpec) -> list[str]:
+    """roost's vhost-user-vsock backend for `spec` (its command line names the word vsock and
+    the VM's run dir, so a restarted daemon can tell it is this VM's)."""
+    assert spec.vsock is not None
+    run_dir = spec.run_dir.path
+    return [
+        *(sys.executable, "-I", "-m", "roost.vmm.vsock"),
+        *("--vhost-user", str(run_dir / VHOST_USER_SOCKET)),
+        *("--uds", str(spec.vsock.uds_path)),
+        *("--cid", str(spec.vsock.cid)),
+    ]
 
 
 def probe_argv(binary: Path, machine: Machine, kernel: Path, console: Path) -> list[str]:
@@ -199,11 +252,38 @@ def _read_from(path: Path, offset: int = 0) -> str:
 
 
 def _end(process: VMMProcess) -> int | None:
-    """Kill the VMM by PID and reap it; one that has already exited is only reaped (its PID
-    may be someone else's by now)."""
+    """Kill the VMM by PID and reap it (its vsock device too); one that has already exited is
+    only reaped (its PID may be someone else's by now)."""
     if process.exited() and process.wait(TERM_WAIT):
+        process.end_device()
         return process.exit_code()
     return process.kill()
+
+
+def _start_device(spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess | None:
+    """roost's vsock backend for `spec`, listening (QEMU connects to it at once, and exits if
+    nobody listens); None when the VM's vsock needs none."""
+    if spec.vsock is None or spec.vsock.backend is not VsockBackend.USER:
+        return None
+    run_dir = spec.run_dir
+    ready = run_dir.path / VHOST_USER_SOCKET
+    ready.unlink(missing_ok=True)  # the backend makes it once it listens: a stale one would lie
+    log_path = run_dir.path / VSOCK_LOG
+    log_offset = log_path.stat().st_size if log_path.exists() else 0
+    device = VMMProcess.start(
+        device_argv(spec), run_dir.path, worker, output=log_path, files=DEVICE_FILES
+    )
+    deadline = time.monotonic() + DEVICE_READY_WAIT
+    while not ready.exists():
+        if device.exited() or time.monotonic() > deadline:
+            device.kill()
+            said = _said(_read_from(log_path, log_offset))
+            raise VMMFailedError(
+                f"the vsock device of VM {spec.name} did not come up within "
+                f"{DEVICE_READY_WAIT:g}s (exit code {device.exit_code()}){said}"
+            )
+        time.sleep(0.005)
+    return device
 
 
 class QemuDriver:
@@ -217,11 +297,15 @@ class QemuDriver:
         binary: Path | None = None,
         machine: Machine = "microvm",
         accel: Accel = "auto",
+        vsock: VsockChoice = "auto",
     ) -> None:
         if machine not in get_args(Machine):
             raise ValueError(f"QEMU machine {machine!r} is not one of {get_args(Machine)}")
         if accel not in get_args(Accel):
             raise ValueError(f"QEMU accelerator {accel!r} is not one of {get_args(Accel)}")
+        if vsock not in get_args(VsockChoice):
+            raise ValueError(f"QEMU vsock {vsock!r} is not one of {get_args(VsockChoice)}")
+        self.vsock: VsockChoice = vsock
         if binary is None and (found := shutil.which("qemu-system-x86_64")) is not None:
             binary = Path(found)
         self.binary = binary
@@ -250,15 +334,14 @@ class QemuDriver:
         return run_dir.path / QMP_SOCKET
 
     def vsock_unavailable(self) -> str | None:
-        if VHOST_VSOCK_DEVICE.exists():
-            return None
-        return (
-            "QEMU needs /dev/vhost-vsock (kernel module vhost_vsock) for a vsock device; "
-            "this host has none"
-        )
+        if self.vsock_backend() is VsockBackend.KERNEL and not VHOST_VSOCK_DEVICE.exists():
+            return f"{VHOST_VSOCK_DEVICE} has gone from this host (kernel module vhost_vsock)"
+        return None
 
-    def vsock_path(self, run_dir: RunDir) -> Path | None:
-        return None  # vhost-vsock is kernel AF_VSOCK: the host reaches the guest by its CID
+    def vsock_backend(self) -> VsockBackend:
+        if self.vsock == "user" or (self.vsock == "auto" and not VHOST_VSOCK_DEVICE.exists()):
+            return VsockBackend.USER
+        return VsockBackend.KERNEL
 
     def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> None:
         """Nothing: QEMU takes the whole VM on its command line."""
@@ -289,7 +372,6 @@ class QemuDriver:
             spec,
             machine=self.machine,
             accel=accel,
-            vsock=self.vsock_unavailable() is None,
             tsc_khz=tsc_khz,
             vhost_net=VHOST_NET_DEVICE.exists(),
         )
@@ -297,8 +379,10 @@ class QemuDriver:
         qmp_socket = self.api_socket(run_dir)
         qmp_socket.unlink(missing_ok=True)  # so nobody mistakes a stale socket for this QEMU
         log_offset = run_dir.vmm_log.stat().st_size if run_dir.vmm_log.exists() else 0
+        device = _start_device(spec, worker)
         try:
             process = VMMProcess.start(argv, run_dir.path, worker, output=run_dir.vmm_log)
+            process.device = device
             try:
                 if while_booting is not None:
                     while_booting(process)
@@ -309,17 +393,23 @@ class QemuDriver:
         except VMMFailedError as error:
             said = _said(_read_from(run_dir.vmm_log, log_offset))
             raise VMMFailedError(f"QEMU could not start VM {spec.name}: {error}{said}") from None
+        except BaseException:
+            if device is not None:
+                device.kill()
+            raise
         return process
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
-        """Power button, wait `timeout`; QMP quit, wait; SIGTERM, wait; SIGKILL. Always reaped."""
+        """Power button, wait `timeout`; QMP quit, wait; SIGTERM, wait; SIGKILL. Always reaped,
+        its vsock device after it."""
         if not force:
-            if self._ask_and_wait(process, "system_powerdown", timeout):
-                return process.exit_code()
-            if self._ask_and_wait(process, "quit", QUIT_WAIT):
-                return process.exit_code()
+            for command, wait in (("system_powerdown", timeout), ("quit", QUIT_WAIT)):
+                if self._ask_and_wait(process, command, wait):
+                    process.end_device()
+                    return process.exit_code()
             process.signal(signal.SIGTERM)
             if process.wait(TERM_WAIT):
+                process.end_device()
                 return process.exit_code()
         return _end(process)
 

@@ -5,12 +5,14 @@ One per daemon and network namespace, started once (`python -I -S supervisor.py`
 library only) in a session of its own, so a VM launch costs a spawn, not a Python start, and the
 VMMs outlive the daemon while how they end stays knowable across a daemon restart.
 
-Protocol: the daemon writes one JSON line per VMM on stdin, `{"run_dir", "argv", "output"}`;
-the supervisor answers on stdout with one line, `{"pid": N}` or `{"error": "..."}`. When stdin
-closes (the daemon is gone) it starts nothing more and exits once its last VMM has ended.
+Protocol: the daemon writes one JSON line per VMM on stdin, `{"run_dir", "argv", "output",
+"pid_file", "exit_file"}`; the supervisor answers on stdout with one line, `{"pid": N}` or
+`{"error": "..."}`. When stdin closes (the daemon is gone) it starts nothing more and exits
+once its last VMM has ended.
 
-Files in each run dir: `vmm.pid` (the VMM's PID) and `exit` (its exit status, or minus the
-signal that killed it), both written aside and renamed so they appear whole.
+Files in each run dir, named by the command (`vmm.pid` and `exit` for a VMM, others for the
+processes that serve it): the PID, and the exit status (or minus the signal that killed it),
+both written aside and renamed so they appear whole.
 """
 
 import contextlib
@@ -33,7 +35,7 @@ def write_atomically(run_dir_fd: int, name: str, text: str) -> None:
     os.rename(temp, name, src_dir_fd=run_dir_fd, dst_dir_fd=run_dir_fd)
 
 
-def launch(command: dict[str, Any], children: dict[int, int]) -> dict[str, int]:
+def launch(command: dict[str, Any], children: dict[int, tuple[int, str]]) -> dict[str, int]:
     """Start the command's program in a session of its own, stdin from /dev/null and its
     output appended to the command's file. posix_spawn (vfork and exec): no copy of this
     process's memory to fault in, and a program that cannot run is an error here, not an
@@ -56,12 +58,12 @@ def launch(command: dict[str, Any], children: dict[int, int]) -> dict[str, int]:
     except BaseException:
         os.close(run_dir_fd)
         raise
-    children[pid] = run_dir_fd
-    write_atomically(run_dir_fd, "vmm.pid", f"{pid}\n")
+    children[pid] = (run_dir_fd, command["exit_file"])
+    write_atomically(run_dir_fd, command["pid_file"], f"{pid}\n")
     return {"pid": pid}
 
 
-def reap(children: dict[int, int]) -> None:
+def reap(children: dict[int, tuple[int, str]]) -> None:
     while children:
         try:
             pid, status = os.waitpid(-1, os.WNOHANG)
@@ -69,16 +71,18 @@ def reap(children: dict[int, int]) -> None:
             return
         if pid == 0:
             return
-        run_dir_fd = children.pop(pid, None)
-        if run_dir_fd is not None:
+        child = children.pop(pid, None)
+        if child is not None:
+            run_dir_fd, exit_file = child
             # a run dir removed meanwhile has nobody left to read its exit status
             with contextlib.suppress(OSError):
-                write_atomically(run_dir_fd, "exit", f"{os.waitstatus_to_exitcode(status)}\n")
+                code = os.waitstatus_to_exitcode(status)
+                write_atomically(run_dir_fd, exit_file, f"{code}\n")
             os.close(run_dir_fd)
 
 
 def main() -> int:
-    children: dict[int, int] = {}
+    children: dict[int, tuple[int, str]] = {}
     wake_read, wake_write = os.pipe()
     os.set_blocking(wake_write, False)
     signal.set_wakeup_fd(wake_write)

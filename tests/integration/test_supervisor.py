@@ -11,7 +11,7 @@ import pytest
 
 from roost.errors import VMMFailedError
 from roost.host.netns import NetnsWorker
-from roost.vmm.process import Supervisor, VMMProcess, recorded_pid
+from roost.vmm.process import VMM_FILES, Supervisor, VMMProcess, recorded_pid
 
 SLEEP = shutil.which("sleep")
 TRUE = shutil.which("true")
@@ -38,7 +38,7 @@ def test_commands_sent_together_are_each_answered(worker: NetnsWorker, tmp_path:
     dirs = [run_dir(tmp_path, f"vm{n}") for n in range(3)]
     argvs = [[SLEEP, "30"], [TRUE], [SLEEP, "30"]]
     tickets = [
-        supervisor.send(argv, path, path / "console.log")
+        supervisor.send(argv, path, path / "console.log", VMM_FILES)
         for argv, path in zip(argvs, dirs, strict=True)
     ]
     # collected out of order: each answer still goes to the command that asked for it
@@ -64,9 +64,11 @@ def test_a_command_that_fails_is_an_error_for_that_command_only(
     supervisor = Supervisor.of(worker)
     good, other = run_dir(tmp_path, "good"), run_dir(tmp_path, "other")
     gone = tmp_path / "removed-run-dir"
-    no_run_dir = supervisor.send([TRUE], gone, gone / "console.log")
-    no_program = supervisor.send([str(tmp_path / "no-vmm")], other, other / "console.log")
-    fine = supervisor.send([TRUE], good, good / "console.log")
+    no_run_dir = supervisor.send([TRUE], gone, gone / "console.log", VMM_FILES)
+    no_program = supervisor.send(
+        [str(tmp_path / "no-vmm")], other, other / "console.log", VMM_FILES
+    )
+    fine = supervisor.send([TRUE], good, good / "console.log", VMM_FILES)
     with pytest.raises(VMMFailedError, match=f"cannot start {TRUE}"):
         supervisor.answer(no_run_dir)
     with pytest.raises(VMMFailedError, match=r"cannot start .*no-vmm: .*No such file"):

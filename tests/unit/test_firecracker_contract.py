@@ -11,7 +11,7 @@ import pytest
 import yaml
 from jsonschema import Draft4Validator
 
-from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock
+from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock, VsockBackend
 from roost.vmm.firecracker import boot_requests
 
 SPEC = Path(__file__).resolve().parents[1] / "data" / "firecracker.yaml"  # see its README
@@ -64,7 +64,7 @@ def test_every_boot_request_matches_firecrackers_schema(swagger: dict[str, Any],
         boot_args="console=ttyS0 roost.name=vm-1",
         vcpus=2,
         memory_mib=256,
-        vsock=Vsock(cid=3, uds_path=Path("/run/roost/vms/vm-1/vsock.sock")),
+        vsock=Vsock(3, Path("/run/roost/vms/vm-1/vsock.sock"), VsockBackend.FIRECRACKER),
         **SPECS[case],  # type: ignore[arg-type]
     )
     requests = boot_requests(spec)

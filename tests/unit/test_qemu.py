@@ -14,10 +14,10 @@ from typing import Any
 
 import pytest
 
-from roost.errors import VMMFailedError, VMMUnavailableError
+from roost.errors import InvalidError, VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
 from roost.vmm import qemu
-from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock
+from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock, VsockBackend
 from roost.vmm.qemu import QemuDriver, guest_cmdline, kvm_verdict, qemu_argv, tsc_khz_from
 from roost.vmm.qmp import qmp
 from tests.harness import serve_unix
@@ -37,7 +37,7 @@ CONSOLE = [
 def spec(
     *,
     nic: bool = False,
-    vsock: bool = False,
+    vsock: VsockBackend | None = None,
     rootfs: bool = False,
     initrd: bool = True,
     boot_args: str = "console=ttyS0",
@@ -52,12 +52,12 @@ def spec(
         vcpus=1,
         memory_mib=256,
         nic=NIC(tap="rtap1", mac="06:00:0a:00:00:05") if nic else None,
-        vsock=Vsock(cid=7, uds_path=RUN.vsock_socket) if vsock else None,
+        vsock=Vsock(cid=7, uds_path=RUN.vsock_socket, backend=vsock) if vsock else None,
     )
 
 
 def argv(launch: LaunchSpec, machine: qemu.Machine = "microvm", **options: Any) -> list[str]:
-    settings: dict[str, Any] = {"accel": "tcg", "vsock": True, "tsc_khz": 2_600_000} | options
+    settings: dict[str, Any] = {"accel": "tcg", "tsc_khz": 2_600_000} | options
     return qemu_argv(QEMU, launch, machine=machine, **settings)
 
 
@@ -69,8 +69,8 @@ def test_microvm_tcg_without_nic_is_the_measured_command_line() -> None:
     ]
 
 
-def test_microvm_tcg_with_nic_rootfs_and_vsock() -> None:
-    assert argv(spec(nic=True, vsock=True, rootfs=True)) == [
+def test_microvm_tcg_with_nic_rootfs_and_kernel_vsock() -> None:
+    assert argv(spec(nic=True, vsock=VsockBackend.KERNEL, rootfs=True)) == [
         str(QEMU),
         *("-name", "g1", "-M", "microvm", "-accel", "tcg", *HEAD),
         *("-append", "console=ttyS0 tsc_early_khz=2600000", *CONSOLE),
@@ -88,7 +88,7 @@ def test_vhost_net_where_the_host_has_it() -> None:
 
 
 def test_q35_uses_pci_devices_and_no_tsc_hint() -> None:
-    assert argv(spec(nic=True, vsock=True, rootfs=True), "q35") == [
+    assert argv(spec(nic=True, vsock=VsockBackend.KERNEL, rootfs=True), "q35") == [
         str(QEMU),
         *("-name", "g1", "-M", "q35", "-accel", "tcg", *HEAD),
         *("-append", "console=ttyS0", *CONSOLE),
@@ -101,18 +101,45 @@ def test_q35_uses_pci_devices_and_no_tsc_hint() -> None:
 
 
 @pytest.mark.parametrize("machine", ["microvm", "q35"])
-@pytest.mark.parametrize("nic", [False, True])
-@pytest.mark.parametrize(("vsock", "host_vsock"), [(False, True), (True, True), (True, False)])
-@pytest.mark.parametrize("rootfs", [False, True])
-def test_devices_follow_the_spec_and_the_host(
-    machine: qemu.Machine, nic: bool, vsock: bool, host_vsock: bool, rootfs: bool
+def test_the_user_vsock_backend_gets_shared_guest_memory_and_a_vhost_user_device(
+    machine: qemu.Machine,
 ) -> None:
-    words = argv(spec(nic=nic, vsock=vsock, rootfs=rootfs), machine, vsock=host_vsock)
+    words = argv(spec(vsock=VsockBackend.USER), machine)
+    virtio = "device" if machine == "microvm" else "pci"
+    assert words[words.index("-M") + 1] == f"{machine},memory-backend=mem"
+    assert words[-6:] == [
+        *("-object", "memory-backend-memfd,id=mem,size=256M,share=on"),
+        *("-chardev", "socket,id=vu,path=/run/roost/vms/g1/vhost-user.sock"),
+        *("-device", f"vhost-user-vsock-{virtio},chardev=vu"),
+    ]
+    assert "guest-cid" not in " ".join(words)  # QEMU 7.2 reads it from the backend
+
+
+def test_the_vsock_backend_names_the_run_dir_and_the_cid() -> None:
+    words = qemu.device_argv(spec(vsock=VsockBackend.USER))
+    assert words[1:4] == ["-I", "-m", "roost.vmm.vsock"]
+    assert words[4:] == [
+        *("--vhost-user", "/run/roost/vms/g1/vhost-user.sock"),
+        *("--uds", "/run/roost/vms/g1/vsock.sock"),
+        *("--cid", "7"),
+    ]
+
+
+@pytest.mark.parametrize("machine", ["microvm", "q35"])
+@pytest.mark.parametrize("nic", [False, True])
+@pytest.mark.parametrize("vsock", [None, VsockBackend.KERNEL, VsockBackend.USER])
+@pytest.mark.parametrize("rootfs", [False, True])
+def test_devices_follow_the_spec(
+    machine: qemu.Machine, nic: bool, vsock: VsockBackend | None, rootfs: bool
+) -> None:
+    words = argv(spec(nic=nic, vsock=vsock, rootfs=rootfs), machine)
     line = " ".join(words)
     assert ("-netdev tap," in line) == nic
-    assert ("vhost-vsock" in line) == (vsock and host_vsock)
+    assert ("vhost-vsock" in line) == (vsock is VsockBackend.KERNEL)
+    assert ("vhost-user-vsock" in line) == (vsock is VsockBackend.USER)
+    assert ("memory-backend" in line) == (vsock is VsockBackend.USER)
     assert ("-drive file=/k/root.img" in line) == rootfs
-    assert words.count("-device") == nic + (vsock and host_vsock) + rootfs
+    assert words.count("-device") == nic + (vsock is not None) + rootfs
 
 
 @pytest.mark.parametrize(
@@ -227,13 +254,40 @@ def test_asking_for_kvm_without_dev_kvm_is_refused(
         QemuDriver(fake_qemu, accel="kvm").check_available()
 
 
-def test_vsock_needs_dev_vhost_vsock(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("choice", "device", "backend"),
+    [
+        ("auto", False, VsockBackend.USER),
+        ("auto", True, VsockBackend.KERNEL),
+        ("user", True, VsockBackend.USER),
+        ("user", False, VsockBackend.USER),
+        ("kernel", True, VsockBackend.KERNEL),
+    ],
+)
+def test_the_vsock_backend_follows_the_choice_and_the_host(
+    choice: qemu.VsockChoice,
+    device: bool,
+    backend: VsockBackend,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     monkeypatch.setattr(qemu, "VHOST_VSOCK_DEVICE", tmp_path / "vhost-vsock")
-    reason = QemuDriver(QEMU).vsock_unavailable()
-    assert reason is not None
-    assert "/dev/vhost-vsock" in reason
-    (tmp_path / "vhost-vsock").touch()
-    assert QemuDriver(QEMU).vsock_unavailable() is None
+    if device:
+        (tmp_path / "vhost-vsock").touch()
+    qemu.check_vsock_choice(choice)
+    driver = QemuDriver(QEMU, vsock=choice)
+    assert driver.vsock_backend() is backend
+    assert driver.vsock_unavailable() is None
+
+
+def test_kernel_vsock_without_dev_vhost_vsock_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(qemu, "VHOST_VSOCK_DEVICE", tmp_path / "vhost-vsock")
+    with pytest.raises(InvalidError, match=r"vhost-vsock.*--qemu-vsock auto") as refused:
+        qemu.check_vsock_choice("kernel")
+    assert refused.value.exit_code == 1
+    assert QemuDriver(QEMU, vsock="kernel").vsock_unavailable() is not None
 
 
 def test_api_socket_is_qmp() -> None:
