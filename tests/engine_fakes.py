@@ -6,9 +6,10 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
+from typing import cast
 
 from sqlalchemy.exc import OperationalError
 from sqlalchemy.orm import Session
@@ -25,8 +26,8 @@ from roost.spec import Manifest
 from roost.state import alloc
 from roost.state.artifacts import ArtifactStore
 from roost.state.db import Database, sqlite_url
-from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
-from roost.vmm.process import VMMProcess
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, VsockTarget
+from roost.vmm.process import DEVICE_FILES, VMM_FILES, ProcessFiles, VMMProcess
 
 SUBNET = "10.66.0.0/24"
 DHCP_BRIDGE = "brdhcp"
@@ -76,15 +77,36 @@ class FakeFirewall:
 class FakeVMMProcess(VMMProcess):
     """A real child process standing in for a VMM, reaped by the test when killed."""
 
-    def __init__(self, run_dir: Path) -> None:
+    def __init__(self, run_dir: Path, files: ProcessFiles = VMM_FILES) -> None:
         self.child = subprocess.Popen(
             [sys.executable, "-c", "import time; time.sleep(60)", f"{run_dir}/"]
         )
-        super().__init__(run_dir, self.child.pid, self.child.pid)
+        super().__init__(run_dir, self.child.pid, self.child.pid, files)
 
     def kill(self) -> int | None:
         self.child.kill()
-        return self.child.wait()
+        code = self.child.wait()
+        if self.device is not None:
+            self.device.kill()
+        return code
+
+    def end_device(self) -> None:
+        if self.device is not None:
+            self.device.kill()
+
+    def exit_code(self) -> int | None:
+        return self.child.returncode
+
+    def exited(self) -> bool:
+        return self.child.poll() is not None
+
+    def wait(self, timeout: float) -> bool:
+        """Reaped here, as the supervisor reaps a real VMM."""
+        try:
+            self.child.wait(timeout)
+        except subprocess.TimeoutExpired:
+            return False
+        return True
 
 
 class FakeEarly:
@@ -102,6 +124,8 @@ class FakeDriver:
 
     def __init__(self) -> None:
         self.die_during_boot = False
+        self.with_device = False  # give each VMM a vsock device process, as roost's QEMU does
+        self.devices: list[FakeVMMProcess] = []
         self.started: list[FakeVMMProcess] = []
         self.launched: list[LaunchSpec] = []  # what each launch was asked to boot
 
@@ -136,6 +160,9 @@ class FakeDriver:
         assert early is not None
         self.launched.append(spec)
         process = early.result()
+        if self.with_device:
+            process.device = FakeVMMProcess(spec.run_dir.path, DEVICE_FILES)
+            self.devices.append(cast(FakeVMMProcess, process.device))
         if host_ready is not None:
             host_ready()
         if while_booting is not None:
@@ -157,6 +184,29 @@ class FakeDriver:
             meanwhile()
 
 
+class FakeListeners:
+    """Records what the engine asks of the daemon's vsock relays; `fail` makes the next
+    `vm_started` fail as a listener that cannot be bound would."""
+
+    def __init__(self) -> None:
+        self.listening: dict[str, tuple[VsockTarget, dict[int, str]]] = {}
+        self.removed: list[str] = []
+        self.fail = False
+
+    def vm_started(self, name: str, target: VsockTarget, services: Mapping[int, str]) -> None:
+        if self.fail:
+            self.fail = False
+            raise HostError("cannot listen on the vsock service socket: a fake failure")
+        self.listening[name] = (target, dict(services))
+
+    def vm_stopped(self, name: str) -> None:
+        self.listening.pop(name, None)
+
+    def vm_removed(self, name: str) -> None:
+        self.listening.pop(name, None)
+        self.removed.append(name)
+
+
 class FakeObserver:
     def watch(self, key: str, tap: str, mac: str) -> None:
         return None
@@ -176,6 +226,7 @@ class World:
         self.db = Database(sqlite_url(root))
         self.db.migrate()
         self.links, self.firewall, self.driver = FakeLinks(), FakeFirewall(), FakeDriver()
+        self.listeners = FakeListeners()
         if dhcp_bridge is not None:
             self.links.links[dhcp_bridge] = "bridge"  # the operator's, made before the daemon
         self.worker = NetnsWorker(None)
@@ -199,6 +250,7 @@ class World:
             observer=FakeObserver(),
             disks=Disks(root / "disks"),
             worker=self.worker,
+            listeners=self.listeners,
         )
         if install:
             self._install_plugin()
@@ -220,7 +272,7 @@ class World:
         self.engine.plugins.install(manifest, force=False)
 
     def close(self) -> None:
-        for process in self.driver.started:
+        for process in [*self.driver.started, *self.driver.devices]:
             process.kill()
         self.engine.close()
         self.worker.close()

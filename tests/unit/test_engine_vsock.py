@@ -1,0 +1,95 @@
+"""The engine and a VM's vsock: its device process lives and ends with its VMM, and the
+daemon's listeners for its services follow its VMM (on fakes: no root, no VMM)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from roost.errors import ConflictError, HostError, NotFoundError
+from roost.spec import VMConfig
+from roost.vmm.base import HybridVsock
+from tests.engine_fakes import World
+from tests.harness import wait_for
+
+
+def vsock_config(**services: str) -> VMConfig:
+    return VMConfig.model_validate(
+        {"plugin": "p", "vsock_services": {port: target for port, target in services.items()}}
+    )
+
+
+def test_a_vm_whose_vsock_device_dies_is_stopped_as_crashed_naming_the_device(
+    world: World,
+) -> None:
+    world.driver.with_device = True
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    vmm, device = world.driver.started[-1], world.driver.devices[-1]
+    device.child.kill()
+    device.child.wait()
+    wait_for(lambda: world.engine.show_vm("a")["status"] == "crashed", what="the crash")
+    shown = world.engine.show_vm("a")
+    assert "vsock device" in shown["status_reason"]
+    assert f"pid {device.pid}" in shown["status_reason"]
+    assert vmm.child.poll() is not None  # the VMM was stopped: its guest's vsock is gone
+    assert shown["exit_code"] == vmm.child.returncode  # the VMM's, not the device's
+    assert world.engine.live == {}
+
+
+def test_a_vsock_device_that_ends_with_its_vmm_is_the_vmms_own_end(world: World) -> None:
+    world.driver.with_device = True
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    vmm, device = world.driver.started[-1], world.driver.devices[-1]
+    device.child.kill()  # the device noticed QEMU go first, as it does on a guest poweroff
+    vmm.child.kill()
+    wait_for(lambda: world.engine.show_vm("a")["status"] != "running", what="the exit")
+    shown = world.engine.show_vm("a")
+    assert shown["status_reason"] == "the VMM was killed by signal 9"
+    assert device.child.poll() is not None
+
+
+def test_stopping_a_vm_ends_its_vsock_device_too(world: World) -> None:
+    world.driver.with_device = True
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    device = world.driver.devices[-1]
+    world.engine.stop_vm("a", timeout=0, force=True)
+    assert device.child.poll() is not None
+    assert world.engine.show_vm("a")["status"] == "stopped"
+
+
+def test_services_are_listened_for_while_the_vmm_runs_and_not_after(
+    world: World, tmp_path: Path
+) -> None:
+    world.engine.create_vm("a", vsock_config(**{"5000": "unix:///run/agent.sock"}))
+    target, services = world.listeners.listening["a"]
+    assert target == HybridVsock(tmp_path / "run" / "vms" / "a" / "vsock.sock")
+    assert services == {5000: "unix:///run/agent.sock"}
+    world.engine.stop_vm("a", timeout=0, force=True)
+    assert "a" not in world.listeners.listening
+    world.engine.start_vm("a")
+    assert "a" in world.listeners.listening
+    world.engine.destroy_vm("a")
+    assert world.listeners.removed == ["a"]
+    assert world.listeners.listening == {}
+
+
+def test_a_service_listener_that_cannot_be_bound_fails_the_create_and_leaves_nothing(
+    world: World,
+) -> None:
+    world.listeners.fail = True
+    with pytest.raises(HostError, match="fake failure"):
+        world.engine.create_vm("a", vsock_config(**{"5000": "tcp://127.0.0.1:9"}))
+    world.assert_nothing_left("a")
+
+
+def test_the_vsock_target_is_known_only_while_a_vmm_runs(world: World) -> None:
+    with pytest.raises(NotFoundError):
+        world.engine.vsock_target("nobody")
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    assert isinstance(world.engine.vsock_target("a"), HybridVsock)
+    world.engine.pause_vm("a")
+    assert isinstance(world.engine.vsock_target("a"), HybridVsock)  # paused: dialled, times out
+    world.engine.stop_vm("a", timeout=0, force=True)
+    with pytest.raises(ConflictError, match="start it first"):
+        world.engine.vsock_target("a")
