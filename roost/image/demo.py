@@ -1,9 +1,10 @@
 """Builds roost's demo plugin from Debian packages, without installing any of them.
 
 The guest is a Debian cloud kernel plus a busybox initramfs whose /init configures the network
-the way each roost mode asks (static `ip=`, `ip=dhcp`, none) and serves HTTP, so every mode
-can be shown working end to end. Outputs are reproducible (same inputs, same sha256) and a
-rerun with unchanged inputs only checks hashes.
+the way each roost mode asks (static `ip=`, `ip=dhcp`, none), serves HTTP and echoes on vsock
+(a small static C helper compiled here with the host's gcc, as busybox has no vsock applets),
+so every mode can be shown working end to end. Outputs are reproducible (same inputs, same
+sha256) and a rerun with unchanged inputs only checks hashes.
 """
 
 from __future__ import annotations
@@ -77,6 +78,12 @@ INITRAMFS_DIRS = (
     "usr/sbin",
     "www",
 )
+# The vsock helper: its source (package data), where it goes and how it is compiled. No
+# build-id and no build-folder paths, so the binary depends on source and toolchain alone.
+HELPER_SOURCE = "vsock-helper.c"
+HELPER_PATH = "bin/vsock-helper"
+HELPER_CFLAGS = ("-static", "-O2", "-s", "-Wall", "-Wextra", "-Wl,--build-id=none")
+TOOLCHAIN_HINT = "install gcc and libc6-dev (apt-get install gcc libc6-dev)"
 STAMP_NAME = ".roost-demo-stamp.json"
 
 LZ4_LEGACY_MAGIC = struct.pack("<I", 0x184C2102)
@@ -146,7 +153,8 @@ def build_demo(out_dir: Path, *, progress: Progress | None = None) -> Path:
             vmlinuz = _only(root.glob("boot/vmlinuz-*"), "boot/vmlinuz-*", kernel_file)
             module_dir = _only(root.glob("lib/modules/*"), "lib/modules/<release>", kernel_file)
             vmlinux_sha = decompress_kernel(vmlinuz, out_dir / "vmlinux", report)
-            entries = _initramfs_entries(root / "bin/busybox", module_dir, report)
+            helper = compile_helper(root, report)
+            entries = _initramfs_entries(root / "bin/busybox", module_dir, helper, report)
             initramfs_sha = _write_initramfs(entries, out_dir / "initramfs.cpio.gz", report)
         report("Writing plugin.json", None, None)
         version = upstream_version(_deb_field(kernel_file, "Version"))
@@ -168,8 +176,8 @@ def demo_manifest(
         "version": f"{version}-1",
         "description": (
             f"roost demo guest: Debian kernel {release} and a busybox initramfs that sets up "
-            "the network from ip= (static, dhcp or none) and answers HTTP on port 80 with "
-            "its hostname and address"
+            "the network from ip= (static, dhcp or none), answers HTTP on port 80 with "
+            "its hostname and address and echoes on vsock port 1024"
         ),
         "kernel": {"path": "vmlinux", "sha256": vmlinux_sha256},
         "initramfs": {"path": "initramfs.cpio.gz", "sha256": initramfs_sha256},
@@ -492,7 +500,34 @@ def read_module(path: Path) -> bytes:
 # --- initramfs -------------------------------------------------------------------------------
 
 
-def _initramfs_entries(busybox: Path, module_dir: Path, report: Progress) -> list[CpioEntry]:
+def _guest_file(name: str) -> bytes:
+    return (resources.files("roost.image") / "guest" / name).read_bytes()
+
+
+def toolchain() -> dict[str, str]:
+    """What the helper's binary depends on besides its source: gcc, the linker it runs and
+    the static C library, so a toolchain upgrade rebuilds the image."""
+    gcc = _run(["gcc", "--version"], hint=TOOLCHAIN_HINT).decode().splitlines()[0]
+    ld = _run(["gcc", "-print-prog-name=ld"], hint=TOOLCHAIN_HINT).decode().strip()
+    linker = _run([ld, "--version"], hint=TOOLCHAIN_HINT).decode().splitlines()[0]
+    libc = Path(_run(["gcc", "-print-file-name=libc.a"], hint=TOOLCHAIN_HINT).decode().strip())
+    if not libc.is_absolute() or not libc.is_file():
+        raise ImageBuildError(f"gcc finds no static C library (libc.a): {TOOLCHAIN_HINT}")
+    return {"gcc": gcc, "ld": linker, "libc.a": _sha256_file(libc)}
+
+
+def compile_helper(work: Path, report: Progress) -> bytes:
+    """The vsock helper binary, compiled in `work` (whose path does not reach the binary)."""
+    report("Compiling the vsock helper", None, None)
+    (work / HELPER_SOURCE).write_bytes(_guest_file(HELPER_SOURCE))
+    command = ["gcc", *HELPER_CFLAGS, f"-ffile-prefix-map={work}=.", "-o", "vsock-helper"]
+    _run([*command, HELPER_SOURCE], hint=TOOLCHAIN_HINT, cwd=work)
+    return (work / "vsock-helper").read_bytes()
+
+
+def _initramfs_entries(
+    busybox: Path, module_dir: Path, helper: bytes, report: Progress
+) -> list[CpioEntry]:
     report("Selecting kernel modules", None, None)
     files = _module_files(module_dir)
     cache: dict[str, bytes] = {}
@@ -507,18 +542,15 @@ def _initramfs_entries(busybox: Path, module_dir: Path, report: Progress) -> lis
     )
     absent = f" ({', '.join(skipped)} absent from this kernel)" if skipped else ""
     report(f"Selected {len(order)} kernel modules{absent}", len(order), len(order))
-    guest = resources.files("roost.image") / "guest"
     return [
         *(CpioEntry(d, 0o040755) for d in INITRAMFS_DIRS),
         CpioEntry("dev/console", 0o020600, rdev=(5, 1)),
         CpioEntry("bin/busybox", 0o100755, busybox.read_bytes()),
         CpioEntry("bin/sh", 0o120777, b"busybox"),
+        CpioEntry(HELPER_PATH, 0o100755, helper),
         CpioEntry("etc/roost/modules", 0o100644, "".join(f"{m}\n" for m in order).encode()),
         *(CpioEntry(f"lib/modules/{m}.ko", 0o100644, data(m)) for m in order),
-        *(
-            CpioEntry(path, 0o100755, (guest / src).read_bytes())
-            for src, path in GUEST_FILES.items()
-        ),
+        *(CpioEntry(path, 0o100755, _guest_file(src)) for src, path in GUEST_FILES.items()),
     ]
 
 
@@ -554,14 +586,17 @@ def _write_initramfs(entries: list[CpioEntry], dest: Path, report: Progress) -> 
 
 def _inputs(kernel: DebPackage, busybox: DebPackage) -> dict[str, Any]:
     """Everything the outputs depend on: a change here means rebuild."""
-    guest = resources.files("roost.image") / "guest"
     digest = hashlib.sha256(Path(__file__).read_bytes())  # this builder's own code counts too
     for source in sorted(GUEST_FILES):
-        digest.update(source.encode() + b"\0" + (guest / source).read_bytes())
+        digest.update(source.encode() + b"\0" + _guest_file(source))
     return {
         "kernel": {"file": kernel.filename, "sha256": kernel.sha256},
         "busybox": {"file": busybox.filename, "sha256": busybox.sha256},
         "builder": digest.hexdigest(),
+        "vsock_helper": {
+            "source_sha256": hashlib.sha256(_guest_file(HELPER_SOURCE)).hexdigest(),
+            **toolchain(),
+        },
     }
 
 
@@ -651,10 +686,10 @@ def _run_raw(command: list[str]) -> subprocess.CompletedProcess[str]:
         ) from None
 
 
-def _run(command: list[str], *, hint: str) -> bytes:
+def _run(command: list[str], *, hint: str, cwd: Path | None = None) -> bytes:
     """stdout of `command`, or an ImageBuildError quoting its stderr and `hint`."""
     try:
-        result = subprocess.run(command, capture_output=True, check=False)
+        result = subprocess.run(command, capture_output=True, check=False, cwd=cwd)
     except FileNotFoundError:
         raise ImageBuildError(f"{command[0]} not found: {hint}") from None
     if result.returncode != 0:

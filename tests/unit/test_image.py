@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import json
 import lzma
 import shutil
 import struct
@@ -288,3 +289,98 @@ def test_guest_files_ship_as_executable_package_data() -> None:
             ["sh", "-n", str(path)], capture_output=True, text=True, check=False
         )
         assert checked.returncode == 0, checked.stderr
+
+
+DEB = demo.DebPackage("busybox-static", "http://x/b.deb", "b.deb", 1, "c" * 64)
+TOOLCHAIN = {"gcc": "gcc (Debian 12.2.0-14) 12.2.0", "ld": "GNU ld 2.40", "libc.a": "d" * 64}
+
+
+def test_helper_source_and_toolchain_are_build_inputs(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A changed helper source or compiler rebuilds an existing image instead of reusing it."""
+    toolchain = dict(TOOLCHAIN)
+    sources = {demo.HELPER_SOURCE: b"int main(void) { return 0; }\n"}
+    original = demo._guest_file
+    monkeypatch.setattr(demo, "toolchain", lambda: dict(toolchain))
+    monkeypatch.setattr(demo, "_guest_file", lambda name: sources.get(name) or original(name))
+    for name in demo._OUTPUTS:
+        (tmp_path / name).write_bytes(name.encode())
+    inputs = demo._inputs(DEB, DEB)
+    assert inputs["vsock_helper"] == {
+        "source_sha256": hashlib.sha256(sources[demo.HELPER_SOURCE]).hexdigest(),
+        **TOOLCHAIN,
+    }
+    stamp = {"inputs": inputs, "outputs": demo._output_hashes(tmp_path)}
+    (tmp_path / demo.STAMP_NAME).write_text(json.dumps(stamp))
+    assert demo._up_to_date(tmp_path, demo._inputs(DEB, DEB))
+    sources[demo.HELPER_SOURCE] += b"/* changed */\n"
+    assert not demo._up_to_date(tmp_path, demo._inputs(DEB, DEB))
+    sources[demo.HELPER_SOURCE] = b"int main(void) { return 0; }\n"
+    toolchain["gcc"] = "gcc (Debian 12.2.0-14+deb12u1) 12.2.0"
+    assert not demo._up_to_date(tmp_path, demo._inputs(DEB, DEB))
+
+
+def test_initramfs_entries_include_the_helper(tmp_path: Path) -> None:
+    busybox = tmp_path / "busybox"
+    busybox.write_bytes(b"\x7fELF-busybox")
+    modules = tmp_path / "lib/modules/6.1.0-test"
+    modules.mkdir(parents=True)  # no modules: every wanted one is skipped
+    entries = demo._initramfs_entries(busybox, modules, b"\x7fELF-helper", lambda *a: None)
+    by_path = {entry.path: entry for entry in entries}
+    assert by_path["bin/vsock-helper"] == CpioEntry("bin/vsock-helper", 0o100755, b"\x7fELF-helper")
+    assert b"vsock-helper echo 1024" in by_path["init"].data
+
+
+def test_a_missing_gcc_says_what_to_install(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))
+    with pytest.raises(ImageBuildError, match=r"gcc not found: .*apt-get install gcc libc6-dev"):
+        demo.toolchain()
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None, reason="needs gcc and libc6-dev")
+def test_helper_compiles_cleanly_and_reproducibly(tmp_path: Path) -> None:
+    """Same source and toolchain, different build folders: the same bytes."""
+    builds = []
+    for folder in ("one", "two/deeper"):
+        work = tmp_path / folder
+        work.mkdir(parents=True)
+        builds.append(demo.compile_helper(work, lambda *a: None))
+    assert builds[0] == builds[1]
+    assert builds[0].startswith(b"\x7fELF")
+    assert str(tmp_path).encode() not in builds[0]
+    source = tmp_path / "one" / demo.HELPER_SOURCE
+    strict = ["gcc", "-fsyntax-only", "-Wall", "-Wextra", "-Wpedantic", "-Werror", str(source)]
+    checked = subprocess.run(strict, capture_output=True, text=True, check=False)
+    assert checked.returncode == 0, checked.stderr
+    assert demo.toolchain().keys() == TOOLCHAIN.keys()
+
+
+@pytest.fixture(scope="module")
+def helper(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    if shutil.which("gcc") is None:
+        pytest.skip("needs gcc and libc6-dev")
+    work = tmp_path_factory.mktemp("helper")
+    binary = work / "vsock-helper"
+    binary.write_bytes(demo.compile_helper(work, lambda *a: None))
+    binary.chmod(0o755)
+    return binary
+
+
+@pytest.mark.parametrize(
+    ("args", "stdout"),
+    [
+        ((), ""),
+        (("echo",), ""),
+        (("echo", "x1"), "roost-vsock: echo failed (bad port x1)\n"),
+        (("hello", "-1", "guest"), "roost-vsock: hello -1 failed (bad port)\n"),
+        (("hello", "4294967295", "guest"), "roost-vsock: hello 4294967295 failed (bad port)\n"),
+    ],
+)
+def test_helper_refuses_bad_arguments(helper: Path, args: tuple[str, ...], stdout: str) -> None:
+    """Only argument errors run here: a real echo or hello would use this host's own vsock."""
+    result = subprocess.run([helper, *args], capture_output=True, text=True, check=False)
+    assert (result.returncode, result.stdout) == (2, stdout)
+    assert ("usage:" in result.stderr) == (stdout == "")
