@@ -1,0 +1,218 @@
+"""The vsock device: its rx (0) and tx (1) queues, fed from and into the host side, and one turn
+of the backend's event loop. QEMU runs the event queue (2) itself.
+
+Each tx chain and each rx packet is one unit of work: what the guest got wrong in it (a
+GuestError) is logged and costs that unit only. Logging is rate-limited, so a guest cannot
+flood the log either.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import selectors
+import time
+from collections.abc import Callable
+
+from roost.vmm.vsock import packets
+from roost.vmm.vsock.hybrid import HybridHost
+from roost.vmm.vsock.memory import GuestError, GuestMemory
+from roost.vmm.vsock.virtqueue import RingError, Virtqueue
+
+log = logging.getLogger("roost.vmm.vsock")
+
+RX, TX = 0, 1
+MAX_RX_CHAIN = 1024 * 1024  # Linux posts 4 KiB; anything this big is not a driver's doing
+
+
+class FaultLog:
+    """Logs what the guest did wrong: at most `burst` lines per `window` seconds, then how many
+    were left out."""
+
+    def __init__(
+        self, clock: Callable[[], float] = time.monotonic, burst: int = 20, window: float = 10.0
+    ) -> None:
+        self.clock = clock
+        self.burst = burst
+        self.window = window
+        self.window_end = 0.0
+        self.logged = 0
+        self.left_out = 0
+        self.total = 0
+
+    def report(self, message: str) -> None:
+        self.total += 1
+        now = self.clock()
+        if now >= self.window_end:
+            if self.left_out:
+                log.warning("%d more guest faults were not logged", self.left_out)
+            self.window_end = now + self.window
+            self.logged = self.left_out = 0
+        if self.logged < self.burst:
+            self.logged += 1
+            log.warning("guest fault: %s", message)
+        else:
+            self.left_out += 1
+
+
+class VsockDevice:
+    """The two queues QEMU hands over, and their configuration as vhost-user sets it."""
+
+    def __init__(self, host: HybridHost, selector: selectors.BaseSelector) -> None:
+        self.host = host
+        self.selector = selector
+        self.faults = FaultLog()
+        self.queues = (
+            Virtqueue(
+                "rx",
+                writable=True,
+                min_bytes=packets.HEADER.size,
+                max_bytes=MAX_RX_CHAIN,
+                refuse=self.faults.report,
+            ),
+            Virtqueue(
+                "tx",
+                writable=False,
+                min_bytes=packets.HEADER.size,
+                max_bytes=packets.HEADER.size + packets.MAX_PAYLOAD,
+                refuse=self.faults.report,
+            ),
+        )
+        self.memory: GuestMemory | None = None
+        self.active = False  # both queues started, and not stopped since
+
+    def queue(self, index: int) -> Virtqueue:
+        if index not in (RX, TX):
+            raise ValueError(f"no queue {index} (the backend runs rx 0 and tx 1)")
+        return self.queues[index]
+
+    # --- configuration ----------------------------------------------------------------------
+
+    def set_memory(self, memory: GuestMemory) -> None:
+        """A new memory table: started queues find their rings in it; the old one goes."""
+        old, self.memory = self.memory, memory
+        for queue in self.queues:
+            if queue.started:
+                queue.stop()
+                self._start(queue)
+        if old is not None:
+            old.close()
+
+    def set_kick(self, index: int, fd: int | None) -> None:
+        """A queue's kick eventfd; getting one starts the queue (vhost-user's rule)."""
+        queue = self.queue(index)
+        self._forget_kick(queue)
+        queue.kick = fd
+        if fd is not None:
+            self.selector.register(fd, selectors.EVENT_READ, lambda _events: _drain(fd))
+        self._start(queue)
+
+    def _start(self, queue: Virtqueue) -> None:
+        if self.memory is None or queue.addresses is None or queue.size == 0:
+            return
+        try:
+            queue.start(self.memory)
+        except GuestError as fault:
+            log.warning("%s cannot start: %s", queue.name, fault)
+            return
+        if not self.active and all(q.started for q in self.queues):
+            self.active = True
+            log.info("device started (queue size %d)", queue.size)
+
+    def stop_queue(self, index: int) -> int:
+        """GET_VRING_BASE: the queue stops. Once both have, the guest has forgotten every
+        connection (it sends no RST for them), so the host side closes all of its own."""
+        queue = self.queue(index)
+        self._forget_kick(queue)
+        base = queue.stop()
+        if self.active and not any(q.started for q in self.queues):
+            self.active = False
+            self.host.close_all()
+            log.info("device stopped; host connections closed")
+        return base
+
+    def _forget_kick(self, queue: Virtqueue) -> None:
+        if queue.kick is not None:
+            self.selector.unregister(queue.kick)
+            os.close(queue.kick)
+            queue.kick = None
+
+    def reset(self) -> None:
+        """RESET_OWNER, or the end: forget queues, memory and connections."""
+        for index, queue in enumerate(self.queues):
+            if queue.started:
+                self.stop_queue(index)
+            self._forget_kick(queue)
+            queue.close_fds()
+        self.host.close_all()
+        if self.memory is not None:
+            self.memory.close()
+            self.memory = None
+
+    # --- the data path ----------------------------------------------------------------------
+
+    def pump(self) -> None:
+        """Move what can move: guest packets to the host side, then owed packets to the guest,
+        then interrupt the guest once per queue if anything came back."""
+        rx, tx = self.queues
+        if tx.running:
+            self._drain_tx(tx)
+        if rx.running:
+            self._fill_rx(rx)
+        tx.signal()
+        rx.signal()
+
+    def _drain_tx(self, tx: Virtqueue) -> None:
+        for _ in range(tx.size):  # bounded: a busy guest must not starve the host side
+            if not self.host.tx_allowed():
+                return
+            try:
+                chain = tx.next_chain()
+            except RingError as fault:
+                self.faults.report(str(fault))
+                return
+            if chain is None:
+                return
+            try:
+                header, payload = packets.parse(chain.read())
+                self.host.guest_packet(header, payload)
+            except GuestError as fault:
+                self.faults.report(f"tx: refused the packet in chain {chain.head}: {fault}")
+            tx.complete(chain.head, 0)
+
+    def _fill_rx(self, rx: Virtqueue) -> None:
+        for _ in range(rx.size):
+            if not self.host.has_rx_work():
+                return
+            try:
+                chain = rx.next_chain()
+            except RingError as fault:
+                self.faults.report(str(fault))
+                return
+            if chain is None:
+                return
+            packet = self.host.next_packet(chain.size)
+            if packet is None:
+                return  # the chain stays available for the next packet
+            rx.complete(chain.head, chain.write(packet))
+
+
+def _drain(fd: int) -> None:
+    """Read a kick eventfd empty; the kick itself only wakes the loop (every turn pumps)."""
+    with contextlib.suppress(BlockingIOError):
+        os.eventfd_read(fd)
+
+
+def step(selector: selectors.BaseSelector, device: VsockDevice, longest: float | None) -> None:
+    """One turn of the event loop: wait for an event (at most `longest` seconds, and never past
+    a connection's deadline), handle what came, end connections past their deadline, move
+    packets, then start or stop reading host sockets as the buffered total says."""
+    wait = device.host.wait_time()
+    if longest is not None:
+        wait = longest if wait is None else min(wait, longest)
+    for key, events in selector.select(wait):
+        key.data(events)
+    device.host.expire()
+    device.pump()
+    device.host.rebalance()
