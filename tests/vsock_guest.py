@@ -223,6 +223,7 @@ class Rig:
     ) -> None:
         self.dir = tempfile.mkdtemp(prefix="vsk-", dir="/tmp")
         self.uds = f"{self.dir}/v.sock"
+        self.sockets: list[socket.socket] = []
         self.selector = selectors.DefaultSelector()
         self.host = HybridHost(
             listen(self.uds),
@@ -234,9 +235,12 @@ class Rig:
         )
         self.device = VsockDevice(self.host, self.selector)
         self.guest = FakeGuest(queue_size, rx_layout)
-        self.guest.attach(self.device)
-        self.guest.post_rx(min(16, queue_size // 2))
-        self.sockets: list[socket.socket] = []
+        try:
+            self.guest.attach(self.device)
+            self.guest.post_rx(min(16, queue_size // 2))
+        except BaseException:
+            self.close()
+            raise
 
     def step(self, wait: float = 0.0) -> None:
         step(self.selector, self.device, wait)

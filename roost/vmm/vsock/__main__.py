@@ -121,9 +121,12 @@ def main(argv: list[str] | None = None) -> int:
             log.info("QEMU connected")
 
         selector.register(qemu_listener, selectors.EVENT_READ, accept_qemu)
-        while not stopping and not (server is not None and server.closed):
+        while not stopping and not (server is not None and server.ended):
             step(selector, device, None)
-        log.info("%s; exiting", f"stopping on {stopping[0]}" if stopping else "QEMU disconnected")
+        if server is not None and server.ended and not stopping:
+            log.info("%s; exiting", server.ended)
+            return 0 if server.ended == "QEMU disconnected" else 1
+        log.info("stopping on %s; exiting", stopping[0])
         return 0
     finally:
         if device is not None:

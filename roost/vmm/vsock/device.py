@@ -63,24 +63,17 @@ class VsockDevice:
         self.host = host
         self.selector = selector
         self.faults = FaultLog()
-        self.queues = (
-            Virtqueue(
-                "rx",
-                writable=True,
-                min_bytes=packets.HEADER.size,
-                max_bytes=MAX_RX_CHAIN,
-                refuse=self.faults.report,
-            ),
-            Virtqueue(
-                "tx",
-                writable=False,
-                min_bytes=packets.HEADER.size,
-                max_bytes=packets.HEADER.size + packets.MAX_PAYLOAD,
-                refuse=self.faults.report,
-            ),
-        )
+        self.queues = self._new_queues()
         self.memory: GuestMemory | None = None
         self.active = False  # both queues started, and not stopped since
+
+    def _new_queues(self) -> tuple[Virtqueue, Virtqueue]:
+        header, refuse = packets.HEADER.size, self.faults.report
+        tx_bytes = header + packets.MAX_PAYLOAD
+        return (
+            Virtqueue("rx", writable=True, min_bytes=header, max_bytes=MAX_RX_CHAIN, refuse=refuse),
+            Virtqueue("tx", writable=False, min_bytes=header, max_bytes=tx_bytes, refuse=refuse),
+        )
 
     def queue(self, index: int) -> Virtqueue:
         if index not in (RX, TX):
@@ -107,6 +100,13 @@ class VsockDevice:
         if fd is not None:
             self.selector.register(fd, selectors.EVENT_READ, lambda _events: _drain(fd))
         self._start(queue)
+
+    def set_call(self, index: int, fd: int | None) -> None:
+        """A queue's call eventfd (QEMU swaps it as the guest masks interrupts)."""
+        queue = self.queue(index)
+        if queue.call is not None:
+            os.close(queue.call)
+        queue.call = fd
 
     def _start(self, queue: Virtqueue) -> None:
         if self.memory is None or queue.addresses is None or queue.size == 0:
@@ -145,6 +145,7 @@ class VsockDevice:
                 self.stop_queue(index)
             self._forget_kick(queue)
             queue.close_fds()
+        self.queues = self._new_queues()
         self.host.close_all()
         if self.memory is not None:
             self.memory.close()

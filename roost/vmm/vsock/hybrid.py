@@ -57,14 +57,6 @@ def listen(path: str) -> socket.socket:
     return sock
 
 
-class Handshake:
-    """An accepted host client until its `CONNECT <port>\\n` line is whole."""
-
-    def __init__(self, sock: socket.socket) -> None:
-        self.sock = sock
-        self.received = b""
-
-
 class HybridHost:
     """The connection table between guest ports and host Unix sockets, and the packets the
     guest is owed (fed into the rx queue as buffers come)."""
@@ -86,7 +78,7 @@ class HybridHost:
         self.max_buffered = max_buffered
         self.clock = clock
         self.connections: dict[tuple[int, int], Connection] = {}
-        self.handshakes: dict[socket.socket, Handshake] = {}
+        self.handshakes: dict[socket.socket, bytes] = {}  # clients before their CONNECT line
         self.rx_order: dict[tuple[int, int], None] = {}  # connections owed a packet, in turn
         self.timed: dict[tuple[int, int], Connection] = {}  # connections with a deadline
         self.resets: deque[bytes] = deque()
@@ -94,6 +86,7 @@ class HybridHost:
         self.to_host = Tally()
         self.next_port = FIRST_LOCAL_PORT
         self.reading_allowed = True
+        self.accepting = True  # False while out of file descriptors
         selector.register(listener, selectors.EVENT_READ, self._accept)
 
     # --- budget -----------------------------------------------------------------------------
@@ -142,7 +135,11 @@ class HybridHost:
         if len(self.connections) >= MAX_CONNECTIONS:
             self._refuse(header)
             return
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        except OSError:  # out of file descriptors
+            self._refuse(header)
+            return
         sock.setblocking(False)
         try:
             sock.connect(f"{self.uds_path}_{header.dst_port}")
@@ -163,35 +160,43 @@ class HybridHost:
                 sock, _address = self.listener.accept()
             except BlockingIOError:
                 return
-            except OSError as error:  # out of fds: the client waits in the backlog
-                log.warning("cannot accept a host client: %s", error)
+            except OSError as error:  # out of fds: clients wait in the backlog until one closes
+                log.warning("cannot accept host clients for now: %s", error)
+                self.selector.unregister(self.listener)
+                self.accepting = False
                 return
             sock.setblocking(False)
-            handshake = Handshake(sock)
-            self.handshakes[sock] = handshake
-            self.selector.register(
-                sock, selectors.EVENT_READ, functools.partial(self._read_line, handshake)
-            )
+            self.handshakes[sock] = b""
+            handler = functools.partial(self._read_line, sock)
+            self.selector.register(sock, selectors.EVENT_READ, handler)
 
-    def _read_line(self, handshake: Handshake, _events: int) -> None:
+    def _resume_accepting(self) -> None:
+        """A host socket was closed: if accepting had stopped for want of fds, go on."""
+        if not self.accepting:
+            self.accepting = True
+            self.selector.register(self.listener, selectors.EVENT_READ, self._accept)
+
+    def _read_line(self, sock: socket.socket, _events: int) -> None:
         """Read the client's `CONNECT <port>\\n`; anything else closes it (as Firecracker)."""
-        sock = handshake.sock
         if sock not in self.handshakes:
             return
+        received = self.handshakes[sock]
         try:
-            data = sock.recv(MAX_CONNECT_LINE - len(handshake.received))
+            data = sock.recv(MAX_CONNECT_LINE - len(received))
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        handshake.received += data
-        line, newline, rest = handshake.received.partition(b"\n")
-        if not newline and data and len(handshake.received) < MAX_CONNECT_LINE:
+        received += data
+        self.handshakes[sock] = received
+        line, newline, rest = received.partition(b"\n")
+        if not newline and data and len(received) < MAX_CONNECT_LINE:
             return
         self._drop_handshake(sock)
         port = _connect_port(line) if newline else None
         if port is None or len(self.connections) >= MAX_CONNECTIONS:
             sock.close()
+            self._resume_accepting()
             return
         connection = self._connection(sock, self._free_port(port), port, State.CONNECTING)
         connection.to_guest.push(rest)  # sent once the guest accepts
@@ -269,6 +274,7 @@ class HybridHost:
                 connection.peer_port,
                 connection.ending,
             )
+        self._resume_accepting()
         if connection.reset_guest:
             header = Header(
                 HOST_CID, self.guest_cid, *connection.key, 0, TYPE_STREAM, OP_RST, 0, 0, 0
@@ -332,7 +338,8 @@ class HybridHost:
 
     def close(self) -> None:
         self.close_all()
-        self.selector.unregister(self.listener)
+        if self.accepting:
+            self.selector.unregister(self.listener)
         self.listener.close()
 
 

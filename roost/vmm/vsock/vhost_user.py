@@ -12,6 +12,7 @@ answer, answered with zero (or, for a reply-ack request, failure).
 from __future__ import annotations
 
 import array
+import enum
 import logging
 import os
 import socket
@@ -45,29 +46,39 @@ FEATURES = VIRTIO_F_VERSION_1 | VHOST_USER_F_PROTOCOL_FEATURES
 PROTOCOL_F_CONFIG = 1 << 9
 PROTOCOL_FEATURES = PROTOCOL_F_CONFIG
 
-NAMES = {
-    1: "GET_FEATURES",
-    2: "SET_FEATURES",
-    3: "SET_OWNER",
-    4: "RESET_OWNER",
-    5: "SET_MEM_TABLE",
-    8: "SET_VRING_NUM",
-    9: "SET_VRING_ADDR",
-    10: "SET_VRING_BASE",
-    11: "GET_VRING_BASE",
-    12: "SET_VRING_KICK",
-    13: "SET_VRING_CALL",
-    14: "SET_VRING_ERR",
-    15: "GET_PROTOCOL_FEATURES",
-    16: "SET_PROTOCOL_FEATURES",
-    17: "GET_QUEUE_NUM",
-    18: "SET_VRING_ENABLE",
-    24: "GET_CONFIG",
-    25: "SET_CONFIG",
-    36: "GET_MAX_MEM_SLOTS",
-    40: "GET_STATUS",
-}
-ANSWERED_WITH_ZERO = {17, 36, 40}  # never sent unless offered; they want a u64 all the same
+
+class Request(enum.IntEnum):
+    """The requests this backend knows (of the protocol's 40-odd)."""
+
+    GET_FEATURES = 1
+    SET_FEATURES = 2
+    SET_OWNER = 3
+    RESET_OWNER = 4
+    SET_MEM_TABLE = 5
+    SET_VRING_NUM = 8
+    SET_VRING_ADDR = 9
+    SET_VRING_BASE = 10
+    GET_VRING_BASE = 11
+    SET_VRING_KICK = 12
+    SET_VRING_CALL = 13
+    SET_VRING_ERR = 14
+    GET_PROTOCOL_FEATURES = 15
+    SET_PROTOCOL_FEATURES = 16
+    GET_QUEUE_NUM = 17
+    SET_VRING_ENABLE = 18
+    GET_CONFIG = 24
+    SET_CONFIG = 25
+    GET_MAX_MEM_SLOTS = 36
+    GET_STATUS = 40
+
+
+# never sent unless their feature is offered (none is), but a u64 answer is due all the same
+ANSWERED_WITH_ZERO = {Request.GET_QUEUE_NUM, Request.GET_MAX_MEM_SLOTS, Request.GET_STATUS}
+# QEMU waits for these answers even when the request was refused: it gets its request back
+ALWAYS_ANSWERED = {Request.GET_VRING_BASE, Request.GET_CONFIG}
+
+
+Handler = Callable[[bytes, list[int]], bytes | None]
 
 
 class ProtocolError(Exception):
@@ -86,36 +97,35 @@ class VhostUserServer:
         self.sock = sock
         self.device = device
         self.config = U64.pack(guest_cid)  # struct virtio_vsock_config
-        self.closed = False
-        self.handlers: dict[int, Callable[[bytes, list[int]], bytes | None]] = {
-            1: lambda _payload, _fds: U64.pack(FEATURES),
-            2: self._set_features,
-            3: lambda _payload, _fds: None,
-            4: self._reset_owner,
-            5: self._set_mem_table,
-            8: self._set_vring_num,
-            9: self._set_vring_addr,
-            10: self._set_vring_base,
-            11: self._get_vring_base,
-            12: self._set_vring_kick,
-            13: self._set_vring_call,
-            14: self._set_vring_err,
-            15: lambda _payload, _fds: U64.pack(PROTOCOL_FEATURES),
-            16: self._set_protocol_features,
-            18: self._set_vring_enable,
-            24: self._get_config,
-            25: lambda _payload, _fds: None,  # the CID is not the guest's to change
+        self.ended: str | None = None  # why the connection is over, once it is
+        self.handlers: dict[int, Handler] = {
+            Request.GET_FEATURES: lambda _payload, _fds: U64.pack(FEATURES),
+            Request.SET_FEATURES: self._set_features,
+            Request.SET_OWNER: self._nothing,
+            Request.RESET_OWNER: lambda _payload, _fds: self.device.reset(),
+            Request.SET_MEM_TABLE: self._set_mem_table,
+            Request.SET_VRING_NUM: self._set_vring_num,
+            Request.SET_VRING_ADDR: self._set_vring_addr,
+            Request.SET_VRING_BASE: self._set_vring_base,
+            Request.GET_VRING_BASE: self._get_vring_base,
+            Request.SET_VRING_KICK: self._set_vring_kick,
+            Request.SET_VRING_CALL: self._set_vring_call,
+            Request.SET_VRING_ERR: self._set_vring_err,
+            Request.GET_PROTOCOL_FEATURES: lambda _payload, _fds: U64.pack(PROTOCOL_FEATURES),
+            Request.SET_PROTOCOL_FEATURES: self._set_protocol_features,
+            Request.SET_VRING_ENABLE: self._set_vring_enable,
+            Request.GET_CONFIG: self._get_config,
+            Request.SET_CONFIG: self._nothing,  # the CID is not the guest's to change
         }
 
     def readable(self, _events: int) -> None:
-        """Serve one message; EOF (QEMU has gone) closes the server."""
+        """Serve one message; EOF (QEMU has gone) or broken framing ends the connection."""
         try:
             self._serve_one()
         except ProtocolError as error:
-            log.error("vhost-user: %s; closing the connection", error)
-            self.closed = True
+            self.ended = f"vhost-user protocol error: {error}"
         except ConnectionError:
-            self.closed = True
+            self.ended = "QEMU disconnected"
 
     def _serve_one(self) -> None:
         fds: list[int] = []
@@ -129,7 +139,7 @@ class VhostUserServer:
                     received.frombytes(fd_bytes[: len(fd_bytes) - len(fd_bytes) % 4])
                     fds.extend(received)
             if not data:
-                self.closed = True
+                self.ended = "QEMU disconnected"
                 return
             if flags & socket.MSG_CTRUNC:
                 raise ProtocolError("a message came with more file descriptors than allowed")
@@ -155,7 +165,7 @@ class VhostUserServer:
         return bytes(buffer)
 
     def _dispatch(self, request: int, flags: int, payload: bytes, fds: list[int]) -> None:
-        name = NAMES.get(request, f"request {request}")
+        name = _name(request)
         handler = self.handlers.get(request)
         reply: bytes | None = None
         failed = False
@@ -170,14 +180,17 @@ class VhostUserServer:
             except (MessageError, ValueError, struct.error, OSError) as error:
                 log.warning("vhost-user: refused %s: %s", name, error)
                 failed = True
-                if request in (11, 24):  # QEMU waits for their answer whatever happens
-                    reply = payload[: VRING_STATE.size] if request == 11 else payload
+                if request in ALWAYS_ANSWERED:
+                    reply = payload
         if reply is None and flags & FLAG_NEED_REPLY:
             reply = U64.pack(1 if failed else 0)
         if reply is not None:
             self.sock.sendall(HEADER.pack(request, VERSION | FLAG_REPLY, len(reply)) + reply)
 
     # --- features and ownership -------------------------------------------------------------
+
+    def _nothing(self, _payload: bytes, _fds: list[int]) -> None:
+        pass
 
     def _set_features(self, payload: bytes, _fds: list[int]) -> None:
         (features,) = U64.unpack_from(payload)
@@ -188,9 +201,6 @@ class VhostUserServer:
         (features,) = U64.unpack_from(payload)
         if features & ~PROTOCOL_FEATURES:
             log.warning("vhost-user: QEMU set protocol features %#x beyond those offered", features)
-
-    def _reset_owner(self, _payload: bytes, _fds: list[int]) -> None:
-        self.device.reset()
 
     def _get_config(self, payload: bytes, _fds: list[int]) -> bytes:
         offset, size, flags = CONFIG.unpack_from(payload)
@@ -216,7 +226,7 @@ class VhostUserServer:
         except OSError as error:
             raise MessageError(f"cannot map guest memory: {error}") from None
         self.device.set_memory(memory)
-        sizes = ", ".join(f"{e.size >> 20} MiB at {e.gpa:#x}" for e in entries)
+        sizes = ", ".join(f"{e.size >> 10} KiB at {e.gpa:#x}" for e in entries)
         log.info("guest memory: %s", sizes)
 
     def _set_vring_num(self, payload: bytes, _fds: list[int]) -> None:
@@ -244,18 +254,10 @@ class VhostUserServer:
         self.device.set_kick(index, fd)
 
     def _set_vring_call(self, payload: bytes, fds: list[int]) -> None:
-        index, fd = self._vring_fd(payload, fds)
-        queue = self.device.queue(index)
-        if queue.call is not None:
-            os.close(queue.call)
-        queue.call = fd
+        self.device.set_call(*self._vring_fd(payload, fds))
 
     def _set_vring_err(self, payload: bytes, fds: list[int]) -> None:
-        index, fd = self._vring_fd(payload, fds)
-        queue = self.device.queue(index)
-        if queue.error is not None:
-            os.close(queue.error)
-        queue.error = fd  # kept only to be closed: this backend reports no ring errors
+        self._vring_fd(payload, fds)  # its eventfd is closed unused: no ring errors reported
 
     def _vring_fd(self, payload: bytes, fds: list[int]) -> tuple[int, int | None]:
         """A queue's index and the eventfd that came with the message (taken from `fds`), or
@@ -271,3 +273,10 @@ class VhostUserServer:
 
     def close(self) -> None:
         self.sock.close()
+
+
+def _name(request: int) -> str:
+    try:
+        return Request(request).name
+    except ValueError:
+        return f"request {request}"

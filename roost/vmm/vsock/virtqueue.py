@@ -102,13 +102,11 @@ class Virtqueue:
         self.max_bytes = max_bytes
         self.refuse = refuse
         self.size = 0
-        self.last_avail = 0
-        self.used_idx = 0
+        self.last_avail = 0  # also the used index: chains go back in the order they came
         self.addresses: tuple[int, int, int] | None = None  # desc, avail, used (QEMU addresses)
         self.enabled = False
         self.kick: int | None = None
         self.call: int | None = None
-        self.error: int | None = None
         self.signal_due = False
         self._rings: _Rings | None = None
 
@@ -137,7 +135,6 @@ class Virtqueue:
             *memory.uva(avail, 4 + 2 * self.size),
             *memory.uva(used, 4 + USED_ELEMENT.size * self.size),
         )
-        self.used_idx = self.last_avail
 
     def stop(self) -> int:
         """Stop using the rings (GET_VRING_BASE); returns where the guest's next chain is."""
@@ -173,11 +170,10 @@ class Virtqueue:
         then the used index (see the module's note on ordering)."""
         rings = self._rings
         assert rings is not None
-        slot = rings.used + 4 + USED_ELEMENT.size * (self.used_idx % self.size)
+        slot = rings.used + 4 + USED_ELEMENT.size * (self.last_avail % self.size)
         USED_ELEMENT.pack_into(rings.used_map, slot, head, written)
-        self.used_idx = (self.used_idx + 1) & 0xFFFF
-        U16.pack_into(rings.used_map, rings.used + 2, self.used_idx)
         self.last_avail = (self.last_avail + 1) & 0xFFFF
+        U16.pack_into(rings.used_map, rings.used + 2, self.last_avail)
         self.signal_due = True
 
     def signal(self) -> None:
@@ -219,7 +215,7 @@ class Virtqueue:
         raise ChainError(f"the chain is longer than the queue ({self.size}): a descriptor loop")
 
     def close_fds(self) -> None:
-        for fd in (self.kick, self.call, self.error):
+        for fd in (self.kick, self.call):
             if fd is not None:
                 os.close(fd)
-        self.kick = self.call = self.error = None
+        self.kick = self.call = None
