@@ -35,6 +35,7 @@ from roost.api.endpoints import Endpoint
 from roost.api.guard import Guard
 from roost.api.operations import OperationGate
 from roost.api.replies import error_response, on_unix_socket
+from roost.api.vsock import register_vsock_routes
 from roost.engine.core import Engine
 from roost.errors import ErrorDetail, InvalidError, NotFoundError, RoostError
 from roost.spec import Manifest, VMConfig, VMConfigPatch, load_json, parse
@@ -295,6 +296,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     async def list_networks() -> JSONResponse:
         return JSONResponse(await read(engine.list_networks))
 
+    register_vsock_routes(app, engine, read)
     return app
 
 

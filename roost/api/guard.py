@@ -1,5 +1,6 @@
 """What every request passes before a route sees it: who may ask (on TCP, the right `Host`
-and the bearer token), in what form (JSON bodies only) and how much (a size limit).
+and the bearer token), in what form (JSON bodies only) and how much (a size limit). A WebSocket
+passes the same checks of who may ask (it has no body).
 
 Pure ASGI, so streamed answers pass through untouched. When the answer is ready before the
 request's body was read whole (a refusal), the rest of the body is read and thrown away, for a
@@ -26,6 +27,8 @@ log = logging.getLogger("roost.api")
 OPEN_PATHS = frozenset({"/healthz"})
 # how long the unread rest of a refused request's body is read and thrown away
 DISCARD_SECONDS = 10.0
+DENIAL_RESPONSE = "websocket.http.response"  # the ASGI extension: an HTTP answer to an upgrade
+POLICY_VIOLATION = 1008  # the WebSocket close code
 
 
 def too_large(limit: int) -> RoostError:
@@ -42,7 +45,8 @@ class Guard:
     host) or without the bearer token (401 `unauthorized`; `/healthz` is open); on every
     listener, a body that is not `application/json` (415 `unsupported_media_type`: browsers
     post forms and text/plain anywhere) or larger than `max_body_bytes` (413 `too_large`, by
-    its Content-Length or counted as it arrives)."""
+    its Content-Length or counted as it arrives). A refused WebSocket gets the same error
+    object and status, as the upgrade's denial response."""
 
     def __init__(
         self, app: ASGIApp, *, endpoints: list[Endpoint], token: str | None, max_body_bytes: int
@@ -54,8 +58,7 @@ class Guard:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "websocket":
-            # no route speaks WebSocket: refused outright, rather than let past the checks
-            await send({"type": "websocket.close", "code": 1008})
+            await self._websocket(scope, receive, send)
             return
         if scope["type"] != "http":
             await self.app(scope, receive, send)
@@ -68,6 +71,17 @@ class Guard:
             await self.app(scope, body.receive, send)
         else:
             await error_response(error)(scope, body.receive, send)
+
+    async def _websocket(self, scope: Scope, receive: Receive, send: Send) -> None:
+        error = None
+        if not on_unix_socket(scope):
+            error = self._tcp_refusal(scope["path"], _headers(scope), scope.get("server"))
+        if error is None:
+            await self.app(scope, receive, send)
+        elif DENIAL_RESPONSE in scope.get("extensions", {}):
+            await error_response(error)(scope, receive, send)
+        else:  # a server that cannot send a denial response answers 403 to this
+            await send({"type": "websocket.close", "code": POLICY_VIOLATION})
 
     def _refusal(self, scope: Scope, headers: dict[str, str], body: _Body) -> RoostError | None:
         if not on_unix_socket(scope):

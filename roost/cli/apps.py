@@ -27,7 +27,8 @@ plugin_app = typer.Typer(
     rich_markup_mode=PLAIN_HELP,
 )
 vm_app = typer.Typer(
-    help="VMs: plan, create, list, show, start, stop, restart, pause, resume, rm, config.",
+    help="VMs: plan, create, list, show, start, stop, restart, pause, resume, rm, config, "
+    "connect, forward.",
     no_args_is_help=True,
     rich_markup_mode=PLAIN_HELP,
 )

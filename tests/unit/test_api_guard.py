@@ -4,6 +4,7 @@ JSON bodies only on every listener, and a body size limit answered before the bo
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -12,8 +13,9 @@ import pytest
 
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
+from roost.api.guard import Guard
 from roost.engine.settings import Settings
-from tests.asgi import json_post_scope
+from tests.asgi import UNIX_SERVER, json_post_scope
 from tests.unit.test_api_app import TCP, TOKEN, UNIX, Api, FakeEngine
 
 AUTH = {"authorization": f"Bearer {TOKEN}"}
@@ -262,9 +264,35 @@ def test_a_refused_body_is_answered_first_then_read_and_thrown_away(engine: Fake
     ]
 
 
-def test_a_websocket_is_closed_before_any_route(engine: FakeEngine) -> None:
-    app = create_app(engine, [Endpoint.parse(TCP)])  # type: ignore[arg-type]
+# ---- WebSockets: the same checks of who may ask ----------------------------------------
+
+
+def websocket_scope(
+    server: tuple[str, int | None], headers: dict[str, str], denial: bool = True
+) -> dict[str, Any]:
+    """An upgrade to the vsock route, from a server that can send a denial response (an HTTP
+    answer to the upgrade) when `denial` says so."""
+    return {
+        "type": "websocket",
+        "path": "/v1/vms/x/vsock/1024",
+        "raw_path": b"/v1/vms/x/vsock/1024",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(name.encode(), value.encode()) for name, value in headers.items()],
+        "server": server,
+        "client": ("127.0.0.1", 40000),
+        "subprotocols": [],
+        "extensions": {"websocket.http.response": {}} if denial else {},
+    }
+
+
+def guarded_upgrade(scope: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+    """What reached the routes behind the guard (their paths) and what the guard sent."""
+    reached: list[str] = []
     sent: list[dict[str, Any]] = []
+
+    async def routes(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
 
     async def receive() -> dict[str, Any]:
         return {"type": "websocket.connect"}
@@ -272,19 +300,57 @@ def test_a_websocket_is_closed_before_any_route(engine: FakeEngine) -> None:
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    scope = {
-        "type": "websocket",
-        "path": "/v1/vms",
-        "raw_path": b"/v1/vms",
-        "query_string": b"",
-        "root_path": "",
-        "headers": [(b"host", b"127.0.0.1:8000")],
-        "server": ("127.0.0.1", 8000),
-        "client": ("127.0.0.1", 40000),
-        "subprotocols": [],
-    }
-    asyncio.run(app(scope, receive, send))  # type: ignore[arg-type]
-    assert sent == [{"type": "websocket.close", "code": 1008}]
+    guard = Guard(routes, endpoints=[Endpoint.parse(TCP)], token=TOKEN, max_body_bytes=4096)
+    asyncio.run(guard(scope, receive, send))  # type: ignore[arg-type]
+    return reached, sent
+
+
+def denial(sent: list[dict[str, Any]]) -> tuple[int, dict[str, bytes], dict[str, Any]]:
+    start, body = sent
+    assert (start["type"], body["type"]) == (
+        "websocket.http.response.start",
+        "websocket.http.response.body",
+    )
+    headers = {name.decode(): value for name, value in start["headers"]}
+    return start["status"], headers, json.loads(body["body"])["error"]
+
+
+@pytest.mark.parametrize("authorization", [None, "Bearer wrong", f"Basic {TOKEN}"])
+def test_a_tcp_websocket_without_the_token_is_denied_unauthorized_with_the_error_object(
+    authorization: str | None,
+) -> None:
+    headers = {"host": "127.0.0.1:8000"}
+    if authorization is not None:
+        headers["authorization"] = authorization
+    reached, sent = guarded_upgrade(websocket_scope(("127.0.0.1", 8000), headers))
+    status, response_headers, error = denial(sent)
+    assert (status, error["code"]) == (401, "unauthorized")
+    assert response_headers["www-authenticate"] == b"Bearer"
+    assert reached == []
+
+
+def test_a_tcp_websocket_for_another_host_is_denied_misdirected() -> None:
+    headers = {"host": "evil.example:8000", **AUTH}
+    reached, sent = guarded_upgrade(websocket_scope(("127.0.0.1", 8000), headers))
+    status, _, error = denial(sent)
+    assert (status, error["code"]) == (421, "misdirected")
+    assert reached == []
+
+
+def test_a_tcp_websocket_with_the_token_and_the_listeners_host_reaches_the_routes() -> None:
+    headers = {"host": "127.0.0.1:8000", **AUTH}
+    reached, sent = guarded_upgrade(websocket_scope(("127.0.0.1", 8000), headers))
+    assert (reached, sent) == (["/v1/vms/x/vsock/1024"], [])
+
+
+def test_a_websocket_on_the_unix_socket_needs_no_token_and_takes_any_host() -> None:
+    scope = websocket_scope(UNIX_SERVER, {"host": "evil.example"})
+    assert guarded_upgrade(scope) == (["/v1/vms/x/vsock/1024"], [])
+
+
+def test_a_refused_websocket_on_a_server_without_denial_responses_is_closed_1008() -> None:
+    scope = websocket_scope(("127.0.0.1", 8000), {"host": "127.0.0.1:8000"}, denial=False)
+    assert guarded_upgrade(scope) == ([], [{"type": "websocket.close", "code": 1008}])
 
 
 def test_a_token_beyond_ascii_matches_as_its_utf8_bytes() -> None:
