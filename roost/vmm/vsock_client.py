@@ -56,7 +56,7 @@ async def dial(
     """A connection to the guest's vsock `port`, tried again until `timeout` seconds have
     passed. Each try waits at most `attempt` seconds: a hybrid-vsock VMM whose guest does not
     listen may close the connection, but may as well leave it hanging with no answer at all.
-    `what` names the port in the error (`VM 'v1''s vsock port 1024`); `VMMFailedError` when
+    `what` names the port in the error (`vsock port 1024 of VM 'v1'`); `VMMFailedError` when
     no try connected. What the guest sent right after `OK` stays in the returned reader."""
     what = what or _describe(target, port)
     loop = asyncio.get_running_loop()
