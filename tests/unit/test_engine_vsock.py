@@ -9,7 +9,7 @@ import pytest
 
 from roost.errors import ConflictError, HostError, NotFoundError
 from roost.spec import VMConfig
-from roost.vmm.base import HybridVsock
+from roost.vmm.base import HybridVsock, KernelVsock, VsockBackend
 from tests.engine_fakes import World
 from tests.harness import wait_for
 
@@ -93,3 +93,30 @@ def test_the_vsock_target_is_known_only_while_a_vmm_runs(world: World) -> None:
     world.engine.stop_vm("a", timeout=0, force=True)
     with pytest.raises(ConflictError, match="start it first"):
         world.engine.vsock_target("a")
+
+
+def test_a_kernel_vsock_vm_is_reached_by_its_cid_and_shows_no_socket(world: World) -> None:
+    world.driver.vsock_backend = lambda: VsockBackend.KERNEL  # type: ignore[method-assign]
+    shown = world.engine.create_vm("a", VMConfig(plugin="p"))
+    assert shown["vsock"] == {
+        "cid": shown["vsock"]["cid"],
+        "uds_path": None,
+        "available": True,
+        "backend": "kernel",
+        "reason": None,
+    }
+    assert world.engine.vsock_target("a") == KernelVsock(shown["vsock"]["cid"])
+    assert world.listeners.listening["a"][0] == KernelVsock(shown["vsock"]["cid"])
+    assert world.driver.launched[-1].vsock is not None
+    assert world.driver.launched[-1].vsock.backend is VsockBackend.KERNEL
+
+
+def test_the_backend_a_vm_started_with_is_kept_when_the_driver_changes_its_choice(
+    world: World,
+) -> None:
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    world.driver.vsock_backend = lambda: VsockBackend.KERNEL  # type: ignore[method-assign]
+    assert world.engine.show_vm("a")["vsock"]["backend"] == "firecracker"
+    assert isinstance(world.engine.vsock_target("a"), HybridVsock)
+    world.engine.restart_vm("a")
+    assert world.engine.show_vm("a")["vsock"]["backend"] == "kernel"
