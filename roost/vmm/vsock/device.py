@@ -23,7 +23,13 @@ from roost.vmm.vsock.virtqueue import RingError, Virtqueue
 log = logging.getLogger("roost.vmm.vsock")
 
 RX, TX = 0, 1
-MAX_RX_CHAIN = 1024 * 1024  # Linux posts 4 KiB; anything this big is not a driver's doing
+# Chain sizes: an rx chain must hold a header and a byte of data (else host data would wait
+# for ever behind it), and Linux posts about 4 KiB, so 1 MiB is no driver's doing; a tx chain
+# is a header and at most one packet's payload.
+MIN_RX = packets.HEADER.size + 1
+MAX_RX = 1024 * 1024
+MIN_TX = packets.HEADER.size
+MAX_TX = packets.HEADER.size + packets.MAX_PAYLOAD
 
 
 class FaultLog:
@@ -68,12 +74,10 @@ class VsockDevice:
         self.active = False  # both queues started, and not stopped since
 
     def _new_queues(self) -> tuple[Virtqueue, Virtqueue]:
-        header, refuse = packets.HEADER.size, self.faults.report
-        tx_bytes = header + packets.MAX_PAYLOAD
-        return (
-            Virtqueue("rx", writable=True, min_bytes=header, max_bytes=MAX_RX_CHAIN, refuse=refuse),
-            Virtqueue("tx", writable=False, min_bytes=header, max_bytes=tx_bytes, refuse=refuse),
-        )
+        refuse = self.faults.report
+        rx = Virtqueue("rx", writable=True, min_bytes=MIN_RX, max_bytes=MAX_RX, refuse=refuse)
+        tx = Virtqueue("tx", writable=False, min_bytes=MIN_TX, max_bytes=MAX_TX, refuse=refuse)
+        return rx, tx
 
     def queue(self, index: int) -> Virtqueue:
         if index not in (RX, TX):

@@ -53,5 +53,6 @@ def parse(packet: bytes) -> tuple[Header, memoryview]:
         raise GuestError(f"a packet announces {header.len} bytes, more than {MAX_PAYLOAD}")
     end = HEADER.size + header.len
     if end > len(packet):
-        raise GuestError(f"a packet announces {header.len} bytes but carries {len(packet) - 44}")
+        carried = len(packet) - HEADER.size
+        raise GuestError(f"a packet announces {header.len} bytes but carries {carried}")
     return header, memoryview(packet)[HEADER.size : end]
