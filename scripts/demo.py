@@ -4,7 +4,8 @@ reach, in a private network namespace, then remove everything — also on Ctrl-C
 Steps: a netns `roost-demo`; inside it a bridge with dnsmasq as the "external" DHCP server;
 the roost daemon (QEMU here, Firecracker where KVM can run it); the demo plugin; four VMs
 (vsock, bridged auto-assign, bridged manual ip, dhcp); wait until each guest says it is ready;
-`roost vm list` and a reachability table (HTTP from inside roost-demo); tear down.
+`roost vm list` and a reachability table (HTTP from inside roost-demo for the VMs with an
+address, `roost vm connect` to its vsock echo for the isolated one); tear down.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ PLUGIN = ROOT / "build" / "demo" / "plugin.json"
 FIRECRACKER = ROOT / "build" / "firecracker" / "firecracker"
 READY_TIMEOUT = 90.0
 MANUAL_IP = "10.57.0.50"
+ECHO_PORT = 1024  # the demo guest's vsock echo
 VMS = [
     ("vsock-1", ["--network-mode", "vsock"]),
     ("auto-1", []),
@@ -224,25 +226,34 @@ class Demo:
                     f"roost to observe the address {vm['name']} leased",
                 )
 
+    def vsock_echo(self, name: str) -> str:
+        """`echo hello | roost vm connect NAME 1024`: the guest's vsock echo, through the API."""
+        result = subprocess.run(
+            [str(ROOST), "--api", self.api, "vm", "connect", name, str(ECHO_PORT)],
+            input="hello\n",
+            capture_output=True,
+            text=True,
+            check=False,
+            start_new_session=True,
+        )
+        if result.returncode != 0:
+            return f"vm connect failed: {result.stderr.strip()}"
+        return f"vm connect {name} {ECHO_PORT}: {result.stdout.strip()!r} echoed over vsock"
+
     def report(self) -> None:
         say("")
         say(self.roost("vm", "list", json_out=False).rstrip())
         say("")
-        rows = [("VM", "MODE", "ADDRESS", "HTTP FROM roost-demo")]
+        rows = [("VM", "MODE", "ADDRESS", "REACHED FROM THE HOST")]
         for vm in self.roost("vm", "list"):
             network = vm["network"]
             address = network["ip"] or network["observed_ip"]
             if network["mode"] == "vsock":
-                interfaces = [
-                    line
-                    for line in self.console(vm["name"]).splitlines()
-                    if line.startswith("roost-guest: interfaces")
-                ]
-                answer = f"isolated: no NIC ({interfaces[-1].split(': ', 1)[1]})"
+                answer = self.vsock_echo(vm["name"])
             elif address is None:
                 answer = "no address observed"
             else:
-                answer = http_from_netns(f"http://{address}/")
+                answer = "HTTP " + http_from_netns(f"http://{address}/")
             rows.append((vm["name"], network["mode"], address or "-", answer))
         widths = [max(len(row[i]) for row in rows) for i in range(4)]
         for row in rows:
@@ -371,7 +382,7 @@ def main() -> int:
             demo.create_vms()
         with step("Waiting until every guest says it is ready"):
             demo.wait_ready()
-        with step("What each VM is, and what answers over HTTP"):
+        with step("What each VM is, and how the host reaches it"):
             demo.report()
         with step("Tearing everything down"):
             demo.teardown()
