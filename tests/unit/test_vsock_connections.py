@@ -270,7 +270,14 @@ def test_a_packet_claiming_another_source_cid_is_refused(
         listener.accept()
 
 
-def test_stopping_the_device_closes_every_host_connection(rig: Rig) -> None:
+def restart(rig: Rig, bases: tuple[int, int]) -> None:
+    """What QEMU sends to start a stopped device: each queue's position, then its kick."""
+    for index, base in zip((RX, TX), bases, strict=True):
+        rig.device.queue(index).last_avail = base
+        rig.device.set_kick(index, os.dup(rig.guest.kicks[index]))
+
+
+def test_a_device_reset_closes_every_host_connection(rig: Rig) -> None:
     first, _ = rig.connect_from_host()
     second, _ = rig.connect_from_host(1025)
     listener = rig.unix_listener(5000)
@@ -280,11 +287,24 @@ def test_stopping_the_device_closes_every_host_connection(rig: Rig) -> None:
     waiting = rig.unix_client()  # has not sent its CONNECT line yet
     rig.settle()
     rig.device.stop_queue(RX)
-    assert len(rig.host.connections) == 3  # until both queues stop
     rig.device.stop_queue(TX)
+    rig.settle()
+    assert len(rig.host.connections) == 3  # stopped: maybe paused, maybe reset
+    restart(rig, (0, 0))  # the queues start over: the guest's driver was reset
     for sock in (first, second, third, waiting):
         assert rig.read(sock, 1) == b""
     assert not rig.host.connections
+
+
+def test_a_device_paused_and_resumed_keeps_its_connections(rig: Rig) -> None:
+    client, request = rig.connect_from_host()
+    bases = (rig.device.stop_queue(RX), rig.device.stop_queue(TX))
+    client.sendall(b"sent while paused")
+    rig.settle()
+    restart(rig, bases)  # QEMU hands back the positions it was given: a resume
+    assert guest_data(rig, request.src_port, 17) == b"sent while paused"
+    rig.guest.send(OP_RW, GUEST_PORT, request.src_port, b"and after")
+    assert rig.read(client, 9) == b"and after"
 
 
 def test_local_ports_count_up_wrap_around_and_skip_ports_in_use(rig: Rig) -> None:

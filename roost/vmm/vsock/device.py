@@ -72,6 +72,7 @@ class VsockDevice:
         self.queues = self._new_queues()
         self.memory: GuestMemory | None = None
         self.active = False  # both queues started, and not stopped since
+        self.stopped_at: tuple[int, ...] | None = None  # queue positions when it last stopped
 
     def _new_queues(self) -> tuple[Virtqueue, Virtqueue]:
         refuse = self.faults.report
@@ -122,18 +123,29 @@ class VsockDevice:
             return
         if not self.active and all(q.started for q in self.queues):
             self.active = True
-            log.info("device started (queue size %d)", queue.size)
+            bases = tuple(q.last_avail for q in self.queues)
+            if self.stopped_at is None:
+                log.info("device started (queue size %d)", queue.size)
+            elif bases == self.stopped_at and any(bases):
+                log.info("device resumed with %d connections", len(self.host.connections))
+            else:
+                self.host.close_all()
+                log.info("device reset; host connections closed")
+            self.stopped_at = None
 
     def stop_queue(self, index: int) -> int:
-        """GET_VRING_BASE: the queue stops. Once both have, the guest has forgotten every
-        connection (it sends no RST for them), so the host side closes all of its own."""
+        """GET_VRING_BASE: the queue stops. Once both have, the device may be paused (the VM
+        stopped) or reset (the guest rebooted or rebound its driver): only the next start
+        tells. A resumed device goes on where it stopped, so its connections stay; a reset one
+        starts its queues at 0 and its guest has forgotten every connection without an RST,
+        so the host side closes all of its own then."""
         queue = self.queue(index)
         self._forget_kick(queue)
         base = queue.stop()
         if self.active and not any(q.started for q in self.queues):
             self.active = False
-            self.host.close_all()
-            log.info("device stopped; host connections closed")
+            self.stopped_at = (self.queues[RX].last_avail, self.queues[TX].last_avail)
+            log.info("device stopped")
         return base
 
     def _forget_kick(self, queue: Virtqueue) -> None:
@@ -150,6 +162,7 @@ class VsockDevice:
             self._forget_kick(queue)
             queue.close_fds()
         self.queues = self._new_queues()
+        self.stopped_at = None
         self.host.close_all()
         if self.memory is not None:
             self.memory.close()
@@ -160,6 +173,8 @@ class VsockDevice:
     def pump(self) -> None:
         """Move what can move: guest packets to the host side, then owed packets to the guest,
         then interrupt the guest once per queue if anything came back."""
+        if not self.active:
+            return
         rx, tx = self.queues
         if tx.running:
             self._drain_tx(tx)
