@@ -241,6 +241,7 @@ def test_a_whole_device_start_on_a_memfd_guest_then_a_reset_that_closes_host_cli
             qemu.send(SET_VRING_KICK, struct.pack("<Q", index), (kicks[index],))
         for index in (0, 1):
             qemu.send(SET_VRING_ENABLE, struct.pack("<II", index, 1))
+        qemu.send(SET_VRING_NUM, struct.pack("<II", 0, 256))  # refused: the queue runs
 
         for _ in range(4):  # the guest driver posts rx buffers
             rx.publish(rx.chain([(DEBIAN_RX_BUFFER, F_WRITE)]))
@@ -275,3 +276,4 @@ def test_a_whole_device_start_on_a_memfd_guest_then_a_reset_that_closes_host_cli
     text = backend.text()
     assert "device started" in text
     assert "device reset; host connections closed" in text
+    assert "refused SET_VRING_NUM: queue 0 is running" in text

@@ -101,6 +101,14 @@ def test_two_regions_of_one_memfd_map_their_own_parts_as_on_microvm() -> None:
         os.close(fd)
 
 
+def test_a_memory_region_beyond_its_files_end_is_refused_rather_than_mapped() -> None:
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, 0x100000)
+    region = MemoryRegionMessage(0, 0x200000, 0x7000_0000_0000, 0, fd)  # closed by the call
+    with pytest.raises(ValueError, match="beyond its file's end"):
+        GuestMemory.from_message([region])
+
+
 # --- well-formed chains ---------------------------------------------------------------------
 
 

@@ -60,6 +60,9 @@ class GuestMemory:
             for entry in entries:
                 if entry.size <= 0:
                     raise ValueError(f"memory region at {entry.gpa:#x} has no size")
+                if os.fstat(entry.fd).st_size < entry.mmap_offset + entry.size:
+                    # an access past a file's end is SIGBUS, which would end the backend
+                    raise ValueError(f"memory region at {entry.gpa:#x} is beyond its file's end")
                 start = entry.mmap_offset - entry.mmap_offset % mmap.ALLOCATIONGRANULARITY
                 skip = entry.mmap_offset - start
                 mapping = mmap.mmap(entry.fd, skip + entry.size, offset=start)

@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from roost.vmm.vsock.device import VsockDevice
 from roost.vmm.vsock.memory import GuestMemory, MemoryRegionMessage
+from roost.vmm.vsock.virtqueue import Virtqueue
 
 log = logging.getLogger("roost.vmm.vsock")
 
@@ -231,15 +232,23 @@ class VhostUserServer:
 
     def _set_vring_num(self, payload: bytes, _fds: list[int]) -> None:
         index, size = VRING_STATE.unpack_from(payload)
-        self.device.queue(index).set_size(size)
+        self._stopped_queue(index).set_size(size)
 
     def _set_vring_addr(self, payload: bytes, _fds: list[int]) -> None:
         index, _flags, desc, used, avail, _log = VRING_ADDRESS.unpack_from(payload)
-        self.device.queue(index).addresses = (desc, avail, used)
+        self._stopped_queue(index).addresses = (desc, avail, used)
 
     def _set_vring_base(self, payload: bytes, _fds: list[int]) -> None:
         index, base = VRING_STATE.unpack_from(payload)
-        self.device.queue(index).last_avail = base & 0xFFFF
+        self._stopped_queue(index).last_avail = base & 0xFFFF
+
+    def _stopped_queue(self, index: int) -> Virtqueue:
+        """A queue whose layout may change: only a stopped one (its rings were checked for the
+        layout it started with)."""
+        queue = self.device.queue(index)
+        if queue.started:
+            raise MessageError(f"queue {index} is running")
+        return queue
 
     def _get_vring_base(self, payload: bytes, _fds: list[int]) -> bytes:
         index, _ = VRING_STATE.unpack_from(payload)
