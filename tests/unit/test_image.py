@@ -1,22 +1,30 @@
-"""The demo image builder's pure parts, on synthetic data: no root, no downloads."""
+"""The demo image builder's pure parts, on synthetic data: no downloads, and no root but for
+the guest helper's bench service, run on TCP in a throwaway network namespace."""
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gzip
 import hashlib
 import json
 import lzma
+import os
 import shutil
+import signal
+import socket
 import struct
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from importlib import resources
 from pathlib import Path
 
 import pytest
 
+from roost.host.netns import NetnsWorker
 from roost.image import demo
 from roost.image.demo import CpioEntry, ImageBuildError
+from tests.harness import namespace_pids, run, wait_for
 
 LZ4_MAGIC = struct.pack("<I", 0x184C2102)
 
@@ -329,7 +337,10 @@ def test_initramfs_entries_include_the_helper(tmp_path: Path) -> None:
     entries = demo._initramfs_entries(busybox, modules, b"\x7fELF-helper", lambda *a: None)
     by_path = {entry.path: entry for entry in entries}
     assert by_path["bin/vsock-helper"] == CpioEntry("bin/vsock-helper", 0o100755, b"\x7fELF-helper")
-    assert b"vsock-helper echo 1024" in by_path["init"].data
+    init = by_path["init"].data
+    ready = init.index(b'say "roost-ready:')
+    assert -1 < init.find(b"vsock-helper echo 1024\n") < ready
+    assert -1 < init.find(b"vsock-helper bench 1025\n") < ready  # vsock and TCP, no `&`
 
 
 def test_a_missing_gcc_says_what_to_install(
@@ -377,10 +388,167 @@ def helper(tmp_path_factory: pytest.TempPathFactory) -> Path:
         (("echo", "x1"), "roost-vsock: echo failed (bad port x1)\n"),
         (("hello", "-1", "guest"), "roost-vsock: hello -1 failed (bad port)\n"),
         (("hello", "4294967295", "guest"), "roost-vsock: hello 4294967295 failed (bad port)\n"),
+        (("bench",), ""),
+        (("bench", "1025", "tcp", "vsock"), ""),
+        (("bench", "0"), "roost-bench: failed (bad port 0)\n"),
+        (("bench", "65536"), "roost-bench: failed (bad port 65536)\n"),  # TCP's too
+        (("bench", "+1025"), "roost-bench: failed (bad port +1025)\n"),
+        (("bench", "1025", "udp"), "roost-bench: failed (bad transport udp)\n"),
     ],
 )
 def test_helper_refuses_bad_arguments(helper: Path, args: tuple[str, ...], stdout: str) -> None:
-    """Only argument errors run here: a real echo or hello would use this host's own vsock."""
+    """Only argument errors run here: a real echo, hello or bench would use this host's own
+    vsock (the bench's TCP side runs in a namespace of its own below)."""
     result = subprocess.run([helper, *args], capture_output=True, text=True, check=False)
     assert (result.returncode, result.stdout) == (2, stdout)
     assert ("usage:" in result.stderr) == (stdout == "")
+
+
+PR_SET_CHILD_SUBREAPER = 36
+BENCH_PORT = 1025
+BAD_REQUEST = b'error expected "sink <N>" or "source <N>", N <= 1073741824\n'
+
+
+@contextlib.contextmanager
+def adopting_orphans() -> Iterator[None]:
+    """This process as the reaper of its orphaned descendants for the block: the helper's
+    server leaves its parent at once, and the test ends it by PID and reaps it itself."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
+    try:
+        yield
+    finally:
+        libc.prctl(PR_SET_CHILD_SUBREAPER, 0, 0, 0, 0)
+
+
+def _children(pid: int) -> list[str]:
+    with contextlib.suppress(OSError):
+        return Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    return []
+
+
+@pytest.fixture
+def bench_connect(
+    helper: Path, netns: str, tmp_path: Path
+) -> Iterator[Callable[[], socket.socket]]:
+    """The helper's bench service on TCP only (this host's vsock is not ours to listen on), in
+    a namespace of its own; connections to it come from a thread inside that namespace."""
+    with adopting_orphans():
+        worker = NetnsWorker(netns)
+        try:
+            run("ip", "link", "set", "lo", "up", netns=netns)
+            said = tmp_path / "stdout"
+            with said.open("wb") as stdout:  # a pipe would stay open in the server: no EOF
+                command = ["ip", "netns", "exec", netns, str(helper), "bench", str(BENCH_PORT)]
+                subprocess.run([*command, "tcp"], stdout=stdout, check=True, timeout=10)
+            assert said.read_text() == f"roost-bench: tcp listening on {BENCH_PORT}\n"
+            [server] = namespace_pids(netns)
+
+            def connect() -> socket.socket:
+                address = ("127.0.0.1", BENCH_PORT)
+                return worker.run(lambda: socket.create_connection(address, timeout=10))
+
+            yield connect
+            # every connection is closed: its process ends (and the server reaps it)
+            wait_for(lambda: not _children(server), timeout=10, what="bench connections to end")
+        finally:
+            worker.close()
+            _end_all(namespace_pids(netns))  # the server, and any connection left behind
+
+
+def _end_all(pids: list[int]) -> None:
+    """SIGKILL and reap `pids`: our children (or orphans this process adopted)."""
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ChildProcessError):
+            os.waitpid(pid, 0)
+
+
+def _read_exactly(sock: socket.socket, count: int) -> bytes:
+    data = bytearray()
+    while len(data) < count:
+        chunk = sock.recv(min(count - len(data), 1 << 20))
+        if not chunk:
+            break
+        data += chunk
+    return bytes(data)
+
+
+def _line(sock: socket.socket) -> bytes:
+    data = b""
+    while not data.endswith(b"\n") and (byte := sock.recv(1)):
+        data += byte
+    return data
+
+
+def _still_open(sock: socket.socket) -> bool:
+    """Whether the peer neither sends more nor closes for a moment (the guest waits for us)."""
+    sock.settimeout(0.3)
+    try:
+        return sock.recv(1) == b"x"  # never: b"" is a close, anything else is too much
+    except TimeoutError:
+        return True
+
+
+@pytest.mark.root
+def test_helper_bench_sinks_and_sources_exactly_n_bytes(
+    bench_connect: Callable[[], socket.socket],
+) -> None:
+    count = 3 * 262144 + 17  # several of the helper's chunks, and a part of one
+    with bench_connect() as sink:
+        sink.sendall(b"sink %d\n0123456789" % count)  # data in the request's own segment
+        sink.sendall(b"x" * (count - 10))
+        assert _line(sink) == b"done %d\n" % count
+        assert _still_open(sink)
+    with bench_connect() as source:
+        source.sendall(b"source %d\n" % count)
+        data = _read_exactly(source, count)
+        assert data == (bytes(range(256)) * (count // 256 + 1))[:count]
+        assert _still_open(source)
+    with bench_connect() as nothing:
+        nothing.sendall(b"sink 0\n")
+        assert _line(nothing) == b"done 0\n"
+
+
+@pytest.mark.root
+@pytest.mark.parametrize(
+    ("request_", "answer"),
+    [
+        (b"sink\n", BAD_REQUEST),
+        (b"sink -1\n", BAD_REQUEST),
+        (b"sink 1 \n", BAD_REQUEST),
+        (b"sink 0x10\n", BAD_REQUEST),
+        (b"SINK 1\n", BAD_REQUEST),
+        (b"sink 1073741825\n", BAD_REQUEST),  # over 1 GiB
+        (b"source 99999999999999999999\n", BAD_REQUEST),
+        (b"sink 5\0\n", b"error a NUL byte in the request line\n"),
+        (b"sink 2\nabc", b"error more bytes than the request said\n"),
+        (b"s" * 40, b"error request line too long\n"),  # no newline in the line's 32 bytes
+    ],
+)
+def test_helper_bench_answers_a_bad_request_and_waits_for_the_close(
+    bench_connect: Callable[[], socket.socket], request_: bytes, answer: bytes
+) -> None:
+    with bench_connect() as sock:
+        sock.sendall(request_)
+        assert _line(sock) == answer
+        assert _still_open(sock)
+
+
+@pytest.mark.root
+def test_helper_bench_survives_clients_that_leave_early(
+    bench_connect: Callable[[], socket.socket],
+) -> None:
+    with bench_connect() as sink:
+        sink.sendall(b"sink 1000000\nabc")
+    with bench_connect() as source:
+        source.sendall(b"source 100000000\n")
+        assert len(source.recv(10)) > 0
+    with bench_connect():
+        pass
+    with bench_connect() as again:  # the server still serves
+        again.sendall(b"sink 1\nz")
+        assert _line(again) == b"done 1\n"
