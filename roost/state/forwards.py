@@ -1,0 +1,95 @@
+"""Forwards the daemon holds for VMs (`vm forward --persist`): a loopback TCP address whose
+connections are relayed to a guest's vsock port. The rows say what to listen on, so a
+restarted daemon listens again; a VM's rows go with its record (the foreign key cascades).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import Connection, bindparam, delete, insert, select
+
+from roost.errors import ConflictError, NotFoundError
+from roost.state.models import VM, VsockForward
+from roost.state.vms import no_vm
+
+_COLUMNS = (VsockForward.id, VM.name, VsockForward.listen, VsockForward.guest_port)
+_ALL = select(*_COLUMNS).join(VM, VM.id == VsockForward.vm_id).order_by(VsockForward.id)
+_OF_VM = _ALL.where(VM.name == bindparam("name"))
+_HOLDER = _ALL.where(VsockForward.listen == bindparam("listen"))
+_VM_ID = select(VM.id).where(VM.name == bindparam("name"))
+_ADD = insert(VsockForward).returning(VsockForward.id)
+_REMOVE = delete(VsockForward).where(
+    VsockForward.id == bindparam("forward_id"), VsockForward.vm_id == bindparam("vm_id")
+)
+
+
+@dataclass(frozen=True)
+class Forward:
+    """One persisted forward: `listen` (`ADDR:PORT`) relayed to `guest_port` of VM `vm`."""
+
+    id: int
+    vm: str
+    listen: str
+    guest_port: int
+
+    def to_json(self) -> dict[str, Any]:
+        """The API's object for a forward (its VM is in the route)."""
+        return {"id": self.id, "listen": self.listen, "guest_port": self.guest_port}
+
+
+def _vm_id(connection: Connection, name: str) -> int:
+    vm_id = connection.execute(_VM_ID, {"name": name}).scalar()
+    if vm_id is None:
+        raise no_vm(name)
+    return int(vm_id)
+
+
+def taken(holder: Forward, listen: str) -> ConflictError:
+    """The error for an address that forward `holder` already listens on."""
+    return ConflictError(
+        f"{listen} is already forward {holder.id} of VM {holder.vm!r} (to its vsock port "
+        f"{holder.guest_port}); remove it first (roost vm unforward {holder.vm} {holder.id}) "
+        "or choose another address"
+    )
+
+
+def holder(connection: Connection, listen: str) -> Forward | None:
+    """The forward that holds address `listen`, if one does."""
+    row = connection.execute(_HOLDER, {"listen": listen}).first()
+    return None if row is None else Forward(*row)
+
+
+def add(connection: Connection, name: str, listen: str, guest_port: int) -> Forward:
+    """Record a forward of VM `name` (in `Database.transact`); `NotFoundError` without the
+    VM, `ConflictError` naming the forward that holds `listen` already."""
+    vm_id = _vm_id(connection, name)
+    found = holder(connection, listen)
+    if found is not None:
+        raise taken(found, listen)
+    # a writer that took `listen` meanwhile breaks the unique constraint: `Database.transact`
+    # runs this again, which then finds the holder
+    values = {"vm_id": vm_id, "listen": listen, "guest_port": guest_port}
+    forward_id = connection.execute(_ADD, values).scalar_one()
+    return Forward(forward_id, name, listen, guest_port)
+
+
+def of_vm(connection: Connection, name: str) -> list[Forward]:
+    """VM `name`'s forwards, oldest first; `NotFoundError` without the VM."""
+    _vm_id(connection, name)
+    return [Forward(*row) for row in connection.execute(_OF_VM, {"name": name})]
+
+
+def every(connection: Connection) -> list[Forward]:
+    """Every VM's forwards: what a starting daemon listens on again."""
+    return [Forward(*row) for row in connection.execute(_ALL)]
+
+
+def remove(connection: Connection, name: str, forward_id: int) -> None:
+    """Delete forward `forward_id` of VM `name`; `NotFoundError` when either does not exist."""
+    vm_id = _vm_id(connection, name)
+    if connection.execute(_REMOVE, {"forward_id": forward_id, "vm_id": vm_id}).rowcount == 0:
+        raise NotFoundError(
+            f"VM {name!r} has no forward {forward_id}; list them with roost vm forwards {name}"
+        )
