@@ -37,6 +37,7 @@ CODES: dict[str, Code] = {
     # the request itself
     "invalid_json": Code(400, ExitCode.INVALID),
     "unauthorized": Code(401, ExitCode.UNREACHABLE),
+    "forbidden": Code(403, ExitCode.UNREACHABLE),
     "not_found": Code(404, ExitCode.NOT_FOUND),
     "too_large": Code(413, ExitCode.INVALID),
     "unsupported_media_type": Code(415, ExitCode.INVALID),

@@ -32,6 +32,7 @@ from starlette.requests import ClientDisconnect
 
 from roost import __version__
 from roost.api.endpoints import Endpoint
+from roost.api.forwards import ServicePolicy, add_forward_routes
 from roost.api.guard import Guard
 from roost.api.operations import OperationGate
 from roost.api.replies import error_response, on_unix_socket
@@ -96,6 +97,7 @@ async def _known_query_only(request: Request) -> None:
 def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     settings = engine.settings
     gate = OperationGate(settings.max_operations, settings.max_queued_operations)
+    services = ServicePolicy.of(settings, endpoints)
     reads = anyio.CapacityLimiter(READ_THREADS)
     probes = anyio.CapacityLimiter(HEALTH_THREADS)
 
@@ -213,11 +215,13 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     @app.post("/v1/vms", status_code=201, openapi_extra=_schema_body(VMConfig, create_extra))
     async def create_vm(request: Request) -> JSONResponse:
         raw = await request.body()
+        unix_client = on_unix_socket(request.scope)
 
         def create() -> dict[str, Any]:
             """Parsed and judged on the operation's own thread: off the event loop, without
             a hand-over to another thread first (each costs about a millisecond here)."""
             name, start, config = _create_request(load_json(raw))
+            services.check(config.vsock_services, unix_client)
             return engine.create_vm(name, config, start=start)
 
         return JSONResponse(await gate.run(create), status_code=201)
@@ -278,6 +282,8 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     ) -> JSONResponse:
         check_name(name)
         patch = await read(parse, VMConfigPatch, await json_body(request))
+        if patch.vsock_services:  # host resources: may this client name them? (resolves paths)
+            await read(services.check, patch.vsock_services, on_unix_socket(request.scope))
         changed = partial(engine.patch_config, name, patch, restart=restart)
         return JSONResponse(await gate.run(changed))
 
@@ -296,6 +302,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     async def list_networks() -> JSONResponse:
         return JSONResponse(await read(engine.list_networks))
 
+    add_forward_routes(app, engine, read)
     register_vsock_routes(app, engine, read)
     return app
 

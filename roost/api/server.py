@@ -84,8 +84,9 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
     """Run until SIGINT/SIGTERM; VMs keep running after the daemon stops.
 
     Start-up order: the locks (a refused daemon touches nothing), the database and the check of
-    what runs against it (orphans refuse the start), the listeners, then recovery in the
-    background while the API answers (`/healthz` says `recovering` until it is done)."""
+    what runs against it (orphans refuse the start), the listeners, the vsock relays and the
+    persisted forwards, then recovery in the background while the API answers (`/healthz`
+    says `recovering` until it is done)."""
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_shutdown)
     daemon: Daemon | None = None
@@ -94,10 +95,15 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
     try:
         daemon = Daemon.open(settings)
         assert daemon.engine is not None and daemon.recovery is not None
+        assert daemon.relays is not None
         for endpoint in endpoints:
             listeners.append(bind(endpoint))
             if endpoint.path is not None:
                 bound.append(endpoint.path)
+        # before recovery, which listens again for the vsock services of the VMs it adopts;
+        # closed with the daemon (every listener and socket file gone)
+        daemon.relays.start()
+        daemon.relays.restore()
         config = uvicorn.Config(
             create_app(daemon.engine, endpoints),
             log_config=None,

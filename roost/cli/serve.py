@@ -96,6 +96,14 @@ def serve_command(
             help="A directory TCP clients may name artifact paths in; repeatable.",
         ),
     ] = None,
+    service_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--service-dir",
+            help="A directory whose Unix sockets TCP clients may name as vsock_services; "
+            "repeatable.",
+        ),
+    ] = None,
     reap_orphans: Annotated[
         bool,
         typer.Option("--reap-orphans", help="End live VMMs the database does not know."),
@@ -156,6 +164,7 @@ def serve_command(
             accel=accel.value,
             qemu_vsock=qemu_vsock.value,
             artifact_dirs=tuple(path.resolve() for path in artifact_dir or ()),
+            service_dirs=tuple(path.resolve() for path in service_dir or ()),
             orphans=orphans,
             max_operations=max_operations,
             max_body_bytes=max_body_bytes,

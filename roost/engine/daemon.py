@@ -24,6 +24,7 @@ from roost.engine.disks import Disks
 from roost.engine.hostnet import HostNetwork
 from roost.engine.plugins import Plugins
 from roost.engine.recovery import Recovery
+from roost.engine.relays import VsockRelays
 from roost.engine.settings import DEFAULT_BRIDGE, DEFAULT_NETWORK, Settings
 from roost.errors import ConflictError, HostError, InvalidError
 from roost.host.firewall import Firewall
@@ -35,7 +36,7 @@ from roost.state import alloc
 from roost.state.artifacts import ArtifactStore, is_elf
 from roost.state.db import Database, sqlite_url
 from roost.state.models import Network
-from roost.vmm.base import Driver, RunDir
+from roost.vmm.base import Driver, RunDir, VsockTarget
 from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
 from roost.vmm.qemu import Accel, Machine, QemuDriver, VsockChoice, check_vsock_choice
 
@@ -124,6 +125,7 @@ class Daemon:
         self._closers: list[Callable[[], object]] = []
         self.engine: Engine | None = None
         self.recovery: Recovery | None = None
+        self.relays: VsockRelays | None = None
 
     @classmethod
     def open(cls, settings: Settings) -> Daemon:
@@ -167,6 +169,11 @@ class Daemon:
                 vsock=cast(VsockChoice, settings.qemu_vsock),
             ),
         }
+        def vsock_target(name: str) -> VsockTarget:  # asked per forwarded connection
+            return engine.vsock_target(name)
+
+        relays = VsockRelays(db, vsock_target)
+        self._closers.append(relays.close)
         engine = Engine(
             settings,
             db=db,
@@ -177,12 +184,13 @@ class Daemon:
             observer=LeaseObserver(worker, observed, lease_file=settings.dhcp_leases),
             disks=Disks(settings.state_dir / "disks"),
             worker=worker,
+            listeners=relays,
         )
         self._closers.append(engine.close)
         _ensure_default_network(db, engine.allocator.default)
         recovery = Recovery(engine, settings.orphans)
         recovery.check()
-        self.engine, self.recovery = engine, recovery
+        self.engine, self.recovery, self.relays = engine, recovery, relays
 
     def close(self) -> None:
         while self._closers:

@@ -62,6 +62,8 @@ class Settings:
     # directories `path` artifacts may come from for API clients that are not root (TCP);
     # the local Unix socket's clients are root anyway and may name any regular file
     artifact_dirs: tuple[Path, ...] = ()
+    # directories whose Unix sockets TCP clients may name as a VM's `vsock_services`
+    service_dirs: tuple[Path, ...] = ()
     orphans: Orphans = Orphans.REFUSE
     max_operations: int = DEFAULT_MAX_OPERATIONS
     max_queued_operations: int = MAX_QUEUED_OPERATIONS
