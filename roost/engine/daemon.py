@@ -169,6 +169,7 @@ class Daemon:
                 vsock=cast(VsockChoice, settings.qemu_vsock),
             ),
         }
+
         def vsock_target(name: str) -> VsockTarget:  # asked per forwarded connection
             return engine.vsock_target(name)
 
