@@ -34,6 +34,34 @@ def percentile(values: Sequence[float], q: float) -> float:
     return ordered[max(1, math.ceil(q / 100 * len(ordered))) - 1]
 
 
+def latency_ms(seconds: Sequence[float]) -> dict[str, float]:
+    """p50, p99 and the worst of `seconds` samples, in milliseconds (nearest rank)."""
+    return {
+        "p50": round(percentile(seconds, 50) * 1000, 3),
+        "p99": round(percentile(seconds, 99) * 1000, 3),
+        "max": round(max(seconds) * 1000, 3),
+    }
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU time process `pid` has used so far: every live thread's time on a CPU, from
+    /proc/<pid>/task/*/schedstat in nanoseconds (/proc/<pid>/stat counts 10 ms ticks, too coarse
+    for a transfer of a fraction of a second). Threads that have ended are not counted."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError, ValueError):
+            total += schedstat_ns((task / "schedstat").read_text())
+    return total / 1e9
+
+
+def schedstat_ns(text: str) -> int:
+    """Nanoseconds on a CPU, the first of a schedstat line's three fields."""
+    fields = text.split()
+    if len(fields) != 3:
+        raise ValueError(f"not a schedstat line: {text!r}")
+    return int(fields[0])
+
+
 def _interrupt(signum: int, _frame: FrameType | None) -> None:
     raise KeyboardInterrupt(f"signal {signum}")
 

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import ipaddress
+import os
+import time
 
 import pytest
 
-from bench._common import percentile
+from bench._common import cpu_seconds, latency_ms, percentile, schedstat_ns
 from bench.create import VMS, Round, _summary, ip_boot_arg
 from bench.ipam import allocatable
+from bench.vsock import Sample, figures
 
 
 @pytest.mark.parametrize(
@@ -52,3 +55,63 @@ def test_summary_takes_the_best_round_and_per_phase_medians() -> None:
     assert summary["median_vms_per_second"] == (VMS / 4.0 + VMS / 2.0) / 2
     assert summary["phase_median_ms"] == {"create": 200.0}
     assert summary["cpu_ms_per_vm"] == round(0.4 / VMS * 1000, 1)
+
+
+def test_latency_ms_is_nearest_rank_in_milliseconds() -> None:
+    samples = [i / 1000 for i in range(1, 201)]  # 1 ms .. 200 ms
+    assert latency_ms(samples) == {"p50": 100.0, "p99": 198.0, "max": 200.0}
+
+
+def test_schedstat_ns_reads_the_time_on_a_cpu() -> None:
+    assert schedstat_ns("130889 2024 17\n") == 130889
+    with pytest.raises(ValueError):
+        schedstat_ns("")
+
+
+def test_cpu_seconds_counts_this_process() -> None:
+    before = cpu_seconds(os.getpid())
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert cpu_seconds(os.getpid()) - before >= 0.04
+
+
+def test_vsock_figures_compare_the_best_transfers_and_judge_the_targets() -> None:
+    mib = 1 << 20
+    seconds = {
+        ("vsock", "host_to_guest"): [2.0, 1.0],  # 64 MiB: best 64 MiB/s
+        ("vsock", "guest_to_host"): [0.5],  # 128 MiB/s
+        ("nic", "host_to_guest"): [0.8],  # 80 MiB/s
+        ("nic", "guest_to_host"): [0.5, 1.0],  # 128 MiB/s
+        ("api", "host_to_guest"): [4.0],
+        ("api", "guest_to_host"): [4.0],
+    }
+    samples = {
+        key: [Sample(value, {"backend": value / 2}) for value in values]
+        for key, values in seconds.items()
+    }
+    result = figures(samples, 64 * mib, 2, [0.004] * 10, [0.009] * 10, "tcg", [])
+    assert result["vsock_host_to_guest_mib_s"] == 64.0
+    assert result["nic_host_to_guest_mib_s"] == 80.0
+    assert result["throughput_ratio_host_to_guest"] == 0.8
+    assert result["throughput_ratio_guest_to_host"] == 1.0
+    assert result["round_mib_s"]["vsock_host_to_guest"] == [32.0, 64.0]
+    assert result["cpu_share_of_best"]["vsock_host_to_guest"] == {"backend": 0.5}
+    assert result["cpu_ms_per_mib_of_best"]["vsock_host_to_guest"] == {"backend": 7.81}
+    assert result["connect_uds_ms"]["p50"] == 4.0
+    assert result["meets_targets"] is True
+    slow = figures(samples, 64 * mib, 2, [0.006] * 10, [0.009] * 10, "tcg", [])
+    assert slow["meets_targets"] is False  # uds set-up p50 over 5 ms
+
+
+def test_vsock_figures_without_the_api_are_null_there() -> None:
+    samples = {
+        (path, direction): [Sample(1.0)]
+        for path in ("vsock", "nic")
+        for direction in ("host_to_guest", "guest_to_host")
+    }
+    result = figures(samples, 1 << 20, 1, [0.001], [], "tcg", [])
+    assert result["api_host_to_guest_mib_s"] is None
+    assert result["connect_api_ms"] is None
+    assert result["vsock_host_to_guest_mib_s"] == 1.0
+    assert result["meets_targets"] is True
