@@ -593,8 +593,9 @@ class Engine:
         """Remove the VM's record, leases, run dir, disk and any network it leaves empty."""
 
         self.release_host(name)
-        self.listeners.vm_removed(name)
         emptied = self.db.transact(lambda session: self.allocator.forget(session, name))
+        # after the record has gone: a forward added meanwhile then fails, or is closed here
+        self.listeners.vm_removed(name)
         self.host.remove_bridges(emptied)
         self.run_dir(name).remove()
         self.disks.remove(name)

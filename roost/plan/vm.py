@@ -60,13 +60,19 @@ def needs_restart(
     after_config: dict[str, Any],
 ) -> bool:
     """Whether a VMM running version `before` must restart to run `after` (both as
-    `effective_json` and their configs): what the VMM, the tap and its rules, and the guest's
-    command line are made from counts; labels, where a network was written, and whether an
-    address was picked or pinned do not."""
+    `effective_json` and their configs): what the VMM, the tap and its rules, the guest's
+    command line and the vsock services listened for while it runs are made from counts;
+    labels, where a network was written, and whether an address was picked or pinned do not."""
 
     def what_boots(effective: dict[str, Any], config: dict[str, Any]) -> tuple[Any, ...]:
         network = effective["network"]
         addressing = tuple(network.get(key) for key in ("mode", "subnet", "gateway", "ip"))
-        return addressing, effective["resources"], effective["vmm"], config.get("boot_args")
+        return (
+            addressing,
+            effective["resources"],
+            effective["vmm"],
+            config.get("boot_args"),
+            config.get("vsock_services") or None,
+        )
 
     return what_boots(before, before_config) != what_boots(after, after_config)

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from roost.errors import ConflictError, HostError, NotFoundError
-from roost.spec import VMConfig
+from roost.spec import VMConfig, VMConfigPatch
 from roost.vmm.base import HybridVsock, KernelVsock, VsockBackend
 from tests.engine_fakes import World
 from tests.harness import wait_for
@@ -120,3 +120,18 @@ def test_the_backend_a_vm_started_with_is_kept_when_the_driver_changes_its_choic
     assert isinstance(world.engine.vsock_target("a"), HybridVsock)
     world.engine.restart_vm("a")
     assert world.engine.show_vm("a")["vsock"]["backend"] == "kernel"
+
+
+def test_changing_a_running_vms_services_needs_a_restart_and_the_restart_applies_them(
+    world: World,
+) -> None:
+    world.engine.create_vm("a", VMConfig(plugin="p"))
+    patched = world.engine.patch_config(
+        "a", VMConfigPatch.model_validate({"vsock_services": {"5000": "tcp://127.0.0.1:80"}})
+    )
+    assert patched["version"] == 2
+    assert world.engine.show_vm("a")["restart_required"] is True
+    assert world.listeners.listening["a"][1] == {}  # the running version's: none yet
+    world.engine.restart_vm("a")
+    assert world.listeners.listening["a"][1] == {5000: "tcp://127.0.0.1:80"}
+    assert world.engine.show_vm("a")["restart_required"] is False
