@@ -240,6 +240,7 @@ class Target:
     ip: str
     qemu_pid: int
     backend_pid: int
+    daemon_pid: int
     accel: str
     worker: NetnsWorker  # a thread inside the daemon's namespace, for the NIC's sockets
     api_socket: Path
@@ -262,6 +263,7 @@ def _cpu(target: Target) -> dict[str, float]:
     return {
         "backend": cpu_seconds(target.backend_pid),
         "qemu": cpu_seconds(target.qemu_pid),
+        "daemon": cpu_seconds(target.daemon_pid),  # the API's relay
         "client": cpu_seconds(os.getpid()),  # this script, all its threads
     }
 
@@ -371,12 +373,14 @@ def run(mib: int, rounds: int, connections: int) -> dict[str, Any]:
         uds_path = vm["vsock"]["uds_path"]
         qemu_pid = vm["vmm"]["pid"]
         backend_pid = int((Path(uds_path).parent / "vsock.pid").read_text())
+        assert daemon.process is not None
         pids += [qemu_pid, backend_pid]
         target = Target(
             uds_path=uds_path,
             ip=vm["network"]["ip"],
             qemu_pid=qemu_pid,
             backend_pid=backend_pid,
+            daemon_pid=daemon.process.pid,  # the daemon, not its VMMs' supervisor
             accel=_accel(qemu_pid),
             worker=worker,
             api_socket=daemon.socket,
