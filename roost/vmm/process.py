@@ -83,20 +83,6 @@ class VMMProcess:
         self.device: VMMProcess | None = None
 
     @classmethod
-    def start(
-        cls,
-        argv: list[str],
-        run_dir: Path,
-        worker: NetnsWorker,
-        *,
-        output: Path,
-        files: ProcessFiles = VMM_FILES,
-    ) -> VMMProcess:
-        """Start `argv` in the worker's namespace, in a session of its own, its output
-        appended to `output`."""
-        return cls.begin(argv, run_dir, worker, output=output, files=files).result()
-
-    @classmethod
     def begin(
         cls,
         argv: list[str],
@@ -106,7 +92,8 @@ class VMMProcess:
         output: Path,
         files: ProcessFiles = VMM_FILES,
     ) -> Starting:
-        """As `start`, but only ask the supervisor: the VMM starts while the caller goes on."""
+        """Ask the supervisor to start `argv` in the worker's namespace, in a session of its
+        own, its output appended to `output`, and go on: `result()` waits for it."""
         supervisor = Supervisor.of(worker)
         return Starting(supervisor, supervisor.send(argv, run_dir, output, files), run_dir, files)
 

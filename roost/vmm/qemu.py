@@ -270,9 +270,9 @@ def _start_device(spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess | None:
     ready.unlink(missing_ok=True)  # the backend makes it once it listens: a stale one would lie
     log_path = run_dir.path / VSOCK_LOG
     log_offset = log_path.stat().st_size if log_path.exists() else 0
-    device = VMMProcess.start(
+    device = VMMProcess.begin(
         device_argv(spec), run_dir.path, worker, output=log_path, files=DEVICE_FILES
-    )
+    ).result()
     deadline = time.monotonic() + DEVICE_READY_WAIT
     while not ready.exists():
         if device.exited() or time.monotonic() > deadline:
@@ -381,7 +381,7 @@ class QemuDriver:
         log_offset = run_dir.vmm_log.stat().st_size if run_dir.vmm_log.exists() else 0
         device = _start_device(spec, worker)
         try:
-            process = VMMProcess.start(argv, run_dir.path, worker, output=run_dir.vmm_log)
+            process = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.vmm_log).result()
             process.device = device
             try:
                 if while_booting is not None:

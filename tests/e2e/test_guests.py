@@ -14,7 +14,6 @@ from typing import Any
 import pytest
 
 from tests.harness import (
-    DEMO,
     Daemon,
     console_of,
     http_get,
@@ -95,14 +94,6 @@ def dhcp_server(netns: str) -> Iterator[DHCPServer]:
 
 def qemu_daemon(netns: str, *args: str) -> Daemon:
     return Daemon(netns, "--vmm", "qemu", *args).start()
-
-
-@pytest.fixture
-def demo_plugin() -> Path:
-    plugin = DEMO / "plugin.json"
-    if not plugin.exists():
-        pytest.skip(f"{plugin} is missing; run make setup")
-    return plugin
 
 
 def test_bridged_auto_and_manual_addresses_serve_http(netns: str, demo_plugin: Path) -> None:

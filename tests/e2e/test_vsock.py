@@ -22,7 +22,6 @@ from typing import Any
 import pytest
 
 from tests.harness import (
-    DEMO,
     Daemon,
     process_alive,
     short_tmp,
@@ -36,14 +35,6 @@ ECHO_PORT = 1024  # the demo guest echoes on it
 HELLO_PORT = 5000  # where the demo guest says hello when told to
 NOBODY_PORT = 4000  # nothing in the demo guest listens on it
 BOOT_ARGS = "console=ttyS0 reboot=k panic=1"
-
-
-@pytest.fixture
-def demo_plugin() -> Path:
-    plugin = DEMO / "plugin.json"
-    if not plugin.exists():
-        pytest.skip(f"{plugin} is missing; run make setup")
-    return plugin
 
 
 @pytest.fixture
