@@ -5,6 +5,7 @@ memfd guest, and how the process ends."""
 from __future__ import annotations
 
 import array
+import contextlib
 import mmap
 import os
 import shutil
@@ -149,6 +150,32 @@ def test_the_backend_is_ready_once_its_vhost_user_socket_exists_and_answers_like
     text = backend.text()
     assert "QEMU connected" in text
     assert "QEMU disconnected" in text
+
+
+def _eventfds(pid: int) -> int:
+    """How many eventfds process `pid` holds open."""
+    held = 0
+    for fd in Path(f"/proc/{pid}/fd").iterdir():
+        with contextlib.suppress(OSError):
+            held += os.readlink(fd) == "anon_inode:[eventfd]"
+    return held
+
+
+def test_the_error_eventfds_qemu_sends_are_closed_not_kept(backend: Backend) -> None:
+    backend.start().wait_ready()
+    assert backend.process is not None
+    qemu = Qemu(backend.vhost_user)
+    errors = [os.eventfd(0, os.EFD_NONBLOCK) for _ in range(2)]
+    try:
+        for index in (0, 1):  # as QEMU 7.2 does: an eventfd for each queue's errors
+            qemu.send(SET_VRING_ERR, struct.pack("<Q", index), (errors[index],))
+        qemu.ask(GET_FEATURES)  # answered: every message before it has been served
+        assert _eventfds(backend.process.pid) == 0
+    finally:
+        qemu.close()
+        for fd in errors:
+            os.close(fd)
+    assert backend.wait() == 0
 
 
 def test_socket_files_left_by_an_earlier_run_are_replaced(backend: Backend) -> None:

@@ -266,7 +266,9 @@ class VhostUserServer:
         self.device.set_call(*self._vring_fd(payload, fds))
 
     def _set_vring_err(self, payload: bytes, fds: list[int]) -> None:
-        self._vring_fd(payload, fds)  # its eventfd is closed unused: no ring errors reported
+        _index, fd = self._vring_fd(payload, fds)
+        if fd is not None:  # closed unused: no ring errors are reported
+            os.close(fd)
 
     def _vring_fd(self, payload: bytes, fds: list[int]) -> tuple[int, int | None]:
         """A queue's index and the eventfd that came with the message (taken from `fds`), or
