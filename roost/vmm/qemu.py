@@ -381,8 +381,14 @@ class QemuDriver:
         log_offset = run_dir.vmm_log.stat().st_size if run_dir.vmm_log.exists() else 0
         device = _start_device(spec, worker)
         try:
-            process = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.vmm_log).result()
-            process.device = device
+            try:
+                starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.vmm_log)
+                process = starting.result()
+            except BaseException:  # no QEMU: its device would wait for one for ever
+                if device is not None:
+                    device.kill()
+                raise
+            process.device = device  # from here on, ending QEMU ends its device too
             try:
                 if while_booting is not None:
                     while_booting(process)
@@ -393,10 +399,6 @@ class QemuDriver:
         except VMMFailedError as error:
             said = _said(_read_from(run_dir.vmm_log, log_offset))
             raise VMMFailedError(f"QEMU could not start VM {spec.name}: {error}{said}") from None
-        except BaseException:
-            if device is not None:
-                device.kill()
-            raise
         return process
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:

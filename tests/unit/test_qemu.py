@@ -433,3 +433,33 @@ def test_qmp_quit_may_end_without_an_answer(tmp_path: Path) -> None:
     FakeMonitor(other, {"stop": [{"close": True}]})
     with pytest.raises(VMMFailedError, match="without answering"):
         qmp(other, "stop")
+
+
+class FakeDevice:
+    """roost's vsock backend as `launch` handles it: killed, or not."""
+
+    def __init__(self) -> None:
+        self.killed = False
+
+    def kill(self) -> int | None:
+        self.killed = True
+        return -9
+
+
+def test_a_qemu_that_cannot_be_spawned_takes_its_vsock_device_with_it(
+    tmp_path: Path, fake_qemu: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    device = FakeDevice()
+    monkeypatch.setattr(qemu, "_start_device", lambda _spec, _worker: device)
+
+    class Refused:
+        def result(self) -> None:
+            raise VMMFailedError(f"cannot run {fake_qemu}: Permission denied")
+
+    monkeypatch.setattr(qemu.VMMProcess, "begin", lambda *_args, **_options: Refused())
+    run_dir = RunDir(tmp_path / "g1")
+    run_dir.prepare()
+    launch = replace(spec(vsock=VsockBackend.USER), run_dir=run_dir)
+    with pytest.raises(VMMFailedError, match="QEMU could not start VM g1: cannot run"):
+        QemuDriver(fake_qemu, machine="q35", accel="tcg").launch(launch, NetnsWorker(None))
+    assert device.killed  # else it would wait for a QEMU that never comes, for ever
