@@ -4,6 +4,7 @@ device stopping and the bound on buffered bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -13,7 +14,7 @@ import pytest
 
 from roost.vmm.vsock.connections import BUF_ALLOC, CONNECT_TIMEOUT, SHUTDOWN_TIMEOUT
 from roost.vmm.vsock.device import RX, TX
-from roost.vmm.vsock.hybrid import FIRST_LOCAL_PORT, LAST_PORT
+from roost.vmm.vsock.hybrid import FIRST_LOCAL_PORT, LAST_PORT, MAX_RESETS
 from roost.vmm.vsock.packets import (
     HOST_CID,
     OP_CREDIT_REQUEST,
@@ -357,6 +358,28 @@ def test_the_buffered_bound_withholds_guest_tx_until_the_host_reads() -> None:
         assert len(rig.host.connections) == 6  # nothing was reset: the guest kept its credit
     finally:
         rig.close()
+
+
+def test_rsts_the_guest_does_not_take_withhold_its_tx_instead_of_piling_up(rig: Rig) -> None:
+    listener = rig.unix_listener(5000)
+    rig.guest.refill = False  # the guest takes what it has, then posts no rx buffer
+    for _ in range(40):  # a REQUEST connects, the same again resets: 2,400 RSTs asked for
+        for _ in range(min(30, len(rig.guest.tx.free) // 2)):
+            rig.guest.send(OP_REQUEST, 40000, 5000)
+            rig.guest.send(OP_REQUEST, 40000, 5000)
+        rig.step()
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                listener.accept()[0].close()
+    assert len(rig.host.resets) <= MAX_RESETS + 1
+    waiting = (rig.guest.tx.avail_idx - rig.device.queue(TX).last_avail) & 0xFFFF
+    assert waiting > 0  # tx chains left on the ring, not read into the backend
+    rig.guest.refill = True  # the guest takes its RSTs: its tx goes on
+    rig.guest.post_rx(64)
+    rig.run_until(
+        lambda: not rig.host.resets and rig.device.queue(TX).last_avail == rig.guest.tx.avail_idx
+    )
+    assert rig.ops().count(OP_RST) > MAX_RESETS
 
 
 def test_a_guest_sending_beyond_its_credit_is_reset_and_the_others_go_on(

@@ -33,7 +33,8 @@ log = logging.getLogger("roost.vmm.vsock")
 FIRST_LOCAL_PORT = 2**30 + 1  # Firecracker's first port for host-initiated connections
 LAST_PORT = 2**32 - 2  # 2**32 - 1 is VMADDR_PORT_ANY
 MAX_CONNECTIONS = 1024
-MAX_RESETS = 1024  # RSTs for unknown connections waiting for an rx buffer
+# RSTs waiting for rx buffers: beyond it none is made for an unknown connection, and tx waits
+MAX_RESETS = 1024
 MAX_CONNECT_LINE = 64
 ACCEPTS_PER_EVENT = 64
 
@@ -93,8 +94,10 @@ class HybridHost:
 
     def tx_allowed(self) -> bool:
         """Whether the guest's tx queue may be read: guest data waiting for host sockets is
-        within the bound (it drains as host clients read, whatever the guest does)."""
-        return self.to_host.bytes < self.max_buffered
+        within the bound (it drains as host clients read, whatever the guest does), and so are
+        the RSTs waiting for the guest's rx buffers (a packet may end a connection, and a guest
+        that takes no RST must not make them pile up)."""
+        return self.to_host.bytes < self.max_buffered and len(self.resets) < MAX_RESETS
 
     def _reading_allowed(self) -> bool:
         return self.to_guest.bytes + self.to_host.bytes < self.max_buffered
