@@ -47,6 +47,9 @@ log = logging.getLogger("roost.relays")
 T = TypeVar("T")
 BACKLOG = 128
 SERVICE_CONNECT_TIMEOUT = 10.0  # seconds to reach a `vsock_services` target
+# guest-initiated connections one VM may hold open at once: each costs the daemon two file
+# descriptors, so a guest must not be able to take all of them (the API's too)
+MAX_GUEST_CONNECTIONS = 256
 LISTEN_FORMS = "ADDR:PORT on a loopback address, e.g. 127.0.0.1:8080 or [::1]:8080"
 Streams = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -153,6 +156,7 @@ class _Group:
     paths: list[Path] = field(default_factory=list)
     connections: set[asyncio.Task[Any]] = field(default_factory=set)
     closed: bool = False
+    full: bool = False  # a connection was refused for MAX_GUEST_CONNECTIONS (logged once)
 
     async def close(self) -> None:
         self.closed = True
@@ -361,7 +365,20 @@ class VsockRelays:
         self, group: _Group, name: str, port: int, service: ServiceTarget, guest: Streams
     ) -> None:
         """One guest-initiated connection, relayed to its service; one whose service cannot be
-        reached is closed (and logged), the listener stays."""
+        reached is closed (and logged), the listener stays. Beyond MAX_GUEST_CONNECTIONS of
+        the VM's at once, one is closed at once."""
+        if len(group.connections) >= MAX_GUEST_CONNECTIONS:
+            if not group.full:
+                log.warning(
+                    "VM %s: %d connections to its vsock services are open, the most a VM may "
+                    "hold; closing new ones until some end",
+                    name,
+                    MAX_GUEST_CONNECTIONS,
+                )
+            group.full = True
+            guest[1].close()
+            return
+        group.full = False
 
         async def relay() -> None:
             try:

@@ -275,6 +275,36 @@ def test_a_service_that_cannot_be_reached_closes_that_connection_not_the_listene
         service.close()
 
 
+def test_a_guest_holds_at_most_max_guest_connections_to_its_services_at_once(
+    relays: VsockRelays,
+    background: Background,
+    tmp_short: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    monkeypatch.setattr(relays_module, "MAX_GUEST_CONNECTIONS", 2)
+    service = Server(background, upper_echo).unix(tmp_short / "svc.sock")
+    uds = tmp_short / "vsock.sock"
+    relays.vm_started("v1", HybridVsock(uds), {1024: f"unix://{tmp_short}/svc.sock"})
+    guest = unix(f"{uds}_1024")
+    try:
+        with guest() as first, guest() as second:
+            for sock in (first, second):
+                sock.settimeout(10)
+                sock.sendall(b"x")
+                assert sock.recv(10) == b"X"
+            with caplog.at_level(logging.WARNING, "roost.relays"):
+                assert ask(guest, b"one more") == b""  # closed at once: the daemon's fds stay
+                assert ask(guest, b"and another") == b""
+            assert caplog.text.count("2 connections to its vsock services are open") == 1
+        deadline = time.monotonic() + 10  # once one has ended, there is room again
+        while (reply := ask(guest, b"room")) != b"ROOM":
+            assert time.monotonic() < deadline, reply
+            time.sleep(0.01)
+    finally:
+        service.close()
+
+
 def test_a_stopped_vm_s_listeners_connections_and_socket_files_are_gone(
     relays: VsockRelays, background: Background, tmp_short: Path
 ) -> None:
