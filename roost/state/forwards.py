@@ -14,6 +14,7 @@ from roost.errors import ConflictError, NotFoundError
 from roost.state.models import VM, VsockForward
 from roost.state.vms import no_vm
 
+MAX_ID = 2**63 - 1  # SQLite's largest integer
 _COLUMNS = (VsockForward.id, VM.name, VsockForward.listen, VsockForward.guest_port)
 _ALL = select(*_COLUMNS).join(VM, VM.id == VsockForward.vm_id).order_by(VsockForward.id)
 _OF_VM = _ALL.where(VM.name == bindparam("name"))
@@ -89,7 +90,10 @@ def every(connection: Connection) -> list[Forward]:
 def remove(connection: Connection, name: str, forward_id: int) -> None:
     """Delete forward `forward_id` of VM `name`; `NotFoundError` when either does not exist."""
     vm_id = _vm_id(connection, name)
-    if connection.execute(_REMOVE, {"forward_id": forward_id, "vm_id": vm_id}).rowcount == 0:
+    if (
+        not 0 < forward_id <= MAX_ID  # else no row: SQLite cannot even hold the number
+        or connection.execute(_REMOVE, {"forward_id": forward_id, "vm_id": vm_id}).rowcount == 0
+    ):
         raise NotFoundError(
             f"VM {name!r} has no forward {forward_id}; list them with roost vm forwards {name}"
         )

@@ -142,6 +142,12 @@ def test_a_forward_id_that_is_not_a_number_is_invalid(api: Api) -> None:
     assert error(api("DELETE", "/v1/vms/v1/forwards/first"))[:2] == (422, "invalid")
 
 
+@pytest.mark.parametrize("forward_id", ["0", "-1", str(2**63), "9" * 40])
+def test_a_forward_id_no_forward_can_have_is_not_found(api: Api, forward_id: str) -> None:
+    removed = api("DELETE", f"/v1/vms/v1/forwards/{forward_id}")
+    assert error(removed)[:2] == (404, "not_found")
+
+
 # ---- who may set vsock_services ---------------------------------------------------------
 
 
