@@ -14,7 +14,10 @@ import sys
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import httpx
 
 NETNS_DIR = Path("/run/netns")
 SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
@@ -52,6 +55,17 @@ def cpu_seconds(pid: int) -> float:
         with contextlib.suppress(OSError, ValueError):
             total += schedstat_ns((task / "schedstat").read_text())
     return total / 1e9
+
+
+def expect(response: httpx.Response, status: int) -> dict[str, Any]:
+    """A response of the daemon's API that must have `status`: its JSON body ({} when it has
+    none), or RuntimeError naming the request and what came instead."""
+    if response.status_code != status:
+        raise RuntimeError(
+            f"{response.request.method} {response.request.url.path}: "
+            f"{response.status_code} {response.text}"
+        )
+    return dict(response.json()) if response.content else {}
 
 
 def schedstat_ns(text: str) -> int:

@@ -39,7 +39,7 @@ if __name__ == "__main__":
 import httpx
 from pyroute2 import IPRoute
 
-from bench._common import cleanup, log, main, namespace, netns_path
+from bench._common import cleanup, expect, log, main, namespace, netns_path
 from tests.harness import FIRECRACKER, INITRAMFS, KERNEL, Daemon, missing, short_tmp, write_plugin
 
 VMS = 20
@@ -278,15 +278,6 @@ class Bare:
 # ---- the roost side ------------------------------------------------------------------------
 
 
-def _expect(response: httpx.Response, status: int) -> dict[str, Any]:
-    if response.status_code != status:
-        raise RuntimeError(
-            f"{response.request.method} {response.request.url.path}: "
-            f"{response.status_code} {response.text}"
-        )
-    return dict(response.json()) if response.content else {}
-
-
 def _unless_busy(http: httpx.Client, method: str, path: str, timeout: float = 15) -> httpx.Response:
     """The request, again while the VM is busy (an interrupted call leaves the daemon finishing
     it, and clean-up must not give up on that VM)."""
@@ -323,7 +314,7 @@ class Roost:
         )
         body = manifest.read_bytes()
         headers = {"content-type": "application/json"}
-        _expect(self.daemon.http.post("/v1/plugins", content=body, headers=headers), 201)
+        expect(self.daemon.http.post("/v1/plugins", content=body, headers=headers), 201)
 
     def round(self, number: int) -> Round:
         result = Round()
@@ -336,11 +327,11 @@ class Roost:
             name = f"r{number}-{index}"
             before = time.perf_counter()
             body = {"name": name, "plugin": PLUGIN, "start": True}
-            vm = _expect(http.post("/v1/vms", json=body), 201)
+            vm = expect(http.post("/v1/vms", json=body), 201)
             self.vms[name] = vm["vmm"]["pid"]
             self.started.append(vm["vmm"]["pid"])
             middle = time.perf_counter()
-            _expect(http.post(f"/v1/vms/{name}/pause"), 200)
+            expect(http.post(f"/v1/vms/{name}/pause"), 200)
             result.add("create", middle - before)
             result.add("pause", time.perf_counter() - middle)
         result.seconds = time.perf_counter() - started
@@ -352,8 +343,8 @@ class Roost:
         graceful path would only wait out its timeout), then DELETE."""
         http = self.daemon.http
         for name in list(self.vms):
-            _expect(_unless_busy(http, "POST", f"/v1/vms/{name}/stop?force=true"), 200)
-            _expect(_unless_busy(http, "DELETE", f"/v1/vms/{name}"), 204)
+            expect(_unless_busy(http, "POST", f"/v1/vms/{name}/stop?force=true"), 200)
+            expect(_unless_busy(http, "DELETE", f"/v1/vms/{name}"), 204)
             del self.vms[name]
 
     def close(self) -> None:

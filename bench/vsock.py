@@ -30,7 +30,16 @@ if __name__ == "__main__":
 
 import httpx
 
-from bench._common import cleanup, cpu_seconds, latency_ms, log, main, namespace, netns_path
+from bench._common import (
+    cleanup,
+    cpu_seconds,
+    expect,
+    latency_ms,
+    log,
+    main,
+    namespace,
+    netns_path,
+)
 from roost.host.netns import NetnsWorker
 from tests.harness import (
     DEMO,
@@ -304,15 +313,6 @@ def _stdout_to_stderr() -> Iterator[None]:
         yield
 
 
-def _expect(response: httpx.Response, status: int) -> dict[str, Any]:
-    if response.status_code != status:
-        raise RuntimeError(
-            f"{response.request.method} {response.request.url.path}: "
-            f"{response.status_code} {response.text}"
-        )
-    return dict(response.json()) if response.content else {}
-
-
 def _start(daemon: Daemon, plugin_dir: Path) -> dict[str, Any]:
     """The daemon, the demo plugin and the VM, through the API (an interrupt reaches us, not a
     CLI that would turn it into an exit status)."""
@@ -321,11 +321,11 @@ def _start(daemon: Daemon, plugin_dir: Path) -> dict[str, Any]:
         plugin_dir, PLUGIN, network={"mode": "bridged"}, resources={"vcpus": 1, "memory_mib": 256}
     ).read_bytes()
     headers = {"content-type": "application/json"}
-    _expect(daemon.http.post("/v1/plugins", content=manifest, headers=headers), 201)
-    _expect(daemon.http.post("/v1/vms", json={"name": VM, "plugin": PLUGIN, "start": True}), 201)
+    expect(daemon.http.post("/v1/plugins", content=manifest, headers=headers), 201)
+    expect(daemon.http.post("/v1/vms", json={"name": VM, "plugin": PLUGIN, "start": True}), 201)
     with _stdout_to_stderr():
         wait_ready(daemon, VM, timeout=READY_TIMEOUT)
-    return _expect(daemon.http.get(f"/v1/vms/{VM}"), 200)
+    return expect(daemon.http.get(f"/v1/vms/{VM}"), 200)
 
 
 def _remove(daemon: Daemon) -> None:

@@ -6,9 +6,10 @@ import ipaddress
 import os
 import time
 
+import httpx
 import pytest
 
-from bench._common import cpu_seconds, latency_ms, percentile, schedstat_ns
+from bench._common import cpu_seconds, expect, latency_ms, percentile, schedstat_ns
 from bench.create import VMS, Round, _summary, ip_boot_arg
 from bench.ipam import allocatable
 from bench.vsock import Sample, figures
@@ -115,3 +116,11 @@ def test_vsock_figures_without_the_api_are_null_there() -> None:
     assert result["connect_api_ms"] is None
     assert result["vsock_host_to_guest_mib_s"] == 1.0
     assert result["meets_targets"] is True
+
+
+def test_expect_gives_the_json_body_of_the_status_asked_for_and_names_any_other() -> None:
+    request = httpx.Request("POST", "http://roost/v1/vms")
+    assert expect(httpx.Response(201, json={"name": "v1"}, request=request), 201) == {"name": "v1"}
+    assert expect(httpx.Response(204, request=request), 204) == {}
+    with pytest.raises(RuntimeError, match=r"POST /v1/vms: 409 .*conflict"):
+        expect(httpx.Response(409, json={"error": {"code": "conflict"}}, request=request), 201)
