@@ -141,6 +141,26 @@ static void echo_connection(int fd)
     (void)close(fd);  /* the peer has gone or the connection failed: nothing more to say */
 }
 
+/* `fd` bound to `address` and listening (with SO_REUSEADDR first where `reuse`); else -1, `fd`
+ * closed and `*failed` naming the call that failed (errno set). */
+static int listening(int fd, const struct sockaddr *address, socklen_t size, int reuse,
+                     const char **failed)
+{
+    int on = 1;
+    if (reuse && setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) < 0)
+        *failed = "setsockopt";
+    else if (bind(fd, address, size) < 0)
+        *failed = "bind";
+    else if (listen(fd, BACKLOG) < 0)
+        *failed = "listen";
+    else
+        return fd;
+    int error = errno;
+    (void)close(fd);  /* never listened: nothing to lose */
+    errno = error;
+    return -1;
+}
+
 /* A vsock socket listening on `port` (any CID); else -1 with `*absent` saying why this guest
  * has no vsock at all, or `*failed` naming the call that failed (errno set). */
 static int vsock_listener(unsigned int port, const char **absent, const char **failed)
@@ -157,16 +177,7 @@ static int vsock_listener(unsigned int port, const char **absent, const char **f
         return -1;
     }
     struct sockaddr_vm address = vsock_address(VMADDR_CID_ANY, port);
-    if (bind(fd, (struct sockaddr *)&address, sizeof address) < 0)
-        *failed = "bind";
-    else if (listen(fd, BACKLOG) < 0)
-        *failed = "listen";
-    else
-        return fd;
-    int error = errno;
-    (void)close(fd);  /* never listened: nothing to lose */
-    errno = error;
-    return -1;
+    return listening(fd, (struct sockaddr *)&address, sizeof address, 0, failed);
 }
 
 /* A TCP socket listening on `port` of every IPv4 address, or -1 with `*failed` naming the call
@@ -178,24 +189,12 @@ static int tcp_listener(unsigned int port, const char **failed)
         *failed = "socket";
         return -1;
     }
-    int on = 1;
     struct sockaddr_in address;
     memset(&address, 0, sizeof address);
     address.sin_family = AF_INET;
     address.sin_port = htons((unsigned short)port);
     address.sin_addr.s_addr = htonl(INADDR_ANY);
-    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &on, sizeof on) < 0)
-        *failed = "setsockopt";
-    else if (bind(fd, (struct sockaddr *)&address, sizeof address) < 0)
-        *failed = "bind";
-    else if (listen(fd, BACKLOG) < 0)
-        *failed = "listen";
-    else
-        return fd;
-    int error = errno;
-    (void)close(fd);  /* never listened: nothing to lose */
-    errno = error;
-    return -1;
+    return listening(fd, (struct sockaddr *)&address, sizeof address, 1, failed);
 }
 
 /* Serve `listener` in a background process of its own session that hands each connection to
