@@ -13,12 +13,12 @@ import logging
 import os
 import selectors
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 from roost.vmm.vsock import packets
 from roost.vmm.vsock.hybrid import HybridHost
 from roost.vmm.vsock.memory import GuestError, GuestMemory
-from roost.vmm.vsock.virtqueue import RingError, Virtqueue
+from roost.vmm.vsock.virtqueue import Chain, RingError, Virtqueue
 
 log = logging.getLogger("roost.vmm.vsock")
 
@@ -184,16 +184,7 @@ class VsockDevice:
         rx.signal()
 
     def _drain_tx(self, tx: Virtqueue) -> None:
-        for _ in range(tx.size):  # bounded: a busy guest must not starve the host side
-            if not self.host.tx_allowed():
-                return
-            try:
-                chain = tx.next_chain()
-            except RingError as fault:
-                self.faults.report(str(fault))
-                return
-            if chain is None:
-                return
+        for chain in self._chains(tx, self.host.tx_allowed):
             try:
                 header, payload = packets.parse(chain.read())
                 self.host.guest_packet(header, payload)
@@ -202,20 +193,27 @@ class VsockDevice:
             tx.complete(chain.head, 0)
 
     def _fill_rx(self, rx: Virtqueue) -> None:
-        for _ in range(rx.size):
-            if not self.host.has_rx_work():
+        for chain in self._chains(rx, self.host.has_rx_work):
+            packet = self.host.next_packet(chain.size)
+            if packet is None:
+                return  # the chain stays available for the next packet
+            rx.complete(chain.head, chain.write(packet))
+
+    def _chains(self, queue: Virtqueue, wanted: Callable[[], bool]) -> Iterator[Chain]:
+        """The queue's available chains while `wanted()` says so, at most a queue's worth (a
+        busy guest must not starve the host side); each is to be completed before the next
+        is asked for. A ring whose avail index jumped gives none."""
+        for _ in range(queue.size):
+            if not wanted():
                 return
             try:
-                chain = rx.next_chain()
+                chain = queue.next_chain()
             except RingError as fault:
                 self.faults.report(str(fault))
                 return
             if chain is None:
                 return
-            packet = self.host.next_packet(chain.size)
-            if packet is None:
-                return  # the chain stays available for the next packet
-            rx.complete(chain.head, chain.write(packet))
+            yield chain
 
 
 def _drain(fd: int) -> None:
