@@ -358,6 +358,12 @@ class Rig:
         )
         return client, request
 
+    def __enter__(self) -> Rig:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
     def close(self) -> None:
         for sock in self.sockets:
             sock.close()

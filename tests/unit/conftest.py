@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from tests.engine_fakes import World
+from tests.vsock_guest import Rig
 
 
 @pytest.fixture
@@ -16,3 +17,10 @@ def world(tmp_path: Path) -> Iterator[World]:
     instance = World(tmp_path)
     yield instance
     instance.close()
+
+
+@pytest.fixture
+def rig() -> Iterator[Rig]:
+    """The vsock backend on a fake guest (tests/vsock_guest.py), with the defaults."""
+    with Rig() as instance:
+        yield instance

@@ -43,22 +43,14 @@ class Clock:
 
 
 @pytest.fixture
-def rig() -> Iterator[Rig]:
-    instance = Rig()
-    yield instance
-    instance.close()
-
-
-@pytest.fixture
 def clock() -> Clock:
     return Clock()
 
 
 @pytest.fixture
 def timed_rig(clock: Clock) -> Iterator[Rig]:
-    instance = Rig(clock=clock)
-    yield instance
-    instance.close()
+    with Rig(clock=clock) as instance:
+        yield instance
 
 
 def guest_data(rig: Rig, local_port: int, count: int) -> bytes:
@@ -104,16 +96,13 @@ def test_nothing_reaches_the_host_client_before_the_guest_accepts(rig: Rig) -> N
 
 
 def test_host_data_is_split_to_fit_the_older_two_descriptor_rx_buffers() -> None:
-    rig = Rig(rx_layout="split")
-    try:
+    with Rig(rx_layout="split") as rig:
         client, request = rig.connect_from_host()
         data = os.urandom(50_000)
         client.sendall(data)
         assert guest_data(rig, request.src_port, len(data)) == data
         assert rig.guest.rx.chains  # posted buffers of two descriptors each
         assert all(len(chain) == 2 for chain in rig.guest.rx.chains.values())
-    finally:
-        rig.close()
 
 
 def test_host_data_beyond_the_guests_credit_waits_for_a_credit_update(rig: Rig) -> None:
@@ -322,8 +311,7 @@ def test_local_ports_count_up_wrap_around_and_skip_ports_in_use(rig: Rig) -> Non
 
 
 def test_the_buffered_bound_stops_reading_host_sockets() -> None:
-    rig = Rig(max_buffered=BUF_ALLOC)
-    try:
+    with Rig(max_buffered=BUF_ALLOC) as rig:
         rig.guest.refill = False
         clients = [rig.connect_from_host(port)[0] for port in (1024, 1025)]
         rig.guest.collect()
@@ -334,14 +322,11 @@ def test_the_buffered_bound_stops_reading_host_sockets() -> None:
         rig.settle(50)
         assert rig.host.to_guest.bytes <= BUF_ALLOC + 65536
         assert not rig.host.reading_allowed
-    finally:
-        rig.close()
 
 
 def test_the_buffered_bound_withholds_guest_tx_until_the_host_reads() -> None:
     bound = 64 * 1024
-    rig = Rig(max_buffered=bound)
-    try:
+    with Rig(max_buffered=bound) as rig:
         ports = range(1024, 1030)
         connections = [rig.connect_from_host(port) for port in ports]
         chunk = os.urandom(60_000)
@@ -356,8 +341,6 @@ def test_the_buffered_bound_withholds_guest_tx_until_the_host_reads() -> None:
             assert rig.read(client, 4 * len(chunk)) == 4 * chunk
         assert rig.device.queue(TX).last_avail == rig.guest.tx.avail_idx
         assert len(rig.host.connections) == 6  # nothing was reset: the guest kept its credit
-    finally:
-        rig.close()
 
 
 def test_rsts_the_guest_does_not_take_withhold_its_tx_instead_of_piling_up(rig: Rig) -> None:

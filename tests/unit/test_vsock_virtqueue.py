@@ -10,7 +10,6 @@ import mmap
 import os
 import socket
 import struct
-from collections.abc import Iterator
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -31,13 +30,6 @@ from tests.vsock_guest import (
 )
 
 GUEST_PORT = 1024
-
-
-@pytest.fixture
-def rig() -> Iterator[Rig]:
-    instance = Rig()
-    yield instance
-    instance.close()
 
 
 @pytest.fixture
@@ -127,15 +119,12 @@ def test_the_guest_is_signalled_when_chains_come_back_unless_it_asked_not_to_be(
 
 
 def test_a_packet_is_written_across_the_descriptors_of_an_rx_chain() -> None:
-    rig = Rig(rx_layout="split")
-    try:
+    with Rig(rx_layout="split") as rig:
         client, _ = rig.connect_from_host()
         client.sendall(b"z" * 5000)
         rig.run_until(lambda: sum(len(p) for h, p in rig.guest.received if h.op == OP_RW) == 5000)
         lengths = [length for _, length in rig.guest.rx.returned]
         assert HEADER.size + 4096 in lengths  # a full chain: header, then 4 KiB of payload
-    finally:
-        rig.close()
 
 
 def test_a_packet_in_one_descriptor_reaches_the_host_like_one_split_in_two(rig: Rig) -> None:
@@ -349,8 +338,7 @@ def test_random_rings_never_break_the_backend(
     avail_step: int,
     header: bytes,
 ) -> None:
-    rig = Rig(queue_size=8)
-    try:
+    with Rig(queue_size=8) as rig:
         rig.unix_listener(9)
         client, _ = rig.connect_from_host()
         rig.guest.refill = False
@@ -366,8 +354,6 @@ def test_random_rings_never_break_the_backend(
             client.sendall(b"data for the guest")
         rig.settle(5)
         assert_consistent(rig)
-    finally:
-        rig.close()
 
 
 port = st.sampled_from([GUEST_PORT, 9, 5000, 1073741825, 0, 2**32 - 1])
@@ -394,8 +380,7 @@ port = st.sampled_from([GUEST_PORT, 9, 5000, 1073741825, 0, 2**32 - 1])
 def test_random_packets_never_break_the_backend(
     packets: list[tuple[int, int, int, bytes, int, int, int, int, int, int | None]],
 ) -> None:
-    rig = Rig(queue_size=16)
-    try:
+    with Rig(queue_size=16) as rig:
         rig.unix_listener(5000)
         client, request = rig.connect_from_host()
         for op, src, dst, payload, flags, buf_alloc, fwd_cnt, kind, cid, length in packets:
@@ -419,5 +404,3 @@ def test_random_packets_never_break_the_backend(
         assert_consistent(rig)
         assert rig.device.queue(TX).last_avail == rig.guest.tx.avail_idx
         assert request.src_port == 1073741825
-    finally:
-        rig.close()
