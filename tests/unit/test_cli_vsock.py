@@ -222,11 +222,35 @@ def exchange(address: tuple[str, int], data: bytes) -> bytes:
         return received
 
 
+class Forwarding:
+    """`roost vm forward NAME SPEC --json` running as a process, listening at `address` (once
+    the block is entered); `interrupt()` ends it with Ctrl-C: its exit code and stderr."""
+
+    def __init__(self, served: ServedApp, name: str, spec: str) -> None:
+        self.process = spawn(roost(served, "vm", "forward", name, spec, "--json"))
+
+    def __enter__(self) -> Forwarding:
+        try:
+            self.address = listening(self.process)
+        except BaseException:
+            finish(self.process)
+            raise
+        return self
+
+    def interrupt(self) -> tuple[int, str]:
+        self.process.send_signal(signal.SIGINT)
+        code, _, err = finish(self.process)
+        return code, err
+
+    def __exit__(self, *_exc: object) -> None:
+        if self.process.poll() is None:
+            finish(self.process)
+
+
 def test_forward_relays_each_tcp_connection_to_the_guest_until_ctrl_c(served: ServedApp) -> None:
     guest = served.guest("v1")
-    process = spawn(roost(served, "vm", "forward", "v1", "127.0.0.1:0:1024", "--json"))
-    try:
-        address = listening(process)
+    with Forwarding(served, "v1", "127.0.0.1:0:1024") as forwarding:
+        address = forwarding.address
         payload = os.urandom(256 * 1024)
         assert exchange(address, payload) == payload  # the reply outlives the half-close
         with (
@@ -237,11 +261,7 @@ def test_forward_relays_each_tcp_connection_to_the_guest_until_ctrl_c(served: Se
             second.sendall(b"two")
             assert (first.recv(3), second.recv(3)) == (b"one", b"two")
         assert guest.connects == ["CONNECT 1024\n"] * 3
-        process.send_signal(signal.SIGINT)
-        code, _, err = finish(process)
-    finally:
-        if process.poll() is None:
-            finish(process)
+        code, err = forwarding.interrupt()
     assert code == 0
     assert "forwarding 127.0.0.1:" in err
 
@@ -249,18 +269,12 @@ def test_forward_relays_each_tcp_connection_to_the_guest_until_ctrl_c(served: Se
 def test_a_forwarded_connection_that_fails_is_reported_and_the_listener_stays(
     served: ServedApp,
 ) -> None:
-    process = spawn(roost(served, "vm", "forward", "v1", "0:1024", "--json"))  # no VM v1
-    try:
-        address = listening(process)
-        assert exchange(address, b"lost") == b""
-        assert exchange(address, b"lost again") == b""
+    with Forwarding(served, "v1", "0:1024") as forwarding:  # no VM v1 yet
+        assert exchange(forwarding.address, b"lost") == b""
+        assert exchange(forwarding.address, b"lost again") == b""
         served.guest("v1")
-        assert exchange(address, b"found") == b"found"
-        process.send_signal(signal.SIGINT)
-        code, _, err = finish(process)
-    finally:
-        if process.poll() is None:
-            finish(process)
+        assert exchange(forwarding.address, b"found") == b"found"
+        code, err = forwarding.interrupt()
     assert code == 0
     assert err.count("failed: VM 'v1' does not exist") == 2
 
