@@ -102,6 +102,7 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
                 bound.append(endpoint.path)
         # before recovery, which listens again for the vsock services of the VMs it adopts;
         # closed with the daemon (every listener and socket file gone)
+        daemon.relays.api_sockets = frozenset(map(str, bound))
         daemon.relays.start()
         daemon.relays.restore()
         config = uvicorn.Config(

@@ -199,6 +199,10 @@ class VsockRelays:
         self.target = target
         self.dial_timeout = dial_timeout
         self.linger = linger
+        # the daemon's API sockets as bound (set before `start`): a service connection that
+        # reaches one is refused, whatever path led there (a symlink made after the config's
+        # check, a hard link)
+        self.api_sockets: frozenset[str] = frozenset()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._submit = threading.Lock()  # a coroutine is submitted only to a running loop
@@ -396,6 +400,17 @@ class VsockRelays:
                     service,
                     error if isinstance(error, OSError) else "no answer in time",
                 )
+                return
+            if client[1].get_extra_info("peername") in self.api_sockets:
+                log.warning(
+                    "VM %s: its vsock service %s for port %d leads to this daemon's API socket; "
+                    "connection refused (a guest must not drive the daemon)",
+                    name,
+                    service,
+                    port,
+                )
+                client[1].close()
+                guest[1].close()
                 return
             await splice(client, guest, linger=self.linger)  # closes both
 

@@ -1,6 +1,7 @@
 """The daemon's relays with the real Firecracker (whose guest cannot run here): a persisted
 forward listens while the daemon runs, again after a restart, and goes with its VM; a VM's
-`vsock_services` listener sockets exist exactly while its VMM runs, an adopted VM's too."""
+`vsock_services` listener sockets exist exactly while its VMM runs, an adopted VM's too; a
+service that leads to the daemon's API socket is refused when a guest connects."""
 
 from __future__ import annotations
 
@@ -93,3 +94,26 @@ def test_vsock_service_sockets_exist_while_the_vmm_runs_and_across_a_restart(
     config = daemon.http.get("/v1/vms/svc/config").json()["config"]
     assert config["vsock_services"] == {"5000": f"unix://{daemon.dir}/svc.sock"}
     assert "Traceback" not in daemon.logs()
+
+
+def test_a_vsock_service_that_leads_to_the_api_socket_is_refused_at_connect_time(
+    daemon: Daemon, tmp_path: Path
+) -> None:
+    service = daemon.dir / "svc.sock"  # nothing there yet: the config's check lets it pass
+    create(daemon, tmp_path, "sly", vsock_services={"5000": f"unix://{service}"})
+    service.symlink_to(daemon.socket)  # then it leads to the API
+    guest_side = daemon.run_dir / "vms" / "sly" / "vsock.sock_5000"  # where the VMM dials
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+        sock.settimeout(10)
+        sock.connect(str(guest_side))
+        sock.sendall(b"GET /v1/vms HTTP/1.1\r\nHost: roost\r\n\r\n")
+        try:
+            answer = sock.recv(100)
+        except ConnectionResetError:
+            answer = b""
+    assert answer == b""
+    wait_for(
+        lambda: "leads to this daemon's API socket" in daemon.logs(),
+        timeout=10,
+        what="the refusal in the daemon's log",
+    )

@@ -275,6 +275,22 @@ def test_a_service_that_cannot_be_reached_closes_that_connection_not_the_listene
         service.close()
 
 
+def test_a_service_that_leads_to_the_daemon_s_api_socket_is_refused_however_it_got_there(
+    relays: VsockRelays, background: Background, tmp_short: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    api = Server(background, upper_echo).unix(tmp_short / "api.sock")
+    relays.api_sockets = frozenset({str(tmp_short / "api.sock")})
+    uds = tmp_short / "vsock.sock"
+    relays.vm_started("v1", HybridVsock(uds), {1024: f"unix://{tmp_short}/svc.sock"})
+    (tmp_short / "svc.sock").symlink_to(tmp_short / "api.sock")  # after the config was judged
+    try:
+        with caplog.at_level(logging.WARNING, "roost.relays"):
+            assert ask(unix(f"{uds}_1024"), b"POST /v1/vms") == b""
+        assert "leads to this daemon's API socket" in caplog.text
+    finally:
+        api.close()
+
+
 def test_a_guest_holds_at_most_max_guest_connections_to_its_services_at_once(
     relays: VsockRelays,
     background: Background,
