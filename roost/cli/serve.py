@@ -74,6 +74,14 @@ def serve_command(
         Path | None,
         typer.Option("--dhcp-leases", help="A DHCP server's lease file to learn dhcp VMs' IPs."),
     ] = None,
+    nat: Annotated[
+        bool,
+        typer.Option(
+            "--nat",
+            help="Masquerade roost's bridged networks out of the namespace's default route "
+            "(turns IPv4 forwarding on there, never off).",
+        ),
+    ] = False,
     vmm: Annotated[VMMKind, typer.Option("--vmm", help="The default VMM.")] = VMMKind.FIRECRACKER,
     qemu_machine: Annotated[
         QemuMachine, typer.Option("--qemu-machine", help="QEMU's machine type.")
@@ -159,6 +167,7 @@ def serve_command(
             default_subnet=default_subnet,
             dhcp_bridge=dhcp_bridge,
             dhcp_leases=dhcp_leases.resolve() if dhcp_leases else None,
+            nat=nat,
             vmm=vmm.value,
             qemu_machine=qemu_machine.value,
             accel=accel.value,

@@ -29,6 +29,7 @@ from roost.engine.settings import DEFAULT_BRIDGE, DEFAULT_NETWORK, Settings
 from roost.errors import ConflictError, HostError, InvalidError
 from roost.host.firewall import Firewall
 from roost.host.links import Links
+from roost.host.nat import Masquerade, remove_table
 from roost.host.netns import NetnsWorker, namespace_file
 from roost.host.observe import LeaseObserver
 from roost.plan import DefaultNetwork
@@ -153,6 +154,9 @@ class Daemon:
         self._closers.append(worker.close)
         links = Links(worker)
         self._closers.append(links.close)
+        nat = Masquerade(worker) if settings.nat else None
+        if nat is None:
+            remove_table(worker)
 
         def leased(network_id: int) -> bool:
             with db.read() as session:
@@ -180,7 +184,7 @@ class Daemon:
             db=db,
             store=store,
             plugins=Plugins(db, store, settings.artifact_dirs),
-            host=HostNetwork(links, Firewall(worker), leased),
+            host=HostNetwork(links, Firewall(worker), leased, nat),
             drivers=drivers,
             observer=LeaseObserver(worker, observed, lease_file=settings.dhcp_leases),
             disks=Disks(settings.state_dir / "disks"),

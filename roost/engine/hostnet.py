@@ -1,5 +1,5 @@
-"""The host side of VMs' networks: the bridges roost manages, the VMs' taps, and their
-anti-spoofing rules, each made with its undo recorded.
+"""The host side of VMs' networks: the bridges roost manages (masqueraded with --nat), the
+VMs' taps, and their anti-spoofing rules, each made with its undo recorded.
 
 Bridge set-up and removal share one lock, so a bridge is never removed under a tap that is being
 attached to it: a tap made inside an allocating transaction keeps the lock until that
@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -48,6 +48,16 @@ class Rules(Protocol):
     def release(self, tap: str) -> None: ...
 
 
+class Nat(Protocol):
+    """Masquerading of the managed networks (`roost.host.nat.Masquerade`, with --nat)."""
+
+    def add(self, bridge: str, subnet: ipaddress.IPv4Network) -> None: ...
+
+    def remove(self, bridge: str) -> None: ...
+
+    def reconcile(self, networks: Mapping[str, ipaddress.IPv4Network]) -> None: ...
+
+
 @dataclass(frozen=True)
 class TapPlan:
     """One tap as the plan and the allocation have it: its name and guest MAC, the bridge it
@@ -67,11 +77,18 @@ class TapPlan:
 class HostNetwork:
     """Bridges, taps and rules in the daemon's namespace. `leased(network_id)` says whether a
     network still has an address leased on it (read from the database by the caller's
-    choice of collaborator)."""
+    choice of collaborator). With `nat`, each managed bridge is masqueraded while it exists."""
 
-    def __init__(self, links: Links, firewall: Rules, leased: Callable[[int], bool]) -> None:
+    def __init__(
+        self,
+        links: Links,
+        firewall: Rules,
+        leased: Callable[[int], bool],
+        nat: Nat | None = None,
+    ) -> None:
         self.links = links
         self.firewall = firewall
+        self.nat = nat
         self._leased = leased
         self.lock = threading.RLock()  # undoing a failed allocation removes bridges
         self._bridges_ready: set[str] = set()
@@ -120,6 +137,8 @@ class HostNetwork:
             return
         assert tap.gateway is not None
         self.links.ensure_bridge(tap.bridge, tap.gateway)
+        if self.nat is not None:
+            self.nat.add(tap.bridge, tap.gateway.network)
 
     def release(self, tap: str) -> None:
         """Remove a tap and its rules (what exists only while its VMM runs)."""
@@ -134,8 +153,13 @@ class HostNetwork:
         for network_id, bridge in emptied:
             with self.lock:
                 if not self._leased(network_id):
-                    self._bridges_ready.discard(bridge)
-                    self.links.delete(bridge)
+                    self._remove_bridge(bridge)
+
+    def _remove_bridge(self, bridge: str) -> None:
+        self._bridges_ready.discard(bridge)
+        if self.nat is not None:
+            self.nat.remove(bridge)
+        self.links.delete(bridge)
 
     def reap(self, keep_taps: Callable[[], set[str]], used_bridges: Callable[[], set[str]]) -> None:
         """Remove taps (and their rules) other than `keep_taps()`, and managed bridges other
@@ -152,6 +176,16 @@ class HostNetwork:
                 *self.links.names(DEFAULT_BRIDGE),
             ]:
                 if bridge not in used:
-                    self._bridges_ready.discard(bridge)
-                    self.links.delete(bridge)
+                    self._remove_bridge(bridge)
                     log.info("removed bridge %s, on which no VM holds an address", bridge)
+
+    def reconcile_nat(self, networks: Callable[[], Mapping[str, ipaddress.IPv4Network]]) -> None:
+        """With --nat, masquerade exactly the managed networks (`networks()`: bridge → subnet)
+        whose bridge exists: what a crash, or a run without --nat, left wrong is made right."""
+        if self.nat is None:
+            return
+        with self.lock:
+            present = {*self.links.names(alloc.BRIDGE_PREFIX), *self.links.names(DEFAULT_BRIDGE)}
+            self.nat.reconcile(
+                {bridge: subnet for bridge, subnet in networks().items() if bridge in present}
+            )

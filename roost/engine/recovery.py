@@ -7,11 +7,13 @@ database does not know: it refuses to start, naming them, unless told to reap or
 
 Then, with the API up, `run` rolls back the creates a daemon died in, adopts the VMMs still
 running, settles the ones that ended, and removes run dirs, disks, taps and bridges that belong
-to no VM. Operations on a VM wait (503 `recovering`) until it has been recovered.
+to no VM (and, with --nat, makes the NAT rules match the bridges that remain). Operations on a
+VM wait (503 `recovering`) until it has been recovered.
 """
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import threading
 from collections.abc import Callable
@@ -229,7 +231,8 @@ class Recovery:
 
     def _remove_strays(self) -> None:
         """Run dirs and disks of no VM, then taps of no running VM and bridges no VM holds an
-        address on — unless orphans were kept, whose run dirs and links are theirs."""
+        address on — unless orphans were kept, whose run dirs and links are theirs — and then
+        NAT rules for exactly the managed bridges left."""
         engine = self.engine
         names = engine.records.names()
         kept = engine.allocator.kept_orphans
@@ -241,12 +244,20 @@ class Recovery:
         for name in engine.disks.names() - names - kept:
             engine.disks.remove(name)
             log.info("removed the disk of %s, which belongs to no VM", name)
-        if kept:
-            log.warning("left taps and bridges as they are: kept orphaned VMMs may use them")
-            return
 
         def used_bridges() -> set[str]:
             with engine.db.read() as session:
                 return alloc.bridges_in_use(session)
 
-        engine.host.reap(engine.records.live_taps, used_bridges)
+        def networks() -> dict[str, ipaddress.IPv4Network]:
+            with engine.db.read() as session:
+                return {
+                    network.bridge: ipaddress.IPv4Network(network.subnet)
+                    for network, _ in alloc.networks_and_leases(session)
+                }
+
+        if kept:
+            log.warning("left taps and bridges as they are: kept orphaned VMMs may use them")
+        else:
+            engine.host.reap(engine.records.live_taps, used_bridges)
+        engine.host.reconcile_nat(networks)

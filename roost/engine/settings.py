@@ -54,6 +54,7 @@ class Settings:
     default_subnet: str = DEFAULT_SUBNET
     dhcp_bridge: str | None = None
     dhcp_leases: Path | None = None
+    nat: bool = False  # masquerade the managed networks out of the namespace's default route
     vmm: str = "firecracker"
     qemu_machine: str = "microvm"
     accel: str = "auto"

@@ -30,7 +30,7 @@ table {TABLE} {{
 """
 
 
-class _Nftables:
+class Nftables:
     """One libnftables context: made on the namespace's thread, used by one thread at a time,
     each inside the namespace (its netlink socket must live there)."""
 
@@ -61,20 +61,28 @@ class _Nftables:
         self._library.nft_ctx_free(self._context)
 
 
+def nftables_in(worker: NetnsWorker) -> Nftables | None:
+    """A libnftables context for the worker's namespace, freed when the worker closes; None
+    where libnftables is missing."""
+    try:
+        library = ctypes.CDLL(LIBRARY)
+    except OSError:
+        return None
+    nft = worker.run(Nftables, library)
+    worker.on_close(nft.free)
+    return nft
+
+
 class Firewall:
     """Per-tap rules; a no-op (with a warning at start) where libnftables is missing."""
 
     def __init__(self, worker: NetnsWorker) -> None:
         self._worker = worker
-        self._nft: _Nftables | None = None
-        try:
-            library = ctypes.CDLL(LIBRARY)
-        except OSError:
+        self._nft = nftables_in(worker)
+        if self._nft is None:
             log.warning("%s not found: taps get no anti-spoofing rules (install nftables)", LIBRARY)
             return
-        self._nft = worker.run(_Nftables, library)
         self._lock = threading.Lock()
-        worker.on_close(self._nft.free)
         if self._run(f"list table {TABLE}\n", check=False) is not None:
             self._run(BASE)
 
