@@ -57,6 +57,13 @@ def serve_command(
         str | None,
         typer.Option("--firecracker", help="The Firecracker binary ($ROOST_FIRECRACKER, PATH)."),
     ] = None,
+    cloud_hypervisor: Annotated[
+        str | None,
+        typer.Option(
+            "--cloud-hypervisor",
+            help="The Cloud Hypervisor binary ($ROOST_CLOUD_HYPERVISOR, PATH).",
+        ),
+    ] = None,
     kernel: Annotated[
         Path | None,
         typer.Option("--kernel", help="Default ELF vmlinux for plugins that name none."),
@@ -163,6 +170,7 @@ def serve_command(
             database_url=database_url,
             netns=netns,
             firecracker=firecracker,
+            cloud_hypervisor=cloud_hypervisor,
             kernel=kernel.resolve() if kernel else None,
             default_subnet=default_subnet,
             dhcp_bridge=dhcp_bridge,

@@ -38,6 +38,7 @@ from roost.state.artifacts import ArtifactStore, is_elf
 from roost.state.db import Database, sqlite_url
 from roost.state.models import Network
 from roost.vmm.base import Driver, RunDir, VsockTarget
+from roost.vmm.cloud_hypervisor import CloudHypervisorDriver, find_cloud_hypervisor
 from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
 from roost.vmm.qemu import Accel, Machine, QemuDriver, VsockChoice, check_vsock_choice
 
@@ -171,6 +172,9 @@ class Daemon:
                 machine=cast(Machine, settings.qemu_machine),
                 accel=cast(Accel, settings.accel),
                 vsock=cast(VsockChoice, settings.qemu_vsock),
+            ),
+            "cloud-hypervisor": CloudHypervisorDriver(
+                find_cloud_hypervisor(settings.cloud_hypervisor)
             ),
         }
 

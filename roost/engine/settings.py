@@ -50,6 +50,7 @@ class Settings:
     database_url: str | None = None
     netns: str | None = None
     firecracker: str | None = None
+    cloud_hypervisor: str | None = None
     kernel: Path | None = None
     default_subnet: str = DEFAULT_SUBNET
     dhcp_bridge: str | None = None

@@ -29,7 +29,7 @@ def vm_view(
     plan = stored.plan
     vsock_ok = plan.vsock and vm["vsock_unavailable"] is None
     backend = vm["vsock_backend"] if vsock_ok else None
-    hybrid = backend in (VsockBackend.FIRECRACKER, VsockBackend.USER)
+    hybrid = backend in (VsockBackend.FIRECRACKER, VsockBackend.CLOUD_HYPERVISOR, VsockBackend.USER)
     return {
         "name": vm["name"],
         "plugin": vm["plugin"],

@@ -99,6 +99,7 @@ class VMMKind(StrEnum):
 
     FIRECRACKER = "firecracker"
     QEMU = "qemu"
+    CLOUD_HYPERVISOR = "cloud-hypervisor"
 
 
 class Spec(BaseModel):

@@ -105,7 +105,10 @@ class VM(Base):
         CheckConstraint(
             "NOT restart_required OR running_version IS NOT NULL", name="restart_required"
         ),
-        CheckConstraint("vsock_backend IN ('firecracker', 'user', 'kernel')", name="vsock_backend"),
+        CheckConstraint(
+            "vsock_backend IN ('firecracker', 'cloud-hypervisor', 'user', 'kernel')",
+            name="vsock_backend",
+        ),
         {"sqlite_autoincrement": True},
     )
 

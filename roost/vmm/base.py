@@ -27,6 +27,7 @@ class VsockBackend(StrEnum):
     """What backs a VM's vsock device, chosen when its VMM starts and recorded with the VM."""
 
     FIRECRACKER = "firecracker"  # Firecracker's own hybrid vsock (a Unix socket)
+    CLOUD_HYPERVISOR = "cloud-hypervisor"  # Cloud Hypervisor's, the same hybrid vsock
     USER = "user"  # roost's vhost-user-vsock process for QEMU, with the same hybrid socket
     KERNEL = "kernel"  # the host kernel's vhost-vsock: the host reaches the guest by its CID
 

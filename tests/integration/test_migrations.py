@@ -1,14 +1,17 @@
 """A database made before config versions recorded what they resolved to is brought forward:
-each version gets its `effective`, a running VM its `running_version`, each lease `current`."""
+each version gets its `effective`, a running VM its `running_version`, each lease `current`. One
+made before Cloud Hypervisor keeps its VMs and takes its vsock backend."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import pytest
 from alembic import command
 from alembic.config import Config
 from sqlalchemy import create_engine, text
+from sqlalchemy.exc import IntegrityError
 
 from roost.state.db import MIGRATIONS, Database, sqlite_url
 
@@ -97,3 +100,37 @@ def test_version_two_databases_get_effective_configs_and_running_versions(
         ("vm2", None, False),
     ]
     assert [json.loads(r.effective) for r in rows] == [expected, expected]
+
+
+def test_version_four_databases_accept_cloud_hypervisors_vsock_and_keep_their_vms(
+    tmp_path: Path,
+) -> None:
+    url = sqlite_url(tmp_path)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0004")
+        for statement in (
+            "INSERT INTO plugins (id, name, version, manifest, installed_at) VALUES "
+            "(1, 'p', '1', '{}', '2026-01-01')",
+            "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, config_version, "
+            "vsock_backend, created_at, updated_at) VALUES (1, 'fc', 1, 'running', "
+            "'firecracker', '{}', 1, 'firecracker', '2026-01-01', '2026-01-01')",
+        ):
+            connection.execute(text(statement))
+    engine.dispose()
+
+    database = Database(url)
+    database.migrate()
+    with database.read() as session:
+        kept = session.connection().execute(text("SELECT name, vsock_backend FROM vms"))
+        assert [tuple(row) for row in kept] == [("fc", "firecracker")]
+    database.dispose()
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        connection.execute(text("UPDATE vms SET vsock_backend = 'cloud-hypervisor'"))
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(text("UPDATE vms SET vsock_backend = 'hypervisor'"))
+    engine.dispose()

@@ -111,6 +111,23 @@ def test_a_kernel_vsock_vm_is_reached_by_its_cid_and_shows_no_socket(world: Worl
     assert world.driver.launched[-1].vsock.backend is VsockBackend.KERNEL
 
 
+def test_a_cloud_hypervisor_vm_is_reached_by_its_hybrid_socket(
+    world: World, tmp_path: Path
+) -> None:
+    world.driver.vsock_backend = lambda: VsockBackend.CLOUD_HYPERVISOR  # type: ignore[method-assign]
+    shown = world.engine.create_vm("a", VMConfig(plugin="p"))
+    uds_path = tmp_path / "run" / "vms" / "a" / "vsock.sock"
+    assert shown["vsock"] == {
+        "cid": shown["vsock"]["cid"],
+        "uds_path": str(uds_path),
+        "available": True,
+        "backend": "cloud-hypervisor",
+        "reason": None,
+    }
+    assert world.engine.vsock_target("a") == HybridVsock(uds_path)
+    assert world.listeners.listening["a"][0] == HybridVsock(uds_path)
+
+
 def test_the_backend_a_vm_started_with_is_kept_when_the_driver_changes_its_choice(
     world: World,
 ) -> None:

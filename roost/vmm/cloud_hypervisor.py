@@ -1,0 +1,313 @@
+"""The Cloud Hypervisor driver: one process per VM, configured through its REST API.
+
+Cloud Hypervisor starts with nothing but its API socket. `vm.create` hands it the whole VM and
+opens none of the host's devices (it makes them at `vm.boot`), so it is sent while the engine
+still prepares the host, and `vm.boot` once the disk and the tap exist. Its vsock is
+Firecracker's hybrid vsock, so the host reaches its guests as it reaches Firecracker's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import time
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from roost.errors import VMMFailedError, VMMUnavailableError
+from roost.host.netns import NetnsWorker
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
+from roost.vmm.process import Starting, VMMProcess
+
+log = logging.getLogger(__name__)
+SERVE_TIMEOUT = 5.0  # for a started Cloud Hypervisor to answer on its API socket
+CALL_TIMEOUT = 10.0
+STOP_CALL_TIMEOUT = 1.0  # a stop's requests: a VMM that does not answer must not hold it up
+SHUTDOWN_WAIT = 3.0  # for the VMM to exit once told to (vmm.shutdown)
+TERM_WAIT = 3.0
+
+
+def find_cloud_hypervisor(explicit: str | None) -> Path | None:
+    """`--cloud-hypervisor`, else `$ROOST_CLOUD_HYPERVISOR`, else `cloud-hypervisor` on PATH."""
+    candidate = (
+        explicit or os.environ.get("ROOST_CLOUD_HYPERVISOR") or shutil.which("cloud-hypervisor")
+    )
+    return Path(candidate) if candidate else None
+
+
+def guest_cmdline(spec: LaunchSpec) -> str:
+    """The spec's command line, plus what Firecracker adds by itself and Cloud Hypervisor does
+    not: `root=/dev/vda rw` for a root disk (the first virtio disk)."""
+    args = spec.boot_args.split()
+    root_disk = spec.rootfs is not None and spec.initrd is None
+    if root_disk and not any(arg.startswith("root=") for arg in args):
+        args += ["root=/dev/vda", "rw"]
+    return " ".join(args)
+
+
+def vm_config(spec: LaunchSpec) -> dict[str, Any]:
+    """The `vm.create` body for `spec` (pure, so tests can check every case): the serial port
+    to the console log, the virtio console off."""
+    payload = {"kernel": str(spec.kernel), "cmdline": guest_cmdline(spec)}
+    if spec.initrd is not None:
+        payload["initramfs"] = str(spec.initrd)
+    config: dict[str, Any] = {
+        "payload": payload,
+        "cpus": {"boot_vcpus": spec.vcpus, "max_vcpus": spec.vcpus},
+        "memory": {"size": spec.memory_mib << 20},
+        "serial": {"mode": "File", "file": str(spec.run_dir.console_log)},
+        "console": {"mode": "Off"},
+    }
+    if spec.rootfs is not None:
+        config["disks"] = [{"path": str(spec.rootfs), "readonly": False}]
+    if spec.nic is not None:
+        config["net"] = [{"tap": spec.nic.tap, "mac": spec.nic.mac}]
+    if spec.vsock is not None:
+        config["vsock"] = {"cid": spec.vsock.cid, "socket": str(spec.vsock.uds_path)}
+    return config
+
+
+class CloudHypervisorAPI:
+    """A client for one VMM's API socket (`/api/v1/<action>`), its connection kept from the
+    first call to the last."""
+
+    def __init__(self, api_socket: Path) -> None:
+        self._client = httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(api_socket)),
+            base_url="http://localhost/api/v1",
+        )
+
+    def close(self) -> None:
+        self._client.close()
+
+    def call(
+        self,
+        method: str,
+        path: str,
+        body: dict[str, Any] | None = None,
+        *,
+        timeout: float = CALL_TIMEOUT,
+    ) -> Any:
+        """Send the request; the answer's JSON (None when it has no body)."""
+        try:
+            response = self._client.request(method, path, json=body, timeout=timeout)
+        except httpx.HTTPError as error:
+            reason = str(error) or type(error).__name__
+            raise VMMFailedError(f"Cloud Hypervisor API {method} {path} failed: {reason}") from None
+        if response.is_error:
+            raise VMMFailedError(
+                f"Cloud Hypervisor refused {method} {path} ({response.status_code}): "
+                f"{_reason(response)}"
+            )
+        try:
+            return response.json() if response.content else None
+        except ValueError:
+            raise VMMFailedError(
+                f"Cloud Hypervisor answered {method} {path} with something not JSON: "
+                f"{response.text[:200]!r}"
+            ) from None
+
+
+def _reason(response: httpx.Response) -> str:
+    """Cloud Hypervisor's explanation: a JSON list of its error chain, outermost first."""
+    try:
+        chain = json.loads(response.text)
+    except ValueError:
+        return response.text.strip() or "no reason given"
+    if isinstance(chain, list):
+        return ": ".join(str(message) for message in chain)
+    return str(chain)
+
+
+class _Early:
+    """Cloud Hypervisor being started by the supervisor; `result()` is the process once it
+    answers on its API socket (or raises, leaving no process), the same on every call."""
+
+    def __init__(self, starting: Starting, ready: Callable[[VMMProcess], None]) -> None:
+        self._starting = starting
+        self._ready = ready
+        self._process: VMMProcess | None = None
+        self._error: BaseException | None = None
+
+    def result(self) -> VMMProcess:
+        if self._process is None and self._error is None:
+            try:
+                process = self._starting.result()
+                try:
+                    self._ready(process)
+                except BaseException:
+                    process.kill()
+                    raise
+                self._process = process
+            except BaseException as error:
+                self._error = error
+        if self._error is not None:
+            raise self._error
+        assert self._process is not None
+        return self._process
+
+
+def _check_tap(tap: str, worker: NetnsWorker) -> None:
+    """Cloud Hypervisor, run as root, would create a missing tap itself, connected to nothing."""
+    try:
+        worker.run(socket.if_nametoindex, tap)
+    except OSError:
+        raise VMMFailedError(
+            f"tap {tap} does not exist in the VMM's network namespace; create it (on its bridge) "
+            "before launching"
+        ) from None
+
+
+class CloudHypervisorDriver:
+    kind = "cloud-hypervisor"
+
+    def __init__(self, binary: Path | None) -> None:
+        self.binary = binary
+        # one API client per VMM, closed when the driver stops it or the engine lets it go
+        self._apis: weakref.WeakKeyDictionary[VMMProcess, CloudHypervisorAPI] = (
+            weakref.WeakKeyDictionary()
+        )
+
+    def check_available(self) -> None:
+        if self.binary is None:
+            raise VMMUnavailableError(
+                "no Cloud Hypervisor binary: pass --cloud-hypervisor PATH to roost serve, set "
+                "$ROOST_CLOUD_HYPERVISOR, or put cloud-hypervisor on PATH"
+            )
+        if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
+            raise VMMUnavailableError(
+                f"Cloud Hypervisor binary {self.binary} does not exist or is not executable; "
+                "pass --cloud-hypervisor PATH to roost serve"
+            )
+
+    def api_socket(self, run_dir: RunDir) -> Path:
+        return run_dir.api_socket
+
+    def vsock_unavailable(self) -> str | None:
+        return None  # hybrid vsock needs no kernel support on the host
+
+    def vsock_backend(self) -> VsockBackend:
+        return VsockBackend.CLOUD_HYPERVISOR
+
+    def _api(self, process: VMMProcess) -> CloudHypervisorAPI:
+        api = self._apis.get(process)
+        if api is None:
+            api = self._apis[process] = CloudHypervisorAPI(process.run_dir / "api.sock")
+            weakref.finalize(process, api.close)
+        return api
+
+    def _close_api(self, process: VMMProcess) -> None:
+        api = self._apis.pop(process, None)
+        if api is not None:
+            api.close()
+
+    def _wait_until_serving(self, process: VMMProcess) -> None:
+        """Until Cloud Hypervisor answers `vmm.ping` (its socket file appears a moment before
+        it listens, so the file alone proves nothing)."""
+        api = self._api(process)
+        vmm_log = RunDir(process.run_dir).vmm_log
+        deadline = time.monotonic() + SERVE_TIMEOUT
+        pause = 0.0005
+        while True:
+            try:
+                api.call("GET", "/vmm.ping", timeout=STOP_CALL_TIMEOUT)
+                return
+            except VMMFailedError as error:
+                if process.exited():
+                    self._close_api(process)
+                    process.wait(TERM_WAIT)
+                    raise VMMFailedError(
+                        f"Cloud Hypervisor exited before serving its API (exit code "
+                        f"{process.exit_code()}); see {vmm_log}"
+                    ) from None
+                if time.monotonic() > deadline:
+                    self._close_api(process)
+                    raise VMMFailedError(
+                        f"Cloud Hypervisor did not answer on its API socket within "
+                        f"{SERVE_TIMEOUT:g}s ({error}); see {vmm_log}"
+                    ) from None
+            time.sleep(pause)
+            pause = min(pause * 2, 0.02)
+
+    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> _Early:
+        """Have the supervisor start Cloud Hypervisor, and go on: it needs nothing but its API
+        socket until the VM is created, so it comes up while the engine allocates and builds
+        the tap. Its own messages go to the VMM log (the serial port has the console log)."""
+        self.check_available()
+        argv = [str(self.binary), "--api-socket", str(run_dir.api_socket)]
+        starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.vmm_log)
+        return _Early(starting, self._wait_until_serving)
+
+    def launch(
+        self,
+        spec: LaunchSpec,
+        worker: NetnsWorker,
+        *,
+        host_ready: Callable[[], object] | None = None,
+        early: Early | None = None,
+        while_booting: Callable[[VMMProcess], object] | None = None,
+    ) -> VMMProcess:
+        """Create the VM, let the engine finish the host (disk, tap), then boot. Cloud
+        Hypervisor answers `vm.boot` once the vCPUs run, so `while_booting` follows that
+        answer."""
+        if early is None:
+            early = self.start_early(spec.name, spec.run_dir, worker)
+        process = early.result()
+        try:
+            api = self._api(process)
+            api.call("PUT", "/vm.create", vm_config(spec))
+            if host_ready is not None:
+                host_ready()
+            if spec.nic is not None:
+                _check_tap(spec.nic.tap, worker)
+            api.call("PUT", "/vm.boot")
+            if while_booting is not None:
+                while_booting(process)
+        except BaseException:
+            self._close_api(process)
+            process.kill()
+            raise
+        return process
+
+    def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
+        """Power button, wait `timeout`; vmm.shutdown, wait; SIGTERM, wait; SIGKILL. Always
+        reaped."""
+        try:
+            if not force:
+                for path, wait in (("/vm.power-button", timeout), ("/vmm.shutdown", SHUTDOWN_WAIT)):
+                    if self._ask_and_wait(process, path, wait):
+                        return process.exit_code()
+                process.signal(signal.SIGTERM)
+                if process.wait(TERM_WAIT):
+                    return process.exit_code()
+            return process.kill()
+        finally:
+            self._close_api(process)
+
+    def _ask_and_wait(self, process: VMMProcess, path: str, wait: float) -> bool:
+        """Send `PUT path` (unless the VMM is gone already); True once it has exited and been
+        reaped within `wait`."""
+        if not process.exited():
+            try:
+                self._api(process).call("PUT", path, timeout=STOP_CALL_TIMEOUT)
+            except VMMFailedError as error:
+                log.info("stopping VMM %d: %s", process.pid, error)
+        return process.wait(wait)
+
+    def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
+        self._api(process).call("PUT", "/vm.pause")
+        if meanwhile is not None:
+            meanwhile()
+
+    def resume(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
+        self._api(process).call("PUT", "/vm.resume")
+        if meanwhile is not None:
+            meanwhile()
