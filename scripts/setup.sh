@@ -5,7 +5,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(qemu-system-x86 busybox-static dnsmasq-base nftables iptables iputils-ping lz4 socat unzip
-          containernetworking-plugins iproute2 cpio python3-venv ca-certificates gcc libc6-dev)
+          containernetworking-plugins iproute2 cpio python3-venv ca-certificates openssl gcc
+          libc6-dev)
 
 missing=()
 for pkg in "${packages[@]}"; do

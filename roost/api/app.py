@@ -126,6 +126,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         endpoints=endpoints,
         token=settings.token,
         max_body_bytes=settings.max_body_bytes,
+        names=settings.server_names,
     )
 
     @app.exception_handler(RoostError)

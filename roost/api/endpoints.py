@@ -1,4 +1,5 @@
-"""Where the daemon listens and the CLI connects: `unix:///path` or `tcp://host:port`."""
+"""Where the daemon listens and the CLI connects: `unix:///path`, `tcp://host:port`, or (for
+the CLI, reaching a daemon serving TLS) `https://host:port`."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ from urllib.parse import urlsplit
 from roost.errors import InvalidError
 
 DEFAULT_API = "unix:///run/roost/roost.sock"
-FORMS = "use unix:///path/to.sock or tcp://HOST:PORT"
+FORMS = "use unix:///path/to.sock, tcp://HOST:PORT or https://HOST:PORT"
 
 
 @dataclass(frozen=True)
@@ -19,6 +20,7 @@ class Endpoint:
     path: Path | None = None
     host: str | None = None
     port: int | None = None
+    tls: bool = False  # https://: the TCP connection speaks TLS
 
     @classmethod
     def parse(cls, url: str, loc: str = "listen") -> Endpoint:
@@ -44,7 +46,7 @@ class Endpoint:
             if "\x00" in parsed.path:
                 raise refuse("has a NUL character in its path")
             return cls(url, path=Path(parsed.path))
-        if parsed.scheme == "tcp":
+        if parsed.scheme in ("tcp", "https"):
             if parsed.path not in ("", "/") or parsed.username or parsed.password:
                 raise refuse("has more than a host and a port")
             try:
@@ -53,7 +55,7 @@ class Endpoint:
                 raise refuse("has a port that is not a number from 1 to 65535") from None
             if not parsed.hostname or port is None or port == 0:
                 raise refuse("needs a host and a port from 1 to 65535")
-            return cls(url, host=parsed.hostname, port=port)
+            return cls(url, host=parsed.hostname, port=port, tls=parsed.scheme == "https")
         raise refuse("is not an endpoint")
 
     @property

@@ -23,8 +23,8 @@ from roost.errors import RoostError
 
 log = logging.getLogger("roost.api")
 
-# the only route a TCP client may call without the token: liveness probes carry none
-OPEN_PATHS = frozenset({"/healthz"})
+# the only routes a TCP client may call without the token: probes and scrapers carry none
+OPEN_PATHS = frozenset({"/healthz", "/metrics"})
 # how long the unread rest of a refused request's body is read and thrown away
 DISCARD_SECONDS = 10.0
 DENIAL_RESPONSE = "websocket.http.response"  # the ASGI extension: an HTTP answer to an upgrade
@@ -42,17 +42,25 @@ def too_large(limit: int) -> RoostError:
 class Guard:
     """Refuses before any route runs: on a TCP listener, a request whose `Host` does not name
     the listener (421 `misdirected`: a web page's request through DNS rebinding names its own
-    host) or without the bearer token (401 `unauthorized`; `/healthz` is open); on every
-    listener, a body that is not `application/json` (415 `unsupported_media_type`: browsers
-    post forms and text/plain anywhere) or larger than `max_body_bytes` (413 `too_large`, by
-    its Content-Length or counted as it arrives). A refused WebSocket gets the same error
+    host; `names`, the TLS certificate's and --server-name's, stand for every TCP listener) or
+    without the bearer token (401 `unauthorized`; `/healthz` is open); on every listener, a
+    body that is not `application/json` (415 `unsupported_media_type`: browsers post forms
+    and text/plain anywhere) or larger than `max_body_bytes` (413 `too_large`, by its
+    Content-Length or counted as it arrives). A refused WebSocket gets the same error
     object and status, as the upgrade's denial response."""
 
     def __init__(
-        self, app: ASGIApp, *, endpoints: list[Endpoint], token: str | None, max_body_bytes: int
+        self,
+        app: ASGIApp,
+        *,
+        endpoints: list[Endpoint],
+        token: str | None,
+        max_body_bytes: int,
+        names: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.tcp = [endpoint for endpoint in endpoints if endpoint.is_tcp]
+        self.names = names
         self.token = token.encode() if token else None
         self.max_body_bytes = max_body_bytes
 
@@ -106,13 +114,14 @@ class Guard:
     ) -> RoostError | None:
         endpoint = _listener(self.tcp, server) if server is not None else None
         host = headers.get("host")
-        if endpoint is None or host is None or not _names(host, endpoint):
+        if endpoint is None or host is None or not _names(host, endpoint, self.names):
             listener = endpoint.url if endpoint is not None else "a listener it does not know"
             other = " (or localhost)" if endpoint is not None and endpoint.is_loopback else ""
             named = f"is meant for host {host!r}" if host is not None else "names no host"
             return RoostError(
                 f"this request {named}, not this daemon's listener {listener}; address the "
-                f"daemon by its --listen host{other}",
+                f"daemon by its --listen host{other}, a name in its TLS certificate or a "
+                "--server-name",
                 code="misdirected",
             )
         if path in OPEN_PATHS:
@@ -120,7 +129,7 @@ class Guard:
         if self.token is None:
             return RoostError(
                 "this daemon has no token, so its TCP listener takes no requests; start it "
-                "with $ROOST_TOKEN set",
+                "with $ROOST_TOKEN set or with --token-file",
                 code="unauthorized",
             )
         scheme, _, presented = headers.get("authorization", "").partition(" ")
@@ -129,7 +138,7 @@ class Guard:
         ):
             return RoostError(
                 "a TCP client must send 'Authorization: Bearer <token>' with the daemon's token "
-                "(the CLI sends $ROOST_TOKEN)",
+                "(the CLI sends the one in roost --token-file, else $ROOST_TOKEN)",
                 code="unauthorized",
             )
         return None
@@ -151,9 +160,15 @@ def _address(text: str) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
 
 
 def _same_host(a: str, b: str) -> bool:
-    """Host names compared without case, addresses by value (`::1` is `0::1`)."""
+    """Host names compared without case, addresses by value (`::1` is `0::1`); `b` may be a
+    certificate's wildcard name (`*.example.com` stands for one label)."""
     address = _address(a)
-    return address == _address(b) if address is not None else a.lower() == b.lower()
+    if address is not None:
+        return address == _address(b)
+    if b.startswith("*."):
+        label, dot, rest = a.partition(".")
+        return bool(label) and bool(dot) and rest.lower() == b[2:].lower()
+    return a.lower() == b.lower()
 
 
 def _listener(tcp: list[Endpoint], server: tuple[str, int]) -> Endpoint | None:
@@ -190,9 +205,9 @@ def _split_host(value: str) -> tuple[str, int | None] | None:
     return host, int(port_text)
 
 
-def _names(host_header: str, endpoint: Endpoint) -> bool:
-    """Whether a `Host` header names `endpoint`: its --listen host, or `localhost` for a
-    loopback one, with the endpoint's port or none."""
+def _names(host_header: str, endpoint: Endpoint, names: tuple[str, ...]) -> bool:
+    """Whether a `Host` header names `endpoint`: its --listen host, `localhost` for a loopback
+    one, or one of `names`, with the endpoint's port or none."""
     parsed = _split_host(host_header.strip())
     if parsed is None:
         return False
@@ -200,8 +215,8 @@ def _names(host_header: str, endpoint: Endpoint) -> bool:
     if port is not None and port != endpoint.port:
         return False
     assert endpoint.host is not None
-    names = [endpoint.host, *(["localhost"] if endpoint.is_loopback else [])]
-    return any(_same_host(host, name) for name in names)
+    own = [endpoint.host, *(["localhost"] if endpoint.is_loopback else [])]
+    return any(_same_host(host, name) for name in (*own, *names))
 
 
 class _Body:

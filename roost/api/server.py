@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import gc
 import logging
@@ -12,6 +13,7 @@ import stat
 from pathlib import Path
 
 import uvicorn
+from starlette.types import ASGIApp
 
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
@@ -51,7 +53,7 @@ def _unix_socket(path: Path) -> socket.socket:
 
 
 def _tcp_socket(host: str, port: int) -> socket.socket:
-    """A TCP listener (`roost serve` allows loopback addresses only, with a token)."""
+    """A TCP listener (`roost serve` allows it with a token, and off loopback with TLS)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     listener = socket.socket(family, socket.SOCK_STREAM)
     listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,6 +82,40 @@ def _raise_shutdown(_signum: int, _frame: object) -> None:
     raise _Shutdown
 
 
+def _servers(
+    app: ASGIApp, endpoints: list[Endpoint], listeners: list[socket.socket], settings: Settings
+) -> list[tuple[uvicorn.Server, list[socket.socket]]]:
+    """The uvicorn servers for `listeners`, each with the listeners it serves: one for all, or
+    with --tls-cert one for the TCP listeners (uvicorn's TLS is per server) and one for the
+    Unix sockets (plain HTTP, as their clients speak it). Only the first runs the app's
+    lifespan: it is the last to stop (see `_run`)."""
+    tls = settings.tls_cert is not None
+    plain = [sock for e, sock in zip(endpoints, listeners, strict=True) if not (tls and e.is_tcp)]
+    secure = [sock for e, sock in zip(endpoints, listeners, strict=True) if tls and e.is_tcp]
+    servers: list[tuple[uvicorn.Server, list[socket.socket]]] = []
+    for group, https in ((plain, False), (secure, True)):
+        if not group:
+            continue
+        config = uvicorn.Config(
+            app,
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=30,
+            lifespan="off" if servers else "auto",
+            ssl_certfile=settings.tls_cert if https else None,
+            ssl_keyfile=settings.tls_key if https else None,
+        )
+        servers.append((uvicorn.Server(config), group))
+    return servers
+
+
+async def _run(servers: list[tuple[uvicorn.Server, list[socket.socket]]]) -> None:
+    """Every server until SIGINT/SIGTERM. Each takes the signals over as it starts and hands
+    the signal it caught on to the one before it once it has stopped, so they stop last to
+    first, and the first hands it on to `serve`'s handler."""
+    await asyncio.gather(*(server.serve(sockets=group) for server, group in servers))
+
+
 def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
     """Run until SIGINT/SIGTERM; VMs keep running after the daemon stops.
 
@@ -105,19 +141,19 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
         daemon.relays.api_sockets = frozenset(map(str, bound))
         daemon.relays.start()
         daemon.relays.restore()
-        config = uvicorn.Config(
-            create_app(daemon.engine, endpoints),
-            log_config=None,
-            access_log=False,
-            timeout_graceful_shutdown=30,
-        )
-        server = uvicorn.Server(config)
+        servers = _servers(create_app(daemon.engine, endpoints), endpoints, listeners, settings)
         daemon.recovery.start()
         # what start-up made lives as long as the daemon: keep it out of every later garbage
         # collection, which then scans only what requests allocate
         gc.freeze()
-        log.info("roost daemon listening on %s", ", ".join(e.url for e in endpoints))
-        server.run(sockets=listeners)
+        https = " (HTTPS)" if settings.tls_cert is not None else ""
+        log.info(
+            "roost daemon listening on %s",
+            ", ".join(e.url + (https if e.is_tcp else "") for e in endpoints),
+        )
+        loop_factory = servers[0][0].config.get_loop_factory()
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            runner.run(_run(servers))
     except _Shutdown:
         log.info("roost daemon stopping (VMs keep running)")
     finally:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -47,7 +48,11 @@ app.add_typer(network_app, name="network")
 
 
 class Globals:
+    """The options of `roost` itself: how every command reaches the daemon."""
+
     api: str = DEFAULT_API
+    token_file: Path | None = None
+    ca: Path | None = None
 
 
 @app.callback()
@@ -56,9 +61,27 @@ def _globals(
         str | None,
         typer.Option(
             "--api",
-            help="The daemon: unix:///path or tcp://HOST:PORT ($ROOST_API; default "
-            f"{DEFAULT_API}).",
+            help="The daemon: unix:///path, tcp://HOST:PORT or https://HOST:PORT "
+            f"($ROOST_API; default {DEFAULT_API}).",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            metavar="FILE",
+            help="A file holding the daemon's token (else $ROOST_TOKEN).",
+        ),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            metavar="FILE",
+            help="PEM CA certificates to verify an https:// daemon (else the system's).",
         ),
     ] = None,
 ) -> None:
     Globals.api = api or os.environ.get("ROOST_API") or DEFAULT_API
+    Globals.token_file = token_file
+    Globals.ca = ca

@@ -1,4 +1,5 @@
-"""The daemon's client for the CLI: HTTP over a Unix socket or TCP, errors as RoostErrors.
+"""The daemon's client for the CLI: HTTP over a Unix socket or TCP (HTTPS for an https://
+daemon, verified against roost --ca or the system's CAs), errors as RoostErrors.
 
 A daemon that answers `busy` or `recovering` is asked again after the Retry-After it sends,
 until the client's timeout; then the CLI fails with `timeout`.
@@ -7,21 +8,25 @@ until the client's timeout; then the CLI fails with `timeout`.
 from __future__ import annotations
 
 import json
-import os
 import ssl
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from functools import partial
+from pathlib import Path
 from typing import Any
 
 import httpx
 
+from roost.api.access import client_context, read_token
 from roost.api.endpoints import Endpoint
-from roost.errors import CODES, InvalidError, RoostError, UnreachableError, error_from_json
+from roost.errors import CODES, RoostError, UnreachableError, error_from_json
 
-# Creating a client's default TLS context costs ~20 ms; nothing here speaks TLS.
+# Creating a client's default TLS context costs ~20 ms: one, made once, for the clients that
+# speak no TLS (httpx would make one for each)
 _NO_TLS = ssl.create_default_context()
+# OpenSSL's verification errors for a certificate that is not the name's or the address's
+NAME_MISMATCHES = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 NDJSON = "application/x-ndjson"
 RETRIED_CODES = ("busy", "recovering")
 DEFAULT_RETRY_AFTER = 1.0  # seconds, for a retryable answer that says no Retry-After
@@ -33,8 +38,12 @@ class Client:
         api: str,
         timeout: float = 600.0,
         transport: httpx.BaseTransport | None = None,
+        *,
+        token_file: Path | None = None,
+        ca: Path | None = None,
     ) -> None:
-        """`transport` replaces the connection to `api` (tests answer in-process)."""
+        """`transport` replaces the connection to `api` (tests answer in-process);
+        `token_file` and `ca` are roost's --token-file and --ca."""
         self.endpoint = Endpoint.parse(api, loc="api")
         self.timeout = timeout
         uds = str(self.endpoint.path) if self.endpoint.path is not None else None
@@ -42,15 +51,17 @@ class Client:
             base = "http://roost"
         else:
             host = self.endpoint.host or ""
-            base = f"http://{f'[{host}]' if ':' in host else host}:{self.endpoint.port}"
-        transport = transport or httpx.HTTPTransport(uds=uds, verify=_NO_TLS)
-        token = os.environ.get("ROOST_TOKEN")
+            scheme = "https" if self.endpoint.tls else "http"
+            base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.endpoint.port}"
+        verify = client_context(ca) if self.endpoint.tls else _NO_TLS
+        transport = transport or httpx.HTTPTransport(uds=uds, verify=verify)
+        token = read_token(token_file)
         self._http = httpx.Client(
             transport=transport,
             base_url=base,
             timeout=timeout,
-            verify=_NO_TLS,
-            headers={b"authorization": _bearer(token)} if token else None,
+            verify=verify,
+            headers={b"authorization": bearer(token)} if token else None,
         )
 
     @contextmanager
@@ -64,10 +75,7 @@ class Client:
                 code="timeout",
             ) from None
         except httpx.TransportError as error:
-            raise UnreachableError(
-                f"cannot reach the roost daemon at {self.endpoint.url} ({error}); is "
-                "`roost serve` running there? (--api or $ROOST_API choose another address)"
-            ) from None
+            raise unreachable(self.endpoint, error) from None
 
     @contextmanager
     def _answer(
@@ -158,13 +166,38 @@ class Client:
         self._http.close()
 
 
-def _bearer(token: str) -> bytes:
-    """The Authorization header for `token`, sent as its UTF-8 bytes."""
-    if any(char.isspace() or not char.isprintable() for char in token):
-        raise InvalidError.at(
-            "ROOST_TOKEN", "holds a space or a control character; a token is a single word"
-        )
+def bearer(token: str) -> bytes:
+    """The Authorization header for `token` (as `read_token` gives it), as its UTF-8 bytes."""
     return b"Bearer " + token.encode()
+
+
+def unreachable(endpoint: Endpoint, error: BaseException) -> UnreachableError:
+    """The daemon at `endpoint` out of reach for `error`, saying what to do: with TLS, trust
+    its CA or use a name its certificate holds, or speak TLS to it or not."""
+    cause: BaseException | None = error
+    while cause is not None and not isinstance(cause, ssl.SSLError):
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, ssl.SSLCertVerificationError):
+        fix = (
+            "reach it by a name or address its certificate holds"
+            if cause.verify_code in NAME_MISMATCHES
+            else "name the CA that signed it with roost --ca FILE (without --ca, the system's "
+            "CAs are trusted)"
+        )
+        return UnreachableError(
+            f"the roost daemon at {endpoint.url} presented a certificate this CLI does not "
+            f"trust ({cause.verify_message}); {fix}"
+        )
+    if cause is not None:
+        return UnreachableError(
+            f"no TLS with the roost daemon at {endpoint.url} ({cause.reason or cause}); is it "
+            "serving HTTPS (roost serve --tls-cert)? A plain listener is tcp://HOST:PORT"
+        )
+    other = " (an HTTPS one is https://HOST:PORT)" if endpoint.is_tcp and not endpoint.tls else ""
+    return UnreachableError(
+        f"cannot reach the roost daemon at {endpoint.url} ({error}); is `roost serve` running "
+        f"there{other}? (--api or $ROOST_API choose another address)"
+    )
 
 
 def _retryable(response: httpx.Response) -> RoostError | None:

@@ -37,7 +37,7 @@ NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
 def daemon(as_json: bool) -> Iterator[Client]:
     """A client for the daemon, with any error turned into output and an exit code."""
     with reporting(as_json):
-        client = Client(Globals.api)
+        client = Client(Globals.api, token_file=Globals.token_file, ca=Globals.ca)
         try:
             yield client
         finally:

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
-import os
+import re
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
+from roost.api.access import certificate_names, client_context, read_token
 from roost.api.endpoints import DEFAULT_API, Endpoint
 from roost.cli.apps import app
 from roost.cli.output import reporting
@@ -26,6 +28,9 @@ from roost.engine.settings import (
 from roost.errors import HostError, InvalidError
 from roost.plan.network import DEFAULT_SUBNET
 from roost.spec import VMMKind
+
+# a DNS name as a Host header carries it: dot-separated labels of letters, digits and hyphens
+HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")
 
 
 @app.command("serve")
@@ -47,6 +52,42 @@ def serve_command(
         typer.Option(
             "--listen",
             help=f"unix:///path or tcp://HOST:PORT; repeatable (default {DEFAULT_API}).",
+        ),
+    ] = None,
+    token_file: Annotated[
+        Path | None,
+        typer.Option(
+            "--token-file",
+            metavar="FILE",
+            help="The token TCP clients must send (else $ROOST_TOKEN).",
+        ),
+    ] = None,
+    tls_cert: Annotated[
+        Path | None,
+        typer.Option(
+            "--tls-cert",
+            metavar="FILE",
+            help="A PEM certificate (chain): every TCP listener serves HTTPS with it.",
+        ),
+    ] = None,
+    tls_key: Annotated[
+        Path | None,
+        typer.Option("--tls-key", metavar="FILE", help="The certificate's unencrypted key."),
+    ] = None,
+    server_name: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--server-name",
+            metavar="NAME",
+            help="A further Host name TCP listeners answer to; repeatable.",
+        ),
+    ] = None,
+    ca: Annotated[
+        Path | None,
+        typer.Option(
+            "--ca",
+            metavar="FILE",
+            help="PEM CA certificates to verify the peers the daemon calls.",
         ),
     ] = None,
     netns: Annotated[
@@ -141,7 +182,8 @@ def serve_command(
 ) -> None:
     """Run the roost daemon (its VMs keep running when it stops).
 
-    A tcp:// listener needs $ROOST_TOKEN: clients then send it as a bearer token.
+    A tcp:// listener needs a token (--token-file or $ROOST_TOKEN), which clients send as a
+    bearer token; one off loopback also needs TLS (--tls-cert and --tls-key).
     """
     logging.basicConfig(
         level=log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -155,14 +197,17 @@ def serve_command(
             typer.echo("error: --reap-orphans and --keep-orphans exclude each other", err=True)
             raise typer.Exit(2)
         endpoints = [Endpoint.parse(url) for url in (listen or [DEFAULT_API])]
-        token = os.environ.get("ROOST_TOKEN") or None
-        if token is not None and any(c.isspace() or not c.isprintable() for c in token):
+        token = read_token(token_file)
+        if (tls_cert is None) != (tls_key is None):
             raise InvalidError.at(
-                "ROOST_TOKEN",
-                "holds a space or a control character; a token is a single word (clients "
-                "send it as 'Authorization: Bearer <token>')",
+                "tls-cert", "--tls-cert and --tls-key go together: a certificate and its key"
             )
-        _check_listeners(endpoints, token)
+        _check_listeners(endpoints, token, tls=tls_cert is not None)
+        names = tuple(map(_server_name, server_name or ()))
+        if tls_cert is not None and tls_key is not None:
+            names += certificate_names(tls_cert, tls_key)
+        if ca is not None:
+            client_context(ca)  # a CA file that cannot serve fails now, not at the first call
         orphans = Orphans.REAP if reap_orphans else Orphans.KEEP if keep_orphans else Orphans.REFUSE
         settings = Settings(
             state_dir=state_dir.resolve(),
@@ -186,6 +231,10 @@ def serve_command(
             max_operations=max_operations,
             max_body_bytes=max_body_bytes,
             token=token,
+            tls_cert=tls_cert.resolve() if tls_cert else None,
+            tls_key=tls_key.resolve() if tls_key else None,
+            server_names=names,
+            ca=ca.resolve() if ca else None,
         )
         try:
             serve(settings, endpoints)
@@ -193,21 +242,44 @@ def serve_command(
             raise HostError(f"the daemon cannot run: {error}") from None
 
 
-def _check_listeners(endpoints: list[Endpoint], token: str | None) -> None:
-    """TCP listeners only on loopback and only with a token: whoever reaches the API can make
-    the daemon start VMs as root."""
+def _check_listeners(endpoints: list[Endpoint], token: str | None, *, tls: bool) -> None:
+    """TCP listeners only with a token, and off loopback only with TLS: whoever reaches the
+    API can make the daemon start VMs as root, and the token must not cross a network in
+    clear."""
     for endpoint in endpoints:
-        if not endpoint.is_tcp:
-            continue
-        if not endpoint.is_loopback:
+        if endpoint.tls:
             raise InvalidError.at(
                 "listen",
-                f"{endpoint.url}: TCP listeners must be on a loopback address (127.0.0.1, ::1 "
-                "or localhost); use a Unix socket to reach the daemon from elsewhere",
+                f"{endpoint.url}: a listener is tcp://HOST:PORT; --tls-cert and --tls-key make "
+                "every TCP listener HTTPS",
+            )
+        if not endpoint.is_tcp:
+            continue
+        if not endpoint.is_loopback and not tls:
+            raise InvalidError.at(
+                "listen",
+                f"{endpoint.url}: a TCP listener off loopback needs TLS, or the token would "
+                "cross the network in clear; start with --tls-cert FILE --tls-key FILE, or "
+                "listen on a loopback address (127.0.0.1, ::1 or localhost)",
             )
         if token is None:
             raise InvalidError.at(
                 "listen",
-                f"{endpoint.url}: a TCP listener needs a token; set $ROOST_TOKEN (clients send "
-                "it as 'Authorization: Bearer <token>'), or listen on a Unix socket",
+                f"{endpoint.url}: a TCP listener needs a token; pass --token-file FILE or set "
+                "$ROOST_TOKEN (clients send it as 'Authorization: Bearer <token>'), or listen "
+                "on a Unix socket",
             )
+
+
+def _server_name(name: str) -> str:
+    """`name` if a `Host` header can name it: a DNS name or an address, without a port."""
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        if not HOST_NAME.fullmatch(name):
+            raise InvalidError.at(
+                "server-name",
+                f"{name!r} is not a host name or an address (give it without scheme or port, "
+                "e.g. roost.example.com)",
+            ) from None
+    return name

@@ -3,7 +3,8 @@
 `vm unforward`).
 
 Every connection is a WebSocket to the daemon (`GET /v1/vms/{name}/vsock/{port}`, framed as
-roost.api.vsock says), over the Unix socket or TCP, wherever the API is.
+roost.api.vsock says), over the Unix socket, TCP or TLS (verified as the client's HTTPS is),
+wherever the API is.
 """
 
 from __future__ import annotations
@@ -20,9 +21,10 @@ from urllib.parse import urlencode
 
 import typer
 
+from roost.api.access import client_context, read_token
 from roost.api.endpoints import Endpoint
 from roost.cli.apps import Globals, vm_app
-from roost.cli.client import _bearer
+from roost.cli.client import bearer, unreachable
 from roost.cli.options import JSONOpt
 from roost.cli.output import err, out, print_json, reporting, table
 from roost.cli.remote import NameArg, daemon, show, vm_path
@@ -271,14 +273,12 @@ async def _open(path: str, **params: float) -> ClientConnection:
 
     endpoint = Endpoint.parse(Globals.api, loc="api")
     target = f"{path}?{urlencode(params)}" if params else path
-    token = os.environ.get("ROOST_TOKEN")
+    token = read_token(Globals.token_file)
     timeout = params.get("timeout", 0.0)
     options: dict[str, Any] = {
         # the daemon answers the upgrade once the guest answered (or its timeout passed)
         "open_timeout": timeout + ANSWER_SLACK if timeout > 0 else ANSWER_SLACK,
-        "additional_headers": {"Authorization": _bearer(token).decode("latin-1")}
-        if token
-        else None,
+        "additional_headers": {"Authorization": bearer(token).decode("latin-1")} if token else None,
         "compression": None,  # bytes of any kind: compressing them would mostly cost CPU
         "max_size": None,  # the daemon's messages are its relay's reads, bounded there
     }
@@ -286,6 +286,9 @@ async def _open(path: str, **params: float) -> ClientConnection:
         if endpoint.path is not None:
             return await unix_connect(str(endpoint.path), f"ws://localhost{target}", **options)
         host = f"[{endpoint.host}]" if ":" in (endpoint.host or "") else endpoint.host
+        if endpoint.tls:
+            url = f"wss://{host}:{endpoint.port}{target}"
+            return await connect(url, proxy=None, ssl=client_context(Globals.ca), **options)
         return await connect(f"ws://{host}:{endpoint.port}{target}", proxy=None, **options)
     except InvalidStatus as refusal:
         raise _refusal(refusal.response.status_code, refusal.response.body) from None
@@ -295,10 +298,7 @@ async def _open(path: str, **params: float) -> ClientConnection:
             code="timeout",
         ) from None
     except (OSError, InvalidHandshake) as error:
-        raise UnreachableError(
-            f"cannot reach the roost daemon at {endpoint.url} ({error}); is `roost serve` "
-            "running there? (--api or $ROOST_API choose another address)"
-        ) from None
+        raise unreachable(endpoint, error) from None
 
 
 def _refusal(status: int, body: bytes | bytearray) -> RoostError:

@@ -70,4 +70,11 @@ class Settings:
     max_operations: int = DEFAULT_MAX_OPERATIONS
     max_queued_operations: int = MAX_QUEUED_OPERATIONS
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
-    token: str | None = None  # the bearer token TCP clients must send ($ROOST_TOKEN)
+    token: str | None = None  # the bearer token TCP clients must send (--token-file, $ROOST_TOKEN)
+    # the certificate and key that make every TCP listener HTTPS (--tls-cert, --tls-key)
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    # the Host names every TCP listener answers to besides its own host: the TLS certificate's
+    # names and --server-name's
+    server_names: tuple[str, ...] = ()
+    ca: Path | None = None  # the CAs the daemon verifies the peers it calls against (--ca)
