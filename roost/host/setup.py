@@ -101,7 +101,7 @@ class NamespaceSysctls:
 class HostSysctls:
     """The sysctls of the namespace this process runs in (the host's)."""
 
-    where = "the host"
+    where = "the host's namespace"
 
     def read(self, name: str) -> str:
         return sysctl.read(name)
