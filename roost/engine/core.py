@@ -18,7 +18,6 @@ from typing import Any, Protocol, TypeVar
 from roost.engine.allocation import Allocator, Booting
 from roost.engine.disks import Disks
 from roost.engine.exclusive import VMLocks
-from roost.engine.failpoints import failpoint
 from roost.engine.hostnet import HostNetwork
 from roost.engine.plugins import Plugins
 from roost.engine.settings import Settings
@@ -234,17 +233,16 @@ class Engine:
                 return self.show_vm(name)
             allocator.check_run_dir_free(name)
             self.records.begin_create(name)
-            failpoint("create:recorded")
             steps = Steps("create", name)
+            steps.done("recorded", "recorded the create as in progress")
             try:
                 early = self._start_early(steps, name, vmm, new=True)
                 booting = allocator.transact(
                     lambda session: allocator.record_new(session, name, config, vmm, early, steps),
                     steps,
                 )
-                failpoint("create:allocated")
+                steps.done("allocated", "committed its record and allocations")
                 view = self._boot(booting, steps)
-                failpoint("create:booted")
             except BaseException:
                 steps.rollback()
                 self._undo_create(name)
@@ -273,7 +271,7 @@ class Engine:
             tidy()
             raise
         what = "prepared the run dir" if early is None else "started the VMM early"
-        host.done(what, lambda: _discard_early(early, tidy))
+        host.done("vmm", what, lambda: _discard_early(early, tidy))
         return early
 
     def start_vm(self, name: str) -> dict[str, Any]:
@@ -286,12 +284,12 @@ class Engine:
         self, name: str, *, timeout: float | None = None, force: bool = False
     ) -> dict[str, Any]:
         with self.locks.hold(name, "stop"):
-            self._stop(name, timeout, force)
+            self._stop(name, timeout, force, "stop")
             return self.show_vm(name)
 
     def restart_vm(self, name: str) -> dict[str, Any]:
         with self.locks.hold(name, "restart"):
-            self._stop(name, None, False)
+            self._stop(name, None, False, "restart")
             return self._start(name, "restart")
 
     def pause_vm(self, name: str) -> dict[str, Any]:
@@ -336,7 +334,7 @@ class Engine:
             if patched.created:
                 log.info("patch %s: stored config version %d", name, patched.version.version)
             if restart and vmm_runs and patched.restart_required:
-                self._stop(name, None, False)
+                self._stop(name, None, False, "restart")
                 self._start(name, "restart")
             return patched.version.to_json()
 
@@ -344,8 +342,8 @@ class Engine:
         """Stop the VM if it runs, then remove it and everything it holds."""
         with self.locks.hold(name, "remove"):
             self.allocator.check_run_dir_free(name)
-            self._stop(name, None, False)
-            self._forget(name)
+            self._stop(name, None, False, "remove")
+            self._forget(name, Steps("remove", name).done)
 
     # ---- lifecycle internals --------------------------------------------------------------
 
@@ -377,13 +375,14 @@ class Engine:
         # recorded before any VMM is started for it: a daemon that dies from here on finds a
         # VM it was starting (and ends its VMM), not a VMM its database does not account for
         self.records.write(name, None, status=VMStatus.STARTING, status_reason=None)
+        steps.done("starting", "recorded the VM starting")
         try:
             early = self._start_early(steps, name, vmm, new=False)
-            failpoint("start:vmm")
             booting, emptied = allocator.transact(
                 lambda session: allocator.for_start(session, name, latest, early, steps), steps
             )
             self.host.remove_bridges(emptied)
+            steps.done("allocated", "committed its allocations")
             return self._boot(booting, steps)
         except BaseException:
             steps.rollback()
@@ -430,7 +429,7 @@ class Engine:
             while_booting=record_running,
         )
         self.live[name] = Live(process, driver, shown=booting.shown)
-        steps.done(f"started {booting.vmm}", lambda: self._untrack(name, process))
+        steps.done("booted", f"started {booting.vmm}", lambda: self._untrack(name, process))
         self._watch(name, process)
         if net.observe_ip and booting.tap is not None:
             assert booting.mac is not None
@@ -446,7 +445,9 @@ class Engine:
             return
         target = vsock_target_of(spec.vsock)
         self.listeners.vm_started(name, target, services)
-        steps.done("listened for vsock services", lambda: self.listeners.vm_stopped(name))
+        steps.done(
+            "listening", "listened for vsock services", lambda: self.listeners.vm_stopped(name)
+        )
 
     def _watch(self, name: str, process: VMMProcess) -> None:
         """Follow the VMM, and its vsock device if it has one: the device's end kills the
@@ -492,15 +493,20 @@ class Engine:
                 self.records.write(name, live.shown, status=before)
             raise
         live.paused = pause
+        operation, step = ("pause", "paused") if pause else ("resume", "resumed")
+        Steps(operation, name).done(step, f"recorded the VM {after}")
         [row] = written  # drivers call `meanwhile` once for every change they complete
         return self._view(row)
 
-    def _stop(self, name: str, timeout: float | None, force: bool) -> None:
+    def _stop(self, name: str, timeout: float | None, force: bool, operation: str) -> None:
+        """Stop the VM's VMM, if one runs, as part of `operation` (stop, restart or remove)."""
         live = self.live.get(name)
         if live is None:
             self.records.status(name)  # a VM that does not exist is an error, a stopped one not
             return
+        steps = Steps(operation, name)
         self._set(name, status=VMStatus.STOPPING)
+        steps.done("stopping", "recorded the VM stopping")
         self._unwatch(live.process)
         if live.paused and not force:
             # a paused guest cannot act on a graceful shutdown request: let it run to do so
@@ -510,9 +516,12 @@ class Engine:
                 log.warning("VM %s: could not resume it to stop it gracefully: %s", name, error)
         wait = self.settings.stop_timeout if timeout is None else timeout
         code = live.driver.stop(live.process, wait, force)
+        steps.done("vmm-ended", f"ended its VMM (exit code {code})")
         self.live.pop(name, None)
         self.release_host(name)
+        steps.done("released", "released its tap, rules and sockets")
         self._set(name, status=VMStatus.STOPPED, exit_code=code, **self._ended(name))
+        steps.done("stopped", "recorded the VM stopped")
 
     def release_host(self, name: str, tap: str | None = None) -> None:
         """Remove what only exists while the VMM runs: its tap, its rules and its sockets."""
@@ -589,16 +598,22 @@ class Engine:
         self.records.set_observed_ip(name, ip)
         log.info("VM %s: observed address %s", name, ip)
 
-    def _forget(self, name: str) -> None:
-        """Remove the VM's record, leases, run dir, disk and any network it leaves empty."""
+    def _forget(
+        self, name: str, done: Callable[[str, str], None] = lambda step, what: None
+    ) -> None:
+        """Remove the VM's record, leases, run dir, disk and any network it leaves empty;
+        `done` records each step (a remove's `Steps.done`)."""
 
         self.release_host(name)
         emptied = self.db.transact(lambda session: self.allocator.forget(session, name))
+        done("forgotten", "removed its record and leases")
         # after the record has gone: a forward added meanwhile then fails, or is closed here
         self.listeners.vm_removed(name)
         self.host.remove_bridges(emptied)
         self.run_dir(name).remove()
+        done("run-dir", "removed its run dir")
         self.disks.remove(name)
+        done("disk", "removed its disk")
         self.plugins.collect_garbage()
 
     def _ended(self, name: str) -> dict[str, Any]:

@@ -106,11 +106,11 @@ class HostNetwork:
             if tap.network_id is not None:
                 self.remove_bridges([(tap.network_id, tap.bridge)])
 
-        steps.done(f"created tap {tap.tap} on {tap.bridge}", drop)
+        steps.done("tap", f"created tap {tap.tap} on {tap.bridge}", drop)
         if tap.antispoof is not AntiSpoof.NONE:
             ip = tap.ip if tap.antispoof is AntiSpoof.IP_AND_MAC else None
             self.firewall.protect(tap.tap, tap.mac, ip)
-            steps.done("added anti-spoofing rules", lambda: self.firewall.release(tap.tap))
+            steps.done("rules", "added anti-spoofing rules", lambda: self.firewall.release(tap.tap))
 
     def _make_tap(self, tap: TapPlan) -> None:
         """A fresh tap on its bridge, setting the bridge up first unless this daemon already

@@ -5,6 +5,8 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 
+from roost.engine.failpoints import failpoint
+
 log = logging.getLogger("roost.engine")
 
 
@@ -16,10 +18,13 @@ class Steps:
         self.vm = vm
         self._undo: list[tuple[str, Callable[[], object]]] = []
 
-    def done(self, what: str, undo: Callable[[], object] | None = None) -> None:
+    def done(self, step: str, what: str, undo: Callable[[], object] | None = None) -> None:
+        """Record step `step` (its id is `<operation>:<step>`, one of `failpoints.STEPS`) and
+        how to undo it; the step's failpoint follows."""
         log.debug("%s %s: %s", self.operation, self.vm, what)
         if undo is not None:
             self._undo.append((what, undo))
+        failpoint(f"{self.operation}:{step}")
 
     def mark(self) -> int:
         """A point to roll back to: `rollback(mark)` undoes only what was done after it."""
