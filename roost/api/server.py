@@ -10,6 +10,7 @@ import os
 import signal
 import socket
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import uvicorn
@@ -17,9 +18,10 @@ from starlette.types import ASGIApp
 
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
+from roost.engine.core import Engine
 from roost.engine.daemon import Daemon
 from roost.engine.settings import Settings
-from roost.errors import ConflictError, InvalidError
+from roost.errors import ConflictError, InvalidError, RoostError
 
 log = logging.getLogger("roost.serve")
 
@@ -116,6 +118,21 @@ async def _run(servers: list[tuple[uvicorn.Server, list[socket.socket]]]) -> Non
     await asyncio.gather(*(server.serve(sockets=group) for server, group in servers))
 
 
+def _stop_vms(engine: Engine) -> None:
+    """--stop-vms-on-exit: stop every VM whose VMM runs, gracefully, all at once."""
+    names = list(engine.live)
+
+    def stop(name: str) -> None:
+        try:
+            engine.stop_vm(name)
+            log.info("stopped VM %s (--stop-vms-on-exit)", name)
+        except RoostError as error:
+            log.error("VM %s: could not stop it: %s", name, error)
+
+    with ThreadPoolExecutor(max_workers=max(1, min(len(names), 32))) as pool:
+        list(pool.map(stop, names))
+
+
 def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
     """Run until SIGINT/SIGTERM; VMs keep running after the daemon stops.
 
@@ -126,6 +143,7 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, _raise_shutdown)
     daemon: Daemon | None = None
+    stopping = False
     listeners: list[socket.socket] = []
     bound: list[Path] = []
     try:
@@ -155,7 +173,9 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
         with asyncio.Runner(loop_factory=loop_factory) as runner:
             runner.run(_run(servers))
     except _Shutdown:
-        log.info("roost daemon stopping (VMs keep running)")
+        stopping = True
+        kept = "" if settings.stop_vms_on_exit else " (VMs keep running)"
+        log.info("roost daemon stopping%s", kept)
     finally:
         for listener in listeners:
             listener.close()
@@ -165,4 +185,6 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
         if daemon is not None:
             if daemon.recovery is not None:
                 daemon.recovery.finished.wait(30)
+            if stopping and settings.stop_vms_on_exit and daemon.engine is not None:
+                _stop_vms(daemon.engine)
             daemon.close()

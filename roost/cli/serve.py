@@ -168,6 +168,14 @@ def serve_command(
         bool,
         typer.Option("--keep-orphans", help="Leave live VMMs the database does not know."),
     ] = False,
+    stop_vms_on_exit: Annotated[
+        bool,
+        typer.Option(
+            "--stop-vms-on-exit",
+            help="On SIGTERM/SIGINT, stop every running VM (gracefully) before exiting; "
+            "without it they keep running.",
+        ),
+    ] = False,
     max_operations: Annotated[
         int,
         typer.Option(
@@ -228,6 +236,7 @@ def serve_command(
             artifact_dirs=tuple(path.resolve() for path in artifact_dir or ()),
             service_dirs=tuple(path.resolve() for path in service_dir or ()),
             orphans=orphans,
+            stop_vms_on_exit=stop_vms_on_exit,
             max_operations=max_operations,
             max_body_bytes=max_body_bytes,
             token=token,

@@ -61,6 +61,7 @@ class Settings:
     accel: str = "auto"
     qemu_vsock: str = "auto"  # what backs QEMU VMs' vsock: auto, user (roost's) or kernel
     stop_timeout: float = 3.0
+    stop_vms_on_exit: bool = False  # stop every running VM on SIGTERM/SIGINT
     # directories `path` artifacts may come from for API clients that are not root (TCP);
     # the local Unix socket's clients are root anyway and may name any regular file
     artifact_dirs: tuple[Path, ...] = ()
