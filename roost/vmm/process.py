@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import select
 import selectors
 import signal
 import subprocess
@@ -23,6 +24,7 @@ from roost.host.netns import NetnsWorker
 log = logging.getLogger(__name__)
 SUPERVISOR = Path(__file__).with_name("supervisor.py")
 DEVICE_GRACE = 2.0  # for a device process to end on its own once its VMM has
+ANSWER_TIMEOUT = 10.0  # for the supervisor to answer a command; else it is replaced
 
 
 @dataclass(frozen=True)
@@ -59,13 +61,13 @@ def is_vmm_of(pid: int, run_dir: Path) -> bool:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether `pid` runs: a zombie does not (an orphaned VMM, whose supervisor has gone, may
+    stay one until init reaps it)."""
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
         return False
-    except PermissionError:
-        return True
-    return True
+    return state != "Z"
 
 
 class VMMProcess:
@@ -189,6 +191,7 @@ class _Channel:
     process: subprocess.Popen[bytes]
     sent: int = 0
     read: int = 0
+    pending: bytes = b""  # read, not yet a whole line
     answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # read, not yet collected
 
 
@@ -268,23 +271,42 @@ class Supervisor:
         answer before it."""
         channel, number, program = ticket
         with self._lock:
-            stdout = channel.process.stdout
-            assert stdout is not None
             while channel.read <= number:
-                try:
-                    line = stdout.readline()
-                except (OSError, ValueError):  # ValueError: closed by `close`
-                    line = b""
-                try:
-                    said = json.loads(line) if line else {"error": "the supervisor exited"}
-                except ValueError:  # cut short: it died while answering
-                    said = {"error": f"the supervisor answered {line!r}"}
+                said = self._read(channel)
                 channel.answers[channel.read] = said
                 channel.read += 1
             answer = channel.answers.pop(number)
         if "pid" not in answer:
             raise VMMFailedError(f"cannot start {program}: {answer['error']}")
         return int(answer["pid"])
+
+    def _read(self, channel: _Channel) -> dict[str, Any]:
+        """The supervisor's next answer; an error if it ended or did not answer in time."""
+        try:
+            line = _readline(channel, time.monotonic() + ANSWER_TIMEOUT)
+        except TimeoutError:  # before OSError, of which it is one
+            self._replace(channel)
+            return {"error": f"the supervisor did not answer within {ANSWER_TIMEOUT:.0f} s"}
+        except (OSError, ValueError):  # ValueError: closed by `close`
+            line = b""
+        try:
+            return dict(json.loads(line)) if line else {"error": "the supervisor exited"}
+        except ValueError:  # cut short: it died while answering
+            return {"error": f"the supervisor answered {line!r}"}
+
+    def _replace(self, channel: _Channel) -> None:
+        """A supervisor that did not answer in time: SIGKILLed and reaped, so the next command
+        starts another. The VMMs it started keep running (in sessions of their own) and are
+        still followed by PID; their exit status is then unknown."""
+        log.error(
+            "the VMM supervisor (pid %d) did not answer within %.0f s; replacing it",
+            channel.process.pid,
+            ANSWER_TIMEOUT,
+        )
+        channel.process.kill()
+        channel.process.wait()
+        if self._channel is channel:
+            self._channel = None
 
     def close(self) -> None:
         """Let the supervisor go: it starts nothing more and exits after its last VMM (which
@@ -301,6 +323,24 @@ class Supervisor:
             process.stdin.close()
         with contextlib.suppress(subprocess.TimeoutExpired):
             process.wait(1)
+
+
+def _readline(channel: _Channel, deadline: float) -> bytes:
+    """The supervisor's next answer line; b"" once it has ended; TimeoutError at `deadline`."""
+    stdout = channel.process.stdout
+    assert stdout is not None
+    fd = stdout.fileno()
+    while b"\n" not in channel.pending:
+        ready, _, _ = select.select([fd], [], [], max(0.0, deadline - time.monotonic()))
+        if not ready:
+            raise TimeoutError
+        chunk = os.read(fd, 65536)
+        if not chunk:
+            line, channel.pending = channel.pending, b""
+            return line
+        channel.pending += chunk
+    line, _, channel.pending = channel.pending.partition(b"\n")
+    return line + b"\n"
 
 
 class ExitWatcher:

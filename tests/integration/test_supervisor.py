@@ -3,7 +3,9 @@ commands sent ahead of their answers, answers collected in any order, exit statu
 
 from __future__ import annotations
 
+import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -11,7 +13,9 @@ import pytest
 
 from roost.errors import VMMFailedError
 from roost.host.netns import NetnsWorker
+from roost.vmm import process as process_module
 from roost.vmm.process import VMM_FILES, Supervisor, VMMProcess, recorded_pid
+from tests.harness import wait_for
 
 SLEEP = shutil.which("sleep")
 TRUE = shutil.which("true")
@@ -77,3 +81,47 @@ def test_a_command_that_fails_is_an_error_for_that_command_only(
     process = VMMProcess(good, supervisor.answer(fine), supervisor.pid)
     assert process.wait(10)
     assert process.exit_code() == 0
+
+
+def sleeper(supervisor: Supervisor, path: Path) -> VMMProcess:
+    assert SLEEP is not None
+    ticket = supervisor.send([SLEEP, "30"], path, path / "console.log", VMM_FILES)
+    return VMMProcess(path, supervisor.answer(ticket), supervisor.pid)
+
+
+@pytest.mark.parametrize("how", ["hangs", "dies"])
+def test_a_supervisor_that_hangs_or_dies_is_replaced_and_its_vmms_keep_running(
+    worker: NetnsWorker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    monkeypatch.setattr(process_module, "ANSWER_TIMEOUT", 1.0)
+    supervisor = Supervisor.of(worker)
+    first = sleeper(supervisor, run_dir(tmp_path, "first"))
+    old = supervisor.pid
+    later: list[VMMProcess] = []
+    try:
+        if how == "hangs":
+            os.kill(old, signal.SIGSTOP)
+            asked = run_dir(tmp_path, "asked")
+            ticket = supervisor.send([str(SLEEP), "30"], asked, asked / "console.log", VMM_FILES)
+            with pytest.raises(VMMFailedError, match="did not answer within 1 s"):
+                supervisor.answer(ticket)
+            assert recorded_pid(asked) is None
+        else:
+            os.kill(old, signal.SIGKILL)
+            wait_for(lambda: not _running(old), what="the supervisor to end")
+        later.append(sleeper(supervisor, run_dir(tmp_path, "later")))
+        assert supervisor.pid != old
+        assert not Path(f"/proc/{old}").exists()  # ended and reaped
+        assert not first.exited()  # the VMM outlives its supervisor, and is still followed
+    finally:
+        for process in [first, *later]:
+            process.kill()
+    assert first.exit_code() is None  # nobody was left to record it
+    assert later[0].exit_code() == -signal.SIGKILL
+
+
+def _running(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
