@@ -98,6 +98,19 @@ def serve_command(
         str | None,
         typer.Option("--firecracker", help="The Firecracker binary ($ROOST_FIRECRACKER, PATH)."),
     ] = None,
+    jailer: Annotated[
+        Path | None,
+        typer.Option(
+            "--jailer",
+            help="Run every Firecracker VM chrooted under this jailer (needs --uid and --gid).",
+        ),
+    ] = None,
+    uid: Annotated[
+        int | None, typer.Option("--uid", min=0, help="The uid the jailer runs VMs as.")
+    ] = None,
+    gid: Annotated[
+        int | None, typer.Option("--gid", min=0, help="The gid the jailer runs VMs as.")
+    ] = None,
     cloud_hypervisor: Annotated[
         str | None,
         typer.Option(
@@ -216,6 +229,10 @@ def serve_command(
             names += certificate_names(tls_cert, tls_key)
         if ca is not None:
             client_context(ca)  # a CA file that cannot serve fails now, not at the first call
+        if (jailer is None) != (uid is None) or (uid is None) != (gid is None):
+            raise InvalidError.at(
+                "jailer", "--jailer, --uid and --gid go together: the jailer and who VMs run as"
+            )
         orphans = Orphans.REAP if reap_orphans else Orphans.KEEP if keep_orphans else Orphans.REFUSE
         settings = Settings(
             state_dir=state_dir.resolve(),
@@ -244,6 +261,9 @@ def serve_command(
             tls_key=tls_key.resolve() if tls_key else None,
             server_names=names,
             ca=ca.resolve() if ca else None,
+            jailer=jailer.resolve() if jailer else None,
+            jail_uid=uid,
+            jail_gid=gid,
         )
         try:
             serve(settings, endpoints)

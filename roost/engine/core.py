@@ -212,7 +212,7 @@ class Engine:
             return [network_view(n, ips) for n, ips in alloc.networks_and_leases(session)]
 
     def run_dir(self, name: str) -> RunDir:
-        return RunDir(self.settings.run_dir / "vms" / name)
+        return RunDir(self.settings.run_dir / "vms" / name, self.settings.chroot(name))
 
     # ---- lifecycle ------------------------------------------------------------------------
 

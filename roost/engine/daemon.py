@@ -39,7 +39,7 @@ from roost.state.db import Database, sqlite_url
 from roost.state.models import Network
 from roost.vmm.base import Driver, RunDir, VsockTarget
 from roost.vmm.cloud_hypervisor import CloudHypervisorDriver, find_cloud_hypervisor
-from roost.vmm.firecracker import FirecrackerDriver, find_firecracker
+from roost.vmm.firecracker import FirecrackerDriver, Jail, find_firecracker
 from roost.vmm.qemu import Accel, Machine, QemuDriver, VsockChoice, check_vsock_choice
 
 log = logging.getLogger("roost.daemon")
@@ -153,7 +153,8 @@ class Daemon:
         store.remove_incomplete()
         worker = NetnsWorker(settings.netns)
         self._closers.append(worker.close)
-        links = Links(worker)
+        jail = _jail(settings)
+        links = Links(worker, None if jail is None else (jail.uid, jail.gid))
         self._closers.append(links.close)
         nat = Masquerade(worker) if settings.nat else None
         if nat is None:
@@ -167,7 +168,7 @@ class Daemon:
             engine.address_observed(name, ip)
 
         drivers: dict[str, Driver] = {
-            "firecracker": FirecrackerDriver(find_firecracker(settings.firecracker)),
+            "firecracker": FirecrackerDriver(find_firecracker(settings.firecracker), jail),
             "qemu": QemuDriver(
                 machine=cast(Machine, settings.qemu_machine),
                 accel=cast(Accel, settings.accel),
@@ -223,8 +224,16 @@ def _check_settings(settings: Settings) -> None:
         raise InvalidError.at(
             "kernel", f"{kernel} is not an uncompressed ELF vmlinux (or is not readable)"
         )
-    RunDir(settings.run_dir / "vms" / "x").check_length()
+    RunDir(settings.run_dir / "vms" / "x", settings.chroot("x")).check_length()
     check_vsock_choice(settings.qemu_vsock)
+
+
+def _jail(settings: Settings) -> Jail | None:
+    """The jailer Firecracker VMs run under (`--jailer`), or None."""
+    if settings.jailer is None or settings.jail_uid is None or settings.jail_gid is None:
+        return None
+    base = settings.state_dir / "jail"
+    return Jail(settings.jailer, settings.jail_uid, settings.jail_gid, base)
 
 
 def _ensure_default_network(db: Database, default: DefaultNetwork) -> None:

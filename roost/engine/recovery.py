@@ -69,21 +69,25 @@ def _process(run_dir: Path, pid: int | None, files: ProcessFiles = VMM_FILES) ->
     return None if pid is None else VMMProcess(run_dir, pid, pid, files)
 
 
-def _live_pid(run_dir: Path, files: ProcessFiles) -> int | None:
+def _live_pid(run_dir: Path, files: ProcessFiles, chroot: Path | None = None) -> int | None:
     """The PID the supervisor recorded in `run_dir`, if that process still lives and names the
     run dir on its command line (not a stranger that got the PID since)."""
     pid = recorded_pid(run_dir, files)
     if pid is None or VMMProcess(run_dir, pid, pid, files).exited():
         return None
-    return pid if is_vmm_of(pid, run_dir) else None
+    return pid if is_vmm_of(pid, run_dir, chroot) else None
 
 
-def live_vmms(run_root: Path) -> list[FoundVMM]:
-    """Every run dir under `run_root` where a VMM or a vsock device started for it lives."""
+def live_vmms(
+    run_root: Path, chroot: Callable[[str], Path | None] = lambda name: None
+) -> list[FoundVMM]:
+    """Every run dir under `run_root` where a VMM or a vsock device started for it lives
+    (`chroot` names a VM's chroot under the jailer)."""
     vms = run_root / "vms"
     found = []
     for path in sorted(vms.iterdir()) if vms.is_dir() else []:
-        pid, device_pid = _live_pid(path, VMM_FILES), _live_pid(path, DEVICE_FILES)
+        pid = _live_pid(path, VMM_FILES, chroot(path.name))
+        device_pid = _live_pid(path, DEVICE_FILES)
         if pid is not None or device_pid is not None:
             found.append(FoundVMM(path.name, pid, path, device_pid))
     return found
@@ -131,7 +135,7 @@ class Recovery:
         """Find the orphans; refuse them unless the policy says otherwise."""
         self.records = self.engine.records.live()
         self.pending = self.engine.records.pending_creates()
-        found = live_vmms(self.engine.settings.run_dir)
+        found = live_vmms(self.engine.settings.run_dir, self.engine.settings.chroot)
         self.orphans = unaccounted(found, self.records, self.pending)
         if self.orphans and self.policy is Orphans.REFUSE:
             raise orphans_error(self.orphans)
@@ -184,8 +188,10 @@ class Recovery:
 
     def _roll_back_create(self, name: str) -> None:
         """A create that never returned: its VMM ended, then everything it made removed."""
-        path = self.engine.run_dir(name).path
-        FoundVMM(name, _live_pid(path, VMM_FILES), path, _live_pid(path, DEVICE_FILES)).end()
+        run_dir = self.engine.run_dir(name)
+        path = run_dir.path
+        pid = _live_pid(path, VMM_FILES, run_dir.chroot)
+        FoundVMM(name, pid, path, _live_pid(path, DEVICE_FILES)).end()
         self.engine.roll_back_create(name)
         log.info("VM %s: rolled back its create, which the daemon died in", name)
 
@@ -198,7 +204,9 @@ class Recovery:
         pid = record.pid or recorded_pid(run_dir.path)  # a crash while starting leaves only this
         process = VMMProcess(run_dir.path, pid, record.supervisor_pid or pid) if pid else None
         alive = (
-            process is not None and not process.exited() and is_vmm_of(process.pid, run_dir.path)
+            process is not None
+            and not process.exited()
+            and is_vmm_of(process.pid, run_dir.path, run_dir.chroot)
         )
         device = _process(run_dir.path, _live_pid(run_dir.path, DEVICE_FILES), DEVICE_FILES)
         if process is not None:
@@ -239,7 +247,7 @@ class Recovery:
         vms = engine.settings.run_dir / "vms"
         for path in sorted(vms.iterdir()) if vms.is_dir() else []:
             if path.name not in names and path.name not in kept:
-                RunDir(path).remove()
+                RunDir(path, engine.settings.chroot(path.name)).remove()
                 log.info("removed run dir %s, which belongs to no VM", path)
         for name in engine.disks.names() - names - kept:
             engine.disks.remove(name)

@@ -101,13 +101,16 @@ def check_guest_port(port: int) -> None:
 
 
 def _unix_listener(path: Path) -> socket.socket:
-    """A listening Unix socket at `path`, mode 0600 (the VMM runs as root); a stale one from
-    an earlier VMM or daemon is replaced."""
+    """A listening Unix socket at `path`, mode 0600, owned as its directory is (the run dir's
+    root; a jailed VMM's chroot, its uid); a stale one from an earlier VMM or daemon is
+    replaced."""
     path.unlink(missing_ok=True)
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(path))
         os.chmod(path, 0o600)
+        directory = path.parent.stat()
+        os.chown(path, directory.st_uid, directory.st_gid)
         listener.listen(BACKLOG)
     except BaseException:
         listener.close()

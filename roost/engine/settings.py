@@ -41,6 +41,7 @@ DEFAULT_NETWORK = "default"
 DEFAULT_MAX_OPERATIONS = 16
 MAX_QUEUED_OPERATIONS = 256
 DEFAULT_MAX_BODY_BYTES = 1 << 20
+JAILED_EXEC_NAME = "firecracker"  # the jailer names each chroot's parent after its exec file
 
 
 @dataclass(frozen=True)
@@ -79,3 +80,17 @@ class Settings:
     # names and --server-name's
     server_names: tuple[str, ...] = ()
     ca: Path | None = None  # the CAs the daemon verifies the peers it calls against (--ca)
+    # Firecracker's jailer (--jailer) and the uid and gid it runs each Firecracker VM as
+    jailer: Path | None = None
+    jail_uid: int | None = None
+    jail_gid: int | None = None
+
+    def chroot(self, name: str) -> Path | None:
+        """Where the jailer chroots VM `name` (the jailer's `<base>/<exec name>/<id>/root`),
+        or None without a jailer."""
+        return None if self.jailer is None else jail_chroot(self.state_dir / "jail", name)
+
+
+def jail_chroot(base: Path, name: str) -> Path:
+    """The jailer's chroot for VM `name` under chroot base `base`."""
+    return base / JAILED_EXEC_NAME / name / "root"

@@ -47,9 +47,10 @@ def _kind(link: Any) -> str | None:
     return None if info is None else info.get_attr("IFLA_INFO_KIND")
 
 
-def _add_tap(name: str) -> None:
+def _add_tap(name: str, owner: tuple[int, int] | None) -> None:
     """A persistent tap `name` (vnet_hdr, no packet info), or the stale one of that name that
-    nothing holds open (EBUSY when something does)."""
+    nothing holds open (EBUSY when something does); `owner` (uid, gid) may open it unprivileged
+    (a jailed VMM)."""
     if tuntap.TUNSETIFF is None:
         raise HostError("pyroute2 knows no tun ioctls for this architecture")
     request = struct.pack("16sH", name.encode(), IFT_TAP | IFT_NO_PI | IFT_VNET_HDR)
@@ -57,6 +58,9 @@ def _add_tap(name: str) -> None:
     try:
         fcntl.ioctl(fd, tuntap.TUNSETIFF, request)
         fcntl.ioctl(fd, tuntap.TUNSETPERSIST, 1)
+        if owner is not None:
+            fcntl.ioctl(fd, tuntap.TUNSETOWNER, owner[0])
+            fcntl.ioctl(fd, tuntap.TUNSETGROUP, owner[1])
     finally:
         os.close(fd)
 
@@ -92,8 +96,9 @@ class Links:
     """The links roost manages in its namespace. Every method runs on the worker's thread,
     so the netlink socket is only ever used by one thread."""
 
-    def __init__(self, worker: NetnsWorker) -> None:
+    def __init__(self, worker: NetnsWorker, tap_owner: tuple[int, int] | None = None) -> None:
         self._worker = worker
+        self._tap_owner = tap_owner  # the (uid, gid) every tap is owned by: the jailer's
         self._ipr: IPRoute = worker.run(IPRoute)
 
     def close(self) -> None:
@@ -171,12 +176,12 @@ class Links:
         try:
             with self._worker.inside():
                 try:
-                    _add_tap(name)
+                    _add_tap(name, self._tap_owner)
                 except OSError as error:
                     if error.errno != errno.EBUSY:
                         raise
                     self.delete(name)  # a stale tap of ours, from a crash, still held open
-                    _add_tap(name)
+                    _add_tap(name, self._tap_owner)
                 _set_up_tap(name, mac, bridge)
         except (OSError, HostError) as error:
             self.delete(name)

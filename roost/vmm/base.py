@@ -63,33 +63,41 @@ class RunDir:
     `rm -r` and VMs never collide."""
 
     path: Path
+    # under the jailer, the VM's chroot (as the host sees it): its VMM's sockets, logs and
+    # console live there, the supervisor's files in `path`
+    chroot: Path | None = None
+
+    @property
+    def home(self) -> Path:
+        """Where the VMM's own files are: the chroot, if any, else the run dir."""
+        return self.chroot or self.path
 
     @property
     def api_socket(self) -> Path:
-        return self.path / "api.sock"
+        return self.home / "api.sock"
 
     @property
     def vsock_socket(self) -> Path:
-        return self.path / "vsock.sock"
+        return self.home / "vsock.sock"
 
     @property
     def console_log(self) -> Path:
-        return self.path / "console.log"
+        return self.home / "console.log"
 
     @property
     def vmm_log(self) -> Path:
-        return self.path / "vmm.log"
+        return self.home / "vmm.log"
 
     @property
     def metrics(self) -> Path:
-        return self.path / "metrics.json"
+        return self.home / "metrics.json"
 
     def check_length(self) -> None:
         if len(str(self.vsock_socket)) > MAX_SOCKET_PATH:
             raise InvalidError.at(
                 "run_dir",
                 f"{self.vsock_socket} is too long for a Unix socket path; start the daemon "
-                "with a shorter --run-dir",
+                f"with a shorter {'--run-dir' if self.chroot is None else '--state-dir'}",
             )
 
     def prepare(self) -> None:
@@ -99,12 +107,32 @@ class RunDir:
         for leftover in self.path.iterdir():
             if leftover.name != "console.log" and not leftover.is_dir():
                 leftover.unlink(missing_ok=True)
+        if self.chroot is not None:
+            self.chroot.mkdir(parents=True, exist_ok=True, mode=0o700)
+            self._empty_chroot()
+
+    def _empty_chroot(self) -> None:
+        """Everything in the chroot but the console log: the jailer refuses to start in a
+        chroot where its device nodes already are."""
+        assert self.chroot is not None
+        for leftover in self.chroot.iterdir() if self.chroot.is_dir() else ():
+            if leftover.is_dir() and not leftover.is_symlink():
+                shutil.rmtree(leftover, ignore_errors=True)
+            elif leftover.name != "console.log":
+                leftover.unlink(missing_ok=True)
 
     def remove_sockets(self) -> None:
+        """What the VMM leaves when it ends: its sockets (and under the jailer, all the chroot
+        holds but the console log)."""
         for socket in self.path.glob("*.sock*"):
             socket.unlink(missing_ok=True)
+        if self.chroot is not None:
+            self._empty_chroot()
 
     def remove(self) -> None:
+        """The chroot first: a run dir left by a crash in between is found, with its chroot."""
+        if self.chroot is not None:
+            shutil.rmtree(self.chroot.parent, ignore_errors=True)  # the jailer's `<id>` dir
         shutil.rmtree(self.path, ignore_errors=True)
 
 

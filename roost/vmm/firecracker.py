@@ -3,19 +3,23 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import logging
 import os
 import shutil
 import signal
 import socket
+import stat
 import threading
 import time
 import weakref
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
+from roost.engine.settings import JAILED_EXEC_NAME, jail_chroot
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
 from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
@@ -31,6 +35,103 @@ def find_firecracker(explicit: str | None) -> Path | None:
     """`--firecracker`, else `$ROOST_FIRECRACKER`, else `firecracker` on PATH."""
     candidate = explicit or os.environ.get("ROOST_FIRECRACKER") or shutil.which("firecracker")
     return Path(candidate) if candidate else None
+
+
+@dataclass(frozen=True)
+class Jail:
+    """Firecracker's jailer (`roost serve --jailer`), the uid and gid it runs VMs as, and the
+    chroots' base (`<state dir>/jail`)."""
+
+    jailer: Path
+    uid: int
+    gid: int
+    base: Path
+
+
+def firecracker_argv(name: str, run_dir: RunDir) -> list[str]:
+    """Firecracker's own flags for VM `name`, its paths as Firecracker sees them (inside the
+    chroot when jailed); the logger and metrics set up by flags: one API round trip fewer on
+    every boot. The jailer gives Firecracker its `--id` itself."""
+    named = ["--id", name] if run_dir.chroot is None else []
+    return [
+        "--api-sock",
+        str(inside(run_dir, run_dir.api_socket)),
+        *named,
+        "--log-path",
+        str(inside(run_dir, run_dir.vmm_log)),
+        "--level",
+        "Info",
+        "--show-level",
+        "--metrics-path",
+        str(inside(run_dir, run_dir.metrics)),
+    ]
+
+
+def jailer_argv(jail: Jail, firecracker: Path, name: str, run_dir: RunDir) -> list[str]:
+    """The jailer's command line for VM `name`: no `--daemonize` and no `--new-pid-ns`, so it
+    execs into Firecracker, which the supervisor then reaps; the chroot is
+    `<chroot base>/<exec file name>/<name>/root`, the run dir's `chroot`."""
+    assert run_dir.chroot is not None
+    return [
+        str(jail.jailer),
+        "--id",
+        name,
+        "--exec-file",
+        str(firecracker),
+        "--uid",
+        str(jail.uid),
+        "--gid",
+        str(jail.gid),
+        "--chroot-base-dir",
+        str(run_dir.chroot.parents[2]),
+        "--",
+        *firecracker_argv(name, run_dir),
+    ]
+
+
+def inside(run_dir: RunDir, path: Path) -> Path:
+    """`path` as the VMM sees it: from the chroot's root when jailed."""
+    if run_dir.chroot is None:
+        return path
+    return Path("/") / path.relative_to(run_dir.chroot)
+
+
+def jailed_spec(spec: LaunchSpec) -> LaunchSpec:
+    """`spec` with its paths as the jailed Firecracker sees them: the kernel, initrd and disk
+    at the chroot's root (see `_into_chroot`), the vsock socket inside it."""
+    chroot = spec.run_dir.chroot
+    assert chroot is not None
+    vsock = spec.vsock
+    if vsock is not None:
+        vsock = replace(vsock, uds_path=inside(spec.run_dir, vsock.uds_path))
+    return replace(
+        spec,
+        kernel=Path("/kernel"),
+        initrd=None if spec.initrd is None else Path("/initrd"),
+        rootfs=None if spec.rootfs is None else Path("/rootfs"),
+        vsock=vsock,
+    )
+
+
+def _into_chroot(source: Path, target: Path, jail: Jail, *, own: bool) -> None:
+    """Hard-link `source` to `target` in the chroot (a copy across filesystems, or when the
+    jailed uid could not read the shared inode); `own`: the VM's own file, given to the uid."""
+    target.unlink(missing_ok=True)
+    readable = own or source.stat().st_mode & stat.S_IROTH
+    try:
+        if not readable:
+            raise OSError(errno.EACCES, "not readable by the jailed uid")
+        os.link(source, target)
+    except OSError as error:
+        if own and error.errno == errno.EXDEV:
+            raise VMMFailedError(
+                f"cannot hard-link the VM's disk {source} into its chroot {target.parent}: "
+                "the state dir's jail/ and disks/ must be on one filesystem"
+            ) from None
+        shutil.copyfile(source, target)
+        own = True
+    if own:
+        os.chown(target, jail.uid, jail.gid)
 
 
 def configure_requests(spec: LaunchSpec) -> list[Request]:
@@ -204,7 +305,7 @@ def _wait_for_socket(process: VMMProcess, path: Path) -> None:
         if process.exited():
             raise VMMFailedError(
                 f"Firecracker exited before opening its API socket "
-                f"(exit code {process.exit_code()}); see {process.run_dir / 'console.log'}"
+                f"(exit code {process.exit_code()}); see {path.parent / 'console.log'}"
             )
         if time.monotonic() > deadline:
             raise VMMFailedError(f"Firecracker did not open {path} within {SOCKET_TIMEOUT}s")
@@ -242,8 +343,9 @@ class _Early:
 class FirecrackerDriver:
     kind = "firecracker"
 
-    def __init__(self, binary: Path | None) -> None:
+    def __init__(self, binary: Path | None, jail: Jail | None = None) -> None:
         self.binary = binary
+        self.jail = jail  # run every VM under the jailer, in its run dir's chroot
         # one API client per VMM, from its first call on; closed when the driver stops the VMM,
         # or when the engine lets go of the process (it ended on its own, or never booted)
         self._apis: weakref.WeakKeyDictionary[VMMProcess, FirecrackerAPI] = (
@@ -260,6 +362,13 @@ class FirecrackerDriver:
             raise VMMUnavailableError(
                 f"Firecracker binary {self.binary} does not exist or is not executable"
             )
+        if self.jail is not None and not os.access(self.jail.jailer, os.X_OK):
+            raise VMMUnavailableError(f"jailer {self.jail.jailer} is not an executable")
+        if self.jail is not None and self.binary.name != JAILED_EXEC_NAME:
+            raise VMMUnavailableError(
+                f"under the jailer, the Firecracker binary must be named {JAILED_EXEC_NAME!r} "
+                f"(the jailer names each chroot after it), not {self.binary.name!r}"
+            )
 
     def api_socket(self, run_dir: RunDir) -> Path:
         return run_dir.api_socket
@@ -273,9 +382,15 @@ class FirecrackerDriver:
     def _api(self, process: VMMProcess) -> FirecrackerAPI:
         api = self._apis.get(process)
         if api is None:
-            api = self._apis[process] = FirecrackerAPI(process.run_dir / "api.sock")
+            api = self._apis[process] = FirecrackerAPI(self._home(process.run_dir) / "api.sock")
             weakref.finalize(process, api.close)
         return api
+
+    def _home(self, run_dir: Path) -> Path:
+        """Where the VMM of `run_dir` has its API socket: its chroot when jailed."""
+        if self.jail is None:
+            return run_dir
+        return jail_chroot(self.jail.base, run_dir.name)
 
     def _close_api(self, process: VMMProcess) -> None:
         api = self._apis.pop(process, None)
@@ -287,23 +402,14 @@ class FirecrackerDriver:
         allocates and builds the tap, none of which it needs before the VM's configuration."""
         self.check_available()
         assert self.binary is not None
-        run_dir.vmm_log.touch()  # Firecracker opens, but never creates, its log and metrics
-        run_dir.metrics.touch()
-        # the logger set up by flags, as the metrics: one API round trip fewer on every boot
-        argv = [
-            str(self.binary),
-            "--api-sock",
-            str(run_dir.api_socket),
-            "--id",
-            name,
-            "--log-path",
-            str(run_dir.vmm_log),
-            "--level",
-            "Info",
-            "--show-level",
-            "--metrics-path",
-            str(run_dir.metrics),
-        ]
+        for made in (run_dir.vmm_log, run_dir.metrics):  # Firecracker opens, never creates them
+            made.touch()
+            if self.jail is not None:
+                os.chown(made, self.jail.uid, self.jail.gid)
+        if self.jail is None:
+            argv = [str(self.binary), *firecracker_argv(name, run_dir)]
+        else:
+            argv = jailer_argv(self.jail, self.binary, name, run_dir)
         starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.console_log)
         return _Early(starting, run_dir.api_socket)
 
@@ -321,13 +427,19 @@ class FirecrackerDriver:
         if early is None:
             early = self.start_early(spec.name, spec.run_dir, worker)
         process = early.result()
+        seen = spec
         try:
             api = self._api(process)
-            for request in configure_requests(spec):
+            if self.jail is not None:
+                seen = jailed_spec(spec)
+                self._link(spec, seen, "kernel", own=False)
+                self._link(spec, seen, "initrd", own=False)
+            for request in configure_requests(seen):
                 api.call(*request)
             if host_ready is not None:
                 host_ready()
-            for request in attach_requests(spec):
+            self._link(spec, seen, "rootfs", own=True)
+            for request in attach_requests(seen):
                 api.call(*request)
             meanwhile = (lambda: while_booting(process)) if while_booting is not None else None
             api.call(*START, meanwhile=meanwhile)
@@ -336,6 +448,12 @@ class FirecrackerDriver:
             process.kill()
             raise
         return process
+
+    def _link(self, spec: LaunchSpec, seen: LaunchSpec, field: str, *, own: bool) -> None:
+        """Put `spec`'s file `field` where the jailed VMM sees it (nothing when not jailed)."""
+        source, target = getattr(spec, field), getattr(seen, field)
+        if self.jail is not None and source is not None and spec.run_dir.chroot is not None:
+            _into_chroot(source, spec.run_dir.chroot / target.name, self.jail, own=own)
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
         """Ctrl-Alt-Del, wait `timeout`; SIGTERM, wait; SIGKILL. Always reaped."""

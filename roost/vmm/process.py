@@ -49,15 +49,31 @@ def recorded_pid(run_dir: Path, files: ProcessFiles = VMM_FILES) -> int | None:
         return None
 
 
-def is_vmm_of(pid: int, run_dir: Path) -> bool:
+def is_vmm_of(pid: int, run_dir: Path, chroot: Path | None = None) -> bool:
     """Whether process `pid` was started for `run_dir` (a VMM or its device process: it names
-    the run dir on its command line): a guard against PID reuse before a PID is adopted or
-    signalled."""
+    the run dir on its command line; a jailed Firecracker instead has its VM's `--id` and
+    `chroot` for root): a guard against PID reuse before a PID is adopted or signalled."""
     try:
         cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except OSError:
         return False
-    return f"{run_dir}/".encode() in cmdline
+    if f"{run_dir}/".encode() in cmdline:
+        return True
+    return (
+        chroot is not None
+        and f"\0--id\0{chroot.parent.name}\0".encode() in cmdline
+        and _same_file(Path(f"/proc/{pid}/root"), chroot)
+    )
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    """Whether both name the same inode (a jailed process's root reads `/` in its own mount
+    namespace, but is its chroot's directory)."""
+    try:
+        first, second = a.stat(), b.stat()
+    except OSError:
+        return False
+    return (first.st_dev, first.st_ino) == (second.st_dev, second.st_ino)
 
 
 def _pid_alive(pid: int) -> bool:

@@ -1,0 +1,141 @@
+"""Firecracker under its jailer, as pure functions: the jailer's command line, the paths the
+jailed Firecracker sees, the run dir's files in the chroot, and how a jailed VMM is known."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from roost.engine.settings import Settings, jail_chroot
+from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock, VsockBackend
+from roost.vmm.firecracker import (
+    Jail,
+    boot_requests,
+    firecracker_argv,
+    jailed_spec,
+    jailer_argv,
+)
+from roost.vmm.process import is_vmm_of
+
+JAIL = Jail(Path("/opt/jailer"), 65534, 65534, Path("/var/lib/roost/jail"))
+CHROOT = Path("/var/lib/roost/jail/firecracker/web/root")
+JAILED = RunDir(Path("/run/roost/vms/web"), CHROOT)
+
+
+def spec(run_dir: RunDir) -> LaunchSpec:
+    return LaunchSpec(
+        name="web",
+        run_dir=run_dir,
+        kernel=Path("/var/lib/roost/artifacts/ab/vmlinux"),
+        initrd=Path("/var/lib/roost/artifacts/cd/initrd"),
+        rootfs=Path("/var/lib/roost/disks/web.img"),
+        boot_args="console=ttyS0",
+        vcpus=1,
+        memory_mib=128,
+        nic=NIC("rtap1", "02:00:00:00:00:01"),
+        vsock=Vsock(3, run_dir.vsock_socket, VsockBackend.FIRECRACKER),
+    )
+
+
+def test_the_chroot_is_the_jailers_own_layout_under_the_state_dir() -> None:
+    assert Settings(state_dir=Path("/s")).chroot("web") is None
+    jailed = Settings(state_dir=Path("/s"), jailer=Path("/j"), jail_uid=1, jail_gid=2)
+    assert jailed.chroot("web") == Path("/s/jail/firecracker/web/root")
+    assert jail_chroot(Path("/s/jail"), "web") == jailed.chroot("web")
+
+
+def test_a_jailed_run_dir_keeps_the_vmms_files_in_the_chroot() -> None:
+    assert JAILED.api_socket == CHROOT / "api.sock"
+    assert JAILED.vsock_socket == CHROOT / "vsock.sock"
+    assert JAILED.console_log == CHROOT / "console.log"
+    assert RunDir(Path("/run/roost/vms/web")).api_socket == Path("/run/roost/vms/web/api.sock")
+
+
+def test_the_jailer_execs_firecracker_with_its_paths_inside_the_chroot() -> None:
+    argv = jailer_argv(JAIL, Path("/opt/firecracker"), "web", JAILED)
+    assert argv == [
+        "/opt/jailer",
+        "--id",
+        "web",
+        "--exec-file",
+        "/opt/firecracker",
+        "--uid",
+        "65534",
+        "--gid",
+        "65534",
+        "--chroot-base-dir",
+        "/var/lib/roost/jail",
+        "--",
+        "--api-sock",
+        "/api.sock",
+        "--log-path",
+        "/vmm.log",
+        "--level",
+        "Info",
+        "--show-level",
+        "--metrics-path",
+        "/metrics.json",
+    ]
+    assert "--daemonize" not in argv and "--new-pid-ns" not in argv
+
+
+def test_unjailed_firecracker_keeps_its_id_and_host_paths() -> None:
+    argv = firecracker_argv("web", RunDir(Path("/run/roost/vms/web")))
+    assert argv[:4] == ["--api-sock", "/run/roost/vms/web/api.sock", "--id", "web"]
+
+
+def test_the_jailed_vmm_is_told_the_paths_it_sees() -> None:
+    seen = jailed_spec(spec(JAILED))
+    requests = {path: body for _, path, body in boot_requests(seen)}
+    assert requests["/boot-source"]["kernel_image_path"] == "/kernel"
+    assert requests["/boot-source"]["initrd_path"] == "/initrd"
+    assert requests["/drives/rootfs"]["path_on_host"] == "/rootfs"
+    assert requests["/vsock"]["uds_path"] == "/vsock.sock"
+    assert requests["/network-interfaces/eth0"]["host_dev_name"] == "rtap1"
+    bare = jailed_spec(replace(spec(JAILED), initrd=None, rootfs=None))
+    assert (bare.initrd, bare.rootfs) == (None, None)
+
+
+@pytest.mark.root
+def test_a_jailed_vmm_is_known_by_its_id_and_its_root(tmp_path: Path) -> None:
+    """A stand-in for the jailed Firecracker: chrooted, `--id web` on its command line (and
+    not its run dir)."""
+    chroot, other = jail_chroot(tmp_path, "web"), jail_chroot(tmp_path, "other")
+    chroot.mkdir(parents=True)
+    other.mkdir(parents=True)
+    code = "import os, sys, time; os.chroot(sys.argv[1]); print(flush=True); time.sleep(60)"
+    argv = [sys.executable, "-c", code, str(chroot), "--id", "web"]
+    with subprocess.Popen(argv, stdout=subprocess.PIPE) as jailed:
+        try:
+            assert jailed.stdout is not None and jailed.stdout.readline() == b"\n"
+            assert is_vmm_of(jailed.pid, tmp_path / "run", chroot)
+            assert not is_vmm_of(jailed.pid, tmp_path / "run")  # not jailed: by run dir only
+            assert not is_vmm_of(jailed.pid, tmp_path / "run", other)  # another VM's chroot
+            assert not is_vmm_of(os.getpid(), tmp_path / "run", chroot)  # not chrooted there
+        finally:
+            jailed.kill()
+
+
+def test_preparing_a_jailed_run_dir_empties_the_chroot_but_for_the_console(
+    tmp_short: Path,
+) -> None:
+    run_dir = RunDir(tmp_short / "run" / "web", jail_chroot(tmp_short / "jail", "web"))
+    run_dir.prepare()
+    assert run_dir.chroot is not None
+    (run_dir.chroot / "dev" / "net").mkdir(parents=True)
+    (run_dir.chroot / "dev" / "net" / "tun").touch()
+    (run_dir.chroot / "api.sock").touch()
+    run_dir.console_log.write_text("boot\n")
+    run_dir.prepare()
+    assert [p.name for p in run_dir.chroot.iterdir()] == ["console.log"]
+    (run_dir.chroot / "firecracker").touch()
+    run_dir.remove_sockets()
+    assert [p.name for p in run_dir.chroot.iterdir()] == ["console.log"]
+    run_dir.remove()
+    assert not run_dir.path.exists() and not run_dir.chroot.parent.exists()
+    assert (tmp_short / "jail" / "firecracker").is_dir()
