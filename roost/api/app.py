@@ -32,8 +32,10 @@ from starlette.requests import ClientDisconnect
 
 from roost import __version__
 from roost.api.endpoints import Endpoint
+from roost.api.events import add_event_routes
 from roost.api.forwards import ServicePolicy, add_forward_routes
 from roost.api.guard import Guard
+from roost.api.metrics import add_metrics
 from roost.api.operations import OperationGate
 from roost.api.replies import error_response, on_unix_socket
 from roost.api.vsock import register_vsock_routes
@@ -305,6 +307,8 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
 
     add_forward_routes(app, engine, read)
     register_vsock_routes(app, engine, read)
+    add_event_routes(app, engine.events)
+    add_metrics(app, engine, read)
     return app
 
 

@@ -43,11 +43,11 @@ class Guard:
     """Refuses before any route runs: on a TCP listener, a request whose `Host` does not name
     the listener (421 `misdirected`: a web page's request through DNS rebinding names its own
     host; `names`, the TLS certificate's and --server-name's, stand for every TCP listener) or
-    without the bearer token (401 `unauthorized`; `/healthz` is open); on every listener, a
-    body that is not `application/json` (415 `unsupported_media_type`: browsers post forms
-    and text/plain anywhere) or larger than `max_body_bytes` (413 `too_large`, by its
-    Content-Length or counted as it arrives). A refused WebSocket gets the same error
-    object and status, as the upgrade's denial response."""
+    without the bearer token (401 `unauthorized`; `/healthz` and `/metrics` are open); on
+    every listener, a body that is not `application/json` (415 `unsupported_media_type`:
+    browsers post forms and text/plain anywhere) or larger than `max_body_bytes` (413
+    `too_large`, by its Content-Length or counted as it arrives). A refused WebSocket gets the
+    same error object and status, as the upgrade's denial response."""
 
     def __init__(
         self,

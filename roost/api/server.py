@@ -20,6 +20,7 @@ from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.engine.core import Engine
 from roost.engine.daemon import Daemon
+from roost.engine.events import EventBus
 from roost.engine.settings import Settings
 from roost.errors import ConflictError, InvalidError, RoostError
 
@@ -84,8 +85,25 @@ def _raise_shutdown(_signum: int, _frame: object) -> None:
     raise _Shutdown
 
 
+class _Server(uvicorn.Server):
+    """A uvicorn server that ends the event streams as it begins to stop: its graceful
+    shutdown waits for every response to end, and an event stream never ends on its own."""
+
+    def __init__(self, config: uvicorn.Config, events: EventBus) -> None:
+        super().__init__(config)
+        self.events = events
+
+    async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
+        self.events.close()
+        await super().shutdown(sockets)
+
+
 def _servers(
-    app: ASGIApp, endpoints: list[Endpoint], listeners: list[socket.socket], settings: Settings
+    app: ASGIApp,
+    endpoints: list[Endpoint],
+    listeners: list[socket.socket],
+    settings: Settings,
+    events: EventBus,
 ) -> list[tuple[uvicorn.Server, list[socket.socket]]]:
     """The uvicorn servers for `listeners`, each with the listeners it serves: one for all, or
     with --tls-cert one for the TCP listeners (uvicorn's TLS is per server) and one for the
@@ -107,7 +125,7 @@ def _servers(
             ssl_certfile=settings.tls_cert if https else None,
             ssl_keyfile=settings.tls_key if https else None,
         )
-        servers.append((uvicorn.Server(config), group))
+        servers.append((_Server(config, events), group))
     return servers
 
 
@@ -159,7 +177,8 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
         daemon.relays.api_sockets = frozenset(map(str, bound))
         daemon.relays.start()
         daemon.relays.restore()
-        servers = _servers(create_app(daemon.engine, endpoints), endpoints, listeners, settings)
+        app = create_app(daemon.engine, endpoints)
+        servers = _servers(app, endpoints, listeners, settings, daemon.engine.events)
         daemon.recovery.start()
         # what start-up made lives as long as the daemon: keep it out of every later garbage
         # collection, which then scans only what requests allocate

@@ -139,10 +139,13 @@ class Client:
             raise error_from_json(status, last)
         return last
 
-    def text_stream(self, path: str, **params: Any) -> Iterator[bytes]:
+    def text_stream(
+        self, path: str, *, headers: dict[str, str] | None = None, **params: Any
+    ) -> Iterator[bytes]:
         """The raw body of a GET, chunk by chunk, as the daemon sends it."""
         query = {key: value for key, value in params.items() if value is not None}
-        with self._answer(lambda: self._http.stream("GET", path, params=query)) as response:
+        opening = partial(self._http.stream, "GET", path, params=query, headers=headers)
+        with self._answer(opening) as response:
             if response.status_code >= 400:
                 response.read()
                 self._result(response)

@@ -1,13 +1,14 @@
 """The engine: VM lifecycle as plan → act, with every host step recorded and undone on failure.
 
 Its collaborators are passed in (see `roost.engine.daemon.Daemon`, which builds the real
-ones): the VM records, the plugins, the host network, the VMM drivers, the lease observer and
-the disks, so each failure path can be exercised with a failing fake.
+ones): the VM records, the plugins, the host network, the VMM drivers, the lease observer,
+the disks and the event bus, so each failure path can be exercised with a failing fake.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
@@ -17,8 +18,10 @@ from typing import Any, Protocol, TypeVar
 
 from roost.engine.allocation import Allocator, Booting
 from roost.engine.disks import Disks
+from roost.engine.events import EventBus, follow_networks
 from roost.engine.exclusive import VMLocks
 from roost.engine.hostnet import HostNetwork
+from roost.engine.metrics import EngineMetrics, timed
 from roost.engine.plugins import Plugins
 from roost.engine.settings import Settings
 from roost.engine.steps import Steps
@@ -56,6 +59,7 @@ log = logging.getLogger("roost.engine")
 T = TypeVar("T")
 # how long a vsock device's end may precede its VMM's for both to be the VMM's own end
 DEVICE_VMM_GRACE = 1.0
+EXITS = (VMStatus.STOPPED, VMStatus.CRASHED)  # the statuses a VMM's end leaves its VM in
 
 
 class Observer(Protocol):
@@ -126,6 +130,7 @@ class Engine:
         disks: Disks,
         worker: NetnsWorker,
         listeners: VsockListeners | None = None,
+        events: EventBus | None = None,
     ) -> None:
         self.settings = settings
         self.db = db
@@ -138,6 +143,9 @@ class Engine:
         self.disks = disks
         self.worker = worker
         self.listeners: VsockListeners = listeners or NoListeners()
+        self.events = events or EventBus()
+        follow_networks(db, self.events)
+        self.metrics = EngineMetrics(db, self.drivers)
         self.allocator = Allocator(
             settings,
             db=db,
@@ -216,6 +224,7 @@ class Engine:
 
     # ---- lifecycle ------------------------------------------------------------------------
 
+    @timed("create")
     def create_vm(self, name: str, config: VMConfig, *, start: bool = True) -> dict[str, Any]:
         """Record a VM and allocate all its plan needs, then start it unless `start` is false.
         Any failure leaves nothing: no record, lease, tap, run dir or process. A create that
@@ -230,22 +239,34 @@ class Engine:
                     lambda session: allocator.record_new(session, name, config, vmm, None, None)
                 )
                 log.info("create %s: recorded the VM and its allocations", name)
+                self.events.publish("vm.created", vm=name, plugin=config.plugin)
                 return self.show_vm(name)
             allocator.check_run_dir_free(name)
             self.records.begin_create(name)
             steps = Steps("create", name)
             steps.done("recorded", "recorded the create as in progress")
+            booting = None
             try:
                 early = self._start_early(steps, name, vmm, new=True)
                 booting = allocator.transact(
                     lambda session: allocator.record_new(session, name, config, vmm, early, steps),
                     steps,
                 )
+                self.events.publish("vm.created", vm=name, plugin=config.plugin)
+                self.events.publish(
+                    "vm.status",
+                    vm=name,
+                    status=VMStatus.STARTING,
+                    status_reason=None,
+                    exit_code=None,
+                )
                 steps.done("allocated", "committed its record and allocations")
                 view = self._boot(booting, steps)
             except BaseException:
                 steps.rollback()
                 self._undo_create(name)
+                if booting is not None:  # its readers were told it exists
+                    self.events.publish("vm.deleted", vm=name)
                 raise
             self.records.end_create(name)
             return view
@@ -333,6 +354,7 @@ class Engine:
             self.host.remove_bridges(patched.emptied)
             if patched.created:
                 log.info("patch %s: stored config version %d", name, patched.version.version)
+                self.events.publish("vm.config", vm=name, version=patched.version.version)
             if restart and vmm_runs and patched.restart_required:
                 self._stop(name, None, False, "restart")
                 self._start(name, "restart")
@@ -344,6 +366,7 @@ class Engine:
             self.allocator.check_run_dir_free(name)
             self._stop(name, None, False, "remove")
             self._forget(name, Steps("remove", name).done)
+            self.events.publish("vm.deleted", vm=name)
 
     # ---- lifecycle internals --------------------------------------------------------------
 
@@ -368,13 +391,15 @@ class Engine:
                 log.error("VM %s: could not record its failed start: %s", name, unrecorded)
             raise
 
+    @timed("start")
     def _plan_and_launch(self, name: str, operation: str, latest: ConfigVersion) -> dict[str, Any]:
         allocator = self.allocator
         vmm = allocator.prepare_start(name, latest)
         steps = Steps(operation, name)
         # recorded before any VMM is started for it: a daemon that dies from here on finds a
         # VM it was starting (and ends its VMM), not a VMM its database does not account for
-        self.records.write(name, None, status=VMStatus.STARTING, status_reason=None)
+        starting = self.records.write(name, None, status=VMStatus.STARTING, status_reason=None)
+        self.events.vm_status(starting)
         steps.done("starting", "recorded the VM starting")
         try:
             early = self._start_early(steps, name, vmm, new=False)
@@ -417,6 +442,7 @@ class Engine:
                     restart_required=False,
                 )
             )
+            self.events.vm_status(recorded[-1])
 
         self._listen(name, booting.spec, booting.services, steps)
         disk_source = self.allocator.artifact_path(booting.artifacts, "rootfs")
@@ -484,13 +510,14 @@ class Engine:
 
         def record() -> None:  # while the VMM pauses or resumes the guest
             written.append(self.records.write(name, live.shown, status=after))
+            self.events.vm_status(written[-1])
 
         change = live.driver.pause if pause else live.driver.resume
         try:
             change(live.process, record)
         except BaseException:
             if written:  # recorded, then the VMM refused: the record goes back
-                self.records.write(name, live.shown, status=before)
+                self.events.vm_status(self.records.write(name, live.shown, status=before))
             raise
         live.paused = pause
         operation, step = ("pause", "paused") if pause else ("resume", "resumed")
@@ -504,6 +531,7 @@ class Engine:
         if live is None:
             self.records.status(name)  # a VM that does not exist is an error, a stopped one not
             return
+        began = time.monotonic()
         steps = Steps(operation, name)
         self._set(name, status=VMStatus.STOPPING)
         steps.done("stopping", "recorded the VM stopping")
@@ -522,6 +550,7 @@ class Engine:
         steps.done("released", "released its tap, rules and sockets")
         self._set(name, status=VMStatus.STOPPED, exit_code=code, **self._ended(name))
         steps.done("stopped", "recorded the VM stopped")
+        self.metrics.observe("stop", time.monotonic() - began)
 
     def release_host(self, name: str, tap: str | None = None) -> None:
         """Remove what only exists while the VMM runs: its tap, its rules and its sockets."""
@@ -633,9 +662,16 @@ class Engine:
         }
 
     def _set(self, name: str, **values: Any) -> dict[str, Any]:
-        """Update the VM's record and return its view."""
+        """Update the VM's record and return its view; its status goes out as an event, and a
+        VMM's end is counted under the VMM that ran (read before the write, which may record
+        the VMM of a newer config version)."""
         live = self.live.get(name)
-        return self._view(self.records.write(name, live.shown if live else None, **values))
+        ran = self.records.vmm_kind(name) if values.get("status") in EXITS else None
+        row = self.records.write(name, live.shown if live else None, **values)
+        self.events.vm_status(row)
+        if ran is not None:
+            self.metrics.vmm_exited(ran, row["status"])
+        return self._view(row)
 
     # ---- used by recovery -----------------------------------------------------------------
 

@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from roost.engine.core import Engine
 from roost.engine.disks import Disks
+from roost.engine.events import EventBus
 from roost.engine.hostnet import HostNetwork
 from roost.engine.plugins import Plugins
 from roost.engine.recovery import Recovery
@@ -184,17 +185,19 @@ class Daemon:
 
         relays = VsockRelays(db, vsock_target)
         self._closers.append(relays.close)
+        events = EventBus()  # one for the daemon's life: its history is what readers resume
         engine = Engine(
             settings,
             db=db,
             store=store,
-            plugins=Plugins(db, store, settings.artifact_dirs),
+            plugins=Plugins(db, store, settings.artifact_dirs, events),
             host=HostNetwork(links, Firewall(worker), leased, nat),
             drivers=drivers,
             observer=LeaseObserver(worker, observed, lease_file=settings.dhcp_leases),
             disks=Disks(settings.state_dir / "disks"),
             worker=worker,
             listeners=relays,
+            events=events,
         )
         self._closers.append(engine.close)
         _ensure_default_network(db, engine.allocator.default)

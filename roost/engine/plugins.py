@@ -9,6 +9,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.orm import Session, selectinload
 
+from roost.engine.events import EventBus
 from roost.engine.views import plugin_view
 from roost.errors import ConflictError, InvalidError, NotFoundError
 from roost.spec import Manifest
@@ -21,14 +22,20 @@ InstallProgress = Callable[[dict[str, Any]], None]
 
 class Plugins:
     """Installs and removes plugins. `artifact_dirs` are the only directories clients that may
-    not read the whole filesystem (`any_path=False`: TCP clients) take local artifacts from."""
+    not read the whole filesystem (`any_path=False`: TCP clients) take local artifacts from.
+    Each install and removal is told on `events` once it has committed."""
 
     def __init__(
-        self, db: Database, store: ArtifactStore, artifact_dirs: tuple[Path, ...] = ()
+        self,
+        db: Database,
+        store: ArtifactStore,
+        artifact_dirs: tuple[Path, ...] = (),
+        events: EventBus | None = None,
     ) -> None:
         self.db = db
         self.store = store
         self.artifact_dirs = artifact_dirs
+        self.events = events or EventBus()
 
     def install(
         self,
@@ -54,6 +61,7 @@ class Plugins:
                 self.db.transact(lambda session: self._record(session, manifest, stored, force))
         finally:
             self.collect_garbage()  # what this install replaced, or stored before it failed
+        self.events.publish("plugin.installed", plugin=manifest.name, version=manifest.version)
         return self.show(manifest.name)
 
     def _fetch_all(
@@ -125,6 +133,7 @@ class Plugins:
             session.delete(plugin)
 
         self.db.transact(work)
+        self.events.publish("plugin.removed", plugin=name)
         self.collect_garbage()
 
     def collect_garbage(self) -> None:

@@ -156,6 +156,11 @@ class Database:
         with _reporting_full_disk(), self._writer() as session, session.begin():
             yield session
 
+    def on_write_sessions(self, name: str, listener: Callable[..., object]) -> None:
+        """Call `listener` on SQLAlchemy session event `name` (`after_commit`, ...) of every
+        write session: how others learn what a transaction did once it has committed."""
+        event.listen(self._writer, name, listener)
+
     def transact(self, work: Callable[[Session], T], attempts: int = 8) -> T:
         """Run `work` in a write transaction, again from scratch when a concurrent writer took
         the same unique value (a random MAC, the lowest free CID) or the lock timed out."""

@@ -81,6 +81,7 @@ _VM_ROW = VM_ROWS.where(VM.name == bindparam("name"))
 _VM_ID = select(VM.id).where(VM.name == bindparam("name"))
 _STATUS = select(VM.status).where(VM.name == bindparam("name"))
 _TAP = select(VM.tap).where(VM.name == bindparam("name"))
+_VMM_KIND = select(VM.vmm_kind).where(VM.name == bindparam("name"))
 _ADD_VM = insert(VM)
 _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
@@ -210,6 +211,11 @@ class VMRecords:
         with self.db.read() as session:
             tap: str | None = session.connection().execute(_TAP, {"name": name}).scalar()
             return tap
+
+    def vmm_kind(self, name: str) -> str | None:
+        with self.db.read() as session:
+            kind: str | None = session.connection().execute(_VMM_KIND, {"name": name}).scalar()
+            return kind
 
     def names(self) -> set[str]:
         with self.db.read() as session:

@@ -14,9 +14,11 @@ from typing import Any, TypeVar
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
+from roost.engine.events import EventBus
 from roost.engine.settings import Settings
 from roost.errors import NotFoundError, RoostError
 from tests.asgi import json_post_scope
@@ -65,6 +67,8 @@ class FakeEngine:
         self.status = "ok"
         self.console_log = console or Path("/nonexistent/console.log")
         self.release = threading.Event()
+        self.events = EventBus()
+        self.metrics = CollectorRegistry()  # a collector of no metrics
         self.created: list[tuple[str, bool]] = []
         self.waiting = 0
         self.most_waiting = 0

@@ -20,12 +20,14 @@ from typing import Any, Literal, TypeVar
 import httpx
 import pytest
 import uvicorn
+from prometheus_client import CollectorRegistry
 from websockets.asyncio.client import ClientConnection, connect, unix_connect
 from websockets.exceptions import ConnectionClosedError, ConnectionClosedOK, InvalidStatus
 
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.api.server import bind
+from roost.engine.events import EventBus
 from roost.engine.settings import Settings
 from roost.errors import ConflictError, NotFoundError, RoostError
 from roost.vmm.base import HybridVsock, VsockTarget
@@ -43,6 +45,8 @@ class FakeVsockEngine:
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
+        self.events = EventBus()
+        self.metrics = CollectorRegistry()  # a collector of no metrics
         self.targets: dict[str, VsockTarget | RoostError] = {}
         self.lookup_threads: set[str] = set()
 
