@@ -176,7 +176,7 @@ class Daemon:
                 vsock=cast(VsockChoice, settings.qemu_vsock),
             ),
             "cloud-hypervisor": CloudHypervisorDriver(
-                find_cloud_hypervisor(settings.cloud_hypervisor)
+                find_cloud_hypervisor(settings.cloud_hypervisor), settings.chroot
             ),
         }
 

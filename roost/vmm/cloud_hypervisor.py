@@ -169,8 +169,11 @@ def _check_tap(tap: str, worker: NetnsWorker) -> None:
 class CloudHypervisorDriver:
     kind = "cloud-hypervisor"
 
-    def __init__(self, binary: Path | None) -> None:
+    def __init__(
+        self, binary: Path | None, chroot: Callable[[str], Path | None] = lambda name: None
+    ) -> None:
         self.binary = binary
+        self._chroot = chroot  # where a VM's files are under `serve --jailer` (not jailed)
         # one API client per VMM, closed when the driver stops it or the engine lets it go
         self._apis: weakref.WeakKeyDictionary[VMMProcess, CloudHypervisorAPI] = (
             weakref.WeakKeyDictionary()
@@ -200,9 +203,12 @@ class CloudHypervisorDriver:
     def _api(self, process: VMMProcess) -> CloudHypervisorAPI:
         api = self._apis.get(process)
         if api is None:
-            api = self._apis[process] = CloudHypervisorAPI(process.run_dir / "api.sock")
+            api = self._apis[process] = CloudHypervisorAPI(self._run_dir(process).api_socket)
             weakref.finalize(process, api.close)
         return api
+
+    def _run_dir(self, process: VMMProcess) -> RunDir:
+        return RunDir(process.run_dir, self._chroot(process.run_dir.name))
 
     def _close_api(self, process: VMMProcess) -> None:
         api = self._apis.pop(process, None)
@@ -213,7 +219,7 @@ class CloudHypervisorDriver:
         """Until Cloud Hypervisor answers `vmm.ping` (its socket file appears a moment before
         it listens, so the file alone proves nothing)."""
         api = self._api(process)
-        vmm_log = RunDir(process.run_dir).vmm_log
+        vmm_log = self._run_dir(process).vmm_log
         deadline = time.monotonic() + SERVE_TIMEOUT
         pause = 0.0005
         while True:

@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.fake_cloud_hypervisor import install
 from tests.harness import FIRECRACKER, Daemon, leftover_pids, links, process_alive, write_plugin
+from tests.integration.test_cloud_hypervisor import stand_in_plugin
 
 pytestmark = [pytest.mark.root, pytest.mark.firecracker, pytest.mark.kvm]
 JAILER = FIRECRACKER.parent / "jailer"
@@ -102,3 +104,30 @@ def jailed_tap_owner(netns: str, tap: str) -> tuple[str, str]:
     read = f"cat /sys/class/net/{tap}/owner /sys/class/net/{tap}/group"
     output = os.popen(f"ip netns exec {netns} sh -c {read!r}").read().split()
     return output[0], output[1]
+
+
+@pytest.mark.parametrize("vmm", ["qemu", "cloud-hypervisor"])
+def test_vms_of_other_vmms_run_unjailed_beside_jailed_ones(
+    netns: str, tmp_path: Path, tmp_short: Path, vmm: str
+) -> None:
+    """Only Firecracker is jailed; a QEMU VM (and one under the fake Cloud Hypervisor) keeps
+    its console and sockets in its chroot dir all the same, and goes with it."""
+    if not JAILER.exists():
+        pytest.skip(f"needs the jailer ({JAILER}); run make setup")
+    extra = ["--cloud-hypervisor", str(install(tmp_short))] if vmm == "cloud-hypervisor" else []
+    daemon = Daemon(netns, "--jailer", str(JAILER), "--uid", "1", "--gid", "1", *extra)
+    daemon.start("--accel", "tcg")
+    try:
+        plugin = stand_in_plugin(tmp_path, "p") if extra else write_plugin(tmp_path, "p")
+        daemon.ok("plugin", "install", plugin)
+        vm = daemon.ok("vm", "create", "o1", "--plugin", "p", "--vmm", vmm)
+        chroot = daemon.state_dir / "jail" / "firecracker" / "o1" / "root"
+        assert vm["console_log"] == str(chroot / "console.log")
+        assert ids(vm["vmm"]["pid"], "Uid")[0] == 0
+        assert daemon.ok("vm", "pause", "o1")["status"] == "paused"
+        assert daemon.ok("vm", "stop", "o1")["status"] == "stopped"
+        daemon.ok("vm", "rm", "o1")
+        assert not chroot.parent.exists()
+        assert leftover_pids(netns) == []
+    finally:
+        daemon.close()
