@@ -99,8 +99,7 @@ def inside(run_dir: RunDir, path: Path) -> Path:
 def jailed_spec(spec: LaunchSpec) -> LaunchSpec:
     """`spec` with its paths as the jailed Firecracker sees them: the kernel, initrd and disk
     at the chroot's root (see `_into_chroot`), the vsock socket inside it."""
-    chroot = spec.run_dir.chroot
-    assert chroot is not None
+    assert spec.run_dir.chroot is not None
     vsock = spec.vsock
     if vsock is not None:
         vsock = replace(vsock, uds_path=inside(spec.run_dir, vsock.uds_path))

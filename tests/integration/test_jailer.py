@@ -50,7 +50,10 @@ def test_a_jailed_vm_runs_chrooted_as_its_uid_is_reachable_and_leaves_nothing(
     jailed: Daemon, tmp_path: Path
 ) -> None:
     network = {"mode": "bridged", "subnet": "10.9.0.0/24", "auto_assign": True}
-    jailed.ok("plugin", "install", write_plugin(tmp_path, "p", network=network))
+    rootfs = tmp_path / "rootfs.ext4"
+    rootfs.write_bytes(b"\0" * (1 << 20))
+    plugin = write_plugin(tmp_path, "p", network=network, rootfs={"path": str(rootfs)})
+    jailed.ok("plugin", "install", plugin)
     vm = jailed.ok("vm", "create", "j1", "--plugin", "p")
     jailed.ok("vm", "pause", "j1")
     chroot = jailed.state_dir / "jail" / "firecracker" / "j1" / "root"
@@ -60,6 +63,10 @@ def test_a_jailed_vm_runs_chrooted_as_its_uid_is_reachable_and_leaves_nothing(
     assert same_inode(Path(f"/proc/{pid}/root"), chroot)
     for linked in ("kernel", "initrd"):  # hard links to the artifacts, not copies
         assert (chroot / linked).stat().st_nlink >= 2
+    disk = jailed.state_dir / "disks" / "j1.img"
+    assert same_inode(chroot / "rootfs", disk)  # the VM's own disk, writable by its uid
+    assert (disk.stat().st_uid, disk.stat().st_gid) == (NOBODY, NOBODY)
+    assert jailed.firecracker_config(vm)["drives"][0]["path_on_host"] == "/rootfs"
     owner = jailed_tap_owner(jailed.netns, tap)
     assert owner == (str(NOBODY), str(NOBODY))
     # the VM's JSON: host-side paths, inside the chroot
