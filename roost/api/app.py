@@ -31,6 +31,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from roost import __version__
+from roost.api.bodies import BodySchemas
 from roost.api.endpoints import Endpoint
 from roost.api.events import add_event_routes
 from roost.api.forwards import ServicePolicy, add_forward_routes
@@ -64,13 +65,6 @@ QUERY_MESSAGES = {
     "int_parsing_size": "must be a whole number",
     "bool_parsing": "must be true or false",
 }
-
-
-def _schema_body(model: type[Any], extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    schema = model.model_json_schema()
-    if extra:
-        schema = {**schema, "properties": {**schema["properties"], **extra}}
-    return {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
 
 def _query_names(dependant: Dependant) -> set[str]:
@@ -123,6 +117,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         lifespan=lifespan,
         dependencies=[Depends(_known_query_only)],
     )
+    bodies = BodySchemas()
     app.add_middleware(
         Guard,
         endpoints=endpoints,
@@ -180,7 +175,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     async def list_plugins() -> JSONResponse:
         return JSONResponse(await read(engine.plugins.list))
 
-    @app.post("/v1/plugins", status_code=201, openapi_extra=_schema_body(Manifest))
+    @app.post("/v1/plugins", status_code=201, openapi_extra=bodies.of(Manifest))
     async def install_plugin(
         request: Request, force: bool = Query(False, description="replace an installed plugin")
     ) -> Response:
@@ -215,7 +210,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         "start": {"type": "boolean", "default": True},
     }
 
-    @app.post("/v1/vms", status_code=201, openapi_extra=_schema_body(VMConfig, create_extra))
+    @app.post("/v1/vms", status_code=201, openapi_extra=bodies.of(VMConfig, create_extra, ["name"]))
     async def create_vm(request: Request) -> JSONResponse:
         raw = await request.body()
         unix_client = on_unix_socket(request.scope)
@@ -277,7 +272,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     async def config_history(name: str) -> JSONResponse:
         return JSONResponse(await read(engine.config_history, check_name(name)))
 
-    @app.patch("/v1/vms/{name}/config", openapi_extra=_schema_body(VMConfigPatch))
+    @app.patch("/v1/vms/{name}/config", openapi_extra=bodies.of(VMConfigPatch))
     async def patch_config(
         name: str,
         request: Request,
@@ -305,10 +300,11 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
     async def list_networks() -> JSONResponse:
         return JSONResponse(await read(engine.list_networks))
 
-    add_forward_routes(app, engine, read)
+    add_forward_routes(app, engine, read, bodies)
     register_vsock_routes(app, engine, read)
     add_event_routes(app, engine.events)
     add_metrics(app, engine, read)
+    bodies.install(app)
     return app
 
 

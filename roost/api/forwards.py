@@ -18,6 +18,7 @@ from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import Field, StrictInt
 
+from roost.api.bodies import BodySchemas
 from roost.api.endpoints import Endpoint
 from roost.engine.core import Engine
 from roost.engine.relays import VsockRelays
@@ -44,12 +45,10 @@ def _relays(engine: Engine) -> VsockRelays:
     return relays
 
 
-def add_forward_routes(app: FastAPI, engine: Engine, read: Read) -> None:
+def add_forward_routes(app: FastAPI, engine: Engine, read: Read, bodies: BodySchemas) -> None:
     """`POST`, `GET` and `DELETE` of a VM's forwards (404 for an unknown VM or forward)."""
-    schema = ForwardRequest.model_json_schema()
-    body = {"requestBody": {"required": True, "content": {"application/json": {"schema": schema}}}}
 
-    @app.post("/v1/vms/{name}/forwards", status_code=201, openapi_extra=body)
+    @app.post("/v1/vms/{name}/forwards", status_code=201, openapi_extra=bodies.of(ForwardRequest))
     async def add_forward(name: str, request: Request) -> JSONResponse:
         check_name(name)
         asked = await read(parse, ForwardRequest, await read(load_json, await request.body()))

@@ -86,9 +86,10 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
 
 
 Name = Annotated[str, AfterValidator(_dns_label)]
-VCPUs = Annotated[int, BeforeValidator(_strict_int), Field(ge=MIN_VCPUS, le=MAX_VCPUS)]
+# the bounds before the validator that wraps them, so the JSON Schema says minimum/maximum
+VCPUs = Annotated[int, Field(ge=MIN_VCPUS, le=MAX_VCPUS), BeforeValidator(_strict_int)]
 MemoryMiB = Annotated[
-    int, BeforeValidator(_strict_int), Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB)
+    int, Field(ge=MIN_MEMORY_MIB, le=MAX_MEMORY_MIB), BeforeValidator(_strict_int)
 ]
 BootArgs = Annotated[str, AfterValidator(_boot_args)]
 Labels = Annotated[dict[str, str], BeforeValidator(_label_count), AfterValidator(_labels)]

@@ -8,7 +8,7 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable, Coroutine, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -486,3 +486,32 @@ def test_closing_the_gate_drops_queued_operations_and_waits_for_running_ones() -
         assert queued.cancelled()
 
     asyncio.run(scenario())
+
+
+def test_the_openapi_document_resolves_every_reference_its_bodies_make(
+    engine: FakeEngine,
+) -> None:
+    document = create_app(engine, []).openapi()  # type: ignore[arg-type]
+    schemas = document["components"]["schemas"]
+
+    def references(node: Any) -> Iterator[str]:
+        if isinstance(node, dict):
+            for key, value in node.items():
+                if key == "$ref":
+                    yield value
+                else:
+                    yield from references(value)
+        elif isinstance(node, list):
+            for item in node:
+                yield from references(item)
+
+    found = set(references(document))
+    assert "#/components/schemas/ResourcesOverride" in found
+    for reference in found:
+        assert reference.startswith("#/components/schemas/"), reference
+        assert reference.removeprefix("#/components/schemas/") in schemas, reference
+    assert "$defs" not in str(document)
+    create = document["paths"]["/v1/vms"]["post"]["requestBody"]["content"]["application/json"]
+    assert set(create["schema"]["required"]) == {"name", "plugin"}
+    vcpus = schemas["ResourcesOverride"]["properties"]["vcpus"]["anyOf"][0]
+    assert (vcpus["minimum"], vcpus["maximum"]) == (1, 32)
