@@ -1,0 +1,226 @@
+"""Killed at any step, nothing leaked, nothing lost: the daemon SIGKILLed right after each
+recorded step (`failpoints.STEPS`), and at random moments of a burst of parallel creates,
+stops and removes; restarted, it leaves no VM starting or stopping, no VMM, tap, bridge,
+nftables chain, run dir, disk or lease that belongs to no VM, and loses no VM."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import random
+import signal
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from roost.engine.failpoints import STEPS
+from tests.harness import (
+    Daemon,
+    links,
+    namespace_pids,
+    process_alive,
+    run,
+    wait_for,
+    write_plugin,
+)
+
+pytestmark = [pytest.mark.root, pytest.mark.firecracker, pytest.mark.kvm]
+LIVE = ("running", "paused")
+
+
+def healthy(daemon: Daemon) -> None:
+    wait_for(
+        lambda: daemon.http.get("/healthz").json()["status"] == "ok",
+        timeout=60,
+        what="the daemon to finish recovering",
+    )
+
+
+def install(daemon: Daemon, tmp_path: Path) -> None:
+    """A plugin whose VMs hold a disk copy, a lease, a tap and its rules on a managed bridge."""
+    rootfs = tmp_path / "rootfs.img"
+    rootfs.write_bytes(os.urandom(64 * 1024))
+    network = {"mode": "bridged", "subnet": "10.78.0.0/24", "auto_assign": True}
+    daemon.ok(
+        "plugin",
+        "install",
+        write_plugin(tmp_path, "p", rootfs={"path": str(rootfs)}, network=network),
+    )
+
+
+def died(daemon: Daemon) -> None:
+    """The daemon killed itself: reap it."""
+    assert daemon.process is not None
+    assert daemon.process.wait(30) == -signal.SIGKILL
+    daemon.process = None
+
+
+def restart(daemon: Daemon) -> None:
+    daemon.env.clear()
+    daemon.start()
+    healthy(daemon)
+
+
+def close(daemon: Daemon) -> None:
+    """Kill the VMs (a graceful stop waits for guests that may not answer), then close."""
+    if daemon.process is not None and daemon.process.poll() is None:
+        for vm in daemon.http.get("/v1/vms").json():
+            if vm["status"] in LIVE:
+                daemon.http.post(f"/v1/vms/{vm['name']}/stop", params={"force": "true"})
+    daemon.close()
+
+
+def cmdline(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def check_invariants(daemon: Daemon, before: set[str]) -> None:
+    """Nothing leaked, nothing lost (`before`: the VMs that must still exist)."""
+    vms = {vm["name"]: vm for vm in daemon.ok("vm", "list")}
+    assert before <= vms.keys(), f"lost {before - vms.keys()}"
+    assert not [n for n, vm in vms.items() if vm["status"] in ("starting", "stopping")], vms
+    live = {n: vm for n, vm in vms.items() if vm["status"] in LIVE}
+    pids = {vm["vmm"]["pid"]: n for n, vm in live.items()}
+    for name, vm in live.items():
+        assert process_alive(vm["vmm"]["pid"]), f"{name} says {vm['status']}, its VMM is gone"
+    vmms = [p for p in namespace_pids(daemon.netns) if "firecracker" in cmdline(p)]
+    assert set(vmms) <= pids.keys(), f"VMMs of no VM: {set(vmms) - pids.keys()}"
+    run_dirs = daemon.run_dir / "vms"
+    for path in run_dirs.iterdir() if run_dirs.is_dir() else []:
+        assert path.name in vms, f"run dir of no VM: {path}"
+        pid_file = path / "vmm.pid"
+        if pid_file.exists() and process_alive(pid := int(pid_file.read_text())):
+            assert pids.get(pid) == path.name, f"{path}: VMM {pid} of no live VM"
+    disks = daemon.state_dir / "disks"
+    for disk in disks.iterdir() if disks.is_dir() else []:
+        assert disk.stem in vms, f"disk of no VM: {disk}"
+    taps = {vm["network"]["tap"] for vm in live.values() if vm.get("network")}
+    found = {name for name, link in links(daemon.netns).items() if name.startswith("rtap")}
+    assert found == taps, f"taps {found} for live VMs' {taps}"
+    networks = daemon.ok("network", "list")
+    leases = {ip for network in networks for ip in network["leases"]}
+    ips = {vm["network"]["ip"] for vm in vms.values() if (vm.get("network") or {}).get("ip")}
+    assert leases <= ips, f"leases of no VM: {leases - ips}"
+    held = {network["bridge"] for network in networks if network["leases"]}
+    bridges = {n for n, link in links(daemon.netns).items() if n.startswith("rbr")}
+    assert bridges <= held, f"bridges no VM holds: {bridges - held}"
+    ruleset = json.loads(run("nft", "-j", "list", "ruleset", netns=daemon.netns).stdout)
+    chains = {
+        item["chain"]["name"].removeprefix("vm-")
+        for item in ruleset["nftables"]
+        if "chain" in item and item["chain"]["name"].startswith("vm-")
+    }
+    assert chains <= taps, f"nftables chains of no live VM: {chains - taps}"
+
+
+CREATE = ["vm", "create", "t", "--plugin", "p"]
+OPERATIONS: dict[str, tuple[list[list[str]], list[str]]] = {
+    # the operation: what makes VM `t` ready for it, and the command the failpoint cuts short
+    "create": ([], CREATE),
+    "start": ([[*CREATE, "--no-start"]], ["vm", "start", "t"]),
+    "stop": ([CREATE], ["vm", "stop", "t"]),
+    "restart": ([CREATE], ["vm", "restart", "t"]),
+    "pause": ([CREATE], ["vm", "pause", "t"]),
+    "resume": ([CREATE, ["vm", "pause", "t"]], ["vm", "resume", "t"]),
+    "remove": ([CREATE], ["vm", "rm", "t"]),
+}
+
+
+def vms_before(daemon: Daemon, operation: str) -> None:
+    """With the failpoint armed, by operations other than the one it is in: `keep` (paused, so
+    its guest stays put, unless the operation is pause), `idle` (never started), and `t`."""
+    if operation == "create":
+        daemon.ok("vm", "create", "keep", "--plugin", "p", "--no-start")
+        daemon.ok("vm", "start", "keep")
+    else:
+        daemon.ok("vm", "create", "keep", "--plugin", "p")
+    if operation != "pause":
+        daemon.ok("vm", "pause", "keep")
+    daemon.ok("vm", "create", "idle", "--plugin", "p", "--no-start")
+    for argv in OPERATIONS[operation][0]:
+        daemon.ok(*argv)
+
+
+@pytest.mark.parametrize("step", list(STEPS))
+def test_a_daemon_killed_at_a_step_leaks_and_loses_nothing(
+    netns: str, tmp_path: Path, step: str
+) -> None:
+    operation = step.partition(":")[0]
+    daemon = Daemon(netns, env={"ROOST_FAILPOINT": step})
+    try:
+        daemon.start()
+        install(daemon, tmp_path)
+        vms_before(daemon, operation)
+        before = {vm["name"] for vm in daemon.ok("vm", "list")}
+        cut = daemon.cli(*OPERATIONS[operation][1], "--json")
+        assert cut.exit_code == 5, f"{step} was not reached: {cut.stdout}{cut.stderr}"
+        died(daemon)
+        restart(daemon)
+        check_invariants(daemon, before - {"t"} if operation == "remove" else before)
+    finally:
+        close(daemon)
+
+
+def test_kills_at_random_moments_of_a_burst_leak_and_lose_nothing(
+    netns: str, tmp_path: Path
+) -> None:
+    seed = int(os.environ.get("ROOST_TEST_SEED", time.time_ns() % 100_000))
+    rng = random.Random(seed)
+    print(f"burst seed {seed} (ROOST_TEST_SEED={seed} repeats it)")
+    daemon = Daemon(netns)
+    try:
+        daemon.start()
+        install(daemon, tmp_path)
+        daemon.ok("vm", "create", "keep", "--plugin", "p")
+        daemon.ok("vm", "pause", "keep")
+        names = [f"b{i}" for i in range(6)]
+        for round_ in range(3):
+            vms = {vm["name"]: vm["status"] for vm in daemon.ok("vm", "list")}
+            requests = []
+            for name in names:
+                if name not in vms:
+                    requests.append(("POST", "/v1/vms", {"name": name, "plugin": "p"}))
+                elif vms[name] in LIVE and rng.random() < 0.5:
+                    requests.append(("POST", f"/v1/vms/{name}/stop", None))
+                else:
+                    requests.append(("DELETE", f"/v1/vms/{name}", None))
+            delay = rng.uniform(0.05, 1.5)
+            print(f"round {round_}: {[r[:2] for r in requests]}, SIGKILL after {delay:.2f}s")
+            threads = [
+                threading.Thread(target=_send, args=(daemon, *request)) for request in requests
+            ]
+            for thread in threads:
+                thread.start()
+            time.sleep(delay)
+            assert daemon.process is not None
+            daemon.process.kill()
+            daemon.process.wait()
+            daemon.process = None
+            for thread in threads:
+                thread.join(60)
+            restart(daemon)
+            removed = {path.rsplit("/", 1)[1] for method, path, _ in requests if method == "DELETE"}
+            check_invariants(daemon, vms.keys() - removed)
+    finally:
+        close(daemon)
+
+
+def _send(daemon: Daemon, method: str, path: str, body: dict[str, Any] | None) -> None:
+    """One request of the burst; the daemon may die under it."""
+    with (
+        httpx.Client(
+            transport=httpx.HTTPTransport(uds=str(daemon.socket)),
+            base_url="http://roost",
+            timeout=60,
+        ) as client,
+        contextlib.suppress(httpx.TransportError),
+    ):
+        client.request(method, path, json=body)
