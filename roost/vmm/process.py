@@ -193,10 +193,29 @@ class Starting:
                 pid = self._supervisor.answer(self._ticket)
                 self._outcome = VMMProcess(self._run_dir, pid, channel.process.pid, self._files)
             except VMMFailedError as error:
+                _end_unanswered(self._run_dir, self._files)
                 self._outcome = error
         if isinstance(self._outcome, VMMFailedError):
             raise self._outcome
         return self._outcome
+
+
+def _end_unanswered(run_dir: Path, files: ProcessFiles) -> None:
+    """SIGKILL what a supervisor that gave no answer (it hung, or died, after starting it)
+    recorded for `run_dir`: nobody knows its PID, so nothing else would ever end it."""
+    pid = recorded_pid(run_dir, files)
+    if pid is None or not _pid_alive(pid):
+        return
+    try:  # a jailed Firecracker names its VM by --id instead of the run dir
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return
+    if f"{run_dir}/".encode() in cmdline or f"\0--id\0{run_dir.name}\0".encode() in cmdline:
+        log.error(
+            "ending process %d of %s, started by a supervisor that gave no answer", pid, run_dir
+        )
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 @dataclass
@@ -321,6 +340,10 @@ class Supervisor:
         )
         channel.process.kill()
         channel.process.wait()
+        for pipe in (channel.process.stdin, channel.process.stdout):  # or they leak, each time
+            if pipe is not None:
+                with contextlib.suppress(OSError):
+                    pipe.close()
         if self._channel is channel:
             self._channel = None
 

@@ -3,9 +3,11 @@ commands sent ahead of their answers, answers collected in any order, exit statu
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -125,3 +127,38 @@ def _running(pid: int) -> bool:
         return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
     except OSError:
         return False
+
+
+def test_a_vmm_started_by_a_supervisor_that_then_hangs_is_ended_not_leaked(
+    worker: NetnsWorker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The supervisor starts the VMM and records its PID, then hangs before it answers: the
+    start fails, and the VMM it started (whose PID nobody was told) is ended with it."""
+    fake = tmp_path / "hanging_supervisor.py"
+    fake.write_text(
+        "import json, os, sys, time\n"
+        "command = json.loads(sys.stdin.readline())\n"
+        "argv = command['argv']\n"
+        "pid = os.posix_spawn(argv[0], argv, os.environ, setsid=True)\n"
+        "with open(os.path.join(command['run_dir'], command['pid_file']), 'w') as f:\n"
+        "    f.write(f'{pid}\\n')\n"
+        "time.sleep(60)\n"
+    )
+    monkeypatch.setattr(process_module, "SUPERVISOR", fake)
+    monkeypatch.setattr(process_module, "ANSWER_TIMEOUT", 1.0)
+    path = run_dir(tmp_path, "vm")
+    argv = [sys.executable, "-c", "import time; time.sleep(30)", f"{path}/"]
+    starting = VMMProcess.begin(argv, path, worker, output=path / "console.log")
+    old = starting._supervisor.pid
+    channel = starting._ticket[0]
+    with pytest.raises(VMMFailedError, match="did not answer within 1 s"):
+        starting.result()
+    pid = recorded_pid(path)
+    assert pid is not None
+    try:
+        wait_for(lambda: not _running(pid), what="the unanswered VMM to end")
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    assert not Path(f"/proc/{old}").exists()  # the supervisor was ended and reaped
+    assert channel.process.stdout is not None and channel.process.stdout.closed
