@@ -122,10 +122,16 @@ def _into_chroot(source: Path, target: Path, jail: Jail, *, own: bool) -> None:
             raise OSError(errno.EACCES, "not readable by the jailed uid")
         os.link(source, target)
     except OSError as error:
-        if own and error.errno == errno.EXDEV:
-            raise VMMFailedError(
-                f"cannot hard-link the VM's disk {source} into its chroot {target.parent}: "
+        # the VM's own disk is never copied: the guest would write to the copy, which goes
+        # with the chroot when the VM stops
+        if own:
+            why = (
                 "the state dir's jail/ and disks/ must be on one filesystem"
+                if error.errno == errno.EXDEV
+                else error.strerror
+            )
+            raise VMMFailedError(
+                f"cannot hard-link the VM's disk {source} into its chroot {target.parent}: {why}"
             ) from None
         shutil.copyfile(source, target)
         own = True

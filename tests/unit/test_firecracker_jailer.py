@@ -3,6 +3,7 @@ jailed Firecracker sees, the run dir's files in the chroot, and how a jailed VMM
 
 from __future__ import annotations
 
+import errno
 import os
 import subprocess
 import sys
@@ -12,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from roost.engine.settings import Settings, jail_chroot
+from roost.errors import VMMFailedError
+from roost.vmm import firecracker
 from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock, VsockBackend
 from roost.vmm.firecracker import (
     Jail,
@@ -139,3 +142,22 @@ def test_preparing_a_jailed_run_dir_empties_the_chroot_but_for_the_console(
     run_dir.remove()
     assert not run_dir.path.exists() and not run_dir.chroot.parent.exists()
     assert (tmp_short / "jail" / "firecracker").is_dir()
+
+
+def test_the_vms_own_disk_is_never_copied_into_the_chroot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A disk that cannot be hard-linked in is an error: a copy would take the guest's writes
+    and go with the chroot when the VM stops."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(b"the guest's data")
+    (tmp_path / "root").mkdir()
+    jail = Jail(Path("/opt/jailer"), os.getuid(), os.getgid(), tmp_path)
+
+    def refuse(source: Path, target: Path) -> None:
+        raise OSError(errno.EPERM, os.strerror(errno.EPERM))
+
+    monkeypatch.setattr(firecracker.os, "link", refuse)
+    with pytest.raises(VMMFailedError, match="cannot hard-link the VM's disk"):
+        firecracker._into_chroot(disk, tmp_path / "root" / "rootfs", jail, own=True)
+    assert not (tmp_path / "root" / "rootfs").exists()
