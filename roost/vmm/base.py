@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import shutil
+import socket
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 from typing import Protocol
 
-from roost.errors import InvalidError
+from roost.errors import InvalidError, VMMFailedError
 from roost.host.netns import NetnsWorker
 from roost.vmm.process import VMMProcess
 
@@ -124,8 +125,8 @@ class RunDir:
     def remove_sockets(self) -> None:
         """What the VMM leaves when it ends: its sockets (and under the jailer, all the chroot
         holds but the console log)."""
-        for socket in self.path.glob("*.sock*"):
-            socket.unlink(missing_ok=True)
+        for stale in self.path.glob("*.sock*"):
+            stale.unlink(missing_ok=True)
         if self.chroot is not None:
             self._empty_chroot()
 
@@ -216,3 +217,15 @@ class Driver(Protocol):
     def resume(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
         """Resume the guest; `meanwhile` as for `pause`."""
         ...
+
+
+def check_tap(tap: str, worker: NetnsWorker) -> None:
+    """That `tap` exists: a VMM run as root (QEMU, Cloud Hypervisor) would create a missing tap
+    itself, connected to nothing."""
+    try:
+        worker.run(socket.if_nametoindex, tap)
+    except OSError:
+        raise VMMFailedError(
+            f"tap {tap} does not exist in the VMM's network namespace; create it (on its bridge) "
+            "before launching"
+        ) from None

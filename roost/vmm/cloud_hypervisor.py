@@ -13,7 +13,6 @@ import logging
 import os
 import shutil
 import signal
-import socket
 import time
 import weakref
 from collections.abc import Callable
@@ -24,7 +23,7 @@ import httpx
 
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, check_tap
 from roost.vmm.process import Starting, VMMProcess
 
 log = logging.getLogger(__name__)
@@ -155,17 +154,6 @@ class _Early:
         return self._process
 
 
-def _check_tap(tap: str, worker: NetnsWorker) -> None:
-    """Cloud Hypervisor, run as root, would create a missing tap itself, connected to nothing."""
-    try:
-        worker.run(socket.if_nametoindex, tap)
-    except OSError:
-        raise VMMFailedError(
-            f"tap {tap} does not exist in the VMM's network namespace; create it (on its bridge) "
-            "before launching"
-        ) from None
-
-
 class CloudHypervisorDriver:
     kind = "cloud-hypervisor"
 
@@ -273,7 +261,7 @@ class CloudHypervisorDriver:
             if host_ready is not None:
                 host_ready()
             if spec.nic is not None:
-                _check_tap(spec.nic.tap, worker)
+                check_tap(spec.nic.tap, worker)
             api.call("PUT", "/vm.boot")
             if while_booting is not None:
                 while_booting(process)

@@ -13,7 +13,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,7 @@ from typing import Literal, get_args
 
 from roost.errors import InvalidError, VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, check_tap
 from roost.vmm.process import DEVICE_FILES, VMMProcess
 from roost.vmm.qmp import qmp
 
@@ -365,7 +364,7 @@ class QemuDriver:
         if host_ready is not None:
             host_ready()
         if spec.nic is not None:
-            _check_tap(spec.nic.tap, worker)
+            check_tap(spec.nic.tap, worker)
         tsc_khz = host_tsc_khz() if self.machine == "microvm" and accel == "tcg" else None
         argv = qemu_argv(
             self.binary,
@@ -492,17 +491,6 @@ def _watch_probe(child: subprocess.Popen[bytes], console: Path) -> int | None:
         if elapsed > PROBE_BOOT_WAIT or (elapsed > PROBE_BANNER_WAIT and BANNER not in text):
             return None
         time.sleep(0.05)
-
-
-def _check_tap(tap: str, worker: NetnsWorker) -> None:
-    """QEMU, run as root, would create a missing tap itself, connected to nothing."""
-    try:
-        worker.run(socket.if_nametoindex, tap)
-    except OSError:
-        raise VMMFailedError(
-            f"tap {tap} does not exist in the VMM's network namespace; create it (on its bridge) "
-            "before launching"
-        ) from None
 
 
 def _wait_until_running(process: VMMProcess, qmp_socket: Path) -> None:
