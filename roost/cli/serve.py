@@ -233,6 +233,12 @@ def serve_command(
             raise InvalidError.at(
                 "jailer", "--jailer, --uid and --gid go together: the jailer and who VMs run as"
             )
+        if uid == 0 or gid == 0:  # the jailer would run Firecracker as root: nothing dropped
+            raise InvalidError.at(
+                "uid" if uid == 0 else "gid",
+                "is 0 (root); jailed VMs run with dropped privileges: give an unprivileged uid "
+                "and gid (e.g. --uid 65534 --gid 65534)",
+            )
         orphans = Orphans.REAP if reap_orphans else Orphans.KEEP if keep_orphans else Orphans.REFUSE
         settings = Settings(
             state_dir=state_dir.resolve(),

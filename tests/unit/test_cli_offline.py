@@ -245,3 +245,23 @@ def test_plan_flags_complete_a_config_network_before_it_is_judged(tmp_path: Path
     assert alone.exit_code == 1
     completed = plan("a", "--plugin", WEB, "--config", config, "--network-auto-assign")
     assert (completed["network"]["gateway"], completed["plan"]["ipam"]) == ("10.1.0.1", "auto")
+
+
+@pytest.mark.parametrize(
+    "ids", [["--uid", "0", "--gid", "65534"], ["--uid", "65534", "--gid", "0"]]
+)
+def test_serve_refuses_to_jail_vms_as_root(tmp_path: Path, ids: list[str]) -> None:
+    """Under the jailer, uid or gid 0 would leave Firecracker root: refused before anything."""
+    result = run(
+        "serve",
+        "--state-dir",
+        tmp_path / "state",
+        "--listen",
+        f"unix://{tmp_path / 'api.sock'}",
+        "--jailer",
+        "/bin/true",
+        *ids,
+    )
+    assert result.exit_code == 1
+    assert "is 0 (root)" in result.stderr
+    assert not (tmp_path / "state").exists()
