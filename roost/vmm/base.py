@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shutil
 import socket
+import stat
 from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
@@ -114,12 +115,14 @@ class RunDir:
 
     def _empty_chroot(self) -> None:
         """Everything in the chroot but the console log: the jailer refuses to start in a
-        chroot where its device nodes already are."""
+        chroot where its device nodes already are. The chroot is the jailed uid's: a console
+        log it replaced by a symlink or a hard link goes too, or the supervisor (root) would
+        append the next boot's console to whatever that names."""
         assert self.chroot is not None
         for leftover in self.chroot.iterdir() if self.chroot.is_dir() else ():
             if leftover.is_dir() and not leftover.is_symlink():
                 shutil.rmtree(leftover, ignore_errors=True)
-            elif leftover.name != "console.log":
+            elif leftover.name != "console.log" or not _own_file(leftover):
                 leftover.unlink(missing_ok=True)
 
     def remove_sockets(self) -> None:
@@ -217,6 +220,15 @@ class Driver(Protocol):
     def resume(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
         """Resume the guest; `meanwhile` as for `pause`."""
         ...
+
+
+def _own_file(path: Path) -> bool:
+    """Whether `path` is a regular file, not a symlink, and its inode's only name."""
+    try:
+        status = path.lstat()
+    except OSError:
+        return False
+    return stat.S_ISREG(status.st_mode) and status.st_nlink == 1
 
 
 def check_tap(tap: str, worker: NetnsWorker) -> None:

@@ -161,3 +161,23 @@ def test_the_vms_own_disk_is_never_copied_into_the_chroot(
     with pytest.raises(VMMFailedError, match="cannot hard-link the VM's disk"):
         firecracker._into_chroot(disk, tmp_path / "root" / "rootfs", jail, own=True)
     assert not (tmp_path / "root" / "rootfs").exists()
+
+
+@pytest.mark.parametrize("link", ["symlink", "hard link"])
+def test_a_console_log_the_jailed_uid_replaced_by_a_link_is_not_kept(
+    tmp_short: Path, link: str
+) -> None:
+    """The chroot is the jailed uid's: a console log it made a link to a host file (by a
+    symlink) or to another file (by a hard link) must not be appended to by root next boot."""
+    run_dir = RunDir(tmp_short / "run" / "web", jail_chroot(tmp_short / "jail", "web"))
+    run_dir.prepare()
+    assert run_dir.chroot is not None
+    host_file = tmp_short / "host-file"
+    host_file.write_text("the host's\n")
+    if link == "symlink":
+        run_dir.console_log.symlink_to(host_file)
+    else:
+        os.link(host_file, run_dir.console_log)
+    run_dir.prepare()
+    assert list(run_dir.chroot.iterdir()) == []
+    assert host_file.read_text() == "the host's\n"
