@@ -108,9 +108,14 @@ def _unix_listener(path: Path) -> socket.socket:
     listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         listener.bind(str(path))
-        os.chmod(path, 0o600)
+        # never following a symlink: a jailed VMM owns the chroot and may have put one there
+        # since the bind, to have root chmod and chown a host file
+        try:
+            os.chmod(path, 0o600, follow_symlinks=False)
+        except NotImplementedError:  # glibc's answer for a symlink
+            raise OSError(errno.ELOOP, f"{path} was replaced by a symlink") from None
         directory = path.parent.stat()
-        os.chown(path, directory.st_uid, directory.st_gid)
+        os.chown(path, directory.st_uid, directory.st_gid, follow_symlinks=False)
         listener.listen(BACKLOG)
     except BaseException:
         listener.close()

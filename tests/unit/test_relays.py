@@ -628,3 +628,26 @@ def test_closing_the_relays_closes_every_listener_and_removes_every_socket_file(
     relays.vm_stopped("v2")  # an engine that stops VMs while the daemon closes: nothing held
     with pytest.raises(HostError, match="not running"):
         relays.vm_started("v2", HybridVsock(tmp_short / "vsock.sock"), {})
+
+
+def test_a_listener_replaced_by_a_symlink_after_its_bind_changes_no_file_it_names(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A jailed VMM owns the directory its vsock listeners are bound in: swapping a socket for a
+    symlink right after the bind must not make root chmod or chown what the symlink names."""
+    victim = tmp_path / "victim"
+    victim.write_text("a host file\n")
+    victim.chmod(0o644)
+    path = tmp_path / "jail" / "vsock.sock_1024"
+    path.parent.mkdir()
+
+    class Swapped(socket.socket):
+        def bind(self, address: Any) -> None:
+            super().bind(address)
+            path.unlink()
+            path.symlink_to(victim)
+
+    monkeypatch.setattr(relays_module.socket, "socket", Swapped)
+    with pytest.raises(OSError, match="replaced by a symlink"):
+        relays_module._unix_listener(path)
+    assert victim.stat().st_mode & 0o777 == 0o644
