@@ -114,10 +114,17 @@ def jailed_spec(spec: LaunchSpec) -> LaunchSpec:
 
 def _into_chroot(source: Path, target: Path, jail: Jail, *, own: bool) -> None:
     """Hard-link `source` to `target` in the chroot (a copy across filesystems, or when the
-    jailed uid could not read the shared inode); `own`: the VM's own file, given to the uid."""
+    jailed uid could not read the shared inode); `own`: the VM's own file, given to the uid.
+
+    The jailed VMM already runs and owns the chroot, so it may swap `target` for a symlink or
+    a hard link to another file at any moment: the disk is given to the uid by its name in
+    disks/ (never by `target`, which could by then be a shared artifact's link), and a copy is
+    written only into a file this call created, never through a symlink."""
     target.unlink(missing_ok=True)
     readable = own or source.stat().st_mode & stat.S_IROTH
     try:
+        if own:
+            os.chown(source, jail.uid, jail.gid)
         if not readable:
             raise OSError(errno.EACCES, "not readable by the jailed uid")
         os.link(source, target)
@@ -133,10 +140,20 @@ def _into_chroot(source: Path, target: Path, jail: Jail, *, own: bool) -> None:
             raise VMMFailedError(
                 f"cannot hard-link the VM's disk {source} into its chroot {target.parent}: {why}"
             ) from None
-        shutil.copyfile(source, target)
-        own = True
-    if own:
-        os.chown(target, jail.uid, jail.gid)
+        _copy_in(source, target, jail)
+
+
+def _copy_in(source: Path, target: Path, jail: Jail) -> None:
+    """A copy of `source` at `target`, a new file (nothing there is followed), the uid's."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    try:
+        with open(os.open(target, flags, 0o600), "wb") as copy, source.open("rb") as original:
+            shutil.copyfileobj(original, copy)
+            os.fchown(copy.fileno(), jail.uid, jail.gid)
+    except OSError as error:
+        raise VMMFailedError(
+            f"cannot copy {source} into the chroot {target.parent}: {error.strerror}"
+        ) from None
 
 
 def configure_requests(spec: LaunchSpec) -> list[Request]:

@@ -181,3 +181,52 @@ def test_a_console_log_the_jailed_uid_replaced_by_a_link_is_not_kept(
     run_dir.prepare()
     assert list(run_dir.chroot.iterdir()) == []
     assert host_file.read_text() == "the host's\n"
+
+
+def test_a_disk_link_swapped_by_the_jailed_vmm_gives_it_no_shared_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The jailed VMM runs (and owns its chroot) while its disk is linked in: should it swap
+    the link for a hard link to a shared artifact (its kernel), the disk goes to its uid, the
+    artifact stays root's."""
+    disk, shared = tmp_path / "disk.img", tmp_path / "root" / "kernel"
+    disk.write_bytes(b"the guest's data")
+    shared.parent.mkdir()
+    shared.write_bytes(b"a shared kernel")
+    target = tmp_path / "root" / "rootfs"
+    real_link = os.link
+
+    def link_then_swap(source: Path, to: Path) -> None:
+        real_link(source, to)
+        to.unlink()
+        real_link(shared, to)  # the jailed VMM's move
+
+    monkeypatch.setattr(firecracker.os, "link", link_then_swap)
+    firecracker._into_chroot(
+        disk, target, Jail(Path("/opt/jailer"), 4321, 4321, tmp_path), own=True
+    )
+    assert (disk.stat().st_uid, disk.stat().st_gid) == (4321, 4321)
+    assert shared.stat().st_uid == os.getuid()
+
+
+def test_a_copy_into_the_chroot_is_never_written_through_a_symlink(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kernel that cannot be linked in is copied into a file of its own: a symlink the jailed
+    VMM put in its place makes the launch fail, the file it names untouched."""
+    kernel, victim = tmp_path / "vmlinux", tmp_path / "victim"
+    kernel.write_bytes(b"a kernel")
+    victim.write_text("a host file\n")
+    (tmp_path / "root").mkdir()
+    target = tmp_path / "root" / "kernel"
+
+    def symlinked(source: Path, to: Path) -> None:
+        to.symlink_to(victim)  # the jailed VMM's move, just before the link
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST))
+
+    monkeypatch.setattr(firecracker.os, "link", symlinked)
+    jail = Jail(Path("/opt/jailer"), 4321, 4321, tmp_path)
+    with pytest.raises(VMMFailedError, match="cannot copy"):
+        firecracker._into_chroot(kernel, target, jail, own=False)
+    assert victim.read_text() == "a host file\n"
+    assert victim.stat().st_uid == os.getuid()
