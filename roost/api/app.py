@@ -11,9 +11,11 @@ on the event loop.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -323,15 +325,22 @@ def _create_request(body: Any) -> tuple[str, bool, VMConfig]:
 
 def _read_from(path: Path, offset: int) -> bytes:
     """The file from `offset` on; nothing past its end (a filesystem refuses to seek beyond
-    its largest file size)."""
+    its largest file size). Under the jailer the console log is in a chroot its VMM's uid
+    owns: a symlink or a FIFO put there reads as nothing (not a host file, not a hang)."""
     try:
-        with path.open("rb") as reader:
-            if offset >= os.fstat(reader.fileno()).st_size:
-                return b""
-            reader.seek(offset)
-            return reader.read()
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except FileNotFoundError:
         return b""
+    except OSError as error:
+        if error.errno == errno.ELOOP:
+            return b""
+        raise
+    with open(fd, "rb") as reader:
+        status = os.fstat(reader.fileno())
+        if not stat.S_ISREG(status.st_mode) or offset >= status.st_size:
+            return b""
+        reader.seek(offset)
+        return reader.read()
 
 
 async def _follow(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -515,3 +516,24 @@ def test_the_openapi_document_resolves_every_reference_its_bodies_make(
     assert set(create["schema"]["required"]) == {"name", "plugin"}
     vcpus = schemas["ResourcesOverride"]["properties"]["vcpus"]["anyOf"][0]
     assert (vcpus["minimum"], vcpus["maximum"]) == (1, 32)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "fifo"])
+def test_a_console_log_that_is_not_a_regular_file_reads_as_nothing(
+    tmp_path: Path, kind: str
+) -> None:
+    """Under the jailer its VMM's uid owns the console log's directory: a symlink there must
+    not show a host file, a FIFO must not hold a read thread forever."""
+    from roost.api.app import _read_from
+
+    secret = tmp_path / "secret"
+    secret.write_text("root's\n")
+    console = tmp_path / "console.log"
+    if kind == "symlink":
+        console.symlink_to(secret)
+    else:
+        os.mkfifo(console)
+    assert _read_from(console, 0) == b""
+    regular = tmp_path / "regular.log"
+    regular.write_text("boot\nlogin:")
+    assert _read_from(regular, 5) == b"login:"
