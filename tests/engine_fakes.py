@@ -38,6 +38,7 @@ class FakeLinks:
 
     def __init__(self) -> None:
         self.links: dict[str, str] = {}  # name -> kind ("bridge" or "tap")
+        self.owned: set[str] = set()  # taps given to the jailer's uid
 
     def info(self, name: str) -> LinkInfo | None:
         kind = self.links.get(name)
@@ -49,10 +50,12 @@ class FakeLinks:
     def ensure_bridge(self, name: str, address: ipaddress.IPv4Interface) -> None:
         self.links[name] = "bridge"
 
-    def create_tap(self, name: str, bridge: str, mac: str) -> None:
+    def create_tap(self, name: str, bridge: str, mac: str, *, owned: bool = False) -> None:
         if self.links.get(bridge) != "bridge":
             raise HostError(f"bridge {bridge} does not exist")
         self.links[name] = "tap"
+        if owned:
+            self.owned.add(name)
 
     def delete(self, name: str) -> bool:
         return self.links.pop(name, None) is not None

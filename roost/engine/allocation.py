@@ -293,6 +293,7 @@ class Allocator:
                     gateway=gateway,
                     antispoof=net.antispoof,
                     ip=None if effective.ip is None else str(effective.ip),
+                    jailed=vmm == "firecracker" and self.settings.jailer is not None,
                 ),
             )
         cid = alloc.allocate_cid(session, vm)

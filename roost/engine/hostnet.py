@@ -35,7 +35,7 @@ class Links(Protocol):
 
     def ensure_bridge(self, name: str, address: ipaddress.IPv4Interface) -> None: ...
 
-    def create_tap(self, name: str, bridge: str, mac: str) -> None: ...
+    def create_tap(self, name: str, bridge: str, mac: str, *, owned: bool = False) -> None: ...
 
     def delete(self, name: str) -> bool: ...
 
@@ -72,6 +72,7 @@ class TapPlan:
     gateway: ipaddress.IPv4Interface | None
     antispoof: AntiSpoof
     ip: str | None
+    jailed: bool = False  # its VMM runs under the jailer, which opens it as its uid
 
 
 class HostNetwork:
@@ -119,11 +120,11 @@ class HostNetwork:
             self._ensure_bridge(tap)
             self._bridges_ready.add(tap.bridge)
         try:
-            self.links.create_tap(tap.tap, tap.bridge, alloc.tap_mac(tap.mac))
+            self.links.create_tap(tap.tap, tap.bridge, alloc.tap_mac(tap.mac), owned=tap.jailed)
         except HostError:
             self._bridges_ready.discard(tap.bridge)
             self._ensure_bridge(tap)
-            self.links.create_tap(tap.tap, tap.bridge, alloc.tap_mac(tap.mac))
+            self.links.create_tap(tap.tap, tap.bridge, alloc.tap_mac(tap.mac), owned=tap.jailed)
             self._bridges_ready.add(tap.bridge)
 
     def _ensure_bridge(self, tap: TapPlan) -> None:

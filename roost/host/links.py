@@ -98,7 +98,7 @@ class Links:
 
     def __init__(self, worker: NetnsWorker, tap_owner: tuple[int, int] | None = None) -> None:
         self._worker = worker
-        self._tap_owner = tap_owner  # the (uid, gid) every tap is owned by: the jailer's
+        self._tap_owner = tap_owner  # the (uid, gid) a jailed VMM's tap is owned by
         self._ipr: IPRoute = worker.run(IPRoute)
 
     def close(self) -> None:
@@ -168,20 +168,23 @@ class Links:
 
         self._call(f"set up bridge {name}", work)
 
-    def create_tap(self, name: str, bridge: str, mac: str) -> None:
-        """A fresh tap `name` (vnet_hdr, no packet info), with its own `mac`, on `bridge`, up.
-        A stale tap of the same name (ours, from a crash) is replaced."""
+    def create_tap(self, name: str, bridge: str, mac: str, *, owned: bool = False) -> None:
+        """A fresh tap `name` (vnet_hdr, no packet info), with its own `mac`, on `bridge`, up;
+        `owned`: given to the jailer's uid and gid (a jailed VMM's tap: only those, or any
+        jailed VMM could open another VM's tap). A stale tap of the same name (ours, from a
+        crash) is replaced."""
+        owner = self._tap_owner if owned else None
         if len(name.encode()) > IFNAMSIZ:
             raise HostError(f"tap name {name!r} is longer than {IFNAMSIZ} bytes")
         try:
             with self._worker.inside():
                 try:
-                    _add_tap(name, self._tap_owner)
+                    _add_tap(name, owner)
                 except OSError as error:
                     if error.errno != errno.EBUSY:
                         raise
                     self.delete(name)  # a stale tap of ours, from a crash, still held open
-                    _add_tap(name, self._tap_owner)
+                    _add_tap(name, owner)
                 _set_up_tap(name, mac, bridge)
         except (OSError, HostError) as error:
             self.delete(name)

@@ -131,6 +131,8 @@ def test_vms_of_other_vmms_run_unjailed_beside_jailed_ones(
         chroot = daemon.state_dir / "jail" / "firecracker" / "o1" / "root"
         assert vm["console_log"] == str(chroot / "console.log")
         assert ids(vm["vmm"]["pid"], "Uid")[0] == 0
+        if vm["network"]["tap"] is not None:  # not the jailed uid's to open
+            assert jailed_tap_owner(netns, vm["network"]["tap"]) == ("-1", "-1")
         assert daemon.ok("vm", "pause", "o1")["status"] == "paused"
         assert daemon.ok("vm", "stop", "o1")["status"] == "stopped"
         daemon.ok("vm", "rm", "o1")

@@ -152,3 +152,14 @@ def test_changing_a_running_vms_services_needs_a_restart_and_the_restart_applies
     world.engine.restart_vm("a")
     assert world.listeners.listening["a"][1] == {5000: "tcp://127.0.0.1:80"}
     assert world.engine.show_vm("a")["restart_required"] is False
+
+
+def test_only_a_jailed_firecracker_vms_tap_is_given_to_the_jailers_uid(world: World) -> None:
+    """Under --jailer every jailed VMM runs as the one uid: a tap it owns it may open, so a
+    VM's tap whose VMM is not jailed is not given to it (or any jailed VMM could take it)."""
+    object.__setattr__(world.settings, "jailer", Path("/opt/jailer"))
+    world.engine.drivers["firecracker"] = world.driver
+    world.engine.create_vm("j", VMConfig(plugin="p", vmm="firecracker"))
+    world.engine.create_vm("o", VMConfig(plugin="p"))
+    taps = {name: world.engine.show_vm(name)["network"]["tap"] for name in ("j", "o")}
+    assert world.links.owned == {taps["j"]}
