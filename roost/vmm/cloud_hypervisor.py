@@ -24,7 +24,7 @@ import httpx
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
 from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, check_tap
-from roost.vmm.process import Starting, VMMProcess
+from roost.vmm.process import ReadyWhen, VMMProcess
 
 log = logging.getLogger(__name__)
 SERVE_TIMEOUT = 5.0  # for a started Cloud Hypervisor to answer on its API socket
@@ -126,34 +126,6 @@ def _reason(response: httpx.Response) -> str:
     return str(chain)
 
 
-class _Early:
-    """Cloud Hypervisor being started by the supervisor; `result()` is the process once it
-    answers on its API socket (or raises, leaving no process), the same on every call."""
-
-    def __init__(self, starting: Starting, ready: Callable[[VMMProcess], None]) -> None:
-        self._starting = starting
-        self._ready = ready
-        self._process: VMMProcess | None = None
-        self._error: BaseException | None = None
-
-    def result(self) -> VMMProcess:
-        if self._process is None and self._error is None:
-            try:
-                process = self._starting.result()
-                try:
-                    self._ready(process)
-                except BaseException:
-                    process.kill()
-                    raise
-                self._process = process
-            except BaseException as error:
-                self._error = error
-        if self._error is not None:
-            raise self._error
-        assert self._process is not None
-        return self._process
-
-
 class CloudHypervisorDriver:
     kind = "cloud-hypervisor"
 
@@ -231,14 +203,14 @@ class CloudHypervisorDriver:
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
-    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> _Early:
+    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> ReadyWhen:
         """Have the supervisor start Cloud Hypervisor, and go on: it needs nothing but its API
         socket until the VM is created, so it comes up while the engine allocates and builds
         the tap. Its own messages go to the VMM log (the serial port has the console log)."""
         self.check_available()
         argv = [str(self.binary), "--api-socket", str(run_dir.api_socket)]
         starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.vmm_log)
-        return _Early(starting, self._wait_until_serving)
+        return ReadyWhen(starting, self._wait_until_serving)
 
     def launch(
         self,

@@ -23,7 +23,7 @@ from roost.engine.settings import JAILED_EXEC_NAME, jail_chroot
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
 from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
-from roost.vmm.process import Starting, VMMProcess
+from roost.vmm.process import ReadyWhen, VMMProcess
 
 log = logging.getLogger(__name__)
 SOCKET_TIMEOUT = 5.0
@@ -334,34 +334,6 @@ def _wait_for_socket(process: VMMProcess, path: Path) -> None:
         time.sleep(0.0005)
 
 
-class _Early:
-    """Firecracker being started by the supervisor; `result()` is the process once its API
-    socket accepts connections (or raises, leaving no process), the same on every call."""
-
-    def __init__(self, starting: Starting, api_socket: Path) -> None:
-        self._starting = starting
-        self._api_socket = api_socket
-        self._process: VMMProcess | None = None
-        self._error: BaseException | None = None
-
-    def result(self) -> VMMProcess:
-        if self._process is None and self._error is None:
-            try:
-                process = self._starting.result()
-                try:
-                    _wait_for_socket(process, self._api_socket)
-                except BaseException:
-                    process.kill()
-                    raise
-                self._process = process
-            except BaseException as error:
-                self._error = error
-        if self._error is not None:
-            raise self._error
-        assert self._process is not None
-        return self._process
-
-
 class FirecrackerDriver:
     kind = "firecracker"
 
@@ -419,7 +391,7 @@ class FirecrackerDriver:
         if api is not None:
             api.close()
 
-    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> _Early:
+    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> ReadyWhen:
         """Have the supervisor start Firecracker, and go on: it comes up while the engine
         allocates and builds the tap, none of which it needs before the VM's configuration."""
         self.check_available()
@@ -433,7 +405,7 @@ class FirecrackerDriver:
         else:
             argv = jailer_argv(self.jail, self.binary, name, run_dir)
         starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.console_log)
-        return _Early(starting, run_dir.api_socket)
+        return ReadyWhen(starting, lambda process: _wait_for_socket(process, run_dir.api_socket))
 
     def launch(
         self,

@@ -218,6 +218,35 @@ def _end_unanswered(run_dir: Path, files: ProcessFiles) -> None:
             os.kill(pid, signal.SIGKILL)
 
 
+class ReadyWhen:
+    """A VMM being started by the supervisor; `result()` is the process once `ready` (a
+    check that raises while it is not) has passed, or raises leaving no process; the same on
+    every call."""
+
+    def __init__(self, starting: Starting, ready: Callable[[VMMProcess], None]) -> None:
+        self._starting = starting
+        self._ready = ready
+        self._process: VMMProcess | None = None
+        self._error: BaseException | None = None
+
+    def result(self) -> VMMProcess:
+        if self._process is None and self._error is None:
+            try:
+                process = self._starting.result()
+                try:
+                    self._ready(process)
+                except BaseException:
+                    process.kill()
+                    raise
+                self._process = process
+            except BaseException as error:
+                self._error = error
+        if self._error is not None:
+            raise self._error
+        assert self._process is not None
+        return self._process
+
+
 @dataclass
 class _Channel:
     """One supervisor process and the answers read from it: it answers in the order it was
