@@ -44,7 +44,7 @@ def launch_spec(
         boot_args=boot_args(manifest, config, plan.name, net.kernel_ip_arg),
         vcpus=plan.resources.vcpus,
         memory_mib=plan.resources.memory_mib,
-        nic=NIC(tap=tap, mac=mac) if net.nic and tap and mac else None,
+        nics=(NIC(tap=tap, mac=mac),) if net.nic and tap and mac else (),
         vsock=(
             Vsock(cid, run_dir.vsock_socket, vsock_backend)
             if net.vsock and vsock_backend is not None

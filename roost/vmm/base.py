@@ -21,6 +21,8 @@ MAX_SOCKET_PATH = 107 - 11
 
 @dataclass(frozen=True)
 class NIC:
+    """One guest network device: the host tap behind it and the MAC the guest sees."""
+
     tap: str
     mac: str
 
@@ -150,7 +152,8 @@ class Early(Protocol):
 
 @dataclass(frozen=True)
 class LaunchSpec:
-    """Everything a driver needs to boot one VM; `nic`/`vsock` are None when the plan has none."""
+    """Everything a driver needs to boot one VM. `nics` in the guest's device order (empty for
+    a vsock-only VM); `vsock` is None when the plan has none."""
 
     name: str
     run_dir: RunDir
@@ -160,7 +163,7 @@ class LaunchSpec:
     boot_args: str
     vcpus: int
     memory_mib: int
-    nic: NIC | None
+    nics: tuple[NIC, ...]
     vsock: Vsock | None
 
 

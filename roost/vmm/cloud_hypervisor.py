@@ -67,8 +67,8 @@ def vm_config(spec: LaunchSpec) -> dict[str, Any]:
     }
     if spec.rootfs is not None:
         config["disks"] = [{"path": str(spec.rootfs), "readonly": False}]
-    if spec.nic is not None:
-        config["net"] = [{"tap": spec.nic.tap, "mac": spec.nic.mac}]
+    if spec.nics:
+        config["net"] = [{"tap": nic.tap, "mac": nic.mac} for nic in spec.nics]
     if spec.vsock is not None:
         config["vsock"] = {"cid": spec.vsock.cid, "socket": str(spec.vsock.uds_path)}
     return config
@@ -232,8 +232,8 @@ class CloudHypervisorDriver:
             api.call("PUT", "/vm.create", vm_config(spec))
             if host_ready is not None:
                 host_ready()
-            if spec.nic is not None:
-                check_tap(spec.nic.tap, worker)
+            for nic in spec.nics:
+                check_tap(nic.tap, worker)
             api.call("PUT", "/vm.boot")
             if while_booting is not None:
                 while_booting(process)

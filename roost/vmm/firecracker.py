@@ -190,12 +190,13 @@ def attach_requests(spec: LaunchSpec) -> list[Request]:
                 },
             )
         )
-    if spec.nic is not None:
+    for index, nic in enumerate(spec.nics):
+        iface_id = f"eth{index}"
         requests.append(
             (
                 "PUT",
-                "/network-interfaces/eth0",
-                {"iface_id": "eth0", "host_dev_name": spec.nic.tap, "guest_mac": spec.nic.mac},
+                f"/network-interfaces/{iface_id}",
+                {"iface_id": iface_id, "host_dev_name": nic.tap, "guest_mac": nic.mac},
             )
         )
     return requests

@@ -160,13 +160,13 @@ def qemu_argv(
             "-device",
             f"virtio-blk-{virtio},drive=rootfs",
         ]
-    if spec.nic is not None:
+    for index, nic in enumerate(spec.nics):
         argv += [
             "-netdev",
-            f"tap,id=n0,ifname={_opt(spec.nic.tap)},script=no,downscript=no,"
+            f"tap,id=n{index},ifname={_opt(nic.tap)},script=no,downscript=no,"
             f"vhost={'on' if vhost_net else 'off'}",
             "-device",
-            f"virtio-net-{virtio},netdev=n0,mac={spec.nic.mac}",
+            f"virtio-net-{virtio},netdev=n{index},mac={nic.mac}",
         ]
     if spec.vsock is not None:
         argv += _vsock_args(spec, machine)
@@ -363,8 +363,8 @@ class QemuDriver:
         accel = self.accel_for(spec.kernel, worker)
         if host_ready is not None:
             host_ready()
-        if spec.nic is not None:
-            check_tap(spec.nic.tap, worker)
+        for nic in spec.nics:
+            check_tap(nic.tap, worker)
         tsc_khz = host_tsc_khz() if self.machine == "microvm" and accel == "tcg" else None
         argv = qemu_argv(
             self.binary,

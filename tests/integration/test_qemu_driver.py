@@ -55,7 +55,7 @@ class Guests:
         self.root = root
         self.started: list[tuple[QemuDriver, VMMProcess]] = []
 
-    def spec(self, name: str, boot_args: str, nic: NIC | None = None) -> LaunchSpec:
+    def spec(self, name: str, boot_args: str, *nics: NIC) -> LaunchSpec:
         run_dir = RunDir(self.root / name)
         run_dir.prepare()
         return LaunchSpec(
@@ -67,7 +67,7 @@ class Guests:
             boot_args=boot_args,
             vcpus=1,
             memory_mib=256,
-            nic=nic,
+            nics=nics,
             vsock=None,
         )
 

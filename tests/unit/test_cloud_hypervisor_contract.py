@@ -72,7 +72,7 @@ class Rig:
         self.processes: list[VMMProcess] = []
 
     def spec(
-        self, *, nic: bool = True, rootfs: bool = True, initrd: bool = True, vsock: bool = True
+        self, *, nics: int = 1, rootfs: bool = True, initrd: bool = True, vsock: bool = True
     ) -> LaunchSpec:
         return LaunchSpec(
             name="vm-1",
@@ -84,7 +84,7 @@ class Rig:
             vcpus=2,
             memory_mib=256,
             # "lo" is a tap to the driver's check (it exists everywhere); the fake opens nothing
-            nic=NIC("lo", "02:00:00:00:00:07") if nic else None,
+            nics=tuple(NIC("lo", f"02:00:00:00:00:0{7 + index}") for index in range(nics)),
             vsock=(
                 Vsock(3, self.run_dir.vsock_socket, VsockBackend.CLOUD_HYPERVISOR)
                 if vsock
@@ -138,10 +138,11 @@ def assert_all_valid(openapi: dict[str, Any], rig: Rig) -> None:
 
 
 BOOTS = {
-    "vsock only, initramfs": dict(nic=False, rootfs=False),
+    "vsock only, initramfs": dict(nics=0, rootfs=False),
     "bridged, root disk beside an initramfs": dict(),
     "bridged, root disk and no initramfs": dict(initrd=False),
-    "no vsock, no NIC": dict(nic=False, vsock=False),
+    "no vsock, no NIC": dict(nics=0, vsock=False),
+    "two NICs": dict(nics=2),
 }
 
 
@@ -178,8 +179,10 @@ def test_every_boot_request_matches_the_openapi_spec(
     }
     if spec.rootfs is not None:
         expected["disks"] = [{"path": "/d/vm-1.ext4", "readonly": False}]
-    if spec.nic is not None:
-        expected["net"] = [{"tap": "lo", "mac": "02:00:00:00:00:07"}]
+    if spec.nics:
+        expected["net"] = [
+            {"tap": "lo", "mac": f"02:00:00:00:00:0{7 + i}"} for i in range(len(spec.nics))
+        ]
     if spec.vsock is not None:
         expected["vsock"] = {"cid": 3, "socket": str(rig.run_dir.vsock_socket)}
     assert create == expected
@@ -275,7 +278,7 @@ def test_a_refused_boot_fails_the_launch_with_the_reason_and_leaves_no_process(r
 
 def test_a_missing_tap_fails_before_the_boot_and_leaves_no_process(rig: Rig) -> None:
     spec = rig.spec()
-    missing = replace(spec, nic=NIC("rtap-none", "02:00:00:00:00:08"))
+    missing = replace(spec, nics=(*spec.nics, NIC("rtap-none", "02:00:00:00:00:08")))
     with pytest.raises(VMMFailedError, match="tap rtap-none does not exist"):
         rig.launch(missing)
     assert rig.actions() == ["PUT /vm.create"]

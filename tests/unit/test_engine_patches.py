@@ -145,7 +145,7 @@ def test_leaving_bridged_for_vsock_releases_the_address_and_tap_at_the_next_star
     assert world.links.links == {}
     assert world.firewall.protected == set()
     assert restarted["vsock"]["cid"] == vm["vsock"]["cid"]
-    assert world.driver.launched[-1].nic is None
+    assert world.driver.launched[-1].nics == ()
     assert "ip=" not in world.driver.launched[-1].boot_args
 
 
@@ -153,7 +153,7 @@ def test_vsock_to_bridged_gets_a_nic_and_an_address(world: World) -> None:
     world.engine.create_vm(
         "a", VMConfig.model_validate({"plugin": "p", "network": {"mode": "vsock"}})
     )
-    assert world.driver.launched[-1].nic is None
+    assert world.driver.launched[-1].nics == ()
     patch(
         world,
         "a",
@@ -162,7 +162,7 @@ def test_vsock_to_bridged_gets_a_nic_and_an_address(world: World) -> None:
     assert leases(world) == {SUBNET: ["10.66.0.9"]}  # reserved at patch time
     restarted = world.engine.restart_vm("a")
     spec = world.driver.launched[-1]
-    assert spec.nic is not None and spec.nic.mac == restarted["network"]["mac"]
+    assert [nic.mac for nic in spec.nics] == [restarted["network"]["mac"]]
     assert "ip=10.66.0.9::10.66.0.1:255.255.255.0:a:eth0:off" in spec.boot_args
 
 

@@ -49,8 +49,11 @@ def body_schema(swagger: dict[str, Any], method: str, path: str) -> dict[str, An
 
 
 SPECS = {
-    "vsock only": dict(nic=None, rootfs=None),
-    "bridged with rootfs": dict(nic=NIC("rtap7", "02:00:00:00:00:07"), rootfs=Path("/r.ext4")),
+    "vsock only": dict(nics=(), rootfs=None),
+    "bridged with rootfs": dict(nics=(NIC("rtap7", "02:00:00:00:00:07"),), rootfs=Path("/r.ext4")),
+    "two NICs": dict(
+        nics=(NIC("rtap7", "02:00:00:00:00:07"), NIC("rtap8", "02:00:00:00:00:08")), rootfs=None
+    ),
 }
 
 
@@ -91,3 +94,31 @@ def test_control_requests_match_firecrackers_schema(
 def test_the_contract_check_catches_a_misspelt_field(swagger: dict[str, Any]) -> None:
     schema = body_schema(swagger, "PUT", "/machine-config")
     assert list(Draft4Validator(schema).iter_errors({"vcpu_count": 1, "mem_size_mb": 128}))
+
+
+def test_every_nic_is_one_network_interface_named_by_its_index_in_list_order() -> None:
+    spec = LaunchSpec(
+        name="vm-1",
+        run_dir=RunDir(Path("/run/roost/vms/vm-1")),
+        kernel=Path("/k/vmlinux"),
+        initrd=Path("/k/initrd"),
+        rootfs=None,
+        boot_args="console=ttyS0",
+        vcpus=1,
+        memory_mib=128,
+        nics=(NIC("rtap-b", "02:00:00:00:00:0b"), NIC("rtap-a", "02:00:00:00:00:0a")),
+        vsock=None,
+    )
+    interfaces = [r for r in boot_requests(spec) if r[1].startswith("/network-interfaces/")]
+    assert interfaces == [
+        (
+            "PUT",
+            "/network-interfaces/eth0",
+            {"iface_id": "eth0", "host_dev_name": "rtap-b", "guest_mac": "02:00:00:00:00:0b"},
+        ),
+        (
+            "PUT",
+            "/network-interfaces/eth1",
+            {"iface_id": "eth1", "host_dev_name": "rtap-a", "guest_mac": "02:00:00:00:00:0a"},
+        ),
+    ]

@@ -40,7 +40,7 @@ def spec(run_dir: RunDir) -> LaunchSpec:
         boot_args="console=ttyS0",
         vcpus=1,
         memory_mib=128,
-        nic=NIC("rtap1", "02:00:00:00:00:01"),
+        nics=(NIC("rtap1", "02:00:00:00:00:01"),),
         vsock=Vsock(3, run_dir.vsock_socket, VsockBackend.FIRECRACKER),
     )
 

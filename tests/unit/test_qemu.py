@@ -51,7 +51,7 @@ def spec(
         boot_args=boot_args,
         vcpus=1,
         memory_mib=256,
-        nic=NIC(tap="rtap1", mac="06:00:0a:00:00:05") if nic else None,
+        nics=(NIC(tap="rtap1", mac="06:00:0a:00:00:05"),) if nic else (),
         vsock=Vsock(cid=7, uds_path=RUN.vsock_socket, backend=vsock) if vsock else None,
     )
 
@@ -79,6 +79,21 @@ def test_microvm_tcg_with_nic_rootfs_and_kernel_vsock() -> None:
         *("-netdev", "tap,id=n0,ifname=rtap1,script=no,downscript=no,vhost=off"),
         *("-device", "virtio-net-device,netdev=n0,mac=06:00:0a:00:00:05"),
         *("-device", "vhost-vsock-device,guest-cid=7"),
+    ]
+
+
+@pytest.mark.parametrize(("machine", "virtio"), [("microvm", "device"), ("q35", "pci")])
+def test_every_nic_gets_its_own_tap_netdev_and_device_with_its_mac_in_list_order(
+    machine: qemu.Machine, virtio: str
+) -> None:
+    nics = (NIC("rtap-b", "06:00:00:00:00:0b"), NIC("rtap-a", "06:00:00:00:00:0a"))
+    words = argv(replace(spec(), nics=nics), machine)
+    start = words.index("-netdev")
+    assert words[start:] == [
+        *("-netdev", "tap,id=n0,ifname=rtap-b,script=no,downscript=no,vhost=off"),
+        *("-device", f"virtio-net-{virtio},netdev=n0,mac=06:00:00:00:00:0b"),
+        *("-netdev", "tap,id=n1,ifname=rtap-a,script=no,downscript=no,vhost=off"),
+        *("-device", f"virtio-net-{virtio},netdev=n1,mac=06:00:00:00:00:0a"),
     ]
 
 
