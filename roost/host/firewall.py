@@ -10,11 +10,14 @@ run by libnftables (the library behind `nft`) in the daemon itself, from the cal
 from __future__ import annotations
 
 import ctypes
+import ipaddress
 import logging
 import threading
+from collections.abc import Sequence
 
 from roost.errors import HostError
 from roost.host.netns import NetnsWorker
+from roost.plan.ipv6 import link_local
 
 log = logging.getLogger(__name__)
 LIBRARY = "libnftables.so.1"
@@ -28,6 +31,60 @@ table {TABLE} {{
     }}
 }}
 """
+
+# the comments naming the IPv6 drop rules (what each drops), for whoever reads their counters
+DROPS = {
+    "dhcpv6": "DHCPv6 server",
+    "router": "router advertisement or redirect",
+    "source": "spoofed IPv6 source",
+    "dad": "unspecified source, not duplicate address detection",
+    "neighbour": "neighbour advertisement for another address",
+}
+# what a guest sends from :: while its addresses are tentative (RFC 4862 5.4, RFC 3810 5.2.13)
+DAD_TYPES = "nd-neighbor-solicit, mld2-listener-report, mld-listener-report"
+
+
+def tap_rules(tap: str, mac: str, ip: str | None, ipv6: Sequence[str] | None = None) -> str:
+    """The batch that (re)makes `tap`'s chain: frames only from `mac`, IPv4 and ARP (only from
+    `ip` when given), never a DHCP server's. Without `ipv6` no IPv6 at all (a network without
+    a prefix); with it, IPv6 too but only from those addresses, the link-local address of
+    `mac` and `::` (duplicate address detection only), never a router advertisement or
+    redirect, never a DHCPv6 server's answer, never a neighbour advertisement for another
+    address. The IPv6 drop rules count what they drop, each named by its comment."""
+    chain = f"vm-{tap}"
+    rule = f"add rule {TABLE} {chain}"
+    kinds = "ip, arp" if ipv6 is None else "ip, arp, ip6"
+    lines = [
+        f"add chain {TABLE} {chain}",
+        f"flush chain {TABLE} {chain}",
+        f"{rule} ether saddr != {mac} drop",
+        f"{rule} ether type != {{ {kinds} }} drop",
+        f"{rule} udp sport 67 drop",
+    ]
+    if ip is not None:
+        lines += [
+            f"{rule} ether type ip ip saddr != {ip} drop",
+            f"{rule} ether type arp arp saddr ip != {ip} drop",
+        ]
+    if ipv6 is not None:
+        own = sorted({ipaddress.IPv6Address(address) for address in ipv6} | {link_local(mac)})
+        sources = ", ".join(str(address) for address in own)
+        targets = ", ".join(f"0x{int(address):032x}" for address in own)
+        v6 = f"{rule} ether type ip6"
+        lines += [
+            f'{v6} udp sport 547 counter drop comment "{DROPS["dhcpv6"]}"',
+            f"{v6} icmpv6 type {{ nd-router-advert, nd-redirect }} counter drop "
+            f'comment "{DROPS["router"]}"',
+            f'{v6} ip6 saddr != {{ ::, {sources} }} counter drop comment "{DROPS["source"]}"',
+            f'{v6} ip6 saddr :: meta l4proto != ipv6-icmp counter drop comment "{DROPS["dad"]}"',
+            f"{v6} ip6 saddr :: icmpv6 type != {{ {DAD_TYPES} }} counter drop "
+            f'comment "{DROPS["dad"]}"',
+            # the target of a neighbour advertisement (bytes 8-23 of the ICMPv6 message)
+            f"{v6} icmpv6 type nd-neighbor-advert @th,64,128 != {{ {targets} }} counter drop "
+            f'comment "{DROPS["neighbour"]}"',
+        ]
+    lines.append(f'add element {TABLE} taps {{ "{tap}" : jump {chain} }}')
+    return "\n".join(lines) + "\n"
 
 
 class Nftables:
@@ -98,26 +155,15 @@ class Firewall:
             raise HostError(f"nftables refused the rules: {refused}")
         return refused
 
-    def protect(self, tap: str, mac: str, ip: str | None) -> None:
-        """Let `tap` send only IPv4 and ARP, from `mac`, never as a DHCP server, and — when
-        `ip` is given — only from `ip`. (IPv6 is not supported yet, so it is not let out.)"""
+    def protect(
+        self, tap: str, mac: str, ip: str | None, ipv6: Sequence[str] | None = None
+    ) -> None:
+        """Let `tap` send only from `mac`, never as a DHCP server, IPv4 and ARP only from `ip`
+        when it is given, and IPv6 only when `ipv6` (its addresses on a network with a prefix)
+        is given; see `tap_rules`."""
         if not self.enabled:
             return
-        chain = f"vm-{tap}"
-        lines = [
-            f"add chain {TABLE} {chain}",
-            f"flush chain {TABLE} {chain}",
-            f"add rule {TABLE} {chain} ether saddr != {mac} drop",
-            f"add rule {TABLE} {chain} ether type != {{ ip, arp }} drop",
-            f"add rule {TABLE} {chain} udp sport 67 drop",
-        ]
-        if ip is not None:
-            lines += [
-                f"add rule {TABLE} {chain} ether type ip ip saddr != {ip} drop",
-                f"add rule {TABLE} {chain} ether type arp arp saddr ip != {ip} drop",
-            ]
-        lines.append(f'add element {TABLE} taps {{ "{tap}" : jump {chain} }}')
-        self._run("\n".join(lines) + "\n")
+        self._run(tap_rules(tap, mac, ip, ipv6))
 
     def release(self, tap: str) -> None:
         """Remove the tap's rules, if it has any."""
