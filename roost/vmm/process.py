@@ -112,8 +112,9 @@ class VMMProcess:
     ) -> Starting:
         """Ask the supervisor to start `argv` in the worker's namespace, in a session of its
         own, its output appended to `output`, and go on: `result()` waits for it."""
+        command = Command(argv, run_dir, output, files)
         supervisor = Supervisor.of(worker)
-        return Starting(supervisor, supervisor.send(argv, run_dir, output, files), run_dir, files)
+        return Starting(supervisor, supervisor.send(argv, run_dir, output, files), command)
 
     @property
     def exit_file(self) -> Path:
@@ -173,31 +174,60 @@ class VMMProcess:
         return os.pidfd_open(self.pid)
 
 
+@dataclass(frozen=True)
+class Command:
+    """What the supervisor is asked to start: `argv` in `run_dir`, its output appended to
+    `output`, its PID and exit status written to `files`."""
+
+    argv: list[str]
+    run_dir: Path
+    output: Path
+    files: ProcessFiles
+
+
+class SupervisorLostError(VMMFailedError):
+    """The supervisor gave no answer (it hung, or died): it has been replaced, and the command
+    may be asked of its replacement."""
+
+
 class Starting:
     """A VMM its supervisor has been asked to start; `result()` waits for its PID the first
-    time, and gives the same process (or raises the same error) every time."""
+    time, and gives the same process (or raises the same error) every time. A supervisor that
+    gives no answer is replaced, and the start asked once more of its replacement: the hang was
+    the supervisor's, not the VMM's."""
 
-    def __init__(
-        self, supervisor: Supervisor, ticket: Ticket, run_dir: Path, files: ProcessFiles
-    ) -> None:
+    def __init__(self, supervisor: Supervisor, ticket: Ticket, command: Command) -> None:
         self._supervisor = supervisor
         self._ticket = ticket
-        self._run_dir = run_dir
-        self._files = files
+        self._command = command
         self._outcome: VMMProcess | VMMFailedError | None = None
 
     def result(self) -> VMMProcess:
         if self._outcome is None:
-            channel = self._ticket[0]
-            try:
-                pid = self._supervisor.answer(self._ticket)
-                self._outcome = VMMProcess(self._run_dir, pid, channel.process.pid, self._files)
-            except VMMFailedError as error:
-                _end_unanswered(self._run_dir, self._files)
-                self._outcome = error
+            self._outcome = self._collect()
         if isinstance(self._outcome, VMMFailedError):
             raise self._outcome
         return self._outcome
+
+    def _collect(self) -> VMMProcess | VMMFailedError:
+        command = self._command
+        for last in (False, True):
+            channel = self._ticket[0]
+            try:
+                pid = self._supervisor.answer(self._ticket)
+                return VMMProcess(command.run_dir, pid, channel.process.pid, command.files)
+            except SupervisorLostError as error:
+                _end_unanswered(command.run_dir, command.files)
+                if last:
+                    return error
+                log.warning("%s; asking its replacement to start %s", error, command.argv[0])
+                self._ticket = self._supervisor.send(
+                    command.argv, command.run_dir, command.output, command.files
+                )
+            except VMMFailedError as error:
+                _end_unanswered(command.run_dir, command.files)
+                return error
+        raise AssertionError("unreachable")
 
 
 def _end_unanswered(run_dir: Path, files: ProcessFiles) -> None:
@@ -274,6 +304,7 @@ class Supervisor:
         self._worker = worker
         self._lock = threading.Lock()
         self._channel: _Channel | None = None
+        self._closed = False
         worker.on_close(self.close)
 
     @classmethod
@@ -340,23 +371,27 @@ class Supervisor:
                 channel.answers[channel.read] = said
                 channel.read += 1
             answer = channel.answers.pop(number)
+        if "lost" in answer:
+            message = f"cannot start {program}: {answer['lost']}"
+            # a closed supervisor (the daemon is stopping) is not replaced
+            raise VMMFailedError(message) if self._closed else SupervisorLostError(message)
         if "pid" not in answer:
             raise VMMFailedError(f"cannot start {program}: {answer['error']}")
         return int(answer["pid"])
 
     def _read(self, channel: _Channel) -> dict[str, Any]:
-        """The supervisor's next answer; an error if it ended or did not answer in time."""
+        """The supervisor's next answer; `lost` if it ended or did not answer in time."""
         try:
             line = _readline(channel, time.monotonic() + ANSWER_TIMEOUT)
         except TimeoutError:  # before OSError, of which it is one
             self._replace(channel)
-            return {"error": f"the supervisor did not answer within {ANSWER_TIMEOUT:.0f} s"}
-        except (OSError, ValueError):  # ValueError: closed by `close`
+            return {"lost": f"the supervisor did not answer within {ANSWER_TIMEOUT:.0f} s"}
+        except (OSError, ValueError):  # ValueError: closed by `close` or `_replace`
             line = b""
         try:
-            return dict(json.loads(line)) if line else {"error": "the supervisor exited"}
+            return dict(json.loads(line)) if line else {"lost": "the supervisor exited"}
         except ValueError:  # cut short: it died while answering
-            return {"error": f"the supervisor answered {line!r}"}
+            return {"lost": f"the supervisor answered {line!r}"}
 
     def _replace(self, channel: _Channel) -> None:
         """A supervisor that did not answer in time: SIGKILLed and reaped, so the next command
@@ -383,6 +418,7 @@ class Supervisor:
             self._by_worker.pop(id(self._worker), None)
         with self._lock:
             channel, self._channel = self._channel, None
+            self._closed = True
         if channel is None:
             return
         process = channel.process

@@ -162,3 +162,32 @@ def test_a_vmm_started_by_a_supervisor_that_then_hangs_is_ended_not_leaked(
             os.kill(pid, signal.SIGKILL)
     assert not Path(f"/proc/{old}").exists()  # the supervisor was ended and reaped
     assert channel.process.stdout is not None and channel.process.stdout.closed
+
+
+@pytest.mark.parametrize("how", ["hangs", "dies"])
+def test_a_start_the_supervisor_gave_no_answer_to_is_asked_of_its_replacement(
+    worker: NetnsWorker, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The supervisor hangs, or dies, with a start pending: the start still succeeds, started by
+    the supervisor that replaces it."""
+    monkeypatch.setattr(process_module, "ANSWER_TIMEOUT", 1.0)
+    assert SLEEP is not None
+    # reads the command, then never answers, or exits without answering
+    then = "import time; time.sleep(60)" if how == "hangs" else "pass"
+    failing = tmp_path / "failing_supervisor.py"
+    failing.write_text(f"import sys\nsys.stdin.readline()\n{then}\n")
+    monkeypatch.setattr(process_module, "SUPERVISOR", failing)
+    path = run_dir(tmp_path, "asked")
+    starting = VMMProcess.begin([SLEEP, "30"], path, worker, output=path / "console.log")
+    old = starting._supervisor.pid
+    monkeypatch.undo()  # its replacement is a real supervisor
+    monkeypatch.setattr(process_module, "ANSWER_TIMEOUT", 1.0)
+    started = starting.result()
+    try:
+        assert started.supervisor_pid == starting._supervisor.pid != old
+        assert recorded_pid(path) == started.pid
+        assert not started.exited()
+        assert not Path(f"/proc/{old}").exists()  # ended and reaped
+    finally:
+        started.kill()
+    assert started.exit_code() == -signal.SIGKILL
