@@ -4,13 +4,22 @@ network plan (what must exist on the host for a VM). All per-mode decisions live
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 from typing import Any
 
 from roost.errors import ErrorDetail, InvalidError
+from roost.plan.registry import NetworkLookup, RegisteredNetwork
 from roost.spec.manifest import Manifest
-from roost.spec.network import NetworkConfig, NetworkMode, first_host, network_errors, parse_subnet
+from roost.spec.network import (
+    NetworkConfig,
+    NetworkMode,
+    check_inside,
+    check_ip_not_gateway,
+    first_host,
+    network_errors,
+    parse_subnet,
+)
 from roost.spec.vmconfig import VMConfig
 
 DEFAULT_SUBNET = "10.57.0.0/24"
@@ -36,7 +45,7 @@ class Attachment(StrEnum):
     """Which kind of bridge a VM's tap joins."""
 
     MANAGED = "managed"  # a bridge roost creates for the subnet and owns
-    EXTERNAL = "external"  # the operator's bridge with a DHCP server behind it (--dhcp-bridge)
+    EXTERNAL = "external"  # the operator's bridge (--dhcp-bridge, `network create --external`)
     NONE = "none"
 
 
@@ -69,7 +78,10 @@ class EffectiveNetwork:
     """A VM's network after resolution; fields that do not apply to the mode are None.
 
     `auto_assign` is true exactly when roost picks the address; `ip` is the address when it is
-    known (a manual one, or an allocated one once `with_ip` has filled it in).
+    known (a manual one, or an allocated one once `with_ip` has filled it in). `network` is the
+    registered network the config named (None for a subnet, the default network, or a dhcp VM
+    on `--dhcp-bridge`), `external` whether that network's bridge is the operator's. A named
+    network planned without a lookup (offline) has no subnet: the daemon resolves it.
     """
 
     mode: NetworkMode
@@ -78,11 +90,16 @@ class EffectiveNetwork:
     gateway: ipaddress.IPv4Address | None = None
     auto_assign: bool | None = None
     ip: ipaddress.IPv4Address | None = None
+    network: str | None = None
+    external: bool = False
 
     def with_ip(self, ip: ipaddress.IPv4Address) -> EffectiveNetwork:
-        return EffectiveNetwork(
-            self.mode, self.source, self.subnet, self.gateway, self.auto_assign, ip
-        )
+        return replace(self, ip=ip)
+
+    @property
+    def unresolved(self) -> bool:
+        """A named network the planner could not look up (offline `vm plan`)."""
+        return self.network is not None and self.mode is NetworkMode.BRIDGED and not self.subnet
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EffectiveNetwork:
@@ -99,9 +116,16 @@ class EffectiveNetwork:
             optional("gateway", ipaddress.IPv4Address),
             data.get("auto_assign"),
             optional("ip", ipaddress.IPv4Address),
+            data.get("network"),
+            bool(data.get("external", False)),
         )
 
     def to_json(self) -> dict[str, Any]:
+        """Its JSON; `network` and `external` only where a network was named, so every config
+        that names none reads (and is stored) exactly as before named networks."""
+        named: dict[str, Any] = {}
+        if self.network is not None:
+            named = {"network": self.network, "external": self.external}
         return {
             "mode": self.mode.value,
             "source": self.source.value,
@@ -109,12 +133,14 @@ class EffectiveNetwork:
             "gateway": None if self.gateway is None else str(self.gateway),
             "auto_assign": self.auto_assign,
             "ip": None if self.ip is None else str(self.ip),
+            **named,
         }
 
 
 def _merge(plugin: NetworkConfig | None, vm: NetworkConfig, mode: NetworkMode) -> NetworkConfig:
     """The VM's override on top of the plugin's network, following the inheritance rules."""
-    if plugin is None or plugin.mode is not mode or vm.subnet is not None:
+    own = vm.subnet is not None or vm.network is not None
+    if plugin is None or plugin.mode is not mode or own:
         return vm.model_copy(update={"mode": mode})
     inherited = plugin.model_dump(exclude_none=True)
     inherited.update(vm.model_dump(exclude_none=True))
@@ -123,9 +149,13 @@ def _merge(plugin: NetworkConfig | None, vm: NetworkConfig, mode: NetworkMode) -
 
 
 def resolve_network(
-    manifest: Manifest, vm_config: VMConfig | None, default: DefaultNetwork
+    manifest: Manifest,
+    vm_config: VMConfig | None,
+    default: DefaultNetwork,
+    lookup: NetworkLookup | None = None,
 ) -> EffectiveNetwork:
     """The VM's effective network: its override over the plugin's default over the daemon's.
+    A named network is found through `lookup` (None offline: left for the daemon to resolve).
 
     Raises `InvalidError` (locs under `network.`) when the result breaks a rule.
     """
@@ -154,12 +184,79 @@ def resolve_network(
     if errors:
         raise InvalidError.of(errors)
 
+    if merged.network is not None:
+        return _named(merged, mode, source, lookup)
     if mode is not NetworkMode.BRIDGED:
         return EffectiveNetwork(mode, source)
     subnet = merged.subnet_net or default.subnet
     gateway = merged.gateway_addr or (first_host(subnet) if merged.subnet_net else default.gateway)
     ip = merged.ip_addr
     return EffectiveNetwork(mode, source, subnet, gateway, ip is None, ip)
+
+
+def _named(
+    merged: NetworkConfig, mode: NetworkMode, source: Source, lookup: NetworkLookup | None
+) -> EffectiveNetwork:
+    """A network that names a registered one: bridged VMs take their subnet and gateway from
+    it (a managed network, or an external one registered with a subnet, where roost assigns
+    addresses but never touches the bridge); dhcp VMs need an external one (a DHCP server
+    behind the operator's bridge)."""
+    name = merged.network
+    assert name is not None
+    ip = merged.ip_addr
+    auto = ip is None if mode is NetworkMode.BRIDGED else None
+    if lookup is None:
+        return EffectiveNetwork(mode, source, auto_assign=auto, ip=ip, network=name)
+    found = lookup(name)
+    if found is None:
+        raise InvalidError.at(
+            "network.network",
+            f"no network named {name!r} is registered; roost network list shows those that "
+            f"are, roost network create {name} makes one",
+        )
+    if mode is NetworkMode.DHCP:
+        if found.managed:
+            raise InvalidError.at(
+                "network.network",
+                f"network {name!r} is managed by roost, which runs no DHCP server on it; "
+                "a dhcp VM needs an external network (network create --external)",
+            )
+        return EffectiveNetwork(mode, source, network=name, external=True)
+    return _bridged_on(found, merged, source)
+
+
+def _bridged_on(
+    found: RegisteredNetwork, merged: NetworkConfig, source: Source
+) -> EffectiveNetwork:
+    if found.subnet is None or found.gateway is None:
+        raise InvalidError.at(
+            "network.network",
+            f"network {found.name!r} is external with no subnet, so roost has no address to "
+            "give a bridged VM on it; use dhcp mode, or register it with --subnet",
+        )
+    errors: list[ErrorDetail] = []
+
+    def err(field: str | None, msg: str) -> None:
+        errors.append(ErrorDetail(f"network.{field}" if field else "network", msg))
+
+    note = f" (network {found.name!r})"
+    check_inside(err, "ip", merged.ip_addr, found.subnet, note)
+    check_ip_not_gateway(err, merged.ip_addr, found.gateway)
+    if merged.ip is None and merged.auto_assign is False:
+        err(None, f"a bridged network on network {found.name!r} needs an ip or auto_assign: true")
+    if errors:
+        raise InvalidError.of(errors)
+    ip = merged.ip_addr
+    return EffectiveNetwork(
+        NetworkMode.BRIDGED,
+        source,
+        found.subnet,
+        found.gateway,
+        ip is None,
+        ip,
+        network=found.name,
+        external=not found.managed,
+    )
 
 
 @dataclass(frozen=True)
@@ -245,13 +342,13 @@ def plan_network(effective: EffectiveNetwork, vm_name: str) -> NetworkPlan:
             observe_ip=True,
             antispoof=AntiSpoof.MAC,
         )
-    assert effective.subnet is not None and effective.gateway is not None
     arg = None
-    if effective.ip is not None:
+    if effective.ip is not None and effective.subnet is not None:
+        assert effective.gateway is not None
         arg = kernel_ip_arg(effective.ip, effective.gateway, effective.subnet, vm_name)
     return NetworkPlan(
         tap=True,
-        attach=Attachment.MANAGED,
+        attach=Attachment.EXTERNAL if effective.external else Attachment.MANAGED,
         ipam=IPAM.AUTO if effective.auto_assign else IPAM.MANUAL,
         nic=True,
         vsock=True,

@@ -12,6 +12,7 @@ from roost.plan.network import (
     plan_network,
     resolve_network,
 )
+from roost.plan.registry import NetworkLookup
 from roost.spec.common import Resources
 from roost.spec.manifest import Manifest
 from roost.spec.vmconfig import VMConfig
@@ -27,8 +28,16 @@ class VMPlan:
     resources: Resources
 
 
-def plan_vm(name: str, manifest: Manifest, config: VMConfig, default: DefaultNetwork) -> VMPlan:
-    network = resolve_network(manifest, config, default)
+def plan_vm(
+    name: str,
+    manifest: Manifest,
+    config: VMConfig,
+    default: DefaultNetwork,
+    lookup: NetworkLookup | None = None,
+) -> VMPlan:
+    """The VM's plan; `lookup` finds the networks its config names (None offline: a named
+    network is then left for the daemon to resolve)."""
+    network = resolve_network(manifest, config, default, lookup)
     return VMPlan(
         name=name,
         network=network,
@@ -66,7 +75,8 @@ def needs_restart(
 
     def what_boots(effective: dict[str, Any], config: dict[str, Any]) -> tuple[Any, ...]:
         network = effective["network"]
-        addressing = tuple(network.get(key) for key in ("mode", "subnet", "gateway", "ip"))
+        keys = ("mode", "subnet", "gateway", "ip", "network")  # a named network: its bridge
+        addressing = tuple(network.get(key) for key in keys)
         return (
             addressing,
             effective["resources"],

@@ -16,6 +16,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
 
 from roost.errors import ErrorDetail, InvalidError
+from roost.spec.common import DNS_LABEL
 from roost.spec.parse import details_of
 
 MIN_PREFIX = 8
@@ -116,6 +117,19 @@ def parse_address(value: Any) -> ipaddress.IPv4Address:
     return address
 
 
+def parse_network_name(value: Any) -> str:
+    """A registered network's name as a config names it: a DNS label, like a VM's."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string naming a registered network (roost network list)")
+    text = value.strip()
+    if not DNS_LABEL.fullmatch(text):
+        raise ValueError(
+            f"{text!r} is not a network name: a DNS label of 1-63 characters, lower-case "
+            "letters, digits and '-' (roost network list shows the registered ones)"
+        )
+    return text
+
+
 def first_host(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     """The gateway a subnet gets when none is named: its first host address."""
     return subnet.network_address + 1
@@ -134,6 +148,8 @@ class NetworkConfig(BaseModel):
     gateway: str | None = None
     auto_assign: bool | None = None
     ip: str | None = None
+    # a registered network (`roost network create`), in place of subnet and gateway
+    network: str | None = None
 
     @field_validator("subnet", mode="before")
     @classmethod
@@ -144,6 +160,11 @@ class NetworkConfig(BaseModel):
     @classmethod
     def _address(cls, value: Any) -> str | None:
         return None if value is None else str(parse_address(value))
+
+    @field_validator("network", mode="before")
+    @classmethod
+    def _network(cls, value: Any) -> str | None:
+        return None if value is None else parse_network_name(value)
 
     @field_validator("auto_assign", mode="before")
     @classmethod
@@ -190,6 +211,18 @@ def network_errors(
             err("mode", f"is required; use one of {MODES_TEXT}")
         return errors
 
+    if net.network is not None:
+        if net.mode is NetworkMode.VSOCK:
+            err("network", "names a network for a tap; a vsock VM has none, so drop it")
+        if net.subnet is not None:
+            err(
+                "network",
+                f"names network {net.network!r}, which has its own subnet; give network or "
+                "subnet, not both",
+            )
+        elif net.gateway is not None:
+            err("gateway", f"is network {net.network!r}'s own; drop it")
+
     if net.mode is not NetworkMode.BRIDGED:
         for field in BRIDGED_ONLY_FIELDS:
             if getattr(net, field) is not None:
@@ -202,8 +235,9 @@ def network_errors(
         err("ip", "is per-VM: a plugin serves many VMs, so set ip on a VM, not in the manifest")
 
     # A VM override without a subnet inherits the plugin's (same mode); judge it once resolved.
+    # A named network's subnet is the registry's: resolution judges its address against it.
     complete = where != "vm" or net.subnet is not None
-    if not complete:
+    if not complete or net.network is not None:
         return errors
 
     subnet = net.subnet_net
@@ -212,8 +246,8 @@ def network_errors(
             err("gateway", "needs a subnet; set network.subnet as well, or drop the gateway")
         if where == "effective" and default_subnet is not None:
             subnet = ipaddress.IPv4Network(default_subnet)
-            _check_inside(err, "ip", net.ip_addr, subnet, " (the daemon's default network)")
-            _check_ip_not_gateway(err, net.ip_addr, first_host(subnet))
+            check_inside(err, "ip", net.ip_addr, subnet, " (the daemon's default network)")
+            check_ip_not_gateway(err, net.ip_addr, first_host(subnet))
         if where == "effective" and net.ip is None and net.auto_assign is False:
             err(None, "a bridged network needs an ip or auto_assign: true")
         return errors
@@ -223,16 +257,16 @@ def network_errors(
             "gateway",
             f"bridged mode on subnet {subnet} needs a gateway or auto_assign: true",
         )
-    _check_inside(err, "gateway", net.gateway_addr, subnet)
-    _check_inside(err, "ip", net.ip_addr, subnet)
+    check_inside(err, "gateway", net.gateway_addr, subnet)
+    check_inside(err, "ip", net.ip_addr, subnet)
     gateway = net.gateway_addr or first_host(subnet)
-    _check_ip_not_gateway(err, net.ip_addr, gateway)
+    check_ip_not_gateway(err, net.ip_addr, gateway)
     if where == "effective" and net.ip is None and net.auto_assign is not True:
         err(None, f"a bridged network on subnet {subnet} needs an ip or auto_assign: true")
     return errors
 
 
-def _check_inside(
+def check_inside(
     err: Report,
     field: str,
     address: ipaddress.IPv4Address | None,
@@ -249,7 +283,7 @@ def _check_inside(
         err(field, f"{address} is the broadcast address of {subnet}; use a host address")
 
 
-def _check_ip_not_gateway(
+def check_ip_not_gateway(
     err: Report, ip: ipaddress.IPv4Address | None, gateway: ipaddress.IPv4Address
 ) -> None:
     if ip is not None and ip == gateway:
