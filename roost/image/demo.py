@@ -1,9 +1,10 @@
 """Builds roost's demo plugin from Debian packages, without installing any of them.
 
 The guest is a Debian cloud kernel plus a busybox initramfs whose /init configures the network
-the way each roost mode asks (static `ip=`, `ip=dhcp`, none), serves HTTP, echoes on vsock and
-serves bench/vsock.py's protocol on vsock and TCP (a small static C helper compiled here with
-the host's gcc, as busybox has no vsock applets), so every mode can be shown working end to end.
+the way each roost mode asks (static `ip=`, `ip=dhcp`, none, or every NIC by its MAC from
+`roost.nic=` and `roost.default=`), serves HTTP, echoes on vsock and serves bench/vsock.py's
+protocol on vsock and TCP (a small static C helper compiled here with the host's gcc, as
+busybox has no vsock applets), so every mode can be shown working end to end.
 Outputs are reproducible (same inputs, same sha256) and a rerun with unchanged inputs only
 checks hashes.
 """
@@ -177,7 +178,8 @@ def demo_manifest(
         "version": f"{version}-1",
         "description": (
             f"roost demo guest: Debian kernel {release} and a busybox initramfs that sets up "
-            "the network from ip= (static, dhcp or none), answers HTTP on port 80 with "
+            "the network from ip= (static, dhcp or none) or every NIC from roost.nic= (static "
+            "IPv4/IPv6 or dhcp, matched by MAC), answers HTTP on port 80 with "
             "its hostname and address, echoes on vsock port 1024 and serves a benchmark "
             "protocol on vsock and TCP port 1025"
         ),

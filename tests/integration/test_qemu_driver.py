@@ -7,8 +7,10 @@ by PID and reaped, and the namespace goes with all its links.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import shutil
+import subprocess
 import sys
 import time
 from collections.abc import Iterator
@@ -19,11 +21,21 @@ import pytest
 
 from roost.errors import VMMFailedError
 from roost.host.netns import NetnsWorker
+from roost.plan.nic_args import GuestNIC, nic_args
 from roost.vmm.base import NIC, LaunchSpec, RunDir
 from roost.vmm.process import VMMProcess
 from roost.vmm.qemu import Machine, QemuDriver
 from roost.vmm.qmp import qmp
-from tests.harness import INITRAMFS, KERNEL, missing, namespace_pids, process_alive, run
+from tests import harness
+from tests.harness import (
+    INITRAMFS,
+    KERNEL,
+    missing,
+    namespace_pids,
+    process_alive,
+    run,
+    short_tmp,
+)
 
 pytestmark = [
     pytest.mark.root,
@@ -253,3 +265,97 @@ def test_a_kernel_qemu_cannot_load_fails_with_its_words_and_leaves_nothing(
     print(failure.value)
     pid = int((spec.run_dir.path / "vmm.pid").read_text())
     assert not process_alive(pid)
+
+
+def bridge_with_tap(netns: str, bridge: str, tap: str, *addresses: str) -> None:
+    """`bridge` with `addresses` (IPv6 ones without duplicate address detection, so usable at
+    once) and `tap` on it, inside the test's namespace."""
+    run("ip", "link", "add", bridge, "type", "bridge", netns=netns)
+    for address in addresses:
+        run(
+            "ip",
+            "addr",
+            "add",
+            address,
+            "dev",
+            bridge,
+            *(["nodad"] * (":" in address)),
+            netns=netns,
+        )
+    run("ip", "link", "set", bridge, "up", netns=netns)
+    run("ip", "tuntap", "add", "dev", tap, "mode", "tap", "vnet_hdr", netns=netns)
+    run("ip", "link", "set", tap, "master", bridge, "up", netns=netns)
+
+
+@pytest.fixture
+def dhcp_bridge(netns: str) -> Iterator[str]:
+    """Bridge br3 (10.3.0.1/24) with tap rtap3 on it and dnsmasq serving 10.3.0.100-150 there,
+    its own address offered as the router; dnsmasq ended by PID and reaped afterwards."""
+    bridge_with_tap(netns, "br3", "rtap3", "10.3.0.1/24")
+    leases = short_tmp()
+    server = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", netns, "dnsmasq", "--no-daemon", "--no-ping"),
+            *("--bind-interfaces", "--port=0", "--interface=br3", "--conf-file=/dev/null"),
+            "--dhcp-range=10.3.0.100,10.3.0.150,255.255.255.0,1h",
+            f"--dhcp-leasefile={leases / 'leases'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        yield "rtap3"
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(leases, ignore_errors=True)
+
+
+@pytest.mark.parametrize("machine", MACHINES)
+def test_a_guest_with_three_nics_configures_each_by_its_mac_and_routes_by_roost_default(
+    guests: Guests, netns: str, dhcp_bridge: str, machine: Machine
+) -> None:
+    """The NICs are given out of their MACs' order, with names the kernel's probe order may
+    swap; the default route (IPv4 and IPv6) is the last one's, not the dhcp server's router."""
+    bridge_with_tap(netns, "br1", "rtap1", "10.1.0.1/24", "fd01::1/64")
+    bridge_with_tap(netns, "br2", "rtap2", "10.2.0.1/24")
+    lan, dhcp, wan = "06:00:0a:01:00:0a", "06:00:0a:03:00:0c", "06:00:0a:02:00:0b"
+    interfaces = (
+        GuestNIC(
+            wan,
+            name="eth1",
+            ipv4=ipaddress.IPv4Interface("10.2.0.5/24"),
+            gateway=ipaddress.IPv4Address("10.2.0.1"),
+        ),
+        GuestNIC(dhcp, name="dhcp0", dhcp=True, mtu=1400),
+        GuestNIC(
+            lan,
+            name="eth0",
+            ipv4=ipaddress.IPv4Interface("10.1.0.5/24"),
+            gateway=ipaddress.IPv4Address("10.1.0.1"),
+            ipv6=ipaddress.IPv6Interface("fd01::5/64"),
+            ipv6_gateway=ipaddress.IPv6Address("fd01::1"),
+            default_route=True,
+        ),
+    )
+    boot_args = " ".join(["console=ttyS0 roost.name=g7", *nic_args(interfaces, "g7")])
+    nics = (NIC("rtap2", wan), NIC(dhcp_bridge, dhcp), NIC("rtap1", lan))
+    driver = QemuDriver(machine=machine, accel="tcg")
+    _, console = guests.boot(driver, guests.spec("g7", boot_args, *nics))
+    print(console)
+
+    reported = {
+        line.split()[1]: line.split()[2:]
+        for line in console.splitlines()
+        if line.startswith("roost-nic: ")
+    }
+    assert reported["eth0"] == [lan, "10.1.0.5/24", "fd01::5/64"]
+    assert reported["eth1"] == [wan, "10.2.0.5/24"]
+    [mac, leased] = reported["dhcp0"]
+    assert mac == dhcp and leased.startswith("10.3.0.") and leased.endswith("/24")
+    assert "roost-route: ipv4 default via 10.1.0.1 dev eth0\n" in console
+    assert "roost-route: ipv6 default via fd01::1 dev eth0\n" in console
+    assert "roost-ready: name=g7 ip=10.1.0.5 " in console
+    for url in ("http://10.1.0.5/", "http://10.2.0.5/", f"http://{leased.split('/')[0]}/"):
+        assert harness.http_get(netns, url, timeout=10) == "g7 10.1.0.5\n"
+    assert harness.http_get(netns, "http://[fd01::5]/", timeout=10) == "g7 10.1.0.5\n"
