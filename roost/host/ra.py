@@ -139,12 +139,23 @@ class RouterAdverts:
 
     def reconcile(self, wanted: Mapping[str, ipaddress.IPv6Network]) -> None:
         """Exactly one dnsmasq per bridge of `wanted` (bridge → prefix): those of bridges no
-        longer wanted end, missing or dead ones (re)start, running ones are adopted."""
+        longer wanted end, missing or dead ones (re)start, running ones are adopted. A bridge
+        that fails does not keep the others from being made right; then one error names
+        every failure."""
+        failures = []
         with self._lock:
-            for bridge in self._configured() - set(wanted):
-                self._stop(bridge)
+            for bridge in sorted(self._configured() - set(wanted)):
+                try:
+                    self._stop(bridge)
+                except HostError as error:
+                    failures.append(str(error))
             for bridge, prefix in sorted(wanted.items()):
-                self._start(bridge, prefix)
+                try:
+                    self._start(bridge, prefix)
+                except HostError as error:
+                    failures.append(str(error))
+        if failures:
+            raise HostError("; ".join(failures))
 
     def _configured(self) -> set[str]:
         try:
@@ -193,14 +204,21 @@ class RouterAdverts:
         conf, pid_file, log_file = self._files(bridge)
         self.dir.mkdir(parents=True, exist_ok=True)
         conf.write_text(dnsmasq_config(bridge, prefix, pid_file))
-        with log_file.open("ab") as output:
-            child = self._worker.spawn(
-                [DNSMASQ, "--keep-in-foreground", f"--conf-file={conf}"],
-                stdin=subprocess.DEVNULL,
-                stdout=output,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,  # it outlives the daemon, as the VMs do
-            )
+        try:
+            with log_file.open("ab") as output:
+                child = self._worker.spawn(
+                    [DNSMASQ, "--keep-in-foreground", f"--conf-file={conf}"],
+                    stdin=subprocess.DEVNULL,
+                    stdout=output,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,  # it outlives the daemon, as the VMs do
+                )
+        except HostError as error:
+            self._stop(bridge)
+            raise HostError(
+                f"{error}; IPv6 prefixes need dnsmasq for their router advertisements "
+                "(Debian: apt-get install dnsmasq-base)"
+            ) from None
         self._children[bridge] = child
         deadline = time.monotonic() + START_TIMEOUT
         while self._pid(bridge) != child.pid:

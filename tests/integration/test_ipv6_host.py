@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 from pyroute2.netlink.rtnl.ifinfmsg import IFT_NO_PI, IFT_TAP, tuntap
 
+from roost.errors import HostError
 from roost.host.firewall import DROPS, Firewall
 from roost.host.links import TUN_DEVICE, Links
 from roost.host.netns import NetnsWorker
@@ -164,6 +165,16 @@ def test_a_dead_dnsmasq_is_started_again_and_a_new_prefix_replaces_the_old(host:
     assert host.adverts.running() == {BRIDGE: other}
     bridge = run("ip", "-6", "addr", "show", "dev", BRIDGE, netns=host.netns).stdout
     assert str(router_address(other)) in bridge and str(router_address(PREFIX)) not in bridge
+
+
+def test_reconcile_makes_every_bridge_it_can_right_and_names_those_it_cannot(
+    host: Host,
+) -> None:
+    other = ipaddress.IPv6Network("fd61:aa:bb:ee::/64")
+    with pytest.raises(HostError, match="bridge rbr404 does not exist"):
+        host.adverts.reconcile({"rbr404": other, BRIDGE: PREFIX})
+    assert host.adverts.running() == {BRIDGE: PREFIX}
+    assert not (host.adverts.dir / "rbr404.conf").exists()
 
 
 # --- frames written into a protected tap ---
