@@ -69,15 +69,16 @@ def host(netns: str, tmp_short: Path) -> Iterator[Host]:
 
 
 @contextlib.contextmanager
-def guest(daemon_netns: str, mac: str) -> Iterator[str]:
-    """A namespace standing in for a guest: veth `eth0` with `mac`, its port on the bridge."""
+def guest(daemon_netns: str, mac: str, bridge: str = BRIDGE) -> Iterator[str]:
+    """A namespace standing in for a guest: veth `eth0` with `mac`, its port on `bridge`."""
+    port = f"vp-{bridge}"
     with network_namespace() as name:
         run(
             "ip",
-            *f"link add vport61 type veth peer name eth0 netns {name}".split(),
+            *f"link add {port} type veth peer name eth0 netns {name}".split(),
             netns=daemon_netns,
         )
-        run("ip", "link", "set", "vport61", "master", BRIDGE, "up", netns=daemon_netns)
+        run("ip", "link", "set", port, "master", bridge, "up", netns=daemon_netns)
         run("ip", "link", "set", "eth0", "address", mac, "up", netns=name)
         yield name
 
@@ -118,6 +119,23 @@ def test_a_guest_gets_by_slaac_exactly_the_address_roost_predicts(host: Host) ->
     assert f"inet6 {router_address(PREFIX)}/64 scope global nodad" in bridge
     forwarding = run("cat", "/proc/sys/net/ipv6/conf/all/forwarding", netns=host.netns)
     assert forwarding.stdout.strip() == "1"
+
+
+def test_each_bridge_advertises_its_own_prefix(host: Host) -> None:
+    second, other = "rbr62", ipaddress.IPv6Network("fd62:aa:bb:cc::/64")
+    host.links.ensure_bridge(second, ipaddress.IPv4Interface("10.62.0.1/24"))
+    host.adverts.reconcile({BRIDGE: PREFIX, second: other})
+    with (
+        guest(host.netns, GUEST_MAC) as first,
+        guest(host.netns, "02:fc:00:00:62:05", second) as two,
+    ):
+        assert wait_for(lambda: global_addresses(first, "eth0")) == [
+            slaac_address(PREFIX, GUEST_MAC)
+        ]
+        assert wait_for(lambda: global_addresses(two, "eth0")) == [
+            slaac_address(other, "02:fc:00:00:62:05")
+        ]
+    assert host.adverts.running() == {BRIDGE: PREFIX, second: other}
 
 
 def test_a_restarted_daemon_adopts_the_advertising_dnsmasq_and_stops_it_by_pid(
