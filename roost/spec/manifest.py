@@ -11,6 +11,7 @@ from pydantic import AfterValidator, Field, field_validator, model_validator
 
 from roost.errors import ErrorDetail, InvalidError
 from roost.spec.common import BootArgs, Labels, Name, Resources, Spec
+from roost.spec.interfaces import BOTH_FORMS, Interfaces, interfaces_errors
 from roost.spec.network import ModeName, NetworkConfig, NetworkMode, network_errors
 
 SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -105,6 +106,9 @@ class Manifest(Spec):
     network: NetworkConfig | None = None
     allowed_network_modes: Annotated[list[ModeName], Field(min_length=1)] | None = None
     labels: Labels = Field(default_factory=dict)
+    # the plugin's default interfaces, in place of `network`; left out of the stored JSON when
+    # unset, so manifests written before the field existed read back unchanged
+    interfaces: Interfaces | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @field_validator("schema_version", mode="before")
     @classmethod
@@ -152,6 +156,8 @@ def manifest_errors(manifest: Manifest) -> list[ErrorDetail]:
                     ErrorDetail(f"allowed_network_modes.{index}", f"{mode} is listed twice")
                 )
             seen.add(mode)
+    if manifest.interfaces is not None:
+        errors += _interfaces_errors(manifest)
     if manifest.network is not None:
         errors += network_errors(manifest.network, "plugin")
         declared = manifest.network.mode
@@ -163,7 +169,7 @@ def manifest_errors(manifest: Manifest) -> list[ErrorDetail]:
                     f"({', '.join(allowed)})",
                 )
             )
-    elif allowed is not None and NetworkMode.BRIDGED not in allowed:
+    elif manifest.interfaces is None and allowed is not None and NetworkMode.BRIDGED not in allowed:
         errors.append(
             ErrorDetail(
                 "network",
@@ -172,4 +178,35 @@ def manifest_errors(manifest: Manifest) -> list[ErrorDetail]:
                 f"{', '.join(allowed)}",
             )
         )
+    return errors
+
+
+def _interfaces_errors(manifest: Manifest) -> list[ErrorDetail]:
+    """A plugin's default interfaces: their rules, each mode allowed (none at all is vsock)."""
+    interfaces = manifest.interfaces
+    assert interfaces is not None
+    errors: list[ErrorDetail] = []
+    if manifest.network is not None:
+        errors.append(ErrorDetail("interfaces", BOTH_FORMS))
+    errors += interfaces_errors(interfaces, "plugin")
+    allowed = manifest.allowed_network_modes
+    if allowed is None:
+        return errors
+    if not interfaces and NetworkMode.VSOCK not in allowed:
+        errors.append(
+            ErrorDetail(
+                "interfaces",
+                f"is empty, which is vsock-only, and vsock is not in this plugin's "
+                f"allowed_network_modes ({', '.join(allowed)})",
+            )
+        )
+    for index, interface in enumerate(interfaces):
+        if interface.mode not in allowed:
+            errors.append(
+                ErrorDetail(
+                    f"interfaces.{index}.mode",
+                    f"{interface.mode} is not in this plugin's allowed_network_modes "
+                    f"({', '.join(allowed)})",
+                )
+            )
     return errors

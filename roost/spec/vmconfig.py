@@ -11,6 +11,7 @@ from pydantic import BeforeValidator, Field, model_validator
 
 from roost.errors import ErrorDetail, InvalidError
 from roost.spec.common import BootArgs, Labels, Name, ResourcesOverride, Spec, VMMKind
+from roost.spec.interfaces import BOTH_FORMS, InterfaceConfig, Interfaces, interfaces_errors
 from roost.spec.network import NetworkConfig, network_errors
 
 # 0xFFFFFFFF is VMADDR_PORT_ANY, which no listener can be bound to; ports are unsigned 32-bit.
@@ -151,9 +152,16 @@ VsockServices = Annotated[
 ]
 
 
-def _check_override(network: NetworkConfig | None) -> None:
-    """What can be judged of a VM's network override before it meets the plugin's."""
+def _check_override(
+    network: NetworkConfig | None, interfaces: list[InterfaceConfig] | None
+) -> None:
+    """What can be judged of a VM's network override before it meets the plugin's (its
+    interfaces inherit nothing: all of their rules but the registry's)."""
     errors = [] if network is None else network_errors(network, "vm")
+    if interfaces is not None:
+        if network is not None:
+            errors.append(ErrorDetail("interfaces", BOTH_FORMS))
+        errors += interfaces_errors(interfaces, "vm")
     if errors:
         raise InvalidError.of(errors)
 
@@ -170,17 +178,24 @@ class VMConfig(Spec):
     # an empty map is left out of the stored JSON: configs written before the field existed
     # compare equal to the same config written now
     vsock_services: VsockServices = Field(default_factory=dict, exclude_if=lambda v: not v)
+    # left out of the stored JSON when unset, as vsock_services (`[]` is kept: vsock-only)
+    interfaces: Interfaces | None = Field(default=None, exclude_if=lambda v: v is None)
 
     @model_validator(mode="after")
     def _rules(self) -> Self:
-        _check_override(self.network)
+        _check_override(self.network, self.interfaces)
         return self
+
+
+# each form of a VM's network, and the one setting it clears
+NETWORK_FORMS = {"network": "interfaces", "interfaces": "network"}
 
 
 class VMConfigPatch(Spec):
     """A change to a VM's config: an absent member is unchanged, `null` returns to the plugin's
-    default, `resources` merges per field, `network` and `vsock_services` are replaced as a
-    whole."""
+    default, `resources` merges per field, `network`, `interfaces` and `vsock_services` are
+    replaced as a whole. `network` and `interfaces` are two forms of one thing: a patch that
+    carries either (`null` included) clears the other."""
 
     resources: ResourcesOverride | None = None
     boot_args: BootArgs | None = None
@@ -188,10 +203,11 @@ class VMConfigPatch(Spec):
     labels: Labels | None = None
     vmm: VMMKind | None = None
     vsock_services: VsockServices | None = None
+    interfaces: Interfaces | None = None
 
     @model_validator(mode="after")
     def _rules(self) -> Self:
-        _check_override(self.network)
+        _check_override(self.network, self.interfaces)
         return self
 
     def apply(self, config: VMConfig) -> VMConfig:
@@ -205,4 +221,6 @@ class VMConfigPatch(Spec):
                 data.pop(field, None)
             else:
                 data[field] = value
+            if field in NETWORK_FORMS:
+                data.pop(NETWORK_FORMS[field], None)
         return VMConfig.model_validate(data)
