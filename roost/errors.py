@@ -52,6 +52,7 @@ CODES: dict[str, Code] = {
     "network_full": Code(409, ExitCode.CONFLICT),
     "cid_exhausted": Code(409, ExitCode.CONFLICT),
     "plugin_in_use": Code(409, ExitCode.CONFLICT),
+    "network_in_use": Code(409, ExitCode.CONFLICT),
     "locked": Code(409, ExitCode.CONFLICT),
     "orphans": Code(409, ExitCode.CONFLICT),
     # the daemon, the host or a VMM

@@ -39,6 +39,7 @@ from roost.api.events import add_event_routes
 from roost.api.forwards import ServicePolicy, add_forward_routes
 from roost.api.guard import Guard
 from roost.api.metrics import add_metrics
+from roost.api.networks import add_network_routes
 from roost.api.operations import OperationGate
 from roost.api.replies import error_response, on_unix_socket
 from roost.api.vsock import register_vsock_routes
@@ -298,10 +299,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
             return PlainTextResponse(await read(_read_from, path, offset))
         return StreamingResponse(_follow(read, engine, name, path, offset), media_type="text/plain")
 
-    @app.get("/v1/networks")
-    async def list_networks() -> JSONResponse:
-        return JSONResponse(await read(engine.list_networks))
-
+    add_network_routes(app, engine, read, gate, bodies)
     add_forward_routes(app, engine, read, bodies)
     register_vsock_routes(app, engine, read)
     add_event_routes(app, engine.events)

@@ -98,6 +98,11 @@ def vm_plan(
             ("vm", name),
             ("plugin", f"{manifest.name} {manifest.version}"),
             ("mode", f"{network.mode} (from {network.source})"),
+            *(
+                [("network", f"{network.network}: resolved by the daemon")]
+                if network.network is not None
+                else []
+            ),
             ("subnet", network.subnet),
             ("gateway", network.gateway),
             ("address", address),

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session
 
 from roost.engine.hostnet import Emptied, HostNetwork, TapPlan
 from roost.engine.launch import Files, launch_spec
+from roost.engine.networks import lookup_in
 from roost.engine.settings import DEFAULT_NETWORK, Settings
 from roost.engine.steps import Steps
 from roost.errors import ConflictError, InvalidError
@@ -112,7 +113,8 @@ class Allocator:
         before anything is allocated (at create, at patch and at start alike)."""
         self.check_run_dir_free(plan.name)
         self._run_dir(plan.name).check_length()
-        if plan.net.attach is Attachment.EXTERNAL and self.settings.dhcp_bridge is None:
+        on_dhcp_bridge = plan.net.attach is Attachment.EXTERNAL and plan.network.network is None
+        if on_dhcp_bridge and self.settings.dhcp_bridge is None:
             raise InvalidError.at(
                 "network.mode",
                 "dhcp VMs need a bridge with a DHCP server behind it, and this daemon has none: "
@@ -166,7 +168,7 @@ class Allocator:
             self.records.check_new(connection, name)
         plugin = self.records.plugin(connection, config.plugin)
         manifest = Manifest.model_validate(plugin.manifest)
-        plan = plan_vm(name, manifest, config, self.default)
+        plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
         self.check_launchable(plan, manifest, plugin.artifacts, vmm)
         status = VMStatus.STARTING if host is not None else VMStatus.CREATED
         config_json = config.model_dump(mode="json", exclude_none=True)
@@ -205,7 +207,7 @@ class Allocator:
         manifest = Manifest.model_validate(latest.manifest)
         config = VMConfig.model_validate(latest.config)
         vmm = self.vmm_of(config)
-        plan = plan_vm(name, manifest, config, self.default)
+        plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
         shown = {"plugin": config.plugin, "config": latest.config, "manifest": latest.manifest}
         connection = session.connection()
         held = self.records.holding(connection, name)
@@ -232,7 +234,8 @@ class Allocator:
         manifest = Manifest.model_validate(latest.manifest)
         config = VMConfig.model_validate(latest.config)
         vmm = self.vmm_of(config)
-        plan = plan_vm(name, manifest, config, self.default)
+        with self.db.read() as session:
+            plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
         self.check_launchable(plan, manifest, latest.artifacts, vmm)
         return vmm
 
@@ -263,11 +266,10 @@ class Allocator:
         if held_on is not None and (plan.net.ipam is IPAM.NONE or held_on != str(effective.subnet)):
             emptied += self._release(session, vm)
         if plan.net.ipam is not IPAM.NONE:
-            assert effective.subnet is not None and effective.gateway is not None
-            network = alloc.ensure_network(session, effective.subnet, effective.gateway)
+            network = self._network_of(session, effective)
             bridge = network.bridge
         elif plan.net.attach is Attachment.EXTERNAL:
-            bridge = self.settings.dhcp_bridge
+            bridge = self._external_bridge(session, effective)
         mac, tap = vm.mac, vm.tap  # both kept for the VM's life once it has them
         if plan.net.nic and mac is None:
             mac = alloc.new_mac(session)
@@ -288,7 +290,9 @@ class Allocator:
                     tap=tap,
                     mac=mac,
                     bridge=bridge,
-                    network_id=network.id if network is not None else None,
+                    # only an on-demand network's bridge goes with its last lease
+                    network_id=_on_demand_id(network),
+                    network=effective.network,
                     attach=net.attach,
                     gateway=gateway,
                     antispoof=net.antispoof,
@@ -344,6 +348,26 @@ class Allocator:
         )
         return booting, emptied
 
+    def _network_of(self, session: Session, effective: EffectiveNetwork) -> alloc.NetworkRow:
+        """The network a bridged VM takes its address on: the one it names, or the one its
+        subnet is (made on demand)."""
+        assert effective.subnet is not None and effective.gateway is not None
+        if effective.network is None:
+            return alloc.ensure_network(session, effective.subnet, effective.gateway)
+        found = alloc.network_by_name(session, effective.network)
+        if found is None:
+            raise _unregistered(effective.network)
+        return found
+
+    def _external_bridge(self, session: Session, effective: EffectiveNetwork) -> str | None:
+        """The operator's bridge a VM joins: its named network's, else --dhcp-bridge's."""
+        if effective.network is None:
+            return self.settings.dhcp_bridge
+        found = lookup_in(session)(effective.network)
+        if found is None:
+            raise _unregistered(effective.network)
+        return found.bridge
+
     def forget(self, session: Session, name: str) -> Emptied:
         """Delete the VM's record and release every address it holds."""
         emptied: Emptied = []
@@ -371,7 +395,7 @@ class Allocator:
         net = plan_network(effective, name)
         bridge = None
         if net.attach is Attachment.EXTERNAL:
-            bridge = self.settings.dhcp_bridge
+            bridge = self._external_bridge(session, effective)
         elif effective.subnet is not None:
             network = alloc.network_by_subnet(session, effective.subnet)
             bridge = None if network is None else network.bridge
@@ -426,7 +450,7 @@ class Allocator:
         if config_json == latest.config:
             return Patched(latest, False, self.records.restart_required(connection, name), [])
         manifest = Manifest.model_validate(latest.manifest)
-        plan = plan_vm(name, manifest, config, self.default)
+        plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
         vmm = self.vmm_of(config)
         self.check_launchable(plan, manifest, latest.artifacts, vmm)
         effective, emptied = self._address_for(session, vm, plan, vmm_runs=vmm_runs)
@@ -478,14 +502,14 @@ class Allocator:
             if current is not None and not vmm_runs:
                 release(alloc.CURRENT)
             return effective, emptied
-        assert effective.subnet is not None and effective.gateway is not None
+        assert effective.subnet is not None
         if not vmm_runs:  # nothing runs with them: leases on other subnets go before the new
             for lease in (reserved, current):  # network is judged (it may overlap theirs)
                 if lease is not None and lease.subnet != str(effective.subnet):
                     release(lease.purpose)
             leases = alloc.leases_of(session, vm.id)
             current, reserved = leases.get(alloc.CURRENT), leases.get(alloc.RESERVED)
-        network = alloc.ensure_network(session, effective.subnet, effective.gateway)
+        network = self._network_of(session, effective)
         requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
 
         def fits(lease: alloc.Lease | None) -> bool:
@@ -517,6 +541,18 @@ class Allocator:
         if not vmm_runs and reserved is not None and reserved.network_id == network.id:
             release(alloc.RESERVED)
         return effective.with_ip(ip), emptied
+
+
+def _on_demand_id(network: alloc.NetworkRow | None) -> int | None:
+    return network.id if network is not None and network.kind == alloc.ON_DEMAND else None
+
+
+def _unregistered(name: str) -> InvalidError:
+    return InvalidError.at(
+        "network.network",
+        f"network {name!r} is no longer registered; roost network create {name} makes it "
+        "again, or patch the VM's network",
+    )
 
 
 def _required(kernel: Path | None) -> Path:

@@ -22,6 +22,7 @@ from roost.engine.events import EventBus, follow_networks
 from roost.engine.exclusive import VMLocks
 from roost.engine.hostnet import HostNetwork
 from roost.engine.metrics import EngineMetrics, timed
+from roost.engine.networks import NetworkRegistry
 from roost.engine.plugins import Plugins
 from roost.engine.settings import Settings
 from roost.engine.steps import Steps
@@ -146,6 +147,7 @@ class Engine:
         self.events = events or EventBus()
         follow_networks(db, self.events)
         self.metrics = EngineMetrics(db, self.drivers)
+        self.networks = NetworkRegistry(db, host, settings.dhcp_bridge)
         self.allocator = Allocator(
             settings,
             db=db,

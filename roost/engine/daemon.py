@@ -201,6 +201,7 @@ class Daemon:
         )
         self._closers.append(engine.close)
         _ensure_default_network(db, engine.allocator.default)
+        engine.networks.restore()
         recovery = Recovery(engine, settings.orphans)
         recovery.check()
         self.engine, self.recovery, self.relays = engine, recovery, relays

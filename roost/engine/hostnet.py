@@ -73,6 +73,7 @@ class TapPlan:
     antispoof: AntiSpoof
     ip: str | None
     jailed: bool = False  # its VMM runs under the jailer, which opens it as its uid
+    network: str | None = None  # the registered network it joins, when its config named one
 
 
 class HostNetwork:
@@ -130,6 +131,11 @@ class HostNetwork:
     def _ensure_bridge(self, tap: TapPlan) -> None:
         if tap.attach is Attachment.EXTERNAL:
             info = self.links.info(tap.bridge)
+            if (info is None or info.kind != "bridge") and tap.network is not None:
+                raise HostError(
+                    f"bridge {tap.bridge} of network {tap.network!r} does not exist (or is not "
+                    "a bridge) in the daemon's namespace; the operator must create it again"
+                )
             if info is None or info.kind != "bridge":
                 raise HostError(
                     f"the dhcp bridge {tap.bridge} does not exist (or is not a bridge) in the "
@@ -140,6 +146,20 @@ class HostNetwork:
         self.links.ensure_bridge(tap.bridge, tap.gateway)
         if self.nat is not None:
             self.nat.add(tap.bridge, tap.gateway.network)
+
+    def make_bridge(self, bridge: str, gateway: ipaddress.IPv4Interface) -> None:
+        """A named managed network's bridge, up with its gateway address (and masqueraded,
+        with --nat), made when the network is created and kept until it is removed."""
+        with self.lock:
+            self.links.ensure_bridge(bridge, gateway)
+            if self.nat is not None:
+                self.nat.add(bridge, gateway.network)
+            self._bridges_ready.add(bridge)
+
+    def remove_bridge(self, bridge: str) -> None:
+        """A named managed network's bridge, removed with the network."""
+        with self.lock:
+            self._remove_bridge(bridge)
 
     def release(self, tap: str) -> None:
         """Remove a tap and its rules (what exists only while its VMM runs)."""
@@ -181,12 +201,15 @@ class HostNetwork:
                     log.info("removed bridge %s, on which no VM holds an address", bridge)
 
     def reconcile_nat(self, networks: Callable[[], Mapping[str, ipaddress.IPv4Network]]) -> None:
-        """With --nat, masquerade exactly the managed networks (`networks()`: bridge → subnet)
-        whose bridge exists: what a crash, or a run without --nat, left wrong is made right."""
+        """With --nat, masquerade exactly the managed networks (`networks()`: bridge → subnet;
+        on-demand and named, never an external one) whose bridge exists: what a crash, or a
+        run without --nat, left wrong is made right."""
         if self.nat is None:
             return
         with self.lock:
             present = {*self.links.names(alloc.BRIDGE_PREFIX), *self.links.names(DEFAULT_BRIDGE)}
+            managed = networks()
+            present |= {bridge for bridge in managed if self.links.info(bridge) is not None}
             self.nat.reconcile(
-                {bridge: subnet for bridge, subnet in networks().items() if bridge in present}
+                {bridge: subnet for bridge, subnet in managed.items() if bridge in present}
             )

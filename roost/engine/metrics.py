@@ -108,7 +108,9 @@ class EngineMetrics:
         )
         for name, first, last, leased in networks:
             leases.add_metric([name], leased)
-            size.add_metric([name], last - first - 2)
+            # an external network registered without a subnet has no size roost knows
+            if first is not None and last is not None:
+                size.add_metric([name], last - first - 2)
         yield leases
         yield size
 

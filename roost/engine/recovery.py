@@ -262,6 +262,7 @@ class Recovery:
                 return {
                     network.bridge: ipaddress.IPv4Network(network.subnet)
                     for network, _ in alloc.networks_and_leases(session)
+                    if network.subnet is not None and network.kind != alloc.EXTERNAL
                 }
 
         if kept:

@@ -76,10 +76,15 @@ def plugin_view(plugin: Plugin, vms: list[str]) -> dict[str, Any]:
 
 
 def network_view(network: Network, leased: Iterable[int]) -> dict[str, Any]:
+    """A network: `kind` is on-demand, managed or external; `managed` says whether roost owns
+    its bridge and addresses (both roost kinds) or the operator does (external)."""
     return {
         "name": network.name,
+        "kind": network.kind,
+        "managed": network.kind != "external",
         "bridge": network.bridge,
         "subnet": network.subnet,
         "gateway": network.gateway,
+        "ipv6_prefix": network.ipv6_prefix,
         "leases": [str(ipaddress.IPv4Address(ip)) for ip in leased],
     }

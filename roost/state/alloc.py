@@ -12,7 +12,7 @@ import ipaddress
 import secrets
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, delete, insert, select, update
 from sqlalchemy.orm import Session
@@ -30,10 +30,13 @@ GUEST_MAC_PREFIX = "02"
 TAP_MAC_PREFIX = "fe"
 
 
+ON_DEMAND, MANAGED, EXTERNAL = "on-demand", "managed", "external"  # a network's kind
+
+
 @dataclass(frozen=True)
 class NetworkRow:
-    """A network as allocation reads it (a plain row: loading the ORM entity costs several
-    times the query, on the path of every bridged boot)."""
+    """A network with a subnet as allocation reads it (a plain row: loading the ORM entity
+    costs several times the query, on the path of every bridged boot)."""
 
     id: int
     name: str
@@ -43,6 +46,23 @@ class NetworkRow:
     first: int
     last: int
     next_hint: int
+    kind: str = ON_DEMAND
+
+    @classmethod
+    def of(cls, row: Any) -> NetworkRow:
+        """A row of `_NETWORK_COLUMNS` (of a network that has a subnet)."""
+        assert row.subnet is not None, f"network {row.name!r} has no subnet to allocate from"
+        return cls(
+            row.id,
+            row.name,
+            row.bridge,
+            row.subnet,
+            row.gateway,
+            row.first,
+            row.last,
+            row.next_hint,
+            row.kind,
+        )
 
 
 class Holder(Protocol):
@@ -92,8 +112,10 @@ _NETWORK_COLUMNS = (
     Network.first,
     Network.last,
     Network.next_hint,
+    Network.kind,
 )
 _NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet"))
+_NAMED = select(*_NETWORK_COLUMNS).where(Network.name == bindparam("name"))
 _CIDS = select(CIDLease.cid, CIDLease.vm_id).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
 _ADD_CID = insert(CIDLease)
 _MAC_USED = select(VM.id).where(VM.mac == bindparam("mac"))
@@ -123,27 +145,17 @@ def _leased_from(connection: Connection, network_id: int, start: int, end: int) 
 
 def network_by_subnet(session: Session, subnet: ipaddress.IPv4Network) -> NetworkRow | None:
     row = session.connection().execute(_NETWORK, {"subnet": str(subnet)}).first()
-    return None if row is None else NetworkRow(*row)
+    return None if row is None else NetworkRow.of(row)
 
 
-def ensure_network(
-    session: Session,
-    subnet: ipaddress.IPv4Network,
-    gateway: ipaddress.IPv4Address,
-    *,
-    name: str | None = None,
-    bridge: str | None = None,
-) -> NetworkRow:
-    """The network for `subnet`, created if new. A different gateway on the same subnet, or a
-    subnet overlapping another network, is a conflict naming that network."""
-    found = network_by_subnet(session, subnet)
-    if found is not None:
-        if found.gateway != str(gateway):
-            raise ConflictError(
-                f"subnet {subnet} is network {found.name!r} with gateway {found.gateway}, "
-                f"not {gateway}; use gateway {found.gateway} or another subnet",
-            )
-        return found
+def network_by_name(session: Session, name: str) -> NetworkRow | None:
+    """The named network with a subnet (None for a name no such network has)."""
+    row = session.connection().execute(_NAMED, {"name": name}).first()
+    return None if row is None or row.subnet is None else NetworkRow.of(row)
+
+
+def check_no_overlap(session: Session, subnet: ipaddress.IPv4Network) -> None:
+    """409 `subnet_overlap` naming the network whose subnet overlaps `subnet`, if one does."""
     first, last = int(subnet.network_address), int(subnet.broadcast_address)
     clash = session.scalar(
         select(Network).where(Network.first <= last, Network.last >= first).limit(1)
@@ -154,21 +166,80 @@ def ensure_network(
             "choose a subnet that does not overlap it",
             code="subnet_overlap",
         )
+
+
+def ensure_network(
+    session: Session,
+    subnet: ipaddress.IPv4Network,
+    gateway: ipaddress.IPv4Address,
+    *,
+    name: str | None = None,
+    bridge: str | None = None,
+) -> NetworkRow:
+    """The network for `subnet`, created (on demand) if new. A different gateway on the same
+    subnet, a subnet overlapping another network, or one of an external network (whose bridge
+    roost may not give an address) is a conflict naming that network."""
+    found = network_by_subnet(session, subnet)
+    if found is not None:
+        if found.kind == EXTERNAL:
+            raise ConflictError(
+                f"subnet {subnet} is external network {found.name!r}; name it "
+                f'("network": "{found.name}") instead of giving its subnet',
+            )
+        if found.gateway != str(gateway):
+            raise ConflictError(
+                f"subnet {subnet} is network {found.name!r} with gateway {found.gateway}, "
+                f"not {gateway}; use gateway {found.gateway} or another subnet",
+            )
+        return found
+    network = add_network(
+        session,
+        name or f"net-{subnet.network_address}-{subnet.prefixlen}".replace(".", "-"),
+        ON_DEMAND,
+        bridge,
+        subnet,
+        gateway,
+    )
+    return NetworkRow.of(network)
+
+
+def add_network(
+    session: Session,
+    name: str,
+    kind: str,
+    bridge: str | None,
+    subnet: ipaddress.IPv4Network | None,
+    gateway: ipaddress.IPv4Address | None,
+    ipv6_prefix: str | None = None,
+) -> Network:
+    """Record a new network (its bridge `rbr<id>` unless named); a subnet overlapping another
+    network's is 409 `subnet_overlap`, a name or bridge another network has 409 `conflict`."""
+    if subnet is not None:
+        check_no_overlap(session, subnet)
+    for column, value, what in ((Network.name, name, "name"), (Network.bridge, bridge, "bridge")):
+        holder = session.scalar(select(Network.name).where(column == value)) if value else None
+        if holder is not None:
+            raise ConflictError(
+                f"network {holder!r} already has {what} {value}; choose another {what}"
+            )
+    first = None if subnet is None else int(subnet.network_address)
     network = Network(
-        name=name or f"net-{subnet.network_address}-{subnet.prefixlen}".replace(".", "-"),
+        name=name,
+        kind=kind,
         bridge=bridge or "",
-        subnet=str(subnet),
-        gateway=str(gateway),
+        subnet=None if subnet is None else str(subnet),
+        gateway=None if gateway is None else str(gateway),
         first=first,
-        last=last,
-        next_hint=first + 1,
+        last=None if subnet is None else int(subnet.broadcast_address),
+        next_hint=None if first is None else first + 1,
+        ipv6_prefix=ipv6_prefix,
     )
     session.add(network)
     session.flush()
     if not network.bridge:
         network.bridge = f"{BRIDGE_PREFIX}{network.id}"
         session.flush()
-    return NetworkRow(*(getattr(network, column.key) for column in _NETWORK_COLUMNS))
+    return network
 
 
 def allocate_ip(
@@ -269,11 +340,12 @@ def has_leases(session: Session, network_id: int) -> bool:
 def release_address(
     session: Session, vm: Holder, *, keep_network: str, purpose: str = CURRENT
 ) -> list[tuple[int, str]]:
-    """Drop the VM's address held for `purpose`; a network left without leases is removed
-    (unless it is `keep_network`, the daemon's default). Returns the (id, bridge) of such a
-    network, whose bridge the caller removes once this has committed."""
+    """Drop the VM's address held for `purpose`; an on-demand network left without leases is
+    removed (unless it is `keep_network`, the daemon's default). Returns the (id, bridge) of
+    such a network, whose bridge the caller removes once this has committed. A named network
+    (managed or external) stays, and so does its bridge."""
     network = release_ip(session, vm, purpose)
-    if network is None:
+    if network is None or network.kind != ON_DEMAND:
         return []
     emptied = [(network.id, network.bridge)]
     if network.name != keep_network:
@@ -293,8 +365,10 @@ def networks_and_leases(session: Session) -> list[tuple[Network, list[int]]]:
 
 
 def bridges_in_use(session: Session) -> set[str]:
-    """The bridges of networks on which some VM holds an address."""
-    return set(session.scalars(select(Network.bridge).join(IPLease).distinct()))
+    """The bridges roost must keep: those of networks on which some VM holds an address, and
+    every named managed network's (kept until `network rm`)."""
+    leased = set(session.scalars(select(Network.bridge).join(IPLease).distinct()))
+    return leased | set(session.scalars(select(Network.bridge).where(Network.kind == MANAGED)))
 
 
 def allocate_cid(session: Session, vm: Holder) -> int:

@@ -76,20 +76,29 @@ class PluginArtifact(Base):
 
 
 class Network(Base):
-    """A bridged network, identified by its subnet. `first`/`last` bound its addresses as
-    integers so overlap checks and allocation are plain comparisons."""
+    """A network VMs attach to, by name. `kind` says who owns its bridge: roost for an
+    `on-demand` one (made by a subnet in a config, removed with its last lease, identified by
+    its subnet) and a `managed` one (`network create`, kept until `network rm`), the operator
+    for an `external` one, whose subnet (and so `first`/`last`, its addresses as integers, for
+    plain comparisons) is optional. `ipv6_prefix` is a managed network's /64."""
 
     __tablename__ = "networks"
-    __table_args__ = {"sqlite_autoincrement": True}
+    __table_args__ = (
+        CheckConstraint("kind IN ('on-demand', 'managed', 'external')", name="kind"),
+        CheckConstraint("kind = 'external' OR subnet IS NOT NULL", name="subnet"),
+        {"sqlite_autoincrement": True},
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
+    kind: Mapped[str] = mapped_column(String(16), default="on-demand")
     bridge: Mapped[str] = mapped_column(String(15), unique=True)
-    subnet: Mapped[str] = mapped_column(String(18), unique=True)
-    gateway: Mapped[str] = mapped_column(String(15))
-    first: Mapped[int] = mapped_column(BigInteger)
-    last: Mapped[int] = mapped_column(BigInteger)
-    next_hint: Mapped[int] = mapped_column(BigInteger)
+    subnet: Mapped[str | None] = mapped_column(String(18), unique=True)
+    gateway: Mapped[str | None] = mapped_column(String(15))
+    first: Mapped[int | None] = mapped_column(BigInteger)
+    last: Mapped[int | None] = mapped_column(BigInteger)
+    next_hint: Mapped[int | None] = mapped_column(BigInteger)
+    ipv6_prefix: Mapped[str | None] = mapped_column(String(43))
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

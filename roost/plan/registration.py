@@ -1,0 +1,191 @@
+"""Registering a network (`roost network create`, `POST /v1/networks`): the request, its
+field formats and the rules that relate them. Pure: the daemon checks the host (does the bridge
+exist, is it a bridge, does the subnet overlap another network) when it registers one."""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+
+from roost.errors import ErrorDetail, InvalidError
+from roost.plan.registry import (
+    RESERVED_BRIDGE_NAMES,
+    RESERVED_BRIDGE_PREFIXES,
+    RESERVED_NETWORK_NAMES,
+    RESERVED_NETWORK_PREFIXES,
+)
+from roost.spec.network import (
+    check_inside,
+    first_host,
+    parse_address,
+    parse_network_name,
+    parse_subnet,
+)
+from roost.spec.parse import details_of
+
+IPV6_PREFIX_LENGTH = 64
+AUTO_PREFIX = "auto"
+# IPv6 ranges a network's prefix may not overlap (the hardening issue's reserved ranges)
+RESERVED_IPV6 = (
+    (ipaddress.IPv6Network("::1/128"), "the loopback address"),
+    (ipaddress.IPv6Network("::/128"), "the unspecified address"),
+    (ipaddress.IPv6Network("fe80::/10"), "the link-local range"),
+    (ipaddress.IPv6Network("ff00::/8"), "the multicast range"),
+)
+BRIDGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
+
+
+def parse_bridge_name(value: Any) -> str:
+    """An interface name the kernel takes (1-15 bytes of [A-Za-z0-9_.-], not `.` or `..`),
+    none of the names roost gives its own links."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string naming a bridge, such as br-lan2")
+    if not BRIDGE_NAME.fullmatch(value) or value in (".", ".."):
+        raise ValueError(
+            f"{value!r} is not an interface name: use 1-15 bytes of letters, digits, '_', '.' "
+            "and '-', such as br-lan2"
+        )
+    if value in RESERVED_BRIDGE_NAMES or value.startswith(RESERVED_BRIDGE_PREFIXES):
+        raise ValueError(
+            f"{value} is a name roost gives its own links (roost0, rbr*, rtap*); choose another"
+        )
+    return value
+
+
+def parse_ipv6_prefix(value: Any) -> str:
+    """`auto` or an IPv6 /64 (its network address) overlapping no reserved range."""
+    if not isinstance(value, str):
+        raise ValueError("must be a string: an IPv6 /64 such as fd12:3456:789a:1::/64, or auto")
+    text = value.strip()
+    if text.lower() == AUTO_PREFIX:
+        return AUTO_PREFIX
+    try:
+        network = ipaddress.ip_network(text, strict=False)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is not an IPv6 prefix such as fd12:3456:789a:1::/64 (or auto)"
+        ) from None
+    if not isinstance(network, ipaddress.IPv6Network):
+        raise ValueError(f"{text} is IPv4; give an IPv6 /64 such as fd12:3456:789a:1::/64")
+    if "/" not in text or network.prefixlen != IPV6_PREFIX_LENGTH:
+        raise ValueError(
+            f"{text}: a network's IPv6 prefix is a /64 (what SLAAC needs), e.g. "
+            f"{ipaddress.IPv6Network((network.network_address, 64), strict=False)}"
+        )
+    for reserved, what in RESERVED_IPV6:
+        if network.overlaps(reserved):
+            raise ValueError(
+                f"{network} overlaps {reserved}, {what}, which a network cannot use; "
+                "choose a unique local prefix (fd00::/8) or one of your own"
+            )
+    if ipaddress.ip_interface(text).ip != network.network_address:
+        raise ValueError(f"{text} has host bits set; did you mean {network}?")
+    return str(network)
+
+
+def random_ula_prefix(random_bytes: bytes) -> str:
+    """The /64 of `fd00::/8` that 7 random bytes (a global id and a subnet id) pick."""
+    assert len(random_bytes) == 7
+    return str(ipaddress.IPv6Network((b"\xfd" + random_bytes + bytes(8), 64)))
+
+
+class NetworkCreate(BaseModel):
+    """A network to register: a managed one (`subnet`, roost's bridge) or an `external` one
+    (the operator's `bridge`, optionally with the `subnet` behind it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    name: str
+    subnet: str | None = None
+    gateway: str | None = None
+    bridge: str | None = None
+    external: bool = False
+    ipv6_prefix: str | None = None
+
+    @field_validator("name", mode="before")
+    @classmethod
+    def _name(cls, value: Any) -> str:
+        name = parse_network_name(value)
+        if name in RESERVED_NETWORK_NAMES or name.startswith(RESERVED_NETWORK_PREFIXES):
+            raise ValueError(
+                f"{name} is a name roost gives its own networks (default, dhcp, net-*); "
+                "choose another"
+            )
+        return name
+
+    @field_validator("subnet", mode="before")
+    @classmethod
+    def _subnet(cls, value: Any) -> str | None:
+        return None if value is None else str(parse_subnet(value))
+
+    @field_validator("gateway", mode="before")
+    @classmethod
+    def _gateway(cls, value: Any) -> str | None:
+        return None if value is None else str(parse_address(value))
+
+    @field_validator("bridge", mode="before")
+    @classmethod
+    def _bridge(cls, value: Any) -> str | None:
+        return None if value is None else parse_bridge_name(value)
+
+    @field_validator("external", mode="before")
+    @classmethod
+    def _strict_bool(cls, value: Any) -> Any:
+        if not isinstance(value, bool):
+            raise ValueError("must be true or false")
+        return value
+
+    @field_validator("ipv6_prefix", mode="before")
+    @classmethod
+    def _ipv6_prefix(cls, value: Any) -> str | None:
+        return None if value is None else parse_ipv6_prefix(value)
+
+    @property
+    def subnet_net(self) -> ipaddress.IPv4Network | None:
+        return None if self.subnet is None else ipaddress.IPv4Network(self.subnet)
+
+    @property
+    def gateway_addr(self) -> ipaddress.IPv4Address | None:
+        """The gateway given, else the subnet's first host (None without a subnet)."""
+        if self.gateway is not None:
+            return ipaddress.IPv4Address(self.gateway)
+        subnet = self.subnet_net
+        return None if subnet is None else first_host(subnet)
+
+
+def parse_network_create(data: Any) -> NetworkCreate:
+    """A network to register, with every rule relating its fields; `InvalidError` at the
+    offending fields."""
+    if not isinstance(data, dict):
+        raise InvalidError.at("-", "must be a JSON object")
+    try:
+        request = NetworkCreate.model_validate(data)
+    except ValidationError as error:
+        raise InvalidError.of(details_of(error)) from None
+    errors: list[ErrorDetail] = []
+
+    def err(field: str | None, msg: str) -> None:
+        errors.append(ErrorDetail(field or "-", msg))
+
+    if request.external:
+        if request.bridge is None:
+            err("bridge", "is required for an external network: the operator's bridge")
+        if request.ipv6_prefix is not None:
+            err(
+                "ipv6_prefix",
+                "is only for a managed network: roost never changes an external bridge's addresses",
+            )
+    elif request.subnet is None:
+        err("subnet", "is required for a managed network (or register an external bridge)")
+    subnet = request.subnet_net
+    if subnet is None:
+        if request.gateway is not None:
+            err("gateway", "needs a subnet; give the subnet as well, or drop the gateway")
+    else:
+        check_inside(err, "gateway", request.gateway_addr, subnet)
+    if errors:
+        raise InvalidError.of(errors)
+    return request
