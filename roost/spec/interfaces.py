@@ -137,6 +137,10 @@ def _ipv6_object(value: Any) -> Any:
     return {"ip": value} if isinstance(value, str) else value
 
 
+def _ipv6_schema(schema: dict[str, Any]) -> None:
+    schema["anyOf"].insert(0, {"type": "string", "description": 'short for {"ip": ...}'})
+
+
 def _strict_bool(value: Any) -> Any:
     if value is not None and not isinstance(value, bool):
         raise ValueError("must be true or false")
@@ -161,7 +165,11 @@ class InterfaceConfig(NetworkConfig):
     name: str | None = None
     mode: InterfaceMode  # required here, and never vsock
     mac: str | None = None
-    ipv6: Annotated[IPv6Static | None, BeforeValidator(_ipv6_object)] = None
+    ipv6: Annotated[
+        IPv6Static | None,
+        BeforeValidator(_ipv6_object),
+        Field(json_schema_extra=_ipv6_schema),
+    ] = None
     default_route: Annotated[bool | None, BeforeValidator(_strict_bool)] = None
 
     @field_validator("name", mode="before")
