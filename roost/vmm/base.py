@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import shutil
+import signal
 import socket
 import stat
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -14,6 +16,8 @@ from typing import Protocol
 from roost.errors import InvalidError, VMMFailedError
 from roost.host.netns import NetnsWorker
 from roost.vmm.process import VMMProcess
+
+log = logging.getLogger(__name__)
 
 # sun_path holds 108 bytes; Firecracker adds "_<port>" (up to 11 bytes) to the vsock path.
 MAX_SOCKET_PATH = 107 - 11
@@ -244,3 +248,41 @@ def check_tap(tap: str, worker: NetnsWorker) -> None:
             f"tap {tap} does not exist in the VMM's network namespace; create it (on its bridge) "
             "before launching"
         ) from None
+
+
+# A graceful step of a stop: ask the VMM to end (a call that raises `VMMFailedError` if it
+# cannot be asked), then how long to wait for it to exit.
+StopStep = tuple[Callable[[], object], float]
+
+
+def stop_in_steps(
+    process: VMMProcess, graceful: Iterable[StopStep], *, force: bool, term_wait: float
+) -> int | None:
+    """Stop a VMM the gentlest way that works: each graceful step in turn (its request skipped
+    once the VMM has exited; one that fails is logged, and the wait still made), then SIGTERM
+    and `term_wait`, then SIGKILL; `force` goes straight to SIGKILL. Always reaped, its device
+    process after it; the VMM's exit code."""
+    if not force:
+        for ask, wait in graceful:
+            if not process.exited():
+                try:
+                    ask()
+                except VMMFailedError as error:
+                    log.info("stopping VMM %d: %s", process.pid, error)
+            if process.wait(wait):
+                process.end_device()
+                return process.exit_code()
+        process.signal(signal.SIGTERM)
+        if process.wait(term_wait):
+            process.end_device()
+            return process.exit_code()
+    return end_vmm(process, term_wait)
+
+
+def end_vmm(process: VMMProcess, reap_wait: float) -> int | None:
+    """Kill the VMM by PID and reap it (its device process too); one that has already exited
+    is only reaped, given `reap_wait` for it (its PID may be someone else's by now)."""
+    if process.exited() and process.wait(reap_wait):
+        process.end_device()
+        return process.exit_code()
+    return process.kill()

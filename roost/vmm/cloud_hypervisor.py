@@ -9,10 +9,8 @@ Firecracker's hybrid vsock, so the host reaches its guests as it reaches Firecra
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shutil
-import signal
 import time
 import weakref
 from collections.abc import Callable
@@ -23,10 +21,9 @@ import httpx
 
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, check_tap
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, check_tap, stop_in_steps
 from roost.vmm.process import ReadyWhen, VMMProcess
 
-log = logging.getLogger(__name__)
 SERVE_TIMEOUT = 5.0  # for a started Cloud Hypervisor to answer on its API socket
 CALL_TIMEOUT = 10.0
 STOP_CALL_TIMEOUT = 1.0  # a stop's requests: a VMM that does not answer must not hold it up
@@ -246,27 +243,17 @@ class CloudHypervisorDriver:
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
         """Power button, wait `timeout`; vmm.shutdown, wait; SIGTERM, wait; SIGKILL. Always
         reaped."""
+        graceful = [
+            (lambda: self._ask(process, "/vm.power-button"), timeout),
+            (lambda: self._ask(process, "/vmm.shutdown"), SHUTDOWN_WAIT),
+        ]
         try:
-            if not force:
-                for path, wait in (("/vm.power-button", timeout), ("/vmm.shutdown", SHUTDOWN_WAIT)):
-                    if self._ask_and_wait(process, path, wait):
-                        return process.exit_code()
-                process.signal(signal.SIGTERM)
-                if process.wait(TERM_WAIT):
-                    return process.exit_code()
-            return process.kill()
+            return stop_in_steps(process, graceful, force=force, term_wait=TERM_WAIT)
         finally:
             self._close_api(process)
 
-    def _ask_and_wait(self, process: VMMProcess, path: str, wait: float) -> bool:
-        """Send `PUT path` (unless the VMM is gone already); True once it has exited and been
-        reaped within `wait`."""
-        if not process.exited():
-            try:
-                self._api(process).call("PUT", path, timeout=STOP_CALL_TIMEOUT)
-            except VMMFailedError as error:
-                log.info("stopping VMM %d: %s", process.pid, error)
-        return process.wait(wait)
+    def _ask(self, process: VMMProcess, path: str) -> None:
+        self._api(process).call("PUT", path, timeout=STOP_CALL_TIMEOUT)
 
     def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
         self._api(process).call("PUT", "/vm.pause")

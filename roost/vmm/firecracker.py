@@ -5,10 +5,8 @@ from __future__ import annotations
 import contextlib
 import errno
 import json
-import logging
 import os
 import shutil
-import signal
 import socket
 import stat
 import threading
@@ -22,10 +20,9 @@ from typing import Any
 from roost.engine.settings import JAILED_EXEC_NAME, jail_chroot
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend
+from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, stop_in_steps
 from roost.vmm.process import ReadyWhen, VMMProcess
 
-log = logging.getLogger(__name__)
 SOCKET_TIMEOUT = 5.0
 TERM_WAIT = 3.0
 Request = tuple[str, str, dict[str, Any]]
@@ -452,22 +449,14 @@ class FirecrackerDriver:
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
         """Ctrl-Alt-Del, wait `timeout`; SIGTERM, wait; SIGKILL. Always reaped."""
+        graceful = [(lambda: self._ctrl_alt_del(process), timeout)]
         try:
-            if not force and not process.exited():
-                try:
-                    self._api(process).call(
-                        "PUT", "/actions", {"action_type": "SendCtrlAltDel"}, timeout=1.0
-                    )
-                except VMMFailedError as error:
-                    log.info("graceful stop of VMM %d not possible: %s", process.pid, error)
-                if process.wait(timeout):
-                    return process.exit_code()
-                process.signal(signal.SIGTERM)
-                if process.wait(TERM_WAIT):
-                    return process.exit_code()
-            return process.kill()
+            return stop_in_steps(process, graceful, force=force, term_wait=TERM_WAIT)
         finally:
             self._close_api(process)
+
+    def _ctrl_alt_del(self, process: VMMProcess) -> None:
+        self._api(process).call("PUT", "/actions", {"action_type": "SendCtrlAltDel"}, timeout=1.0)
 
     def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
         self._api(process).call("PATCH", "/vm", {"state": "Paused"}, meanwhile=meanwhile)

@@ -12,7 +12,6 @@ import logging
 import os
 import re
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -25,7 +24,15 @@ from typing import Literal, get_args
 
 from roost.errors import InvalidError, VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, check_tap
+from roost.vmm.base import (
+    Early,
+    LaunchSpec,
+    RunDir,
+    VsockBackend,
+    check_tap,
+    end_vmm,
+    stop_in_steps,
+)
 from roost.vmm.process import DEVICE_FILES, VMMProcess
 from roost.vmm.qmp import qmp
 
@@ -250,15 +257,6 @@ def _read_from(path: Path, offset: int = 0) -> str:
         return ""
 
 
-def _end(process: VMMProcess) -> int | None:
-    """Kill the VMM by PID and reap it (its vsock device too); one that has already exited is
-    only reaped (its PID may be someone else's by now)."""
-    if process.exited() and process.wait(TERM_WAIT):
-        process.end_device()
-        return process.exit_code()
-    return process.kill()
-
-
 def _start_device(spec: LaunchSpec, worker: NetnsWorker) -> VMMProcess | None:
     """roost's vsock backend for `spec`, listening (QEMU connects to it at once, and exits if
     nobody listens); None when the VM's vsock needs none."""
@@ -393,7 +391,7 @@ class QemuDriver:
                     while_booting(process)
                 _wait_until_running(process, qmp_socket)
             except BaseException:
-                _end(process)
+                end_vmm(process, TERM_WAIT)
                 raise
         except VMMFailedError as error:
             said = _said(_read_from(run_dir.vmm_log, log_offset))
@@ -403,16 +401,11 @@ class QemuDriver:
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
         """Power button, wait `timeout`; QMP quit, wait; SIGTERM, wait; SIGKILL. Always reaped,
         its vsock device after it."""
-        if not force:
-            for command, wait in (("system_powerdown", timeout), ("quit", QUIT_WAIT)):
-                if self._ask_and_wait(process, command, wait):
-                    process.end_device()
-                    return process.exit_code()
-            process.signal(signal.SIGTERM)
-            if process.wait(TERM_WAIT):
-                process.end_device()
-                return process.exit_code()
-        return _end(process)
+        graceful = [
+            (lambda: self._ask(process, "system_powerdown"), timeout),
+            (lambda: self._ask(process, "quit"), QUIT_WAIT),
+        ]
+        return stop_in_steps(process, graceful, force=force, term_wait=TERM_WAIT)
 
     def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
         self._command(process, "stop", "pause", meanwhile)
@@ -430,15 +423,8 @@ class QemuDriver:
         if after is not None:
             after()
 
-    def _ask_and_wait(self, process: VMMProcess, command: str, wait: float) -> bool:
-        """Send `command` (unless QEMU is gone already); True once QEMU has exited and been
-        reaped within `wait`."""
-        if not process.exited():
-            try:
-                qmp(self.api_socket(RunDir(process.run_dir)), command, timeout=QMP_CALL_TIMEOUT)
-            except VMMFailedError as error:
-                log.info("QMP %s to QEMU %d failed: %s", command, process.pid, error)
-        return process.wait(wait)
+    def _ask(self, process: VMMProcess, command: str) -> None:
+        qmp(self.api_socket(RunDir(process.run_dir)), command, timeout=QMP_CALL_TIMEOUT)
 
     def accel_for(self, kernel: Path, worker: NetnsWorker) -> str:
         """The accelerator to use, decided once per driver (the first launch probes)."""
