@@ -7,11 +7,12 @@ import shutil
 import signal
 import socket
 import stat
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from roost.errors import InvalidError, VMMFailedError
 from roost.host.netns import NetnsWorker
@@ -286,3 +287,32 @@ def end_vmm(process: VMMProcess, reap_wait: float) -> int | None:
         process.end_device()
         return process.exit_code()
     return process.kill()
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+Client = TypeVar("Client", bound=Closable)
+
+
+class ClientPerProcess(Generic[Client]):
+    """One API client per VMM, made at its first call and kept to its last (a VMM serves few
+    connections); closed when the driver stops the VMM, or when the engine lets go of the
+    process (it ended on its own, or never booted)."""
+
+    def __init__(self, connect: Callable[[VMMProcess], Client]) -> None:
+        self._connect = connect
+        self._clients: weakref.WeakKeyDictionary[VMMProcess, Client] = weakref.WeakKeyDictionary()
+
+    def of(self, process: VMMProcess) -> Client:
+        client = self._clients.get(process)
+        if client is None:
+            client = self._clients[process] = self._connect(process)
+            weakref.finalize(process, client.close)
+        return client
+
+    def close(self, process: VMMProcess) -> None:
+        client = self._clients.pop(process, None)
+        if client is not None:
+            client.close()

@@ -12,7 +12,6 @@ import json
 import os
 import shutil
 import time
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +20,15 @@ import httpx
 
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, check_tap, stop_in_steps
+from roost.vmm.base import (
+    ClientPerProcess,
+    Early,
+    LaunchSpec,
+    RunDir,
+    VsockBackend,
+    check_tap,
+    stop_in_steps,
+)
 from roost.vmm.process import ReadyWhen, VMMProcess
 
 SERVE_TIMEOUT = 5.0  # for a started Cloud Hypervisor to answer on its API socket
@@ -131,9 +138,8 @@ class CloudHypervisorDriver:
     ) -> None:
         self.binary = binary
         self._chroot = chroot  # where a VM's files are under `serve --jailer` (not jailed)
-        # one API client per VMM, closed when the driver stops it or the engine lets it go
-        self._apis: weakref.WeakKeyDictionary[VMMProcess, CloudHypervisorAPI] = (
-            weakref.WeakKeyDictionary()
+        self._apis = ClientPerProcess(
+            lambda process: CloudHypervisorAPI(self._run_dir(process).api_socket)
         )
 
     def check_available(self) -> None:
@@ -157,25 +163,13 @@ class CloudHypervisorDriver:
     def vsock_backend(self) -> VsockBackend:
         return VsockBackend.CLOUD_HYPERVISOR
 
-    def _api(self, process: VMMProcess) -> CloudHypervisorAPI:
-        api = self._apis.get(process)
-        if api is None:
-            api = self._apis[process] = CloudHypervisorAPI(self._run_dir(process).api_socket)
-            weakref.finalize(process, api.close)
-        return api
-
     def _run_dir(self, process: VMMProcess) -> RunDir:
         return RunDir(process.run_dir, self._chroot(process.run_dir.name))
-
-    def _close_api(self, process: VMMProcess) -> None:
-        api = self._apis.pop(process, None)
-        if api is not None:
-            api.close()
 
     def _wait_until_serving(self, process: VMMProcess) -> None:
         """Until Cloud Hypervisor answers `vmm.ping` (its socket file appears a moment before
         it listens, so the file alone proves nothing)."""
-        api = self._api(process)
+        api = self._apis.of(process)
         vmm_log = self._run_dir(process).vmm_log
         deadline = time.monotonic() + SERVE_TIMEOUT
         pause = 0.0005
@@ -185,14 +179,14 @@ class CloudHypervisorDriver:
                 return
             except VMMFailedError as error:
                 if process.exited():
-                    self._close_api(process)
+                    self._apis.close(process)
                     process.wait(TERM_WAIT)
                     raise VMMFailedError(
                         f"Cloud Hypervisor exited before serving its API (exit code "
                         f"{process.exit_code()}); see {vmm_log}"
                     ) from None
                 if time.monotonic() > deadline:
-                    self._close_api(process)
+                    self._apis.close(process)
                     raise VMMFailedError(
                         f"Cloud Hypervisor did not answer on its API socket within "
                         f"{SERVE_TIMEOUT:g}s ({error}); see {vmm_log}"
@@ -225,7 +219,7 @@ class CloudHypervisorDriver:
             early = self.start_early(spec.name, spec.run_dir, worker)
         process = early.result()
         try:
-            api = self._api(process)
+            api = self._apis.of(process)
             api.call("PUT", "/vm.create", vm_config(spec))
             if host_ready is not None:
                 host_ready()
@@ -235,7 +229,7 @@ class CloudHypervisorDriver:
             if while_booting is not None:
                 while_booting(process)
         except BaseException:
-            self._close_api(process)
+            self._apis.close(process)
             process.kill()
             raise
         return process
@@ -250,17 +244,17 @@ class CloudHypervisorDriver:
         try:
             return stop_in_steps(process, graceful, force=force, term_wait=TERM_WAIT)
         finally:
-            self._close_api(process)
+            self._apis.close(process)
 
     def _ask(self, process: VMMProcess, path: str) -> None:
-        self._api(process).call("PUT", path, timeout=STOP_CALL_TIMEOUT)
+        self._apis.of(process).call("PUT", path, timeout=STOP_CALL_TIMEOUT)
 
     def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
-        self._api(process).call("PUT", "/vm.pause")
+        self._apis.of(process).call("PUT", "/vm.pause")
         if meanwhile is not None:
             meanwhile()
 
     def resume(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
-        self._api(process).call("PUT", "/vm.resume")
+        self._apis.of(process).call("PUT", "/vm.resume")
         if meanwhile is not None:
             meanwhile()

@@ -11,7 +11,6 @@ import socket
 import stat
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -20,7 +19,7 @@ from typing import Any
 from roost.engine.settings import JAILED_EXEC_NAME, jail_chroot
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import Early, LaunchSpec, RunDir, VsockBackend, stop_in_steps
+from roost.vmm.base import ClientPerProcess, Early, LaunchSpec, RunDir, VsockBackend, stop_in_steps
 from roost.vmm.process import ReadyWhen, VMMProcess
 
 SOCKET_TIMEOUT = 5.0
@@ -338,10 +337,8 @@ class FirecrackerDriver:
     def __init__(self, binary: Path | None, jail: Jail | None = None) -> None:
         self.binary = binary
         self.jail = jail  # run every VM under the jailer, in its run dir's chroot
-        # one API client per VMM, from its first call on; closed when the driver stops the VMM,
-        # or when the engine lets go of the process (it ended on its own, or never booted)
-        self._apis: weakref.WeakKeyDictionary[VMMProcess, FirecrackerAPI] = (
-            weakref.WeakKeyDictionary()
+        self._apis = ClientPerProcess(
+            lambda process: FirecrackerAPI(self._home(process.run_dir) / "api.sock")
         )
 
     def check_available(self) -> None:
@@ -371,23 +368,11 @@ class FirecrackerDriver:
     def vsock_backend(self) -> VsockBackend:
         return VsockBackend.FIRECRACKER
 
-    def _api(self, process: VMMProcess) -> FirecrackerAPI:
-        api = self._apis.get(process)
-        if api is None:
-            api = self._apis[process] = FirecrackerAPI(self._home(process.run_dir) / "api.sock")
-            weakref.finalize(process, api.close)
-        return api
-
     def _home(self, run_dir: Path) -> Path:
         """Where the VMM of `run_dir` has its API socket: its chroot when jailed."""
         if self.jail is None:
             return run_dir
         return jail_chroot(self.jail.base, run_dir.name)
-
-    def _close_api(self, process: VMMProcess) -> None:
-        api = self._apis.pop(process, None)
-        if api is not None:
-            api.close()
 
     def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> ReadyWhen:
         """Have the supervisor start Firecracker, and go on: it comes up while the engine
@@ -421,7 +406,7 @@ class FirecrackerDriver:
         process = early.result()
         seen = spec
         try:
-            api = self._api(process)
+            api = self._apis.of(process)
             if self.jail is not None:
                 seen = jailed_spec(spec)
                 self._link(spec, seen, "kernel", own=False)
@@ -436,7 +421,7 @@ class FirecrackerDriver:
             meanwhile = (lambda: while_booting(process)) if while_booting is not None else None
             api.call(*START, meanwhile=meanwhile)
         except BaseException:
-            self._close_api(process)
+            self._apis.close(process)
             process.kill()
             raise
         return process
@@ -453,13 +438,15 @@ class FirecrackerDriver:
         try:
             return stop_in_steps(process, graceful, force=force, term_wait=TERM_WAIT)
         finally:
-            self._close_api(process)
+            self._apis.close(process)
 
     def _ctrl_alt_del(self, process: VMMProcess) -> None:
-        self._api(process).call("PUT", "/actions", {"action_type": "SendCtrlAltDel"}, timeout=1.0)
+        self._apis.of(process).call(
+            "PUT", "/actions", {"action_type": "SendCtrlAltDel"}, timeout=1.0
+        )
 
     def pause(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
-        self._api(process).call("PATCH", "/vm", {"state": "Paused"}, meanwhile=meanwhile)
+        self._apis.of(process).call("PATCH", "/vm", {"state": "Paused"}, meanwhile=meanwhile)
 
     def resume(self, process: VMMProcess, meanwhile: Callable[[], object] | None = None) -> None:
-        self._api(process).call("PATCH", "/vm", {"state": "Resumed"}, meanwhile=meanwhile)
+        self._apis.of(process).call("PATCH", "/vm", {"state": "Resumed"}, meanwhile=meanwhile)
