@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import signal
 import socket
@@ -14,7 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
-from roost.errors import InvalidError, VMMFailedError
+from roost.errors import InvalidError, VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
 from roost.vmm.process import VMMProcess
 
@@ -237,6 +238,18 @@ def _own_file(path: Path) -> bool:
     except OSError:
         return False
     return stat.S_ISREG(status.st_mode) and status.st_nlink == 1
+
+
+def check_binary(binary: Path | None, what: str, *, missing: str, hint: str = "") -> Path:
+    """The VMM's `binary`, if it is an executable file, else `VMMUnavailableError`: `missing`
+    says how to name one when there is none, `hint` how to name another."""
+    if binary is None:
+        raise VMMUnavailableError(missing)
+    if not binary.is_file() or not os.access(binary, os.X_OK):
+        raise VMMUnavailableError(
+            f"{what} binary {binary} does not exist or is not executable{hint}"
+        )
+    return binary
 
 
 def check_tap(tap: str, worker: NetnsWorker) -> None:

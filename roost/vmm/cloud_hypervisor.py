@@ -18,7 +18,7 @@ from typing import Any
 
 import httpx
 
-from roost.errors import VMMFailedError, VMMUnavailableError
+from roost.errors import VMMFailedError
 from roost.host.netns import NetnsWorker
 from roost.vmm.base import (
     ClientPerProcess,
@@ -26,6 +26,7 @@ from roost.vmm.base import (
     LaunchSpec,
     RunDir,
     VsockBackend,
+    check_binary,
     check_tap,
     stop_in_steps,
 )
@@ -143,16 +144,13 @@ class CloudHypervisorDriver:
         )
 
     def check_available(self) -> None:
-        if self.binary is None:
-            raise VMMUnavailableError(
-                "no Cloud Hypervisor binary: pass --cloud-hypervisor PATH to roost serve, set "
-                "$ROOST_CLOUD_HYPERVISOR, or put cloud-hypervisor on PATH"
-            )
-        if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
-            raise VMMUnavailableError(
-                f"Cloud Hypervisor binary {self.binary} does not exist or is not executable; "
-                "pass --cloud-hypervisor PATH to roost serve"
-            )
+        check_binary(
+            self.binary,
+            "Cloud Hypervisor",
+            missing="no Cloud Hypervisor binary: pass --cloud-hypervisor PATH to roost serve, "
+            "set $ROOST_CLOUD_HYPERVISOR, or put cloud-hypervisor on PATH",
+            hint="; pass --cloud-hypervisor PATH to roost serve",
+        )
 
     def api_socket(self, run_dir: RunDir) -> Path:
         return run_dir.api_socket

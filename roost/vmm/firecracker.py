@@ -19,7 +19,15 @@ from typing import Any
 from roost.engine.settings import JAILED_EXEC_NAME, jail_chroot
 from roost.errors import VMMFailedError, VMMUnavailableError
 from roost.host.netns import NetnsWorker
-from roost.vmm.base import ClientPerProcess, Early, LaunchSpec, RunDir, VsockBackend, stop_in_steps
+from roost.vmm.base import (
+    ClientPerProcess,
+    Early,
+    LaunchSpec,
+    RunDir,
+    VsockBackend,
+    check_binary,
+    stop_in_steps,
+)
 from roost.vmm.process import ReadyWhen, VMMProcess
 
 SOCKET_TIMEOUT = 5.0
@@ -342,21 +350,18 @@ class FirecrackerDriver:
         )
 
     def check_available(self) -> None:
-        if self.binary is None:
-            raise VMMUnavailableError(
-                "no Firecracker binary: pass --firecracker PATH to roost serve, set "
-                "$ROOST_FIRECRACKER, or put firecracker on PATH"
-            )
-        if not os.access(self.binary, os.X_OK) or not self.binary.is_file():
-            raise VMMUnavailableError(
-                f"Firecracker binary {self.binary} does not exist or is not executable"
-            )
+        binary = check_binary(
+            self.binary,
+            "Firecracker",
+            missing="no Firecracker binary: pass --firecracker PATH to roost serve, set "
+            "$ROOST_FIRECRACKER, or put firecracker on PATH",
+        )
         if self.jail is not None and not os.access(self.jail.jailer, os.X_OK):
             raise VMMUnavailableError(f"jailer {self.jail.jailer} is not an executable")
-        if self.jail is not None and self.binary.name != JAILED_EXEC_NAME:
+        if self.jail is not None and binary.name != JAILED_EXEC_NAME:
             raise VMMUnavailableError(
                 f"under the jailer, the Firecracker binary must be named {JAILED_EXEC_NAME!r} "
-                f"(the jailer names each chroot after it), not {self.binary.name!r}"
+                f"(the jailer names each chroot after it), not {binary.name!r}"
             )
 
     def api_socket(self, run_dir: RunDir) -> Path:

@@ -9,7 +9,6 @@ unable to run a normal guest, which only trying reveals).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import shutil
 import subprocess
@@ -29,6 +28,7 @@ from roost.vmm.base import (
     LaunchSpec,
     RunDir,
     VsockBackend,
+    check_binary,
     check_tap,
     end_vmm,
     stop_in_steps,
@@ -313,15 +313,12 @@ class QemuDriver:
         self._accel_lock = threading.Lock()
 
     def check_available(self) -> None:
-        if self.binary is None:
-            raise VMMUnavailableError(
-                "no qemu-system-x86_64 on PATH: install it (apt-get install "
-                "--no-install-recommends qemu-system-x86) or give the driver its path"
-            )
-        if not self.binary.is_file() or not os.access(self.binary, os.X_OK):
-            raise VMMUnavailableError(
-                f"QEMU binary {self.binary} does not exist or is not executable"
-            )
+        check_binary(
+            self.binary,
+            "QEMU",
+            missing="no qemu-system-x86_64 on PATH: install it (apt-get install "
+            "--no-install-recommends qemu-system-x86) or give the driver its path",
+        )
         if self.accel == "kvm" and not KVM_DEVICE.exists():
             raise VMMUnavailableError(
                 "QEMU was asked for KVM but this host has no /dev/kvm; use accel auto or tcg"
