@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import secrets
 from typing import Any
 
 from sqlalchemy import select
@@ -17,7 +16,7 @@ from sqlalchemy.orm import Session
 from roost.engine.hostnet import HostNetwork
 from roost.engine.views import network_view
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
-from roost.plan.registration import AUTO_PREFIX, NetworkCreate, random_ula_prefix
+from roost.plan.registration import AUTO_PREFIX, NetworkCreate, random_prefix
 from roost.plan.registry import NetworkKind, NetworkLookup, RegisteredNetwork
 from roost.state import alloc
 from roost.state.db import Database
@@ -86,7 +85,7 @@ class NetworkRegistry:
                 return self.db.transact(lambda session: self._add(session, request, None, []))
             prefix = request.ipv6_prefix
             if prefix == AUTO_PREFIX:  # chosen once, stored: stable from here on
-                prefix = random_ula_prefix(secrets.token_bytes(7))
+                prefix = random_prefix()
             made: list[str] = []  # bridges made by attempts of the transaction
             try:
                 view = self.db.transact(lambda session: self._add(session, request, prefix, made))

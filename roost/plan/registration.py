@@ -5,12 +5,14 @@ exist, is it a bridge, does the subnet overlap another network) when it register
 from __future__ import annotations
 
 import ipaddress
+import random
 import re
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from roost.errors import ErrorDetail, InvalidError
+from roost.plan.ipv6 import parse_ipv6_prefix, random_ula_prefix
 from roost.plan.registry import (
     RESERVED_BRIDGE_NAMES,
     RESERVED_BRIDGE_PREFIXES,
@@ -26,15 +28,7 @@ from roost.spec.network import (
 )
 from roost.spec.parse import details_of
 
-IPV6_PREFIX_LENGTH = 64
 AUTO_PREFIX = "auto"
-# IPv6 ranges a network's prefix may not overlap (the hardening issue's reserved ranges)
-RESERVED_IPV6 = (
-    (ipaddress.IPv6Network("::1/128"), "the loopback address"),
-    (ipaddress.IPv6Network("::/128"), "the unspecified address"),
-    (ipaddress.IPv6Network("fe80::/10"), "the link-local range"),
-    (ipaddress.IPv6Network("ff00::/8"), "the multicast range"),
-)
 BRIDGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
@@ -55,41 +49,16 @@ def parse_bridge_name(value: Any) -> str:
     return value
 
 
-def parse_ipv6_prefix(value: Any) -> str:
-    """`auto` or an IPv6 /64 (its network address) overlapping no reserved range."""
-    if not isinstance(value, str):
-        raise ValueError("must be a string: an IPv6 /64 such as fd12:3456:789a:1::/64, or auto")
-    text = value.strip()
-    if text.lower() == AUTO_PREFIX:
+def parse_prefix_or_auto(value: Any) -> str:
+    """`auto` (any case) or a strict IPv6 /64 (`roost.plan.ipv6.parse_ipv6_prefix`)."""
+    if isinstance(value, str) and value.strip().lower() == AUTO_PREFIX:
         return AUTO_PREFIX
-    try:
-        network = ipaddress.ip_network(text, strict=False)
-    except ValueError:
-        raise ValueError(
-            f"{text!r} is not an IPv6 prefix such as fd12:3456:789a:1::/64 (or auto)"
-        ) from None
-    if not isinstance(network, ipaddress.IPv6Network):
-        raise ValueError(f"{text} is IPv4; give an IPv6 /64 such as fd12:3456:789a:1::/64")
-    if "/" not in text or network.prefixlen != IPV6_PREFIX_LENGTH:
-        raise ValueError(
-            f"{text}: a network's IPv6 prefix is a /64 (what SLAAC needs), e.g. "
-            f"{ipaddress.IPv6Network((network.network_address, 64), strict=False)}"
-        )
-    for reserved, what in RESERVED_IPV6:
-        if network.overlaps(reserved):
-            raise ValueError(
-                f"{network} overlaps {reserved}, {what}, which a network cannot use; "
-                "choose a unique local prefix (fd00::/8) or one of your own"
-            )
-    if ipaddress.ip_interface(text).ip != network.network_address:
-        raise ValueError(f"{text} has host bits set; did you mean {network}?")
-    return str(network)
+    return str(parse_ipv6_prefix(value))
 
 
-def random_ula_prefix(random_bytes: bytes) -> str:
-    """The /64 of `fd00::/8` that 7 random bytes (a global id and a subnet id) pick."""
-    assert len(random_bytes) == 7
-    return str(ipaddress.IPv6Network((b"\xfd" + random_bytes + bytes(8), 64)))
+def random_prefix() -> str:
+    """A random unique local /64, from the system's randomness (chosen once per network)."""
+    return str(random_ula_prefix(random.SystemRandom()))
 
 
 class NetworkCreate(BaseModel):
@@ -141,7 +110,7 @@ class NetworkCreate(BaseModel):
     @field_validator("ipv6_prefix", mode="before")
     @classmethod
     def _ipv6_prefix(cls, value: Any) -> str | None:
-        return None if value is None else parse_ipv6_prefix(value)
+        return None if value is None else parse_prefix_or_auto(value)
 
     @property
     def subnet_net(self) -> ipaddress.IPv4Network | None:

@@ -113,7 +113,8 @@ def test_the_seed_examples_end_to_end(daemon: Daemon) -> None:
         assert_gone(daemon, vm)
     # the web-service network lost its last lease: its bridge and record are gone
     assert net["bridge"] not in links(daemon.netns)
-    assert [n["name"] for n in daemon.ok("network", "list")] == ["default"]
+    # left: the default network, and --dhcp-bridge's external network `dhcp`
+    assert [n["name"] for n in daemon.ok("network", "list")] == ["default", "dhcp"]
     assert "brdhcp" in links(daemon.netns)  # the operator's bridge is never touched
 
 

@@ -1,6 +1,7 @@
 """A database made before config versions recorded what they resolved to is brought forward:
 each version gets its `effective`, a running VM its `running_version`, each lease `current`. One
-made before Cloud Hypervisor keeps its VMs and takes its vsock backend."""
+made before Cloud Hypervisor keeps its VMs and takes its vsock backend; one made before named
+networks keeps its networks, as on-demand ones."""
 
 from __future__ import annotations
 
@@ -133,4 +134,48 @@ def test_version_four_databases_accept_cloud_hypervisors_vsock_and_keep_their_vm
         connection.execute(text("UPDATE vms SET vsock_backend = 'cloud-hypervisor'"))
     with pytest.raises(IntegrityError), engine.begin() as connection:
         connection.execute(text("UPDATE vms SET vsock_backend = 'hypervisor'"))
+    engine.dispose()
+
+
+def test_version_five_databases_keep_their_networks_as_on_demand_ones_and_take_named_ones(
+    tmp_path: Path,
+) -> None:
+    url = sqlite_url(tmp_path)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0005")
+        connection.execute(
+            text(
+                "INSERT INTO networks (id, name, bridge, subnet, gateway, first, last, next_hint, "
+                "created_at) VALUES (1, 'default', 'roost0', '10.57.0.0/24', '10.57.0.1', "
+                "171507712, 171507967, 171507713, '2026-01-01')"
+            )
+        )
+    engine.dispose()
+
+    database = Database(url)
+    database.migrate()
+    with database.read() as session:
+        rows = session.connection().execute(text("SELECT name, kind, ipv6_prefix FROM networks"))
+        assert [tuple(row) for row in rows] == [("default", "on-demand", None)]
+    database.dispose()
+    engine = create_engine(url)
+    with engine.begin() as connection:  # an external network needs no subnet
+        connection.execute(
+            text(
+                "INSERT INTO networks (name, kind, bridge, created_at) "
+                "VALUES ('ext', 'external', 'br-ext', '2026-01-01')"
+            )
+        )
+    for kind in ("managed", "bridge"):  # a managed one does; and there are three kinds
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(
+                text(
+                    "INSERT INTO networks (name, kind, bridge, created_at) "
+                    f"VALUES ('n', '{kind}', 'br-n', '2026-01-01')"
+                )
+            )
     engine.dispose()

@@ -259,3 +259,36 @@ def test_refusals_say_what_was_wrong(daemon: Daemon, tmp_path: Path) -> None:
     assert (code, error["details"][0]["loc"]) == (1, "network.network")
     assert "nowhere" in error["details"][0]["msg"]
     assert "lost" not in [vm["name"] for vm in daemon.ok("vm", "list")]
+
+
+def nat_table(netns: str) -> str:
+    listed = run("nft", "list", "table", "ip", "roost_nat", netns=netns, check=False)
+    return listed.stdout if listed.returncode == 0 else ""
+
+
+def test_nat_covers_named_managed_networks_and_never_an_external_one(netns: str) -> None:
+    run("ip", "link", "add", "br-ext", "type", "bridge", netns=netns)
+    daemon = Daemon(netns, "--nat").start()
+    try:
+        daemon.ok("network", "create", "lab", "--subnet", "10.84.0.0/24", "--bridge", "br-lab")
+        daemon.ok(
+            "network",
+            "create",
+            "ext",
+            "--external",
+            "--bridge",
+            "br-ext",
+            "--subnet",
+            "10.85.0.0/24",
+        )
+        rule = 'ip saddr 10.84.0.0/24 oifname != "br-lab" masquerade'
+        assert rule in nat_table(netns)
+        assert "10.85.0.0/24" not in nat_table(netns)
+        daemon.stop()
+        daemon.start()  # reconciled at start (with --nat again): still there
+        assert rule in nat_table(netns)
+        assert "10.85.0.0/24" not in nat_table(netns)
+        assert daemon.cli("network", "rm", "lab").exit_code == 0
+        assert "10.84.0.0/24" not in nat_table(netns)
+    finally:
+        daemon.close()
