@@ -96,11 +96,6 @@ class EffectiveNetwork:
     def with_ip(self, ip: ipaddress.IPv4Address) -> EffectiveNetwork:
         return replace(self, ip=ip)
 
-    @property
-    def unresolved(self) -> bool:
-        """A named network the planner could not look up (offline `vm plan`)."""
-        return self.network is not None and self.mode is NetworkMode.BRIDGED and not self.subnet
-
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EffectiveNetwork:
         """The inverse of `to_json` (a network recorded by this daemon, so trusted)."""

@@ -152,7 +152,7 @@ def test_a_network_name_is_a_dns_label() -> None:
 
 def test_offline_a_named_network_is_left_for_the_daemon() -> None:
     effective = resolve(None, {"mode": "bridged", "network": "lan2"}, offline=True)
-    assert (effective.network, effective.subnet, effective.unresolved) == ("lan2", None, True)
+    assert (effective.network, effective.subnet, effective.gateway) == ("lan2", None, None)
     plan = plan_network(effective, "vm")
     assert (plan.tap, plan.kernel_ip_arg) == (True, None)
 
