@@ -1,0 +1,100 @@
+"""The network registry in the engine, on fakes and a real SQLite database: events, bridges
+made and kept, what a VM naming a network holds, and what its removal and failures leave."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roost.errors import ConflictError, HostError, InvalidError
+from roost.plan.registration import parse_network_create
+from roost.spec import VMConfig
+from tests.engine_fakes import World
+
+
+def create(world: World, **fields: Any) -> dict[str, Any]:
+    return world.engine.networks.create(parse_network_create(fields))
+
+
+def events(world: World) -> list[tuple[str, Any]]:
+    taken, _, _ = world.engine.events._since(0)
+    return [(event.type, event.data.get("network")) for event in taken]
+
+
+def vm_on(world: World, name: str, network: dict[str, Any]) -> dict[str, Any]:
+    config = VMConfig.model_validate({"plugin": "p", "network": network})
+    return world.engine.create_vm(name, config)
+
+
+def test_creating_and_removing_a_named_network_are_events(world: World) -> None:
+    create(world, name="lab", subnet="10.70.0.0/24")
+    world.engine.networks.remove("lab")
+    assert [e for e in events(world) if e[1] == "lab"] == [
+        ("network.created", "lab"),
+        ("network.removed", "lab"),
+    ]
+
+
+def test_a_managed_network_s_bridge_outlives_its_last_lease(world: World) -> None:
+    created = create(world, name="lab", subnet="10.70.0.0/24")
+    bridge = created["bridge"]
+    assert world.links.links[bridge] == "bridge"
+    vm = vm_on(world, "a", {"mode": "bridged", "network": "lab"})
+    assert (vm["network"]["bridge"], vm["network"]["ip"]) == (bridge, "10.70.0.2")
+    with pytest.raises(ConflictError) as caught:
+        world.engine.networks.remove("lab")
+    assert caught.value.code == "network_in_use"
+    world.engine.destroy_vm("a")
+    assert world.links.links[bridge] == "bridge"
+    assert world.engine.networks.show("lab")["leases"] == []
+    world.engine.networks.remove("lab")
+    assert bridge not in world.links.links
+
+
+def test_a_failed_create_on_a_named_network_keeps_its_bridge(world: World) -> None:
+    bridge = create(world, name="lab", subnet="10.70.0.0/24")["bridge"]
+    world.firewall.fail = True  # after its tap is made on the bridge
+    with pytest.raises(HostError):
+        vm_on(world, "a", {"mode": "bridged", "network": "lab"})
+    assert world.links.links == {bridge: "bridge"}
+    assert world.leases() == {"10.70.0.0/24": []}
+
+
+def test_a_subnet_in_a_config_may_not_take_an_external_network_s(world: World) -> None:
+    world.links.links["br-ext"] = "bridge"
+    create(world, name="ext", external=True, bridge="br-ext", subnet="10.71.0.0/24")
+    with pytest.raises(ConflictError, match='"network": "ext"'):
+        vm_on(world, "a", {"mode": "bridged", "subnet": "10.71.0.0/24", "auto_assign": True})
+
+
+def test_a_vm_naming_a_network_that_went_is_told_so_at_its_next_start(world: World) -> None:
+    world.links.links["br-ext"] = "bridge"
+    create(world, name="ext", external=True, bridge="br-ext")
+    config = VMConfig.model_validate({"plugin": "p", "network": {"mode": "dhcp", "network": "ext"}})
+    world.engine.create_vm("a", config, start=False)
+    with pytest.raises(ConflictError):
+        world.engine.networks.remove("ext")  # its stopped VM names it
+    assert json.loads(json.dumps(world.engine.show_vm("a")["network"]))["network"] == "ext"
+
+
+def test_an_unknown_or_roost_s_own_network_cannot_be_named(world: World) -> None:
+    for name in ("nowhere", "default"):
+        with pytest.raises(InvalidError) as caught:
+            vm_on(world, "a", {"mode": "bridged", "network": name})
+        assert [d.loc for d in caught.value.details] == ["network.network"]
+
+
+def test_only_named_networks_can_be_removed(tmp_path: Path) -> None:
+    world = World(tmp_path, dhcp_bridge="brdhcp")
+    try:
+        world.engine.networks.restore()
+        assert world.engine.networks.show("dhcp")["bridge"] == "brdhcp"
+        world.engine.create_vm("a", VMConfig(plugin="p"))  # on the plugin's subnet, on demand
+        for name in ("dhcp", "net-10-66-0-0-24"):
+            with pytest.raises(ConflictError, match=r"network create|--dhcp-bridge"):
+                world.engine.networks.remove(name)
+    finally:
+        world.close()
