@@ -70,7 +70,7 @@ def test_a_subnet_in_a_config_may_not_take_an_external_network_s(world: World) -
         vm_on(world, "a", {"mode": "bridged", "subnet": "10.71.0.0/24", "auto_assign": True})
 
 
-def test_a_vm_naming_a_network_that_went_is_told_so_at_its_next_start(world: World) -> None:
+def test_a_network_a_stopped_vm_names_is_in_use(world: World) -> None:
     world.links.links["br-ext"] = "bridge"
     create(world, name="ext", external=True, bridge="br-ext")
     config = VMConfig.model_validate({"plugin": "p", "network": {"mode": "dhcp", "network": "ext"}})
