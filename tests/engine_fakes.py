@@ -77,6 +77,27 @@ class FakeFirewall:
         self.protected.discard(tap)
 
 
+class FakeAdverts:
+    """Router advertisements as a record of bridge → prefix; `fail` makes the next start
+    fail."""
+
+    def __init__(self) -> None:
+        self.advertised: dict[str, ipaddress.IPv6Network] = {}
+        self.fail = False
+
+    def start(self, bridge: str, prefix: ipaddress.IPv6Network) -> None:
+        if self.fail:
+            self.fail = False
+            raise HostError(f"fake: cannot advertise {prefix} on {bridge}")
+        self.advertised[bridge] = prefix
+
+    def stop(self, bridge: str) -> None:
+        self.advertised.pop(bridge, None)
+
+    def reconcile(self, wanted: Mapping[str, ipaddress.IPv6Network]) -> None:
+        self.advertised = dict(wanted)
+
+
 class FakeVMMProcess(VMMProcess):
     """A real child process standing in for a VMM, reaped by the test when killed."""
 
@@ -229,6 +250,7 @@ class World:
         self.db = Database(sqlite_url(root))
         self.db.migrate()
         self.links, self.firewall, self.driver = FakeLinks(), FakeFirewall(), FakeDriver()
+        self.adverts = FakeAdverts()
         self.listeners = FakeListeners()
         if dhcp_bridge is not None:
             self.links.links[dhcp_bridge] = "bridge"  # the operator's, made before the daemon
@@ -248,7 +270,7 @@ class World:
             db=self.db,
             store=store,
             plugins=Plugins(self.db, store),
-            host=HostNetwork(self.links, self.firewall, leased),
+            host=HostNetwork(self.links, self.firewall, leased, adverts=self.adverts),
             drivers={"fake": self.driver},
             observer=FakeObserver(),
             disks=Disks(root / "disks"),

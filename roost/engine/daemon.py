@@ -33,6 +33,7 @@ from roost.host.links import Links
 from roost.host.nat import Masquerade, remove_table
 from roost.host.netns import NetnsWorker, namespace_file
 from roost.host.observe import LeaseObserver
+from roost.host.ra import RouterAdverts
 from roost.plan import DefaultNetwork
 from roost.state import alloc
 from roost.state.artifacts import ArtifactStore, is_elf
@@ -158,6 +159,8 @@ class Daemon:
         links = Links(worker, None if jail is None else (jail.uid, jail.gid))
         self._closers.append(links.close)
         nat = Masquerade(worker) if settings.nat else None
+        adverts = RouterAdverts(worker, settings.run_dir)
+        self._closers.append(adverts.close)
         if nat is None:
             remove_table(worker)
 
@@ -191,7 +194,7 @@ class Daemon:
             db=db,
             store=store,
             plugins=Plugins(db, store, settings.artifact_dirs, events),
-            host=HostNetwork(links, Firewall(worker), leased, nat),
+            host=HostNetwork(links, Firewall(worker), leased, nat, adverts),
             drivers=drivers,
             observer=LeaseObserver(worker, observed, lease_file=settings.dhcp_leases),
             disks=Disks(settings.state_dir / "disks"),

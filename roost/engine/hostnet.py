@@ -58,6 +58,17 @@ class Nat(Protocol):
     def reconcile(self, networks: Mapping[str, ipaddress.IPv4Network]) -> None: ...
 
 
+class Adverts(Protocol):
+    """Router advertisements on managed bridges with an IPv6 prefix
+    (`roost.host.ra.RouterAdverts`)."""
+
+    def start(self, bridge: str, prefix: ipaddress.IPv6Network) -> None: ...
+
+    def stop(self, bridge: str) -> None: ...
+
+    def reconcile(self, wanted: Mapping[str, ipaddress.IPv6Network]) -> None: ...
+
+
 @dataclass(frozen=True)
 class TapPlan:
     """One tap as the plan and the allocation have it: its name and guest MAC, the bridge it
@@ -79,7 +90,8 @@ class TapPlan:
 class HostNetwork:
     """Bridges, taps and rules in the daemon's namespace. `leased(network_id)` says whether a
     network still has an address leased on it (read from the database by the caller's
-    choice of collaborator). With `nat`, each managed bridge is masqueraded while it exists."""
+    choice of collaborator). With `nat`, each managed bridge is masqueraded while it exists;
+    `adverts` advertise the IPv6 prefix of a named managed network on its bridge."""
 
     def __init__(
         self,
@@ -87,10 +99,12 @@ class HostNetwork:
         firewall: Rules,
         leased: Callable[[int], bool],
         nat: Nat | None = None,
+        adverts: Adverts | None = None,
     ) -> None:
         self.links = links
         self.firewall = firewall
         self.nat = nat
+        self.adverts = adverts
         self._leased = leased
         self.lock = threading.RLock()  # undoing a failed allocation removes bridges
         self._bridges_ready: set[str] = set()
@@ -147,14 +161,29 @@ class HostNetwork:
         if self.nat is not None:
             self.nat.add(tap.bridge, tap.gateway.network)
 
-    def make_bridge(self, bridge: str, gateway: ipaddress.IPv4Interface) -> None:
+    def make_bridge(
+        self,
+        bridge: str,
+        gateway: ipaddress.IPv4Interface,
+        ipv6_prefix: ipaddress.IPv6Network | None = None,
+    ) -> None:
         """A named managed network's bridge, up with its gateway address (and masqueraded,
-        with --nat), made when the network is created and kept until it is removed."""
+        with --nat; its IPv6 prefix advertised, if it has one), made when the network is
+        created and kept until it is removed."""
         with self.lock:
             self.links.ensure_bridge(bridge, gateway)
             if self.nat is not None:
                 self.nat.add(bridge, gateway.network)
+            if ipv6_prefix is not None:
+                assert self.adverts is not None, "a daemon with IPv6 networks advertises them"
+                self.adverts.start(bridge, ipv6_prefix)
             self._bridges_ready.add(bridge)
+
+    def advertise_only(self, wanted: Mapping[str, ipaddress.IPv6Network]) -> None:
+        """At start: router advertisements on exactly the bridges of `wanted` (bridge → prefix),
+        those a previous daemon started adopted, any other ended."""
+        if self.adverts is not None:
+            self.adverts.reconcile(wanted)
 
     def remove_bridge(self, bridge: str) -> None:
         """A named managed network's bridge, removed with the network."""
@@ -180,6 +209,8 @@ class HostNetwork:
         self._bridges_ready.discard(bridge)
         if self.nat is not None:
             self.nat.remove(bridge)
+        if self.adverts is not None:
+            self.adverts.stop(bridge)
         self.links.delete(bridge)
 
     def reap(self, keep_taps: Callable[[], set[str]], used_bridges: Callable[[], set[str]]) -> None:

@@ -149,11 +149,10 @@ class NetworkRegistry:
         return network_view(network, [])
 
     def _make_bridge(self, network: Network) -> None:
-        assert network.subnet is not None and network.gateway is not None
-        gateway = alloc.gateway_interface(
-            ipaddress.IPv4Address(network.gateway), ipaddress.IPv4Network(network.subnet)
-        )
-        self.host.make_bridge(network.bridge, gateway)
+        planned = registered(network)
+        assert planned.subnet is not None and planned.gateway is not None
+        gateway = alloc.gateway_interface(planned.gateway, planned.subnet)
+        self.host.make_bridge(network.bridge, gateway, planned.ipv6_prefix)
 
     # ---- removing -----------------------------------------------------------------------
 
@@ -194,11 +193,13 @@ class NetworkRegistry:
 
     def restore(self) -> None:
         """At start: the external network `dhcp` follows `--dhcp-bridge` (registered, moved or
-        removed), and every managed network's bridge is there (after a host's reboot too)."""
+        removed), every managed network's bridge is there (after a host's reboot too), and
+        router advertisements run on exactly those with an IPv6 prefix."""
         self.db.transact(self._register_dhcp)
         with self.db.read() as session:
             managed = list(session.scalars(select(Network).where(Network.kind == alloc.MANAGED)))
             session.expunge_all()
+        advertised = {}
         for network in managed:
             try:
                 self._make_bridge(network)
@@ -206,6 +207,13 @@ class NetworkRegistry:
                 log.error(
                     "network %s: cannot set up bridge %s: %s", network.name, network.bridge, error
                 )
+            else:
+                if (prefix := registered(network).ipv6_prefix) is not None:
+                    advertised[network.bridge] = prefix
+        try:
+            self.host.advertise_only(advertised)
+        except HostError as error:
+            log.error("router advertisements: %s", error)
 
     def _register_dhcp(self, session: Session) -> None:
         network = session.scalar(select(Network).where(Network.name == DHCP_NETWORK))

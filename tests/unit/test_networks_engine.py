@@ -3,13 +3,14 @@ made and kept, what a VM naming a network holds, and what its removal and failur
 
 from __future__ import annotations
 
+import ipaddress
 import json
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from roost.errors import ConflictError, HostError, InvalidError
+from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
 from roost.plan.registration import parse_network_create
 from roost.spec import VMConfig
 from tests.engine_fakes import World
@@ -98,3 +99,30 @@ def test_only_named_networks_can_be_removed(tmp_path: Path) -> None:
                 world.engine.networks.remove(name)
     finally:
         world.close()
+
+
+def test_a_managed_network_with_an_ipv6_prefix_is_advertised_until_it_is_removed(
+    world: World,
+) -> None:
+    bridge = create(world, name="lab6", subnet="10.72.0.0/24", ipv6_prefix="fd72::/64")["bridge"]
+    assert {b: str(p) for b, p in world.adverts.advertised.items()} == {bridge: "fd72::/64"}
+    world.engine.networks.remove("lab6")
+    assert world.adverts.advertised == {}
+
+
+def test_a_network_whose_advertisements_cannot_start_is_not_created(world: World) -> None:
+    world.adverts.fail = True
+    with pytest.raises(HostError, match="cannot advertise"):
+        create(world, name="lab6", subnet="10.72.0.0/24", ipv6_prefix="fd72::/64")
+    assert world.adverts.advertised == {}
+    assert [name for name, kind in world.links.links.items() if kind == "bridge"] == []
+    with pytest.raises(NotFoundError):
+        world.engine.networks.show("lab6")
+
+
+def test_restoring_advertises_exactly_the_networks_with_a_prefix(world: World) -> None:
+    bridge = create(world, name="lab6", subnet="10.72.0.0/24", ipv6_prefix="fd72::/64")["bridge"]
+    create(world, name="lab4", subnet="10.73.0.0/24")
+    world.adverts.advertised = {"rbr99": ipaddress.IPv6Network("fd99::/64")}  # a stale one
+    world.engine.networks.restore()
+    assert {b: str(p) for b, p in world.adverts.advertised.items()} == {bridge: "fd72::/64"}
