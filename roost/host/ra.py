@@ -7,8 +7,9 @@ is told, so its command line names only that file), `<bridge>.pid` and `<bridge>
 outlive the daemon, as the VMs do: a restarted daemon adopts a dnsmasq whose pid file names a
 process whose command line names that config, and never signals a PID without that check (a
 reused PID is someone else's). The bridge gets `<prefix>::1/64` (no duplicate address detection:
-the router's address must be usable at once), and IPv6 forwarding is turned on in the
-namespace, since dnsmasq advertises no default route from a host that does not forward.
+the router's address must be usable at once). IPv6 forwarding is left as it is: dnsmasq
+advertises the bridge as a default router without it, and turning it on for the whole
+namespace would make the host's own interfaces ignore their routers' advertisements.
 """
 
 from __future__ import annotations
@@ -31,13 +32,11 @@ from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from roost.errors import HostError
-from roost.host import sysctl
 from roost.host.netns import NetnsWorker
 from roost.plan.ipv6 import router_address
 
 log = logging.getLogger(__name__)
 DNSMASQ = "dnsmasq"
-FORWARDING = "net.ipv6.conf.all.forwarding"
 IFA_F_NODAD = 0x02
 START_TIMEOUT = 10.0  # for dnsmasq to write its pid file (it does once it is set up)
 STOP_TIMEOUT = 5.0  # for it to end on SIGTERM before it gets SIGKILL
@@ -89,10 +88,6 @@ def _end(pid: int, child: subprocess.Popen[bytes] | None) -> None:
         else:
             return
     raise HostError(f"dnsmasq (pid {pid}) did not end on SIGKILL")
-
-
-def _where(worker: NetnsWorker) -> str:
-    return f"network namespace {worker.netns}" if worker.netns else "the daemon's namespace"
 
 
 class RouterAdverts:
@@ -199,7 +194,6 @@ class RouterAdverts:
             self._add_router_address(bridge, prefix)  # gone with a bridge made again
             return
         self._stop(bridge)
-        self._forward()
         self._add_router_address(bridge, prefix)
         conf, pid_file, log_file = self._files(bridge)
         self.dir.mkdir(parents=True, exist_ok=True)
@@ -244,22 +238,6 @@ class RouterAdverts:
             path.unlink(missing_ok=True)
         if prefix is not None:
             self._remove_router_address(bridge, prefix)
-
-    def _forward(self) -> None:
-        """IPv6 forwarding on in the namespace (else dnsmasq advertises no default route); said
-        in the log whenever roost turns it on, as roost never turns it off again."""
-        with self._worker.inside():
-            was = sysctl.read(FORWARDING)
-            if was != "1":
-                sysctl.write(FORWARDING, "1")
-        if was != "1":
-            log.warning(
-                "turned IPv6 forwarding on in %s for networks with an IPv6 prefix (%s was %s); "
-                "roost never turns it off: set it back yourself if you stop using them",
-                _where(self._worker),
-                FORWARDING,
-                was,
-            )
 
     def _netlink(self) -> IPRoute:
         if self._ipr is None:
