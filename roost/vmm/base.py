@@ -125,7 +125,9 @@ class RunDir:
         """Everything in the chroot but the console log: the jailer refuses to start in a
         chroot where its device nodes already are. The chroot is the jailed uid's: a console
         log it replaced by a symlink or a hard link goes too, or the supervisor (root) would
-        append the next boot's console to whatever that names."""
+        append the next boot's console to whatever that names, and so does one it replaced by
+        anything but a regular file (a FIFO, which nobody reads, would hold the supervisor's
+        open for ever; the supervisor refuses those too)."""
         assert self.chroot is not None
         for leftover in self.chroot.iterdir() if self.chroot.is_dir() else ():
             if leftover.is_dir() and not leftover.is_symlink():

@@ -160,6 +160,24 @@ def _copy_in(source: Path, target: Path, jail: Jail) -> None:
         ) from None
 
 
+def _make_file(path: Path, jail: Jail | None) -> None:
+    """A file at `path` for Firecracker to open, the jailed uid's when jailed. That uid owns
+    the chroot: whatever is found there is neither followed (a symlink) nor opened blocking
+    (a FIFO), nor given to it unless it is a regular file."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        fd = os.open(path, flags, 0o666)
+    except OSError as error:
+        raise VMMFailedError(f"cannot create {path} for Firecracker: {error.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise VMMFailedError(f"{path} is not a regular file; remove it and start again")
+        if jail is not None:
+            os.fchown(fd, jail.uid, jail.gid)
+    finally:
+        os.close(fd)
+
+
 def configure_requests(spec: LaunchSpec) -> list[Request]:
     """The API requests that configure `spec` and touch nothing of the host's: sent before
     the engine's `host_ready`."""
@@ -385,9 +403,7 @@ class FirecrackerDriver:
         self.check_available()
         assert self.binary is not None
         for made in (run_dir.vmm_log, run_dir.metrics):  # Firecracker opens, never creates them
-            made.touch()
-            if self.jail is not None:
-                os.chown(made, self.jail.uid, self.jail.gid)
+            _make_file(made, self.jail)
         if self.jail is None:
             argv = [str(self.binary), *firecracker_argv(name, run_dir)]
         else:

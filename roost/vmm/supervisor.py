@@ -16,10 +16,12 @@ both written aside and renamed so they appear whole.
 """
 
 import contextlib
+import errno
 import json
 import os
 import select
 import signal
+import stat
 import sys
 from typing import Any
 
@@ -35,6 +37,30 @@ def write_atomically(run_dir_fd: int, name: str, text: str) -> None:
     os.rename(temp, name, src_dir_fd=run_dir_fd, dst_dir_fd=run_dir_fd)
 
 
+def open_output(path: str) -> int:
+    """The file a program's output is appended to (created if need be), opened here, never
+    blocking and never through a symlink, and refused unless it is a regular file: under the
+    jailer it is the console log, in a chroot its VMM's uid may write, so it may be a FIFO by
+    now, and a FIFO nobody reads would hold this process (and every start after) for ever."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    not_regular = OSError(
+        f"{path} is not a regular file (a FIFO, socket, device, directory or symlink): a "
+        "program's output is only ever appended to a regular file; remove it and try again"
+    )
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as error:
+        # ELOOP: a symlink; ENXIO: a FIFO nobody reads, or a socket; EISDIR: a directory
+        if error.errno in (errno.ELOOP, errno.ENXIO, errno.EISDIR):
+            raise not_regular from None
+        raise
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise not_regular
+    os.set_blocking(fd, True)  # the program writes to it as to any file
+    return fd
+
+
 def launch(command: dict[str, Any], children: dict[int, tuple[int, str]]) -> dict[str, int]:
     """Start the command's program in a session of its own, stdin from /dev/null and its
     output appended to the command's file. posix_spawn (vfork and exec): no copy of this
@@ -42,19 +68,22 @@ def launch(command: dict[str, Any], children: dict[int, tuple[int, str]]) -> dic
     exit status later."""
     run_dir_fd = os.open(command["run_dir"], os.O_RDONLY | os.O_DIRECTORY)
     argv = command["argv"]
-    output_flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT
     try:
-        pid = os.posix_spawn(
-            argv[0],
-            argv,
-            os.environ,
-            file_actions=[
-                (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                (os.POSIX_SPAWN_OPEN, 1, command["output"], output_flags, 0o600),
-                (os.POSIX_SPAWN_DUP2, 1, 2),
-            ],
-            setsid=True,
-        )
+        output = open_output(command["output"])
+        try:
+            pid = os.posix_spawn(
+                argv[0],
+                argv,
+                os.environ,
+                file_actions=[
+                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                    (os.POSIX_SPAWN_DUP2, output, 1),
+                    (os.POSIX_SPAWN_DUP2, 1, 2),
+                ],
+                setsid=True,
+            )
+        finally:
+            os.close(output)
     except BaseException:
         os.close(run_dir_fd)
         raise

@@ -1,10 +1,13 @@
 """Firecracker under its jailer, as pure functions: the jailer's command line, the paths the
-jailed Firecracker sees, the run dir's files in the chroot, and how a jailed VMM is known."""
+jailed Firecracker sees, the run dir's files in the chroot, and how a jailed VMM is known; and
+what root does with whatever the jailed uid leaves in its chroot."""
 
 from __future__ import annotations
 
 import errno
 import os
+import socket
+import stat
 import subprocess
 import sys
 from dataclasses import replace
@@ -14,7 +17,7 @@ import pytest
 
 from roost.engine.settings import Settings, jail_chroot
 from roost.errors import VMMFailedError
-from roost.vmm import firecracker
+from roost.vmm import firecracker, supervisor
 from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock, VsockBackend
 from roost.vmm.firecracker import (
     Jail,
@@ -230,3 +233,122 @@ def test_a_copy_into_the_chroot_is_never_written_through_a_symlink(
         firecracker._into_chroot(kernel, target, jail, own=False)
     assert victim.read_text() == "a host file\n"
     assert victim.stat().st_uid == os.getuid()
+
+
+def make_no_regular_file(path: Path, kind: str) -> None:
+    """What a jailed VMM's uid could leave at `path` in its chroot instead of a file."""
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "socket":
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as bound:
+            bound.bind(str(path))  # the socket file stays once the socket is closed
+    elif kind == "directory":
+        path.mkdir()
+        (path / "inside").touch()
+    elif kind == "device":
+        if os.geteuid() != 0:
+            pytest.skip("making a device node needs root")
+        os.mknod(path, stat.S_IFCHR | 0o600, os.makedev(1, 3))  # as /dev/null
+    else:
+        path.symlink_to(path.parent / "elsewhere")
+
+
+NO_REGULAR_FILES = ["fifo", "socket", "directory", "device"]
+
+
+@pytest.mark.parametrize("kind", NO_REGULAR_FILES)
+def test_a_console_log_the_jailed_uid_made_no_regular_file_is_removed_before_the_next_boot(
+    tmp_short: Path, kind: str
+) -> None:
+    """Or the supervisor (root) would open it to append the next boot's console: a FIFO
+    nobody reads would hold that open for ever."""
+    run_dir = RunDir(tmp_short / "run" / "web", jail_chroot(tmp_short / "jail", "web"))
+    run_dir.prepare()
+    assert run_dir.chroot is not None
+    make_no_regular_file(run_dir.console_log, kind)
+    run_dir.prepare()
+    assert list(run_dir.chroot.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind", [*NO_REGULAR_FILES, "symlink"])
+def test_the_supervisor_refuses_an_output_file_that_is_no_regular_file_at_once(
+    tmp_short: Path, kind: str
+) -> None:
+    """A FIFO nobody reads is refused, not waited on: the open never blocks."""
+    output = tmp_short / "console.log"
+    make_no_regular_file(output, kind)
+    with pytest.raises(OSError, match=f"^{output} is not a regular file"):
+        supervisor.open_output(str(output))
+
+
+def test_the_supervisor_starts_nothing_with_a_fifo_for_output_even_while_it_is_read(
+    tmp_short: Path,
+) -> None:
+    output = tmp_short / "console.log"
+    os.mkfifo(output)
+    reader = os.open(output, os.O_RDONLY | os.O_NONBLOCK)  # a jailed VMM could hold this end
+    children: dict[int, tuple[int, str]] = {}
+    try:
+        command = {
+            "run_dir": str(tmp_short),
+            "argv": ["/bin/true"],
+            "output": str(output),
+            "pid_file": "vmm.pid",
+            "exit_file": "exit",
+        }
+        with pytest.raises(OSError, match="is not a regular file"):
+            supervisor.launch(command, children)
+    finally:
+        os.close(reader)
+    assert children == {}
+    assert not (tmp_short / "vmm.pid").exists()
+
+
+def test_the_supervisor_appends_both_outputs_to_a_regular_file_opened_blocking(
+    tmp_short: Path,
+) -> None:
+    output = tmp_short / "console.log"
+    output.write_text("earlier boot\n")
+    children: dict[int, tuple[int, str]] = {}
+    command = {
+        "run_dir": str(tmp_short),
+        "argv": ["/bin/sh", "-c", "echo out; grep ^flags: /proc/self/fdinfo/1 >&2"],
+        "output": str(output),
+        "pid_file": "vmm.pid",
+        "exit_file": "exit",
+    }
+    pid = supervisor.launch(command, children)["pid"]
+    try:
+        assert os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]) == 0
+    finally:
+        os.close(children.pop(pid)[0])
+    earlier, out, flags = output.read_text().splitlines()
+    assert (earlier, out) == ("earlier boot", "out")
+    mode = int(flags.split()[1], 8)
+    assert mode & os.O_APPEND and not mode & os.O_NONBLOCK
+    assert (tmp_short / "vmm.pid").read_text() == f"{pid}\n"
+
+
+@pytest.mark.parametrize("kind", [*NO_REGULAR_FILES, "symlink"])
+def test_firecrackers_log_is_never_made_through_what_the_jailed_uid_left(
+    tmp_short: Path, kind: str
+) -> None:
+    """Root makes the log and metrics files and gives them to the uid: never through a
+    symlink, never opening a FIFO blocking, never giving away anything but a regular file."""
+    elsewhere = tmp_short / "elsewhere"
+    elsewhere.write_text("the host's\n")
+    log = tmp_short / "vmm.log"
+    make_no_regular_file(log, kind)
+    jail = Jail(Path("/opt/jailer"), 65534, 65534, tmp_short)
+    with pytest.raises(VMMFailedError, match=str(log)):
+        firecracker._make_file(log, jail)
+    assert elsewhere.stat().st_uid == os.getuid()
+
+
+def test_firecrackers_log_is_made_for_the_jailed_uid(tmp_short: Path) -> None:
+    log = tmp_short / "vmm.log"
+    firecracker._make_file(log, Jail(Path("/opt/jailer"), 65534, 65534, tmp_short))
+    status = log.lstat()
+    assert stat.S_ISREG(status.st_mode) and status.st_size == 0
+    if os.geteuid() == 0:
+        assert (status.st_uid, status.st_gid) == (65534, 65534)
