@@ -10,6 +10,7 @@ import typer
 
 from roost.cli.apps import config_app
 from roost.cli.files import read_json
+from roost.cli.interfaces import InterfaceOpt, interface_fields, interfaces_from, list_columns
 from roost.cli.options import (
     JSONOpt,
     NetworkAutoAssignOpt,
@@ -18,27 +19,24 @@ from roost.cli.options import (
     NetworkIPOpt,
     NetworkModeOpt,
     NetworkSubnetOpt,
+    refuse_field_flags_on_interfaces,
     with_flags,
 )
-from roost.cli.output import err, fields, out, print_json, table
+from roost.cli.output import fields, out, print_json, table, usage_error
 from roost.cli.remote import NameArg, daemon, show, vm_path
-from roost.errors import ExitCode, InvalidError
+from roost.errors import InvalidError
 from roost.spec import VMConfigPatch, VMMKind, parse
 from roost.spec.network import parse_network
 
 
 def _version_human(version: dict[str, Any]) -> None:
     effective = version["effective"]
-    network = effective["network"]
     resources = effective["resources"]
     fields(
         [
             ("version", version["version"]),
             ("created", version["created_at"]),
-            ("network", f"{network['mode']} (from {network['source']})"),
-            ("subnet", network["subnet"]),
-            ("gateway", network["gateway"]),
-            ("ip", network["ip"]),
+            *_network_fields(effective),
             ("resources", f"{resources['vcpus']} vCPU, {resources['memory_mib']} MiB"),
             ("vmm", effective["vmm"]),
             (
@@ -49,6 +47,21 @@ def _version_human(version: dict[str, Any]) -> None:
             ("config", _compact(version["config"])),
         ]
     )
+
+
+def _network_fields(effective: dict[str, Any]) -> list[tuple[str, Any]]:
+    """The resolved network of a config version: a single one (or vsock) as ever, several
+    interfaces (`network` null) each in turn."""
+    network = effective["network"]
+    if network is None:
+        interfaces = effective["interfaces"]
+        return [("network", f"{len(interfaces)} interfaces"), *interface_fields(interfaces)]
+    return [
+        ("network", f"{network['mode']} (from {network['source']})"),
+        ("subnet", network["subnet"]),
+        ("gateway", network["gateway"]),
+        ("ip", network["ip"]),
+    ]
 
 
 def _compact(data: Any) -> str:
@@ -74,12 +87,16 @@ def config_history(name: NameArg, as_json: JSONOpt = False) -> None:
         for item in items:
             network = item["effective"]["network"]
             resources = item["effective"]["resources"]
+            if network is None:
+                mode, ip, _, _ = list_columns(item["effective"]["interfaces"])
+            else:
+                mode, ip = network["mode"], network["ip"]
             rows.append(
                 (
                     item["version"],
                     item["created_at"],
-                    network["mode"],
-                    network["ip"],
+                    mode,
+                    ip,
                     f"{resources['vcpus']}/{resources['memory_mib']}",
                     item["effective"]["vmm"],
                 )
@@ -95,18 +112,34 @@ def patch_body(
     flags: NetworkFlags,
     *,
     reset_network: bool,
+    stored_interfaces: list[dict[str, Any]] | None = None,
+    interfaces: list[dict[str, Any]] | None = None,
+    vm_name: str = "the VM",
     vcpus: int | None = None,
     memory_mib: int | None = None,
     vmm: str | None = None,
 ) -> dict[str, Any]:
-    """A patch from `--file`'s document and the flags. The network flags start from the
-    document's `network` when it has one, else from the VM's stored override, and change it
-    field by field (`--network-mode` starts afresh) — as `vm plan` and `vm create` do."""
+    """A patch from `--file`'s document and the flags. `--network-reset` clears the network
+    and interfaces (back to the plugin's), `--interface` (`interfaces`) replaces them by its
+    list. The network flags start from the document's `network` or `interfaces` when it has
+    either, else from the VM's stored override, and change a network field by field
+    (`--network-mode` starts afresh, and is the only one for a base of interfaces) — as
+    `vm plan` and `vm create` do."""
     body = dict(document or {})
     if reset_network:
+        body.pop("interfaces", None)
         body["network"] = None
+    elif interfaces is not None:
+        body.pop("network", None)
+        body["interfaces"] = interfaces
     elif flags.given:
-        written = body.get("network", stored_network)
+        written, written_interfaces, holder = _network_base(
+            body, stored_network, stored_interfaces, vm_name
+        )
+        if written_interfaces is not None:
+            refuse_field_flags_on_interfaces(flags, holder, patch=True)
+            written = None
+            body.pop("interfaces", None)
         network = flags.apply(None if written is None else parse_network(written))
         body["network"] = None if network is None else network.model_dump(exclude_none=True)
     with_flags(body, vcpus=vcpus, memory_mib=memory_mib, vmm=vmm)
@@ -114,14 +147,32 @@ def patch_body(
     return body
 
 
-def changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str]]:
-    """What a new version changed, field by field (`network.ip: 10.0.0.2 -> 10.0.0.9`)."""
+def _network_base(
+    body: dict[str, Any],
+    stored_network: dict[str, Any] | None,
+    stored_interfaces: list[dict[str, Any]] | None,
+    vm_name: str,
+) -> tuple[Any, Any, str]:
+    """What the network flags change: the document's network or interfaces (as written),
+    else the VM's stored ones; and whose they are, for an error."""
+    if "network" in body:
+        return body["network"], None, "the --file patch"
+    if "interfaces" in body:
+        return None, body["interfaces"], "the --file patch"
+    return stored_network, stored_interfaces, f"VM {vm_name}'s config"
 
-    def flat(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+
+def changes(before: dict[str, Any], after: dict[str, Any]) -> list[tuple[str, str]]:
+    """What a new version changed, field by field (`network.ip: 10.0.0.2 -> 10.0.0.9`, an
+    interface's by its index: `interfaces.1.ip`)."""
+
+    def flat(data: dict[Any, Any], prefix: str = "") -> dict[str, Any]:
         items: dict[str, Any] = {}
         for key, value in data.items():
             if isinstance(value, dict):  # an empty one holds nothing to tell
                 items.update(flat(value, f"{prefix}{key}."))
+            elif isinstance(value, list) and value:  # interfaces: `interfaces.1.ip`
+                items.update(flat(dict(enumerate(value)), f"{prefix}{key}."))
             else:
                 items[f"{prefix}{key}"] = value
         return items
@@ -152,8 +203,12 @@ def config_patch(
     network_ip: NetworkIPOpt = None,
     network_reset: Annotated[
         bool,
-        typer.Option("--network-reset", help="Back to the plugin's network (no override)."),
+        typer.Option(
+            "--network-reset",
+            help="Back to the plugin's network: clears the VM's network and interfaces.",
+        ),
     ] = False,
+    interface: InterfaceOpt = None,
     file: Annotated[
         Path | None,
         typer.Option("--file", help="A patch document (a VM config patch, JSON)."),
@@ -166,14 +221,21 @@ def config_patch(
     """Change a VM's config: a new version, applied at its next start.
 
     Network flags change the VM's stored network override (or --file's) field by field;
-    --network-mode starts a fresh override from the flags given.
+    --network-mode starts a fresh override from the flags given. On a VM with interfaces
+    only --network-mode (a fresh single NIC) and --network-reset apply; --interface
+    replaces the whole list.
     """
     flags = NetworkFlags(
         network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
     )
     if network_reset and flags.given:
-        err.print("error: --network-reset cannot be combined with --network-* flags", markup=False)
-        raise typer.Exit(ExitCode.USAGE)
+        usage_error("--network-reset cannot be combined with --network-* flags")
+    if network_reset and interface:
+        usage_error(
+            "--network-reset cannot be combined with --interface: --network-reset returns to "
+            "the plugin's network, --interface sets the VM's own interfaces; use one"
+        )
+    interfaces = interfaces_from(interface, flags)
     with daemon(as_json) as client:
         document = None
         if file is not None:
@@ -186,6 +248,9 @@ def config_patch(
             document,
             flags,
             reset_network=network_reset,
+            stored_interfaces=before["config"].get("interfaces"),
+            interfaces=interfaces,
+            vm_name=name,
             vcpus=vcpus,
             memory_mib=memory,
             vmm=vmm.value if vmm is not None else None,

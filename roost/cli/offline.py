@@ -9,6 +9,7 @@ import typer
 
 from roost.cli.apps import app, plugin_app, vm_app
 from roost.cli.files import manifest_problems, read_manifest
+from roost.cli.interfaces import InterfaceOpt, interfaces_from
 from roost.cli.options import (
     ConfigOpt,
     JSONOpt,
@@ -20,9 +21,10 @@ from roost.cli.options import (
     NetworkSubnetOpt,
     vm_config_from,
 )
-from roost.cli.output import err, fields, out, print_json, reporting, yes_no
+from roost.cli.output import err, fields, out, print_json, reporting, table, usage_error, yes_no
 from roost.errors import ExitCode, InvalidError
-from roost.plan import IPAM, DefaultNetwork, plan_vm
+from roost.plan import IPAM, DefaultNetwork, EffectiveNetwork, NetworkPlan, plan_network
+from roost.plan.interfaces import EffectiveInterface, ResolvedInterfaces, resolve_interfaces
 from roost.plan.network import DEFAULT_SUBNET
 from roost.spec import Manifest, VMConfig, VMConfigPatch
 from roost.spec.common import check_name
@@ -72,26 +74,59 @@ def vm_plan(
     network_gateway: NetworkGatewayOpt = None,
     network_auto_assign: NetworkAutoAssignOpt = None,
     network_ip: NetworkIPOpt = None,
+    interface: InterfaceOpt = None,
     as_json: JSONOpt = False,
 ) -> None:
-    """Show, offline, the network a VM would get and what roost would set up for it."""
+    """Show, offline, the network a VM would get and what roost would set up for it.
+
+    A registered network named by the config is left for the daemon to resolve.
+    """
+    flags = NetworkFlags(
+        network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
+    )
+    interfaces = interfaces_from(interface, flags)
     with reporting(as_json):
         check_name(name)
         try:
             manifest = read_manifest(plugin)
         except InvalidError as error:
             raise InvalidError(f"{plugin} is not a valid plugin manifest", error.details) from None
-        flags = NetworkFlags(
-            network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
-        )
-        vm_config = vm_config_from(manifest.name, config, flags)
-        result = plan_vm(name, manifest, vm_config, DefaultNetwork.from_cidr(default_subnet))
+        vm_config = vm_config_from(manifest.name, config, flags, interfaces=interfaces)
+        default = DefaultNetwork.from_cidr(default_subnet)
+        resolved = resolve_interfaces(manifest, vm_config, default, None, vm_name=name)
     if as_json:
-        print_json(
-            {"name": name, "network": result.network.to_json(), "plan": result.net.to_json()}
-        )
-        return
-    network, net = result.network, result.net
+        print_json(_plan_json(name, resolved))
+    elif resolved.single:
+        _single_plan_human(name, manifest, resolved)
+    else:
+        _interfaces_plan_human(name, manifest, resolved)
+
+
+def _plan_json(name: str, resolved: ResolvedInterfaces) -> dict[str, Any]:
+    """The plan as scripts read it: `network` and `plan` as ever for a VM with at most one
+    interface (null for several, as in the VM's JSON); `interfaces` for every VM (one for a
+    single network, none for vsock), each with its own `plan`."""
+    single = resolved.network
+    return {
+        "name": name,
+        "network": None if single is None else single.to_json(),
+        "plan": None if single is None else _single_plan(name, resolved, single).to_json(),
+        "interfaces": [
+            {**interface.to_json(), "plan": interface.plan.to_json()}
+            for interface in resolved.interfaces
+        ],
+    }
+
+
+def _single_plan(name: str, resolved: ResolvedInterfaces, network: EffectiveNetwork) -> NetworkPlan:
+    """The plan of a single network: its interface's, or (vsock: none) the network's own."""
+    return resolved.interfaces[0].plan if resolved.interfaces else plan_network(network, name)
+
+
+def _single_plan_human(name: str, manifest: Manifest, resolved: ResolvedInterfaces) -> None:
+    network = resolved.network
+    assert network is not None  # the single form always has one
+    net = _single_plan(name, resolved, network)
     address = network.ip or ("allocated at create" if net.ipam is IPAM.AUTO else None)
     fields(
         [
@@ -115,6 +150,44 @@ def vm_plan(
     )
 
 
+def _interfaces_plan_human(name: str, manifest: Manifest, resolved: ResolvedInterfaces) -> None:
+    """A list of interfaces: one row each, in the guest's device order, then a line for each
+    registered network only the daemon can resolve."""
+    interfaces = resolved.interfaces
+    fields(
+        [
+            ("vm", name),
+            ("plugin", f"{manifest.name} {manifest.version}"),
+            ("interfaces", f"{len(interfaces)} (from {interfaces[0].source})"),
+        ]
+    )
+    out.print("", markup=False)
+    rows = [
+        (
+            interface.index,
+            interface.name,
+            interface.mode,
+            interface.network or interface.subnet,
+            _planned_address(interface),
+            interface.mac or "at create",
+            yes_no(interface.default_route),
+        )
+        for interface in interfaces
+    ]
+    table(["#", "NAME", "MODE", "NETWORK/SUBNET", "IP", "MAC", "DEFAULT ROUTE"], rows)
+    for interface in interfaces:
+        if interface.unresolved is not None:
+            out.print(interface.unresolved, markup=False)
+
+
+def _planned_address(interface: EffectiveInterface) -> str | None:
+    if interface.ip is not None:
+        return str(interface.ip)
+    if interface.plan.observe_ip:
+        return "by dhcp"
+    return "at create" if interface.plan.ipam is IPAM.AUTO else None
+
+
 SCHEMAS: dict[str, type[Manifest] | type[VMConfig] | type[VMConfigPatch]] = {
     "manifest": Manifest,
     "vm-config": VMConfig,
@@ -129,6 +202,5 @@ def schema(
     """Print the JSON Schema of a manifest, a VM config or a VM config patch."""
     model = SCHEMAS.get(kind)
     if model is None:
-        err.print(f"error: unknown schema {kind!r}; use one of {', '.join(SCHEMAS)}")
-        raise typer.Exit(ExitCode.USAGE)
+        usage_error(f"unknown schema {kind!r}; use one of {', '.join(SCHEMAS)}")
     print_json(model.model_json_schema())

@@ -9,6 +9,7 @@ from typing import Annotated, Any
 import typer
 
 from roost.cli.files import read_json
+from roost.cli.output import usage_error
 from roost.errors import ErrorDetail, InvalidError
 from roost.spec import NetworkConfig, VMConfig, parse
 from roost.spec.network import network_override, parse_network
@@ -54,10 +55,19 @@ class NetworkFlags:
 
     @property
     def given(self) -> bool:
-        return any(
-            value is not None
-            for value in (self.mode, self.subnet, self.gateway, self.auto_assign, self.ip)
-        )
+        return bool(self.names)
+
+    @property
+    def names(self) -> list[str]:
+        """The flags given, as written on the command line."""
+        values = {
+            "--network-mode": self.mode,
+            "--network-subnet": self.subnet,
+            "--network-gateway": self.gateway,
+            "--network-auto-assign": self.auto_assign,
+            "--network-ip": self.ip,
+        }
+        return [name for name, value in values.items() if value is not None]
 
     def apply(self, base: NetworkConfig | None) -> NetworkConfig | None:
         return network_override(
@@ -75,11 +85,15 @@ def vm_config_from(
     config_file: Path | None,
     flags: NetworkFlags,
     *,
+    interfaces: list[dict[str, Any]] | None = None,
     vcpus: int | None = None,
     memory_mib: int | None = None,
     vmm: str | None = None,
 ) -> VMConfig:
-    """A VM config from `--config` (if any), with the command-line flags on top."""
+    """A VM config from `--config` (if any), with the command-line flags on top: the
+    `--interface` list (`interfaces`) in place of the file's interfaces and network, or the
+    network flags on the file's network (on its interfaces only `--network-mode`, which starts
+    a fresh single network)."""
     data = read_json(config_file) if config_file is not None else {}
     if not isinstance(data, dict):
         raise InvalidError.at("-", f"{config_file} must hold a JSON object (a VM config)")
@@ -90,11 +104,33 @@ def vm_config_from(
             [ErrorDetail("plugin", f"is {named!r}, but the command names plugin {plugin!r}")],
         )
     with_flags(data, vcpus=vcpus, memory_mib=memory_mib, vmm=vmm)
-    # the flags apply to the file's network as written; the result is validated once, whole
-    written = data.get("network")
-    network = flags.apply(None if written is None else parse_network(written))
-    data["network"] = None if network is None else network.model_dump(exclude_none=True)
+    if interfaces is not None:
+        data.pop("network", None)
+        data["interfaces"] = interfaces
+    else:
+        if flags.given and data.get("interfaces") is not None:
+            refuse_field_flags_on_interfaces(flags, f"{config_file}'s config", patch=False)
+            data.pop("interfaces")
+        # the flags apply to the file's network as written; the result is validated once, whole
+        written = data.get("network")
+        network = flags.apply(None if written is None else parse_network(written))
+        data["network"] = None if network is None else network.model_dump(exclude_none=True)
     return parse(VMConfig, data)
+
+
+def refuse_field_flags_on_interfaces(flags: NetworkFlags, holder: str, *, patch: bool) -> None:
+    """A usage error for `--network-*` flags without `--network-mode` on a config whose
+    network is a list of interfaces: there is no single network for them to change field by
+    field (`--network-mode` starts a fresh one, which the other flags fill in)."""
+    if flags.mode is None and flags.given:
+        fields = flags.names
+        verb = "changes" if len(fields) == 1 else "change"
+        reset = ", or --network-reset for the plugin's default" if patch else ""
+        usage_error(
+            f"{', '.join(fields)} {verb} a single network field by field, but {holder} has "
+            "interfaces (a list); use --interface for each interface or --network-mode to "
+            f"start a fresh single-NIC network{reset}"
+        )
 
 
 def with_flags(

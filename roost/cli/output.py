@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-from roost.errors import RoostError
+from roost.errors import ExitCode, RoostError
 
 # no emoji codes: a MAC such as 02:2e:f4:ab:5b:92 holds ":ab:", which rich would draw as 🆎
 out = Console(highlight=False, soft_wrap=True, emoji=False)
@@ -34,6 +34,12 @@ def fail(error: RoostError, as_json: bool) -> NoReturn:
         if f"{detail.loc}: {detail.msg}" != error.message:
             err.print(f"  {detail.loc}: {detail.msg}", markup=False)
     raise typer.Exit(error.exit_code)
+
+
+def usage_error(message: str) -> NoReturn:
+    """A command line that cannot mean anything (exit 2): what was wrong and what to write."""
+    err.print(f"error: {message}", markup=False)
+    raise typer.Exit(ExitCode.USAGE)
 
 
 @contextmanager

@@ -14,6 +14,13 @@ from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, Trans
 from roost.cli.apps import Globals, network_app, plugin_app, vm_app
 from roost.cli.client import Client
 from roost.cli.files import read_manifest, with_resolved_artifacts
+from roost.cli.interfaces import (
+    InterfaceOpt,
+    interface_fields,
+    interfaces_from,
+    ipv6_text,
+    list_columns,
+)
 from roost.cli.options import (
     ConfigOpt,
     JSONOpt,
@@ -185,14 +192,23 @@ RESTART_MARK = "*"
 
 def _vm_row(vm: dict[str, Any]) -> list[Any]:
     network = vm["network"]
+    if network is None:  # several interfaces
+        mode, ip, mac, tap = list_columns(vm["interfaces"])
+    else:
+        mode, ip, mac, tap = (
+            network["mode"],
+            network["ip"] or network["observed_ip"],
+            network["mac"],
+            network["tap"],
+        )
     return [
         vm["name"],
         vm["plugin"],
         vm["status"] + (RESTART_MARK if vm["restart_required"] else ""),
-        network["mode"],
-        network["ip"] or network["observed_ip"],
-        network["mac"],
-        network["tap"],
+        mode,
+        ip,
+        mac,
+        tap,
         vm["vsock"]["cid"],
         vm["vmm"]["kind"],
         vm["vmm"]["pid"],
@@ -210,14 +226,7 @@ def _vm_human(vm: dict[str, Any]) -> None:
             ("plugin", vm["plugin"]),
             ("status", status),
             ("exit code", vm["exit_code"]),
-            ("network", f"{network['mode']} (from {network['source']})"),
-            ("subnet", network["subnet"]),
-            ("gateway", network["gateway"]),
-            ("ip", network["ip"]),
-            ("mac", network["mac"]),
-            ("bridge", network["bridge"]),
-            ("tap", network["tap"]),
-            ("observed ip", network["observed_ip"]),
+            *_network_fields(network, vm.get("interfaces") or []),
             ("vsock cid", vsock["cid"]),
             ("vsock socket", vsock["uds_path"] or f"none: {vsock['reason']}"),
             ("resources", f"{vm['resources']['vcpus']} vCPU, {vm['resources']['memory_mib']} MiB"),
@@ -230,6 +239,27 @@ def _vm_human(vm: dict[str, Any]) -> None:
             ("created", vm["created_at"]),
         ]
     )
+
+
+def _network_fields(
+    network: dict[str, Any] | None, interfaces: list[dict[str, Any]]
+) -> list[tuple[str, Any]]:
+    """A VM's network: a single one (or vsock) as ever, with its IPv6 address where it has
+    one; several interfaces (`network` null) each in turn."""
+    if network is None:
+        return [("network", f"{len(interfaces)} interfaces"), *interface_fields(interfaces)]
+    ipv6 = interfaces[0].get("ipv6") if interfaces else None
+    return [
+        ("network", f"{network['mode']} (from {network['source']})"),
+        ("subnet", network["subnet"]),
+        ("gateway", network["gateway"]),
+        ("ip", network["ip"]),
+        *([("ipv6", ipv6_text(ipv6))] if ipv6 else []),
+        ("mac", network["mac"]),
+        ("bridge", network["bridge"]),
+        ("tap", network["tap"]),
+        ("observed ip", network["observed_ip"]),
+    ]
 
 
 @vm_app.command("create")
@@ -247,6 +277,7 @@ def vm_create(
     network_gateway: NetworkGatewayOpt = None,
     network_auto_assign: NetworkAutoAssignOpt = None,
     network_ip: NetworkIPOpt = None,
+    interface: InterfaceOpt = None,
     config: ConfigOpt = None,
     no_start: Annotated[
         bool, typer.Option("--no-start", help="Create and allocate, but do not boot.")
@@ -257,11 +288,20 @@ def vm_create(
     as_json: JSONOpt = False,
 ) -> None:
     """Create a VM from an installed plugin (and start it, unless --no-start)."""
+    flags = NetworkFlags(
+        network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
+    )
+    interfaces = interfaces_from(interface, flags)
     with daemon(as_json) as client:
-        flags = NetworkFlags(
-            network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
+        vm_config = vm_config_from(
+            plugin,
+            config,
+            flags,
+            interfaces=interfaces,
+            vcpus=vcpus,
+            memory_mib=memory,
+            vmm=vmm,
         )
-        vm_config = vm_config_from(plugin, config, flags, vcpus=vcpus, memory_mib=memory, vmm=vmm)
         body = {
             "name": name,
             "start": not no_start,
