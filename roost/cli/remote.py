@@ -75,17 +75,26 @@ def show(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
 def _plugin_human(plugin: dict[str, Any]) -> None:
     manifest = plugin["manifest"]
     network = manifest.get("network") or {"mode": "(daemon default)"}
+    interfaces = manifest.get("interfaces")
     pairs: list[tuple[str, Any]] = [
         ("name", plugin["name"]),
         ("version", plugin["version"]),
         ("description", manifest.get("description")),
-        ("network", ", ".join(f"{k}={v}" for k, v in network.items())),
+        *(
+            [("network", ", ".join(f"{k}={v}" for k, v in network.items()))]
+            if interfaces is None
+            else [("interfaces", "; ".join(_written(i) for i in interfaces) or "none (vsock)")]
+        ),
         ("allowed modes", ", ".join(manifest.get("allowed_network_modes") or []) or "any"),
     ]
     for role, artifact in plugin["artifacts"].items():
         pairs.append((role, f"sha256:{artifact['sha256'][:16]}… ({artifact['size']} bytes)"))
     pairs.append(("vms", ", ".join(plugin["vms"]) or None))
     fields(pairs)
+
+
+def _written(interface: dict[str, Any]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in interface.items())
 
 
 @plugin_app.command("install")
@@ -150,17 +159,19 @@ def plugin_list(as_json: JSONOpt = False) -> None:
 
     def human(items: list[dict[str, Any]]) -> None:
         rows = [
-            (
-                p["name"],
-                p["version"],
-                (p["manifest"].get("network") or {}).get("mode", "default"),
-                len(p["vms"]),
-            )
-            for p in items
+            (p["name"], p["version"], _plugin_network(p["manifest"]), len(p["vms"])) for p in items
         ]
         table(["NAME", "VERSION", "NETWORK", "VMS"], rows)
 
     show(plugins, as_json, human)
+
+
+def _plugin_network(manifest: dict[str, Any]) -> str:
+    """A plugin's default network mode; for a list of interfaces their modes joined by '+'."""
+    interfaces = manifest.get("interfaces")
+    if interfaces is not None:
+        return "+".join(interface["mode"] for interface in interfaces) or "vsock"
+    return str((manifest.get("network") or {}).get("mode", "default"))
 
 
 @plugin_app.command("show")

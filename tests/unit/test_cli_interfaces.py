@@ -15,7 +15,7 @@ from roost.cli.configs import _version_human, changes, patch_body
 from roost.cli.interfaces import SPEC_KEYS, SpecError, parse_interface_spec
 from roost.cli.main import app
 from roost.cli.options import NetworkFlags
-from roost.cli.remote import VM_COLUMNS, _vm_human, _vm_row
+from roost.cli.remote import VM_COLUMNS, _plugin_human, _plugin_network, _vm_human, _vm_row
 from roost.spec import InterfaceConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"
@@ -508,3 +508,13 @@ def test_changes_name_an_interfaces_field_by_its_index() -> None:
     moved = [STORED_INTERFACES[0] | {"ip": "10.1.0.9"}, STORED_INTERFACES[1]]
     after = {"config": {"interfaces": moved}, "effective": {}}
     assert changes(before, after) == [("config.interfaces.0.ip", "10.1.0.5 -> 10.1.0.9")]
+
+
+def test_a_plugin_with_interfaces_shows_them(capsys: pytest.CaptureFixture[str]) -> None:
+    manifest = {"interfaces": [{"mode": "bridged", "subnet": "10.1.0.0/24"}, {"mode": "dhcp"}]}
+    assert _plugin_network(manifest) == "bridged+dhcp"
+    assert _plugin_network({"interfaces": []}) == "vsock"
+    assert _plugin_network({"network": {"mode": "dhcp"}}) == "dhcp"
+    assert _plugin_network({}) == "default"
+    _plugin_human({"name": "p", "version": "1", "manifest": manifest, "artifacts": {}, "vms": []})
+    assert "interfaces     mode=bridged, subnet=10.1.0.0/24; mode=dhcp" in capsys.readouterr().out
