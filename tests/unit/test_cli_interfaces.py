@@ -518,3 +518,39 @@ def test_a_plugin_with_interfaces_shows_them(capsys: pytest.CaptureFixture[str])
     assert _plugin_network({}) == "default"
     _plugin_human({"name": "p", "version": "1", "manifest": manifest, "artifacts": {}, "vms": []})
     assert "interfaces     mode=bridged, subnet=10.1.0.0/24; mode=dhcp" in capsys.readouterr().out
+
+
+def test_show_of_a_single_nic_vm_reads_as_before_with_its_ipv6_where_it_has_one(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    network = {
+        "mode": "bridged",
+        "source": "vm",
+        "subnet": "10.1.0.0/24",
+        "gateway": "10.1.0.1",
+        "auto_assign": False,
+        "ip": "10.1.0.5",
+        "mac": "02:aa:00:00:00:01",
+        "bridge": "br-lan2",
+        "tap": "rtap7",
+        "observed_ip": None,
+    }
+    _vm_human(vm_json(network, [interface(0, "bridged")]))
+    before = capsys.readouterr().out.splitlines()
+    keys = [line.split("  ")[0] for line in before]
+    assert keys[4:13] == [
+        "network",
+        "subnet",
+        "gateway",
+        "ip",
+        "mac",
+        "bridge",
+        "tap",
+        "observed ip",
+        "vsock cid",
+    ]
+    _vm_human(vm_json(network, [LAN]))
+    lines = capsys.readouterr().out.splitlines()
+    assert [line for line in lines if line not in before] == [
+        "ipv6              fd00:1::a8aa:ff:fe00:1 (slaac, prefix fd00:1::/64, gateway fd00:1::1)"
+    ]
