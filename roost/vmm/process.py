@@ -287,6 +287,7 @@ class _Channel:
     read: int = 0
     pending: bytes = b""  # read, not yet a whole line
     answers: dict[int, dict[str, Any]] = field(default_factory=dict)  # read, not yet collected
+    ended: bool = False  # its stdout closed: it is exiting, even while `poll()` says not yet
 
 
 Ticket = tuple[_Channel, int, str]  # the channel, the command's number, the program
@@ -322,9 +323,13 @@ class Supervisor:
 
     def _running(self) -> _Channel:
         channel = self._channel
-        if channel is not None and channel.process.poll() is None:
+        if channel is not None and not channel.ended and channel.process.poll() is None:
             return channel
         if channel is not None:
+            if channel.ended:
+                with contextlib.suppress(subprocess.TimeoutExpired):
+                    channel.process.wait(1)
+            _end_channel(channel)
             log.warning(
                 "the VMM supervisor ended (code %s); starting another",
                 channel.process.returncode,
@@ -402,12 +407,7 @@ class Supervisor:
             channel.process.pid,
             ANSWER_TIMEOUT,
         )
-        channel.process.kill()
-        channel.process.wait()
-        for pipe in (channel.process.stdin, channel.process.stdout):  # or they leak, each time
-            if pipe is not None:
-                with contextlib.suppress(OSError):
-                    pipe.close()
+        _end_channel(channel)
         if self._channel is channel:
             self._channel = None
 
@@ -429,6 +429,17 @@ class Supervisor:
             process.wait(1)
 
 
+def _end_channel(channel: _Channel) -> None:
+    """SIGKILL a supervisor unless it has been reaped, reap it and close its pipes (or they
+    leak, each time)."""
+    channel.process.kill()
+    channel.process.wait()
+    for pipe in (channel.process.stdin, channel.process.stdout):
+        if pipe is not None:
+            with contextlib.suppress(OSError):
+                pipe.close()
+
+
 def _readline(channel: _Channel, deadline: float) -> bytes:
     """The supervisor's next answer line; b"" once it has ended; TimeoutError at `deadline`."""
     stdout = channel.process.stdout
@@ -440,6 +451,7 @@ def _readline(channel: _Channel, deadline: float) -> bytes:
             raise TimeoutError
         chunk = os.read(fd, 65536)
         if not chunk:
+            channel.ended = True
             line, channel.pending = channel.pending, b""
             return line
         channel.pending += chunk
