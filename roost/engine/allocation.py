@@ -1,5 +1,7 @@
 """Plans and holdings: what a VM's config resolves to, whether it can run here, and what it
-holds for it — address, CID, MAC, tap name — at create, at start and at a config patch.
+holds for it — per interface an address, a MAC, a tap name and an IPv6 address; a CID — at
+create, at start and at a config patch. Every VM is a list of interfaces (the single `network`
+form is one, vsock none), so there is one code path for all.
 
 Every function here runs inside the caller's write transaction, so what a VM holds is
 committed with its record, or not at all. With a `Steps` (a launch follows), the VM's tap and
@@ -8,6 +10,7 @@ rules are made inside that transaction too, their undoing recorded.
 
 from __future__ import annotations
 
+import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,15 +25,23 @@ from roost.engine.settings import DEFAULT_NETWORK, Settings
 from roost.engine.steps import Steps
 from roost.errors import ConflictError, InvalidError
 from roost.plan import IPAM, Attachment, DefaultNetwork, VMPlan, plan_vm
-from roost.plan.network import EffectiveNetwork, NetworkPlan, plan_network
+from roost.plan.interfaces import EffectiveInterface, ResolvedInterfaces
+from roost.plan.network import EffectiveNetwork
 from roost.plan.vm import effective_json, needs_restart
 from roost.spec import Manifest, VMConfig, VMConfigPatch
 from roost.state import alloc, configs
 from roost.state.artifacts import ArtifactStore
 from roost.state.configs import ConfigVersion
 from roost.state.db import Database
-from roost.state.vms import Holding, StoredNetwork, VMRecords, VMStatus, no_vm
-from roost.vmm.base import Driver, Early, LaunchSpec, RunDir
+from roost.state.vms import (
+    Holding,
+    StoredInterface,
+    StoredNetwork,
+    VMRecords,
+    VMStatus,
+    no_vm,
+)
+from roost.vmm.base import NIC, Driver, Early, LaunchSpec, RunDir
 
 T = TypeVar("T")
 
@@ -38,21 +49,20 @@ T = TypeVar("T")
 @dataclass(frozen=True)
 class Booting:
     """What a starting VM holds, as the launch needs it (read once, in the allocating
-    transaction; `net` is the plan with the allocated address filled in), the config version
-    it boots, and what of its launch is already under way: the VMM started early."""
+    transaction; `interfaces` have their addresses and MACs filled in), the config version it
+    boots, and what of its launch is already under way: the VMM started early. `watched` are
+    the (index, tap, MAC) of the interfaces whose guest address the host learns by watching."""
 
     name: str
     version: int
     spec: LaunchSpec
-    net: NetworkPlan
+    interfaces: ResolvedInterfaces
     artifacts: dict[str, Any]
     vmm: str
-    mac: str | None
-    tap: str | None
+    watched: tuple[tuple[int, str, str], ...]
     vsock_missing: str | None
     early: Early | None
     shown: dict[str, Any]  # what of its view cannot change while its VMM runs
-    effective: EffectiveNetwork
     services: dict[int, str]  # its vsock_services: guest port -> the host service it reaches
 
 
@@ -113,13 +123,17 @@ class Allocator:
         before anything is allocated (at create, at patch and at start alike)."""
         self.check_run_dir_free(plan.name)
         self._run_dir(plan.name).check_length()
-        on_dhcp_bridge = plan.net.attach is Attachment.EXTERNAL and plan.network.network is None
-        if on_dhcp_bridge and self.settings.dhcp_bridge is None:
-            raise InvalidError.at(
-                "network.mode",
-                "dhcp VMs need a bridge with a DHCP server behind it, and this daemon has none: "
-                "restart it with --dhcp-bridge NAME, or choose vsock or bridged",
+        for interface in plan.interfaces.interfaces:
+            on_dhcp_bridge = (
+                interface.plan.attach is Attachment.EXTERNAL and interface.effective.network is None
             )
+            if on_dhcp_bridge and self.settings.dhcp_bridge is None:
+                where = "network" if plan.interfaces.single else f"interfaces.{interface.index}"
+                raise InvalidError.at(
+                    f"{where}.mode",
+                    "dhcp VMs need a bridge with a DHCP server behind it, and this daemon has "
+                    "none: restart it with --dhcp-bridge NAME, or choose vsock or bridged",
+                )
         if "kernel" not in artifacts and self.settings.kernel is None:
             raise InvalidError.at(
                 "kernel",
@@ -195,7 +209,7 @@ class Allocator:
             config=config_json,
             manifest=plugin.manifest,
             artifacts=plugin.artifacts,
-            effective=effective_json(plan, booting.effective, vmm),
+            effective=_effective(plan, booting.interfaces, vmm),
         )
         return booting
 
@@ -209,10 +223,13 @@ class Allocator:
         vmm = self.vmm_of(config)
         plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
         shown = {"plugin": config.plugin, "config": latest.config, "manifest": latest.manifest}
-        connection = session.connection()
-        held = self.records.holding(connection, name)
-        emptied = alloc.promote_reserved(session, held, keep_network=DEFAULT_NETWORK)
-        vm = self.records.holding(connection, name)
+        vm = self.records.holding(session.connection(), name)
+        emptied: Emptied = []
+        for index, purpose in alloc.leases_of(session, vm.id):
+            if purpose == alloc.RESERVED:
+                emptied += alloc.promote_reserved(
+                    session, vm, keep_network=DEFAULT_NETWORK, interface=index
+                )
         booting, more = self.allocate(
             session,
             vm,
@@ -254,62 +271,40 @@ class Allocator:
         host: Steps | None,
         shown: dict[str, Any],
     ) -> tuple[Booting, Emptied]:
-        """Make the VM hold what its plan needs, and nothing else: address (bridged), CID,
-        MAC and tap name; record them, the resolved network and `status`. Also says which
-        networks it left. With `host` (a launch follows), the tap and its rules are made too,
-        their undoing recorded in `host`."""
+        """Make the VM hold what its plan needs, and nothing else: per interface an address
+        (bridged), a MAC, a tap name and an IPv6 address; a CID; record them, the interfaces
+        it is planned with and `status`. Also says which networks it left. With `host` (a launch
+        follows), each tap and its rules are made too, their undoing recorded in `host`."""
+        wanted = plan.interfaces.interfaces
         emptied: Emptied = []
-        effective = plan.network
-        bridge: str | None = None
-        network: alloc.NetworkRow | None = None
-        held_on = vm.subnet
-        if held_on is not None and (plan.net.ipam is IPAM.NONE or held_on != str(effective.subnet)):
-            emptied += self._release(session, vm)
-        if plan.net.ipam is not IPAM.NONE:
-            network = self._network_of(session, effective)
-            bridge = network.bridge
-        elif plan.net.attach is Attachment.EXTERNAL:
-            bridge = self._external_bridge(session, effective)
-        mac, tap = vm.mac, vm.tap  # both kept for the VM's life once it has them
-        if plan.net.nic and mac is None:
-            mac = alloc.new_mac(session)
-        if plan.net.tap and tap is None:
-            tap = alloc.tap_name(vm)
-        if network is not None:
-            requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
-            effective = effective.with_ip(alloc.allocate_ip(session, network, vm.id, requested))
-        net = plan_network(effective, vm.name)
-        if host is not None and net.tap:
-            assert tap is not None and mac is not None and bridge is not None
-            gateway = None
-            if effective.subnet is not None and effective.gateway is not None:
-                gateway = alloc.gateway_interface(effective.gateway, effective.subnet)
-            self.host.attach(
-                host,
-                TapPlan(
-                    tap=tap,
-                    mac=mac,
-                    bridge=bridge,
-                    # only an on-demand network's bridge goes with its last lease
-                    network_id=_on_demand_id(network),
-                    network=effective.network,
-                    attach=net.attach,
-                    gateway=gateway,
-                    antispoof=net.antispoof,
-                    ip=None if effective.ip is None else str(effective.ip),
-                    jailed=vmm == "firecracker" and self.settings.jailer is not None,
-                ),
-            )
+        for index, purpose in alloc.leases_of(session, vm.id):
+            if index >= len(wanted):  # an interface a patch dropped
+                emptied += self._release(session, vm, purpose, index)
+        filled: list[EffectiveInterface] = []
+        stored: list[StoredInterface] = []
+        nics: list[NIC] = []
+        watched: list[tuple[int, str, str]] = []
+        for wanted_one in wanted:
+            interface, bridge, nic, network, more = self._hold(session, vm, wanted_one)
+            emptied += more
+            filled.append(interface)
+            stored.append(_stored_interface(interface, bridge))
+            if host is not None and interface.plan.tap:
+                self.host.attach(host, self._tap_plan(interface, nic, bridge, network, vmm))
+            if interface.plan.nic:
+                nics.append(NIC(tap=nic.tap, mac=nic.mac))
+            if interface.plan.observe_ip:
+                watched.append((interface.index, nic.tap, nic.mac))
+        alloc.release_nics_from(session, vm, len(wanted))
+        resolved = plan.interfaces.replaced(tuple(filled))
         cid = alloc.allocate_cid(session, vm)
-        vsock_missing = self._vsock_missing(vmm, net)
+        vsock_missing = self._vsock_missing(vmm)
         vsock_backend = None if vsock_missing else self.drivers[vmm].vsock_backend()
         self.records.set_planned(
             session.connection(),
             vm.id,
             status=status,
-            mac=mac,
-            tap=tap,
-            network=StoredNetwork(effective, net, bridge),
+            network=StoredNetwork(resolved.network, tuple(stored)),
             vmm=vmm,
             vsock_unavailable=vsock_missing,
             vsock_backend=vsock_backend,
@@ -321,13 +316,12 @@ class Allocator:
         )
         spec = launch_spec(
             plan,
-            net,
             manifest,
             config,
             files,
             self._run_dir(vm.name),
-            tap=tap if net.tap else None,
-            mac=mac,
+            network_args=resolved.boot_args(vm.name),
+            nics=tuple(nics),
             cid=cid,
             vsock_backend=vsock_backend,
         )
@@ -335,74 +329,162 @@ class Allocator:
             name=vm.name,
             version=version,
             spec=spec,
-            net=net,
+            interfaces=resolved,
             artifacts=artifacts,
             vmm=vmm,
-            mac=mac if net.nic else None,
-            tap=tap if net.tap else None,
+            watched=tuple(watched),
             vsock_missing=vsock_missing,
             early=early,
             shown={**shown, "cid": cid},
-            effective=effective,
             services=dict(config.vsock_services),
         )
         return booting, emptied
 
-    def _network_of(self, session: Session, effective: EffectiveNetwork) -> alloc.NetworkRow:
-        """The network a bridged VM takes its address on: the one it names, or the one its
-        subnet is (made on demand)."""
+    def _hold(
+        self, session: Session, vm: Holding, interface: EffectiveInterface
+    ) -> tuple[EffectiveInterface, str | None, alloc.Nic, alloc.NetworkRow | None, Emptied]:
+        """Make one interface hold what it needs to start: its address (its current one when it
+        still fits), its MAC and tap name, its IPv6 address. The interface so filled in, the
+        bridge its tap joins, its NIC, the network it has an address on and the networks its
+        old address left."""
+        index = interface.index
+        emptied: Emptied = []
+        current = alloc.leases_of(session, vm.id).get((index, alloc.CURRENT))
+        if current is not None and (
+            interface.plan.ipam is IPAM.NONE or current.subnet != str(interface.subnet)
+        ):
+            emptied += self._release(session, vm, alloc.CURRENT, index)
+        network: alloc.NetworkRow | None = None
+        bridge: str | None = None
+        if interface.plan.ipam is not IPAM.NONE:
+            network = self._network_of(session, interface.effective, index)
+            bridge = network.bridge
+        elif interface.plan.attach is Attachment.EXTERNAL:
+            bridge = self._external_bridge(session, interface.effective, index)
+        nic = alloc.hold_nic(session, vm, index, interface.mac)
+        interface = interface.with_mac(nic.mac)
+        if network is not None:
+            requested = interface.ip if interface.plan.ipam is IPAM.MANUAL else None
+            ip = alloc.allocate_ip(session, network, vm.id, requested, interface=index)
+            interface = interface.with_ip(ip, vm.name)
+        self._hold_ipv6(session, vm, interface, network)
+        return interface, bridge, nic, network, emptied
+
+    @staticmethod
+    def _hold_ipv6(
+        session: Session,
+        vm: Holding,
+        interface: EffectiveInterface,
+        network: alloc.NetworkRow | None,
+    ) -> None:
+        """Record the IPv6 address the interface holds (none off a network with a prefix)."""
+        ipv6 = interface.ipv6_address if network is not None else None
+        alloc.hold_ipv6(
+            session,
+            vm,
+            interface.index,
+            None if network is None else network.id,
+            ipv6,
+            network_name=None if network is None else network.name,
+        )
+
+    def _tap_plan(
+        self,
+        interface: EffectiveInterface,
+        nic: alloc.Nic,
+        bridge: str | None,
+        network: alloc.NetworkRow | None,
+        vmm: str,
+    ) -> TapPlan:
+        """One interface's tap: on its bridge, with its own rules (IPv6 let through from its
+        own address only on a network with a prefix)."""
+        assert bridge is not None
+        effective = interface.effective
+        gateway = None
+        if effective.subnet is not None and effective.gateway is not None:
+            gateway = alloc.gateway_interface(effective.gateway, effective.subnet)
+        ipv6 = interface.ipv6_address
+        return TapPlan(
+            tap=nic.tap,
+            mac=nic.mac,
+            bridge=bridge,
+            # only an on-demand network's bridge goes with its last lease
+            network_id=_on_demand_id(network),
+            network=effective.network,
+            attach=interface.plan.attach,
+            gateway=gateway,
+            antispoof=interface.plan.antispoof,
+            ip=None if effective.ip is None else str(effective.ip),
+            jailed=vmm == "firecracker" and self.settings.jailer is not None,
+            ipv6=None if ipv6 is None else (str(ipv6),),
+        )
+
+    def _network_of(
+        self, session: Session, effective: EffectiveNetwork, index: int
+    ) -> alloc.NetworkRow:
+        """The network a bridged interface takes its address on: the one it names, or the one
+        its subnet is (made on demand)."""
         assert effective.subnet is not None and effective.gateway is not None
         if effective.network is None:
             return alloc.ensure_network(session, effective.subnet, effective.gateway)
         found = alloc.network_by_name(session, effective.network)
         if found is None:
-            raise _unregistered(effective.network)
+            raise _unregistered(effective.network, index)
         return found
 
-    def _external_bridge(self, session: Session, effective: EffectiveNetwork) -> str | None:
-        """The operator's bridge a VM joins: its named network's, else --dhcp-bridge's."""
+    def _external_bridge(
+        self, session: Session, effective: EffectiveNetwork, index: int
+    ) -> str | None:
+        """The operator's bridge an interface joins: its named network's, else
+        --dhcp-bridge's."""
         if effective.network is None:
             return self.settings.dhcp_bridge
         found = lookup_in(session)(effective.network)
         if found is None:
-            raise _unregistered(effective.network)
+            raise _unregistered(effective.network, index)
         return found.bridge
 
     def forget(self, session: Session, name: str) -> Emptied:
-        """Delete the VM's record and release every address it holds."""
+        """Delete the VM's record and release every address its interfaces hold."""
         emptied: Emptied = []
 
         def release(vm: alloc.Holder) -> None:
-            for purpose in (alloc.RESERVED, alloc.CURRENT):
-                emptied.extend(self._release(session, vm, purpose))
+            held = sorted(alloc.leases_of(session, vm.id), key=lambda key: key[1] != "reserved")
+            for index, purpose in held:
+                emptied.extend(self._release(session, vm, purpose, index))
 
         self.records.delete(session, name, release)
         return emptied
 
-    def _release(self, session: Session, vm: alloc.Holder, purpose: str = alloc.CURRENT) -> Emptied:
-        """Release the VM's address held for `purpose`; the networks that leaves empty."""
-        return alloc.release_address(session, vm, keep_network=DEFAULT_NETWORK, purpose=purpose)
+    def _release(
+        self, session: Session, vm: alloc.Holder, purpose: str = alloc.CURRENT, index: int = 0
+    ) -> Emptied:
+        """Release the address interface `index` holds for `purpose`; the networks that leaves
+        empty."""
+        return alloc.release_address(
+            session, vm, keep_network=DEFAULT_NETWORK, purpose=purpose, interface=index
+        )
 
-    def _vsock_missing(self, vmm: str, net: NetworkPlan) -> str | None:
-        return self.drivers[vmm].vsock_unavailable() if net.vsock else None
+    def _vsock_missing(self, vmm: str) -> str | None:
+        return self.drivers[vmm].vsock_unavailable()
 
-    def _held_now(
-        self, session: Session, name: str, effective: EffectiveNetwork, vmm: str
-    ) -> dict[str, Any]:
+    def _held_now(self, session: Session, resolved: ResolvedInterfaces, vmm: str) -> dict[str, Any]:
         """The record values that say what a VM with no VMM has now (what its next start
-        uses): its network, with the bridge it attaches to, its VMM and whether that VMM gives
-        it a vsock device."""
-        net = plan_network(effective, name)
-        bridge = None
-        if net.attach is Attachment.EXTERNAL:
-            bridge = self._external_bridge(session, effective)
-        elif effective.subnet is not None:
-            network = alloc.network_by_subnet(session, effective.subnet)
-            bridge = None if network is None else network.bridge
+        uses): its interfaces, with the bridges they attach to, its VMM and whether that VMM
+        gives it a vsock device."""
+        stored = []
+        for interface in resolved.interfaces:
+            effective, bridge = interface.effective, None
+            if interface.plan.attach is Attachment.EXTERNAL:
+                bridge = self._external_bridge(session, effective, interface.index)
+            elif effective.subnet is not None:
+                network = alloc.network_by_subnet(session, effective.subnet)
+                bridge = None if network is None else network.bridge
+            stored.append(_stored_interface(interface, bridge))
         return {
-            "network": StoredNetwork(effective, net, bridge).to_json(),
+            "network": StoredNetwork(resolved.network, tuple(stored)).to_json(),
             "vmm_kind": vmm,
-            "vsock_unavailable": self._vsock_missing(vmm, net),
+            "vsock_unavailable": self._vsock_missing(vmm),
         }
 
     def artifact_path(self, artifacts: dict[str, Any], role: str) -> Path | None:
@@ -412,23 +494,37 @@ class Allocator:
     def latest_planned(self, session: Session, name: str) -> tuple[dict[str, Any], Emptied]:
         """For a VM whose VMM has just ended: when it ran an older version than its latest,
         the addresses that version does not need are released (a reserved one becomes its
-        own), and the record values that make it show (and next start) its latest — its
-        network with the address that version was given, its VMM and its vsock availability;
-        else nothing. Also the networks left without leases."""
+        interface's own), and the record values that make it show (and next start) its latest —
+        its interfaces with the addresses that version was given, its VMM and its vsock
+        availability; else nothing. Also the networks left without leases."""
         connection = session.connection()
         running = self.records.running_version(connection, name)
         latest = configs.latest(connection, name)
         if running is None or latest is None or latest.version == running:
             return {}, []
-        effective = EffectiveNetwork.from_json(latest.effective["network"])
+        manifest = Manifest.model_validate(latest.manifest)
+        config = VMConfig.model_validate(latest.config)
+        # every network its latest version names stays registered while it does
+        plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
         vm = self.records.holding(connection, name)
+        wanted = plan.interfaces.interfaces
         emptied: Emptied = []
-        if effective.ip is None:
-            for purpose in (alloc.RESERVED, alloc.CURRENT):
-                emptied += self._release(session, vm, purpose)
-        else:
-            emptied += alloc.promote_reserved(session, vm, keep_network=DEFAULT_NETWORK)
-        return self._held_now(session, name, effective, str(latest.effective["vmm"])), emptied
+        for index, purpose in sorted(alloc.leases_of(session, vm.id)):
+            if index >= len(wanted) or wanted[index].plan.ipam is IPAM.NONE:
+                emptied += self._release(session, vm, purpose, index)
+            elif purpose == alloc.RESERVED:
+                emptied += alloc.promote_reserved(
+                    session, vm, keep_network=DEFAULT_NETWORK, interface=index
+                )
+        leases = alloc.leases_of(session, vm.id)
+        nics = alloc.nics_of(session, vm.id)
+        filled = []
+        for interface in wanted:
+            lease = leases.get((interface.index, alloc.CURRENT))
+            filled.append(_as_held(interface, lease, nics.get(interface.index), name))
+        alloc.release_nics_from(session, vm, len(wanted))
+        resolved = plan.interfaces.replaced(tuple(filled))
+        return self._held_now(session, resolved, str(latest.effective["vmm"])), emptied
 
     # ---- patches ------------------------------------------------------------------------
 
@@ -453,9 +549,9 @@ class Allocator:
         plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
         vmm = self.vmm_of(config)
         self.check_launchable(plan, manifest, latest.artifacts, vmm)
-        effective, emptied = self._address_for(session, vm, plan, vmm_runs=vmm_runs)
+        resolved, emptied = self._addresses_for(session, vm, plan, vmm_runs=vmm_runs)
         number = latest.version + 1
-        new_effective = effective_json(plan, effective, vmm)
+        new_effective = _effective(plan, resolved, vmm)
         configs.add(
             connection,
             vm.id,
@@ -474,7 +570,7 @@ class Allocator:
             self.records.set_latest(connection, vm.id, number, restart_required=restart)
         else:
             restart = False
-            held_now = self._held_now(session, name, effective, vmm)
+            held_now = self._held_now(session, resolved, vmm)
             self.records.set_latest(
                 connection, vm.id, number, restart_required=False, held_now=held_now
             )
@@ -482,35 +578,75 @@ class Allocator:
         assert created is not None
         return Patched(created, True, restart, emptied)
 
-    def _address_for(
+    def _addresses_for(
         self, session: Session, vm: Holding, plan: VMPlan, *, vmm_runs: bool
-    ) -> tuple[EffectiveNetwork, Emptied]:
-        """The address a new version needs, held now: the VM's own when it fits, else a new
-        one (`reserved` while a VMM runs an older version, else `current`); what no version
-        the VM runs or will run needs is released."""
-        effective = plan.network
+    ) -> tuple[ResolvedInterfaces, Emptied]:
+        """The addresses, MACs and IPv6 addresses a new version's interfaces need, held now
+        (a patch's `interfaces` replace the list as a whole; MACs stay with their index). What
+        no version the VM runs or will run needs is released: an interface the patch dropped
+        lets go of its addresses now when no VMM runs, else at the next start."""
+        wanted = plan.interfaces.interfaces
+        emptied: Emptied = []
+        for (index, purpose), lease in sorted(alloc.leases_of(session, vm.id).items()):
+            dropped = index >= len(wanted) or wanted[index].plan.ipam is IPAM.NONE
+            if dropped and (purpose == alloc.RESERVED or not vmm_runs):
+                emptied += self._release(session, vm, purpose, index)
+            elif not vmm_runs and lease.subnet != str(wanted[index].subnet):
+                # nothing runs with it: it goes before the new network is judged (which may
+                # overlap its own)
+                emptied += self._release(session, vm, purpose, index)
+        filled = []
+        for planned in wanted:
+            nic = alloc.hold_nic(session, vm, planned.index, planned.mac, record=not vmm_runs)
+            interface = planned.with_mac(planned.mac or nic.roost_mac)
+            network = None
+            if interface.plan.ipam is not IPAM.NONE:
+                network = self._network_of(session, interface.effective, interface.index)
+                ip, more = self._address_for(session, vm, interface, network, vmm_runs=vmm_runs)
+                emptied += more
+                interface = interface.with_ip(ip, vm.name)
+            if vmm_runs:
+                self._check_ipv6(session, vm, interface, network)
+            else:
+                self._hold_ipv6(session, vm, interface, network)
+            filled.append(interface)
+        if not vmm_runs:
+            alloc.release_nics_from(session, vm, len(wanted))
+        return plan.interfaces.replaced(tuple(filled)), emptied
+
+    @staticmethod
+    def _check_ipv6(
+        session: Session,
+        vm: Holding,
+        interface: EffectiveInterface,
+        network: alloc.NetworkRow | None,
+    ) -> None:
+        """A patch of a running VM: its interface's new IPv6 address must be free (it is held
+        at the next start)."""
+        ipv6 = interface.ipv6_address if network is not None else None
+        if ipv6 is not None and network is not None:
+            alloc.check_ipv6_free(session, vm, interface.index, network.id, ipv6, network.name)
+
+    def _address_for(
+        self,
+        session: Session,
+        vm: Holding,
+        interface: EffectiveInterface,
+        network: alloc.NetworkRow,
+        *,
+        vmm_runs: bool,
+    ) -> tuple[ipaddress.IPv4Address, Emptied]:
+        """The address one interface of a new version needs, held now: its own when it fits,
+        else a new one (`reserved` while a VMM runs an older version, else `current`)."""
+        index = interface.index
         leases = alloc.leases_of(session, vm.id)
-        current, reserved = leases.get(alloc.CURRENT), leases.get(alloc.RESERVED)
+        current, reserved = leases.get((index, alloc.CURRENT)), leases.get((index, alloc.RESERVED))
         emptied: Emptied = []
 
         def release(purpose: str) -> None:
-            emptied.extend(self._release(session, vm, purpose))
+            emptied.extend(self._release(session, vm, purpose, index))
 
-        if plan.net.ipam is IPAM.NONE:
-            if reserved is not None:
-                release(alloc.RESERVED)
-            if current is not None and not vmm_runs:
-                release(alloc.CURRENT)
-            return effective, emptied
-        assert effective.subnet is not None
-        if not vmm_runs:  # nothing runs with them: leases on other subnets go before the new
-            for lease in (reserved, current):  # network is judged (it may overlap theirs)
-                if lease is not None and lease.subnet != str(effective.subnet):
-                    release(lease.purpose)
-            leases = alloc.leases_of(session, vm.id)
-            current, reserved = leases.get(alloc.CURRENT), leases.get(alloc.RESERVED)
-        network = self._network_of(session, effective)
-        requested = effective.ip if plan.net.ipam is IPAM.MANUAL else None
+        requested = interface.ip if interface.plan.ipam is IPAM.MANUAL else None
 
         def fits(lease: alloc.Lease | None) -> bool:
             return (
@@ -523,12 +659,14 @@ class Allocator:
             assert current is not None
             if reserved is not None:
                 release(alloc.RESERVED)
-            return effective.with_ip(current.ip), emptied
+            return current.ip, emptied
         if fits(reserved):
             assert reserved is not None
             if not vmm_runs:  # nothing runs with the current one: the reserved one replaces it
-                emptied += alloc.promote_reserved(session, vm, keep_network=DEFAULT_NETWORK)
-            return effective.with_ip(reserved.ip), emptied
+                emptied += alloc.promote_reserved(
+                    session, vm, keep_network=DEFAULT_NETWORK, interface=index
+                )
+            return reserved.ip, emptied
         # a new address: leases on other networks go first (their networks may go with
         # them), one on this network is swapped by the allocation or released after it (so
         # this network is never left empty and removed under the new lease)
@@ -537,19 +675,53 @@ class Allocator:
         for lease in replaced:
             if lease is not None and lease.network_id != network.id:
                 release(lease.purpose)
-        ip = alloc.allocate_ip(session, network, vm.id, requested, purpose=purpose)
+        ip = alloc.allocate_ip(session, network, vm.id, requested, purpose=purpose, interface=index)
         if not vmm_runs and reserved is not None and reserved.network_id == network.id:
             release(alloc.RESERVED)
-        return effective.with_ip(ip), emptied
+        return ip, emptied
+
+
+def _effective(plan: VMPlan, resolved: ResolvedInterfaces, vmm: str) -> dict[str, Any]:
+    """A config version's `effective`: its network (null for several interfaces), resources,
+    VMM and interfaces, with the addresses and MACs they were given."""
+    return effective_json(plan, resolved.network, vmm, resolved)
+
+
+def _as_held(
+    interface: EffectiveInterface, lease: alloc.Lease | None, nic: alloc.Nic | None, name: str
+) -> EffectiveInterface:
+    """An interface as it is held: with its current address (when its network gives it one)
+    and the MAC roost keeps for it (when the user gives none)."""
+    if lease is not None and interface.plan.ipam is not IPAM.NONE:
+        interface = interface.with_ip(lease.ip, name)
+    if interface.mac is None and nic is not None:
+        interface = interface.with_mac(nic.roost_mac)
+    return interface
+
+
+def _stored_interface(interface: EffectiveInterface, bridge: str | None) -> StoredInterface:
+    ipv6 = None
+    if interface.ipv6_prefix is not None:
+        source = "static" if interface.ipv6 is not None else "slaac"
+        ipv6 = {"prefix": str(interface.ipv6_prefix), "source": source}
+    return StoredInterface(
+        index=interface.index,
+        name=interface.name,
+        default_route=interface.default_route,
+        effective=interface.effective,
+        plan=interface.plan,
+        bridge=bridge,
+        ipv6=ipv6,
+    )
 
 
 def _on_demand_id(network: alloc.NetworkRow | None) -> int | None:
     return network.id if network is not None and network.kind == alloc.ON_DEMAND else None
 
 
-def _unregistered(name: str) -> InvalidError:
+def _unregistered(name: str, index: int) -> InvalidError:
     return InvalidError.at(
-        "network.network",
+        "network.network" if index == 0 else f"interfaces.{index}.network",
         f"network {name!r} is no longer registered; roost network create {name} makes it "
         "again, or patch the VM's network",
     )

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import suppress
 from dataclasses import dataclass
@@ -31,6 +31,7 @@ from roost.errors import ConflictError, RoostError
 from roost.host.netns import NetnsWorker
 from roost.spec import VMConfig, VMConfigPatch
 from roost.spec.common import check_name
+from roost.spec.interfaces import MAX_INTERFACES
 from roost.state import alloc, configs
 from roost.state.artifacts import ArtifactStore
 from roost.state.configs import ConfigVersion
@@ -417,7 +418,7 @@ class Engine:
 
     def _boot(self, booting: Booting, steps: Steps) -> dict[str, Any]:
         """Boot the VMM; the VM as it then is. On failure the caller rolls `steps` back."""
-        name, net = booting.name, booting.net
+        name = booting.name
         if booting.vsock_missing:
             log.warning("VM %s starts without a vsock device: %s", name, booting.vsock_missing)
         driver = self.drivers[booting.vmm]
@@ -459,9 +460,8 @@ class Engine:
         self.live[name] = Live(process, driver, shown=booting.shown)
         steps.done("booted", f"started {booting.vmm}", lambda: self._untrack(name, process))
         self._watch(name, process)
-        if net.observe_ip and booting.tap is not None:
-            assert booting.mac is not None
-            self.observer.watch(name, booting.tap, booting.mac)
+        for index, tap, mac in booting.watched:
+            self.observer.watch(observer_key(name, index), tap, mac)
         [row] = recorded  # drivers call `while_booting` once for every boot they complete
         return self._view(row)
 
@@ -554,12 +554,13 @@ class Engine:
         steps.done("stopped", "recorded the VM stopped")
         self.metrics.observe("stop", time.monotonic() - began)
 
-    def release_host(self, name: str, tap: str | None = None) -> None:
-        """Remove what only exists while the VMM runs: its tap, its rules and its sockets."""
-        self.observer.forget(name)
+    def release_host(self, name: str, taps: Sequence[str] | None = None) -> None:
+        """Remove what only exists while the VMM runs: its taps, their rules and its sockets
+        (`taps`: those of every interface it has had, read from its record if not given)."""
+        for index in range(MAX_INTERFACES):
+            self.observer.forget(observer_key(name, index))
         self.listeners.vm_stopped(name)
-        tap = tap or self.records.tap(name)
-        if tap is not None:
+        for tap in self.records.taps(name) if taps is None else taps:
             self.host.release(tap)
         self.run_dir(name).remove_sockets()
 
@@ -624,10 +625,12 @@ class Engine:
             **self._ended(name),
         )
 
-    def address_observed(self, name: str, ip: str) -> None:
-        """The address a dhcp guest leased, as the host saw it (tap traffic or lease file)."""
-        self.records.set_observed_ip(name, ip)
-        log.info("VM %s: observed address %s", name, ip)
+    def address_observed(self, key: str, ip: str) -> None:
+        """The address a dhcp guest leased on one interface (`key`, an `observer_key`), as the
+        host saw it (tap traffic or lease file)."""
+        name, index = observed_interface(key)
+        self.records.set_observed_ip(name, index, ip)
+        log.info("VM %s: observed address %s on interface %d", name, ip, index)
 
     def _forget(
         self, name: str, done: Callable[[str, str], None] = lambda step, what: None
@@ -683,9 +686,10 @@ class Engine:
             process, self.drivers[record.vmm_kind], record.status is VMStatus.PAUSED
         )
         self._watch(record.name, process)
-        watched = record.network is not None and record.network.plan.observe_ip
-        if watched and record.tap is not None and record.mac is not None:
-            self.observer.watch(record.name, record.tap, record.mac)
+        for interface in record.network.interfaces if record.network is not None else ():
+            nic = record.nics.get(interface.index)
+            if interface.plan.observe_ip and nic is not None:
+                self.observer.watch(observer_key(record.name, interface.index), nic.tap, nic.mac)
         if record.vsock_backend is not None:
             self._listen_again(record.name, record.running_version)
 
@@ -704,10 +708,15 @@ class Engine:
             log.exception("VM %s: could not listen for its vsock services again", name)
 
     def settle(
-        self, name: str, status: VMStatus, code: int | None, reason: str | None, tap: str | None
+        self,
+        name: str,
+        status: VMStatus,
+        code: int | None,
+        reason: str | None,
+        taps: Sequence[str],
     ) -> None:
         """Record how a VM's VMM ended while no daemon followed it, and tidy what it used."""
-        self.release_host(name, tap)
+        self.release_host(name, taps)
         self._set(name, status=status, exit_code=code, status_reason=reason, **self._ended(name))
         log.info("VM %s: found %s (exit code %s)", name, status, code)
 
@@ -715,6 +724,18 @@ class Engine:
         """Undo a create a daemon died in (its VMM, if any, ended by the caller)."""
         with self.locks.hold(name, "rollback", wait=True, recovery=True):
             self._undo_create(name)
+
+
+def observer_key(name: str, index: int) -> str:
+    """What the lease observer knows one interface of a VM by: the VM's name for its first
+    (VM names have no `#`), `<name>#<index>` for the others."""
+    return name if index == 0 else f"{name}#{index}"
+
+
+def observed_interface(key: str) -> tuple[str, int]:
+    """The VM and interface index of an `observer_key`."""
+    name, _, index = key.partition("#")
+    return name, int(index or 0)
 
 
 def _discard_early(early: Early | None, tidy: Callable[[], object]) -> None:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -43,7 +43,9 @@ class Links(Protocol):
 class Rules(Protocol):
     """Per-tap anti-spoofing rules (`roost.host.firewall.Firewall`)."""
 
-    def protect(self, tap: str, mac: str, ip: str | None) -> None: ...
+    def protect(
+        self, tap: str, mac: str, ip: str | None, ipv6: Sequence[str] | None = None
+    ) -> None: ...
 
     def release(self, tap: str) -> None: ...
 
@@ -73,7 +75,8 @@ class Adverts(Protocol):
 class TapPlan:
     """One tap as the plan and the allocation have it: its name and guest MAC, the bridge it
     joins (and the managed network behind that bridge, if roost manages it), how it joins, the
-    bridge's own address (a managed bridge's gateway) and what its rules let it send."""
+    bridge's own address (a managed bridge's gateway) and what its rules let it send (`ipv6`:
+    its own IPv6 addresses on a network with a prefix; None drops all its IPv6, as ever)."""
 
     tap: str
     mac: str
@@ -85,6 +88,7 @@ class TapPlan:
     ip: str | None
     jailed: bool = False  # its VMM runs under the jailer, which opens it as its uid
     network: str | None = None  # the registered network it joins, when its config named one
+    ipv6: tuple[str, ...] | None = None
 
 
 class HostNetwork:
@@ -125,7 +129,10 @@ class HostNetwork:
         steps.done("tap", f"created tap {tap.tap} on {tap.bridge}", drop)
         if tap.antispoof is not AntiSpoof.NONE:
             ip = tap.ip if tap.antispoof is AntiSpoof.IP_AND_MAC else None
-            self.firewall.protect(tap.tap, tap.mac, ip)
+            if tap.ipv6 is None:
+                self.firewall.protect(tap.tap, tap.mac, ip)
+            else:
+                self.firewall.protect(tap.tap, tap.mac, ip, ipv6=tap.ipv6)
             steps.done("rules", "added anti-spoofing rules", lambda: self.firewall.release(tap.tap))
 
     def _make_tap(self, tap: TapPlan) -> None:

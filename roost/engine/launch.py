@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from roost.plan import NetworkPlan, VMPlan, boot_args
+from roost.plan import VMPlan, boot_args
 from roost.spec import Manifest, VMConfig
 from roost.vmm.base import NIC, LaunchSpec, RunDir, Vsock, VsockBackend
 
@@ -21,33 +21,28 @@ class Files:
 
 def launch_spec(
     plan: VMPlan,
-    net: NetworkPlan,
     manifest: Manifest,
     config: VMConfig,
     files: Files,
     run_dir: RunDir,
     *,
-    tap: str | None,
-    mac: str | None,
+    network_args: str | None,
+    nics: tuple[NIC, ...],
     cid: int,
     vsock_backend: VsockBackend | None,
 ) -> LaunchSpec:
-    """The driver's launch spec for `plan`, with `net` the network plan once the address is
-    allocated (its `kernel_ip_arg` complete); `vsock_backend` is None when the VMM can give
-    the VM no vsock device."""
+    """The driver's launch spec for `plan`, with its interfaces' NICs (tap and guest MAC, in
+    the guest's device order) and `network_args` their kernel arguments once allocated;
+    `vsock_backend` is None when the VMM can give the VM no vsock device."""
     return LaunchSpec(
         name=plan.name,
         run_dir=run_dir,
         kernel=files.kernel,
         initrd=files.initrd,
         rootfs=files.disk,
-        boot_args=boot_args(manifest, config, plan.name, net.kernel_ip_arg),
+        boot_args=boot_args(manifest, config, plan.name, network_args),
         vcpus=plan.resources.vcpus,
         memory_mib=plan.resources.memory_mib,
-        nics=(NIC(tap=tap, mac=mac),) if net.nic and tap and mac else (),
-        vsock=(
-            Vsock(cid, run_dir.vsock_socket, vsock_backend)
-            if net.vsock and vsock_backend is not None
-            else None
-        ),
+        nics=nics,
+        vsock=None if vsock_backend is None else Vsock(cid, run_dir.vsock_socket, vsock_backend),
     )

@@ -16,7 +16,7 @@ from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from prometheus_client import Counter, Histogram
 from prometheus_client.core import GaugeMetricFamily, Metric
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 
 from roost.spec import NetworkMode
 from roost.state.db import Database
@@ -27,7 +27,12 @@ OPERATIONS = ("create", "start", "stop")
 OUTCOMES = (VMStatus.STOPPED, VMStatus.CRASHED)
 # from a stop of a VMM that is already gone (milliseconds) to a TCG boot (a minute)
 BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
-_MODE = VM.network[("effective", "mode")].as_string()
+MULTI = "multi"  # the mode label of a VM with several interfaces
+_SINGLE_MODE = VM.network[("network", "mode")].as_string()
+_MODE = case(
+    (_SINGLE_MODE.is_not(None), _SINGLE_MODE),
+    (func.json_array_length(VM.network["interfaces"]) > 1, MULTI),
+)
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -94,7 +99,7 @@ class EngineMetrics:
         )
         kinds = dict.fromkeys([*self.vmms, *(vmm for _, _, vmm in counted)])
         for vmm in kinds:
-            for mode in NetworkMode:
+            for mode in (*NetworkMode, MULTI):
                 for status in VMStatus:
                     by_status.add_metric([status, mode, vmm], counted[(status, mode, vmm)])
         yield by_status

@@ -243,19 +243,20 @@ def _leased(session: Session, network_id: int) -> list[int]:
 
 
 def _users(session: Session, network: Network) -> set[str]:
-    """The VMs that hold an address on `network`, or whose network (as planned, or as their
-    latest config resolves it) names it."""
+    """The VMs that hold an address on `network`, or one of whose interfaces (as planned, or
+    as their latest config resolves them) names it."""
     users = set(
         session.scalars(select(VM.name).join(IPLease).where(IPLease.network_id == network.id))
     )
     for vm_name, stored in session.execute(select(VM.name, VM.network)):
-        if ((stored or {}).get("effective") or {}).get("network") == network.name:
+        planned = (stored or {}).get("interfaces") or []
+        if any(one["effective"].get("network") == network.name for one in planned):
             users.add(vm_name)
     latest = select(VM.name, VMConfigVersion.effective).join(
         VMConfigVersion,
         (VMConfigVersion.vm_id == VM.id) & (VMConfigVersion.version == VM.config_version),
     )
     for vm_name, effective in session.execute(latest):
-        if ((effective or {}).get("network") or {}).get("network") == network.name:
+        if any(one["network"] == network.name for one in effective["interfaces"]):
             users.add(vm_name)
     return users

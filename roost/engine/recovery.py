@@ -217,7 +217,7 @@ class Recovery:
             code = process.kill() if alive and process is not None else None
             doing = "starting" if status is VMStatus.STARTING else "stopping"
             reason = f"the daemon stopped while the VM was {doing}; start it again"
-            self.engine.settle(name, VMStatus.STOPPED, code, reason, record.tap)
+            self.engine.settle(name, VMStatus.STOPPED, code, reason, record.taps)
             return
         if alive and process is not None:
             if record.vsock_backend == VsockBackend.USER and device is None:
@@ -226,7 +226,7 @@ class Recovery:
                     "the VM's vsock device (roost's vhost-user-vsock backend) ended while no "
                     "daemon followed it; its guest cannot get vsock back, so its VMM was stopped"
                 )
-                self.engine.settle(name, VMStatus.CRASHED, code, reason, record.tap)
+                self.engine.settle(name, VMStatus.CRASHED, code, reason, record.taps)
                 return
             self.engine.adopt(record, process)
             log.info("VM %s: adopted its running VMM (pid %d)", name, process.pid)
@@ -235,7 +235,7 @@ class Recovery:
             process.end_device()
         code = process.exit_code() if process is not None else None
         ended = VMStatus.STOPPED if code == 0 else VMStatus.CRASHED
-        self.engine.settle(name, ended, code, None if code == 0 else exit_reason(code), record.tap)
+        self.engine.settle(name, ended, code, None if code == 0 else exit_reason(code), record.taps)
 
     def _remove_strays(self) -> None:
         """Run dirs and disks of no VM, then taps of no running VM and bridges no VM holds an

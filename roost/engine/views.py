@@ -7,9 +7,11 @@ from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
+from roost.plan.ipv6 import router_address
 from roost.spec import Resources, ResourcesOverride
+from roost.spec.network import NetworkMode
 from roost.state.models import Network, Plugin, timestamp
-from roost.state.vms import StoredNetwork
+from roost.state.vms import ShownNic, StoredInterface, StoredNetwork, nics_json
 from roost.vmm.base import RunDir, VsockBackend
 
 
@@ -26,8 +28,9 @@ def vm_view(
     )
     stored = StoredNetwork.from_json(vm["network"])
     assert stored is not None, "a VM is shown once its create has planned its network"
-    plan = stored.plan
-    vsock_ok = plan.vsock and vm["vsock_unavailable"] is None
+    nics = nics_json(vm)
+    interfaces = [interface_view(one, nics.get(one.index)) for one in stored.interfaces]
+    vsock_ok = vm["vsock_unavailable"] is None
     backend = vm["vsock_backend"] if vsock_ok else None
     hybrid = backend in (VsockBackend.FIRECRACKER, VsockBackend.CLOUD_HYPERVISOR, VsockBackend.USER)
     return {
@@ -36,13 +39,8 @@ def vm_view(
         "status": vm["status"],
         "status_reason": vm["status_reason"],
         "exit_code": vm["exit_code"],
-        "network": {
-            **stored.effective.to_json(),
-            "mac": vm["mac"] if plan.nic else None,
-            "bridge": stored.bridge if plan.tap else None,
-            "tap": vm["tap"] if plan.tap else None,
-            "observed_ip": vm["observed_ip"] if plan.observe_ip else None,
-        },
+        "network": network_json(stored, interfaces),
+        "interfaces": interfaces,
         "vsock": {
             "cid": vm["cid"],
             "uds_path": str(run_dir.vsock_socket) if hybrid else None,
@@ -62,6 +60,50 @@ def vm_view(
         "restart_required": bool(vm["restart_required"]),
         "created_at": timestamp(vm["created_at"]),
         "updated_at": timestamp(vm["updated_at"]),
+    }
+
+
+def interface_view(interface: StoredInterface, nic: ShownNic | None) -> dict[str, Any]:
+    """One interface of a VM: every field always there, null when unused (`ipv6` is
+    `{"ip", "prefix", "gateway", "source"}` on a network with an IPv6 prefix)."""
+    effective, plan = interface.effective, interface.plan
+    ipv6 = None
+    if interface.ipv6 is not None:
+        prefix = ipaddress.IPv6Network(interface.ipv6["prefix"])
+        ipv6 = {
+            "ip": None if nic is None else nic.ipv6,
+            "prefix": str(prefix),
+            "gateway": str(router_address(prefix)),
+            "source": interface.ipv6["source"],
+        }
+    return {
+        "name": interface.name,
+        "mode": effective.mode.value,
+        "network": effective.network or ("dhcp" if effective.mode is NetworkMode.DHCP else None),
+        "bridge": interface.bridge if plan.tap else None,
+        "tap": nic.tap if plan.tap and nic is not None else None,
+        "mac": nic.mac if plan.nic and nic is not None else None,
+        "ip": None if effective.ip is None else str(effective.ip),
+        "subnet": None if effective.subnet is None else str(effective.subnet),
+        "gateway": None if effective.gateway is None else str(effective.gateway),
+        "observed_ip": nic.observed_ip if plan.observe_ip and nic is not None else None,
+        "ipv6": ipv6,
+        "default_route": interface.default_route,
+    }
+
+
+def network_json(stored: StoredNetwork, interfaces: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The single `network` a VM with at most one interface shows, exactly as before several
+    interfaces (null for a VM with several)."""
+    if stored.network is None:
+        return None
+    only = interfaces[0] if interfaces else None
+    return {
+        **stored.network.to_json(),
+        **{
+            key: None if only is None else only[key]
+            for key in ("mac", "bridge", "tap", "observed_ip")
+        },
     }
 
 

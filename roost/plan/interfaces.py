@@ -24,6 +24,7 @@ from roost.plan.network import (
     plan_network,
     resolve_network,
 )
+from roost.plan.nic_args import GuestNIC, nic_args
 from roost.plan.registry import NetworkLookup
 from roost.spec.interfaces import InterfaceConfig, default_name
 from roost.spec.manifest import Manifest
@@ -93,23 +94,55 @@ class EffectiveInterface:
         effective = self.effective.with_ip(ip)
         return replace(self, effective=effective, plan=plan_network(effective, vm_name))
 
+    def with_mac(self, mac: str) -> EffectiveInterface:
+        """The interface with the MAC its guest gets (the user's, else the one roost keeps for
+        it), from which its SLAAC address follows."""
+        return replace(self, mac=mac)
+
+    @property
+    def ipv6_address(self) -> ipaddress.IPv6Address | None:
+        """The IPv6 address it holds: its static one, else the SLAAC one its MAC gives on a
+        network with a prefix (None before roost has picked the MAC, or without a prefix)."""
+        if self.ipv6_prefix is None:
+            return None
+        if self.ipv6 is not None:
+            return self.ipv6
+        return None if self.mac is None else slaac_address(self.ipv6_prefix, self.mac)
+
+    def guest_nic(self) -> GuestNIC:
+        """What its guest configures from `roost.nic=` (once its MAC and address are known)."""
+        assert self.mac is not None, "the guest's MAC is known once allocation has picked it"
+        ipv4 = gateway = None
+        if self.ip is not None and self.subnet is not None:
+            ipv4 = ipaddress.IPv4Interface(f"{self.ip}/{self.subnet.prefixlen}")
+            gateway = self.gateway
+        ipv6 = ipv6_gateway = None
+        if self.ipv6 is not None and self.ipv6_prefix is not None:
+            ipv6 = ipaddress.IPv6Interface(f"{self.ipv6}/{self.ipv6_prefix.prefixlen}")
+            ipv6_gateway = router_address(self.ipv6_prefix)
+        return GuestNIC(
+            mac=self.mac,
+            name=self.name,
+            ipv4=ipv4,
+            gateway=gateway,
+            dhcp=self.mode is NetworkMode.DHCP,
+            ipv6=ipv6,
+            ipv6_gateway=ipv6_gateway,
+            default_route=self.default_route,
+        )
+
     def ipv6_json(self) -> dict[str, Any] | None:
         """`{"ip", "prefix", "gateway", "source"}` where the interface has IPv6: its static
         address, else the SLAAC one (predicted from the user's MAC; null until roost has
         picked the MAC)."""
         if self.ipv6_prefix is None:
             return None
-        if self.ipv6 is not None:
-            ip: ipaddress.IPv6Address | None = self.ipv6
-            source = "static"
-        else:
-            ip = None if self.mac is None else slaac_address(self.ipv6_prefix, self.mac)
-            source = "slaac"
+        ip = self.ipv6_address
         return {
             "ip": None if ip is None else str(ip),
             "prefix": str(self.ipv6_prefix),
             "gateway": str(router_address(self.ipv6_prefix)),
-            "source": source,
+            "source": "static" if self.ipv6 is not None else "slaac",
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -135,12 +168,28 @@ class EffectiveInterface:
 @dataclass(frozen=True)
 class ResolvedInterfaces:
     """A VM's interfaces after resolution. `single` is true for the `network` form and for a
-    VM with no interface (vsock): such a VM keeps its `network` JSON, `network` here (None for
-    a list of interfaces)."""
+    VM with no interface (vsock), whose guest is configured by the classic `ip=`; a list of
+    interfaces is configured by `roost.nic=`. A VM with at most one interface keeps its
+    `network` JSON, `network` here (None for several interfaces)."""
 
     single: bool
     network: EffectiveNetwork | None
     interfaces: tuple[EffectiveInterface, ...]
+
+    def replaced(self, interfaces: tuple[EffectiveInterface, ...]) -> ResolvedInterfaces:
+        """The same VM's interfaces once allocation has filled them in (addresses, MACs)."""
+        network = self.network
+        if len(interfaces) == 1:
+            network = interfaces[0].effective
+        return replace(self, network=network, interfaces=interfaces)
+
+    def boot_args(self, vm_name: str) -> str | None:
+        """The guest's network arguments once allocated: the single form's `ip=` as ever, a
+        list's `roost.nic=` (with `roost.default=`, and `ip=` for a lone static interface)."""
+        if self.single:
+            return self.interfaces[0].plan.kernel_ip_arg if self.interfaces else None
+        guest = tuple(interface.guest_nic() for interface in self.interfaces)
+        return " ".join(nic_args(guest, vm_name)) or None
 
     @property
     def default_route(self) -> EffectiveInterface | None:
@@ -222,7 +271,7 @@ def _resolve_list(
     carrier = _default_route_index(written)
     return ResolvedInterfaces(
         single=False,
-        network=None,
+        network=resolved[0][1] if len(resolved) == 1 else None,
         interfaces=tuple(
             EffectiveInterface(
                 index=index,

@@ -5,13 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from roost.plan.network import (
-    DefaultNetwork,
-    EffectiveNetwork,
-    NetworkPlan,
-    plan_network,
-    resolve_network,
-)
+from roost.plan.interfaces import ResolvedInterfaces, resolve_interfaces
+from roost.plan.network import DefaultNetwork, EffectiveNetwork, NetworkPlan, plan_network
 from roost.plan.registry import NetworkLookup
 from roost.spec.common import Resources
 from roost.spec.manifest import Manifest
@@ -20,12 +15,25 @@ from roost.spec.vmconfig import VMConfig
 
 @dataclass(frozen=True)
 class VMPlan:
-    """A VM's resolved network, its network plan and its resources."""
+    """A VM's resolved interfaces (its `network`, for the single form and vsock, among them)
+    and its resources."""
 
     name: str
-    network: EffectiveNetwork
-    net: NetworkPlan
+    interfaces: ResolvedInterfaces
     resources: Resources
+
+    @property
+    def network(self) -> EffectiveNetwork:
+        """The network of a VM with at most one interface (not one with several)."""
+        network = self.interfaces.network
+        assert network is not None, f"VM {self.name} has several interfaces, not one network"
+        return network
+
+    @property
+    def net(self) -> NetworkPlan:
+        """The plan of `network` (a vsock VM's: no tap, no NIC)."""
+        found = self.interfaces.interfaces
+        return found[0].plan if found else plan_network(self.network, self.name)
 
 
 def plan_vm(
@@ -37,29 +45,37 @@ def plan_vm(
 ) -> VMPlan:
     """The VM's plan; `lookup` finds the networks its config names (None offline: a named
     network is then left for the daemon to resolve)."""
-    network = resolve_network(manifest, config, default, lookup)
     return VMPlan(
         name=name,
-        network=network,
-        net=plan_network(network, name),
+        interfaces=resolve_interfaces(manifest, config, default, lookup, vm_name=name),
         resources=config.resources.apply(manifest.resources),
     )
 
 
-def boot_args(manifest: Manifest, config: VMConfig, name: str, ip_arg: str | None) -> str:
-    """The guest's command line: the plugin's, the VM's, its name, then its `ip=`."""
-    parts = [manifest.boot_args, config.boot_args, f"roost.name={name}", ip_arg]
+def boot_args(manifest: Manifest, config: VMConfig, name: str, network_args: str | None) -> str:
+    """The guest's command line: the plugin's, the VM's, its name, then its network's (the
+    single form's `ip=`, or the `roost.nic=` arguments of a list of interfaces)."""
+    parts = [manifest.boot_args, config.boot_args, f"roost.name={name}", network_args]
     return " ".join(part for part in parts if part)
 
 
-def effective_json(plan: VMPlan, network: EffectiveNetwork, vmm: str) -> dict[str, Any]:
+def effective_json(
+    plan: VMPlan,
+    network: EffectiveNetwork | None,
+    vmm: str,
+    interfaces: ResolvedInterfaces | None = None,
+) -> dict[str, Any]:
     """What a config version resolves to, as the API shows it: its network (`network` is the
-    plan's, with the address allocated or reserved for it), resources and VMM."""
-    return {
-        "network": network.to_json(),
+    plan's, with the address allocated or reserved for it; None for several interfaces),
+    resources and VMM, and with `interfaces` (as allocated) the list of them."""
+    data: dict[str, Any] = {
+        "network": None if network is None else network.to_json(),
         "resources": {"vcpus": plan.resources.vcpus, "memory_mib": plan.resources.memory_mib},
         "vmm": vmm,
     }
+    if interfaces is not None:
+        data["interfaces"] = interfaces.to_json()
+    return data
 
 
 def needs_restart(
@@ -69,16 +85,30 @@ def needs_restart(
     after_config: dict[str, Any],
 ) -> bool:
     """Whether a VMM running version `before` must restart to run `after` (both as
-    `effective_json` and their configs): what the VMM, the tap and its rules, the guest's
-    command line and the vsock services listened for while it runs are made from counts;
+    `effective_json` with their interfaces, and their configs): what the VMM, each tap and its
+    rules, the guest's command line and the vsock services listened for while it runs are made
+    from counts;
     labels, where a network was written, and whether an address was picked or pinned do not."""
 
     def what_boots(effective: dict[str, Any], config: dict[str, Any]) -> tuple[Any, ...]:
-        network = effective["network"]
-        keys = ("mode", "subnet", "gateway", "ip", "network")  # a named network: its bridge
-        addressing = tuple(network.get(key) for key in keys)
+        # per interface; a named network: its bridge; the MAC a guest's NIC gets
+        keys = (
+            "name",
+            "mode",
+            "subnet",
+            "gateway",
+            "ip",
+            "network",
+            "mac",
+            "ipv6",
+            "default_route",
+        )
+        addressing = tuple(
+            tuple(interface.get(key) for key in keys) for interface in effective["interfaces"]
+        )
         return (
             addressing,
+            config.get("interfaces") is not None,  # roost.nic= rather than the classic ip=
             effective["resources"],
             effective["vmm"],
             config.get("boot_args"),

@@ -1,4 +1,5 @@
-"""Allocation of what VMs hold: networks, IP addresses, vsock CIDs, MACs and tap names.
+"""Allocation of what VMs hold: networks, IP addresses (per interface), vsock CIDs, and per
+interface a MAC, a tap name and an IPv6 address.
 
 Every function runs inside the caller's write transaction (`Database.transact`), so an
 allocation is committed with the record that holds it, or not at all. Uniqueness is enforced by
@@ -14,11 +15,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, delete, insert, select, update
+from sqlalchemy import Connection, bindparam, delete, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError
-from roost.state.models import VM, CIDLease, IPLease, Network, utcnow
+from roost.state.models import VM, CIDLease, IPLease, Network, VMNic, utcnow
 
 MIN_CID = 3  # 0-2 are the hypervisor, local and host
 MAX_CID = 2**32 - 2  # 2**32 - 1 is VMADDR_CID_ANY
@@ -86,7 +87,9 @@ def first_gap(taken: Iterable[int], start: int, end: int) -> int | None:
 # than SQLite itself here, so these go straight to the session's connection.
 CURRENT, RESERVED = "current", "reserved"  # an IP lease's purpose (see models.IPLease)
 _HELD = select(IPLease.network_id, IPLease.ip).where(
-    IPLease.vm_id == bindparam("vm_id"), IPLease.purpose == bindparam("purpose")
+    IPLease.vm_id == bindparam("vm_id"),
+    IPLease.interface == bindparam("interface"),
+    IPLease.purpose == bindparam("purpose"),
 )
 _LEASED = (
     select(IPLease.ip)
@@ -118,9 +121,13 @@ _NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet")
 _NAMED = select(*_NETWORK_COLUMNS).where(Network.name == bindparam("name"))
 _CIDS = select(CIDLease.cid, CIDLease.vm_id).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
 _ADD_CID = insert(CIDLease)
-_MAC_USED = select(VM.id).where(VM.mac == bindparam("mac"))
+_MAC_USED = select(VMNic.vm_id).where(
+    or_(VMNic.mac == bindparam("mac"), VMNic.user_mac == bindparam("mac"))
+)
 _DROP_LEASE = delete(IPLease).where(
-    IPLease.vm_id == bindparam("vm_id"), IPLease.purpose == bindparam("purpose")
+    IPLease.vm_id == bindparam("vm_id"),
+    IPLease.interface == bindparam("interface"),
+    IPLease.purpose == bindparam("purpose"),
 )
 _ADD_LEASE = insert(IPLease)
 _SET_HINT = (
@@ -249,18 +256,23 @@ def allocate_ip(
     requested: ipaddress.IPv4Address | None = None,
     *,
     purpose: str = CURRENT,
+    interface: int = 0,
 ) -> ipaddress.IPv4Address:
-    """An address on `network` for VM `vm_id`, held for `purpose`: `requested` if free, else
-    the next free one after the last handed out (wrapping). Asking again for the same VM and
-    purpose returns its own lease."""
+    """An address on `network` for the VM's interface `interface`, held for `purpose`:
+    `requested` if free, else the next free one after the last handed out (wrapping). Asking
+    again for the same interface and purpose returns its own lease."""
     connection = session.connection()
-    held = connection.execute(_HELD, {"vm_id": vm_id, "purpose": purpose}).first()
+    key = {"vm_id": vm_id, "interface": interface, "purpose": purpose}
+    held = connection.execute(_HELD, key).first()
     if held is not None:
         if held.network_id != network.id:
-            raise ValueError(f"VM {vm_id} holds a lease on another network; release it first")
+            raise ValueError(
+                f"VM {vm_id} holds a lease on another network for interface {interface}; "
+                "release it first"
+            )
         if requested in (None, ipaddress.IPv4Address(held.ip)):
             return ipaddress.IPv4Address(held.ip)
-        connection.execute(_DROP_LEASE, {"vm_id": vm_id, "purpose": purpose})
+        connection.execute(_DROP_LEASE, key)
     if requested is not None:
         value = int(requested)
         holder = connection.execute(_HOLDER, {"network_id": network.id, "ip": value}).scalar()
@@ -278,6 +290,7 @@ def allocate_ip(
             "network_id": network.id,
             "ip": value,
             "vm_id": vm_id,
+            "interface": interface,
             "purpose": purpose,
             "created_at": utcnow(),
         },
@@ -310,11 +323,15 @@ def _next_free(connection: Connection, network: NetworkRow) -> int:
     return found
 
 
-def release_ip(session: Session, vm: Holder, purpose: str = CURRENT) -> Network | None:
-    """Drop the VM's address held for `purpose`; returns its network when no lease is left
-    on it."""
+def release_ip(
+    session: Session, vm: Holder, purpose: str = CURRENT, interface: int = 0
+) -> Network | None:
+    """Drop the address the VM's interface holds for `purpose`; returns its network when no
+    lease is left on it."""
     lease = session.scalar(
-        select(IPLease).where(IPLease.vm_id == vm.id, IPLease.purpose == purpose)
+        select(IPLease).where(
+            IPLease.vm_id == vm.id, IPLease.interface == interface, IPLease.purpose == purpose
+        )
     )
     if lease is None:
         return None
@@ -338,13 +355,18 @@ def has_leases(session: Session, network_id: int) -> bool:
 
 
 def release_address(
-    session: Session, vm: Holder, *, keep_network: str, purpose: str = CURRENT
+    session: Session,
+    vm: Holder,
+    *,
+    keep_network: str,
+    purpose: str = CURRENT,
+    interface: int = 0,
 ) -> list[tuple[int, str]]:
-    """Drop the VM's address held for `purpose`; an on-demand network left without leases is
-    removed (unless it is `keep_network`, the daemon's default). Returns the (id, bridge) of
-    such a network, whose bridge the caller removes once this has committed. A named network
-    (managed or external) stays, and so does its bridge."""
-    network = release_ip(session, vm, purpose)
+    """Drop the address the VM's interface holds for `purpose`; an on-demand network left
+    without leases is removed (unless it is `keep_network`, the daemon's default). Returns the
+    (id, bridge) of such a network, whose bridge the caller removes once this has committed. A
+    named network (managed or external) stays, and so does its bridge."""
+    network = release_ip(session, vm, purpose, interface)
     if network is None or network.kind != ON_DEMAND:
         return []
     emptied = [(network.id, network.bridge)]
@@ -387,7 +409,7 @@ def allocate_cid(session: Session, vm: Holder) -> int:
 
 
 def new_mac(session: Session) -> str:
-    """A random locally administered unicast MAC no VM has."""
+    """A random locally administered unicast MAC no interface has (roost's or a user's)."""
     connection = session.connection()
     while True:
         mac = ":".join([GUEST_MAC_PREFIX, *(f"{b:02x}" for b in secrets.token_bytes(5))])
@@ -407,43 +429,174 @@ def tap_mac(guest_mac: str) -> str:
     return TAP_MAC_PREFIX + guest_mac[2:]
 
 
-def tap_name(vm: Holder) -> str:
-    """A tap name ≤ 15 bytes, unique because VM ids are never reused, and recognisable."""
-    return f"{TAP_PREFIX}{vm.id}"
+def tap_name(vm: Holder, index: int = 0) -> str:
+    """A tap name ≤ 15 bytes (`rtap` and an id of up to 9 digits, then `n<index>` for every
+    interface but the first), unique because VM ids are never reused, and recognisable."""
+    return f"{TAP_PREFIX}{vm.id}" if index == 0 else f"{TAP_PREFIX}{vm.id}n{index}"
 
 
 @dataclass(frozen=True)
 class Lease:
-    """An address a VM holds, for which purpose, and on which network (by subnet)."""
+    """An address a VM's interface holds, for which purpose, and on which network."""
 
+    interface: int
     purpose: str
     network_id: int
     subnet: str
     ip: ipaddress.IPv4Address
 
 
-def leases_of(session: Session, vm_id: int) -> dict[str, Lease]:
-    """The VM's leases by purpose (`current`, `reserved`)."""
+def leases_of(session: Session, vm_id: int) -> dict[tuple[int, str], Lease]:
+    """The VM's leases by (interface, purpose)."""
     found = session.execute(
-        select(IPLease.purpose, IPLease.network_id, Network.subnet, IPLease.ip)
+        select(IPLease.interface, IPLease.purpose, IPLease.network_id, Network.subnet, IPLease.ip)
         .join(Network, Network.id == IPLease.network_id)
         .where(IPLease.vm_id == vm_id)
     )
     return {
-        row.purpose: Lease(row.purpose, row.network_id, row.subnet, ipaddress.IPv4Address(row.ip))
+        (row.interface, row.purpose): Lease(
+            row.interface, row.purpose, row.network_id, row.subnet, ipaddress.IPv4Address(row.ip)
+        )
         for row in found
     }
 
 
-def promote_reserved(session: Session, vm: Holder, *, keep_network: str) -> list[tuple[int, str]]:
-    """A VM that starts with the address a patch reserved: its current address is released
-    (its network removed if that was its last lease), and the reserved one becomes current."""
+def promote_reserved(
+    session: Session, vm: Holder, *, keep_network: str, interface: int = 0
+) -> list[tuple[int, str]]:
+    """An interface that starts with the address a patch reserved: its current address is
+    released (its network removed if that was its last lease), the reserved one is current."""
     reserved = session.scalar(
-        select(IPLease).where(IPLease.vm_id == vm.id, IPLease.purpose == RESERVED)
+        select(IPLease).where(
+            IPLease.vm_id == vm.id, IPLease.interface == interface, IPLease.purpose == RESERVED
+        )
     )
     if reserved is None:
         return []
-    emptied = release_address(session, vm, keep_network=keep_network)
+    emptied = release_address(session, vm, keep_network=keep_network, interface=interface)
     reserved.purpose = CURRENT
     session.flush()
     return emptied
+
+
+@dataclass(frozen=True)
+class Nic:
+    """One interface a VM holds (`models.VMNic`): `mac` is the guest's (the user's, else
+    roost's, which it keeps for life with its tap name)."""
+
+    index: int
+    roost_mac: str
+    user_mac: str | None
+    tap: str
+    observed_ip: str | None
+    ipv6: str | None
+
+    @property
+    def mac(self) -> str:
+        return self.user_mac or self.roost_mac
+
+
+def nics_of(session: Session, vm_id: int) -> dict[int, Nic]:
+    """The VM's interfaces by index."""
+    found = session.execute(
+        select(
+            VMNic.index, VMNic.mac, VMNic.user_mac, VMNic.tap, VMNic.observed_ip, VMNic.ipv6
+        ).where(VMNic.vm_id == vm_id)
+    )
+    return {row[0]: Nic(*row) for row in found}
+
+
+def hold_nic(
+    session: Session, vm: Holder, index: int, user_mac: str | None, *, record: bool = True
+) -> Nic:
+    """The VM's interface `index`, made the first time (roost's MAC and its tap name, kept for
+    the VM's life) and, when `record` (no VMM runs with the old one), given the user's MAC
+    (None: roost's). A MAC another interface has is 409 `conflict` naming its holder."""
+    if user_mac is not None:
+        check_mac_free(session, user_mac, vm.id, index)
+    nic = nics_of(session, vm.id).get(index)
+    if nic is None:
+        session.execute(
+            insert(VMNic).values(
+                vm_id=vm.id,
+                index=index,
+                mac=new_mac(session),
+                user_mac=user_mac if record else None,
+                tap=tap_name(vm, index),
+            )
+        )
+    elif record and nic.user_mac != user_mac:
+        session.execute(
+            update(VMNic)
+            .where(VMNic.vm_id == vm.id, VMNic.index == index)
+            .values(user_mac=user_mac)
+        )
+    return nics_of(session, vm.id)[index]
+
+
+def check_mac_free(session: Session, mac: str, vm_id: int, index: int) -> None:
+    """409 `conflict` naming the VM whose interface (other than this one) has `mac`."""
+    holder = session.execute(
+        select(VM.name, VMNic.vm_id, VMNic.index.label("nic"))
+        .join(VM, VM.id == VMNic.vm_id)
+        .where(or_(VMNic.mac == mac, VMNic.user_mac == mac))
+    ).first()
+    if holder is not None and (holder.vm_id, holder.nic) != (vm_id, index):
+        raise ConflictError(
+            f"MAC {mac} is already held by interface {holder.nic} of VM {holder.name!r}; "
+            "choose another MAC or let roost pick one",
+        )
+
+
+def hold_ipv6(
+    session: Session,
+    vm: Holder,
+    index: int,
+    network_id: int | None,
+    ip: ipaddress.IPv6Address | None,
+    *,
+    network_name: str | None = None,
+) -> None:
+    """Record the IPv6 address the VM's interface `index` holds on network `network_id` (None:
+    none). One another interface holds is 409 `conflict` naming its holder."""
+    value = None if ip is None else str(ip)
+    if ip is not None and network_id is not None:
+        check_ipv6_free(session, vm, index, network_id, ip, network_name)
+    session.execute(
+        update(VMNic)
+        .where(VMNic.vm_id == vm.id, VMNic.index == index)
+        .values(ipv6_network_id=None if value is None else network_id, ipv6=value)
+    )
+
+
+def check_ipv6_free(
+    session: Session,
+    vm: Holder,
+    index: int,
+    network_id: int,
+    ip: ipaddress.IPv6Address,
+    network_name: str | None,
+) -> None:
+    """409 `conflict` naming the VM whose interface (other than this one) holds `ip` on the
+    network."""
+    holder = session.execute(
+        select(VM.name, VMNic.vm_id, VMNic.index.label("nic"))
+        .join(VM, VM.id == VMNic.vm_id)
+        .where(VMNic.ipv6_network_id == network_id, VMNic.ipv6 == str(ip))
+    ).first()
+    if holder is not None and (holder.vm_id, holder.nic) != (vm.id, index):
+        raise ConflictError(
+            f"IPv6 address {ip} is already held by interface {holder.nic} of VM "
+            f"{holder.name!r} on network {network_name!r}; choose another address (or, for "
+            "SLAAC, another MAC)",
+        )
+
+
+def release_nics_from(session: Session, vm: Holder, count: int) -> None:
+    """Interfaces at `count` and after (dropped by a patch) hold no IPv6 address any more (their
+    MACs and tap names stay theirs, should the index come back)."""
+    session.execute(
+        update(VMNic)
+        .where(VMNic.vm_id == vm.id, VMNic.index >= count)
+        .values(ipv6_network_id=None, ipv6=None, observed_ip=None)
+    )

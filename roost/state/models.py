@@ -1,5 +1,6 @@
 """The database schema. Allocation invariants are constraints here, not only code:
-one VM per (network, ip), one VM per CID, unique MACs, tap names and VM names."""
+one VM per (network, ip), one VM per CID, one holder per (network, IPv6 address), unique MACs,
+tap names and VM names."""
 
 from __future__ import annotations
 
@@ -103,7 +104,8 @@ class Network(Base):
 
 
 class VM(Base):
-    """A VM and what it holds: its status, its MAC and tap name (kept for life), its VMM."""
+    """A VM and what it holds: its status, its interfaces (`nics`), its VMM. `network` is
+    what it was last planned with (`roost.state.vms.StoredInterfaces`)."""
 
     __tablename__ = "vms"
     __table_args__ = (
@@ -128,10 +130,7 @@ class VM(Base):
     status_reason: Mapped[str | None] = mapped_column(Text)
     exit_code: Mapped[int | None] = mapped_column(Integer)
     vmm_kind: Mapped[str] = mapped_column(String(32))
-    mac: Mapped[str | None] = mapped_column(String(17), unique=True)
-    tap: Mapped[str | None] = mapped_column(String(15), unique=True)
     network: Mapped[dict[str, Any]]
-    observed_ip: Mapped[str | None] = mapped_column(String(15))
     vsock_unavailable: Mapped[str | None] = mapped_column(Text)
     # how the host reaches its guest's vsock, chosen when its VMM starts (see VsockBackend)
     vsock_backend: Mapped[str | None] = mapped_column(String(16))
@@ -150,6 +149,9 @@ class VM(Base):
     )
     ip_leases: Mapped[list[IPLease]] = relationship(
         back_populates="vm", cascade="all, delete-orphan"
+    )
+    nics: Mapped[list[VMNic]] = relationship(
+        back_populates="vm", cascade="all, delete-orphan", order_by="VMNic.index"
     )
     cid_lease: Mapped[CIDLease | None] = relationship(
         back_populates="vm", cascade="all, delete-orphan"
@@ -174,14 +176,44 @@ class VMConfigVersion(Base):
     vm: Mapped[VM] = relationship(back_populates="configs")
 
 
+class VMNic(Base):
+    """One interface a VM has had, by its index in the VM's list (the guest's device order):
+    roost's MAC and the tap name, both kept for the VM's life (a patch that drops the
+    interface and one that adds it again find them); the user's MAC from the config, when it
+    gives one (then the guest's); the address a dhcp guest was seen with while its VMM runs;
+    and the IPv6 address it holds on a network with a prefix (SLAAC, predicted from its MAC,
+    or static), which no other interface may hold."""
+
+    __tablename__ = "vm_nics"
+    __table_args__ = (
+        CheckConstraint('"index" BETWEEN 0 AND 7', name="index"),
+        CheckConstraint("(ipv6 IS NULL) = (ipv6_network_id IS NULL)", name="ipv6"),
+        UniqueConstraint("ipv6_network_id", "ipv6"),
+    )
+
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
+    index: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=False)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    user_mac: Mapped[str | None] = mapped_column(String(17), unique=True)
+    tap: Mapped[str] = mapped_column(String(15), unique=True)
+    observed_ip: Mapped[str | None] = mapped_column(String(15))
+    ipv6_network_id: Mapped[int | None] = mapped_column(
+        ForeignKey("networks.id", ondelete="RESTRICT")
+    )
+    ipv6: Mapped[str | None] = mapped_column(String(39))
+    vm: Mapped[VM] = relationship(back_populates="nics")
+
+
 class IPLease(Base):
-    """An address held by a VM; the primary key makes (network, ip) single-holder. A VM holds
-    at most one `current` address (the one it runs with, or will start with) and, while its
-    VMM runs a version older than a patch that needs another address, one `reserved`."""
+    """An address held by one interface of a VM (`interface`, its index); the primary key
+    makes (network, ip) single-holder. Each interface holds at most one `current` address (the
+    one it runs with, or will start with) and, while its VMM runs a version older than a patch
+    that needs another address, one `reserved`."""
 
     __tablename__ = "ip_leases"
     __table_args__ = (
-        UniqueConstraint("vm_id", "purpose"),
+        UniqueConstraint("vm_id", "interface", "purpose"),
+        CheckConstraint("interface BETWEEN 0 AND 7", name="interface"),
         CheckConstraint("purpose IN ('current', 'reserved')", name="purpose"),
     )
 
@@ -190,6 +222,7 @@ class IPLease(Base):
     )
     ip: Mapped[int] = mapped_column(BigInteger, primary_key=True)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    interface: Mapped[int] = mapped_column(Integer, default=0)
     purpose: Mapped[str] = mapped_column(String(8), default="current")
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     network: Mapped[Network] = relationship()

@@ -7,6 +7,7 @@ session's: loading ORM entities costs several times the queries here.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -32,12 +33,11 @@ from roost.state.db import Database
 from roost.state.models import (
     VM,
     CIDLease,
-    IPLease,
-    Network,
     PendingCreate,
     Plugin,
     PluginArtifact,
     VMConfigVersion,
+    VMNic,
 )
 
 
@@ -57,6 +57,28 @@ LIVE = frozenset({VMStatus.STARTING, VMStatus.RUNNING, VMStatus.PAUSED, VMStatus
 
 Row = Mapping[Any, Any]
 
+# A VM's interfaces as one JSON array (`nics_json` reads it), for the one query of its view.
+_NICS = (
+    select(
+        func.json_group_array(
+            func.json_object(
+                "index",
+                VMNic.index,
+                "mac",
+                func.coalesce(VMNic.user_mac, VMNic.mac),
+                "tap",
+                VMNic.tap,
+                "observed_ip",
+                VMNic.observed_ip,
+                "ipv6",
+                VMNic.ipv6,
+            )
+        )
+    )
+    .where(VMNic.vm_id == VM.id)
+    .scalar_subquery()
+)
+
 # Everything a VM's JSON needs, in one query: the VM's columns, its plugin's name, its CID and
 # the config version that describes what it has now (the one its VMM runs, else the latest).
 VM_ROWS: Select[Any] = (
@@ -66,6 +88,7 @@ VM_ROWS: Select[Any] = (
         CIDLease.cid.label("cid"),
         VMConfigVersion.config.label("config"),
         VMConfigVersion.manifest.label("manifest"),
+        _NICS.label("nics"),
     )
     .join(Plugin, Plugin.id == VM.plugin_id)
     .join(
@@ -80,18 +103,14 @@ VM_ROWS: Select[Any] = (
 _VM_ROW = VM_ROWS.where(VM.name == bindparam("name"))
 _VM_ID = select(VM.id).where(VM.name == bindparam("name"))
 _STATUS = select(VM.status).where(VM.name == bindparam("name"))
-_TAP = select(VM.tap).where(VM.name == bindparam("name"))
+_TAPS = select(VMNic.tap).join(VM, VM.id == VMNic.vm_id).where(VM.name == bindparam("name"))
+_NICS_OF = select(_NICS.label("nics")).where(VM.name == bindparam("vm_name"))
 _VMM_KIND = select(VM.vmm_kind).where(VM.name == bindparam("name"))
 _ADD_VM = insert(VM)
 _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
 _SET_NAMED_RETURNING = _SET_NAMED.returning(*VM.__table__.columns)
-_HOLDING = (
-    select(VM.id, VM.mac, VM.tap, Network.subnet)
-    .outerjoin(IPLease, and_(IPLease.vm_id == VM.id, IPLease.purpose == "current"))
-    .outerjoin(Network, Network.id == IPLease.network_id)
-    .where(VM.name == bindparam("name"))
-)
+_HOLDING = select(VM.id).where(VM.name == bindparam("name"))
 _PLUGIN = (
     select(
         Plugin.id,
@@ -109,14 +128,33 @@ _DROP_PENDING = delete(PendingCreate).where(PendingCreate.name == bindparam("nam
 
 @dataclass(frozen=True)
 class Holding:
-    """What allocation reads of a VM's record: its id, name, the MAC and tap name it keeps for
-    life once it has them, and the subnet it holds an address on."""
+    """A VM as allocation names it: its id (what it holds is read through `alloc`) and name."""
 
     id: int
     name: str
-    mac: str | None
-    tap: str | None
-    subnet: str | None
+
+
+@dataclass(frozen=True)
+class ShownNic:
+    """One interface of a VM as its view reads it: the guest's MAC, its tap name, the
+    address a dhcp guest was seen with and the IPv6 address it holds."""
+
+    index: int
+    mac: str
+    tap: str
+    observed_ip: str | None
+    ipv6: str | None
+
+
+def nics_json(row: Row) -> dict[int, ShownNic]:
+    """The interfaces of a `VM_ROWS` row (its `nics` column), by index."""
+    found = json.loads(row["nics"] or "[]")
+    return {
+        item["index"]: ShownNic(
+            item["index"], item["mac"], item["tap"], item["observed_ip"], item["ipv6"]
+        )
+        for item in found
+    }
 
 
 @dataclass(frozen=True)
@@ -129,19 +167,56 @@ class PluginRecord:
 
 
 @dataclass(frozen=True)
-class StoredNetwork:
-    """The network a VM was last planned with, as recorded in its `network` column (the one
-    place that reads that column's JSON)."""
+class StoredInterface:
+    """One interface as a VM was last planned with it: its guest name, whether it carries the
+    default route, its network and plan (with its address), the bridge its tap joins, and its
+    IPv6 `{"prefix", "source"}` (None without IPv6; the address is its `vm_nics` row's)."""
 
+    index: int
+    name: str
+    default_route: bool
     effective: EffectiveNetwork
     plan: NetworkPlan
     bridge: str | None
+    ipv6: dict[str, str] | None
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "index": self.index,
+            "name": self.name,
+            "default_route": self.default_route,
             "effective": self.effective.to_json(),
             "plan": self.plan.to_json(),
             "bridge": self.bridge,
+            "ipv6": self.ipv6,
+        }
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> StoredInterface:
+        return cls(
+            data["index"],
+            data["name"],
+            bool(data["default_route"]),
+            EffectiveNetwork.from_json(data["effective"]),
+            NetworkPlan.from_json(data["plan"]),
+            data.get("bridge"),
+            data.get("ipv6"),
+        )
+
+
+@dataclass(frozen=True)
+class StoredNetwork:
+    """The interfaces a VM was last planned with, as recorded in its `network` column (the one
+    place that reads that column's JSON). `network` is the single network a VM with at most
+    one interface shows (None for several)."""
+
+    network: EffectiveNetwork | None
+    interfaces: tuple[StoredInterface, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "network": None if self.network is None else self.network.to_json(),
+            "interfaces": [interface.to_json() for interface in self.interfaces],
         }
 
     @classmethod
@@ -149,10 +224,10 @@ class StoredNetwork:
         """None for a VM not planned yet (a create cut short before its allocation)."""
         if not data:
             return None
+        network = data.get("network")
         return cls(
-            EffectiveNetwork.from_json(data["effective"]),
-            NetworkPlan.from_json(data["plan"]),
-            data.get("bridge"),
+            None if network is None else EffectiveNetwork.from_json(network),
+            tuple(StoredInterface.from_json(item) for item in data["interfaces"]),
         )
 
 
@@ -166,10 +241,13 @@ class LiveRecord:
     supervisor_pid: int | None
     running_version: int | None
     vmm_kind: str
-    tap: str | None
-    mac: str | None
+    nics: dict[int, ShownNic]
     network: StoredNetwork | None
     vsock_backend: str | None
+
+    @property
+    def taps(self) -> list[str]:
+        return [nic.tap for nic in self.nics.values()]
 
 
 def no_vm(name: str) -> NotFoundError:
@@ -207,10 +285,10 @@ class VMRecords:
             raise no_vm(name)
         return VMStatus(status)
 
-    def tap(self, name: str) -> str | None:
+    def taps(self, name: str) -> list[str]:
+        """The tap names of every interface the VM has had (those of a running VM among them)."""
         with self.db.read() as session:
-            tap: str | None = session.connection().execute(_TAP, {"name": name}).scalar()
-            return tap
+            return list(session.connection().execute(_TAPS, {"name": name}).scalars())
 
     def vmm_kind(self, name: str) -> str | None:
         with self.db.read() as session:
@@ -232,8 +310,7 @@ class VMRecords:
                     VM.supervisor_pid,
                     VM.running_version,
                     VM.vmm_kind,
-                    VM.tap,
-                    VM.mac,
+                    _NICS.label("nics"),
                     VM.network,
                     VM.vsock_backend,
                 ).where(VM.status.in_([status.value for status in LIVE]))
@@ -246,8 +323,7 @@ class VMRecords:
                 row.supervisor_pid,
                 row.running_version,
                 row.vmm_kind,
-                row.tap,
-                row.mac,
+                nics_json(row._mapping),
                 StoredNetwork.from_json(row.network),
                 row.vsock_backend,
             )
@@ -255,14 +331,14 @@ class VMRecords:
         ]
 
     def live_taps(self) -> set[str]:
-        """The taps of VMs whose record says a VMM runs for them."""
+        """The taps of every interface of VMs whose record says a VMM runs for them."""
         with self.db.read() as session:
             taps = session.scalars(
-                select(VM.tap).where(
-                    VM.status.in_([status.value for status in LIVE]), VM.tap.is_not(None)
-                )
+                select(VMNic.tap)
+                .join(VM, VM.id == VMNic.vm_id)
+                .where(VM.status.in_([status.value for status in LIVE]))
             )
-            return {tap for tap in taps if tap is not None}
+            return set(taps)
 
     # ---- inside an allocating transaction -------------------------------------------------
 
@@ -304,14 +380,14 @@ class VMRecords:
         )
         assert added.inserted_primary_key is not None
         vm_id = int(added.inserted_primary_key[0])
-        return Holding(id=vm_id, name=name, mac=None, tap=None, subnet=None)
+        return Holding(id=vm_id, name=name)
 
     @staticmethod
     def holding(connection: Connection, name: str) -> Holding:
         found = connection.execute(_HOLDING, {"name": name}).first()
         if found is None:
             raise no_vm(name)
-        return Holding(id=found.id, name=name, mac=found.mac, tap=found.tap, subnet=found.subnet)
+        return Holding(id=found.id, name=name)
 
     @staticmethod
     def set_planned(
@@ -319,30 +395,27 @@ class VMRecords:
         vm_id: int,
         *,
         status: VMStatus,
-        mac: str | None,
-        tap: str | None,
         network: StoredNetwork,
         vmm: str,
         vsock_unavailable: str | None,
         vsock_backend: str | None,
     ) -> None:
-        """Record what a VM holds and the network it is planned with, as it starts afresh."""
+        """Record the interfaces a VM is planned with, as it starts afresh (no address
+        observed on any of them yet)."""
         connection.execute(
             _SET_VM,
             {
                 "vm_id": vm_id,
                 "status": status,
-                "mac": mac,
-                "tap": tap,
                 "network": network.to_json(),
                 "vmm_kind": vmm,
                 "vsock_unavailable": vsock_unavailable,
                 "vsock_backend": vsock_backend,
-                "observed_ip": None,
                 "status_reason": None,
                 "exit_code": None,
             },
         )
+        connection.execute(update(VMNic).where(VMNic.vm_id == vm_id).values(observed_ip=None))
 
     @staticmethod
     def running_version(connection: Connection, name: str) -> int | None:
@@ -387,7 +460,8 @@ class VMRecords:
                 updated = connection.execute(_SET_NAMED_RETURNING, parameters).first()
                 if updated is None:
                     raise no_vm(name)
-                return {**updated._mapping, **shown}
+                nics = connection.execute(_NICS_OF, {"vm_name": name}).scalar()
+                return {**updated._mapping, **shown, "nics": nics}
             connection.execute(_SET_NAMED, parameters)
             found = connection.execute(_VM_ROW, {"name": name}).first()
             if found is None:
@@ -396,15 +470,20 @@ class VMRecords:
 
         return self.db.transact_core(work)
 
-    def set_observed_ip(self, name: str, ip: str) -> None:
-        """The address a dhcp guest leased, kept only while its VMM runs."""
+    def set_observed_ip(self, name: str, index: int, ip: str) -> None:
+        """The address a dhcp guest leased on its interface `index`, kept only while its VMM
+        runs."""
+        live = select(VM.id).where(
+            VM.name == name, VM.status.in_([status.value for status in LIVE])
+        )
+        statement = (
+            update(VMNic)
+            .where(VMNic.vm_id == live.scalar_subquery(), VMNic.index == index)
+            .values(observed_ip=ip)
+        )
 
         def work(connection: Connection) -> None:
-            connection.execute(
-                update(VM)
-                .where(VM.name == name, VM.status.in_([status.value for status in LIVE]))
-                .values(observed_ip=ip)
-            )
+            connection.execute(statement)
 
         self.db.transact_core(work)
 

@@ -107,7 +107,7 @@ def test_vms_are_counted_by_status_mode_and_vmm_with_every_status_there(
     assert vms[("running", "bridged")] == 1
     assert vms[("created", "bridged")] == 2
     assert sum(vms.values()) == 3
-    assert len(vms) == 8 * 3  # every status of every mode, at zero when no VM has it
+    assert len(vms) == 8 * 4  # every status of every mode (and multi), at zero when no VM has it
     assert value(samples, "roost_network_leases", network=NETWORK) == 3
     assert value(samples, "roost_network_size", network=NETWORK) == 253  # a /24 but 3
 

@@ -40,6 +40,21 @@ def test_create_is_version_one_and_says_what_it_resolved_to(world: World) -> Non
     config = world.engine.config("a")
     assert config["version"] == vm["config_version"] == 1
     assert config["config"] == {"plugin": "p", "labels": {"team": "x"}, "resources": {}}
+    interfaces = config["effective"].pop("interfaces")
+    assert interfaces == [
+        {
+            "name": "eth0",
+            "mode": "bridged",
+            "network": None,
+            "subnet": SUBNET,
+            "gateway": "10.66.0.1",
+            "auto_assign": True,
+            "ip": "10.66.0.2",
+            "mac": vm["network"]["mac"],
+            "ipv6": None,
+            "default_route": True,
+        }
+    ]
     assert config["effective"] == {
         "network": {
             "mode": "bridged",

@@ -30,7 +30,7 @@ from roost.plan.vm import effective_json
 from roost.spec import Manifest, VMConfig
 from roost.state import alloc
 from roost.vmm import cloud_hypervisor, firecracker, qemu
-from roost.vmm.base import RunDir, VsockBackend
+from roost.vmm.base import NIC, RunDir, VsockBackend
 from tests.engine_fakes import FakeFirewall, FakeLinks
 from tests.harness import run
 
@@ -154,9 +154,10 @@ def build(example: Example) -> Built:
         )
 
     def spec_for(backend: VsockBackend) -> Any:
+        nics = (NIC(tap=tap, mac=mac),) if tap is not None and mac is not None else ()
         return launch_spec(
-            plan, net, manifest, config, FILES, RUN_DIR, tap=tap, mac=mac, cid=CID,
-            vsock_backend=backend,
+            plan, manifest, config, FILES, RUN_DIR, network_args=net.kernel_ip_arg, nics=nics,
+            cid=CID, vsock_backend=backend,
         )  # fmt: skip
 
     data = {

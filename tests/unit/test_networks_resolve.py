@@ -168,7 +168,8 @@ def test_moving_a_vm_to_another_named_network_needs_a_restart() -> None:
     def version(network: str | None) -> dict[str, Any]:
         named = {} if network is None else {"network": network}
         net = {"mode": "dhcp", "subnet": None, "gateway": None, "ip": None, **named}
-        return {"network": net, "resources": {}, "vmm": "firecracker"}
+        interface = {**net, "name": "eth0", "network": network or "dhcp", "mac": None}
+        return {"network": net, "interfaces": [interface], "resources": {}, "vmm": "firecracker"}
 
     assert needs_restart(version("ext"), {}, version(None), {})
     assert not needs_restart(version("ext"), {}, version("ext"), {})
