@@ -1,7 +1,8 @@
 """A database made before config versions recorded what they resolved to is brought forward:
 each version gets its `effective`, a running VM its `running_version`, each lease `current`. One
 made before Cloud Hypervisor keeps its VMs and takes its vsock backend; one made before named
-networks keeps its networks, as on-demand ones."""
+networks keeps its networks, as on-demand ones. One made before several NICs per VM keeps each
+VM's NIC as its first interface (and gets it back on a downgrade)."""
 
 from __future__ import annotations
 
@@ -95,6 +96,21 @@ def test_version_two_databases_get_effective_configs_and_running_versions(
         "network": network["effective"],
         "resources": {"vcpus": 2, "memory_mib": 64},
         "vmm": "qemu",
+        # since 0007, as a list of interfaces too
+        "interfaces": [
+            {
+                "name": "eth0",
+                "mode": "bridged",
+                "network": None,
+                "subnet": "10.9.0.0/24",
+                "gateway": "10.9.0.1",
+                "auto_assign": True,
+                "ip": "10.9.0.2",
+                "mac": None,
+                "ipv6": None,
+                "default_route": True,
+            }
+        ],
     }
     assert [(r.name, r.running_version, bool(r.restart_required)) for r in rows] == [
         ("vm1", 1, False),
@@ -178,4 +194,203 @@ def test_version_five_databases_keep_their_networks_as_on_demand_ones_and_take_n
                     f"VALUES ('n', '{kind}', 'br-n', '2026-01-01')"
                 )
             )
+    engine.dispose()
+
+
+BRIDGED_PLAN = {
+    "tap": True,
+    "ipam": "auto",
+    "nic": True,
+    "vsock": True,
+    "kernel_ip_arg": "ip=10.57.0.2::10.57.0.1:255.255.255.0:web:eth0:off",
+    "attach": "managed",
+    "observe_ip": False,
+    "antispoof": "ip_and_mac",
+}
+BRIDGED = {
+    "mode": "bridged",
+    "source": "default",
+    "subnet": "10.57.0.0/24",
+    "gateway": "10.57.0.1",
+    "auto_assign": True,
+    "ip": "10.57.0.2",
+}
+VSOCK_PLAN = {
+    "tap": False,
+    "ipam": "none",
+    "nic": False,
+    "vsock": True,
+    "kernel_ip_arg": None,
+    "attach": "none",
+    "observe_ip": False,
+    "antispoof": "none",
+}
+VSOCK = {"mode": "vsock", "source": "vm"}
+
+
+def _version_six_with_vms(url: str, config: Config) -> None:
+    """A database at 0006 with a bridged VM (its MAC, tap, observed address and lease) and a
+    vsock-only one, each with its first config version."""
+    engine = create_engine(url)
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, "0006")
+        for statement, values in (
+            (
+                "INSERT INTO plugins (id, name, version, manifest, installed_at) VALUES "
+                "(1, 'p', '1', '{}', '2026-01-01')",
+                {},
+            ),
+            (
+                "INSERT INTO networks (id, name, kind, bridge, subnet, gateway, first, last, "
+                "next_hint, created_at) VALUES (1, 'default', 'on-demand', 'roost0', "
+                "'10.57.0.0/24', '10.57.0.1', 171507712, 171507967, 171507715, '2026-01-01')",
+                {},
+            ),
+            (
+                "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, mac, tap, network, "
+                "observed_ip, config_version, created_at, updated_at) VALUES (1, 'web', 1, "
+                "'stopped', 'firecracker', '02:00:00:00:00:01', 'rtap1', :network, '10.9.0.9', "
+                "1, '2026-01-01', '2026-01-01')",
+                {
+                    "network": json.dumps(
+                        {"effective": BRIDGED, "plan": BRIDGED_PLAN, "bridge": "roost0"}
+                    )
+                },
+            ),
+            (
+                "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, config_version, "
+                "created_at, updated_at) VALUES (2, 'quiet', 1, 'created', 'firecracker', "
+                ":network, 1, '2026-01-01', '2026-01-01')",
+                {"network": json.dumps({"effective": VSOCK, "plan": VSOCK_PLAN, "bridge": None})},
+            ),
+            (
+                "INSERT INTO ip_leases (network_id, ip, vm_id, purpose, created_at) VALUES "
+                "(1, 171507714, 1, 'current', '2026-01-01')",
+                {},
+            ),
+        ):
+            connection.execute(text(statement), values)
+        for vm_id, network in ((1, BRIDGED), (2, VSOCK)):
+            effective = {"network": network, "resources": {}, "vmm": "firecracker"}
+            connection.execute(
+                text(
+                    "INSERT INTO vm_configs (vm_id, version, config, manifest, artifacts, "
+                    "effective, created_at) VALUES (:vm_id, 1, '{}', '{}', '{}', :effective, "
+                    "'2026-01-01')"
+                ),
+                {"vm_id": vm_id, "effective": json.dumps(effective)},
+            )
+    engine.dispose()
+
+
+def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
+    tmp_path: Path,
+) -> None:
+    url = sqlite_url(tmp_path)
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    _version_six_with_vms(url, config)
+
+    database = Database(url)
+    database.migrate()
+    with database.read() as session:
+        connection = session.connection()
+        nics = connection.execute(
+            text('SELECT vm_id, "index", mac, user_mac, tap, observed_ip, ipv6 FROM vm_nics')
+        )
+        assert [tuple(row) for row in nics] == [
+            (1, 0, "02:00:00:00:00:01", None, "rtap1", "10.9.0.9", None)
+        ]
+        leases = connection.execute(text("SELECT vm_id, interface, purpose FROM ip_leases"))
+        assert [tuple(row) for row in leases] == [(1, 0, "current")]
+        networks = dict(connection.execute(text("SELECT name, network FROM vms")).all())
+        web, quiet = json.loads(networks["web"]), json.loads(networks["quiet"])
+        assert web == {
+            "network": BRIDGED,
+            "interfaces": [
+                {
+                    "index": 0,
+                    "name": "eth0",
+                    "default_route": True,
+                    "effective": BRIDGED,
+                    "plan": BRIDGED_PLAN,
+                    "bridge": "roost0",
+                    "ipv6": None,
+                }
+            ],
+        }
+        assert (quiet["network"], quiet["interfaces"]) == (VSOCK, [])
+        effective = dict(connection.execute(text("SELECT vm_id, effective FROM vm_configs")).all())
+        assert json.loads(effective[2])["interfaces"] == []
+        [interface] = json.loads(effective[1])["interfaces"]
+        assert interface == {
+            "name": "eth0",
+            "mode": "bridged",
+            "network": None,
+            "subnet": "10.57.0.0/24",
+            "gateway": "10.57.0.1",
+            "auto_assign": True,
+            "ip": "10.57.0.2",
+            "mac": None,
+            "ipv6": None,
+            "default_route": True,
+        }
+    database.dispose()
+
+    engine = create_engine(url)
+    with engine.begin() as connection:  # a second interface: its own lease, MAC and tap
+        connection.execute(
+            text(
+                'INSERT INTO vm_nics (vm_id, "index", mac, user_mac, tap, ipv6_network_id, ipv6) '
+                "VALUES (1, 1, '02:00:00:00:00:02', '02:aa:00:00:00:01', 'rtap1n1', 1, 'fd00::1')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO ip_leases (network_id, ip, vm_id, interface, purpose, created_at) "
+                "VALUES (1, 171507715, 1, 1, 'current', '2026-01-01')"
+            )
+        )
+    refused = (
+        # one current lease per interface
+        "INSERT INTO ip_leases (network_id, ip, vm_id, interface, purpose, created_at) "
+        "VALUES (1, 171507716, 1, 1, 'current', '2026-01-01')",
+        # roost's MAC, the user's MAC, the tap name and the IPv6 address each have one holder
+        "INSERT INTO vm_nics (vm_id, \"index\", mac, tap) VALUES (2, 0, '02:00:00:00:00:02', "
+        "'rtap2')",
+        'INSERT INTO vm_nics (vm_id, "index", mac, user_mac, tap) VALUES (2, 0, '
+        "'02:00:00:00:00:03', '02:aa:00:00:00:01', 'rtap2')",
+        "INSERT INTO vm_nics (vm_id, \"index\", mac, tap) VALUES (2, 0, '02:00:00:00:00:03', "
+        "'rtap1n1')",
+        'INSERT INTO vm_nics (vm_id, "index", mac, tap, ipv6_network_id, ipv6) VALUES (2, 0, '
+        "'02:00:00:00:00:03', 'rtap2', 1, 'fd00::1')",
+        # at most eight interfaces, and an IPv6 address is on a network
+        "INSERT INTO vm_nics (vm_id, \"index\", mac, tap) VALUES (2, 8, '02:00:00:00:00:03', "
+        "'rtap2n8')",
+        'INSERT INTO vm_nics (vm_id, "index", mac, tap, ipv6) VALUES (2, 0, '
+        "'02:00:00:00:00:03', 'rtap2', 'fd00::2')",
+    )
+    for statement in refused:
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(text(statement))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0006")
+    with engine.begin() as connection:
+        vms = connection.execute(text("SELECT name, mac, tap, observed_ip, network FROM vms"))
+        assert [(*row[:4], json.loads(row[4])) for row in vms] == [
+            (
+                "web",
+                "02:00:00:00:00:01",
+                "rtap1",
+                "10.9.0.9",
+                {"effective": BRIDGED, "plan": BRIDGED_PLAN, "bridge": "roost0"},
+            ),
+            ("quiet", None, None, None, {"effective": VSOCK, "plan": VSOCK_PLAN, "bridge": None}),
+        ]
+        leases = connection.execute(text("SELECT vm_id, ip, purpose FROM ip_leases"))
+        assert [tuple(row) for row in leases] == [(1, 171507714, "current")]
+        effective = connection.execute(text("SELECT effective FROM vm_configs ORDER BY vm_id"))
+        assert [json.loads(row[0])["network"] for row in effective] == [BRIDGED, VSOCK]
     engine.dispose()

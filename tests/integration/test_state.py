@@ -17,7 +17,7 @@ from sqlalchemy.orm import Session
 from roost.errors import ConflictError
 from roost.state import alloc
 from roost.state.db import Database, sqlite_url
-from roost.state.models import VM, Base, CIDLease, IPLease, Network, Plugin
+from roost.state.models import VM, Base, CIDLease, IPLease, Network, Plugin, VMNic
 
 SUBNET = ipaddress.IPv4Network("10.100.0.0/24")
 GATEWAY = ipaddress.IPv4Address("10.100.0.1")
@@ -149,20 +149,56 @@ def test_the_database_refuses_two_holders_of_one_address(db: Database) -> None:
         session.flush()
 
 
-@pytest.mark.parametrize(
-    ("column", "value"), [("mac", "02:00:00:00:00:01"), ("tap", "rtap1"), ("name", "vm-0")]
-)
-def test_the_database_refuses_duplicate_identities(db: Database, column: str, value: str) -> None:
-    a, b = make_vms(db, 2)
-    with db.write() as session:
-        vm = session.get(VM, a)
-        assert vm is not None
-        setattr(vm, column, value)
+def test_the_database_refuses_duplicate_vm_names(db: Database) -> None:
+    _, b = make_vms(db, 2)
     with pytest.raises(IntegrityError), db.write() as session:
         other = session.get(VM, b)
         assert other is not None
+        other.name = "vm-0"
+        session.flush()
+
+
+@pytest.mark.parametrize(
+    ("column", "value"),
+    [("mac", "02:00:00:00:00:01"), ("user_mac", "02:aa:00:00:00:01"), ("tap", "rtap1")],
+)
+def test_the_database_refuses_duplicate_interface_identities(
+    db: Database, column: str, value: str
+) -> None:
+    a, b = make_vms(db, 2)
+    with db.write() as session:
+        for vm_id in (a, b):
+            session.add(
+                VMNic(vm_id=vm_id, index=0, mac=f"02:00:00:00:01:0{vm_id}", tap=f"t{vm_id}")
+            )
+    with db.write() as session:
+        nic = session.get(VMNic, (a, 0))
+        assert nic is not None
+        setattr(nic, column, value)
+    with pytest.raises(IntegrityError), db.write() as session:
+        other = session.get(VMNic, (b, 0))
+        assert other is not None
         setattr(other, column, value)
         session.flush()
+
+
+def test_a_user_mac_another_interface_has_is_a_conflict_naming_its_holder(db: Database) -> None:
+    a, b = make_vms(db, 2)
+
+    def hold(vm_id: int, index: int, mac: str | None) -> str:
+        def work(session: Session) -> str:
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            return alloc.hold_nic(session, vm, index, mac).mac
+
+        return db.transact(work)
+
+    roosts = hold(a, 0, None)
+    assert hold(a, 1, "02:aa:00:00:00:01") == "02:aa:00:00:00:01"
+    for mac in (roosts, "02:aa:00:00:00:01"):
+        with pytest.raises(ConflictError, match=r"interface [01] of VM 'vm-0'"):
+            hold(b, 0, mac)
+    assert hold(a, 0, None) == roosts  # roost's MAC stays with its index
 
 
 def test_cids_start_at_three_are_unique_and_reused(db: Database) -> None:
@@ -224,8 +260,8 @@ def test_concurrent_allocations_never_collide_or_lock(db: Database) -> None:
             vm = session.get(VM, vm_id)
             assert vm is not None
             ip = alloc.allocate_ip(session, network, vm_id)
-            vm.mac = alloc.new_mac(session)
-            return str(ip), alloc.allocate_cid(session, vm), vm.mac
+            mac = alloc.hold_nic(session, vm, 0, None).mac
+            return str(ip), alloc.allocate_cid(session, vm), mac
 
         try:
             results[vm_id] = db.transact(txn)

@@ -67,7 +67,7 @@ def _stored(old: dict[str, Any]) -> dict[str, Any]:
                 "ipv6": None,
             }
         )
-    return {"single": True, "network": effective, "interfaces": interfaces}
+    return {"network": effective, "interfaces": interfaces}
 
 
 def _loads(value: Any) -> Any:
