@@ -128,9 +128,8 @@ class Allocator:
                 interface.plan.attach is Attachment.EXTERNAL and interface.effective.network is None
             )
             if on_dhcp_bridge and self.settings.dhcp_bridge is None:
-                where = "network" if plan.interfaces.single else f"interfaces.{interface.index}"
                 raise InvalidError.at(
-                    f"{where}.mode",
+                    f"{_where(plan.interfaces, interface)}.mode",
                     "dhcp VMs need a bridge with a DHCP server behind it, and this daemon has "
                     "none: restart it with --dhcp-bridge NAME, or choose vsock or bridged",
                 )
@@ -285,7 +284,8 @@ class Allocator:
         nics: list[NIC] = []
         watched: list[tuple[int, str, str]] = []
         for wanted_one in wanted:
-            interface, bridge, nic, network, more = self._hold(session, vm, wanted_one)
+            where = _where(plan.interfaces, wanted_one)
+            interface, bridge, nic, network, more = self._hold(session, vm, wanted_one, where)
             emptied += more
             filled.append(interface)
             stored.append(_stored_interface(interface, bridge))
@@ -341,7 +341,7 @@ class Allocator:
         return booting, emptied
 
     def _hold(
-        self, session: Session, vm: Holding, interface: EffectiveInterface
+        self, session: Session, vm: Holding, interface: EffectiveInterface, where: str
     ) -> tuple[EffectiveInterface, str | None, alloc.Nic, alloc.NetworkRow | None, Emptied]:
         """Make one interface hold what it needs to start: its address (its current one when it
         still fits), its MAC and tap name, its IPv6 address. The interface so filled in, the
@@ -357,10 +357,10 @@ class Allocator:
         network: alloc.NetworkRow | None = None
         bridge: str | None = None
         if interface.plan.ipam is not IPAM.NONE:
-            network = self._network_of(session, interface.effective, index)
+            network = self._network_of(session, interface.effective, where)
             bridge = network.bridge
         elif interface.plan.attach is Attachment.EXTERNAL:
-            bridge = self._external_bridge(session, interface.effective, index)
+            bridge = self._external_bridge(session, interface.effective, where)
         nic = alloc.hold_nic(session, vm, index, interface.mac)
         interface = interface.with_mac(nic.mac)
         if network is not None:
@@ -420,7 +420,7 @@ class Allocator:
         )
 
     def _network_of(
-        self, session: Session, effective: EffectiveNetwork, index: int
+        self, session: Session, effective: EffectiveNetwork, where: str
     ) -> alloc.NetworkRow:
         """The network a bridged interface takes its address on: the one it names, or the one
         its subnet is (made on demand)."""
@@ -429,11 +429,11 @@ class Allocator:
             return alloc.ensure_network(session, effective.subnet, effective.gateway)
         found = alloc.network_by_name(session, effective.network)
         if found is None:
-            raise _unregistered(effective.network, index)
+            raise _unregistered(effective.network, where)
         return found
 
     def _external_bridge(
-        self, session: Session, effective: EffectiveNetwork, index: int
+        self, session: Session, effective: EffectiveNetwork, where: str
     ) -> str | None:
         """The operator's bridge an interface joins: its named network's, else
         --dhcp-bridge's."""
@@ -441,7 +441,7 @@ class Allocator:
             return self.settings.dhcp_bridge
         found = lookup_in(session)(effective.network)
         if found is None:
-            raise _unregistered(effective.network, index)
+            raise _unregistered(effective.network, where)
         return found.bridge
 
     def forget(self, session: Session, name: str) -> Emptied:
@@ -476,7 +476,8 @@ class Allocator:
         for interface in resolved.interfaces:
             effective, bridge = interface.effective, None
             if interface.plan.attach is Attachment.EXTERNAL:
-                bridge = self._external_bridge(session, effective, interface.index)
+                where = _where(resolved, interface)
+                bridge = self._external_bridge(session, effective, where)
             elif effective.subnet is not None:
                 network = alloc.network_by_subnet(session, effective.subnet)
                 bridge = None if network is None else network.bridge
@@ -601,7 +602,8 @@ class Allocator:
             interface = planned.with_mac(planned.mac or nic.roost_mac)
             network = None
             if interface.plan.ipam is not IPAM.NONE:
-                network = self._network_of(session, interface.effective, interface.index)
+                where = _where(plan.interfaces, interface)
+                network = self._network_of(session, interface.effective, where)
                 ip, more = self._address_for(session, vm, interface, network, vmm_runs=vmm_runs)
                 emptied += more
                 interface = interface.with_ip(ip, vm.name)
@@ -719,9 +721,15 @@ def _on_demand_id(network: alloc.NetworkRow | None) -> int | None:
     return network.id if network is not None and network.kind == alloc.ON_DEMAND else None
 
 
-def _unregistered(name: str, index: int) -> InvalidError:
+def _where(resolved: ResolvedInterfaces, interface: EffectiveInterface) -> str:
+    """Where an interface's errors go: `network` for the single form, else its place in
+    `interfaces`."""
+    return "network" if resolved.single else f"interfaces.{interface.index}"
+
+
+def _unregistered(name: str, where: str) -> InvalidError:
     return InvalidError.at(
-        "network.network" if index == 0 else f"interfaces.{index}.network",
+        f"{where}.network",
         f"network {name!r} is no longer registered; roost network create {name} makes it "
         "again, or patch the VM's network",
     )
