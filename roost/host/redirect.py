@@ -108,6 +108,8 @@ def connect(netns: str, interface: str, tap: str, owner: tuple[int, int] | None 
     crash) is replaced; on failure nothing of it stays."""
     if len(tap.encode()) > IFNAMSIZ:
         raise HostError(f"tap name {tap!r} is longer than {IFNAMSIZ} bytes")
+    if not netns_path(netns).exists():
+        raise HostError(f"network namespace {netns} does not exist; run the CNI ADD in it first")
 
     def work(ipr: IPRoute) -> Redirect:
         _remove(ipr, interface, tap)

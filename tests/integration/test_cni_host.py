@@ -34,6 +34,7 @@ from roost.host.cni import (
     CniRuntime,
     create_namespace,
     delete_namespace,
+    namespaces,
     vm_namespace,
 )
 from roost.host.netns import NetnsWorker, netns_path
@@ -166,6 +167,26 @@ def test_the_attachment_reloads_from_its_json_and_the_result_from_its_own(
     host.runtime.check(again, cached)
     host.runtime.delete(again, cached)
     assert host.leases() == []
+
+
+def test_after_a_crash_mid_add_the_stored_attachment_alone_is_enough_to_clean_up(
+    host: Host, vm: str
+) -> None:
+    stored = json.dumps(attach(host, vm).to_json())  # written before ADD
+    host.runtime.add(Attachment.from_json(json.loads(stored)))  # its result never stored
+    assert host.leases() and host.veths()
+
+    assert vm_namespace(vm) in namespaces()  # what a reaper finds at start
+    host.runtime.delete(Attachment.from_json(json.loads(stored)), None)
+    delete_namespace(vm_namespace(vm))
+    assert host.leases() == []
+    assert host.veths() == []
+    assert vm_namespace(vm) not in namespaces()
+
+
+def test_a_redirect_needs_the_vm_namespace(vm: str) -> None:
+    with pytest.raises(HostError, match=f"network namespace {vm_namespace(vm)} does not exist"):
+        redirect.connect(vm_namespace(vm), "eth0", TAP)
 
 
 def test_a_stand_in_guest_behind_the_redirected_tap_answers_ping_from_the_daemon_namespace(
