@@ -6,19 +6,21 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Sequence
+from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy.exc import OperationalError
 
 from roost.engine.metrics import MULTI
 from roost.engine.recovery import Recovery
 from roost.engine.settings import Orphans
-from roost.errors import ConflictError, HostError
+from roost.errors import ConflictError, HostError, VMMFailedError
 from roost.plan.ipv6 import slaac_address
 from roost.plan.registration import parse_network_create
 from roost.spec import VMConfig, VMConfigPatch
-from tests.engine_fakes import FakeFirewall, World
+from tests.engine_fakes import FakeFirewall, World, failing_commit
 
 EXTERNAL_BRIDGE = "br-ext"
 LAN = "10.70.0.0/24"
@@ -182,6 +184,25 @@ def test_a_create_whose_second_interface_fails_leaves_nothing(net_world: World) 
     assert world.engine.live == {}
 
 
+@pytest.mark.parametrize("failure", ["commit", "boot"])
+def test_a_create_with_two_interfaces_whose_commit_or_boot_fails_leaves_nothing(
+    net_world: World, failure: str
+) -> None:
+    world = net_world
+    world.driver.die_during_boot = failure == "boot"
+    failing = failing_commit(world.db) if failure == "commit" else nullcontext([])
+    with failing as failed, pytest.raises((OperationalError, VMMFailedError)):
+        world.engine.create_vm("a", with_interfaces(TWO))
+    assert failed == (["commit"] if failure == "commit" else [])
+    assert taps_of(world) == {}
+    assert world.firewall.protected == set()
+    assert world.engine.records.names() == set()
+    assert world.engine.networks.show("lan")["leases"] == []
+    assert world.engine.live == {}
+    assert not (world.root / "run" / "vms" / "a").exists()
+    assert all(process.child.poll() is not None for process in world.driver.started)
+
+
 def test_a_manual_address_taken_on_the_second_interface_is_refused_and_leaves_nothing(
     net_world: World,
 ) -> None:
@@ -293,6 +314,7 @@ def test_a_restart_keeps_every_tap_of_a_running_vm_and_watches_each_dhcp_interfa
         first.engine.watcher.close()
         again = World(tmp_path, install=False)
         again.links.links.update(first.links.links)  # the same host
+        again.links.links["rtap7n1"] = "tap"  # a second interface's tap no VM runs with
         watched: list[tuple[str, str, str]] = []
         again.engine.observer.watch = lambda key, tap, mac: watched.append((key, tap, mac))  # type: ignore[method-assign]
         recovery = Recovery(again.engine, Orphans.REFUSE)
@@ -300,7 +322,7 @@ def test_a_restart_keeps_every_tap_of_a_running_vm_and_watches_each_dhcp_interfa
         recovery.start().join(10)
         assert recovery.finished.is_set()
         assert set(again.engine.live) == {"a"}
-        assert {"rtap1", "rtap1n1"} <= set(again.links.links)
+        assert set(taps_of(again)) == {"rtap1", "rtap1n1"}
         mac = again.engine.show_vm("a")["interfaces"][1]["mac"]
         assert watched == [("a#1", "rtap1n1", mac)]
         again.engine.address_observed("a#1", "192.168.9.7")
