@@ -342,3 +342,26 @@ def test_a_vm_with_several_interfaces_is_counted_as_multi(net_world: World) -> N
         if metric.name == "roost_vms" and sample.labels["vmm"] == "fake"
     }
     assert states[(MULTI, "running")] == 1
+
+
+def test_a_single_network_and_the_same_one_element_list_hold_the_same_on_the_host(
+    net_world: World,
+) -> None:
+    world = net_world
+
+    def held(vm: dict[str, Any]) -> tuple[Any, ...]:
+        [interface] = vm["interfaces"]
+        mac, ip, ipv6 = world.firewall.rules[interface["tap"]]  # type: ignore[attr-defined]
+        shown = {k: v for k, v in interface.items() if k not in ("tap", "mac", "ipv6")}
+        return (shown, vm["network"]["ip"], world.links.links[interface["tap"]], ip, ipv6, mac)
+
+    single = world.engine.create_vm(
+        "s", VMConfig.model_validate({"plugin": "p", "network": TWO[0]})
+    )
+    single_held = held(single)
+    slaac = single["interfaces"][0]["ipv6"]["ip"]
+    world.engine.destroy_vm("s")
+    listed = world.engine.create_vm("l", with_interfaces(TWO[:1]))
+    assert held(listed)[:4] == single_held[:4]
+    assert single_held[4] == (slaac,)  # each with its own MAC's SLAAC address
+    assert held(listed)[4] == (listed["interfaces"][0]["ipv6"]["ip"],)
