@@ -23,11 +23,14 @@ from roost.plan.policy import (
     BRIDGE_TABLE,
     INET_TABLE,
     LOG_GROUP,
+    SHORT,
     NetworkLookup,
     TapPolicies,
     base_ruleset,
-    default_comment,
     parse_comment,
+    parse_default_comment,
+    remove_attachment_ruleset,
+    tap_map,
     transaction,
 )
 from roost.spec.policy import Direction, Policy
@@ -65,7 +68,8 @@ class Count:
 @dataclass(frozen=True)
 class Counters:
     """What the policy rules matched since they were last (re)made: per policy rule (over
-    every tap attaching the policy) and per tap's default verdict."""
+    every tap attaching the policy) and per attachment's default verdict (over every tap
+    with that attachment; `PolicyFirewall.attachment_of` names a tap's)."""
 
     rules: dict[tuple[str, Direction, int], Count]
     defaults: dict[tuple[str, Direction], Count]
@@ -144,8 +148,8 @@ def kernel_gaps(worker: NetnsWorker) -> list[str]:
 
 
 class PolicyFirewall:
-    """roost's policy tables in one namespace: made (afresh) at start, then changed only in
-    whole transactions."""
+    """roost's policy tables in one namespace: made at start (adopting the taps' attachments
+    an earlier daemon left), then changed only in whole transactions."""
 
     def __init__(self, worker: NetnsWorker, log_group: int = LOG_GROUP) -> None:
         self._worker = worker
@@ -153,6 +157,10 @@ class PolicyFirewall:
         self._nft = _context(worker)
         self._lock = threading.Lock()
         self._run(base_ruleset())
+        self._taps = self._attached()
+        in_use = set(self._taps.values())
+        stale = [name for name in self._attachments() if name not in in_use]
+        self._run([line for name in stale for line in remove_attachment_ruleset(name)])
 
     def _run(self, lines: Sequence[str]) -> None:
         if not lines:
@@ -161,6 +169,33 @@ class PolicyFirewall:
             refused = self._nft.run("\n".join(lines) + "\n")
         if refused is not None:
             raise HostError(f"nftables refused the policy rules: {refused}")
+
+    def _query(self, command: str) -> list[dict[str, Any]]:
+        with self._lock, self._worker.inside():
+            listing = self._nft.query(command)
+        items: list[dict[str, Any]] = listing.get("nftables", [])
+        return items
+
+    def _attached(self) -> dict[str, str]:
+        """Each tap's attachment, as the ingress map holds it."""
+        taps = {}
+        for item in self._query(f"list map {BRIDGE_TABLE} {tap_map(Direction.INGRESS)}"):
+            for tap, verdict in item.get("map", {}).get("elem", []):
+                chain = verdict["jump"]["target"]
+                taps[tap] = chain.removesuffix(f"-{SHORT[Direction.INGRESS]}")
+        return taps
+
+    def _attachments(self) -> set[str]:
+        """Every attachment with chains in the table."""
+        suffix = f"-{SHORT[Direction.INGRESS]}"
+        return {
+            item["chain"]["name"].removesuffix(suffix)
+            for item in self._query("list chains bridge")
+            if "chain" in item
+            and item["chain"]["table"] == BRIDGE_TABLE.split()[1]
+            and item["chain"]["name"].startswith("a-")
+            and item["chain"]["name"].endswith(suffix)
+        }
 
     def apply(
         self,
@@ -171,31 +206,35 @@ class PolicyFirewall:
         removed_policies: Sequence[str] = (),
         lookup: NetworkLookup,
     ) -> None:
-        """One atomic transaction: (re)make `policies` (for every tap attaching them at once)
-        and `taps`' chains, remove `removed_taps`' and then `removed_policies`'. A tap's
-        policies must be made in this call or an earlier one."""
-        self._run(
-            transaction(
-                policies=policies,
-                taps=taps,
-                removed_taps=removed_taps,
-                removed_policies=removed_policies,
-                lookup=lookup,
-                log_group=self._log_group,
-            )
+        """One atomic transaction: (re)make `policies` (for every tap attaching them at once),
+        attach `taps`, detach `removed_taps`, remove attachments no tap uses any more, then
+        `removed_policies`. A tap's policies must be made in this call or an earlier one. A
+        tap is attached by name: it may be attached before it exists, so a VMM never sends
+        through it unfiltered."""
+        planned = transaction(
+            current=self._taps,
+            policies=policies,
+            taps=taps,
+            removed_taps=removed_taps,
+            removed_policies=removed_policies,
+            lookup=lookup,
+            log_group=self._log_group,
         )
+        self._run(planned.lines)
+        self._taps = planned.taps
 
     def release(self, tap: str) -> None:
-        """Remove the tap's chains and map entries, if it has any."""
+        """Detach the tap, if it is attached."""
         self.apply(removed_taps=[tap], lookup=lambda name: None)
 
+    def attachment_of(self, tap: str) -> str | None:
+        return self._taps.get(tap)
+
     def counters(self) -> Counters:
-        """Every policy rule's and tap default's counters, read in one listing."""
-        with self._lock, self._worker.inside():
-            listing = self._nft.query(f"list table {BRIDGE_TABLE}")
+        """Every policy rule's and attachment default's counters, read in one listing."""
         rules: dict[tuple[str, Direction, int], Count] = {}
         defaults: dict[tuple[str, Direction], Count] = {}
-        for item in listing.get("nftables", []):
+        for item in self._query(f"list table {BRIDGE_TABLE}"):
             rule = item.get("rule")
             if rule is None or "comment" not in rule:
                 continue
@@ -207,12 +246,9 @@ class PolicyFirewall:
             named = parse_comment(rule["comment"])
             if named is not None:
                 rules[named] = rules.get(named, Count(0, 0)) + count
-                continue
-            for direction in Direction:
-                if rule["comment"] == default_comment(direction):
-                    tap = rule["chain"].removeprefix("t-").rsplit("-", 1)[0]
-                    key = (tap, direction)
-                    defaults[key] = defaults.get(key, Count(0, 0)) + count
+            default = parse_default_comment(rule["comment"])
+            if default is not None:
+                defaults[default] = defaults.get(default, Count(0, 0)) + count
         return Counters(rules, defaults)
 
     def remove_tables(self) -> None:
@@ -221,3 +257,4 @@ class PolicyFirewall:
         for table in (INET_TABLE, BRIDGE_TABLE):
             lines += [f"add table {table}", f"delete table {table}"]
         self._run(lines)
+        self._taps = {}

@@ -34,20 +34,25 @@ Hence, in the daemon's namespace:
   on), `ingress_forward` (forward, -100: before br_netfilter's IP forward hook, which rejects)
   and `ingress_output` (output: what the namespace itself, or its routing, sends to a guest).
   Each lets infrastructure through first (ARP is no IP; DHCP, IPv6 neighbour discovery and
-  MLD), then established/related, then jumps to the tap's chain.
-- A tap's chain jumps, for each attached policy in order, to the policy's drop rules, then to
-  each one's reject rules, then to each one's allow rules, then applies the default. A
-  policy's chains are shared by every tap that attaches it: a policy of 1,000 CIDRs is held
-  once whatever the number of VMs, and changing it rewrites only its own chains (one
-  transaction, every tap at once); a tap's chain changes only when its attachment does.
+  MLD), then established/related, then jumps to the chain of the tap's attachment.
+- An attachment (the policies attached, in order, and the defaults) has a chain per
+  direction that jumps to each policy's drop rules, then to each one's reject rules, then to
+  each one's allow rules, then applies the default. Taps with the same attachment share its
+  chains, and every attachment of a policy shares the policy's chains: a policy of 1,000 CIDRs
+  is held once whatever the number of VMs, and changing it rewrites only its own chains (one
+  transaction, every tap at once). Attaching a tap is one map element when its attachment is
+  in use already; measured here, libnftables reads every rule of the table before it adds
+  one (2.2 ms per transaction with 8,000 rules, 0.1 ms with a few), so no rule is made per
+  tap.
 - Every rule matches one address family (`ether type ip` or `ether type ip6`), with that
   family's addresses in one anonymous interval set (one lookup for thousands of CIDRs).
 """
 
 from __future__ import annotations
 
+import hashlib
 import ipaddress
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from roost.errors import InvalidError
@@ -134,10 +139,6 @@ def policy_chain(policy: str, direction: Direction, action: Action) -> str:
     return f"p-{policy}-{SHORT[direction]}-{action}"
 
 
-def tap_chain(tap: str, direction: Direction) -> str:
-    return f"t-{tap}-{SHORT[direction]}"
-
-
 def tap_map(direction: Direction) -> str:
     return f"{direction}_taps"
 
@@ -147,8 +148,16 @@ def rule_comment(policy: str, direction: Direction, index: int) -> str:
     return f"{policy} {direction} {index}"
 
 
-def default_comment(direction: Direction) -> str:
-    return f"default {direction}"
+def default_comment(direction: Direction, attachment: str) -> str:
+    return f"default {direction} {attachment}"
+
+
+def parse_default_comment(comment: str) -> tuple[str, Direction] | None:
+    """(attachment, direction) from a default rule's comment; None for any other comment."""
+    parts = comment.split(" ")
+    if len(parts) != 3 or parts[0] != "default" or parts[1] not in SHORT_BY_NAME:
+        return None
+    return parts[2], Direction(parts[1])
 
 
 def parse_comment(comment: str) -> tuple[str, Direction, int] | None:
@@ -319,25 +328,28 @@ def policy_ruleset(policy: Policy, lookup: NetworkLookup, log_group: int = LOG_G
     return lines
 
 
-def remove_policy_ruleset(name: str) -> list[str]:
-    """The statements that remove a policy's chains, whether they exist or not (no tap may
-    still jump to them)."""
-    lines = []
-    for direction in Direction:
-        for action in ACTIONS_IN_ORDER:
-            chain = f"{BRIDGE_TABLE} {policy_chain(name, direction, action)}"
-            lines += [f"add chain {chain}", f"flush chain {chain}", f"delete chain {chain}"]
-    return lines
+def attachment_name(policies: Sequence[str], defaults: PolicyDefaults) -> str:
+    """The name of the chains every tap with these policies (in this order) and defaults
+    shares: a digest, so any number of policies fits a chain name."""
+    key = f"{','.join(policies)};{defaults.ingress};{defaults.egress}"
+    return f"a-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
 
 
-def tap_ruleset(tap: str, policies: Sequence[str], defaults: PolicyDefaults) -> list[str]:
-    """The statements that (re)make `tap`'s two chains and map entries: each attached policy's
-    drop rules, then reject rules, then allow rules (policies in the order given), then the
-    default, counted per family. The policies' chains must exist (`policy_ruleset`)."""
+def attachment_chain(attachment: str, direction: Direction) -> str:
+    return f"{attachment}-{SHORT[direction]}"
+
+
+def attachment_ruleset(policies: Sequence[str], defaults: PolicyDefaults) -> list[str]:
+    """The statements that make the attachment's two chains: each policy's drop rules, then
+    each one's reject rules, then each one's allow rules (policies in the order given), then
+    the default, counted per family. The policies' chains must exist (`policy_ruleset`)."""
+    attachment = attachment_name(policies, defaults)
+    named = ",".join(policies) or "(no policy)"
+    described = f"{named}; default {defaults.ingress} in, {defaults.egress} out"
     lines = []
     for direction in Direction:
-        chain = f"{BRIDGE_TABLE} {tap_chain(tap, direction)}"
-        lines += [f"add chain {chain}", f"flush chain {chain}"]
+        chain = f"{BRIDGE_TABLE} {attachment_chain(attachment, direction)}"
+        lines += [f'add chain {chain} {{ comment "{described}"; }}', f"flush chain {chain}"]
         for action in ACTIONS_IN_ORDER:
             lines += [
                 f"add rule {chain} jump {policy_chain(name, direction, action)}"
@@ -347,46 +359,33 @@ def tap_ruleset(tap: str, policies: Sequence[str], defaults: PolicyDefaults) -> 
         for family in (4, 6):
             lines.append(
                 f"add rule {chain} ether type {WORDS[family].ether} counter {verdict} "
-                f'comment "{default_comment(direction)}"'
+                f'comment "{default_comment(direction, attachment)}"'
             )
-        lines.append(f"add element {_element(tap, direction)}")
     return lines
 
 
-def _element(tap: str, direction: Direction) -> str:
-    return f'{BRIDGE_TABLE} {tap_map(direction)} {{ "{tap}" : jump {tap_chain(tap, direction)} }}'
-
-
-def remove_tap_ruleset(tap: str) -> list[str]:
-    """The statements that remove `tap`'s chains and map entries, whether they exist or not."""
+def remove_attachment_ruleset(attachment: str) -> list[str]:
     lines = []
     for direction in Direction:
-        chain = f"{BRIDGE_TABLE} {tap_chain(tap, direction)}"
-        element = (
-            f'{BRIDGE_TABLE} {tap_map(direction)} {{ "{tap}" : jump {tap_chain(tap, direction)} }}'
-        )
-        lines += [
-            f"add chain {chain}",
-            f"add element {element}",
-            f'delete element {BRIDGE_TABLE} {tap_map(direction)} {{ "{tap}" }}',
-            f"flush chain {chain}",
-            f"delete chain {chain}",
-        ]
+        chain = f"{BRIDGE_TABLE} {attachment_chain(attachment, direction)}"
+        lines += [f"flush chain {chain}", f"delete chain {chain}"]
     return lines
 
 
-def compile_tap(
-    tap: str,
-    policies: Sequence[Policy],
-    defaults: PolicyDefaults,
-    lookup: NetworkLookup,
-    log_group: int = LOG_GROUP,
-) -> list[str]:
-    """Everything one tap needs: its policies' chains (made afresh) and its own."""
+def _element(tap: str, direction: Direction, attachment: str | None = None) -> str:
+    value = "" if attachment is None else f" : jump {attachment_chain(attachment, direction)}"
+    return f'{BRIDGE_TABLE} {tap_map(direction)} {{ "{tap}"{value} }}'
+
+
+def remove_policy_ruleset(name: str) -> list[str]:
+    """The statements that remove a policy's chains, whether they exist or not (no attachment
+    may still jump to them)."""
     lines = []
-    for policy in policies:
-        lines += policy_ruleset(policy, lookup, log_group)
-    return lines + tap_ruleset(tap, [policy.name for policy in policies], defaults)
+    for direction in Direction:
+        for action in ACTIONS_IN_ORDER:
+            chain = f"{BRIDGE_TABLE} {policy_chain(name, direction, action)}"
+            lines += [f"add chain {chain}", f"flush chain {chain}", f"delete chain {chain}"]
+    return lines
 
 
 @dataclass(frozen=True)
@@ -397,27 +396,72 @@ class TapPolicies:
     policies: tuple[str, ...]
     defaults: PolicyDefaults
 
+    @property
+    def attachment(self) -> str:
+        return attachment_name(self.policies, self.defaults)
+
+
+@dataclass(frozen=True)
+class Transaction:
+    """One nftables transaction and the taps' attachments once it has been applied."""
+
+    lines: list[str]
+    taps: dict[str, str]  # tap → attachment name
+
 
 def transaction(
     *,
+    current: Mapping[str, str],
     policies: Sequence[Policy] = (),
     taps: Sequence[TapPolicies] = (),
     removed_taps: Sequence[str] = (),
     removed_policies: Sequence[str] = (),
     lookup: NetworkLookup,
     log_group: int = LOG_GROUP,
-) -> list[str]:
-    """One nftables transaction that (re)makes `policies` (every tap attaching one sees the new
-    rules at once), (re)makes `taps`' chains, then removes `removed_taps` and, last (once no
-    tap jumps to them), `removed_policies`. Raises `InvalidError` for a `@network` that does
-    not exist."""
+) -> Transaction:
+    """One transaction, from `current` (each tap's attachment in the kernel now): (re)make
+    `policies` (every tap attaching one sees the new rules at once), point `taps` at their
+    attachments (made when no tap used them yet), remove `removed_taps`, then attachments no
+    tap uses any more, then `removed_policies`. Attaching a tap to an attachment in use is one
+    map element: its cost does not grow with the number of taps. Raises `InvalidError` for a
+    `@network` that does not exist."""
     lines = []
     for policy in policies:
         lines += policy_ruleset(policy, lookup, log_group)
+    after = dict(current)
+    made = set(current.values())
     for attached in taps:
-        lines += tap_ruleset(attached.tap, attached.policies, attached.defaults)
+        attachment = attached.attachment
+        if attachment not in made:
+            lines += attachment_ruleset(attached.policies, attached.defaults)
+            made.add(attachment)
+        before = after.get(attached.tap)
+        if before != attachment:
+            for direction in Direction:
+                if before is not None:
+                    lines.append(f"delete element {_element(attached.tap, direction)}")
+                lines.append(f"add element {_element(attached.tap, direction, attachment)}")
+        after[attached.tap] = attachment
     for tap in removed_taps:
-        lines += remove_tap_ruleset(tap)
+        if after.pop(tap, None) is not None:
+            lines += [f"delete element {_element(tap, direction)}" for direction in Direction]
+    for attachment in sorted(made - set(after.values())):
+        lines += remove_attachment_ruleset(attachment)
     for name in removed_policies:
         lines += remove_policy_ruleset(name)
-    return lines
+    return Transaction(lines, after)
+
+
+def compile_tap(
+    tap: str,
+    policies: Sequence[Policy],
+    defaults: PolicyDefaults,
+    lookup: NetworkLookup,
+    log_group: int = LOG_GROUP,
+) -> list[str]:
+    """Everything one tap needs on a table without it: its policies' chains, its attachment's
+    and its map entries."""
+    attached = TapPolicies(tap, tuple(policy.name for policy in policies), defaults)
+    return transaction(
+        current={}, policies=policies, taps=[attached], lookup=lookup, log_group=log_group
+    ).lines

@@ -199,8 +199,10 @@ def test_allow_http_from_the_subnet_with_default_drop_lets_http_in_and_keeps_pin
     assert pings(b.netns, a.ip) and pings(b.netns, GATEWAY.ip.compressed)
     counters = host.policies.counters()
     assert counters.rules[("web-in", Direction.INGRESS, 0)].packets >= 3
-    assert counters.defaults[(b.tap, Direction.INGRESS)].packets >= 4  # pings and the SYN
-    assert counters.defaults[(b.tap, Direction.EGRESS)].packets >= 2  # B's own pings
+    attachment = host.policies.attachment_of(b.tap)
+    assert attachment is not None
+    assert counters.defaults[(attachment, Direction.INGRESS)].packets >= 4  # pings, the SYN
+    assert counters.defaults[(attachment, Direction.EGRESS)].packets >= 2  # B's own pings
 
 
 def test_default_egress_drop_keeps_a_from_reaching_b_at_all(host: Host) -> None:
@@ -210,15 +212,22 @@ def test_default_egress_drop_keeps_a_from_reaching_b_at_all(host: Host) -> None:
     assert connect(a.netns, b.ip6, 80) == "silent"
     assert not pings(a.netns, b.ip)
     assert pings(b.netns, a.ip)  # A's replies are established traffic
-    assert host.policies.counters().defaults[(a.tap, Direction.EGRESS)].packets >= 3
+    attachment = host.policies.attachment_of(a.tap)
+    assert host.policies.counters().defaults[(attachment, Direction.EGRESS)].packets >= 3
 
 
 def test_changing_a_policy_opens_ping_for_every_tap_in_one_transaction(host: Host) -> None:
     a, b = host.a, host.b
     attach(host, b.tap, [parse_policy(WEB_IN)], DROP_IN)
-    tap_chain = run(
-        "nft", "list", "chain", "bridge", "roost_policy", f"t-{b.tap}-in", netns=host.netns
-    )
+    chain = [
+        "nft",
+        "list",
+        "chain",
+        "bridge",
+        "roost_policy",
+        f"{host.policies.attachment_of(b.tap)}-in",
+    ]
+    tap_chain = run(*chain, netns=host.netns)
     assert not pings(a.netns, b.ip)
     ping = {"action": "allow", "protocol": "icmp4", "icmp_type": 8, "source": ["@lan"]}
     changed = parse_policy({**WEB_IN, "ingress": [*WEB_IN["ingress"], ping]})
@@ -226,7 +235,7 @@ def test_changing_a_policy_opens_ping_for_every_tap_in_one_transaction(host: Hos
     assert pings(a.netns, b.ip)
     assert not pings(a.netns, b.ip6)  # the new rule is icmp4 only
     assert http_get(a.netns, b.ip) == "hello from B\n"
-    after = run("nft", "list", "chain", "bridge", "roost_policy", f"t-{b.tap}-in", netns=host.netns)
+    after = run(*chain, netns=host.netns)
     assert after.stdout.split("counter")[0] == tap_chain.stdout.split("counter")[0]
 
 
@@ -258,16 +267,30 @@ def test_removing_a_tap_and_its_policies_leaves_no_trace(host: Host) -> None:
     host.policies.release(b.tap)
     host.policies.release(b.tap)  # again: nothing left to remove is no error
     host.policies.apply(removed_policies=["web-in"], lookup=lookup)
-    ruleset = nft_list(host.netns)
-    assert (
-        b.tap not in ruleset.split("table bridge roost_policy")[1].split("table bridge roost ")[0]
-    )
-    assert "web-in" not in ruleset
+    table = run("nft", "list", "table", "bridge", "roost_policy", netns=host.netns).stdout
+    assert b.tap not in table and "web-in" not in table and "chain a-" not in table
     assert pings(a.netns, b.ip)
     host.policies.remove_tables()
     tables = run("nft", "-j", "list", "tables", netns=host.netns).stdout
     names = {t["table"]["name"] for t in json.loads(tables)["nftables"] if "table" in t}
     assert names == {"roost"}  # anti-spoofing's own table is never touched
+
+
+def test_a_new_firewall_adopts_the_taps_attached_and_drops_unused_attachments(
+    host: Host,
+) -> None:
+    a, b = host.a, host.b
+    attach(host, b.tap, [parse_policy(WEB_IN)], DROP_IN)
+    unused = TapPolicies("gone", (), PolicyDefaults(egress="drop")).attachment
+    run("nft", "add", "chain", "bridge", "roost_policy", f"{unused}-in", netns=host.netns)
+    run("nft", "add", "chain", "bridge", "roost_policy", f"{unused}-out", netns=host.netns)
+    again = PolicyFirewall(host.worker)  # as a restarted daemon makes it
+    assert again.attachment_of(b.tap) == host.policies.attachment_of(b.tap)
+    table = run("nft", "list", "table", "bridge", "roost_policy", netns=host.netns).stdout
+    assert unused not in table
+    assert not pings(a.netns, b.ip)  # still enforced
+    again.release(b.tap)
+    assert pings(a.netns, b.ip)
 
 
 def test_a_refused_transaction_changes_nothing(host: Host) -> None:

@@ -20,11 +20,12 @@ from roost.plan.policy import (
     BRIDGE_TABLE,
     NetworkAddresses,
     TapPolicies,
+    attachment_name,
     base_ruleset,
     compile_rule,
     compile_tap,
     parse_comment,
-    remove_tap_ruleset,
+    parse_default_comment,
     rule_comment,
     transaction,
 )
@@ -61,29 +62,40 @@ def base_chains(lines: list[str]) -> dict[str, tuple[str, str, int]]:
     return found
 
 
-def test_a_tap_chain_runs_drop_then_reject_then_allow_of_every_policy_then_the_default() -> None:
+def test_an_attachment_runs_drop_then_reject_then_allow_of_every_policy_then_the_default() -> None:
+    defaults = PolicyDefaults(ingress="drop")
     lines = compile_tap(
         "tap1",
         [web(ingress=[{"action": "allow"}]), parse_policy({"name": "ops"})],
-        PolicyDefaults(ingress="drop"),
+        defaults,
         lookup,
     )
-    assert rules_of(lines, "t-tap1-in") == [
+    attachment = attachment_name(("web", "ops"), defaults)
+    assert rules_of(lines, f"{attachment}-in") == [
         "jump p-web-in-drop",
         "jump p-ops-in-drop",
         "jump p-web-in-reject",
         "jump p-ops-in-reject",
         "jump p-web-in-allow",
         "jump p-ops-in-allow",
-        'ether type ip counter drop comment "default ingress"',
-        'ether type ip6 counter drop comment "default ingress"',
+        f'ether type ip counter drop comment "default ingress {attachment}"',
+        f'ether type ip6 counter drop comment "default ingress {attachment}"',
     ]
-    assert (
-        rules_of(lines, "t-tap1-out")[-1]
-        == 'ether type ip6 counter accept comment "default egress"'
+    assert rules_of(lines, f"{attachment}-out")[-1] == (
+        f'ether type ip6 counter accept comment "default egress {attachment}"'
     )
-    assert f'add element {BRIDGE_TABLE} ingress_taps {{ "tap1" : jump t-tap1-in }}' in lines
-    assert f'add element {BRIDGE_TABLE} egress_taps {{ "tap1" : jump t-tap1-out }}' in lines
+    assert f'add element {BRIDGE_TABLE} ingress_taps {{ "tap1" : jump {attachment}-in }}' in lines
+    assert f'add element {BRIDGE_TABLE} egress_taps {{ "tap1" : jump {attachment}-out }}' in lines
+
+
+def test_the_attachment_depends_on_the_order_of_policies_and_on_the_defaults() -> None:
+    names = {
+        attachment_name(("a", "b"), PolicyDefaults()),
+        attachment_name(("b", "a"), PolicyDefaults()),
+        attachment_name(("a", "b"), PolicyDefaults(egress="drop")),
+        attachment_name(("a",), PolicyDefaults()),
+    }
+    assert len(names) == 4
 
 
 def test_established_traffic_is_accepted_before_any_tap_is_dispatched() -> None:
@@ -162,33 +174,78 @@ def test_a_rule_comment_reads_back_as_policy_direction_and_index() -> None:
         Direction.EGRESS,
         12,
     )
-    assert parse_comment("default ingress") is None
+    assert parse_comment("default ingress a-1") is None
+    assert parse_default_comment("default egress a-1") == ("a-1", Direction.EGRESS)
 
 
-def test_removing_a_tap_works_whether_or_not_it_has_chains() -> None:
-    lines = remove_tap_ruleset("tap1")
-    element = f'add element {BRIDGE_TABLE} ingress_taps {{ "tap1" : jump t-tap1-in }}'
-    assert lines.index(element) < lines.index(
-        f'delete element {BRIDGE_TABLE} ingress_taps {{ "tap1" }}'
+TAP1 = TapPolicies("tap1", ("web",), PolicyDefaults())
+ATTACHMENT = TAP1.attachment
+
+
+def test_a_tap_joining_an_attachment_in_use_is_one_map_element_per_direction() -> None:
+    planned = transaction(current={"tap0": ATTACHMENT}, taps=[TAP1], lookup=lookup)
+    assert planned.lines == [
+        f'add element {BRIDGE_TABLE} ingress_taps {{ "tap1" : jump {ATTACHMENT}-in }}',
+        f'add element {BRIDGE_TABLE} egress_taps {{ "tap1" : jump {ATTACHMENT}-out }}',
+    ]
+    assert planned.taps == {"tap0": ATTACHMENT, "tap1": ATTACHMENT}
+
+
+def test_attaching_a_tap_as_it_is_changes_nothing() -> None:
+    assert transaction(current={"tap1": ATTACHMENT}, taps=[TAP1], lookup=lookup).lines == []
+
+
+COMMENT = '"web; default drop in, allow out"'
+
+
+def test_a_tap_moving_to_another_attachment_replaces_its_elements_and_the_unused_one_goes() -> None:
+    moved = TapPolicies("tap1", ("web",), PolicyDefaults(ingress="drop"))
+    lines = transaction(current={"tap1": ATTACHMENT}, taps=[moved], lookup=lookup).lines
+    delete = f'delete element {BRIDGE_TABLE} ingress_taps {{ "tap1" }}'
+    add = f'add element {BRIDGE_TABLE} ingress_taps {{ "tap1" : jump {moved.attachment}-in }}'
+    assert (
+        lines.index(f"add chain {BRIDGE_TABLE} {moved.attachment}-in {{ comment {COMMENT}; }}")
+        < lines.index(delete)
+        < lines.index(add)
     )
-    assert lines.index(f"add chain {BRIDGE_TABLE} t-tap1-in") < lines.index(
-        f"delete chain {BRIDGE_TABLE} t-tap1-in"
+    assert lines[-4:] == [
+        f"flush chain {BRIDGE_TABLE} {ATTACHMENT}-in",
+        f"delete chain {BRIDGE_TABLE} {ATTACHMENT}-in",
+        f"flush chain {BRIDGE_TABLE} {ATTACHMENT}-out",
+        f"delete chain {BRIDGE_TABLE} {ATTACHMENT}-out",
+    ]
+
+
+def test_removing_a_tap_keeps_an_attachment_others_use_and_ignores_unknown_taps() -> None:
+    planned = transaction(
+        current={"tap0": ATTACHMENT, "tap1": ATTACHMENT},
+        removed_taps=["tap1", "tap9"],
+        lookup=lookup,
     )
+    assert planned.lines == [
+        f'delete element {BRIDGE_TABLE} ingress_taps {{ "tap1" }}',
+        f'delete element {BRIDGE_TABLE} egress_taps {{ "tap1" }}',
+    ]
+    assert planned.taps == {"tap0": ATTACHMENT}
 
 
 def test_a_transaction_makes_policies_before_taps_and_removes_taps_before_policies() -> None:
-    lines = transaction(
+    planned = transaction(
+        current={"tap2": "a-old"},
         policies=[web()],
-        taps=[TapPolicies("tap1", ("web",), PolicyDefaults())],
+        taps=[TAP1],
         removed_taps=["tap2"],
         removed_policies=["old"],
         lookup=lookup,
     )
+    lines = planned.lines
     made = lines.index(f"add chain {BRIDGE_TABLE} p-web-in-drop")
-    jumped = lines.index(f"add rule {BRIDGE_TABLE} t-tap1-in jump p-web-in-drop")
-    removed_tap = lines.index(f"delete chain {BRIDGE_TABLE} t-tap2-in")
+    jumped = lines.index(f"add rule {BRIDGE_TABLE} {ATTACHMENT}-in jump p-web-in-drop")
+    removed_tap = lines.index(f'delete element {BRIDGE_TABLE} ingress_taps {{ "tap2" }}')
+    removed_attachment = lines.index(f"delete chain {BRIDGE_TABLE} a-old-in")
     removed_policy = lines.index(f"delete chain {BRIDGE_TABLE} p-old-in-drop")
-    assert made < jumped < removed_tap < removed_policy
+    assert made < jumped < removed_tap < removed_attachment < removed_policy
+    assert planned.taps == {"tap1": ATTACHMENT}
 
 
 def test_policy_chains_sit_after_anti_spoofing_and_after_conntrack_state() -> None:
