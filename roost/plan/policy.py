@@ -33,8 +33,9 @@ Hence, in the daemon's namespace:
   anti-spoofing at -200 in table `bridge roost`, and after br_netfilter put the conntrack mark
   on), `ingress_forward` (forward, -100: before br_netfilter's IP forward hook, which rejects)
   and `ingress_output` (output: what the namespace itself, or its routing, sends to a guest).
-  Each lets infrastructure through first (ARP is no IP; DHCP, IPv6 neighbour discovery and
-  MLD), then established/related, then jumps to the chain of the tap's attachment.
+  Each lets established/related traffic through first (most packets, one comparison), then
+  infrastructure (ARP is no IP; DHCP, IPv6 neighbour discovery and MLD), then jumps to the
+  chain of the tap's attachment.
 - An attachment (the policies attached, in order, and the defaults) has a chain per
   direction that jumps to each policy's drop rules, then to each one's reject rules, then to
   each one's allow rules, then applies the default. Taps with the same attachment share its
@@ -194,12 +195,13 @@ def base_ruleset() -> list[str]:
         lines += _base_chain(INET_TABLE, name, hook, priority, rules)
     for direction in Direction:
         lines.append(f"add map {BRIDGE_TABLE} {tap_map(direction)} {{ type ifname : verdict; }}")
+    # established first: nearly every packet is, and leaves after one comparison
     egress = (
-        *INFRASTRUCTURE[Direction.EGRESS],
         established,
+        *INFRASTRUCTURE[Direction.EGRESS],
         f"iifname vmap @{tap_map(Direction.EGRESS)}",
     )
-    ingress = (*INFRASTRUCTURE[Direction.INGRESS], established)
+    ingress = (established, *INFRASTRUCTURE[Direction.INGRESS])
     to_tap = f"oifname vmap @{tap_map(Direction.INGRESS)}"
     bridge_chains: tuple[BaseChain, ...] = (
         ("egress", "prerouting", EGRESS_PRIORITY, egress),
