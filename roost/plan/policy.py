@@ -72,7 +72,9 @@ from roost.spec.policy import (
 
 BRIDGE_TABLE = "bridge roost_policy"
 INET_TABLE = "inet roost_policy"
-# skb mark bits roost's policy chains own (the rest of the mark is left as it is)
+# skb mark bits roost's policy chains own (the rest of the mark is left as it is); they are
+# cleared on every packet entering the namespace's IP stack, so software sharing the daemon's
+# namespace must not use them (Calico, for one, uses the upper 16 bits: give roost --netns)
 ESTABLISHED_MARK = 0x80000000
 REJECT_MARK = 0x40000000
 OWN_MARKS = ESTABLISHED_MARK | REJECT_MARK
@@ -116,6 +118,7 @@ VERDICT = {
     Action.ALLOW: "accept",
 }
 SHORT = {Direction.INGRESS: "in", Direction.EGRESS: "out"}
+DIRECTION_NAMES = {direction.value for direction in Direction}
 # traffic no policy judges, per direction, one address family each: DHCP (the guest asking,
 # a server answering), IPv6 neighbour discovery and multicast listener messages
 ND_TYPES = (
@@ -156,7 +159,7 @@ def default_comment(direction: Direction, attachment: str) -> str:
 def parse_default_comment(comment: str) -> tuple[str, Direction] | None:
     """(attachment, direction) from a default rule's comment; None for any other comment."""
     parts = comment.split(" ")
-    if len(parts) != 3 or parts[0] != "default" or parts[1] not in SHORT_BY_NAME:
+    if len(parts) != 3 or parts[0] != "default" or parts[1] not in DIRECTION_NAMES:
         return None
     return parts[2], Direction(parts[1])
 
@@ -164,12 +167,9 @@ def parse_default_comment(comment: str) -> tuple[str, Direction] | None:
 def parse_comment(comment: str) -> tuple[str, Direction, int] | None:
     """(policy, direction, rule index) from a rule's comment; None for any other comment."""
     parts = comment.split(" ")
-    if len(parts) != 3 or parts[1] not in SHORT_BY_NAME or not parts[2].isdigit():
+    if len(parts) != 3 or parts[1] not in DIRECTION_NAMES or not parts[2].isdigit():
         return None
     return parts[0], Direction(parts[1]), int(parts[2])
-
-
-SHORT_BY_NAME = {direction.value for direction in Direction}
 
 
 def base_ruleset() -> list[str]:
