@@ -12,9 +12,10 @@ from tests.vsock_guest import Rig
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    """An engine on fakes (no root), with plugin `p`: bridged, auto-assigned on SUBNET."""
-    instance = World(tmp_path)
+def world(tmp_short: Path) -> Iterator[World]:
+    """An engine on fakes (no root), with plugin `p`: bridged, auto-assigned on SUBNET. Its
+    root is short: a jailed VM's sockets sit deep below it, and Unix socket paths are short."""
+    instance = World(tmp_short)
     yield instance
     instance.close()
 

@@ -58,12 +58,10 @@ def test_stopping_a_vm_ends_its_vsock_device_too(world: World) -> None:
     assert world.engine.show_vm("a")["status"] == "stopped"
 
 
-def test_services_are_listened_for_while_the_vmm_runs_and_not_after(
-    world: World, tmp_path: Path
-) -> None:
+def test_services_are_listened_for_while_the_vmm_runs_and_not_after(world: World) -> None:
     world.engine.create_vm("a", vsock_config(**{"5000": "unix:///run/agent.sock"}))
     target, services = world.listeners.listening["a"]
-    assert target == HybridVsock(tmp_path / "run" / "vms" / "a" / "vsock.sock")
+    assert target == HybridVsock(world.root / "run" / "vms" / "a" / "vsock.sock")
     assert services == {5000: "unix:///run/agent.sock"}
     world.engine.stop_vm("a", timeout=0, force=True)
     assert "a" not in world.listeners.listening
@@ -111,12 +109,10 @@ def test_a_kernel_vsock_vm_is_reached_by_its_cid_and_shows_no_socket(world: Worl
     assert world.driver.launched[-1].vsock.backend is VsockBackend.KERNEL
 
 
-def test_a_cloud_hypervisor_vm_is_reached_by_its_hybrid_socket(
-    world: World, tmp_path: Path
-) -> None:
+def test_a_cloud_hypervisor_vm_is_reached_by_its_hybrid_socket(world: World) -> None:
     world.driver.vsock_backend = lambda: VsockBackend.CLOUD_HYPERVISOR  # type: ignore[method-assign]
     shown = world.engine.create_vm("a", VMConfig(plugin="p"))
-    uds_path = tmp_path / "run" / "vms" / "a" / "vsock.sock"
+    uds_path = world.root / "run" / "vms" / "a" / "vsock.sock"
     assert shown["vsock"] == {
         "cid": shown["vsock"]["cid"],
         "uds_path": str(uds_path),
