@@ -155,7 +155,7 @@ class PolicyFirewall:
         self._worker = worker
         self._log_group = log_group
         self._nft = _context(worker)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()  # apply holds it from planning to running
         self._run(base_ruleset())
         self._taps = self._attached()
         in_use = set(self._taps.values())
@@ -211,17 +211,18 @@ class PolicyFirewall:
         `removed_policies`. A tap's policies must be made in this call or an earlier one. A
         tap is attached by name: it may be attached before it exists, so a VMM never sends
         through it unfiltered."""
-        planned = transaction(
-            current=self._taps,
-            policies=policies,
-            taps=taps,
-            removed_taps=removed_taps,
-            removed_policies=removed_policies,
-            lookup=lookup,
-            log_group=self._log_group,
-        )
-        self._run(planned.lines)
-        self._taps = planned.taps
+        with self._lock:
+            planned = transaction(
+                current=self._taps,
+                policies=policies,
+                taps=taps,
+                removed_taps=removed_taps,
+                removed_policies=removed_policies,
+                lookup=lookup,
+                log_group=self._log_group,
+            )
+            self._run(planned.lines)
+            self._taps = planned.taps
 
     def release(self, tap: str) -> None:
         """Detach the tap, if it is attached."""
