@@ -41,10 +41,10 @@ class EffectiveInterface:
 
     `effective` is its network as `resolve_network` makes it (what allocation and
     `plan_network` take) and `plan` what the host must provide for it. `mac` is the user's
-    (None: roost picks one; once allocated, the guest's, `with_mac`), `ipv6` a static address (None: SLAAC where the network has an
-    `ipv6_prefix`, else no IPv6), `default_route` whether it carries the default route (exactly
-    one interface of a VM does). `unresolved` says why a named network is not resolved yet
-    (offline planning), None once it is.
+    (None: roost picks one; once allocated, the guest's, `with_mac`), `ipv6` a static address
+    (None: SLAAC where the network has an `ipv6_prefix`, else no IPv6), `default_route`
+    whether it carries the default route (exactly one interface of a VM does). `unresolved`
+    says why a named network is not resolved yet (offline planning), None once it is.
     """
 
     index: int
