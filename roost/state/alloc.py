@@ -220,9 +220,18 @@ def add_network(
     ipv6_prefix: str | None = None,
 ) -> Network:
     """Record a new network (its bridge `rbr<id>` unless named); a subnet overlapping another
-    network's is 409 `subnet_overlap`, a name or bridge another network has 409 `conflict`."""
+    network's, or its IPv6 prefix, is 409 `subnet_overlap`, a name or bridge another network
+    has 409 `conflict`."""
     if subnet is not None:
         check_no_overlap(session, subnet)
+    if ipv6_prefix is not None:  # /64s overlap only when equal
+        holder = session.scalar(select(Network.name).where(Network.ipv6_prefix == ipv6_prefix))
+        if holder is not None:
+            raise ConflictError(
+                f"IPv6 prefix {ipv6_prefix} is network {holder!r}'s; choose another /64 "
+                "(or auto for a random one)",
+                code="subnet_overlap",
+            )
     for column, value, what in ((Network.name, name, "name"), (Network.bridge, bridge, "bridge")):
         holder = session.scalar(select(Network.name).where(column == value)) if value else None
         if holder is not None:

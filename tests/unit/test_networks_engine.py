@@ -126,3 +126,15 @@ def test_restoring_advertises_exactly_the_networks_with_a_prefix(world: World) -
     world.adverts.advertised = {"rbr99": ipaddress.IPv6Network("fd99::/64")}  # a stale one
     world.engine.networks.restore()
     assert {b: str(p) for b, p in world.adverts.advertised.items()} == {bridge: "fd72::/64"}
+
+
+def test_a_second_managed_network_with_the_same_ipv6_prefix_is_a_subnet_overlap(
+    world: World,
+) -> None:
+    create(world, name="lab", subnet="10.70.0.0/24", ipv6_prefix="fd00:70::/64")
+    with pytest.raises(ConflictError) as caught:
+        create(world, name="lab2", subnet="10.71.0.0/24", ipv6_prefix="fd00:70:0:0::/64")
+    assert caught.value.code == "subnet_overlap"
+    assert "lab" in str(caught.value) and "fd00:70::/64" in str(caught.value)
+    assert [n["name"] for n in world.engine.list_networks()] == ["lab"]
+    assert set(world.adverts.advertised) == {world.engine.networks.show("lab")["bridge"]}
