@@ -73,6 +73,8 @@ def tap_rules(tap: str, mac: str, ip: str | None, ipv6: Sequence[str] | None = N
         v6 = f"{rule} ether type ip6"
         lines += [
             f'{v6} udp sport 547 counter drop comment "{DROPS["dhcpv6"]}"',
+            # a client takes a server's answer from any port: what goes to its port is one
+            f'{v6} udp dport 546 counter drop comment "{DROPS["dhcpv6"]}"',
             f"{v6} icmpv6 type {{ nd-router-advert, nd-redirect }} counter drop "
             f'comment "{DROPS["router"]}"',
             f'{v6} ip6 saddr != {{ ::, {sources} }} counter drop comment "{DROPS["source"]}"',

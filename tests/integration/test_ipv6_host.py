@@ -256,10 +256,11 @@ def router_advertisement(source_mac: str, bridge_mac: str) -> bytes:
     )
 
 
-def dhcpv6_advertise(source_mac: str, bridge_mac: str) -> bytes:
-    """A DHCPv6 server's Advertise (UDP 547 → 546) from the guest's link-local address."""
+def dhcpv6_advertise(source_mac: str, bridge_mac: str, source_port: int = 547) -> bytes:
+    """A DHCPv6 server's Advertise (UDP 547, or `source_port`, → 546) from the guest's
+    link-local address."""
     message = bytes([2, 0, 0, 1])
-    udp = struct.pack("!HHHH", 547, 546, 8 + len(message), 0) + message
+    udp = struct.pack("!HHHH", source_port, 546, 8 + len(message), 0) + message
     return ipv6_frame(
         source_mac, bridge_mac, str(link_local(source_mac)), "fe80::1", 17, udp, checksum_at=6
     )
@@ -387,6 +388,7 @@ def test_a_protected_tap_drops_spoofed_ipv6_and_router_advertisements_and_counts
             echo_request(GUEST_MAC, to, spoofed),
             router_advertisement(GUEST_MAC, to),
             dhcpv6_advertise(GUEST_MAC, to),
+            dhcpv6_advertise(GUEST_MAC, to, source_port=5000),  # clients take any port's
             neighbour_advertisement(GUEST_MAC, to, own, spoofed),
             duplicate_address_probe(GUEST_MAC, to, own),
         ):
@@ -394,7 +396,7 @@ def test_a_protected_tap_drops_spoofed_ipv6_and_router_advertisements_and_counts
         expected = {
             DROPS["source"]: 1,
             DROPS["router"]: 1,
-            DROPS["dhcpv6"]: 1,
+            DROPS["dhcpv6"]: 2,
             DROPS["neighbour"]: 1,
             DROPS["dad"]: 0,
         }
