@@ -39,6 +39,7 @@ DROPS = {
     "source": "spoofed IPv6 source",
     "dad": "unspecified source, not duplicate address detection",
     "neighbour": "neighbour advertisement for another address",
+    "probe": "duplicate address detection for another address",
 }
 # what a guest sends from :: while its addresses are tentative (RFC 4862 5.4, RFC 3810 5.2.13)
 DAD_TYPES = "nd-neighbor-solicit, mld2-listener-report, mld-listener-report"
@@ -48,7 +49,7 @@ def tap_rules(tap: str, mac: str, ip: str | None, ipv6: Sequence[str] | None = N
     """The batch that (re)makes `tap`'s chain: frames only from `mac`, IPv4 and ARP (only from
     `ip` when given), never a DHCP server's. Without `ipv6` no IPv6 at all (a network without
     a prefix); with it, IPv6 too but only from those addresses, the link-local address of
-    `mac` and `::` (duplicate address detection only), never a router advertisement or
+    `mac` and `::` (duplicate address detection of those only), never a router advertisement or
     redirect, never a DHCPv6 server's answer, never a neighbour advertisement for another
     address. The IPv6 drop rules count what they drop, each named by its comment."""
     chain = f"vm-{tap}"
@@ -81,6 +82,9 @@ def tap_rules(tap: str, mac: str, ip: str | None, ipv6: Sequence[str] | None = N
             f'{v6} ip6 saddr :: meta l4proto != ipv6-icmp counter drop comment "{DROPS["dad"]}"',
             f"{v6} ip6 saddr :: icmpv6 type != {{ {DAD_TYPES} }} counter drop "
             f'comment "{DROPS["dad"]}"',
+            # a probe from :: for an address makes a guest still checking it give it up
+            f"{v6} ip6 saddr :: icmpv6 type nd-neighbor-solicit @th,64,128 != {{ {targets} }} "
+            f'counter drop comment "{DROPS["probe"]}"',
             # the target of a neighbour advertisement (bytes 8-23 of the ICMPv6 message)
             f"{v6} icmpv6 type nd-neighbor-advert @th,64,128 != {{ {targets} }} counter drop "
             f'comment "{DROPS["neighbour"]}"',

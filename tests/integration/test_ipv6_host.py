@@ -391,6 +391,7 @@ def test_a_protected_tap_drops_spoofed_ipv6_and_router_advertisements_and_counts
             dhcpv6_advertise(GUEST_MAC, to, source_port=5000),  # clients take any port's
             neighbour_advertisement(GUEST_MAC, to, own, spoofed),
             duplicate_address_probe(GUEST_MAC, to, own),
+            duplicate_address_probe(GUEST_MAC, to, spoofed),  # would make its holder give it up
         ):
             os.write(fd, frame)
         expected = {
@@ -399,6 +400,7 @@ def test_a_protected_tap_drops_spoofed_ipv6_and_router_advertisements_and_counts
             DROPS["dhcpv6"]: 2,
             DROPS["neighbour"]: 1,
             DROPS["dad"]: 0,
+            DROPS["probe"]: 1,
         }
         wait_for(lambda: drops(host.netns, TAP) == expected, what=f"the drop counters {expected}")
         wait_for(lambda: arrived(host.netns, "own") == 1, what="the guest's own echo request")
