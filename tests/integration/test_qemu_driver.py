@@ -359,3 +359,53 @@ def test_a_guest_with_three_nics_configures_each_by_its_mac_and_routes_by_roost_
     for url in ("http://10.1.0.5/", "http://10.2.0.5/", f"http://{leased.split('/')[0]}/"):
         assert harness.http_get(netns, url, timeout=10) == "g7 10.1.0.5\n"
     assert harness.http_get(netns, "http://[fd01::5]/", timeout=10) == "g7 10.1.0.5\n"
+
+
+def test_a_guest_with_a_static_ipv6_address_forms_no_slaac_one_beside_it(
+    guests: Guests, netns: str
+) -> None:
+    """Router advertisements for its prefix reach the guest (dnsmasq answers its solicitation
+    at once) before it reports (its dhcp NIC's offer is held back 3 s): the static address is
+    its only global one, as anti-spoofing lets no other out."""
+    bridge_with_tap(netns, "br1", "rtap1", "10.1.0.1/24", "fd01::1/64")
+    bridge_with_tap(netns, "br3", "rtap3", "10.3.0.1/24")
+    leases = short_tmp()
+    server = subprocess.Popen(
+        [
+            *("ip", "netns", "exec", netns, "dnsmasq", "--no-daemon", "--no-ping", "--port=0"),
+            *("--bind-interfaces", "--interface=br1", "--interface=br3", "--conf-file=/dev/null"),
+            *("--enable-ra", "--dhcp-range=fd01::,ra-only,64", "--dhcp-reply-delay=3"),
+            "--dhcp-range=10.3.0.100,10.3.0.150,255.255.255.0,1h",
+            f"--dhcp-leasefile={leases / 'leases'}",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        lan, dhcp = "06:00:0a:01:00:0a", "06:00:0a:03:00:0c"
+        interfaces = (
+            GuestNIC(
+                lan,
+                ipv4=ipaddress.IPv4Interface("10.1.0.5/24"),
+                gateway=ipaddress.IPv4Address("10.1.0.1"),
+                ipv6=ipaddress.IPv6Interface("fd01::5/64"),
+                ipv6_gateway=ipaddress.IPv6Address("fd01::1"),
+                default_route=True,
+            ),
+            GuestNIC(dhcp, dhcp=True),
+        )
+        boot_args = " ".join(["console=ttyS0 roost.name=g8", *nic_args(interfaces, "g8")])
+        driver = QemuDriver(accel="tcg")
+        spec = guests.spec("g8", boot_args, NIC("rtap1", lan), NIC("rtap3", dhcp))
+        _, console = guests.boot(driver, spec)
+        print(console)
+        reported = {
+            line.split()[2]: line.split()[3:]
+            for line in console.splitlines()
+            if line.startswith("roost-nic: ")
+        }
+        assert reported[lan] == ["10.1.0.5/24", "fd01::5/64"]
+    finally:
+        server.terminate()
+        server.wait(10)
+        shutil.rmtree(leases, ignore_errors=True)
