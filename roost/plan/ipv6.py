@@ -13,6 +13,8 @@ import ipaddress
 import random
 import re
 
+from roost.spec.interfaces import parse_static_ipv6
+
 PREFIX_LENGTH = 64
 ULA_RANGE = ipaddress.IPv6Network("fd00::/8")  # RFC 4193's locally assigned half of fc00::/7
 LINK_LOCAL_PREFIX = ipaddress.IPv6Network("fe80::/64")
@@ -112,21 +114,11 @@ def parse_ipv6_prefix(text: str) -> ipaddress.IPv6Network:
 
 
 def parse_ipv6_address(text: str, prefix: ipaddress.IPv6Network) -> ipaddress.IPv6Address:
-    """A static guest address inside `prefix`, written plainly (no length), that is neither the
-    router's (`<prefix>::1`) nor a reserved anycast address (the subnet-router `<prefix>::`,
-    RFC 2526's 128 subnet anycast addresses)."""
-    if not isinstance(text, str):
-        raise ValueError(f"must be a string IPv6 address such as {router_address(prefix) + 1}")
-    text = text.strip()
+    """A static guest address (written as `parse_static_ipv6` takes it) inside `prefix`, that
+    is neither the router's (`<prefix>::1`) nor a reserved anycast address (the subnet-router
+    `<prefix>::`, RFC 2526's 128 subnet anycast addresses)."""
+    address = ipaddress.IPv6Address(parse_static_ipv6(text))
     example = router_address(prefix) + 0x10
-    if "/" in text:
-        raise ValueError(f"{text!r}: write the address alone, without a length, e.g. {example}")
-    try:
-        address = ipaddress.ip_address(text)
-    except ValueError:
-        raise ValueError(f"{text!r} is not an IPv6 address such as {example}") from None
-    if not isinstance(address, ipaddress.IPv6Address):
-        raise ValueError(f"{text} is an IPv4 address; write an IPv6 address such as {example}")
     if address not in prefix:
         raise ValueError(
             f"{address} is not inside the network's prefix {prefix}; use e.g. {example}"
