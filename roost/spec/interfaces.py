@@ -74,6 +74,13 @@ def parse_ifname(value: Any) -> str:
             f"{value!r} is not an interface name: use letters, digits, '_', '.' and '-' "
             "(not '.' or '..' alone), e.g. eth1 or lan"
         )
+    if value == "lo":
+        raise ValueError("lo is the guest's loopback interface; name this one e.g. eth1 or lan")
+    if value in ("all", "default"):  # the kernel refuses them: each is a sysctl directory
+        raise ValueError(
+            f"{value} is /proc/sys/net/ipv4/conf/{value} in the guest, no interface's name; "
+            "name this one e.g. eth1 or lan"
+        )
     return value
 
 

@@ -92,6 +92,8 @@ def test_an_empty_list_is_a_vsock_only_vm() -> None:
         ({**DHCP, "name": "eth/1"}, "interfaces.0.name", "not an interface name"),
         ({**DHCP, "name": "eth,1"}, "interfaces.0.name", "not an interface name"),
         ({**DHCP, "name": ".."}, "interfaces.0.name", "not an interface name"),
+        ({**DHCP, "name": "lo"}, "interfaces.0.name", "the guest's loopback"),
+        ({**DHCP, "name": "all"}, "interfaces.0.name", "/proc/sys/net/ipv4/conf/all"),
         ({**DHCP, "name": 1}, "interfaces.0.name", "must be a string"),
         ({**DHCP, "mac": "02:00:00:00:00"}, "interfaces.0.mac", "not a MAC address"),
         ({**DHCP, "mac": "03:00:00:00:00:01"}, "interfaces.0.mac", "multicast"),
