@@ -332,7 +332,7 @@ def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
             "gateway": "10.57.0.1",
             "auto_assign": True,
             "ip": "10.57.0.2",
-            "mac": None,
+            "mac": "02:00:00:00:00:01",  # as a new version has it: else a patch needs a restart
             "ipv6": None,
             "default_route": True,
         }

@@ -32,8 +32,9 @@ VSOCK_PLAN = {
 EFFECTIVE_KEYS = ("mode", "source", "subnet", "gateway", "auto_assign", "ip")
 
 
-def _interface_json(network: dict[str, Any]) -> dict[str, Any]:
-    """The interface a single `network` is, as a config version's `effective` lists it."""
+def _interface_json(network: dict[str, Any], mac: str | None) -> dict[str, Any]:
+    """The interface a single `network` is, as a config version's `effective` lists it (with
+    the MAC the VM keeps, as a new version has it)."""
     named = network.get("network") or ("dhcp" if network["mode"] == "dhcp" else None)
     return {
         "name": "eth0",
@@ -43,7 +44,7 @@ def _interface_json(network: dict[str, Any]) -> dict[str, Any]:
         "gateway": network.get("gateway"),
         "auto_assign": network.get("auto_assign"),
         "ip": network.get("ip"),
-        "mac": None,
+        "mac": mac,
         "ipv6": None,
         "default_route": True,
     }
@@ -115,11 +116,16 @@ def upgrade() -> None:
             sa.text("UPDATE vms SET network = :network WHERE id = :id"),
             {"id": vm_id, "network": json.dumps(_stored(_loads(network)))},
         )
+    macs = dict(
+        connection.execute(sa.text('SELECT vm_id, mac FROM vm_nics WHERE "index" = 0')).all()
+    )
     versions = connection.execute(sa.text("SELECT vm_id, version, effective FROM vm_configs"))
     for vm_id, number, stored in versions.all():
         effective = _loads(stored)
         network = effective["network"]
-        effective["interfaces"] = [] if network["mode"] == "vsock" else [_interface_json(network)]
+        effective["interfaces"] = (
+            [] if network["mode"] == "vsock" else [_interface_json(network, macs.get(vm_id))]
+        )
         connection.execute(
             sa.text(
                 "UPDATE vm_configs SET effective = :effective "
