@@ -7,6 +7,7 @@ by PID and reaped, and the namespace goes with all its links.
 
 from __future__ import annotations
 
+import contextlib
 import ipaddress
 import logging
 import shutil
@@ -287,11 +288,10 @@ def bridge_with_tap(netns: str, bridge: str, tap: str, *addresses: str) -> None:
     run("ip", "link", "set", tap, "master", bridge, "up", netns=netns)
 
 
-@pytest.fixture
-def dhcp_bridge(netns: str) -> Iterator[str]:
-    """Bridge br3 (10.3.0.1/24) with tap rtap3 on it and dnsmasq serving 10.3.0.100-150 there,
-    its own address offered as the router; dnsmasq ended by PID and reaped afterwards."""
-    bridge_with_tap(netns, "br3", "rtap3", "10.3.0.1/24")
+@contextlib.contextmanager
+def dnsmasq(netns: str, *options: str) -> Iterator[None]:
+    """dnsmasq in the test's namespace serving 10.3.0.100-150 on br3 (its own address offered
+    as the router), with `options` on top; ended by PID and reaped afterwards."""
     leases = short_tmp()
     server = subprocess.Popen(
         [
@@ -299,16 +299,25 @@ def dhcp_bridge(netns: str) -> Iterator[str]:
             *("--bind-interfaces", "--port=0", "--interface=br3", "--conf-file=/dev/null"),
             "--dhcp-range=10.3.0.100,10.3.0.150,255.255.255.0,1h",
             f"--dhcp-leasefile={leases / 'leases'}",
+            *options,
         ],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
     try:
-        yield "rtap3"
+        yield
     finally:
         server.terminate()
         server.wait(10)
         shutil.rmtree(leases, ignore_errors=True)
+
+
+@pytest.fixture
+def dhcp_bridge(netns: str) -> Iterator[str]:
+    """Bridge br3 (10.3.0.1/24) with tap rtap3 on it and dnsmasq serving addresses there."""
+    bridge_with_tap(netns, "br3", "rtap3", "10.3.0.1/24")
+    with dnsmasq(netns):
+        yield "rtap3"
 
 
 @pytest.mark.parametrize("machine", MACHINES)
@@ -369,43 +378,27 @@ def test_a_guest_with_a_static_ipv6_address_forms_no_slaac_one_beside_it(
     its only global one, as anti-spoofing lets no other out."""
     bridge_with_tap(netns, "br1", "rtap1", "10.1.0.1/24", "fd01::1/64")
     bridge_with_tap(netns, "br3", "rtap3", "10.3.0.1/24")
-    leases = short_tmp()
-    server = subprocess.Popen(
-        [
-            *("ip", "netns", "exec", netns, "dnsmasq", "--no-daemon", "--no-ping", "--port=0"),
-            *("--bind-interfaces", "--interface=br1", "--interface=br3", "--conf-file=/dev/null"),
-            *("--enable-ra", "--dhcp-range=fd01::,ra-only,64", "--dhcp-reply-delay=3"),
-            "--dhcp-range=10.3.0.100,10.3.0.150,255.255.255.0,1h",
-            f"--dhcp-leasefile={leases / 'leases'}",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
+    lan, dhcp = "06:00:0a:01:00:0a", "06:00:0a:03:00:0c"
+    interfaces = (
+        GuestNIC(
+            lan,
+            ipv4=ipaddress.IPv4Interface("10.1.0.5/24"),
+            gateway=ipaddress.IPv4Address("10.1.0.1"),
+            ipv6=ipaddress.IPv6Interface("fd01::5/64"),
+            ipv6_gateway=ipaddress.IPv6Address("fd01::1"),
+            default_route=True,
+        ),
+        GuestNIC(dhcp, dhcp=True),
     )
-    try:
-        lan, dhcp = "06:00:0a:01:00:0a", "06:00:0a:03:00:0c"
-        interfaces = (
-            GuestNIC(
-                lan,
-                ipv4=ipaddress.IPv4Interface("10.1.0.5/24"),
-                gateway=ipaddress.IPv4Address("10.1.0.1"),
-                ipv6=ipaddress.IPv6Interface("fd01::5/64"),
-                ipv6_gateway=ipaddress.IPv6Address("fd01::1"),
-                default_route=True,
-            ),
-            GuestNIC(dhcp, dhcp=True),
-        )
-        boot_args = " ".join(["console=ttyS0 roost.name=g8", *nic_args(interfaces, "g8")])
-        driver = QemuDriver(accel="tcg")
-        spec = guests.spec("g8", boot_args, NIC("rtap1", lan), NIC("rtap3", dhcp))
-        _, console = guests.boot(driver, spec)
-        print(console)
-        reported = {
-            line.split()[2]: line.split()[3:]
-            for line in console.splitlines()
-            if line.startswith("roost-nic: ")
-        }
-        assert reported[lan] == ["10.1.0.5/24", "fd01::5/64"]
-    finally:
-        server.terminate()
-        server.wait(10)
-        shutil.rmtree(leases, ignore_errors=True)
+    boot_args = " ".join(["console=ttyS0 roost.name=g8", *nic_args(interfaces, "g8")])
+    spec = guests.spec("g8", boot_args, NIC("rtap1", lan), NIC("rtap3", dhcp))
+    advertising = ("--interface=br1", "--enable-ra", "--dhcp-range=fd01::,ra-only,64")
+    with dnsmasq(netns, *advertising, "--dhcp-reply-delay=3"):
+        _, console = guests.boot(QemuDriver(accel="tcg"), spec)
+    print(console)
+    reported = {
+        line.split()[2]: line.split()[3:]
+        for line in console.splitlines()
+        if line.startswith("roost-nic: ")
+    }
+    assert reported[lan] == ["10.1.0.5/24", "fd01::5/64"]
