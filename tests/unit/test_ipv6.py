@@ -160,7 +160,15 @@ def test_a_static_address_is_judged_as_the_spec_judges_its_form(text: str, says:
     assert says in str(refused.value)
 
 
-@given(prefixes, macs)
+def _a_network_may_have(prefix: ipaddress.IPv6Network) -> bool:
+    try:
+        parse_ipv6_prefix(str(prefix))
+    except ValueError:
+        return False
+    return True
+
+
+@given(prefixes.filter(_a_network_may_have), macs)
 def test_a_predicted_slaac_address_is_a_valid_static_one_unless_reserved(
     prefix: ipaddress.IPv6Network, mac: str
 ) -> None:
