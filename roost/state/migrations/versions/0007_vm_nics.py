@@ -116,9 +116,8 @@ def upgrade() -> None:
             sa.text("UPDATE vms SET network = :network WHERE id = :id"),
             {"id": vm_id, "network": json.dumps(_stored(_loads(network)))},
         )
-    macs = dict(
-        connection.execute(sa.text('SELECT vm_id, mac FROM vm_nics WHERE "index" = 0')).all()
-    )
+    first_nics = sa.text('SELECT vm_id, mac FROM vm_nics WHERE "index" = 0')
+    macs: dict[int, str] = {vm_id: mac for vm_id, mac in connection.execute(first_nics)}
     versions = connection.execute(sa.text("SELECT vm_id, version, effective FROM vm_configs"))
     for vm_id, number, stored in versions.all():
         effective = _loads(stored)
