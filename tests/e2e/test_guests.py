@@ -35,27 +35,23 @@ DHCP_NET = "10.58.0"
 
 
 class DHCPServer:
-    """dnsmasq on the operator's bridge: the external DHCP server dhcp VMs lease from."""
+    """dnsmasq on the operator's bridge (made here, with `<net>.1/24`): the external DHCP server
+    dhcp VMs lease from; with `router`, it offers the bridge as their router."""
 
-    def __init__(self, netns: str) -> None:
+    def __init__(
+        self, netns: str, bridge: str = DHCP_BRIDGE, net: str = DHCP_NET, *, router: bool = False
+    ) -> None:
         self.dir = short_tmp()
         self.leases = self.dir / "dnsmasq.leases"
-        run("ip", "link", "add", DHCP_BRIDGE, "type", "bridge", netns=netns)
-        run("ip", "addr", "add", f"{DHCP_NET}.1/24", "dev", DHCP_BRIDGE, netns=netns)
-        run("ip", "link", "set", DHCP_BRIDGE, "up", netns=netns)
+        run("ip", "link", "add", bridge, "type", "bridge", netns=netns)
+        run("ip", "addr", "add", f"{net}.1/24", "dev", bridge, netns=netns)
+        run("ip", "link", "set", bridge, "up", netns=netns)
         self.process = subprocess.Popen(
             [
-                "ip",
-                "netns",
-                "exec",
-                netns,
-                "dnsmasq",
-                "--no-daemon",
-                "--no-ping",
-                "--bind-interfaces",
-                "--port=0",
-                f"--interface={DHCP_BRIDGE}",
-                f"--dhcp-range={DHCP_NET}.100,{DHCP_NET}.150,255.255.255.0,1h",
+                *("ip", "netns", "exec", netns, "dnsmasq", "--no-daemon", "--no-ping"),
+                *("--bind-interfaces", "--port=0", f"--interface={bridge}"),
+                f"--dhcp-range={net}.100,{net}.150,255.255.255.0,1h",
+                *([f"--dhcp-option=option:router,{net}.1"] * router),
                 f"--dhcp-leasefile={self.leases}",
                 "--conf-file=/dev/null",
             ],

@@ -7,19 +7,18 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from tests.e2e.test_guests import DHCPServer
 from tests.harness import (
     Daemon,
     http_get,
     links,
     run,
-    short_tmp,
     wait_for,
     wait_ready,
 )
@@ -31,52 +30,9 @@ EXT_BRIDGE, EXT_NET = "br-ext", "10.62.0"
 EXT_ROUTER = f"{EXT_NET}.1"  # the operator's bridge address, which its DHCP server hands out
 
 
-class DHCPServer:
-    """The operator's external bridge with its own address and dnsmasq as its DHCP server
-    (router option: the bridge), which roost never touches."""
-
-    def __init__(self, netns: str) -> None:
-        self.dir = short_tmp()
-        self.leases = self.dir / "dnsmasq.leases"
-        run("ip", "link", "add", EXT_BRIDGE, "type", "bridge", netns=netns)
-        run("ip", "addr", "add", f"{EXT_ROUTER}/24", "dev", EXT_BRIDGE, netns=netns)
-        run("ip", "link", "set", EXT_BRIDGE, "up", netns=netns)
-        self.process = subprocess.Popen(
-            [
-                *("ip", "netns", "exec", netns, "dnsmasq", "--no-daemon", "--no-ping"),
-                *("--bind-interfaces", "--port=0", f"--interface={EXT_BRIDGE}"),
-                f"--dhcp-range={EXT_NET}.100,{EXT_NET}.150,255.255.255.0,1h",
-                f"--dhcp-option=option:router,{EXT_ROUTER}",
-                f"--dhcp-leasefile={self.leases}",
-                "--conf-file=/dev/null",
-            ],
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-        )
-
-    def lease_of(self, mac: str) -> str | None:
-        if not self.leases.exists():
-            return None
-        for line in self.leases.read_text().splitlines():
-            fields = line.split()
-            if len(fields) >= 3 and fields[1].lower() == mac.lower():
-                return fields[2]
-        return None
-
-    def close(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(10)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-        self.leases.unlink(missing_ok=True)
-        self.dir.rmdir()
-
-
 @pytest.fixture
 def dhcp_server(netns: str) -> Iterator[DHCPServer]:
-    server = DHCPServer(netns)
+    server = DHCPServer(netns, EXT_BRIDGE, EXT_NET, router=True)
     try:
         yield server
     finally:
