@@ -189,6 +189,17 @@ def serve_command(
             "without it they keep running.",
         ),
     ] = False,
+    stop_timeout: Annotated[
+        float,
+        typer.Option(
+            "--stop-timeout",
+            min=0,
+            max=3600,
+            help="Seconds a stop waits for the guest to power off before SIGTERM where the "
+            "request names none (vm stop without --timeout, vm restart, vm rm, "
+            "--stop-vms-on-exit).",
+        ),
+    ] = Settings.stop_timeout,
     max_operations: Annotated[
         int,
         typer.Option(
@@ -260,6 +271,7 @@ def serve_command(
             service_dirs=tuple(path.resolve() for path in service_dir or ()),
             orphans=orphans,
             stop_vms_on_exit=stop_vms_on_exit,
+            stop_timeout=stop_timeout,
             max_operations=max_operations,
             max_body_bytes=max_body_bytes,
             token=token,
