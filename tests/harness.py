@@ -194,11 +194,13 @@ class Daemon:
         return code
 
     def close(self) -> None:
-        """Remove every VM through the API (stopping their VMMs), stop the daemon, and remove
-        its dirs."""
+        """Remove every VM through the API (killing their VMMs: the test is over, a graceful
+        stop would only wait), stop the daemon, and remove its dirs."""
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
                 for vm in self.http.get("/v1/vms").json():
+                    if vm["status"] in ("running", "paused"):
+                        self.http.post(f"/v1/vms/{vm['name']}/stop", params={"force": "true"})
                     self.http.delete(f"/v1/vms/{vm['name']}")
         self.stop()
         self.http.close()
