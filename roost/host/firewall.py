@@ -61,6 +61,8 @@ def tap_rules(tap: str, mac: str, ip: str | None, ipv6: Sequence[str] | None = N
         f"{rule} ether saddr != {mac} drop",
         f"{rule} ether type != {{ {kinds} }} drop",
         f"{rule} udp sport 67 drop",
+        # a client takes a DHCP server's answer from any source port: what goes to its port
+        f"{rule} udp dport 68 drop",
     ]
     if ip is not None:
         lines += [

@@ -177,13 +177,14 @@ def test_a_predicted_slaac_address_is_a_valid_static_one_unless_reserved(
         assert parse_ipv6_address(str(address), prefix) == address
 
 
-def test_a_tap_without_ipv6_keeps_exactly_todays_rules() -> None:
+def test_a_tap_without_ipv6_sends_no_ipv6_and_no_dhcp_answer() -> None:
     assert tap_rules("rtap1", "02:fc:00:00:00:01", "10.57.0.2") == (
         "add chain bridge roost vm-rtap1\n"
         "flush chain bridge roost vm-rtap1\n"
         "add rule bridge roost vm-rtap1 ether saddr != 02:fc:00:00:00:01 drop\n"
         "add rule bridge roost vm-rtap1 ether type != { ip, arp } drop\n"
         "add rule bridge roost vm-rtap1 udp sport 67 drop\n"
+        "add rule bridge roost vm-rtap1 udp dport 68 drop\n"
         "add rule bridge roost vm-rtap1 ether type ip ip saddr != 10.57.0.2 drop\n"
         "add rule bridge roost vm-rtap1 ether type arp arp saddr ip != 10.57.0.2 drop\n"
         'add element bridge roost taps { "rtap1" : jump vm-rtap1 }\n'
@@ -194,6 +195,7 @@ def test_a_tap_without_ipv6_keeps_exactly_todays_rules() -> None:
         "add rule bridge roost vm-rtap2 ether saddr != 02:fc:00:00:00:02 drop\n"
         "add rule bridge roost vm-rtap2 ether type != { ip, arp } drop\n"
         "add rule bridge roost vm-rtap2 udp sport 67 drop\n"
+        "add rule bridge roost vm-rtap2 udp dport 68 drop\n"
         'add element bridge roost taps { "rtap2" : jump vm-rtap2 }\n'
     )
 
