@@ -47,7 +47,7 @@ def _kind(link: Any) -> str | None:
     return None if info is None else info.get_attr("IFLA_INFO_KIND")
 
 
-def _add_tap(name: str, owner: tuple[int, int] | None) -> None:
+def add_tap(name: str, owner: tuple[int, int] | None) -> None:
     """A persistent tap `name` (vnet_hdr, no packet info), or the stale one of that name that
     nothing holds open (EBUSY when something does); `owner` (uid, gid) may open it unprivileged
     (a jailed VMM)."""
@@ -179,12 +179,12 @@ class Links:
         try:
             with self._worker.inside():
                 try:
-                    _add_tap(name, owner)
+                    add_tap(name, owner)
                 except OSError as error:
                     if error.errno != errno.EBUSY:
                         raise
                     self.delete(name)  # a stale tap of ours, from a crash, still held open
-                    _add_tap(name, owner)
+                    add_tap(name, owner)
                 _set_up_tap(name, mac, bridge)
         except (OSError, HostError) as error:
             self.delete(name)

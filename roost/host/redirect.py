@@ -14,9 +14,6 @@ tap's ioctls and the netlink socket act there.
 from __future__ import annotations
 
 import errno
-import fcntl
-import os
-import struct
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -24,13 +21,12 @@ from typing import Any, TypeVar
 
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
-from pyroute2.netlink.rtnl.ifinfmsg import IFT_NO_PI, IFT_TAP, IFT_VNET_HDR, tuntap
 
 from roost.errors import HostError
+from roost.host.links import add_tap
 from roost.host.netns import NetnsWorker, netns_path
 
 IFNAMSIZ = 15
-TUN_DEVICE = "/dev/net/tun"
 INGRESS_PARENT = 0xFFFF0000  # ffff:, the ingress qdisc's handle
 ETH_P_ALL = 0x0003
 TCA_EGRESS_REDIR = 1  # mirred's eaction for "egress redirect"
@@ -69,23 +65,6 @@ def _index(ipr: IPRoute, name: str) -> int | None:
     return found[0] if found else None
 
 
-def _add_tap(name: str, owner: tuple[int, int] | None) -> None:
-    """A persistent tap `name` (vnet_hdr, no packet info) in the calling thread's namespace,
-    as roost's other taps; `owner` (uid, gid) may open it unprivileged (a jailed VMM)."""
-    if tuntap.TUNSETIFF is None:
-        raise HostError("pyroute2 knows no tun ioctls for this architecture")
-    request = struct.pack("16sH", name.encode(), IFT_TAP | IFT_NO_PI | IFT_VNET_HDR)
-    fd = os.open(TUN_DEVICE, os.O_RDWR | os.O_CLOEXEC)
-    try:
-        fcntl.ioctl(fd, tuntap.TUNSETIFF, request)
-        fcntl.ioctl(fd, tuntap.TUNSETPERSIST, 1)
-        if owner is not None:
-            fcntl.ioctl(fd, tuntap.TUNSETOWNER, owner[0])
-            fcntl.ioctl(fd, tuntap.TUNSETGROUP, owner[1])
-    finally:
-        os.close(fd)
-
-
 def _redirect(ipr: IPRoute, source: int, target: int) -> None:
     """Every frame arriving on `source` leaves through `target`."""
     ipr.tc("add", "ingress", source, "ffff:")
@@ -118,7 +97,7 @@ def connect(netns: str, interface: str, tap: str, owner: tuple[int, int] | None 
             raise HostError(f"the CNI result's interface {interface} is not in {netns}")
         link = ipr.get_links(veth)[0]
         mac, mtu = link.get_attr("IFLA_ADDRESS"), link.get_attr("IFLA_MTU")
-        _add_tap(tap, owner)
+        add_tap(tap, owner)
         tap_index = _index(ipr, tap)
         assert tap_index is not None
         ipr.link("set", index=tap_index, mtu=mtu, state="up")
