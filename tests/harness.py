@@ -104,6 +104,11 @@ class CLIResult:
         return json.loads(self.stdout)
 
 
+# util-linux's setpriv sets the parent-death signal and execs the command (same PID): SIGTERM
+# when the test process that started it ends
+TERMINATE_WITH_PARENT = ("setpriv", "--pdeathsig", "TERM", "--")
+
+
 class Daemon:
     """A `roost serve` process in its own dirs, inside `netns`."""
 
@@ -150,9 +155,10 @@ class Daemon:
         """Start the daemon (with `extra` arguments this time) without waiting for it."""
         with self.log.open("ab") as sink:
             # a session of its own: a Ctrl-C reaches only the test (or benchmark), which then
-            # removes the VMs through the daemon's API
+            # removes the VMs through the daemon's API; a test run killed outright takes its
+            # daemon with it (SIGTERM), which otherwise would outlive it
             self.process = subprocess.Popen(
-                [*self.argv, *extra],
+                [*TERMINATE_WITH_PARENT, *self.argv, *extra],
                 stdout=sink,
                 stderr=sink,
                 start_new_session=True,
