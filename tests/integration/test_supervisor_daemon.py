@@ -60,23 +60,32 @@ def gone(pid: int) -> bool:
     return not Path(f"/proc/{pid}").exists()
 
 
+def replaced_after(
+    daemon: Daemon, tmp_path: Path, signum: signal.Signals
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """VM `first` paused, its supervisor sent `signum`, then VM `second` created: it runs under
+    another supervisor, the first is reaped and gone, and `first` is still followed."""
+    daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
+    first = paused_vm(daemon, "first")
+    old = supervisor_of(daemon, "first")
+    assert parent_of(first["vmm"]["pid"]) == old
+    os.kill(old, signum)
+
+    # a hung supervisor costs the create the answer timeout; then it goes on with another
+    second = paused_vm(daemon, "second")
+    replacement = supervisor_of(daemon, "second")
+    assert replacement != old
+    assert parent_of(second["vmm"]["pid"]) == replacement
+    assert gone(old)  # SIGKILLed if hung, and reaped, before the create went on
+    assert old not in namespace_pids(daemon.netns)
+    still_followed(daemon, first)
+    return first, second
+
+
 def test_a_hung_supervisor_is_replaced_and_its_vms_stay_followed(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
-    first = paused_vm(daemon, "first")
-    hung = supervisor_of(daemon, "first")
-    assert parent_of(first["vmm"]["pid"]) == hung
-    os.kill(hung, signal.SIGSTOP)
-
-    # the create waits the answer timeout for the hung supervisor, then goes on with another
-    second = paused_vm(daemon, "second")
-    replacement = supervisor_of(daemon, "second")
-    assert replacement != hung
-    assert parent_of(second["vmm"]["pid"]) == replacement
-    assert gone(hung)  # SIGKILLed and reaped before the create went on
-    assert hung not in namespace_pids(daemon.netns)
-    still_followed(daemon, first)
+    first, _ = replaced_after(daemon, tmp_path, signal.SIGSTOP)
 
     stopped = daemon.ok("vm", "stop", "first")
     assert stopped["status"] == "stopped"
@@ -92,18 +101,7 @@ def test_a_hung_supervisor_is_replaced_and_its_vms_stay_followed(
 def test_a_dead_supervisor_is_replaced_and_its_orphaned_vmms_end_with_no_exit_code(
     daemon: Daemon, tmp_path: Path
 ) -> None:
-    daemon.ok("plugin", "install", write_plugin(tmp_path, "p"))
-    first = paused_vm(daemon, "first")
-    dead = supervisor_of(daemon, "first")
-    assert parent_of(first["vmm"]["pid"]) == dead
-    os.kill(dead, signal.SIGKILL)
-
-    second = paused_vm(daemon, "second")
-    replacement = supervisor_of(daemon, "second")
-    assert replacement != dead
-    assert parent_of(second["vmm"]["pid"]) == replacement
-    assert gone(dead)  # reaped when the create found it ended
-    still_followed(daemon, first)
+    first, second = replaced_after(daemon, tmp_path, signal.SIGKILL)
 
     os.kill(first["vmm"]["pid"], signal.SIGKILL)
     ended = wait_for(
