@@ -8,6 +8,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import queue
 import secrets
 import shutil
 import signal
@@ -359,3 +360,38 @@ def serve_unix(
     thread = threading.Thread(target=serve, args=(listener,), daemon=True)
     thread.start()
     return listener, thread
+
+
+class EventsFollower:
+    """`roost events` as a process against the daemon at `api`, its stdout read line by line."""
+
+    def __init__(self, api: str, *args: str) -> None:
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "roost.cli.main", "--api", api, "events", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            cwd=ROOT,
+            text=True,
+        )
+        self.lines: queue.Queue[str] = queue.Queue()
+        stdout = self.process.stdout
+        assert stdout is not None
+        threading.Thread(target=lambda: [*map(self.lines.put, stdout)], daemon=True).start()
+
+    def line(self, timeout: float = 10) -> str:
+        """The next line it prints, within `timeout` seconds."""
+        try:
+            return self.lines.get(timeout=timeout).rstrip("\n")
+        except queue.Empty:
+            raise AssertionError(f"roost events printed no line within {timeout:g} s") from None
+
+    def interrupt(self) -> tuple[int, str]:
+        """Ctrl-C; its exit code and stderr."""
+        self.process.send_signal(signal.SIGINT)
+        try:
+            _, err = self.process.communicate(timeout=10)
+        finally:
+            if self.process.poll() is None:
+                self.process.kill()
+                self.process.communicate()
+        return self.process.returncode, err

@@ -7,10 +7,6 @@ from __future__ import annotations
 
 import json
 import queue
-import signal
-import subprocess
-import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -19,23 +15,16 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from roost.cli.events import _sse
-from tests.harness import ROOT, Daemon, wait_for, write_plugin
+from tests.harness import Daemon, EventsFollower, wait_for, write_plugin
 
 pytestmark = [pytest.mark.root, pytest.mark.firecracker, pytest.mark.kvm]
 
 
-class Follower:
-    """`roost events --json` as a process; the events it printed, by line."""
+class Follower(EventsFollower):
+    """`roost events --json` against `daemon`; the events it printed, by line."""
 
     def __init__(self, daemon: Daemon, *args: str) -> None:
-        argv = [sys.executable, "-m", "roost.cli.main", "--api", daemon.api, "events", "--json"]
-        self.process = subprocess.Popen(
-            [*argv, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, cwd=ROOT, text=True
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        stdout = self.process.stdout
-        assert stdout is not None
-        threading.Thread(target=lambda: [*map(self.lines.put, stdout)], daemon=True).start()
+        super().__init__(daemon.api, "--json", *args)
 
     def until(self, done: Any, timeout: float = 60) -> list[dict[str, Any]]:
         """The events it prints until one for which `done(event)` holds (that one too)."""
@@ -49,16 +38,6 @@ class Follower:
             except queue.Empty:
                 raise AssertionError(f"roost events stopped after {seen}") from None
         return seen
-
-    def interrupt(self) -> tuple[int, str]:
-        self.process.send_signal(signal.SIGINT)
-        try:
-            _, err = self.process.communicate(timeout=10)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.communicate()
-        return self.process.returncode, err
 
 
 def scrape(daemon: Daemon) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:

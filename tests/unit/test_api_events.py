@@ -7,12 +7,9 @@ from __future__ import annotations
 
 import asyncio
 import json
-import queue
 import re
-import signal
 import subprocess
 import sys
-import threading
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
@@ -27,7 +24,7 @@ from roost.cli.events import _human, _sse
 from roost.engine.events import EventBus
 from roost.engine.settings import Settings
 from roost.errors import ExitCode
-from tests.harness import wait_for
+from tests.harness import EventsFollower, wait_for
 from tests.unit.test_api_app import Api, FakeEngine, error_of
 from tests.unit.test_api_vsock import Served
 
@@ -236,44 +233,10 @@ def roost(socket: Path, *args: str) -> list[str]:
     return [sys.executable, "-m", "roost.cli.main", "--api", f"unix://{socket}", *args]
 
 
-class Follower:
-    """`roost events` as a process, its stdout read line by line."""
-
-    def __init__(self, served: EventsApp, *args: str) -> None:
-        self.process = subprocess.Popen(
-            roost(served.socket, "events", *args),
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            cwd=ROOT,
-            text=True,
-        )
-        self.lines: queue.Queue[str] = queue.Queue()
-        assert self.process.stdout is not None
-        stdout = self.process.stdout
-        threading.Thread(target=lambda: [*map(self.lines.put, stdout)], daemon=True).start()
-
-    def line(self) -> str:
-        try:
-            return self.lines.get(timeout=10).rstrip("\n")
-        except queue.Empty:
-            raise AssertionError("roost events printed no line within 10 s") from None
-
-    def interrupt(self) -> tuple[int, str]:
-        """Ctrl-C; its exit code and stderr."""
-        self.process.send_signal(signal.SIGINT)
-        try:
-            _, err = self.process.communicate(timeout=10)
-        finally:
-            if self.process.poll() is None:
-                self.process.kill()
-                self.process.communicate()
-        return self.process.returncode, err
-
-
 def test_roost_events_json_prints_each_data_object_on_a_line_and_ctrl_c_exits_0(
     served: EventsApp,
 ) -> None:
-    follower = Follower(served, "--json")
+    follower = EventsFollower(f"unix://{served.socket}", "--json")
     try:
         wait_for(lambda: served.readers() == 1, what="roost events to follow")
         published = [
@@ -288,7 +251,7 @@ def test_roost_events_json_prints_each_data_object_on_a_line_and_ctrl_c_exits_0(
 
 
 def test_roost_events_resumes_with_last_event_id_across_a_reconnect(served: EventsApp) -> None:
-    follower = Follower(served, "--vm", "web-1")
+    follower = EventsFollower(f"unix://{served.socket}", "--vm", "web-1")
     try:
         wait_for(lambda: served.readers() == 1, what="roost events to follow")
         served.bus.publish("vm.created", vm="web-1", plugin="p")
