@@ -7,27 +7,42 @@ VM's NIC as its first interface (and gets it back on a downgrade)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, text
 from sqlalchemy.exc import IntegrityError
 
 from roost.state.db import MIGRATIONS, Database, sqlite_url
+
+
+def alembic_config() -> Config:
+    """Alembic's configuration for roost's migrations (its connection is given per use)."""
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    return config
+
+
+@contextmanager
+def upgraded(engine: Engine, config: Config, revision: str) -> Iterator[Connection]:
+    """A transaction on a database just upgraded to `revision` (committed on leaving)."""
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.upgrade(config, revision)
+        yield connection
 
 
 def test_version_two_databases_get_effective_configs_and_running_versions(
     tmp_path: Path,
 ) -> None:
     url = sqlite_url(tmp_path)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config = alembic_config()
     engine = create_engine(url)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0002")
+    with upgraded(engine, config, "0002") as connection:
         network = {
             "effective": {
                 "mode": "bridged",
@@ -123,12 +138,9 @@ def test_version_four_databases_accept_cloud_hypervisors_vsock_and_keep_their_vm
     tmp_path: Path,
 ) -> None:
     url = sqlite_url(tmp_path)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config = alembic_config()
     engine = create_engine(url)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0004")
+    with upgraded(engine, config, "0004") as connection:
         for statement in (
             "INSERT INTO plugins (id, name, version, manifest, installed_at) VALUES "
             "(1, 'p', '1', '{}', '2026-01-01')",
@@ -157,12 +169,9 @@ def test_version_five_databases_keep_their_networks_as_on_demand_ones_and_take_n
     tmp_path: Path,
 ) -> None:
     url = sqlite_url(tmp_path)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config = alembic_config()
     engine = create_engine(url)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0005")
+    with upgraded(engine, config, "0005") as connection:
         connection.execute(
             text(
                 "INSERT INTO networks (id, name, bridge, subnet, gateway, first, last, next_hint, "
@@ -232,9 +241,7 @@ def _version_six_with_vms(url: str, config: Config) -> None:
     """A database at 0006 with a bridged VM (its MAC, tap, observed address and lease) and a
     vsock-only one, each with its first config version."""
     engine = create_engine(url)
-    with engine.begin() as connection:
-        config.attributes["connection"] = connection
-        command.upgrade(config, "0006")
+    with upgraded(engine, config, "0006") as connection:
         for statement, values in (
             (
                 "INSERT INTO plugins (id, name, version, manifest, installed_at) VALUES "
@@ -288,8 +295,7 @@ def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
     tmp_path: Path,
 ) -> None:
     url = sqlite_url(tmp_path)
-    config = Config()
-    config.set_main_option("script_location", str(MIGRATIONS))
+    config = alembic_config()
     _version_six_with_vms(url, config)
 
     database = Database(url)
