@@ -17,13 +17,12 @@ from roost.engine.hostnet import HostNetwork
 from roost.engine.views import network_view
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
 from roost.plan.registration import AUTO_PREFIX, NetworkCreate, random_prefix
-from roost.plan.registry import NetworkKind, NetworkLookup, RegisteredNetwork
+from roost.plan.registry import DHCP_NETWORK, NetworkKind, NetworkLookup, RegisteredNetwork
 from roost.state import alloc
 from roost.state.db import Database
 from roost.state.models import VM, IPLease, Network, VMConfigVersion
 
 log = logging.getLogger("roost.engine")
-DHCP_NETWORK = "dhcp"
 
 
 def registered(network: Network) -> RegisteredNetwork:

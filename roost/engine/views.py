@@ -9,7 +9,6 @@ from typing import Any
 
 from roost.plan.ipv6 import router_address
 from roost.spec import Resources, ResourcesOverride
-from roost.spec.network import NetworkMode
 from roost.state.models import Network, Plugin, timestamp
 from roost.state.vms import ShownNic, StoredInterface, StoredNetwork, nics_json
 from roost.vmm.base import RunDir, VsockBackend
@@ -79,7 +78,7 @@ def interface_view(interface: StoredInterface, nic: ShownNic | None) -> dict[str
     return {
         "name": interface.name,
         "mode": effective.mode.value,
-        "network": effective.network or ("dhcp" if effective.mode is NetworkMode.DHCP else None),
+        "network": effective.on_network,
         "bridge": interface.bridge if plan.tap else None,
         "tap": nic.tap if plan.tap and nic is not None else None,
         "mac": nic.mac if plan.nic and nic is not None else None,

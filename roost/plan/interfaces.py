@@ -25,14 +25,11 @@ from roost.plan.network import (
     resolve_network,
 )
 from roost.plan.nic_args import GuestNIC, nic_args
-from roost.plan.registry import NetworkLookup
+from roost.plan.registry import DHCP_NETWORK, NetworkLookup
 from roost.spec.interfaces import InterfaceConfig, default_name
 from roost.spec.manifest import Manifest
 from roost.spec.network import NetworkMode
 from roost.spec.vmconfig import VMConfig
-
-# the network a dhcp interface that names none is on (`--dhcp-bridge`, registered at start)
-DHCP_NETWORK = "dhcp"
 
 
 @dataclass(frozen=True)
@@ -69,9 +66,7 @@ class EffectiveInterface:
     def network(self) -> str | None:
         """The registered network it is on, by name: the one it names, `dhcp` for a dhcp
         interface that names none; None for a subnet or the daemon's default network."""
-        if self.effective.network is not None:
-            return self.effective.network
-        return DHCP_NETWORK if self.mode is NetworkMode.DHCP else None
+        return self.effective.on_network
 
     @property
     def subnet(self) -> ipaddress.IPv4Network | None:

@@ -9,7 +9,7 @@ from enum import StrEnum
 from typing import Any
 
 from roost.errors import ErrorDetail, InvalidError
-from roost.plan.registry import NetworkLookup, RegisteredNetwork
+from roost.plan.registry import DHCP_NETWORK, NetworkLookup, RegisteredNetwork
 from roost.spec.manifest import Manifest
 from roost.spec.network import (
     NetworkConfig,
@@ -92,6 +92,14 @@ class EffectiveNetwork:
     ip: ipaddress.IPv4Address | None = None
     network: str | None = None
     external: bool = False
+
+    @property
+    def on_network(self) -> str | None:
+        """The registered network it is on, by name: the one it names, `dhcp` for a dhcp one
+        that names none; None for a subnet or the daemon's default network."""
+        if self.network is not None:
+            return self.network
+        return DHCP_NETWORK if self.mode is NetworkMode.DHCP else None
 
     def with_ip(self, ip: ipaddress.IPv4Address) -> EffectiveNetwork:
         return replace(self, ip=ip)

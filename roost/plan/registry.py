@@ -40,8 +40,10 @@ class RegisteredNetwork:
 # None: no network of that name is registered
 NetworkLookup = Callable[[str], RegisteredNetwork | None]
 
+# the external network of `--dhcp-bridge`, registered at start: a dhcp VM that names none is on it
+DHCP_NETWORK = "dhcp"
 # Names roost gives its own networks and links; an operator's network or bridge cannot take them.
-RESERVED_NETWORK_NAMES = ("default", "dhcp")
+RESERVED_NETWORK_NAMES = ("default", DHCP_NETWORK)
 RESERVED_NETWORK_PREFIXES = ("net-",)
 RESERVED_BRIDGE_PREFIXES = ("rbr", "rtap")
 RESERVED_BRIDGE_NAMES = ("roost0",)
