@@ -103,6 +103,20 @@ class Network(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
+class Policy(Base):
+    """A network policy (`roost.spec.policy.Policy` as JSON in `body`), attached to VMs'
+    interfaces by name."""
+
+    __tablename__ = "policies"
+    __table_args__ = {"sqlite_autoincrement": True}
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    body: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+
+
 class VM(Base):
     """A VM and what it holds: its status, its interfaces (`nics`), its VMM. `network` is
     what it was last planned with (`roost.state.vms.StoredInterfaces`)."""
