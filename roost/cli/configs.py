@@ -18,6 +18,7 @@ from roost.cli.options import (
     NetworkGatewayOpt,
     NetworkIPOpt,
     NetworkModeOpt,
+    NetworkPolicyOpt,
     NetworkSubnetOpt,
     refuse_field_flags_on_interfaces,
     with_flags,
@@ -201,6 +202,7 @@ def config_patch(
     network_gateway: NetworkGatewayOpt = None,
     network_auto_assign: NetworkAutoAssignOpt = None,
     network_ip: NetworkIPOpt = None,
+    network_policy: NetworkPolicyOpt = None,
     network_reset: Annotated[
         bool,
         typer.Option(
@@ -226,7 +228,12 @@ def config_patch(
     replaces the whole list.
     """
     flags = NetworkFlags(
-        network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
+        network_mode,
+        network_subnet,
+        network_gateway,
+        network_auto_assign,
+        network_ip,
+        network_policy,
     )
     if network_reset and flags.given:
         usage_error("--network-reset cannot be combined with --network-* flags")

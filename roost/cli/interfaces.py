@@ -29,6 +29,8 @@ SPEC_KEYS = (
     "mac",
     "ipv6",
     "default_route",
+    "policies",
+    "policy_defaults",
 )
 BOOLEAN_KEYS = ("auto_assign", "default_route")
 SPEC_EXAMPLE = "mode=bridged,network=lan,ip=10.1.0.5"
@@ -42,8 +44,9 @@ InterfaceOpt = Annotated[
         help=(
             "One network interface (repeat for each, in the guest's order), as KEY=VALUE "
             f"pairs such as {SPEC_EXAMPLE}. Keys: {', '.join(SPEC_KEYS)} "
-            "(ipv6=ADDRESS, default_route=true). The list replaces any other interfaces "
-            "or network; not with the --network-* flags."
+            "(ipv6=ADDRESS, default_route=true, policies=web-in;no-egress, "
+            "policy_defaults=ingress:drop;egress:allow). The list replaces any other "
+            "interfaces or network; not with the --network-* flags."
         ),
         show_default=False,
     ),
@@ -56,7 +59,8 @@ class SpecError(ValueError):
 
 def parse_interface_spec(spec: str) -> dict[str, Any]:
     """One `--interface` SPEC as an interface object (`ipv6=X` is `{"ip": X}`, booleans are
-    booleans; every other value stays a string for validation to judge)."""
+    booleans, `policies=a;b` a list (`policies=` an empty one), `policy_defaults=ingress:drop`
+    an object; every other value stays a string for validation to judge)."""
     if not spec.strip():
         raise SpecError(f"--interface {spec!r} is empty; {HOW_TO_WRITE}")
     interface: dict[str, Any] = {}
@@ -93,7 +97,25 @@ def _value(spec: str, key: str, value: str) -> Any:
         return value.lower() == "true"
     if key == "ipv6":
         return {"ip": value}
+    if key == "policies":  # ';' because ',' separates the pairs
+        return [name.strip() for name in value.split(";")] if value else []
+    if key == "policy_defaults":
+        return _policy_defaults(spec, value)
     return value
+
+
+def _policy_defaults(spec: str, value: str) -> dict[str, str]:
+    """`ingress:drop;egress:allow` (either may be left out) as `{"ingress": "drop", ...}`."""
+    defaults: dict[str, str] = {}
+    for item in value.split(";"):
+        direction, colon, action = (part.strip() for part in item.partition(":"))
+        if not colon or not direction or direction in defaults:
+            raise SpecError(
+                f"--interface {spec!r}: policy_defaults={value!r} is not DIRECTION:ACTION "
+                "pairs; write e.g. policy_defaults=ingress:drop;egress:allow"
+            )
+        defaults[direction] = action
+    return defaults
 
 
 def interfaces_from(

@@ -39,6 +39,18 @@ NetworkAutoAssignOpt = Annotated[
 NetworkIPOpt = Annotated[
     str | None, typer.Option("--network-ip", help="Bridged: the VM's own address.")
 ]
+NetworkPolicyOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--network-policy",
+        metavar="NAME",
+        help=(
+            "Bridged or dhcp: a stored policy to enforce on the VM's tap (repeat for each; "
+            "together they replace the network's policies). roost policy list shows them."
+        ),
+        show_default=False,
+    ),
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", help="A VM config JSON file; flags override its fields."),
@@ -52,6 +64,7 @@ class NetworkFlags:
     gateway: str | None
     auto_assign: bool | None
     ip: str | None
+    policies: list[str] | None = None
 
     @property
     def given(self) -> bool:
@@ -66,6 +79,7 @@ class NetworkFlags:
             "--network-gateway": self.gateway,
             "--network-auto-assign": self.auto_assign,
             "--network-ip": self.ip,
+            "--network-policy": self.policies or None,
         }
         return [name for name, value in values.items() if value is not None]
 
@@ -77,6 +91,7 @@ class NetworkFlags:
             gateway=self.gateway,
             auto_assign=self.auto_assign,
             ip=self.ip,
+            policies=self.policies or None,
         )
 
 

@@ -29,6 +29,7 @@ from roost.cli.options import (
     NetworkGatewayOpt,
     NetworkIPOpt,
     NetworkModeOpt,
+    NetworkPolicyOpt,
     NetworkSubnetOpt,
     vm_config_from,
 )
@@ -288,6 +289,7 @@ def vm_create(
     network_gateway: NetworkGatewayOpt = None,
     network_auto_assign: NetworkAutoAssignOpt = None,
     network_ip: NetworkIPOpt = None,
+    network_policy: NetworkPolicyOpt = None,
     interface: InterfaceOpt = None,
     config: ConfigOpt = None,
     no_start: Annotated[
@@ -300,7 +302,12 @@ def vm_create(
 ) -> None:
     """Create a VM from an installed plugin (and start it, unless --no-start)."""
     flags = NetworkFlags(
-        network_mode, network_subnet, network_gateway, network_auto_assign, network_ip
+        network_mode,
+        network_subnet,
+        network_gateway,
+        network_auto_assign,
+        network_ip,
+        network_policy,
     )
     interfaces = interfaces_from(interface, flags)
     with daemon(as_json) as client:

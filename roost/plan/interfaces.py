@@ -29,6 +29,7 @@ from roost.plan.registry import DHCP_NETWORK, NetworkLookup
 from roost.spec.interfaces import InterfaceConfig, default_name
 from roost.spec.manifest import Manifest
 from roost.spec.network import NetworkMode
+from roost.spec.policy import PolicyDefaults
 from roost.spec.vmconfig import VMConfig
 
 
@@ -83,6 +84,14 @@ class EffectiveInterface:
     @property
     def ip(self) -> ipaddress.IPv4Address | None:
         return self.effective.ip
+
+    @property
+    def policies(self) -> tuple[str, ...]:
+        return self.effective.policies
+
+    @property
+    def policy_defaults(self) -> PolicyDefaults | None:
+        return self.effective.policy_defaults
 
     def with_ip(self, ip: ipaddress.IPv4Address, vm_name: str) -> EffectiveInterface:
         """The interface once allocation gave it `ip` (its plan's kernel `ip=` complete)."""
@@ -142,7 +151,8 @@ class EffectiveInterface:
 
     def to_json(self) -> dict[str, Any]:
         """Every field the VM's JSON has for an interface at plan time, null when unused
-        (`unresolved` only while a named network is)."""
+        (`unresolved` only while a named network is; `policies` and `policy_defaults` only
+        where set)."""
         data: dict[str, Any] = {
             "name": self.name,
             "mode": self.mode.value,
@@ -154,6 +164,7 @@ class EffectiveInterface:
             "mac": self.mac,
             "ipv6": self.ipv6_json(),
             "default_route": self.default_route,
+            **self.effective.policies_json(),
         }
         if self.unresolved is not None:
             data["unresolved"] = self.unresolved

@@ -20,6 +20,7 @@ from roost.spec.network import (
     network_errors,
     parse_subnet,
 )
+from roost.spec.policy import PolicyDefaults
 from roost.spec.vmconfig import VMConfig
 
 DEFAULT_SUBNET = "10.57.0.0/24"
@@ -82,6 +83,8 @@ class EffectiveNetwork:
     registered network the config named (None for a subnet, the default network, or a dhcp VM
     on `--dhcp-bridge`), `external` whether that network's bridge is the operator's. A named
     network planned without a lookup (offline) has no subnet: the daemon resolves it.
+    `policies` are the stored policies enforced on its tap, `policy_defaults` what traffic
+    none of their rules decides gets (None: allow both ways).
     """
 
     mode: NetworkMode
@@ -92,6 +95,8 @@ class EffectiveNetwork:
     ip: ipaddress.IPv4Address | None = None
     network: str | None = None
     external: bool = False
+    policies: tuple[str, ...] = ()
+    policy_defaults: PolicyDefaults | None = None
 
     @property
     def on_network(self) -> str | None:
@@ -112,6 +117,8 @@ class EffectiveNetwork:
             value = data.get(key)
             return None if value is None else kind(value)
 
+        defaults = data.get("policy_defaults")
+
         return cls(
             NetworkMode(data["mode"]),
             Source(data["source"]),
@@ -121,11 +128,14 @@ class EffectiveNetwork:
             optional("ip", ipaddress.IPv4Address),
             data.get("network"),
             bool(data.get("external", False)),
+            tuple(data.get("policies") or ()),
+            None if defaults is None else PolicyDefaults.model_validate(defaults),
         )
 
     def to_json(self) -> dict[str, Any]:
-        """Its JSON; `network` and `external` only where a network was named, so every config
-        that names none reads (and is stored) exactly as before named networks."""
+        """Its JSON; `network` and `external` only where a network was named, `policies` and
+        `policy_defaults` only where set, so every config without them reads (and is stored)
+        exactly as before they existed."""
         named: dict[str, Any] = {}
         if self.network is not None:
             named = {"network": self.network, "external": self.external}
@@ -137,7 +147,17 @@ class EffectiveNetwork:
             "auto_assign": self.auto_assign,
             "ip": None if self.ip is None else str(self.ip),
             **named,
+            **self.policies_json(),
         }
+
+    def policies_json(self) -> dict[str, Any]:
+        """`policies` and `policy_defaults`, each only where set."""
+        data: dict[str, Any] = {}
+        if self.policies:
+            data["policies"] = list(self.policies)
+        if self.policy_defaults is not None:
+            data["policy_defaults"] = self.policy_defaults.model_dump(mode="json")
+        return data
 
 
 def _merge(plugin: NetworkConfig | None, vm: NetworkConfig, mode: NetworkMode) -> NetworkConfig:
@@ -162,6 +182,18 @@ def resolve_network(
 
     Raises `InvalidError` (locs under `network.`) when the result breaks a rule.
     """
+    merged, source = _merged(manifest, vm_config)
+    effective = _resolve(manifest, merged, source, default, lookup)
+    return replace(
+        effective,
+        policies=tuple(merged.policies or ()),
+        policy_defaults=merged.policy_defaults,
+    )
+
+
+def _merged(manifest: Manifest, vm_config: VMConfig | None) -> tuple[NetworkConfig, Source]:
+    """The network as written once the VM's override meets the plugin's default (or the
+    daemon's default network, when neither has one), and where it came from."""
     override = vm_config.network if vm_config is not None else None
     plugin = manifest.network
     plugin_mode = plugin.mode if plugin is not None and plugin.mode else NetworkMode.BRIDGED
@@ -171,6 +203,18 @@ def resolve_network(
         source, merged = Source.PLUGIN, plugin
     else:
         source, merged = Source.DEFAULT, NetworkConfig(mode=NetworkMode.BRIDGED)
+    return merged, source
+
+
+def _resolve(
+    manifest: Manifest,
+    merged: NetworkConfig,
+    source: Source,
+    default: DefaultNetwork,
+    lookup: NetworkLookup | None,
+) -> EffectiveNetwork:
+    """The effective network of `merged` judged by every rule, its policies left for
+    `resolve_network` to carry over."""
     mode = merged.mode
     assert mode is not None
 

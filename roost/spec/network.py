@@ -16,8 +16,9 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
 
 from roost.errors import ErrorDetail, InvalidError
-from roost.spec.common import DNS_LABEL
+from roost.spec.common import DNS_LABEL, Name
 from roost.spec.parse import details_of
+from roost.spec.policy import PolicyDefaults
 
 MIN_PREFIX = 8
 MAX_PREFIX = 30
@@ -35,6 +36,11 @@ RESERVED_RANGES = (
     ),
 )
 PRIVATE_RANGES_TEXT = "10.0.0.0/8, 172.16.0.0/12 or 192.168.0.0/16"
+# Every policy attached to a tap is walked for each new connection it sees, and a tap's set of
+# policies is one shared nftables chain per distinct set: 16 names cover layered policies (a
+# base, a role, an exception) without making each tap a long walk.
+MAX_POLICIES = 16
+POLICY_FIELDS = ("policies", "policy_defaults")
 
 
 class NetworkMode(StrEnum):
@@ -130,6 +136,19 @@ def parse_network_name(value: Any) -> str:
     return text
 
 
+def _policy_count(value: Any) -> Any:
+    # before pydantic reads the names: a thousand are refused without reading them
+    if isinstance(value, list) and len(value) > MAX_POLICIES:
+        raise ValueError(
+            f"names {len(value)} policies; an interface may have at most {MAX_POLICIES}: "
+            "merge some into one policy"
+        )
+    return value
+
+
+PolicyNames = Annotated[list[Name], BeforeValidator(_policy_count)]
+
+
 def first_host(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     """The gateway a subnet gets when none is named: its first host address."""
     return subnet.network_address + 1
@@ -150,6 +169,10 @@ class NetworkConfig(BaseModel):
     ip: str | None = None
     # a registered network (`roost network create`), in place of subnet and gateway
     network: str | None = None
+    # the names of stored policies (`roost policy create`) enforced on the tap, and what
+    # traffic none of their rules decides gets (unset: allow both ways)
+    policies: PolicyNames | None = None
+    policy_defaults: PolicyDefaults | None = None
 
     @field_validator("subnet", mode="before")
     @classmethod
@@ -206,6 +229,7 @@ def network_errors(
     def err(field: str | None, msg: str) -> None:
         errors.append(ErrorDetail(f"{prefix}.{field}" if field else prefix, msg))
 
+    errors += _policy_errors(net, prefix)
     if net.mode is None:
         if where == "plugin":
             err("mode", f"is required; use one of {MODES_TEXT}")
@@ -266,6 +290,32 @@ def network_errors(
     return errors
 
 
+def _policy_errors(net: NetworkConfig, prefix: str) -> list[ErrorDetail]:
+    """Policies need a tap to be enforced on; each is named once."""
+    errors: list[ErrorDetail] = []
+    if net.mode is NetworkMode.VSOCK:
+        for field in POLICY_FIELDS:
+            if getattr(net, field) is not None:
+                errors.append(
+                    ErrorDetail(
+                        f"{prefix}.{field}",
+                        "applies to a VM's tap; a vsock VM has none (no network traffic to "
+                        "police), so drop it",
+                    )
+                )
+    seen: set[str] = set()
+    for index, name in enumerate(net.policies or ()):
+        if name in seen:
+            errors.append(
+                ErrorDetail(
+                    f"{prefix}.policies.{index}",
+                    f"names policy {name!r} again; name each policy once",
+                )
+            )
+        seen.add(name)
+    return errors
+
+
 def check_inside(
     err: Report,
     field: str,
@@ -298,13 +348,21 @@ def network_override(
     gateway: str | None = None,
     auto_assign: bool | None = None,
     ip: str | None = None,
+    policies: list[str] | None = None,
 ) -> NetworkConfig | None:
     """A VM's override built from command-line flags, the same way wherever they appear.
 
-    Flags override `base` (e.g. a --config file's network) field by field; a `mode` starts a
-    fresh override from the flags alone. Raises `InvalidError` with `network.*` locs.
+    Flags override `base` (e.g. a --config file's network) field by field (`policies` as a
+    whole list); a `mode` starts a fresh override from the flags alone. Raises `InvalidError`
+    with `network.*` locs.
     """
-    flags = {"subnet": subnet, "gateway": gateway, "auto_assign": auto_assign, "ip": ip}
+    flags = {
+        "subnet": subnet,
+        "gateway": gateway,
+        "auto_assign": auto_assign,
+        "ip": ip,
+        "policies": policies,
+    }
     given = {key: value for key, value in flags.items() if value is not None}
     if mode is not None:
         data: dict[str, Any] = {"mode": mode, **given}

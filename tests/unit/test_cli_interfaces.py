@@ -81,7 +81,8 @@ def test_the_spec_keys_are_the_fields_of_an_interface() -> None:
         (
             "mode=dhcp,bridge=br0",
             "--interface 'mode=dhcp,bridge=br0': unknown key 'bridge'; the keys are name, mode, "
-            "network, subnet, gateway, auto_assign, ip, mac, ipv6, default_route",
+            "network, subnet, gateway, auto_assign, ip, mac, ipv6, default_route, policies, "
+            "policy_defaults",
         ),
         (
             "ip=10.1.0.5,ip=10.1.0.6",
