@@ -53,6 +53,7 @@ CODES: dict[str, Code] = {
     "cid_exhausted": Code(409, ExitCode.CONFLICT),
     "plugin_in_use": Code(409, ExitCode.CONFLICT),
     "network_in_use": Code(409, ExitCode.CONFLICT),
+    "policy_in_use": Code(409, ExitCode.CONFLICT),
     "locked": Code(409, ExitCode.CONFLICT),
     "orphans": Code(409, ExitCode.CONFLICT),
     # the daemon, the host or a VMM

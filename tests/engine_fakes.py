@@ -6,7 +6,7 @@ from __future__ import annotations
 import ipaddress
 import subprocess
 import sys
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import cast
@@ -22,7 +22,10 @@ from roost.engine.settings import Settings
 from roost.errors import HostError, VMMFailedError
 from roost.host.links import LinkInfo
 from roost.host.netns import NetnsWorker
+from roost.host.policy import Count, Counters
+from roost.plan.policy import NetworkLookup, TapPolicies, transaction
 from roost.spec import Manifest
+from roost.spec.policy import Direction, Policy
 from roost.state import alloc
 from roost.state.artifacts import ArtifactStore
 from roost.state.db import Database, sqlite_url
@@ -75,6 +78,48 @@ class FakeFirewall:
 
     def release(self, tap: str) -> None:
         self.protected.discard(tap)
+
+
+class FakePolicyFirewall:
+    """roost.plan.policy's transactions, planned for real (an unknown `@network` is refused
+    as by the real one) and recorded instead of run; `fail` refuses the next one, which then
+    changes nothing. `counts` are what `counters()` reports per rule."""
+
+    def __init__(self) -> None:
+        self.policies: dict[str, Policy] = {}
+        self.taps: dict[str, str] = {}
+        self.transactions: list[list[str]] = []
+        self.counts: dict[tuple[str, Direction, int], Count] = {}
+        self.fail = False
+
+    def apply(
+        self,
+        *,
+        policies: Sequence[Policy] = (),
+        taps: Sequence[TapPolicies] = (),
+        removed_taps: Sequence[str] = (),
+        removed_policies: Sequence[str] = (),
+        lookup: NetworkLookup,
+    ) -> None:
+        planned = transaction(
+            current=self.taps,
+            policies=policies,
+            taps=taps,
+            removed_taps=removed_taps,
+            removed_policies=removed_policies,
+            lookup=lookup,
+        )
+        if self.fail:
+            self.fail = False
+            raise HostError("nftables refused the policy rules: a fake failure")
+        self.transactions.append(planned.lines)
+        self.taps = planned.taps
+        self.policies.update((policy.name, policy) for policy in policies)
+        for name in removed_policies:
+            self.policies.pop(name, None)
+
+    def counters(self) -> Counters:
+        return Counters(dict(self.counts), {})
 
 
 class FakeAdverts:
