@@ -400,3 +400,29 @@ def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
         effective = connection.execute(text("SELECT effective FROM vm_configs ORDER BY vm_id"))
         assert [json.loads(row[0])["network"] for row in effective] == [BRIDGED, VSOCK]
     engine.dispose()
+
+
+def test_version_seven_databases_take_policies_with_unique_names_and_drop_them_back(
+    tmp_path: Path,
+) -> None:
+    config = alembic_config()
+    engine = create_engine(sqlite_url(tmp_path))
+    with upgraded(engine, config, "0007"):
+        pass
+    insert = (
+        "INSERT INTO policies (name, body, created_at, updated_at) VALUES "
+        "('web-in', '{\"name\": \"web-in\", \"ingress\": []}', '2026-01-01', '2026-01-01')"
+    )
+    with upgraded(engine, config, "0008") as connection:
+        connection.execute(text(insert))
+        body = connection.execute(text("SELECT body FROM policies")).scalar()
+        assert json.loads(body) == {"name": "web-in", "ingress": []}
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(text(insert))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0007")
+    with engine.begin() as connection:
+        tables = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        assert "policies" not in {row[0] for row in tables}
+    engine.dispose()
