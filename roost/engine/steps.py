@@ -26,6 +26,12 @@ class Steps:
             self._undo.append((what, undo))
         failpoint(f"{self.operation}:{step}")
 
+    def undoable(self, what: str, undo: Callable[[], object]) -> None:
+        """Record how to undo part of a step still under way: it has no failpoint of its own
+        (the step's `done` has it)."""
+        log.debug("%s %s: %s", self.operation, self.vm, what)
+        self._undo.append((what, undo))
+
     def mark(self) -> int:
         """A point to roll back to: `rollback(mark)` undoes only what was done after it."""
         return len(self._undo)

@@ -1,0 +1,361 @@
+"""The engine's CNI lifecycle (`roost.engine.cni.CniAttachments`) with named failing fakes for
+the runtime, the store, the namespaces and the redirects: whatever fails, an attach rolled
+back leaves no namespace, no record and no plugin state; DEL runs with the stored result, is
+retried while it fails, and CHECK reports the plugins' and the redirect's problems."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from roost.engine.cni import CniAttachments, Stored, Wanted, container_id
+from roost.engine.steps import Steps
+from roost.errors import HostError, InvalidError
+from roost.host.cni import Attachment
+from roost.host.redirect import Redirect
+from roost.spec.cni import CniResult, Conflist, parse_conflist, parse_result
+
+MAC = "0a:58:0a:58:00:05"
+
+
+def conflist(name: str = "net") -> Conflist:
+    return parse_conflist({"cniVersion": "1.0.0", "name": name, "plugins": [{"type": "bridge"}]})
+
+
+class FakeStore:
+    """Attachments in memory, as committed rows keyed by (vm, index)."""
+
+    def __init__(self) -> None:
+        self.rows: dict[tuple[str, int], Stored] = {}
+
+    def record(self, vm: str, index: int, attachment: Attachment) -> None:
+        assert (vm, index) not in self.rows, "a stale attachment must be cleared first"
+        self.rows[vm, index] = Stored(vm, index, attachment)
+
+    def set_result(self, vm: str, index: int, result: CniResult) -> None:
+        stored = self.rows[vm, index]
+        self.rows[vm, index] = Stored(vm, index, stored.attachment, result)
+
+    def forget(self, vm: str, index: int) -> None:
+        self.rows.pop((vm, index), None)
+
+    def of_vm(self, vm: str) -> list[Stored]:
+        return [stored for (owner, _), stored in sorted(self.rows.items()) if owner == vm]
+
+    def all(self) -> list[Stored]:
+        return list(self.rows.values())
+
+
+class FakeRuntime:
+    """Plugins that hold an address per (container id, ifname) until DEL, like host-local."""
+
+    def __init__(self, store: FakeStore) -> None:
+        self.store = store
+        self.held: set[tuple[str, str]] = set()
+        self.calls: list[tuple[str, str, CniResult | None]] = []
+        self.add_fails_on: str | None = None  # ifname whose ADD fails (undone by itself)
+        self.delete_fails = False
+        self.check_fails = False
+        self.no_sandbox_interface = False
+        self.unknown_networks: set[str] = set()
+
+    def attachment(self, **kwargs: Any) -> Attachment:
+        network = kwargs.pop("network")
+        if network in self.unknown_networks:
+            raise InvalidError.at("cni.network", f"no CNI conflist named {network!r}")
+        kwargs["conflist"] = kwargs["conflist"] or conflist(network)
+        kwargs["args"] = kwargs["args"] or {}
+        kwargs["capability_args"] = kwargs["capability_args"] or {}
+        return Attachment(**kwargs)
+
+    def add(self, attachment: Attachment) -> CniResult:
+        # the attachment is committed before the plugins run, so a crash here can be undone
+        assert any(s.attachment == attachment for s in self.store.all())
+        self.calls.append(("ADD", attachment.ifname, None))
+        if attachment.ifname == self.add_fails_on:
+            raise HostError("CNI plugin 'bridge' (ADD on network 'net') failed: no room")
+        self.held.add((attachment.container_id, attachment.ifname))
+        name = "other" if self.no_sandbox_interface else attachment.ifname
+        return parse_result(
+            {
+                "cniVersion": "1.0.0",
+                "interfaces": [
+                    {"name": "cni0", "mac": "0a:58:0a:58:00:01"},
+                    {"name": name, "mac": MAC, "sandbox": attachment.netns},
+                ],
+                "ips": [
+                    {"address": "10.88.0.5/24", "gateway": "10.88.0.1", "interface": 1},
+                    {"address": "fd88::5/64", "interface": 1},
+                ],
+            }
+        )
+
+    def delete(self, attachment: Attachment, result: CniResult | None) -> None:
+        self.calls.append(("DEL", attachment.ifname, result))
+        if self.delete_fails:
+            raise HostError("CNI plugin 'host-local' (DEL on network 'net') failed: disk gone")
+        self.held.discard((attachment.container_id, attachment.ifname))
+
+    def check(self, attachment: Attachment, result: CniResult) -> None:
+        self.calls.append(("CHECK", attachment.ifname, result))
+        if self.check_fails:
+            raise HostError("CNI plugin 'bridge' (CHECK on network 'net') failed: veth is gone")
+
+
+class FakeRedirects:
+    def __init__(self) -> None:
+        self.taps: dict[str, tuple[str, str]] = {}  # tap -> (netns, interface)
+        self.connect_fails = False
+        self.cut: set[str] = set()  # taps whose filters were removed by hand
+
+    def connect(
+        self, netns: str, interface: str, tap: str, owner: tuple[int, int] | None = None
+    ) -> Redirect:
+        if self.connect_fails:
+            raise HostError(f"cannot connect tap {tap} to {interface} in {netns}: busy")
+        self.taps[tap] = (netns, interface)
+        return Redirect(netns=netns, interface=interface, tap=tap, mac=MAC, mtu=1500)
+
+    def disconnect(self, netns: str, interface: str, tap: str) -> None:
+        self.taps.pop(tap, None)
+
+    def check(self, netns: str, interface: str, tap: str) -> list[str]:
+        if tap in self.cut:
+            return [f"no tc filter redirects frames from {interface} to {tap} in {netns}"]
+        return []
+
+
+class FakeNamespaces:
+    """Namespaces by name; the taps in one go with it."""
+
+    def __init__(self, redirects: FakeRedirects) -> None:
+        self.made: set[str] = set()
+        self.redirects = redirects
+
+    def create(self, name: str) -> Path:
+        self.made.add(name)
+        return Path("/run/netns") / name
+
+    def delete(self, name: str) -> bool:
+        found = name in self.made
+        self.made.discard(name)
+        for tap, (netns, _) in list(self.redirects.taps.items()):
+            if netns == name:
+                del self.redirects.taps[tap]
+        return found
+
+    def names(self) -> list[str]:
+        return sorted(self.made)
+
+
+class World:
+    def __init__(self) -> None:
+        self.store = FakeStore()
+        self.runtime = FakeRuntime(self.store)
+        self.redirects = FakeRedirects()
+        self.namespaces = FakeNamespaces(self.redirects)
+        self.cni = CniAttachments(
+            self.runtime, self.store, namespaces=self.namespaces, redirects=self.redirects
+        )
+
+    def attach(self, vm: str = "vm", count: int = 1, steps: Steps | None = None) -> Steps:
+        steps = steps or Steps("start", vm)
+        added = self.cni.add(steps, vm, [Wanted(index, "net") for index in range(count)])
+        for index in added:
+            self.cni.connect(steps, vm, index, f"rtap1n{index}")
+        return steps
+
+    def assert_nothing_left(self) -> None:
+        assert self.namespaces.made == set()
+        assert self.store.rows == {}
+        assert self.runtime.held == set()
+        assert self.redirects.taps == {}
+
+
+@pytest.fixture
+def world() -> World:
+    return World()
+
+
+def test_add_gives_each_interface_its_mac_and_every_address_and_stores_the_result(
+    world: World,
+) -> None:
+    steps = Steps("start", "vm")
+    added = world.cni.add(steps, "vm", [Wanted(0, "net"), Wanted(1, "net")])
+
+    assert world.namespaces.made == {"roost-vm-vm"}
+    assert {index: a.mac for index, a in added.items()} == {0: MAC, 1: MAC}
+    assert [str(ip.address) for ip in added[0].ips] == ["10.88.0.5/24", "fd88::5/64"]
+    stored = world.store.of_vm("vm")
+    assert [(s.index, s.attachment.ifname, s.result is not None) for s in stored] == [
+        (0, "eth0", True),
+        (1, "eth1", True),
+    ]
+    assert {s.attachment.container_id for s in stored} == {container_id("vm")}
+    assert stored[0].attachment.netns == "/run/netns/roost-vm-vm"
+
+
+def test_a_vm_without_cni_interfaces_gets_no_namespace(world: World) -> None:
+    assert world.cni.add(Steps("start", "vm"), "vm", []) == {}
+    assert world.namespaces.made == set()
+
+
+def test_an_add_that_fails_on_the_second_interface_rolls_back_to_nothing(world: World) -> None:
+    world.runtime.add_fails_on = "eth1"
+    steps = Steps("start", "vm")
+    with pytest.raises(HostError, match="no room"):
+        world.cni.add(steps, "vm", [Wanted(0, "net"), Wanted(1, "net")])
+    steps.rollback()
+    world.assert_nothing_left()
+    [(_, first_result)] = [(i, r) for c, i, r in world.runtime.calls if (c, i) == ("DEL", "eth0")]
+    assert first_result is not None  # the finished ADD's DEL had its stored result
+
+
+def test_an_unknown_conflist_leaves_nothing_after_rollback(world: World) -> None:
+    world.runtime.unknown_networks = {"nope"}
+    steps = Steps("create", "vm")
+    with pytest.raises(InvalidError, match="nope"):
+        world.cni.add(steps, "vm", [Wanted(0, "net"), Wanted(1, "nope")])
+    steps.rollback()
+    world.assert_nothing_left()
+
+
+def test_a_result_naming_no_interface_in_the_namespace_is_a_host_error_undone_by_del(
+    world: World,
+) -> None:
+    world.runtime.no_sandbox_interface = True
+    steps = Steps("start", "vm")
+    with pytest.raises(HostError, match="made no interface for the VM"):
+        world.cni.add(steps, "vm", [Wanted(0, "net")])
+    steps.rollback()
+    world.assert_nothing_left()
+
+
+def test_a_tap_that_cannot_be_connected_rolls_back_the_add_too(world: World) -> None:
+    world.redirects.connect_fails = True
+    steps = Steps("start", "vm")
+    with pytest.raises(HostError, match="busy"):
+        world.attach(steps=steps)
+    steps.rollback()
+    world.assert_nothing_left()
+
+
+def test_release_disconnects_dels_with_the_stored_result_and_removes_the_namespace(
+    world: World,
+) -> None:
+    world.attach(count=2)
+    results = {s.index: s.result for s in world.store.of_vm("vm")}
+
+    assert world.cni.release("vm", {0: "rtap1n0", 1: "rtap1n1"}) == []
+
+    world.assert_nothing_left()
+    dels = [(ifname, result) for command, ifname, result in world.runtime.calls if command == "DEL"]
+    assert dels == [("eth0", results[0]), ("eth1", results[1])]
+
+
+def test_release_twice_and_of_a_vm_without_cni_does_nothing_more(world: World) -> None:
+    world.attach()
+    world.cni.release("vm")
+    calls = len(world.runtime.calls)
+    assert world.cni.release("vm") == []
+    assert world.cni.release("other") == []
+    assert len(world.runtime.calls) == calls
+    world.assert_nothing_left()
+
+
+def test_an_add_cut_short_before_its_result_is_stored_is_deleted_without_one(
+    world: World,
+) -> None:
+    attachment = world.runtime.attachment(
+        container_id="roost-vm",
+        netns="/run/netns/roost-vm-vm",
+        ifname="eth0",
+        network="net",
+        conflist=None,
+        args=None,
+        capability_args=None,
+    )
+    world.store.record("vm", 0, attachment)  # the daemon died during ADD
+    world.runtime.held.add(("roost-vm", "eth0"))
+    world.namespaces.create("roost-vm-vm")
+
+    world.cni.release("vm")
+
+    assert world.runtime.calls == [("DEL", "eth0", None)]
+    world.assert_nothing_left()
+
+
+def test_a_del_that_fails_keeps_its_record_and_the_next_start_runs_it_again(
+    world: World,
+) -> None:
+    world.attach()
+    world.runtime.delete_fails = True
+    [failure] = world.cni.release("vm", {0: "rtap1n0"})
+    assert "kept for another try" in failure and "disk gone" in failure
+    assert [s.index for s in world.store.of_vm("vm")] == [0]
+    assert world.namespaces.made == set()  # the namespace goes all the same
+
+    world.runtime.delete_fails = False
+    world.runtime.calls.clear()
+    world.attach()
+    assert [call[:2] for call in world.runtime.calls] == [("DEL", "eth0"), ("ADD", "eth0")]
+    assert len(world.store.of_vm("vm")) == 1
+
+
+def test_a_stale_attachment_del_cannot_remove_refuses_the_start_and_makes_nothing(
+    world: World,
+) -> None:
+    world.attach()
+    world.runtime.delete_fails = True
+    world.cni.release("vm")
+    with pytest.raises(HostError, match="earlier start that DEL cannot remove"):
+        world.cni.add(Steps("start", "vm"), "vm", [Wanted(0, "net")])
+    assert world.namespaces.made == set()
+    assert [command for command, _, _ in world.runtime.calls].count("ADD") == 1
+
+
+def test_check_of_a_whole_attachment_is_none(world: World) -> None:
+    world.attach()
+    assert world.cni.check("vm", {0: "rtap1n0"}) is None
+    assert world.runtime.calls[-1][0] == "CHECK"
+
+
+def test_check_reports_the_plugins_message_and_the_cut_redirect(world: World) -> None:
+    world.attach(count=2)
+    world.runtime.check_fails = True
+    world.redirects.cut = {"rtap1n1"}
+    problem = world.cni.check("vm", {0: "rtap1n0", 1: "rtap1n1"})
+    assert problem is not None
+    assert "interface 0: CNI plugin 'bridge' (CHECK on network 'net') failed" in problem
+    assert "interface 1: no tc filter redirects frames from eth1 to rtap1n1" in problem
+
+
+def test_check_of_an_add_that_never_finished_says_so(world: World) -> None:
+    world.store.record(
+        "vm",
+        0,
+        Attachment(conflist=conflist(), container_id="roost-vm", netns="/x", ifname="eth0"),
+    )
+    assert "never finished" in (world.cni.check("vm", {}) or "")
+
+
+def test_reap_dels_what_no_running_vm_holds_and_removes_its_namespaces(world: World) -> None:
+    world.attach("kept")
+    world.attach("gone")
+    world.namespaces.create("roost-vm-leftover")
+
+    world.cni.reap(lambda: {"kept"})
+
+    assert world.namespaces.made == {"roost-vm-kept"}
+    assert [s.vm for s in world.store.all()] == ["kept"]
+    assert world.runtime.held == {(container_id("kept"), "eth0")}
+
+
+def test_reap_keeps_a_record_whose_del_fails_for_the_next_start(world: World) -> None:
+    world.attach("gone")
+    world.runtime.delete_fails = True
+    world.cni.reap(set)
+    assert [s.vm for s in world.store.all()] == ["gone"]
+    assert world.namespaces.made == set()
