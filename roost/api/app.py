@@ -41,6 +41,7 @@ from roost.api.guard import Guard
 from roost.api.metrics import add_metrics
 from roost.api.networks import add_network_routes
 from roost.api.operations import OperationGate
+from roost.api.policies import add_policy_routes
 from roost.api.replies import error_response, on_unix_socket
 from roost.api.vsock import register_vsock_routes
 from roost.engine.core import Engine
@@ -300,6 +301,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         return StreamingResponse(_follow(read, engine, name, path, offset), media_type="text/plain")
 
     add_network_routes(app, engine, read, gate, bodies)
+    add_policy_routes(app, engine, read, gate, bodies)
     add_forward_routes(app, engine, read, bodies)
     register_vsock_routes(app, engine, read)
     add_event_routes(app, engine.events)

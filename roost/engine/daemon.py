@@ -33,6 +33,7 @@ from roost.host.links import Links
 from roost.host.nat import Masquerade, remove_table
 from roost.host.netns import NetnsWorker, namespace_file
 from roost.host.observe import LeaseObserver
+from roost.host.policy import PolicyFirewall, kernel_gaps
 from roost.host.ra import RouterAdverts
 from roost.plan import DefaultNetwork
 from roost.state import alloc
@@ -189,6 +190,9 @@ class Daemon:
         relays = VsockRelays(db, vsock_target)
         self._closers.append(relays.close)
         events = EventBus()  # one for the daemon's life: its history is what readers resume
+        policy_gaps = kernel_gaps(worker)
+        for gap in policy_gaps:
+            log.warning("network policies cannot be enforced here: %s", gap)
         engine = Engine(
             settings,
             db=db,
@@ -201,6 +205,8 @@ class Daemon:
             worker=worker,
             listeners=relays,
             events=events,
+            policy_firewall=None if policy_gaps else PolicyFirewall(worker),
+            policy_gaps=policy_gaps,
         )
         self._closers.append(engine.close)
         _ensure_default_network(db, engine.allocator.default)

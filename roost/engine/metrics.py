@@ -11,14 +11,16 @@ from __future__ import annotations
 import functools
 import time
 from collections import Counter as Tally
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Concatenate, ParamSpec, Protocol, TypeVar
 
 from prometheus_client import Counter, Histogram
-from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from sqlalchemy import case, func, select
 
+from roost.host.policy import Count
 from roost.spec import NetworkMode
+from roost.spec.policy import Direction
 from roost.state.db import Database
 from roost.state.models import VM, IPLease, Network
 from roost.state.vms import VMStatus
@@ -34,6 +36,8 @@ _MODE = case(
     (func.json_array_length(VM.network["interfaces"]) > 1, MULTI),
 )
 
+RuleCounters = Callable[[], Mapping[tuple[str, Direction, int], Count]]
+
 P = ParamSpec("P")
 T = TypeVar("T")
 
@@ -43,9 +47,12 @@ class EngineMetrics:
     Every series of a known label value is there from the start, at zero, so that rates and
     sums over it are defined before the first VM."""
 
-    def __init__(self, db: Database, vmms: Iterable[str]) -> None:
+    def __init__(
+        self, db: Database, vmms: Iterable[str], policy_rules: RuleCounters = dict
+    ) -> None:
         self.db = db
         self.vmms = tuple(vmms)
+        self.policy_rules = policy_rules
         self.durations = Histogram(
             "roost_vm_operation_duration_seconds",
             "How long a VM operation took, for those that succeeded: create (recorded, and "
@@ -79,6 +86,23 @@ class EngineMetrics:
         yield from self.durations.collect()
         yield from self.exits.collect()
         yield from self._state()
+        yield from self._policy_rules()
+
+    def _policy_rules(self) -> Iterator[Metric]:
+        """Each policy rule's matches (over every tap attaching its policy), as nftables
+        counts them: they restart from zero when the policy is replaced."""
+        labels = ["policy", "direction", "rule"]
+        packets = CounterMetricFamily(
+            "roost_policy_rule_packets", "Packets a network policy's rule matched", labels=labels
+        )
+        octets = CounterMetricFamily(
+            "roost_policy_rule_bytes", "Bytes a network policy's rule matched", labels=labels
+        )
+        for (policy, direction, index), count in sorted(self.policy_rules().items()):
+            packets.add_metric([policy, direction, str(index)], count.packets)
+            octets.add_metric([policy, direction, str(index)], count.bytes)
+        yield packets
+        yield octets
 
     def _state(self) -> Iterator[Metric]:
         with self.db.read() as session:
