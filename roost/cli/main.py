@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
-from roost.cli import configs, events, host, image, networks, offline, remote, serve, vsock
+from roost.cli import (
+    configs,
+    events,
+    host,
+    image,
+    networks,
+    offline,
+    policies,
+    remote,
+    serve,
+    vsock,
+)
 from roost.cli.apps import app
 
-COMMAND_MODULES = (configs, events, host, image, networks, offline, remote, serve, vsock)
+COMMAND_MODULES = (configs, events, host, image, networks, offline, policies, remote, serve, vsock)
 
 
 def main() -> None:
