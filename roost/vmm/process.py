@@ -109,12 +109,14 @@ class VMMProcess:
         *,
         output: Path,
         files: ProcessFiles = VMM_FILES,
+        netns: Path | None = None,
     ) -> Starting:
-        """Ask the supervisor to start `argv` in the worker's namespace, in a session of its
-        own, its output appended to `output`, and go on: `result()` waits for it."""
-        command = Command(argv, run_dir, output, files)
+        """Ask the supervisor to start `argv` in the worker's namespace (or in the network
+        namespace file `netns`, e.g. a cni VM's), in a session of its own, its output appended
+        to `output`, and go on: `result()` waits for it."""
+        command = Command(argv, run_dir, output, files, netns)
         supervisor = Supervisor.of(worker)
-        return Starting(supervisor, supervisor.send(argv, run_dir, output, files), command)
+        return Starting(supervisor, supervisor.send(argv, run_dir, output, files, netns), command)
 
     @property
     def exit_file(self) -> Path:
@@ -177,12 +179,14 @@ class VMMProcess:
 @dataclass(frozen=True)
 class Command:
     """What the supervisor is asked to start: `argv` in `run_dir`, its output appended to
-    `output`, its PID and exit status written to `files`."""
+    `output`, its PID and exit status written to `files`; inside the network namespace file
+    `netns` when not None (else in the supervisor's, the worker's)."""
 
     argv: list[str]
     run_dir: Path
     output: Path
     files: ProcessFiles
+    netns: Path | None = None
 
 
 class SupervisorLostError(VMMFailedError):
@@ -222,7 +226,7 @@ class Starting:
                     return error
                 log.warning("%s; asking its replacement to start %s", error, command.argv[0])
                 self._ticket = self._supervisor.send(
-                    command.argv, command.run_dir, command.output, command.files
+                    command.argv, command.run_dir, command.output, command.files, command.netns
                 )
             except VMMFailedError as error:
                 _end_unanswered(command.run_dir, command.files)
@@ -345,8 +349,16 @@ class Supervisor:
         self._channel = _Channel(process)
         return self._channel
 
-    def send(self, argv: list[str], run_dir: Path, output: Path, files: ProcessFiles) -> Ticket:
-        """Ask for `argv` to be started; `answer` gives its PID."""
+    def send(
+        self,
+        argv: list[str],
+        run_dir: Path,
+        output: Path,
+        files: ProcessFiles,
+        netns: Path | None = None,
+    ) -> Ticket:
+        """Ask for `argv` to be started (inside the network namespace file `netns`, if given);
+        `answer` gives its PID."""
         command = {
             "run_dir": str(run_dir),
             "argv": argv,
@@ -354,6 +366,8 @@ class Supervisor:
             "pid_file": files.pid,
             "exit_file": files.exit,
         }
+        if netns is not None:
+            command["netns"] = str(netns)
         with self._lock:
             channel = self._running()
             assert channel.process.stdin is not None

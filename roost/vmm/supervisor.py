@@ -6,9 +6,10 @@ library only) in a session of its own, so a VM launch costs a spawn, not a Pytho
 VMMs outlive the daemon while how they end stays knowable across a daemon restart.
 
 Protocol: the daemon writes one JSON line per VMM on stdin, `{"run_dir", "argv", "output",
-"pid_file", "exit_file"}`; the supervisor answers on stdout with one line, `{"pid": N}` or
-`{"error": "..."}`. When stdin closes (the daemon is gone) it starts nothing more and exits
-once its last VMM has ended.
+"pid_file", "exit_file", "netns"}` (`netns` optional: the path of a network namespace to start
+the program in, e.g. a cni VM's `/run/netns/roost-vm-<name>`); the supervisor answers on stdout
+with one line, `{"pid": N}` or `{"error": "..."}`. When stdin closes (the daemon is gone) it
+starts nothing more and exits once its last VMM has ended.
 
 Files in each run dir, named by the command (`vmm.pid` and `exit` for a VMM, others for the
 processes that serve it): the PID, and the exit status (or minus the signal that killed it),
@@ -16,6 +17,7 @@ both written aside and renamed so they appear whole.
 """
 
 import contextlib
+import ctypes
 import errno
 import json
 import os
@@ -23,7 +25,11 @@ import select
 import signal
 import stat
 import sys
+from collections.abc import Callable
 from typing import Any
+
+CLONE_NEWNET = 0x40000000
+_LIBC = ctypes.CDLL(None, use_errno=True)
 
 
 def write_atomically(run_dir_fd: int, name: str, text: str) -> None:
@@ -61,26 +67,66 @@ def open_output(path: str) -> int:
     return fd
 
 
+def _setns(fd: int) -> int:
+    """Move this (single-threaded) process into the network namespace `fd` is open on; 0, or
+    the errno."""
+    return 0 if _LIBC.setns(fd, CLONE_NEWNET) == 0 else ctypes.get_errno()
+
+
+def spawned_in(netns: str | None, spawn: Callable[[], int]) -> int:
+    """`spawn()`'s child, made inside the network namespace file `netns` (if not None): this
+    process enters it for the spawn and comes back, since a child is made in the namespace of
+    the thread that spawns it. So the child is the program itself, with the pid recorded
+    (posix_spawn cannot setns in the child, and a wrapper such as nsenter would be one more
+    exec on every start). Failing to come back kills the child and ends the supervisor: every
+    later start would land in the wrong namespace, and the daemon replaces one that exits."""
+    if netns is None:
+        return spawn()
+    try:
+        target = os.open(netns, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as error:
+        raise OSError(error.errno, f"network namespace {netns}: {error.strerror}") from None
+    own = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
+    try:
+        if failed := _setns(target):
+            raise OSError(failed, f"cannot enter network namespace {netns}: {os.strerror(failed)}")
+        pid = None
+        try:
+            pid = spawn()
+            return pid
+        finally:
+            if failed := _setns(own):
+                if pid is not None:
+                    os.kill(pid, signal.SIGKILL)
+                raise SystemExit(f"cannot leave network namespace {netns}: {os.strerror(failed)}")
+    finally:
+        os.close(own)
+        os.close(target)
+
+
 def launch(command: dict[str, Any], children: dict[int, tuple[int, str]]) -> dict[str, int]:
-    """Start the command's program in a session of its own, stdin from /dev/null and its
-    output appended to the command's file. posix_spawn (vfork and exec): no copy of this
-    process's memory to fault in, and a program that cannot run is an error here, not an
-    exit status later."""
+    """Start the command's program in a session of its own (and in its network namespace, if
+    it names one), stdin from /dev/null and its output appended to the command's file.
+    posix_spawn (vfork and exec): no copy of this process's memory to fault in, and a program
+    that cannot run is an error here, not an exit status later."""
     run_dir_fd = os.open(command["run_dir"], os.O_RDONLY | os.O_DIRECTORY)
     argv = command["argv"]
     try:
         output = open_output(command["output"])
         try:
-            pid = os.posix_spawn(
-                argv[0],
-                argv,
-                os.environ,
-                file_actions=[
-                    (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
-                    (os.POSIX_SPAWN_DUP2, output, 1),
-                    (os.POSIX_SPAWN_DUP2, 1, 2),
-                ],
-                setsid=True,
+            pid = spawned_in(
+                command.get("netns"),
+                lambda: os.posix_spawn(
+                    argv[0],
+                    argv,
+                    os.environ,
+                    file_actions=[
+                        (os.POSIX_SPAWN_OPEN, 0, os.devnull, os.O_RDONLY, 0),
+                        (os.POSIX_SPAWN_DUP2, output, 1),
+                        (os.POSIX_SPAWN_DUP2, 1, 2),
+                    ],
+                    setsid=True,
+                ),
             )
         finally:
             os.close(output)
