@@ -53,6 +53,27 @@ def _setns(fd: int, what: str) -> None:
         raise OSError(error, f"setns({what}): {os.strerror(error)}")
 
 
+def run_in(path: Path, work: Callable[..., T], *args: Any) -> T:
+    """`work(*args)` on a thread of its own inside the network namespace file `path` (a
+    namespace no worker serves, such as a cni VM's); the thread ends with the call. A
+    namespace that cannot be entered is a `HostError`; `work`'s own errors are raised as
+    they are."""
+
+    def inside() -> T:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                _setns(fd, str(path))
+            finally:
+                os.close(fd)
+        except OSError as error:
+            raise HostError(f"cannot enter network namespace {path}: {error.strerror}") from None
+        return work(*args)
+
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="roost-netns-once") as pool:
+        return pool.submit(inside).result()
+
+
 class NetnsWorker:
     """A single thread, inside `netns` (or the daemon's own namespace when None), that runs
     host work in order."""
