@@ -30,10 +30,12 @@ def launch_spec(
     nics: tuple[NIC, ...],
     cid: int,
     vsock_backend: VsockBackend | None,
+    netns: Path | None = None,
 ) -> LaunchSpec:
     """The driver's launch spec for `plan`, with its interfaces' NICs (tap and guest MAC, in
     the guest's device order) and `network_args` their kernel arguments once allocated;
-    `vsock_backend` is None when the VMM can give the VM no vsock device."""
+    `vsock_backend` is None when the VMM can give the VM no vsock device; `netns` the network
+    namespace file the VMM runs in (a cni VM's, where its taps are), None for the worker's."""
     return LaunchSpec(
         name=plan.name,
         run_dir=run_dir,
@@ -45,4 +47,5 @@ def launch_spec(
         memory_mib=plan.resources.memory_mib,
         nics=nics,
         vsock=None if vsock_backend is None else Vsock(cid, run_dir.vsock_socket, vsock_backend),
+        netns=netns,
     )

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Generic, Protocol, TypeVar
 
 from roost.errors import InvalidError, VMMFailedError, VMMUnavailableError
-from roost.host.netns import NetnsWorker
+from roost.host.netns import NetnsWorker, run_in
 from roost.vmm.process import VMMProcess
 
 log = logging.getLogger(__name__)
@@ -161,7 +161,9 @@ class Early(Protocol):
 @dataclass(frozen=True)
 class LaunchSpec:
     """Everything a driver needs to boot one VM. `nics` in the guest's device order (empty for
-    a vsock-only VM); `vsock` is None when the plan has none."""
+    a vsock-only VM); `vsock` is None when the plan has none. `netns`: the network namespace
+    file the VMM runs in, where its taps are (a cni VM's `/run/netns/roost-vm-<name>`); None
+    for the worker's, the daemon's `--netns`."""
 
     name: str
     run_dir: RunDir
@@ -173,6 +175,7 @@ class LaunchSpec:
     memory_mib: int
     nics: tuple[NIC, ...]
     vsock: Vsock | None
+    netns: Path | None = None
 
 
 class Driver(Protocol):
@@ -196,9 +199,13 @@ class Driver(Protocol):
         they get one)."""
         ...
 
-    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> Early | None:
+    def start_early(
+        self, name: str, run_dir: RunDir, worker: NetnsWorker, netns: Path | None = None
+    ) -> Early | None:
         """Start whatever of the VMM needs nothing the engine is still preparing (addresses,
-        tap), without waiting for it; None when the driver has nothing to start early."""
+        tap), without waiting for it, in the network namespace file `netns` when given (the
+        launch spec's, which must then exist already); None when the driver has nothing to
+        start early."""
         ...
 
     def launch(
@@ -210,12 +217,12 @@ class Driver(Protocol):
         early: Early | None = None,
         while_booting: Callable[[VMMProcess], object] | None = None,
     ) -> VMMProcess:
-        """Finish what `start_early` began (or start the VMM in the worker's namespace),
-        configure it and boot the guest. `host_ready` completes the host side (the VM's disk);
-        the driver calls it before it touches the disk and before the guest runs.
-        `while_booting` runs once for every boot, after it has been asked of the VMM and before
-        it is known to be done (the engine records the VM as running meanwhile). On failure
-        leave no process behind and raise."""
+        """Finish what `start_early` began (or start the VMM in `spec.netns`, else the
+        worker's namespace), configure it and boot the guest. `host_ready` completes the host
+        side (the VM's disk); the driver calls it before it touches the disk and before the
+        guest runs. `while_booting` runs once for every boot, after it has been asked of the
+        VMM and before it is known to be done (the engine records the VM as running
+        meanwhile). On failure leave no process behind and raise."""
         ...
 
     def stop(self, process: VMMProcess, timeout: float, force: bool) -> int | None:
@@ -254,16 +261,41 @@ def check_binary(binary: Path | None, what: str, *, missing: str, hint: str = ""
     return binary
 
 
-def check_tap(tap: str, worker: NetnsWorker) -> None:
-    """That `tap` exists: a VMM run as root (QEMU, Cloud Hypervisor) would create a missing tap
-    itself, connected to nothing."""
+def check_tap(tap: str, worker: NetnsWorker, netns: Path | None = None) -> None:
+    """That `tap` exists in the VMM's network namespace (`netns`, else the worker's): a VMM run
+    as root (QEMU, Cloud Hypervisor) would create a missing tap itself, connected to
+    nothing."""
     try:
-        worker.run(socket.if_nametoindex, tap)
+        if netns is None:
+            worker.run(socket.if_nametoindex, tap)
+        else:
+            run_in(netns, socket.if_nametoindex, tap)
     except OSError:
+        where = "" if netns is None else f" ({netns})"
         raise VMMFailedError(
-            f"tap {tap} does not exist in the VMM's network namespace; create it (on its bridge) "
-            "before launching"
+            f"tap {tap} does not exist in the VMM's network namespace{where}; create it (on "
+            "its bridge) before launching"
         ) from None
+
+
+def check_namespace(process: VMMProcess, netns: Path | None) -> None:
+    """That a VMM started early runs in the launch spec's network namespace `netns` (when it
+    names one), where its taps are: one started elsewhere would not find them (or, as root,
+    would make new ones there, connected to nothing)."""
+    if netns is None:
+        return
+    try:
+        ours, wanted = Path(f"/proc/{process.pid}/ns/net").stat(), netns.stat()
+    except OSError as error:
+        raise VMMFailedError(
+            f"cannot tell whether VMM {process.pid} runs in network namespace {netns}: "
+            f"{error.strerror}"
+        ) from None
+    if (ours.st_dev, ours.st_ino) != (wanted.st_dev, wanted.st_ino):
+        raise VMMFailedError(
+            f"VMM {process.pid} runs outside network namespace {netns}, where its taps are: "
+            "start it early with that namespace (start_early(..., netns=spec.netns))"
+        )
 
 
 # A graceful step of a stop: ask the VMM to end (a call that raises `VMMFailedError` if it

@@ -27,6 +27,7 @@ from roost.vmm.base import (
     RunDir,
     VsockBackend,
     check_binary,
+    check_namespace,
     check_tap,
     stop_in_steps,
 )
@@ -192,13 +193,16 @@ class CloudHypervisorDriver:
             time.sleep(pause)
             pause = min(pause * 2, 0.02)
 
-    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> ReadyWhen:
-        """Have the supervisor start Cloud Hypervisor, and go on: it needs nothing but its API
-        socket until the VM is created, so it comes up while the engine allocates and builds
-        the tap. Its own messages go to the VMM log (the serial port has the console log)."""
+    def start_early(
+        self, name: str, run_dir: RunDir, worker: NetnsWorker, netns: Path | None = None
+    ) -> ReadyWhen:
+        """Have the supervisor start Cloud Hypervisor (in `netns` when given), and go on: it
+        needs nothing but its API socket until the VM is created, so it comes up while the
+        engine allocates and builds the tap. Its own messages go to the VMM log (the serial
+        port has the console log)."""
         self.check_available()
         argv = [str(self.binary), "--api-socket", str(run_dir.api_socket)]
-        starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.vmm_log)
+        starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.vmm_log, netns=netns)
         return ReadyWhen(starting, self._wait_until_serving)
 
     def launch(
@@ -214,15 +218,16 @@ class CloudHypervisorDriver:
         Hypervisor answers `vm.boot` once the vCPUs run, so `while_booting` follows that
         answer."""
         if early is None:
-            early = self.start_early(spec.name, spec.run_dir, worker)
+            early = self.start_early(spec.name, spec.run_dir, worker, spec.netns)
         process = early.result()
         try:
+            check_namespace(process, spec.netns)
             api = self._apis.of(process)
             api.call("PUT", "/vm.create", vm_config(spec))
             if host_ready is not None:
                 host_ready()
             for nic in spec.nics:
-                check_tap(nic.tap, worker)
+                check_tap(nic.tap, worker, spec.netns)
             api.call("PUT", "/vm.boot")
             if while_booting is not None:
                 while_booting(process)

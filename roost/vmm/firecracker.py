@@ -26,6 +26,7 @@ from roost.vmm.base import (
     RunDir,
     VsockBackend,
     check_binary,
+    check_namespace,
     stop_in_steps,
 )
 from roost.vmm.process import ReadyWhen, VMMProcess
@@ -71,11 +72,15 @@ def firecracker_argv(name: str, run_dir: RunDir) -> list[str]:
     ]
 
 
-def jailer_argv(jail: Jail, firecracker: Path, name: str, run_dir: RunDir) -> list[str]:
+def jailer_argv(
+    jail: Jail, firecracker: Path, name: str, run_dir: RunDir, netns: Path | None = None
+) -> list[str]:
     """The jailer's command line for VM `name`: no `--daemonize` and no `--new-pid-ns`, so it
     execs into Firecracker, which the supervisor then reaps; the chroot is
-    `<chroot base>/<exec file name>/<name>/root`, the run dir's `chroot`."""
+    `<chroot base>/<exec file name>/<name>/root`, the run dir's `chroot`. With `netns`, the
+    jailer joins that network namespace file itself (`--netns`) before it execs."""
     assert run_dir.chroot is not None
+    joined = [] if netns is None else ["--netns", str(netns)]
     return [
         str(jail.jailer),
         "--id",
@@ -88,6 +93,7 @@ def jailer_argv(jail: Jail, firecracker: Path, name: str, run_dir: RunDir) -> li
         str(jail.gid),
         "--chroot-base-dir",
         str(run_dir.chroot.parents[2]),
+        *joined,
         "--",
         *firecracker_argv(name, run_dir),
     ]
@@ -397,18 +403,25 @@ class FirecrackerDriver:
             return run_dir
         return jail_chroot(self.jail.base, run_dir.name)
 
-    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> ReadyWhen:
-        """Have the supervisor start Firecracker, and go on: it comes up while the engine
-        allocates and builds the tap, none of which it needs before the VM's configuration."""
+    def start_early(
+        self, name: str, run_dir: RunDir, worker: NetnsWorker, netns: Path | None = None
+    ) -> ReadyWhen:
+        """Have the supervisor start Firecracker (in `netns` when given: the supervisor enters
+        it, or the jailer does), and go on: it comes up while the engine allocates and builds
+        the tap, none of which it needs before the VM's configuration."""
         self.check_available()
         assert self.binary is not None
         for made in (run_dir.vmm_log, run_dir.metrics):  # Firecracker opens, never creates them
             _make_file(made, self.jail)
         if self.jail is None:
             argv = [str(self.binary), *firecracker_argv(name, run_dir)]
+            entered = netns
         else:
-            argv = jailer_argv(self.jail, self.binary, name, run_dir)
-        starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.console_log)
+            argv = jailer_argv(self.jail, self.binary, name, run_dir, netns)
+            entered = None
+        starting = VMMProcess.begin(
+            argv, run_dir.path, worker, output=run_dir.console_log, netns=entered
+        )
         return ReadyWhen(starting, lambda process: _wait_for_socket(process, run_dir.api_socket))
 
     def launch(
@@ -423,10 +436,11 @@ class FirecrackerDriver:
         """Configure and boot, all from the caller's thread: under the interpreter lock a
         thread per step would only add hand-overs."""
         if early is None:
-            early = self.start_early(spec.name, spec.run_dir, worker)
+            early = self.start_early(spec.name, spec.run_dir, worker, spec.netns)
         process = early.result()
         seen = spec
         try:
+            check_namespace(process, spec.netns)
             api = self._apis.of(process)
             if self.jail is not None:
                 seen = jailed_spec(spec)

@@ -337,7 +337,9 @@ class QemuDriver:
             return VsockBackend.USER
         return VsockBackend.KERNEL
 
-    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> None:
+    def start_early(
+        self, name: str, run_dir: RunDir, worker: NetnsWorker, netns: Path | None = None
+    ) -> None:
         """Nothing: QEMU takes the whole VM on its command line."""
         return None
 
@@ -350,16 +352,18 @@ class QemuDriver:
         early: Early | None = None,
         while_booting: Callable[[VMMProcess], object] | None = None,
     ) -> VMMProcess:
-        """Start QEMU and return once QMP reports the VM running (not when the guest is ready:
-        callers watch the console for that). The guest runs as soon as QEMU does, so
-        `host_ready` is called before QEMU starts, and `while_booting` once it has."""
+        """Start QEMU (in `spec.netns` when given, where it opens its taps; its vsock device
+        process stays in the worker's namespace: it speaks only Unix sockets) and return once
+        QMP reports the VM running (not when the guest is ready: callers watch the console for
+        that). The guest runs as soon as QEMU does, so `host_ready` is called before QEMU
+        starts, and `while_booting` once it has."""
         self.check_available()
         assert self.binary is not None
         accel = self.accel_for(spec.kernel, worker)
         if host_ready is not None:
             host_ready()
         for nic in spec.nics:
-            check_tap(nic.tap, worker)
+            check_tap(nic.tap, worker, spec.netns)
         tsc_khz = host_tsc_khz() if self.machine == "microvm" and accel == "tcg" else None
         argv = qemu_argv(
             self.binary,
@@ -376,7 +380,9 @@ class QemuDriver:
         device = _start_device(spec, worker)
         try:
             try:
-                starting = VMMProcess.begin(argv, run_dir.path, worker, output=run_dir.vmm_log)
+                starting = VMMProcess.begin(
+                    argv, run_dir.path, worker, output=run_dir.vmm_log, netns=spec.netns
+                )
                 process = starting.result()
             except BaseException:  # no QEMU: its device would wait for one for ever
                 if device is not None:
