@@ -415,12 +415,12 @@ class FirecrackerDriver:
             _make_file(made, self.jail)
         if self.jail is None:
             argv = [str(self.binary), *firecracker_argv(name, run_dir)]
-            entered = netns
+            supervisor_enters = netns
         else:
             argv = jailer_argv(self.jail, self.binary, name, run_dir, netns)
-            entered = None
+            supervisor_enters = None  # the jailer does
         starting = VMMProcess.begin(
-            argv, run_dir.path, worker, output=run_dir.console_log, netns=entered
+            argv, run_dir.path, worker, output=run_dir.console_log, netns=supervisor_enters
         )
         return ReadyWhen(starting, lambda process: _wait_for_socket(process, run_dir.api_socket))
 

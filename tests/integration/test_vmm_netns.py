@@ -110,13 +110,19 @@ def test_a_vmm_started_in_a_namespace_runs_there_under_its_recorded_pid_and_stop
 
 
 @pytest.mark.skipif(TAIL is None, reason="needs tail")
-def test_a_namespace_that_does_not_exist_is_a_failed_start_and_starts_nothing(
-    namespaces: Namespaces,
+@pytest.mark.parametrize(
+    ("what", "said"),
+    [("missing", "network namespace {}: No such file"), ("a plain file", "cannot enter .*{}")],
+)
+def test_a_namespace_that_cannot_be_entered_is_a_failed_start_and_starts_nothing(
+    namespaces: Namespaces, what: str, said: str
 ) -> None:
     ns = namespaces
-    absent = netns_path(f"{ns.vm}-gone")
-    with pytest.raises(VMMFailedError, match=f"network namespace {absent}: No such file"):
-        tailer(ns, "vm1", absent)
+    bad = ns.root / "not-a-namespace"
+    if what == "a plain file":  # as a crash while creating one leaves it
+        bad.touch()
+    with pytest.raises(VMMFailedError, match=said.format(bad)):
+        tailer(ns, "vm1", bad)
     assert recorded_pid(ns.root / "vm1") is None
     after = tailer(ns, "vm2", ns.vm_path)  # the same supervisor goes on
     try:
