@@ -109,7 +109,9 @@ def _human(data: dict[str, Any]) -> str:
             f"{clock} overflow: events after id {data['after']} are lost; resuming at id "
             f"{data['resumes_at']}"
         )
-    subject = data.get("vm") or data.get("plugin") or data.get("network") or "-"
+    subject = (
+        data.get("vm") or data.get("plugin") or data.get("network") or data.get("policy") or "-"
+    )
     detail = ""
     if kind == "vm.status":
         reason = data.get("status_reason")
