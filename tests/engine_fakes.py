@@ -82,8 +82,9 @@ class FakeFirewall:
 
 class FakePolicyFirewall:
     """roost.plan.policy's transactions, planned for real (an unknown `@network` is refused
-    as by the real one) and recorded instead of run; `fail` refuses the next one, which then
-    changes nothing. `counts` are what `counters()` reports per rule."""
+    as by the real one, so is a tap attached to a policy not made) and recorded instead of
+    run; `fail` refuses the next one, which then changes nothing. `counts` are what
+    `counters()` reports per rule."""
 
     def __init__(self) -> None:
         self.policies: dict[str, Policy] = {}
@@ -112,6 +113,11 @@ class FakePolicyFirewall:
         if self.fail:
             self.fail = False
             raise HostError("nftables refused the policy rules: a fake failure")
+        made = {*self.policies, *(policy.name for policy in policies)}
+        for attached in taps:
+            for name in attached.policies:
+                if name not in made:
+                    raise HostError(f"nftables refused the policy rules: no chains of {name}")
         self.transactions.append(planned.lines)
         self.taps = planned.taps
         self.policies.update((policy.name, policy) for policy in policies)
@@ -120,6 +126,14 @@ class FakePolicyFirewall:
 
     def counters(self) -> Counters:
         return Counters(dict(self.counts), {})
+
+    def release(self, tap: str) -> None:
+        """As the real one: nothing at all (no transaction) for a tap not attached."""
+        if tap in self.taps:
+            self.apply(removed_taps=[tap], lookup=lambda name: None)
+
+    def attached_taps(self) -> set[str]:
+        return set(self.taps)
 
 
 class FakeAdverts:
@@ -297,6 +311,7 @@ class World:
         self.links, self.firewall, self.driver = FakeLinks(), FakeFirewall(), FakeDriver()
         self.adverts = FakeAdverts()
         self.listeners = FakeListeners()
+        self.policy_firewall = FakePolicyFirewall()
         if dhcp_bridge is not None:
             self.links.links[dhcp_bridge] = "bridge"  # the operator's, made before the daemon
         self.worker = NetnsWorker(None)
@@ -315,12 +330,19 @@ class World:
             db=self.db,
             store=store,
             plugins=Plugins(self.db, store),
-            host=HostNetwork(self.links, self.firewall, leased, adverts=self.adverts),
+            host=HostNetwork(
+                self.links,
+                self.firewall,
+                leased,
+                adverts=self.adverts,
+                policies=self.policy_firewall,
+            ),
             drivers={"fake": self.driver},
             observer=FakeObserver(),
             disks=Disks(root / "disks"),
             worker=self.worker,
             listeners=self.listeners,
+            policy_firewall=self.policy_firewall,
         )
         if install:
             self._install_plugin()
@@ -358,6 +380,7 @@ class World:
         assert self.leases() == {}
         assert set(self.links.links) <= {DHCP_BRIDGE}
         assert self.firewall.protected == set()
+        assert self.policy_firewall.taps == {}
         assert not (self.root / "run" / "vms" / name).exists()
         assert self.engine.disks.names() == set()
         assert all(process.child.poll() is not None for process in self.driver.started)

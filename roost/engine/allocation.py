@@ -12,27 +12,31 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar
 
+from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from roost.engine.hostnet import Emptied, HostNetwork, TapPlan
+from roost.engine.hostnet import ALLOW_BOTH, Emptied, HostNetwork, TapPlan, tap_policies
 from roost.engine.launch import Files, launch_spec
 from roost.engine.networks import lookup_in
+from roost.engine.policies import missing_policy_errors
 from roost.engine.settings import DEFAULT_NETWORK, Settings
 from roost.engine.steps import Steps
 from roost.errors import ConflictError, InvalidError
 from roost.plan import IPAM, Attachment, DefaultNetwork, VMPlan, plan_vm
 from roost.plan.interfaces import EffectiveInterface, ResolvedInterfaces
 from roost.plan.network import EffectiveNetwork
+from roost.plan.policy import TapPolicies
 from roost.plan.vm import effective_json, needs_restart
 from roost.spec import Manifest, VMConfig, VMConfigPatch
 from roost.state import alloc, configs
 from roost.state.artifacts import ArtifactStore
 from roost.state.configs import ConfigVersion
 from roost.state.db import Database
+from roost.state.models import VM
 from roost.state.vms import (
     Holding,
     StoredInterface,
@@ -66,16 +70,23 @@ class Booting:
     services: dict[int, str]  # its vsock_services: guest port -> the host service it reaches
 
 
+TapsPolicies = dict[str, TapPolicies | None]  # tap → what it is attached to (None: nothing)
+
+
 @dataclass(frozen=True)
 class Patched:
     """The outcome of a patch: the latest version (new, or the current one when the patch
-    changed nothing), whether the VM's VMM must restart to run it, and the networks the patch
-    left without leases (whose bridges go once it has committed)."""
+    changed nothing), whether the VM's VMM must restart to run it, the networks the patch
+    left without leases (whose bridges go once it has committed), and — when it changes the
+    policies of a VM whose taps exist, with no restart needed — each tap's policies now and
+    before (the record already says now; the taps are to be made to)."""
 
     version: ConfigVersion
     created: bool
     restart_required: bool
     emptied: Emptied
+    policies: TapsPolicies = field(default_factory=dict)
+    policies_before: TapsPolicies = field(default_factory=dict)
 
 
 class Allocator:
@@ -182,6 +193,7 @@ class Allocator:
         plugin = self.records.plugin(connection, config.plugin)
         manifest = Manifest.model_validate(plugin.manifest)
         plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
+        check_policies_exist(session, plan)
         self.check_launchable(plan, manifest, plugin.artifacts, vmm)
         status = VMStatus.STARTING if host is not None else VMStatus.CREATED
         config_json = config.model_dump(mode="json", exclude_none=True)
@@ -417,6 +429,8 @@ class Allocator:
             ip=None if effective.ip is None else str(effective.ip),
             jailed=vmm == "firecracker" and self.settings.jailer is not None,
             ipv6=None if ipv6 is None else (str(ipv6),),
+            policies=interface.policies,
+            policy_defaults=interface.policy_defaults or ALLOW_BOTH,
         )
 
     def _network_of(
@@ -548,6 +562,7 @@ class Allocator:
             return Patched(latest, False, self.records.restart_required(connection, name), [])
         manifest = Manifest.model_validate(latest.manifest)
         plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
+        check_policies_exist(session, plan)
         vmm = self.vmm_of(config)
         self.check_launchable(plan, manifest, latest.artifacts, vmm)
         resolved, emptied = self._addresses_for(session, vm, plan, vmm_runs=vmm_runs)
@@ -568,7 +583,15 @@ class Allocator:
             running = configs.version(connection, name, running_version)
             assert running is not None
             restart = needs_restart(running.effective, running.config, new_effective, config_json)
-            self.records.set_latest(connection, vm.id, number, restart_required=restart)
+            change = None if restart else _policy_change(session, vm, resolved)
+            live = {} if change is None else {"network": change.network.to_json()}
+            self.records.set_latest(
+                connection, vm.id, number, restart_required=restart, held_now=live
+            )
+            if change is not None:
+                created = configs.version(connection, name, number)
+                assert created is not None
+                return Patched(created, True, False, emptied, change.after, change.before)
         else:
             restart = False
             held_now = self._held_now(session, resolved, vmm)
@@ -681,6 +704,59 @@ class Allocator:
         if not vmm_runs and reserved is not None and reserved.network_id == network.id:
             release(alloc.RESERVED)
         return ip, emptied
+
+
+def check_policies_exist(session: Session, plan: VMPlan) -> None:
+    """Every policy the VM's interfaces name is stored (422 at each that is not)."""
+    missing = missing_policy_errors(session, plan.interfaces)
+    if missing:
+        raise InvalidError.of(missing)
+
+
+@dataclass(frozen=True)
+class PolicyChange:
+    """A running VM's policies as a patch changes them at once: its record's interfaces with
+    the new policies, and each tap's attachment before and after."""
+
+    network: StoredNetwork
+    before: TapsPolicies
+    after: TapsPolicies
+
+
+def _policy_change(
+    session: Session, vm: Holding, resolved: ResolvedInterfaces
+) -> PolicyChange | None:
+    """What a patch needing no restart changes of the policies on a running VM's taps (the
+    same interfaces, so index for index); None when it changes none."""
+    data = session.execute(select(VM.network).where(VM.id == vm.id)).scalar()
+    stored = StoredNetwork.from_json(data or {})
+    if stored is None:
+        return None
+    nics = alloc.nics_of(session, vm.id)
+    before: TapsPolicies = {}
+    after: TapsPolicies = {}
+    interfaces = []
+    for held, wanted in zip(stored.interfaces, resolved.interfaces, strict=True):
+        effective = replace(
+            held.effective, policies=wanted.policies, policy_defaults=wanted.policy_defaults
+        )
+        interfaces.append(replace(held, effective=effective))
+        nic = nics.get(held.index)
+        if held.plan.tap and nic is not None:
+            tap = nic.tap
+            before[tap] = tap_policies(tap, held.effective.policies, held.effective.policy_defaults)
+            after[tap] = tap_policies(tap, wanted.policies, wanted.policy_defaults)
+    single = stored.network
+    if single is not None and resolved.network is not None:
+        single = replace(
+            single,
+            policies=resolved.network.policies,
+            policy_defaults=resolved.network.policy_defaults,
+        )
+    network = StoredNetwork(single, tuple(interfaces))
+    if network == stored:
+        return None
+    return PolicyChange(network, before, after)
 
 
 def _effective(plan: VMPlan, resolved: ResolvedInterfaces, vmm: str) -> dict[str, Any]:

@@ -16,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
-from roost.engine.allocation import Allocator, Booting
+from sqlalchemy.orm import Session
+
+from roost.engine.allocation import Allocator, Booting, Patched
 from roost.engine.disks import Disks
 from roost.engine.events import EventBus, follow_networks
 from roost.engine.exclusive import VMLocks
@@ -357,17 +359,41 @@ class Engine:
         (the version is stored first; a restart that fails raises, leaving the VM `error`)."""
         with self.locks.hold(name, "patch"):
             vmm_runs = name in self.live
-            patched = self.db.transact(
-                lambda session: self.allocator.patch(session, name, patch, vmm_runs=vmm_runs)
-            )
+            patched = self._patch(name, patch, vmm_runs=vmm_runs)
             self.host.remove_bridges(patched.emptied)
             if patched.created:
                 log.info("patch %s: stored config version %d", name, patched.version.version)
                 self.events.publish("vm.config", vm=name, version=patched.version.version)
+            if patched.policies:
+                taps = ", ".join(sorted(patched.policies))
+                log.info("patch %s: its taps' policies changed at once (%s)", name, taps)
             if restart and vmm_runs and patched.restart_required:
                 self._stop(name, None, False, "restart")
                 self._start(name, "restart")
             return patched.version.to_json()
+
+    def _patch(self, name: str, patch: VMConfigPatch, *, vmm_runs: bool) -> Patched:
+        """The patch's transaction; when it changes the policies of taps that exist, they are
+        changed inside it (one firewall transaction for all the VM's taps), so a change the
+        firewall refuses stores nothing, and a commit that fails puts the taps back."""
+        changed: list[Patched] = []
+
+        def work(session: Session) -> Patched:
+            patched = self.allocator.patch(session, name, patch, vmm_runs=vmm_runs)
+            if patched.policies:
+                self.host.set_tap_policies(patched.policies)
+                changed.append(patched)
+            return patched
+
+        try:
+            return self.db.transact(work)
+        except BaseException:
+            for patched in changed[-1:]:
+                try:
+                    self.host.set_tap_policies(patched.policies_before)
+                except RoostError as error:
+                    log.error("patch %s: could not put its taps' policies back: %s", name, error)
+            raise
 
     def destroy_vm(self, name: str) -> None:
         """Stop the VM if it runs, then remove it and everything it holds."""

@@ -193,19 +193,23 @@ class Daemon:
         policy_gaps = kernel_gaps(worker)
         for gap in policy_gaps:
             log.warning("network policies cannot be enforced here: %s", gap)
+        # one firewall: the registry makes policies in it, the host attaches taps to them
+        policy_firewall = None if policy_gaps else PolicyFirewall(worker)
         engine = Engine(
             settings,
             db=db,
             store=store,
             plugins=Plugins(db, store, settings.artifact_dirs, events),
-            host=HostNetwork(links, Firewall(worker), leased, nat, adverts),
+            host=HostNetwork(
+                links, Firewall(worker), leased, nat, adverts, policy_firewall, policy_gaps
+            ),
             drivers=drivers,
             observer=LeaseObserver(worker, observed, lease_file=settings.dhcp_leases),
             disks=Disks(settings.state_dir / "disks"),
             worker=worker,
             listeners=relays,
             events=events,
-            policy_firewall=None if policy_gaps else PolicyFirewall(worker),
+            policy_firewall=policy_firewall,
             policy_gaps=policy_gaps,
         )
         self._closers.append(engine.close)

@@ -1,5 +1,10 @@
 """The host side of VMs' networks: the bridges roost manages (masqueraded with --nat), the
-VMs' taps, and their anti-spoofing rules, each made with its undo recorded.
+VMs' taps, their anti-spoofing rules and their network policies, each made with its undo
+recorded.
+
+A tap with policies (or defaults other than allow both ways) is attached to them before it is
+made: attachment is by name, so its VMM never sends through it unfiltered. It is detached only
+once it is gone. A tap without is never attached, as before policies existed.
 
 Bridge set-up and removal share one lock, so a bridge is never removed under a tap that is being
 attached to it: a tap made inside an allocating transaction keeps the lock until that
@@ -20,10 +25,13 @@ from roost.engine.steps import Steps
 from roost.errors import HostError
 from roost.host.links import LinkInfo
 from roost.plan import AntiSpoof, Attachment
+from roost.plan.policy import NetworkLookup, TapPolicies
+from roost.spec.policy import Policy, PolicyDefaults
 from roost.state import alloc
 
 log = logging.getLogger("roost.engine")
 Emptied = list[tuple[int, str]]  # (network id, bridge) of networks that lost their last lease
+ALLOW_BOTH = PolicyDefaults()  # a tap's policy defaults when none are given: today's behaviour
 
 
 class Links(Protocol):
@@ -71,12 +79,31 @@ class Adverts(Protocol):
     def reconcile(self, wanted: Mapping[str, ipaddress.IPv6Network]) -> None: ...
 
 
+class PolicyRules(Protocol):
+    """Network policies on taps (`roost.host.policy.PolicyFirewall`): each change one atomic
+    transaction; a tap's policies are made already (by the policy registry, and at start)."""
+
+    def apply(
+        self,
+        *,
+        policies: Sequence[Policy] = (),
+        taps: Sequence[TapPolicies] = (),
+        removed_taps: Sequence[str] = (),
+        lookup: NetworkLookup,
+    ) -> None: ...
+
+    def release(self, tap: str) -> None: ...
+
+    def attached_taps(self) -> set[str]: ...
+
+
 @dataclass(frozen=True)
 class TapPlan:
     """One tap as the plan and the allocation have it: its name and guest MAC, the bridge it
     joins (and the managed network behind that bridge, if roost manages it), how it joins, the
     bridge's own address (a managed bridge's gateway) and what its rules let it send (`ipv6`:
-    its own IPv6 addresses on a network with a prefix; None drops all its IPv6, as ever)."""
+    its own IPv6 addresses on a network with a prefix; None drops all its IPv6, as ever), and the
+    network policies it is attached to with their defaults."""
 
     tap: str
     mac: str
@@ -89,13 +116,33 @@ class TapPlan:
     jailed: bool = False  # its VMM runs under the jailer, which opens it as its uid
     network: str | None = None  # the registered network it joins, when its config named one
     ipv6: tuple[str, ...] | None = None
+    policies: tuple[str, ...] = ()
+    policy_defaults: PolicyDefaults = ALLOW_BOTH
+
+    @property
+    def filtered(self) -> TapPolicies | None:
+        """What the tap is attached to; None for a tap policies leave alone."""
+        return tap_policies(self.tap, self.policies, self.policy_defaults)
+
+
+def tap_policies(
+    tap: str, policies: Sequence[str], defaults: PolicyDefaults | None
+) -> TapPolicies | None:
+    """A tap's attachment: None when it has no policy and lets everything through both ways
+    (such a tap is not attached at all)."""
+    defaults = defaults or ALLOW_BOTH
+    if not policies and defaults == ALLOW_BOTH:
+        return None
+    return TapPolicies(tap, tuple(policies), defaults)
 
 
 class HostNetwork:
     """Bridges, taps and rules in the daemon's namespace. `leased(network_id)` says whether a
     network still has an address leased on it (read from the database by the caller's
     choice of collaborator). With `nat`, each managed bridge is masqueraded while it exists;
-    `adverts` advertise the IPv6 prefix of a named managed network on its bridge."""
+    `adverts` advertise the IPv6 prefix of a named managed network on its bridge. `policies`
+    enforces network policies on taps; None where the kernel lacks what they need
+    (`policy_gaps` says what), and then a tap with policies cannot be made."""
 
     def __init__(
         self,
@@ -104,11 +151,15 @@ class HostNetwork:
         leased: Callable[[int], bool],
         nat: Nat | None = None,
         adverts: Adverts | None = None,
+        policies: PolicyRules | None = None,
+        policy_gaps: Sequence[str] = (),
     ) -> None:
         self.links = links
         self.firewall = firewall
         self.nat = nat
         self.adverts = adverts
+        self.policies = policies
+        self.policy_gaps = tuple(policy_gaps)
         self._leased = leased
         self.lock = threading.RLock()  # undoing a failed allocation removes bridges
         self._bridges_ready: set[str] = set()
@@ -116,17 +167,30 @@ class HostNetwork:
         self.keep_bridges = False
 
     def attach(self, steps: Steps, tap: TapPlan) -> None:
-        """Make the tap on its bridge (setting the bridge up first) and add its rules, each
-        undone through `steps`: the rules dropped; the tap removed, then its bridge unless a
-        lease keeps it."""
-        self._make_tap(tap)
+        """Attach the tap's policies, make the tap on its bridge (setting the bridge up first)
+        and add its rules, each undone through `steps`: the rules dropped; the tap removed,
+        then its policies detached, then its bridge removed unless a lease keeps it."""
+        filtered = tap.filtered
+        if filtered:
+            self.enforce([filtered])
+        else:  # whatever an earlier tap of that name left attached goes (no-op otherwise)
+            self._detach(tap.tap)
+        try:
+            self._make_tap(tap)
+        except BaseException:
+            if filtered:
+                self._detach(tap.tap)
+            raise
 
         def drop() -> None:
             self.links.delete(tap.tap)
+            if filtered:
+                self._detach(tap.tap)
             if tap.network_id is not None:
                 self.remove_bridges([(tap.network_id, tap.bridge)])
 
-        steps.done("tap", f"created tap {tap.tap} on {tap.bridge}", drop)
+        attached = f" attached to {filtered.attachment}" if filtered else ""
+        steps.done("tap", f"created tap {tap.tap} on {tap.bridge}{attached}", drop)
         if tap.antispoof is not AntiSpoof.NONE:
             ip = tap.ip if tap.antispoof is AntiSpoof.IP_AND_MAC else None
             if tap.ipv6 is None:
@@ -134,6 +198,53 @@ class HostNetwork:
             else:
                 self.firewall.protect(tap.tap, tap.mac, ip, ipv6=tap.ipv6)
             steps.done("rules", "added anti-spoofing rules", lambda: self.firewall.release(tap.tap))
+
+    def enforce(self, attach: Sequence[TapPolicies], detach: Sequence[str] = ()) -> None:
+        """Point each tap of `attach` at its policies and detach `detach`, in one transaction.
+        Detaching a tap that is not attached does nothing (not even a transaction), so a tap
+        without policies costs nothing; without a policy firewall, attaching is a HostError
+        naming what the kernel lacks."""
+        if self.policies is None:
+            if attach:
+                lacks = "; ".join(self.policy_gaps) or "this daemon has no policy firewall"
+                raise HostError(
+                    f"tap {attach[0].tap} has network policies, which cannot be enforced on "
+                    f"this host: {lacks}; remove its policies and policy_defaults, or run the "
+                    "daemon where the kernel has what they need"
+                )
+            return
+        self.policies.apply(taps=attach, removed_taps=detach, lookup=_no_network)
+
+    def set_tap_policies(self, wanted: Mapping[str, TapPolicies | None]) -> None:
+        """Make existing taps' policies what `wanted` says (tap → its attachment, None for
+        none), in one transaction."""
+        attach = [policies for policies in wanted.values() if policies is not None]
+        self.enforce(attach, [tap for tap, policies in wanted.items() if policies is None])
+
+    def restore_policies(
+        self,
+        policies: Sequence[Policy],
+        taps: Sequence[TapPolicies],
+        lookup: NetworkLookup,
+        keep: Callable[[str], bool],
+    ) -> list[str]:
+        """At start, in one transaction: every stored policy made again, each of `taps`
+        attached to its policies, and every other attached tap (one whose VM no longer runs,
+        or an attachment a start cut short left) detached unless `keep(tap)`. The taps
+        detached."""
+        if self.policies is None:
+            self.enforce(taps)  # with taps to attach, the HostError saying what is missing
+            return []
+        wanted = {attached.tap for attached in taps}
+        stale = sorted(
+            tap for tap in self.policies.attached_taps() if tap not in wanted and not keep(tap)
+        )
+        self.policies.apply(policies=policies, taps=taps, removed_taps=stale, lookup=lookup)
+        return stale
+
+    def _detach(self, tap: str) -> None:
+        if self.policies is not None:
+            self.policies.release(tap)
 
     def _make_tap(self, tap: TapPlan) -> None:
         """A fresh tap on its bridge, setting the bridge up first unless this daemon already
@@ -198,9 +309,11 @@ class HostNetwork:
             self._remove_bridge(bridge)
 
     def release(self, tap: str) -> None:
-        """Remove a tap and its rules (what exists only while its VMM runs)."""
+        """Remove a tap, its rules and (once it is gone) its policies' attachment: what exists
+        only while its VMM runs."""
         self.firewall.release(tap)
         self.links.delete(tap)
+        self._detach(tap)
 
     def remove_bridges(self, emptied: Emptied) -> None:
         """Remove the bridges of networks that lost their last lease (unless a VM took an
@@ -251,3 +364,8 @@ class HostNetwork:
             self.nat.reconcile(
                 {bridge: subnet for bridge, subnet in managed.items() if bridge in present}
             )
+
+
+def _no_network(name: str) -> None:
+    """Attaching taps compiles no policy, so it looks up no `@network`."""
+    return None

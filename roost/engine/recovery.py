@@ -22,8 +22,10 @@ from pathlib import Path
 from typing import TypeVar
 
 from roost.engine.core import Engine, exit_reason
+from roost.engine.hostnet import tap_policies
 from roost.engine.settings import Orphans
 from roost.errors import ConflictError, RoostError
+from roost.plan.policy import TapPolicies
 from roost.state import alloc
 from roost.state.vms import LiveRecord, VMStatus
 from roost.vmm.base import RunDir, VsockBackend
@@ -109,6 +111,21 @@ def unaccounted(
     return orphans
 
 
+def _tap_policies(record: LiveRecord) -> list[TapPolicies]:
+    """The attachments of a live VM's taps, as its record has their policies."""
+    if record.network is None:
+        return []
+    found = []
+    for interface in record.network.interfaces:
+        nic = record.nics.get(interface.index)
+        if interface.plan.tap and nic is not None:
+            effective = interface.effective
+            attached = tap_policies(nic.tap, effective.policies, effective.policy_defaults)
+            if attached is not None:
+                found.append(attached)
+    return found
+
+
 def orphans_error(orphans: list[FoundVMM]) -> ConflictError:
     listed = ", ".join(str(vmm) for vmm in orphans)
     return ConflictError(
@@ -132,7 +149,8 @@ class Recovery:
         self.finished = threading.Event()
 
     def check(self) -> None:
-        """Find the orphans; refuse them unless the policy says otherwise."""
+        """Find the orphans and refuse them unless the policy says otherwise; then set up
+        the network policies again."""
         self.records = self.engine.records.live()
         self.pending = self.engine.records.pending_creates()
         found = live_vmms(self.engine.settings.run_dir, self.engine.settings.chroot)
@@ -142,6 +160,39 @@ class Recovery:
         if self.policy is Orphans.KEEP and self.orphans:
             self.engine.allocator.kept_orphans = {vmm.name for vmm in self.orphans}
             self.engine.host.keep_bridges = True  # an orphan's tap may be on any of them
+        self._restore_policies()
+
+    def _restore_policies(self) -> None:
+        """Before the API listens (so no policy changes meanwhile), in one transaction: every
+        stored policy made again, the taps of every VM whose record says a VMM runs attached to
+        the policies that record gives them (a VMM that has ended is settled later, which
+        detaches them), and attachments of any other tap dropped, unless a kept orphan's tap
+        of that name exists. A firewall that cannot be set up is logged: the VMs are recovered
+        all the same."""
+        engine = self.engine
+        taps = [attached for record in self.records for attached in _tap_policies(record)]
+        orphan_taps = (
+            set(engine.host.links.names(alloc.TAP_PREFIX))
+            if engine.allocator.kept_orphans
+            else set()
+        )
+        try:
+            with engine.db.read() as session:
+                policies = engine.policies.stored(session)
+                stale = engine.host.restore_policies(
+                    policies, taps, engine.policies.addresses(session), orphan_taps.__contains__
+                )
+        except RoostError as error:
+            log.error("network policies could not be set up again: %s", error)
+            return
+        if policies or taps or stale:
+            log.info(
+                "network policies: made %d, attached %d taps of live VMs, detached %d others%s",
+                len(policies),
+                len(taps),
+                len(stale),
+                f" ({', '.join(stale)})" if stale else "",
+            )
 
     def start(self) -> threading.Thread:
         names = {record.name for record in self.records} | self.pending
@@ -260,7 +311,7 @@ class Recovery:
         def networks() -> dict[str, ipaddress.IPv4Network]:
             with engine.db.read() as session:
                 return {
-                    network.bridge: ipaddress.IPv4Network(network.subnet)
+                    alloc.bridge_of(network): ipaddress.IPv4Network(network.subnet)
                     for network, _ in alloc.networks_and_leases(session)
                     if network.subnet is not None and network.kind != alloc.EXTERNAL
                 }

@@ -231,6 +231,10 @@ class PolicyFirewall:
     def attachment_of(self, tap: str) -> str | None:
         return self._taps.get(tap)
 
+    def attached_taps(self) -> set[str]:
+        """Every tap attached now (those an earlier daemon left among them)."""
+        return set(self._taps)
+
     def counters(self) -> Counters:
         """Every policy rule's and attachment default's counters, read in one listing."""
         rules: dict[tuple[str, Direction, int], Count] = {}
