@@ -12,7 +12,7 @@ import pytest
 
 from roost.plan.policy import policy_chain
 from roost.spec.policy import Action, Direction
-from tests.harness import Daemon, run
+from tests.harness import Daemon, run, write_plugin
 
 pytestmark = [pytest.mark.root]
 
@@ -89,3 +89,29 @@ def test_a_policy_made_with_the_cli_is_in_the_daemons_nftables_until_removed(
     assert daemon.ok("policy", "list") == []
     gone = daemon.cli("policy", "rm", "web-in", "--json")
     assert (gone.exit_code, gone.json()["error"]["code"]) == (3, "not_found")
+
+
+@pytest.mark.firecracker
+def test_a_policy_a_vm_names_is_in_use_until_the_vm_is_gone(daemon: Daemon, tmp_path: Path) -> None:
+    daemon.ok("network", "create", "lab", "--subnet", "10.88.0.0/24")
+    daemon.ok("plugin", "install", write_plugin(tmp_path, "plain"))
+    daemon.ok("policy", "create", "web-in", "--file", write(tmp_path / "p.json", WEB_IN))
+    network = {"mode": "bridged", "network": "lab", "policies": ["web-in"]}
+    missing = write(tmp_path / "missing.json", {"network": {**network, "policies": ["nope"]}})
+    refused = daemon.cli(
+        "vm", "create", "web-0", "--plugin", "plain", "--config", missing, "--json"
+    )
+    assert refused.exit_code == 1
+    assert [d["loc"] for d in refused.json()["error"]["details"]] == ["network.policies.0"]
+
+    named = write(tmp_path / "vm.json", {"network": network})
+    daemon.ok("vm", "create", "web-1", "--plugin", "plain", "--config", named, "--no-start")
+    assert daemon.ok("policy", "show", "web-in")["used_by"] == ["web-1"]
+    in_use = daemon.cli("policy", "rm", "web-in", "--json")
+    assert (in_use.exit_code, in_use.json()["error"]["code"]) == (4, "policy_in_use")
+    assert "web-1" in in_use.json()["error"]["message"]
+    assert len(chains_of(daemon.netns, "web-in")) == 6
+
+    daemon.ok("vm", "rm", "web-1")
+    daemon.ok("policy", "rm", "web-in")
+    assert chains_of(daemon.netns, "web-in") == set()
