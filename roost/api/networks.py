@@ -1,8 +1,9 @@
 """The API of networks: list, register (`POST /v1/networks`), show and remove them.
 
 Registering and removing a network makes or removes a bridge, so they run as operations;
-registering an external network is an operator's act (it lets VMs onto a host bridge), so only
-the daemon's Unix socket, whose clients are root, may do it: TCP clients get 403 `forbidden`.
+registering an external network (it lets VMs onto a host bridge) or a cni one (its plugins run
+as root) is an operator's act, so only the daemon's Unix socket, whose clients are root, may do
+it: TCP clients get 403 `forbidden`.
 """
 
 from __future__ import annotations
@@ -42,6 +43,13 @@ def add_network_routes(
                 "external: registering an operator's bridge is an operator's act; do it over "
                 "the daemon's Unix socket (as root)",
                 [ErrorDetail("external", "only the daemon's Unix socket may register one")],
+                code="forbidden",
+            )
+        if asked.cni is not None and not on_unix_socket(request.scope):
+            raise RoostError(
+                "cni: a conflist's plugins run as root, so registering one is an operator's "
+                "act; do it over the daemon's Unix socket (as root)",
+                [ErrorDetail("cni", "only the daemon's Unix socket may register one")],
                 code="forbidden",
             )
         return JSONResponse(await gate.run(engine.networks.create, asked), status_code=201)

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
 from roost.cli.apps import network_app
+from roost.cli.files import read_json
 from roost.cli.options import JSONOpt
 from roost.cli.output import err, fields, print_json
 from roost.cli.remote import daemon, show
@@ -21,6 +23,19 @@ def network_path(name: str) -> str:
 
 def show_network(network: dict[str, Any]) -> None:
     """A network as a human reads it."""
+    conflist = network.get("conflist")
+    if conflist is not None:
+        plugins = ", ".join(plugin.get("type", "?") for plugin in conflist.get("plugins", []))
+        fields(
+            [
+                ("network", network["name"]),
+                ("kind", network["kind"]),
+                ("managed", "no (its CNI plugins make its links and addresses)"),
+                ("conflist", f"{conflist.get('name')} (cniVersion {conflist.get('cniVersion')})"),
+                ("plugins", plugins),
+            ]
+        )
+        return
     fields(
         [
             ("network", network["name"]),
@@ -56,10 +71,18 @@ def network_create(
         str | None,
         typer.Option("--ipv6-prefix", help="An IPv6 /64 for a managed network, or auto."),
     ] = None,
+    cni: Annotated[
+        Path | None,
+        typer.Option(
+            "--cni",
+            metavar="CONFLIST.json",
+            help="A CNI network: this conflist, which VMs name with cni.network (alone).",
+        ),
+    ] = None,
     as_json: JSONOpt = False,
 ) -> None:
-    """Create a managed network (roost makes its bridge now and keeps it until network rm), or
-    register an operator's bridge with --external."""
+    """Create a managed network (roost makes its bridge now and keeps it until network rm),
+    register an operator's bridge with --external, or a CNI conflist with --cni."""
     body = {
         "name": name,
         "subnet": subnet,
@@ -69,6 +92,8 @@ def network_create(
         "ipv6_prefix": ipv6_prefix,
     }
     with daemon(as_json) as client:
+        if cni is not None:
+            body["cni"] = read_json(cni)
         network = client.call(
             "POST", "/v1/networks", body={k: v for k, v in body.items() if v is not None}
         )
@@ -77,7 +102,8 @@ def network_create(
 
 @network_app.command("show")
 def network_show(name: NetworkNameArg, as_json: JSONOpt = False) -> None:
-    """Show a network: its kind, bridge, subnet, IPv6 prefix and the addresses held on it."""
+    """Show a network: its kind, bridge, subnet, IPv6 prefix and the addresses held on it (a
+    cni network: its conflist)."""
     with daemon(as_json) as client:
         network = client.call("GET", network_path(name))
     show(network, as_json, show_network)

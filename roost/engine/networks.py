@@ -1,7 +1,8 @@
 """The registry of named networks: `network create` (a managed network, whose bridge roost makes
-at once and keeps until `network rm`, or an operator's external bridge, which roost only attaches
-taps to), `network show`, `network rm`, and the lookup through which planning resolves a config
-that names a network. The external network `dhcp` is `--dhcp-bridge`, registered at start.
+at once and keeps until `network rm`, an operator's external bridge, which roost only attaches
+taps to, or a cni network, an inline conflist roost runs as a CNI runtime), `network show`,
+`network rm`, and the lookup through which planning resolves a config that names a network. The
+external network `dhcp` is `--dhcp-bridge`, registered at start.
 """
 
 from __future__ import annotations
@@ -18,7 +19,8 @@ from roost.engine.views import network_view
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
 from roost.plan.registration import AUTO_PREFIX, NetworkCreate, random_prefix
 from roost.plan.registry import DHCP_NETWORK, NetworkKind, NetworkLookup, RegisteredNetwork
-from roost.state import alloc
+from roost.spec.cni import parse_conflist
+from roost.state import alloc, cni
 from roost.state.db import Database
 from roost.state.models import VM, IPLease, Network, VMConfigVersion
 
@@ -30,8 +32,9 @@ def registered(network: Network) -> RegisteredNetwork:
     subnet = None if network.subnet is None else ipaddress.IPv4Network(network.subnet)
     gateway = None if network.gateway is None else ipaddress.IPv4Address(network.gateway)
     prefix = None if network.ipv6_prefix is None else ipaddress.IPv6Network(network.ipv6_prefix)
+    conflist = None if network.conflist is None else parse_conflist(network.conflist, loc="-")
     return RegisteredNetwork(
-        network.name, NetworkKind(network.kind), network.bridge, subnet, gateway, prefix
+        network.name, NetworkKind(network.kind), network.bridge, subnet, gateway, prefix, conflist
     )
 
 
@@ -76,7 +79,15 @@ class NetworkRegistry:
 
     def create(self, request: NetworkCreate) -> dict[str, Any]:
         """Register `request`: an external network once its bridge is found to be one; a
-        managed one with its bridge made (and masqueraded, with --nat) before it commits."""
+        managed one with its bridge made (and masqueraded, with --nat) before it commits; a
+        cni one as its conflist alone (its plugins run when a VM attaches)."""
+        conflist = request.cni
+        if conflist is not None:
+            return self.db.transact(
+                lambda session: network_view(
+                    cni.add_network(session, request.name, conflist.to_json()), []
+                )
+            )
         with self.host.lock:
             if request.bridge is not None:
                 self._check_bridge(request)
@@ -143,7 +154,7 @@ class NetworkRegistry:
             prefix,
         )
         if kind == alloc.MANAGED:
-            made.append(network.bridge)
+            made.append(alloc.bridge_of(network))
             self._make_bridge(network)
         return network_view(network, [])
 
@@ -151,7 +162,7 @@ class NetworkRegistry:
         planned = registered(network)
         assert planned.subnet is not None and planned.gateway is not None
         gateway = alloc.gateway_interface(planned.gateway, planned.subnet)
-        self.host.make_bridge(network.bridge, gateway, planned.ipv6_prefix)
+        self.host.make_bridge(alloc.bridge_of(network), gateway, planned.ipv6_prefix)
 
     # ---- removing -----------------------------------------------------------------------
 
@@ -208,7 +219,7 @@ class NetworkRegistry:
                 )
             else:
                 if (prefix := registered(network).ipv6_prefix) is not None:
-                    advertised[network.bridge] = prefix
+                    advertised[alloc.bridge_of(network)] = prefix
         try:
             self.host.advertise_only(advertised)
         except HostError as error:
@@ -243,19 +254,25 @@ def _leased(session: Session, network_id: int) -> list[int]:
 
 def _users(session: Session, network: Network) -> set[str]:
     """The VMs that hold an address on `network`, or one of whose interfaces (as planned, or
-    as their latest config resolves them) names it."""
+    as their latest config resolves them) names it (as its `network`, or its `cni.network`)."""
     users = set(
         session.scalars(select(VM.name).join(IPLease).where(IPLease.network_id == network.id))
     )
     for vm_name, stored in session.execute(select(VM.name, VM.network)):
         planned = (stored or {}).get("interfaces") or []
-        if any(one["effective"].get("network") == network.name for one in planned):
+        if any(_names(one["effective"], network.name) for one in planned):
             users.add(vm_name)
     latest = select(VM.name, VMConfigVersion.effective).join(
         VMConfigVersion,
         (VMConfigVersion.vm_id == VM.id) & (VMConfigVersion.version == VM.config_version),
     )
     for vm_name, effective in session.execute(latest):
-        if any(one["network"] == network.name for one in effective["interfaces"]):
+        if any(_names(one, network.name) for one in effective["interfaces"]):
             users.add(vm_name)
     return users
+
+
+def _names(interface: dict[str, Any], network: str) -> bool:
+    """Whether an interface's effective JSON names `network`."""
+    attached = interface.get("cni") or {}
+    return network in (interface.get("network"), attached.get("network"))

@@ -117,15 +117,17 @@ def plugin_view(plugin: Plugin, vms: list[str]) -> dict[str, Any]:
 
 
 def network_view(network: Network, leased: Iterable[int]) -> dict[str, Any]:
-    """A network: `kind` is on-demand, managed or external; `managed` says whether roost owns
-    its bridge and addresses (both roost kinds) or the operator does (external)."""
+    """A network: `kind` is on-demand, managed, external or cni; `managed` says whether roost
+    owns its bridge and addresses (both roost kinds) or not (the operator's bridge, a cni
+    network's plugins); `conflist` is a cni network's."""
     return {
         "name": network.name,
         "kind": network.kind,
-        "managed": network.kind != "external",
+        "managed": network.kind in ("on-demand", "managed"),
         "bridge": network.bridge,
         "subnet": network.subnet,
         "gateway": network.gateway,
         "ipv6_prefix": network.ipv6_prefix,
+        "conflist": network.conflist,
         "leases": [str(ipaddress.IPv4Address(ip)) for ip in leased],
     }

@@ -1,6 +1,8 @@
 """Registering a network (`roost network create`, `POST /v1/networks`): the request, its
 field formats and the rules that relate them. Pure: the daemon checks the host (does the bridge
-exist, is it a bridge, does the subnet overlap another network) when it registers one."""
+exist, is it a bridge, does the subnet overlap another network) when it registers one. A cni
+network is its conflist alone (`{"name", "cni": {...}}`): its plugins decide links and
+addresses, so none of the bridge or subnet fields go with it."""
 
 from __future__ import annotations
 
@@ -19,6 +21,7 @@ from roost.plan.registry import (
     RESERVED_NETWORK_NAMES,
     RESERVED_NETWORK_PREFIXES,
 )
+from roost.spec.cni import Conflist, parse_conflist
 from roost.spec.network import (
     check_inside,
     first_host,
@@ -29,6 +32,8 @@ from roost.spec.network import (
 from roost.spec.parse import details_of
 
 AUTO_PREFIX = "auto"
+# what a cni network has none of: its plugins make its links and give its addresses
+NOT_FOR_CNI = ("subnet", "gateway", "bridge", "ipv6_prefix")
 BRIDGE_NAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 
 
@@ -62,8 +67,9 @@ def random_prefix() -> str:
 
 
 class NetworkCreate(BaseModel):
-    """A network to register: a managed one (`subnet`, roost's bridge) or an `external` one
-    (the operator's `bridge`, optionally with the `subnet` behind it)."""
+    """A network to register: a managed one (`subnet`, roost's bridge), an `external` one
+    (the operator's `bridge`, optionally with the `subnet` behind it) or a `cni` one (its
+    conflist, run by roost as a CNI runtime)."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
@@ -73,6 +79,7 @@ class NetworkCreate(BaseModel):
     bridge: str | None = None
     external: bool = False
     ipv6_prefix: str | None = None
+    cni: Conflist | None = None
 
     @field_validator("name", mode="before")
     @classmethod
@@ -127,9 +134,11 @@ class NetworkCreate(BaseModel):
 
 def parse_network_create(data: Any) -> NetworkCreate:
     """A network to register, with every rule relating its fields; `InvalidError` at the
-    offending fields."""
+    offending fields (a conflist's at `cni.<field>`)."""
     if not isinstance(data, dict):
         raise InvalidError.at("-", "must be a JSON object")
+    if data.get("cni") is not None:
+        return _parse_cni_network(data)
     try:
         request = NetworkCreate.model_validate(data)
     except ValidationError as error:
@@ -158,3 +167,39 @@ def parse_network_create(data: Any) -> NetworkCreate:
     if errors:
         raise InvalidError.of(errors)
     return request
+
+
+def _parse_cni_network(data: dict[str, Any]) -> NetworkCreate:
+    """A cni network: its name and its conflist (whose `name`, when it gives none, is the
+    network's), with nothing of a bridge or a subnet."""
+    rest = {key: value for key, value in data.items() if key != "cni"}
+    errors: list[ErrorDetail] = []
+    request: NetworkCreate | None = None
+    try:
+        request = NetworkCreate.model_validate(rest)
+    except ValidationError as error:
+        errors += details_of(error)
+    for field in NOT_FOR_CNI:
+        if rest.get(field) is not None:
+            errors.append(
+                ErrorDetail(
+                    field,
+                    "is not for a cni network: its conflist's plugins make its links and give "
+                    "its addresses; drop it, or drop cni",
+                )
+            )
+    if rest.get("external") is True:
+        errors.append(
+            ErrorDetail("external", "a network is external or cni, not both; drop one of them")
+        )
+    conflist = data["cni"]
+    if isinstance(conflist, dict) and "name" not in conflist and isinstance(data.get("name"), str):
+        conflist = {**conflist, "name": data["name"]}
+    parsed: Conflist | None = None
+    try:
+        parsed = parse_conflist(conflist, loc="cni")
+    except InvalidError as error:
+        errors += error.details
+    if errors or request is None or parsed is None:
+        raise InvalidError.of(errors)
+    return request.model_copy(update={"cni": parsed})

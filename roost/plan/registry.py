@@ -10,6 +10,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from enum import StrEnum
 
+from roost.spec.cni import Conflist
+
 
 class NetworkKind(StrEnum):
     """How a network came to be, and so who owns its bridge and addresses."""
@@ -17,24 +19,27 @@ class NetworkKind(StrEnum):
     ON_DEMAND = "on-demand"  # made by a subnet in a config, removed with its last lease
     MANAGED = "managed"  # `network create --subnet`: roost's bridge, kept until `network rm`
     EXTERNAL = "external"  # `network create --external` (and `dhcp`): the operator's bridge
+    CNI = "cni"  # `network create --cni`: no bridge; its conflist's plugins attach VMs
 
 
 @dataclass(frozen=True)
 class RegisteredNetwork:
     """A network known to the daemon by name. `subnet`/`gateway` are None for an external
-    network registered without a subnet; `ipv6_prefix` is a managed network's /64, if any."""
+    network registered without a subnet; `ipv6_prefix` is a managed network's /64, if any. A
+    cni network has neither bridge nor subnet, only the `conflist` its plugins run."""
 
     name: str
     kind: NetworkKind
-    bridge: str
+    bridge: str | None
     subnet: ipaddress.IPv4Network | None
     gateway: ipaddress.IPv4Address | None
     ipv6_prefix: ipaddress.IPv6Network | None
+    conflist: Conflist | None = None
 
     @property
     def managed(self) -> bool:
         """Whether roost owns the bridge and its addresses (on-demand and named managed)."""
-        return self.kind is not NetworkKind.EXTERNAL
+        return self.kind in (NetworkKind.ON_DEMAND, NetworkKind.MANAGED)
 
 
 # None: no network of that name is registered

@@ -378,7 +378,7 @@ def release_address(
     network = release_ip(session, vm, purpose, interface)
     if network is None or network.kind != ON_DEMAND:
         return []
-    emptied = [(network.id, network.bridge)]
+    emptied = [(network.id, bridge_of(network))]
     if network.name != keep_network:
         session.delete(network)
     return emptied
@@ -399,7 +399,14 @@ def bridges_in_use(session: Session) -> set[str]:
     """The bridges roost must keep: those of networks on which some VM holds an address, and
     every named managed network's (kept until `network rm`)."""
     leased = set(session.scalars(select(Network.bridge).join(IPLease).distinct()))
-    return leased | set(session.scalars(select(Network.bridge).where(Network.kind == MANAGED)))
+    managed = set(session.scalars(select(Network.bridge).where(Network.kind == MANAGED)))
+    return {bridge for bridge in leased | managed if bridge is not None}
+
+
+def bridge_of(network: Network) -> str:
+    """The bridge of a network that has one: every kind but `cni`."""
+    assert network.bridge is not None, f"network {network.name!r} ({network.kind}) has no bridge"
+    return network.bridge
 
 
 def allocate_cid(session: Session, vm: Holder) -> int:

@@ -81,25 +81,29 @@ class Network(Base):
     `on-demand` one (made by a subnet in a config, removed with its last lease, identified by
     its subnet) and a `managed` one (`network create`, kept until `network rm`), the operator
     for an `external` one, whose subnet (and so `first`/`last`, its addresses as integers, for
-    plain comparisons) is optional. `ipv6_prefix` is a managed network's /64."""
+    plain comparisons) is optional. `ipv6_prefix` is a managed network's /64. A `cni` one has
+    no bridge and no subnet: its `conflist`'s plugins make what its VMs attach to."""
 
     __tablename__ = "networks"
     __table_args__ = (
-        CheckConstraint("kind IN ('on-demand', 'managed', 'external')", name="kind"),
-        CheckConstraint("kind = 'external' OR subnet IS NOT NULL", name="subnet"),
+        CheckConstraint("kind IN ('on-demand', 'managed', 'external', 'cni')", name="kind"),
+        CheckConstraint("kind IN ('external', 'cni') OR subnet IS NOT NULL", name="subnet"),
+        CheckConstraint("(kind = 'cni') = (bridge IS NULL)", name="bridge"),
+        CheckConstraint("(kind = 'cni') = (conflist IS NOT NULL)", name="conflist"),
         {"sqlite_autoincrement": True},
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(63), unique=True)
     kind: Mapped[str] = mapped_column(String(16), default="on-demand")
-    bridge: Mapped[str] = mapped_column(String(15), unique=True)
+    bridge: Mapped[str | None] = mapped_column(String(15), unique=True)
     subnet: Mapped[str | None] = mapped_column(String(18), unique=True)
     gateway: Mapped[str | None] = mapped_column(String(15))
     first: Mapped[int | None] = mapped_column(BigInteger)
     last: Mapped[int | None] = mapped_column(BigInteger)
     next_hint: Mapped[int | None] = mapped_column(BigInteger)
     ipv6_prefix: Mapped[str | None] = mapped_column(String(43))
+    conflist: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
@@ -269,6 +273,36 @@ class VsockForward(Base):
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
     listen: Mapped[str] = mapped_column(String(64), unique=True)
     guest_port: Mapped[int] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class CniAttachment(Base):
+    """One VM interface attached to a CNI network (`network`, the name its config gives): what
+    ADD ran with (the conflist as run, the container id, namespace path, interface name and
+    arguments), recorded before ADD, and its result once ADD has finished (null until then).
+    It is kept by the VM's name until DEL has run, outliving the VM's record (`vm_id` then goes
+    null), so a daemon that died between the two still finds what to DEL; a VM of that name
+    made again has the same namespace and container id, and DELs it before its own ADD."""
+
+    __tablename__ = "cni_attachments"
+    __table_args__ = (
+        UniqueConstraint("vm", "index"),
+        CheckConstraint('"index" BETWEEN 0 AND 7', name="index"),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm: Mapped[str] = mapped_column(String(63))
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("vms.id", ondelete="SET NULL"))
+    index: Mapped[int] = mapped_column(Integer)
+    network: Mapped[str] = mapped_column(String(255))
+    container_id: Mapped[str] = mapped_column(String(255))
+    netns: Mapped[str] = mapped_column(Text)
+    ifname: Mapped[str] = mapped_column(String(15))
+    conflist: Mapped[dict[str, Any]]
+    args: Mapped[dict[str, Any]]
+    capability_args: Mapped[dict[str, Any]]
+    result: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 

@@ -1,5 +1,6 @@
 """Registering a network: the request's formats and rules (names, bridges, subnets, IPv6
-prefixes), field-addressed; and the API's answer to a TCP client registering an external one."""
+prefixes, a cni network's conflist), field-addressed; and the API's answer to a TCP client
+registering an external or a cni one."""
 
 from __future__ import annotations
 
@@ -117,6 +118,97 @@ def test_an_auto_prefix_is_a_unique_local_64() -> None:
     assert prefix.subnet_of(ipaddress.IPv6Network("fd00::/8"))
 
 
+BRIDGE_CONFLIST = {
+    "cniVersion": "1.0.0",
+    "name": "cninet",
+    "plugins": [{"type": "bridge", "bridge": "cni0", "ipam": {"type": "host-local"}}],
+}
+
+
+def test_a_cni_network_is_its_conflist_as_written() -> None:
+    request = parse_network_create({"name": "cninet", "cni": BRIDGE_CONFLIST})
+    assert request.cni is not None
+    assert request.cni.to_json() == BRIDGE_CONFLIST
+    assert (request.subnet, request.bridge, request.external) == (None, None, False)
+
+
+def conflist_name(data: dict[str, Any]) -> str:
+    request = parse_network_create(data)
+    assert request.cni is not None
+    return request.cni.name
+
+
+def test_a_cni_network_s_conflist_is_named_after_it_unless_it_names_itself() -> None:
+    unnamed = {"cniVersion": "1.0.0", "plugins": [{"type": "bridge"}]}
+    assert conflist_name({"name": "lab", "cni": unnamed}) == "lab"
+    assert conflist_name({"name": "lab", "cni": {**BRIDGE_CONFLIST, "name": "other"}}) == "other"
+
+
+def test_a_single_plugin_conf_is_a_list_of_one() -> None:
+    conf = {"cniVersion": "1.0.0", "name": "one", "type": "bridge", "bridge": "cni0"}
+    request = parse_network_create({"name": "one", "cni": conf})
+    assert request.cni is not None
+    assert [plugin.fields() for plugin in request.cni.plugins] == [
+        {"type": "bridge", "bridge": "cni0"}
+    ]
+
+
+@pytest.mark.parametrize(
+    ("data", "locs", "says"),
+    [
+        ({"name": "lab", "cni": []}, ["cni"], "JSON object"),
+        ({"name": "lab", "cni": "bridge"}, ["cni"], "JSON object"),
+        (
+            {"name": "lab", "cni": {**BRIDGE_CONFLIST, "cniVersion": "9.9"}},
+            ["cni.cniVersion"],
+            "9.9",
+        ),
+        ({"name": "lab", "cni": {**BRIDGE_CONFLIST, "plugins": []}}, ["cni.plugins"], "empty"),
+        (
+            {"name": "lab", "cni": {**BRIDGE_CONFLIST, "plugins": [{"type": "../sbin/x"}]}},
+            ["cni.plugins.0.type"],
+            "no path",
+        ),
+        ({"name": "lab", "cni": {**BRIDGE_CONFLIST, "name": "a b"}}, ["cni.name"], "CNI network"),
+        (
+            {"name": "lab", "cni": {**BRIDGE_CONFLIST, "extra": 1}},
+            ["cni.extra"],
+            "not a known field",
+        ),
+        (
+            {"name": "lab", "cni": BRIDGE_CONFLIST, "subnet": "10.1.0.0/24"},
+            ["subnet"],
+            "not for a cni network",
+        ),
+        (
+            {"name": "lab", "cni": BRIDGE_CONFLIST, "gateway": "10.1.0.1", "bridge": "br0"},
+            ["gateway", "bridge"],
+            "not for a cni network",
+        ),
+        (
+            {"name": "lab", "cni": BRIDGE_CONFLIST, "ipv6_prefix": "auto"},
+            ["ipv6_prefix"],
+            "not for a cni network",
+        ),
+        (
+            {"name": "lab", "cni": BRIDGE_CONFLIST, "external": True},
+            ["external"],
+            "external or cni",
+        ),
+        ({"name": "default", "cni": BRIDGE_CONFLIST}, ["name"], "roost gives its own"),
+        (
+            {"name": "Lab", "cni": {**BRIDGE_CONFLIST, "cniVersion": "2"}},
+            ["name", "cni.cniVersion"],
+            "network name",
+        ),
+    ],
+)
+def test_what_a_cni_registration_refuses(data: dict[str, Any], locs: list[str], says: str) -> None:
+    found = refused(data)
+    assert [where for where, _ in found] == locs, found
+    assert says in found[0][1], found
+
+
 # ---- the API ----------------------------------------------------------------------------
 
 
@@ -159,6 +251,27 @@ def test_only_the_unix_socket_may_register_an_external_network() -> None:
     assert [request.name for request in engine.networks.created] == ["lab", "ext"]
 
 
+def test_only_the_unix_socket_may_register_a_cni_network() -> None:
+    engine = NetworkEngine()
+    body = {"name": "cninet", "cni": BRIDGE_CONFLIST}
+    tcp = Api(engine, "http://127.0.0.1:8000")
+    try:
+        response = tcp.request(
+            "POST", "/v1/networks", json=body, headers={"authorization": f"Bearer {TOKEN}"}
+        )
+        assert response.status_code == 403
+        error = error_of(response)
+        assert (error["code"], [d["loc"] for d in error["details"]]) == ("forbidden", ["cni"])
+    finally:
+        tcp.close()
+    unix = Api(engine, UNIX)
+    try:
+        assert unix.request("POST", "/v1/networks", json=body).status_code == 201
+    finally:
+        unix.close()
+    assert [request.name for request in engine.networks.created] == ["cninet"]
+
+
 def test_a_refused_registration_is_422_at_its_field() -> None:
     api = Api(NetworkEngine(), UNIX)
     try:
@@ -181,4 +294,12 @@ def test_the_registration_body_is_in_the_openapi_document() -> None:
         api.close()
     body = document["paths"]["/v1/networks"]["post"]["requestBody"]["content"]
     properties = body["application/json"]["schema"]["properties"]
-    assert set(properties) == {"name", "subnet", "gateway", "bridge", "external", "ipv6_prefix"}
+    assert set(properties) == {
+        "name",
+        "subnet",
+        "gateway",
+        "bridge",
+        "external",
+        "ipv6_prefix",
+        "cni",
+    }
