@@ -135,6 +135,20 @@ def serve_command(
         Path | None,
         typer.Option("--dhcp-leases", help="A DHCP server's lease file to learn dhcp VMs' IPs."),
     ] = None,
+    cni_conf_dir: Annotated[
+        Path,
+        typer.Option(
+            "--cni-conf-dir", help="Where cni interfaces' conflists are found by their name."
+        ),
+    ] = Settings.cni_conf_dir,
+    cni_bin_dir: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--cni-bin-dir",
+            help="A directory of CNI plugins; repeatable, searched in order (default "
+            f"{' then '.join(map(str, Settings.cni_bin_dirs))}).",
+        ),
+    ] = None,
     nat: Annotated[
         bool,
         typer.Option(
@@ -262,6 +276,8 @@ def serve_command(
             default_subnet=default_subnet,
             dhcp_bridge=dhcp_bridge,
             dhcp_leases=dhcp_leases.resolve() if dhcp_leases else None,
+            cni_conf_dir=cni_conf_dir.resolve(),
+            cni_bin_dirs=tuple(path.resolve() for path in cni_bin_dir or Settings.cni_bin_dirs),
             nat=nat,
             vmm=vmm.value,
             qemu_machine=qemu_machine.value,

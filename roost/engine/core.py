@@ -31,6 +31,7 @@ from roost.engine.settings import Settings
 from roost.engine.steps import Steps
 from roost.engine.views import network_view, vm_view
 from roost.errors import ConflictError, RoostError
+from roost.host.cni import CniRuntime
 from roost.host.netns import NetnsWorker
 from roost.spec import VMConfig, VMConfigPatch
 from roost.spec.common import check_name
@@ -157,6 +158,8 @@ class Engine:
         )
         self.metrics = EngineMetrics(db, self.drivers, self.policies.rule_counters)
         self.networks = NetworkRegistry(db, host, settings.dhcp_bridge)
+        # runs cni interfaces' plugins from the daemon's namespace
+        self.cni = CniRuntime(settings.cni_conf_dir, settings.cni_bin_dirs, worker)
         self.allocator = Allocator(
             settings,
             db=db,

@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
+from roost.host.cni import DEFAULT_BIN_DIRS, DEFAULT_CONF_DIR
 from roost.plan.network import DEFAULT_SUBNET
 
 
@@ -84,6 +85,10 @@ class Settings:
     jailer: Path | None = None
     jail_uid: int | None = None
     jail_gid: int | None = None
+    # where cni interfaces' conflists are found by name (re-read at each ADD), and the
+    # directories their plugins are looked up in, in order
+    cni_conf_dir: Path = DEFAULT_CONF_DIR
+    cni_bin_dirs: tuple[Path, ...] = DEFAULT_BIN_DIRS
 
     def chroot(self, name: str) -> Path | None:
         """Where the jailer chroots VM `name` (the jailer's `<base>/<exec name>/<id>/root`),
