@@ -23,6 +23,7 @@ from roost.spec.cni import parse_conflist
 from roost.state import alloc, cni
 from roost.state.db import Database
 from roost.state.models import VM, IPLease, Network, VMConfigVersion
+from roost.state.policies import naming_network
 
 log = logging.getLogger("roost.engine")
 
@@ -194,6 +195,13 @@ class NetworkRegistry:
             raise ConflictError(
                 f"network {name!r} is used by VM(s) {listed}; remove them, or patch their "
                 "network, first",
+                code="network_in_use",
+            )
+        policies = naming_network(session, network.name)
+        if policies:
+            raise ConflictError(
+                f"network {name!r} is named as @{name} by policy(ies) {', '.join(policies)}; "
+                "change their rules (roost policy apply) first",
                 code="network_in_use",
             )
         session.delete(network)

@@ -15,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, or_, select
 from sqlalchemy.orm import Session
 
-from roost.spec.policy import Policy
+from roost.spec.policy import NETWORK_REFERENCE, Policy
 from roost.state.models import VM, VMConfigVersion, utcnow
 from roost.state.models import Policy as PolicyRow
 
@@ -55,6 +55,22 @@ def add(session: Session, policy: Policy) -> PolicyRow:
 def replace(row: PolicyRow, policy: Policy) -> None:
     row.body = stored_body(policy)
     row.updated_at = utcnow()
+
+
+def naming_network(session: Session, network: str) -> list[str]:
+    """The policies (sorted) a rule of which names `@<network>`: their chains hold its
+    addresses, so the network may not go while they do."""
+    reference = NETWORK_REFERENCE + network
+    return [
+        row.name
+        for row in rows(session)
+        if any(
+            reference in (rule.get(field) or ())
+            for direction in ("ingress", "egress")
+            for rule in row.body.get(direction, ())
+            for field in ("source", "destination")
+        )
+    ]
 
 
 def named_policies(effective: dict[str, Any]) -> set[str]:

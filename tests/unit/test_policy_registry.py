@@ -21,12 +21,13 @@ from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
 from roost.host.policy import Count
 from roost.plan import DefaultNetwork
 from roost.plan.interfaces import resolve_interfaces
+from roost.plan.registration import parse_network_create
 from roost.spec import Manifest, VMConfig, parse
 from roost.spec.policy import Direction, Policy, parse_policy
 from roost.state import alloc
 from roost.state.db import Database, sqlite_url
 from roost.state.policies import used_by
-from tests.engine_fakes import FakePolicyFirewall
+from tests.engine_fakes import FakePolicyFirewall, World
 
 WEB_IN = {
     "description": "web from the lab",
@@ -365,3 +366,16 @@ def test_a_vm_naming_missing_policies_gets_each_at_its_loc(
         assert [e.loc for e in missing_policy_errors(session, resolved)] == ["network.policies.1"]
         resolved = resolve_interfaces(manifest(bridged), None, DEFAULT, None, vm_name="v")
         assert missing_policy_errors(session, resolved) == []
+
+
+def test_a_network_a_policy_names_cannot_be_removed_until_the_policy_stops_naming_it(
+    world: World,
+) -> None:
+    world.engine.policies.firewall = FakePolicyFirewall()
+    world.engine.networks.create(parse_network_create({"name": "lab", "subnet": "10.81.0.0/24"}))
+    world.engine.policies.create(policy())
+    with pytest.raises(ConflictError, match="web-in") as refused:
+        world.engine.networks.remove("lab")
+    assert refused.value.code == "network_in_use"
+    world.engine.policies.apply(policy(ingress=[]))
+    world.engine.networks.remove("lab")
