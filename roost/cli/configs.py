@@ -10,7 +10,13 @@ import typer
 
 from roost.cli.apps import config_app
 from roost.cli.files import read_json
-from roost.cli.interfaces import InterfaceOpt, interface_fields, interfaces_from, list_columns
+from roost.cli.interfaces import (
+    InterfaceOpt,
+    interface_fields,
+    interfaces_from,
+    list_columns,
+    optional_fields,
+)
 from roost.cli.options import (
     JSONOpt,
     NetworkAutoAssignOpt,
@@ -62,6 +68,7 @@ def _network_fields(effective: dict[str, Any]) -> list[tuple[str, Any]]:
         ("subnet", network["subnet"]),
         ("gateway", network["gateway"]),
         ("ip", network["ip"]),
+        *optional_fields(network),
     ]
 
 

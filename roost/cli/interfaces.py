@@ -31,6 +31,7 @@ SPEC_KEYS = (
     "default_route",
     "policies",
     "policy_defaults",
+    "cni",
 )
 BOOLEAN_KEYS = ("auto_assign", "default_route")
 SPEC_EXAMPLE = "mode=bridged,network=lan,ip=10.1.0.5"
@@ -45,8 +46,9 @@ InterfaceOpt = Annotated[
             "One network interface (repeat for each, in the guest's order), as KEY=VALUE "
             f"pairs such as {SPEC_EXAMPLE}. Keys: {', '.join(SPEC_KEYS)} "
             "(ipv6=ADDRESS, default_route=true, policies=web-in;no-egress, "
-            "policy_defaults=ingress:drop;egress:allow). The list replaces any other "
-            "interfaces or network; not with the --network-* flags."
+            "policy_defaults=ingress:drop;egress:allow, cni=NETWORK with mode=cni: a CNI "
+            "network or conflist name). The list replaces any other interfaces or network; "
+            "not with the --network-* flags."
         ),
         show_default=False,
     ),
@@ -60,7 +62,8 @@ class SpecError(ValueError):
 def parse_interface_spec(spec: str) -> dict[str, Any]:
     """One `--interface` SPEC as an interface object (`ipv6=X` is `{"ip": X}`, booleans are
     booleans, `policies=a;b` a list (`policies=` an empty one), `policy_defaults=ingress:drop`
-    an object; every other value stays a string for validation to judge)."""
+    an object, `cni=NAME` `{"network": NAME}`; every other value stays a string for
+    validation to judge)."""
     if not spec.strip():
         raise SpecError(f"--interface {spec!r} is empty; {HOW_TO_WRITE}")
     interface: dict[str, Any] = {}
@@ -101,6 +104,8 @@ def _value(spec: str, key: str, value: str) -> Any:
         return [name.strip() for name in value.split(";")] if value else []
     if key == "policy_defaults":
         return _policy_defaults(spec, value)
+    if key == "cni":  # args and capability_args only from a config file
+        return {"network": value}
     return value
 
 
@@ -141,8 +146,11 @@ def interfaces_from(
 
 
 def address(interface: dict[str, Any]) -> Any:
-    """An interface's IPv4 address: its own, else the one the host saw the guest take."""
-    return interface.get("ip") or interface.get("observed_ip")
+    """An interface's IPv4 address: its own, else the one the host saw the guest take, else
+    (cni) the first its CNI plugins gave."""
+    given = interface.get("addresses") or [None]
+    first = None if given[0] is None else str(given[0]).partition("/")[0]
+    return interface.get("ip") or interface.get("observed_ip") or first
 
 
 def list_columns(interfaces: Sequence[dict[str, Any]]) -> tuple[str, Any, Any, Any]:
@@ -179,5 +187,25 @@ def interface_fields(interfaces: Sequence[dict[str, Any]]) -> list[tuple[str, An
             ("  mac", interface.get("mac")),
             ("  bridge", interface.get("bridge")),
             ("  tap", interface.get("tap")),
+            *optional_fields(interface, "  "),
         ]
+    return rows
+
+
+def optional_fields(network: dict[str, Any], indent: str = "") -> list[tuple[str, Any]]:
+    """The rows of what only some networks have (a cni network's, policies), where set."""
+    rows: list[tuple[str, Any]] = []
+    cni = network.get("cni")
+    if cni is not None:
+        addresses = network.get("addresses")
+        rows += [
+            (f"{indent}cni network", cni["network"]),
+            (f"{indent}addresses", "at start" if addresses is None else ", ".join(addresses)),
+        ]
+    if network.get("policies"):
+        rows.append((f"{indent}policies", ", ".join(network["policies"])))
+    defaults = network.get("policy_defaults")
+    if defaults is not None:
+        text = f"ingress {defaults['ingress']}, egress {defaults['egress']}"
+        rows.append((f"{indent}policy defaults", text))
     return rows

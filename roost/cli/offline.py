@@ -25,7 +25,7 @@ from roost.cli.output import err, fields, out, print_json, reporting, table, usa
 from roost.errors import ExitCode, InvalidError
 from roost.plan import IPAM, DefaultNetwork, EffectiveNetwork, NetworkPlan, plan_network
 from roost.plan.interfaces import EffectiveInterface, ResolvedInterfaces, resolve_interfaces
-from roost.plan.network import DEFAULT_SUBNET
+from roost.plan.network import DEFAULT_SUBNET, CniNetwork
 from roost.spec import Manifest, VMConfig, VMConfigPatch
 from roost.spec.common import check_name
 
@@ -128,6 +128,8 @@ def _single_plan_human(name: str, manifest: Manifest, resolved: ResolvedInterfac
     assert network is not None  # the single form always has one
     net = _single_plan(name, resolved, network)
     address = network.ip or ("allocated at create" if net.ipam is IPAM.AUTO else None)
+    if network.cni is not None:
+        address = _decided_by(network.cni)
     fields(
         [
             ("vm", name),
@@ -146,6 +148,7 @@ def _single_plan_human(name: str, manifest: Manifest, resolved: ResolvedInterfac
             ("nic", yes_no(net.nic)),
             ("vsock", yes_no(net.vsock)),
             ("kernel ip arg", net.kernel_ip_arg),
+            *([("netns", f"roost-vm-{name}")] if net.netns else []),
         ]
     )
 
@@ -167,7 +170,7 @@ def _interfaces_plan_human(name: str, manifest: Manifest, resolved: ResolvedInte
             interface.index,
             interface.name,
             interface.mode,
-            interface.network or interface.subnet,
+            interface.cni.network if interface.cni else interface.network or interface.subnet,
             _planned_address(interface),
             interface.mac or "at create",
             yes_no(interface.default_route),
@@ -180,7 +183,14 @@ def _interfaces_plan_human(name: str, manifest: Manifest, resolved: ResolvedInte
             out.print(interface.unresolved, markup=False)
 
 
+def _decided_by(cni: CniNetwork) -> str:
+    """A cni network's address before its VM starts: whatever its CNI plugins give."""
+    return f"addresses decided by {cni.network}"
+
+
 def _planned_address(interface: EffectiveInterface) -> str | None:
+    if interface.cni is not None:
+        return _decided_by(interface.cni)
     if interface.ip is not None:
         return str(interface.ip)
     if interface.plan.observe_ip:

@@ -20,6 +20,7 @@ from roost.cli.interfaces import (
     interfaces_from,
     ipv6_text,
     list_columns,
+    optional_fields,
 )
 from roost.cli.options import (
     ConfigOpt,
@@ -271,6 +272,7 @@ def _network_fields(
         ("bridge", network["bridge"]),
         ("tap", network["tap"]),
         ("observed ip", network["observed_ip"]),
+        *optional_fields(network),
     ]
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from roost.errors import ErrorDetail, InvalidError
 from roost.plan.ipv6 import parse_ipv6_address, router_address, slaac_address
 from roost.plan.network import (
+    CniNetwork,
     DefaultNetwork,
     EffectiveNetwork,
     NetworkPlan,
@@ -24,8 +25,9 @@ from roost.plan.network import (
     plan_network,
     resolve_network,
 )
-from roost.plan.nic_args import GuestNIC, nic_args
+from roost.plan.nic_args import GuestNIC, IPAddress, IPInterface, nic_args
 from roost.plan.registry import DHCP_NETWORK, NetworkLookup
+from roost.spec.cni import CniResult
 from roost.spec.interfaces import InterfaceConfig, default_name
 from roost.spec.manifest import Manifest
 from roost.spec.network import NetworkMode
@@ -86,6 +88,11 @@ class EffectiveInterface:
         return self.effective.ip
 
     @property
+    def cni(self) -> CniNetwork | None:
+        """A cni interface's CNI side (its result once its VM has started), else None."""
+        return self.effective.cni
+
+    @property
     def policies(self) -> tuple[str, ...]:
         return self.effective.policies
 
@@ -97,6 +104,21 @@ class EffectiveInterface:
         """The interface once allocation gave it `ip` (its plan's kernel `ip=` complete)."""
         effective = self.effective.with_ip(ip)
         return replace(self, effective=effective, plan=plan_network(effective, vm_name))
+
+    def with_cni_result(
+        self, result: CniResult, interface: int, vm_name: str
+    ) -> EffectiveInterface:
+        """A cni interface once ADD answered `result`: its tap joined to the result's interface
+        `interface` (an index in `result.interfaces`), whose MAC its guest takes, and every
+        address of that interface its guest's."""
+        effective = self.effective.with_cni_result(result, interface)
+        assert effective.cni is not None
+        return replace(
+            self,
+            effective=effective,
+            plan=plan_network(effective, vm_name),
+            mac=effective.cni.mac or self.mac,
+        )
 
     def with_mac(self, mac: str) -> EffectiveInterface:
         """The interface with the MAC its guest gets (the user's, else the one roost keeps for
@@ -116,6 +138,8 @@ class EffectiveInterface:
     def guest_nic(self) -> GuestNIC:
         """What its guest configures from `roost.nic=` (once its MAC and address are known)."""
         assert self.mac is not None, "the guest's MAC is known once allocation has picked it"
+        if self.cni is not None:
+            return self._cni_guest_nic(self.mac, self.cni)
         ipv4 = gateway = None
         if self.ip is not None and self.subnet is not None:
             ipv4 = ipaddress.IPv4Interface(f"{self.ip}/{self.subnet.prefixlen}")
@@ -133,6 +157,36 @@ class EffectiveInterface:
             ipv6=ipv6,
             ipv6_gateway=ipv6_gateway,
             default_route=self.default_route,
+        )
+
+    def _cni_guest_nic(self, mac: str, cni: CniNetwork) -> GuestNIC:
+        """Every address the CNI result gives, in its order: the first of each family as the
+        NIC's IPv4 and IPv6, the others after them."""
+        first: dict[int, tuple[IPInterface, IPAddress | None]] = {}
+        more: list[tuple[IPInterface, IPAddress | None]] = []
+        for ip in cni.ips:
+            family = ip.address.version
+            gateway = ip.gateway if ip.gateway is None or ip.gateway.version == family else None
+            if family in first:
+                more.append((ip.address, gateway))
+            else:
+                first[family] = (ip.address, gateway)
+        ipv4, gateway4 = first.get(4, (None, None))
+        ipv6, gateway6 = first.get(6, (None, None))
+        assert ipv4 is None or isinstance(ipv4, ipaddress.IPv4Interface)
+        assert gateway4 is None or isinstance(gateway4, ipaddress.IPv4Address)
+        assert ipv6 is None or isinstance(ipv6, ipaddress.IPv6Interface)
+        assert gateway6 is None or isinstance(gateway6, ipaddress.IPv6Address)
+        return GuestNIC(
+            mac=mac,
+            name=self.name,
+            ipv4=ipv4,
+            gateway=gateway4,
+            ipv6=ipv6,
+            ipv6_gateway=gateway6,
+            default_route=self.default_route,
+            mtu=cni.mtu,
+            more=tuple(more),
         )
 
     def ipv6_json(self) -> dict[str, Any] | None:
@@ -165,6 +219,7 @@ class EffectiveInterface:
             "ipv6": self.ipv6_json(),
             "default_route": self.default_route,
             **self.effective.policies_json(),
+            **self.effective.cni_json(),
         }
         if self.unresolved is not None:
             data["unresolved"] = self.unresolved
@@ -189,12 +244,24 @@ class ResolvedInterfaces:
             network = interfaces[0].effective
         return replace(self, network=network, interfaces=interfaces)
 
+    @property
+    def netns(self) -> bool:
+        """Whether the VM's VMM runs in the VM's own network namespace (`roost-vm-<name>`)."""
+        return any(interface.plan.netns for interface in self.interfaces)
+
     def boot_args(self, vm_name: str) -> str | None:
         """The guest's network arguments once allocated: the single form's `ip=` as ever, a
-        list's `roost.nic=` (with `roost.default=`, and `ip=` for a lone static interface)."""
-        if self.single:
+        list's `roost.nic=` (with `roost.default=`, and `ip=` for a lone static interface).
+        A cni interface, single or not, gets `roost.nic=` for every address its CNI result
+        gives: nothing before ADD has answered (a cni VM's arguments are made at each start),
+        nor when the result gives it no address."""
+        if self.single and not self.netns:
             return self.interfaces[0].plan.kernel_ip_arg if self.interfaces else None
-        guest = tuple(interface.guest_nic() for interface in self.interfaces)
+        guest = tuple(
+            interface.guest_nic()
+            for interface in self.interfaces
+            if interface.cni is None or interface.cni.ips
+        )
         return " ".join(nic_args(guest, vm_name)) or None
 
     @property
@@ -381,6 +448,8 @@ def _same_network_errors(resolved: list[EffectiveNetwork]) -> list[ErrorDetail]:
     for index, effective in enumerate(resolved):
         if effective.subnet is not None:
             key = ("subnet", str(effective.subnet))
+        elif effective.cni is not None:
+            key = ("cni", effective.cni.network)
         else:
             key = ("network", effective.network or DHCP_NETWORK)
         if key in first:

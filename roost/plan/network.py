@@ -4,12 +4,14 @@ network plan (what must exist on the host for a VM). All per-mode decisions live
 from __future__ import annotations
 
 import ipaddress
-from dataclasses import dataclass, replace
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
 from roost.errors import ErrorDetail, InvalidError
 from roost.plan.registry import DHCP_NETWORK, NetworkLookup, RegisteredNetwork
+from roost.spec.cni import CniIP, CniResult, parse_result
 from roost.spec.manifest import Manifest
 from roost.spec.network import (
     NetworkConfig,
@@ -47,6 +49,7 @@ class Attachment(StrEnum):
 
     MANAGED = "managed"  # a bridge roost creates for the subnet and owns
     EXTERNAL = "external"  # the operator's bridge (--dhcp-bridge, `network create --external`)
+    CNI = "cni"  # no bridge of roost's: joined to the link CNI plugins made, in the VM's netns
     NONE = "none"
 
 
@@ -75,6 +78,73 @@ class DefaultNetwork:
 
 
 @dataclass(frozen=True)
+class CniNetwork:
+    """The CNI side of a cni network: the CNI `network` it names (a registered cni network,
+    else a conflist's `name` in the daemon's conf dir: the daemon decides), what its plugins
+    are given, and what ADD answered at the VM's last start (`result`, None before; `interface`
+    is the index in it of the interface the VM's tap is joined to)."""
+
+    network: str
+    args: Mapping[str, str] = field(default_factory=dict, hash=False)
+    capability_args: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    result: CniResult | None = field(default=None, hash=False)
+    interface: int | None = None
+
+    @property
+    def mac(self) -> str | None:
+        """The MAC of the plugins' interface, which the guest's NIC takes (None before ADD)."""
+        if self.result is None or self.interface is None:
+            return None
+        return self.result.interfaces[self.interface].mac or None
+
+    @property
+    def mtu(self) -> int | None:
+        if self.result is None or self.interface is None:
+            return None
+        return self.result.interfaces[self.interface].mtu
+
+    @property
+    def ips(self) -> tuple[CniIP, ...]:
+        """Every address the result gives the interface, IPv4 and IPv6, in its order."""
+        if self.result is None or self.interface is None:
+            return ()
+        return tuple(self.result.ips_of(self.interface))
+
+    def with_result(self, result: CniResult, interface: int) -> CniNetwork:
+        if not 0 <= interface < len(result.interfaces):
+            raise ValueError(f"the CNI result has no interface {interface}")
+        return replace(self, result=result, interface=interface)
+
+    def addresses_json(self) -> list[str] | None:
+        """Its addresses as `address/prefix` strings, None before ADD."""
+        return None if self.result is None else [str(ip.address) for ip in self.ips]
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> CniNetwork:
+        result = data.get("result")
+        return cls(
+            data["network"],
+            dict(data.get("args") or {}),
+            dict(data.get("capability_args") or {}),
+            None if result is None else parse_result(result),
+            data.get("interface"),
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        """`network`, `args` and `capability_args` where given, `result` (null before ADD)
+        and `interface` with it."""
+        data: dict[str, Any] = {"network": self.network}
+        if self.args:
+            data["args"] = dict(self.args)
+        if self.capability_args:
+            data["capability_args"] = dict(self.capability_args)
+        data["result"] = None if self.result is None else self.result.to_json()
+        if self.result is not None:
+            data["interface"] = self.interface
+        return data
+
+
+@dataclass(frozen=True)
 class EffectiveNetwork:
     """A VM's network after resolution; fields that do not apply to the mode are None.
 
@@ -84,7 +154,8 @@ class EffectiveNetwork:
     on `--dhcp-bridge`), `external` whether that network's bridge is the operator's. A named
     network planned without a lookup (offline) has no subnet: the daemon resolves it.
     `policies` are the stored policies enforced on its tap, `policy_defaults` what traffic
-    none of their rules decides gets (None: allow both ways).
+    none of their rules decides gets (None: allow both ways). `cni` is a cni network's CNI
+    side (None in every other mode).
     """
 
     mode: NetworkMode
@@ -97,6 +168,7 @@ class EffectiveNetwork:
     external: bool = False
     policies: tuple[str, ...] = ()
     policy_defaults: PolicyDefaults | None = None
+    cni: CniNetwork | None = None
 
     @property
     def on_network(self) -> str | None:
@@ -109,6 +181,12 @@ class EffectiveNetwork:
     def with_ip(self, ip: ipaddress.IPv4Address) -> EffectiveNetwork:
         return replace(self, ip=ip)
 
+    def with_cni_result(self, result: CniResult, interface: int) -> EffectiveNetwork:
+        """A cni network once ADD answered `result`, whose interface `interface` (an index in
+        `result.interfaces`) the VM's tap is joined to."""
+        assert self.cni is not None, "only a cni network has a CNI result"
+        return replace(self, cni=self.cni.with_result(result, interface))
+
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> EffectiveNetwork:
         """The inverse of `to_json` (a network recorded by this daemon, so trusted)."""
@@ -118,6 +196,7 @@ class EffectiveNetwork:
             return None if value is None else kind(value)
 
         defaults = data.get("policy_defaults")
+        cni = data.get("cni")
 
         return cls(
             NetworkMode(data["mode"]),
@@ -130,6 +209,7 @@ class EffectiveNetwork:
             bool(data.get("external", False)),
             tuple(data.get("policies") or ()),
             None if defaults is None else PolicyDefaults.model_validate(defaults),
+            None if cni is None else CniNetwork.from_json(cni),
         )
 
     def to_json(self) -> dict[str, Any]:
@@ -148,7 +228,14 @@ class EffectiveNetwork:
             "ip": None if self.ip is None else str(self.ip),
             **named,
             **self.policies_json(),
+            **self.cni_json(),
         }
+
+    def cni_json(self) -> dict[str, Any]:
+        """A cni network's `cni` and `addresses` (null before ADD); nothing in other modes."""
+        if self.cni is None:
+            return {}
+        return {"cni": self.cni.to_json(), "addresses": self.cni.addresses_json()}
 
     def policies_json(self) -> dict[str, Any]:
         """`policies` and `policy_defaults`, each only where set."""
@@ -233,6 +320,11 @@ def _resolve(
 
     if merged.network is not None:
         return _named(merged, mode, source, lookup)
+    if mode is NetworkMode.CNI:
+        assert merged.cni is not None  # network_errors requires it
+        settings = merged.cni
+        cni = CniNetwork(settings.network, settings.args, settings.capability_args)
+        return EffectiveNetwork(mode, source, cni=cni)
     if mode is not NetworkMode.BRIDGED:
         return EffectiveNetwork(mode, source)
     subnet = merged.subnet_net or default.subnet
@@ -316,6 +408,8 @@ class NetworkPlan:
     - `kernel_ip_arg`: the guest's `ip=` boot argument (None for bridged auto until allocated).
     - `observe_ip`: the host learns the guest's address by watching it (dhcp).
     - `antispoof`: what the tap is allowed to send.
+    - `netns`: the VMM runs in the VM's own network namespace (`roost-vm-<name>`), where its
+      tap is made and joined to the link CNI plugins made there.
     """
 
     tap: bool
@@ -326,6 +420,7 @@ class NetworkPlan:
     kernel_ip_arg: str | None
     observe_ip: bool
     antispoof: AntiSpoof
+    netns: bool = False
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> NetworkPlan:
@@ -339,9 +434,12 @@ class NetworkPlan:
             kernel_ip_arg=data.get("kernel_ip_arg"),
             observe_ip=bool(data["observe_ip"]),
             antispoof=AntiSpoof(data["antispoof"]),
+            netns=bool(data.get("netns", False)),
         )
 
     def to_json(self) -> dict[str, Any]:
+        """Its JSON; `netns` only where true, so plans of the other modes read as before."""
+        netns = {"netns": True} if self.netns else {}
         return {
             "tap": self.tap,
             "ipam": self.ipam.value,
@@ -351,6 +449,7 @@ class NetworkPlan:
             "attach": self.attach.value,
             "observe_ip": self.observe_ip,
             "antispoof": self.antispoof.value,
+            **netns,
         }
 
 
@@ -378,6 +477,18 @@ def plan_network(effective: EffectiveNetwork, vm_name: str) -> NetworkPlan:
             observe_ip=False,
             antispoof=AntiSpoof.NONE,
         )
+    if effective.mode is NetworkMode.CNI:
+        return NetworkPlan(
+            tap=True,
+            attach=Attachment.CNI,
+            ipam=IPAM.NONE,
+            nic=True,
+            vsock=True,
+            kernel_ip_arg=_cni_kernel_ip_arg(effective, vm_name),
+            observe_ip=False,
+            antispoof=AntiSpoof.NONE,
+            netns=True,
+        )
     if effective.mode is NetworkMode.DHCP:
         return NetworkPlan(
             tap=True,
@@ -403,3 +514,16 @@ def plan_network(effective: EffectiveNetwork, vm_name: str) -> NetworkPlan:
         observe_ip=False,
         antispoof=AntiSpoof.IP_AND_MAC,
     )
+
+
+def _cni_kernel_ip_arg(effective: EffectiveNetwork, vm_name: str) -> str | None:
+    """The classic `ip=` of a cni network once ADD has answered: its first IPv4 address, with
+    that address's gateway (None before ADD, or without either)."""
+    assert effective.cni is not None
+    first = next(
+        (ip for ip in effective.cni.ips if isinstance(ip.address, ipaddress.IPv4Interface)), None
+    )
+    if first is None or not isinstance(first.gateway, ipaddress.IPv4Address):
+        return None
+    assert isinstance(first.address, ipaddress.IPv4Interface)
+    return kernel_ip_arg(first.address.ip, first.gateway, first.address.network, vm_name)

@@ -28,11 +28,17 @@ IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}")
 MIN_MTU, MAX_MTU = 68, 65535
 
 
+IPInterface = ipaddress.IPv4Interface | ipaddress.IPv6Interface
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+
+
 @dataclass(frozen=True)
 class GuestNIC:
     """What the guest must configure on one interface: its MAC (lower case, as Linux shows it),
     an optional new name and MTU, a static IPv4 address (with its gateway) or DHCP, an optional
-    static IPv6 address (with its gateway), and whether it carries the default route."""
+    static IPv6 address (with its gateway), further static addresses of either family (`more`,
+    each with its gateway or None: a CNI result may give several), and whether it carries the
+    default route."""
 
     mac: str
     name: str | None = None
@@ -43,6 +49,7 @@ class GuestNIC:
     ipv6_gateway: ipaddress.IPv6Address | None = None
     default_route: bool = False
     mtu: int | None = None
+    more: tuple[tuple[IPInterface, IPAddress | None], ...] = ()
 
     def __post_init__(self) -> None:
         if not MAC.fullmatch(self.mac):
@@ -53,7 +60,7 @@ class GuestNIC:
             )
         if self.dhcp and self.ipv4 is not None:
             raise ValueError(f"interface {self.mac} cannot be both DHCP and static IPv4")
-        if not self.dhcp and self.ipv4 is None and self.ipv6 is None:
+        if not self.dhcp and self.ipv4 is None and self.ipv6 is None and not self.more:
             raise ValueError(f"interface {self.mac} has no address: give ipv4, dhcp or ipv6")
         if self.gateway is not None and self.ipv4 is None:
             raise ValueError(f"interface {self.mac} has an IPv4 gateway but no static IPv4")
@@ -97,7 +104,12 @@ def _interface_args(nic: GuestNIC) -> list[str]:
     how: list[str] = []
     if nic.dhcp:
         how.append("dhcp")
-    for address, gateway in ((nic.ipv4, nic.gateway), (nic.ipv6, nic.ipv6_gateway)):
+    addresses: list[tuple[IPInterface | None, IPAddress | None]] = [
+        (nic.ipv4, nic.gateway),
+        (nic.ipv6, nic.ipv6_gateway),
+        *nic.more,
+    ]
+    for address, gateway in addresses:
         if address is not None:
             how.append(str(address) if gateway is None else f"{address},{gateway}")
     extras = [f"name={nic.name}"] if nic.name is not None else []

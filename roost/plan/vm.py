@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
 
@@ -10,6 +11,7 @@ from roost.plan.network import DefaultNetwork, EffectiveNetwork, NetworkPlan, pl
 from roost.plan.registry import NetworkLookup
 from roost.spec.common import Resources
 from roost.spec.manifest import Manifest
+from roost.spec.network import NetworkMode
 from roost.spec.vmconfig import VMConfig
 
 
@@ -88,7 +90,8 @@ def needs_restart(
     `effective_json` with their interfaces, and their configs): what the VMM, each tap and its
     rules, the guest's command line and the vsock services listened for while it runs are made
     from counts;
-    labels, where a network was written, and whether an address was picked or pinned do not."""
+    labels, where a network was written, whether an address was picked or pinned, a tap's
+    policies (applied to a live tap at once) and a CNI result (made at each start) do not."""
 
     def what_boots(effective: dict[str, Any], config: dict[str, Any]) -> tuple[Any, ...]:
         # per interface; a named network: its bridge; the MAC a guest's NIC gets
@@ -104,7 +107,8 @@ def needs_restart(
             "default_route",
         )
         addressing = tuple(
-            tuple(interface.get(key) for key in keys) for interface in effective["interfaces"]
+            (*(_boots_with(interface, key) for key in keys), _cni_attached(interface.get("cni")))
+            for interface in effective["interfaces"]
         )
         return (
             addressing,
@@ -116,3 +120,20 @@ def needs_restart(
         )
 
     return what_boots(before, before_config) != what_boots(after, after_config)
+
+
+def _boots_with(interface: dict[str, Any], key: str) -> Any:
+    """An interface's field as its VMM boots with it; a cni interface's MAC is its plugins',
+    taken at each start, never the version's."""
+    if key == "mac" and interface.get("mode") == NetworkMode.CNI:
+        return None
+    return interface.get(key)
+
+
+def _cni_attached(cni: dict[str, Any] | None) -> str | None:
+    """What a cni interface is attached with (its network and what its plugins are given), not
+    what ADD answered at a start."""
+    if cni is None:
+        return None
+    given = {key: cni.get(key) for key in ("network", "args", "capability_args")}
+    return json.dumps(given, sort_keys=True)

@@ -39,7 +39,7 @@ RESERVED_IPV6 = (
     (ipaddress.IPv6Network("ff00::/8"), "multicast"),
     (ipaddress.IPv6Network("::ffff:0:0/96"), "an IPv4-mapped address"),
 )
-INTERFACE_MODES_TEXT = "bridged or dhcp"
+INTERFACE_MODES_TEXT = "bridged, dhcp or cni"
 BOTH_FORMS = (
     "give network (one interface, or none for vsock) or interfaces (a list), not both; "
     "drop one of them"
@@ -157,13 +157,15 @@ def _strict_bool(value: Any) -> Any:
 InterfaceMode = Annotated[
     NetworkMode,
     BeforeValidator(parse_interface_mode),
-    WithJsonSchema({"type": "string", "enum": [NetworkMode.BRIDGED, NetworkMode.DHCP]}),
+    WithJsonSchema(
+        {"type": "string", "enum": [NetworkMode.BRIDGED, NetworkMode.DHCP, NetworkMode.CNI]}
+    ),
 ]
 
 
 class InterfaceConfig(NetworkConfig):
-    """One interface of a VM, in the guest's device order: a network (bridged or dhcp; every
-    rule of `network` applies) with the guest's `name` for it (default `eth<index>`), its
+    """One interface of a VM, in the guest's device order: a network (bridged, dhcp or cni;
+    every rule of `network` applies) with the guest's `name` for it (default `eth<index>`), its
     `mac` (default roost's), a static `ipv6` address and whether it carries the default route
     (default: the first interface does)."""
 
@@ -224,8 +226,10 @@ Interfaces = Annotated[
 
 
 def network_key(interface: NetworkConfig) -> tuple[str, str]:
-    """Which network an interface is on, as written: a named one, a subnet, or (named by
-    neither) the `dhcp` network for dhcp and the daemon's `default` one for bridged."""
+    """Which network an interface is on, as written: a named one, a subnet, a CNI network, or
+    (named by none) the `dhcp` network for dhcp and the daemon's `default` one for bridged."""
+    if interface.mode is NetworkMode.CNI:
+        return "cni", "" if interface.cni is None else interface.cni.network
     if interface.network is not None:
         return "network", interface.network
     if interface.subnet is not None:
@@ -240,11 +244,23 @@ def interface_errors(interface: InterfaceConfig, where: Where, prefix: str) -> l
     as_network: Where = "plugin" if where == "plugin" else "effective"
     errors = network_errors(interface, as_network, prefix=prefix)
     if interface.ipv6 is not None and interface.mode is not NetworkMode.BRIDGED:
+        why = {
+            NetworkMode.DHCP: "a dhcp interface takes what its network's routers advertise",
+            NetworkMode.CNI: "a cni interface takes every address its CNI plugins give",
+        }
         errors.append(
             ErrorDetail(
                 f"{prefix}.ipv6",
-                f"is only valid in bridged mode, not in {interface.mode} mode (a dhcp "
-                "interface takes what its network's routers advertise)",
+                f"is only valid in bridged mode, not in {interface.mode} mode "
+                f"({why.get(interface.mode, '')})",
+            )
+        )
+    if interface.mac is not None and interface.mode is NetworkMode.CNI:
+        errors.append(
+            ErrorDetail(
+                f"{prefix}.mac",
+                "is not for cni mode: the guest takes the MAC of the interface the CNI "
+                "plugins make; drop it",
             )
         )
     if where == "plugin":
@@ -279,13 +295,9 @@ def interfaces_errors(interfaces: Sequence[InterfaceConfig], where: Where) -> li
     for index, interface in enumerate(interfaces):
         errors += interface_errors(interface, where, f"interfaces.{index}")
     errors += _clashes(
-        [
-            (network_key(i), "subnet" if i.subnet and not i.network else "network")
-            for i in interfaces
-        ],
-        _network_text,
-        "network",
+        [(_written_network(i), _network_field(i)) for i in interfaces], _network_text, "network"
     )
+    errors += _cni_mix_errors(interfaces)
     names = [(iface.guest_name(index), "name") for index, iface in enumerate(interfaces)]
     errors += _clashes(names, lambda name: f"the guest name {name!r}", "name")
     errors += _clashes([(i.mac, "mac") for i in interfaces], lambda mac: f"MAC {mac}", "MAC")
@@ -293,10 +305,43 @@ def interfaces_errors(interfaces: Sequence[InterfaceConfig], where: Where) -> li
     return errors
 
 
+def _written_network(interface: InterfaceConfig) -> tuple[str, str] | None:
+    """`network_key`, None for a cni interface without its (required) `cni`."""
+    if interface.mode is NetworkMode.CNI and interface.cni is None:
+        return None
+    return network_key(interface)
+
+
+def _network_field(interface: InterfaceConfig) -> str:
+    if interface.mode is NetworkMode.CNI:
+        return "cni.network"
+    return "subnet" if interface.subnet and not interface.network else "network"
+
+
+def _cni_mix_errors(interfaces: Sequence[InterfaceConfig]) -> list[ErrorDetail]:
+    """A VM's cni interfaces and its bridged or dhcp ones cannot mix: the VMM of a VM with a
+    cni interface runs inside the VM's own network namespace, where no roost bridge is."""
+    cni = [i for i, iface in enumerate(interfaces) if iface.mode is NetworkMode.CNI]
+    if not cni:
+        return []
+    return [
+        ErrorDetail(
+            f"interfaces.{index}.mode",
+            f"is {iface.mode}, but interface {cni[0]} is cni: a VM with a cni interface runs "
+            "in its own network namespace, where no roost bridge is, so all of its interfaces "
+            "must be cni (a CNI network with the bridge plugin gives a bridge)",
+        )
+        for index, iface in enumerate(interfaces)
+        if iface.mode is not NetworkMode.CNI
+    ]
+
+
 def _network_text(key: tuple[str, str]) -> str:
     kind, value = key
     if kind == "subnet":
         return f"subnet {value}"
+    if kind == "cni":
+        return f"CNI network {value!r}"
     if value == "default":
         return "the daemon's default network (no subnet or network given)"
     return f"network {value!r}"

@@ -13,9 +13,17 @@ from collections.abc import Callable
 from enum import StrEnum
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+)
 
 from roost.errors import ErrorDetail, InvalidError
+from roost.spec.cni import CNI_NAME
 from roost.spec.common import DNS_LABEL, Name
 from roost.spec.parse import details_of
 from roost.spec.policy import PolicyDefaults
@@ -49,10 +57,16 @@ class NetworkMode(StrEnum):
     VSOCK = "vsock"
     BRIDGED = "bridged"
     DHCP = "dhcp"
+    CNI = "cni"  # a CNI network's plugins make its link and give its addresses
 
 
 MODES_TEXT = ", ".join(m.value for m in NetworkMode)
 BRIDGED_ONLY_FIELDS = ("subnet", "gateway", "ip")
+# what a cni network leaves to its plugins (its link, its addresses), so may not say
+NOT_FOR_CNI = ("network", "subnet", "gateway", "auto_assign", "ip")
+MAX_CNI_NAME = 128
+# CNI_ARGS entries (K=V;...) a cni network passes to its plugins
+MAX_CNI_ARGS = 32
 
 
 def parse_mode(value: Any) -> NetworkMode:
@@ -149,6 +163,49 @@ def _policy_count(value: Any) -> Any:
 PolicyNames = Annotated[list[Name], BeforeValidator(_policy_count)]
 
 
+def parse_cni_network_name(value: Any) -> str:
+    """The CNI network a cni network attaches to: a registered cni network's name, or the
+    `name` of a conflist in the daemon's conf dir (the CNI spec's rule for that name)."""
+    if not isinstance(value, str):
+        raise ValueError(
+            "must be a string naming a CNI network (roost network list, or a conflist)"
+        )
+    text = value.strip()
+    if not CNI_NAME.fullmatch(text) or len(text) > MAX_CNI_NAME:
+        raise ValueError(
+            f"{text!r} is not a CNI network name: up to {MAX_CNI_NAME} letters, digits, '_', "
+            "'.' and '-', starting with a letter or digit (a roost network's name, or the name "
+            "field of a conflist in the daemon's --cni-conf-dir)"
+        )
+    return text
+
+
+def _cni_args(value: Any) -> Any:
+    if isinstance(value, dict):
+        if len(value) > MAX_CNI_ARGS:
+            raise ValueError(f"has {len(value)} entries; at most {MAX_CNI_ARGS} are allowed")
+        for key, text in value.items():
+            if not isinstance(key, str) or not key or "=" in key or ";" in key:
+                raise ValueError(
+                    f"key {key!r}: keys are non-empty, without '=' or ';' (CNI_ARGS is K1=V1;K2=V2)"
+                )
+            if isinstance(text, str) and ";" in text:
+                raise ValueError(f"{key}: {text!r} has a ';', which CNI_ARGS cannot carry")
+    return value
+
+
+class CniSettings(BaseModel):
+    """How a cni network is attached: the CNI `network` it names, the `args` its plugins get
+    as CNI_ARGS and the `capability_args` they get as runtimeConfig (each by the capability a
+    plugin declares, e.g. portMappings)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    network: Annotated[str, BeforeValidator(parse_cni_network_name)]
+    args: Annotated[dict[str, str], BeforeValidator(_cni_args)] = Field(default_factory=dict)
+    capability_args: dict[str, Any] = Field(default_factory=dict)
+
+
 def first_host(subnet: ipaddress.IPv4Network) -> ipaddress.IPv4Address:
     """The gateway a subnet gets when none is named: its first host address."""
     return subnet.network_address + 1
@@ -173,6 +230,8 @@ class NetworkConfig(BaseModel):
     # traffic none of their rules decides gets (unset: allow both ways)
     policies: PolicyNames | None = None
     policy_defaults: PolicyDefaults | None = None
+    # cni mode only: the CNI network its plugins attach it to
+    cni: CniSettings | None = None
 
     @field_validator("subnet", mode="before")
     @classmethod
@@ -234,6 +293,10 @@ def network_errors(
         if where == "plugin":
             err("mode", f"is required; use one of {MODES_TEXT}")
         return errors
+    if net.mode is NetworkMode.CNI:
+        return errors + _cni_errors(net, where, prefix)
+    if net.cni is not None:
+        err("cni", f"is only valid in cni mode, not in {net.mode} mode")
 
     if net.network is not None:
         if net.mode is NetworkMode.VSOCK:
@@ -293,16 +356,16 @@ def network_errors(
 def _policy_errors(net: NetworkConfig, prefix: str) -> list[ErrorDetail]:
     """Policies need a tap to be enforced on; each is named once."""
     errors: list[ErrorDetail] = []
-    if net.mode is NetworkMode.VSOCK:
-        for field in POLICY_FIELDS:
-            if getattr(net, field) is not None:
-                errors.append(
-                    ErrorDetail(
-                        f"{prefix}.{field}",
-                        "applies to a VM's tap; a vsock VM has none (no network traffic to "
-                        "police), so drop it",
-                    )
-                )
+    refused = {
+        NetworkMode.VSOCK: "applies to a VM's tap; a vsock VM has none (no network traffic to "
+        "police), so drop it",
+        NetworkMode.CNI: "cannot apply to a cni network: its traffic never crosses a roost "
+        "bridge (its plugins connect it), so drop it and police it in the CNI network",
+    }
+    why = refused.get(net.mode) if net.mode is not None else None
+    for field in POLICY_FIELDS:
+        if why is not None and getattr(net, field) is not None:
+            errors.append(ErrorDetail(f"{prefix}.{field}", why))
     seen: set[str] = set()
     for index, name in enumerate(net.policies or ()):
         if name in seen:
@@ -313,6 +376,30 @@ def _policy_errors(net: NetworkConfig, prefix: str) -> list[ErrorDetail]:
                 )
             )
         seen.add(name)
+    return errors
+
+
+def _cni_errors(net: NetworkConfig, where: Where, prefix: str) -> list[ErrorDetail]:
+    """A cni network names its CNI network in `cni` (a VM's override may inherit it from the
+    plugin) and nothing its plugins decide."""
+    errors: list[ErrorDetail] = []
+    for field in NOT_FOR_CNI:
+        if getattr(net, field) is not None:
+            hint = " (name the CNI network in cni.network)" if field == "network" else ""
+            errors.append(
+                ErrorDetail(
+                    f"{prefix}.{field}",
+                    "is not for cni mode: the CNI network's plugins make the link and give "
+                    f"the addresses; drop it{hint}",
+                )
+            )
+    if net.cni is None and where != "vm":
+        errors.append(
+            ErrorDetail(
+                f"{prefix}.cni",
+                'is required in cni mode: {"network": "<a cni network or conflist name>"}',
+            )
+        )
     return errors
 
 

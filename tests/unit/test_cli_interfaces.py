@@ -82,7 +82,7 @@ def test_the_spec_keys_are_the_fields_of_an_interface() -> None:
             "mode=dhcp,bridge=br0",
             "--interface 'mode=dhcp,bridge=br0': unknown key 'bridge'; the keys are name, mode, "
             "network, subnet, gateway, auto_assign, ip, mac, ipv6, default_route, policies, "
-            "policy_defaults",
+            "policy_defaults, cni",
         ),
         (
             "ip=10.1.0.5,ip=10.1.0.6",

@@ -79,7 +79,7 @@ def test_validate_json_for_one_and_for_several(tmp_path: Path) -> None:
         "valid": False,
         "errors": [
             {"loc": "-", "msg": "a plugin needs an initramfs or a rootfs (or both)"},
-            {"loc": "network.mode", "msg": "is required; use one of vsock, bridged, dhcp"},
+            {"loc": "network.mode", "msg": "is required; use one of vsock, bridged, dhcp, cni"},
         ],
     }
 

@@ -69,7 +69,7 @@ def test_ipv6_as_an_object_reads_as_the_short_form() -> None:
 
 def test_the_schema_shows_both_forms_of_ipv6_and_only_the_interface_modes() -> None:
     schema = VMConfig.model_json_schema()["$defs"]["InterfaceConfig"]
-    assert schema["properties"]["mode"]["enum"] == ["bridged", "dhcp"]
+    assert schema["properties"]["mode"]["enum"] == ["bridged", "dhcp", "cni"]
     assert schema["required"] == ["mode"]
     kinds = [k.get("type") or k.get("$ref") for k in schema["properties"]["ipv6"]["anyOf"]]
     assert kinds == ["string", "#/$defs/IPv6Static", "null"]
