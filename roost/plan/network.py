@@ -10,7 +10,7 @@ from enum import StrEnum
 from typing import Any
 
 from roost.errors import ErrorDetail, InvalidError
-from roost.plan.registry import DHCP_NETWORK, NetworkLookup, RegisteredNetwork
+from roost.plan.registry import DHCP_NETWORK, NetworkKind, NetworkLookup, RegisteredNetwork
 from roost.spec.cni import CniIP, CniResult, parse_result
 from roost.spec.manifest import Manifest
 from roost.spec.network import (
@@ -352,6 +352,12 @@ def _named(
             "network.network",
             f"no network named {name!r} is registered; roost network list shows those that "
             f"are, roost network create {name} makes one",
+        )
+    if found.kind is NetworkKind.CNI:
+        raise InvalidError.at(
+            "network.network",
+            f"network {name!r} is a CNI network, which has no bridge for a {mode} tap; name it "
+            f'in cni mode instead: {{"mode": "cni", "cni": {{"network": "{name}"}}}}',
         )
     if mode is NetworkMode.DHCP:
         if found.managed:

@@ -34,6 +34,7 @@ REGISTRY = {
         None,
     ),
     "dhcp": RegisteredNetwork("dhcp", NetworkKind.EXTERNAL, "brdhcp", None, None, None),
+    "pods": RegisteredNetwork("pods", NetworkKind.CNI, None, None, None, None),
 }
 PLUGIN_BRIDGED = {"mode": "bridged", "subnet": "10.100.0.0/24", "gateway": "10.100.0.1"}
 
@@ -129,6 +130,8 @@ def test_a_dhcp_vm_may_name_an_external_network() -> None:
             "",
         ),
         (None, {"mode": "vsock", "network": "lan2"}, "network.network", "vsock"),
+        (None, {"mode": "bridged", "network": "pods"}, "network.network", "cni mode"),
+        (None, {"mode": "dhcp", "network": "pods"}, "network.network", "CNI network"),
         (None, {"mode": "bridged", "network": "lan2", "ip": "10.78.0.5"}, "network.ip", "lan2"),
         (None, {"mode": "bridged", "network": "lan2", "ip": "10.77.0.1"}, "network.ip", "gateway"),
         (
