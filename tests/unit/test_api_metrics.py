@@ -17,7 +17,8 @@ from prometheus_client.samples import Sample
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.engine.settings import Settings
-from roost.spec import VMConfig
+from roost.spec import NetworkMode, VMConfig
+from roost.state.vms import VMStatus
 from tests.engine_fakes import World
 from tests.harness import wait_for
 
@@ -107,7 +108,9 @@ def test_vms_are_counted_by_status_mode_and_vmm_with_every_status_there(
     assert vms[("running", "bridged")] == 1
     assert vms[("created", "bridged")] == 2
     assert sum(vms.values()) == 3
-    assert len(vms) == 8 * 4  # every status of every mode (and multi), at zero when no VM has it
+    # every status of every mode (vsock, bridged, dhcp, cni) and multi, at zero when no VM has it
+    assert len(vms) == len(VMStatus) * (len(NetworkMode) + 1)
+    assert {mode for _, mode in vms} == {*NetworkMode, "multi"}
     assert value(samples, "roost_network_leases", network=NETWORK) == 3
     assert value(samples, "roost_network_size", network=NETWORK) == 253  # a /24 but 3
 
