@@ -550,7 +550,9 @@ class Allocator:
         validated exactly as a create is, with the address it needs reserved at once (a taken
         manual address, an overlapping subnet or a full one refuse the patch and change
         nothing). What the VM no longer needs is released now when no VMM runs; a running
-        VM keeps its current address until its next start."""
+        VM keeps its current address until its next start. A running VM whose new version
+        needs no restart but changes its taps' policies runs that version at once: its record
+        takes the new policies (`Patched.policies` says what the caller makes its taps take)."""
         connection = session.connection()
         vm = self.records.holding(connection, name)
         latest = configs.latest(connection, name)
@@ -584,7 +586,12 @@ class Allocator:
             assert running is not None
             restart = needs_restart(running.effective, running.config, new_effective, config_json)
             change = None if restart else _policy_change(session, vm, resolved)
-            live = {} if change is None else {"network": change.network.to_json()}
+            # its taps take the new policies now: the VM runs the new version from then on
+            live = (
+                {}
+                if change is None
+                else {"network": change.network.to_json(), "running_version": number}
+            )
             self.records.set_latest(
                 connection, vm.id, number, restart_required=restart, held_now=live
             )

@@ -154,7 +154,7 @@ def test_a_create_naming_a_policy_that_does_not_exist_is_refused_where_it_is_nam
         ("network.policies.2", True),
     ]
     web.assert_nothing_left("b")
-    with pytest.raises(InvalidError, match="interfaces.1.policies.0"):
+    with pytest.raises(InvalidError, match=r"interfaces\.1\.policies\.0"):
         web.engine.create_vm(
             "m",
             VMConfig.model_validate(
@@ -179,7 +179,7 @@ def test_a_patch_naming_a_policy_that_does_not_exist_is_refused_and_stores_nothi
     web: World,
 ) -> None:
     web.engine.create_vm("b", config("web"))
-    with pytest.raises(InvalidError, match="network.policies.0"):
+    with pytest.raises(InvalidError, match=r"network\.policies\.0"):
         patch(web, "b", network=network("nope"))
     assert [v["version"] for v in web.engine.config_history("b")] == [1]
 
@@ -247,10 +247,43 @@ def test_a_patch_of_policies_alone_applies_at_once_without_a_restart(
     assert len(web.policy_firewall.transactions) == before + 1  # one transaction
     assert web.policy_firewall.taps == {tap: attachment("web", "ping", ingress="drop")}
     vm = web.engine.show_vm("b")
-    assert (vm["vmm"]["pid"], vm["restart_required"]) == (pid, False)
+    assert (vm["vmm"]["pid"], vm["restart_required"], vm["running_version"]) == (pid, False, 2)
     assert vm["status"] == ("paused" if paused else "running")
     assert vm["network"]["policies"] == ["web", "ping"]
     assert len(web.driver.started) == 1
+
+
+def test_the_policies_a_running_vm_no_longer_has_are_free_to_remove(web: World) -> None:
+    web.engine.create_vm("b", config("web"))
+    patch(web, "b", network=network("ping"))
+    patch(web, "b", network=network("ping"), resources={"vcpus": 2})  # at the next start
+    used = {view["name"]: view["used_by"] for view in web.engine.policies.list()}
+    assert used == {"ping": ["b"], "web": []}
+    web.engine.policies.remove("web")
+
+
+def test_a_patch_of_one_interfaces_policies_changes_all_taps_in_one_transaction(
+    web: World,
+) -> None:
+    def interfaces(*policies: list[str]) -> list[dict[str, Any]]:
+        return [
+            {"mode": "bridged", "subnet": subnet, "auto_assign": True, "policies": names}
+            for subnet, names in zip((SUBNET, "10.67.0.0/24"), policies, strict=True)
+        ]
+
+    vm = web.engine.create_vm(
+        "m", VMConfig.model_validate({"plugin": "p", "interfaces": interfaces(["web"], [])})
+    )
+    first, second = (interface["tap"] for interface in vm["interfaces"])
+    assert web.policy_firewall.taps == {first: attachment("web")}
+    before = len(web.policy_firewall.transactions)
+    patch(web, "m", interfaces=interfaces(["web"], ["ping"]))
+    assert len(web.policy_firewall.transactions) == before + 1
+    assert web.policy_firewall.taps == {first: attachment("web"), second: attachment("ping")}
+    assert web.engine.show_vm("m")["restart_required"] is False
+    [record] = web.engine.records.live()  # what a new daemon re-attaches
+    assert record.network is not None
+    assert [i.effective.policies for i in record.network.interfaces] == [("web",), ("ping",)]
 
 
 def test_a_patch_that_drops_every_policy_detaches_the_tap(web: World) -> None:
