@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import re
-from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 
-from roost.errors import InvalidError
+# defined without pydantic, for the CLI's fast start; here for the models and every other layer
+from roost.names import DNS_LABEL as DNS_LABEL  # noqa: PLC0414 (a re-export)
+from roost.names import VMMKind as VMMKind  # noqa: PLC0414 (a re-export)
+from roost.names import check_name as check_name  # noqa: PLC0414 (a re-export)
+from roost.names import dns_label as _dns_label
 
-DNS_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 LABEL_KEY = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,251}[A-Za-z0-9])?")
 # Labels are stored with each config version and sent in every listing: 64 of at most 253 + 256
 # characters keep a VM's labels under 33 KiB (Kubernetes' key length, a short value).
@@ -21,23 +23,6 @@ MIN_VCPUS, MAX_VCPUS = 1, 32
 MIN_MEMORY_MIB, MAX_MEMORY_MIB = 16, 1024 * 1024
 # Boot args roost writes itself from the VM's name and network; a plugin must not set them.
 RESERVED_BOOT_ARGS = ("ip=", "roost.name=")
-
-
-def _dns_label(value: str) -> str:
-    if not DNS_LABEL.fullmatch(value):
-        raise ValueError(
-            f"{value!r} is not a valid name: use a DNS label of 1-63 characters, lower-case "
-            "letters, digits and '-', starting and ending with a letter or digit"
-        )
-    return value
-
-
-def check_name(name: str, loc: str = "name") -> str:
-    """A plugin's or VM's name, or `InvalidError` at `loc` saying what a name must be."""
-    try:
-        return _dns_label(name)
-    except ValueError as error:
-        raise InvalidError.at(loc, str(error)) from None
 
 
 def _strict_int(value: Any) -> Any:
@@ -93,14 +78,6 @@ MemoryMiB = Annotated[
 ]
 BootArgs = Annotated[str, AfterValidator(_boot_args)]
 Labels = Annotated[dict[str, str], BeforeValidator(_label_count), AfterValidator(_labels)]
-
-
-class VMMKind(StrEnum):
-    """The VMM that runs a VM (the daemon's --vmm unless the VM names one)."""
-
-    FIRECRACKER = "firecracker"
-    QEMU = "qemu"
-    CLOUD_HYPERVISOR = "cloud-hypervisor"
 
 
 class Spec(BaseModel):
