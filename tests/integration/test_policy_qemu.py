@@ -2,7 +2,8 @@
 a throwaway namespace: what the policy lets in reaches the guest, from another guest and from
 the namespace; what it does not is dropped at the guest's tap (the per-attachment default
 counters in `bridge roost_policy` show where); a changed policy or a patched VM takes effect
-at once, with the same VMM; a removed VM leaves no element or chain behind.
+at once, with the same VMM; a new daemon keeps the running guests' attachments and drops any
+other; a removed VM leaves no element or chain behind.
 
 The demo guest starts nothing towards another host but `roost.probe=<ip>` (ping, once a second
 or two for 30 s after it is ready), so guest A's traffic to guest B here is ping; HTTP reaches
