@@ -43,6 +43,7 @@ from roost.api.networks import add_network_routes
 from roost.api.operations import OperationGate
 from roost.api.policies import add_policy_routes
 from roost.api.replies import error_response, on_unix_socket
+from roost.api.vmlist import add_vm_list_route
 from roost.api.vsock import register_vsock_routes
 from roost.engine.core import Engine
 from roost.errors import ErrorDetail, InvalidError, NotFoundError, RoostError
@@ -205,9 +206,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         await gate.run(engine.plugins.remove, check_name(name))
         return Response(status_code=204)
 
-    @app.get("/v1/vms")
-    async def list_vms() -> JSONResponse:
-        return JSONResponse(await read(engine.list_vms))
+    add_vm_list_route(app, engine, read)
 
     create_extra = {
         "name": {"type": "string", "description": "the VM's name (a DNS label)"},

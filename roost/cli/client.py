@@ -106,6 +106,21 @@ class Client:
             response.read()
         return self._result(response)
 
+    def pages(self, path: str, **params: Any) -> Iterator[Any]:
+        """Each page of a GET that pages, first to last: a page that has a next one names it
+        in a `Link: <URL>; rel="next"` header, which is followed as it is."""
+        query: dict[str, Any] | None = {
+            key: value for key, value in params.items() if value is not None
+        }
+        url: str | None = path
+        while url is not None:
+            opening = partial(self._http.stream, "GET", url, params=query)
+            with self._answer(opening) as response:
+                response.read()
+            yield self._result(response)
+            # the link's own query, untouched (an empty one would replace it)
+            url, query = next_link(response.headers.get("link", "")), None
+
     def stream(
         self,
         method: str,
@@ -167,6 +182,15 @@ class Client:
 
     def close(self) -> None:
         self._http.close()
+
+
+def next_link(header: str) -> str | None:
+    """The URL of a `Link` header's `rel="next"`, or None when it has none."""
+    for link in header.split(","):  # the URLs roost sends have their commas escaped
+        target, _, parameters = link.partition(";")
+        if "rel=next" in parameters.replace('"', "").replace(" ", ""):
+            return target.strip().removeprefix("<").removesuffix(">")
+    return None
 
 
 def bearer(token: str) -> bytes:

@@ -70,6 +70,16 @@ def _labels(value: dict[str, str]) -> dict[str, str]:
     return dict(sorted(value.items()))
 
 
+def label_selector(text: str) -> tuple[str, str]:
+    """A `key=value` selector of VMs by label (the value may be empty); ValueError says what
+    is wrong with it."""
+    key, equals, value = text.partition("=")
+    if not equals:
+        raise ValueError(f"{text!r} is not a label selector: write key=value, e.g. tier=web")
+    _labels({key: value})
+    return key, value
+
+
 Name = Annotated[str, AfterValidator(_dns_label)]
 # the bounds before the validator that wraps them, so the JSON Schema says minimum/maximum
 VCPUs = Annotated[int, Field(ge=MIN_VCPUS, le=MAX_VCPUS), BeforeValidator(_strict_int)]

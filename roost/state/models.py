@@ -13,6 +13,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    Index,
     Integer,
     MetaData,
     String,
@@ -138,6 +139,8 @@ class VM(Base):
             "vsock_backend IN ('firecracker', 'cloud-hypervisor', 'user', 'kernel')",
             name="vsock_backend",
         ),
+        Index("ix_vms_status", "status", "name"),
+        Index("ix_vms_plugin_id", "plugin_id", "name"),
         {"sqlite_autoincrement": True},
     )
 
@@ -149,6 +152,9 @@ class VM(Base):
     exit_code: Mapped[int | None] = mapped_column(Integer)
     vmm_kind: Mapped[str] = mapped_column(String(32))
     network: Mapped[dict[str, Any]]
+    # the modes of the interfaces in `network`, between commas (`,bridged,dhcp,`; empty for a
+    # VM with none), for listings: kept by a trigger (migration 0010) whenever `network` changes
+    modes: Mapped[str] = mapped_column(String(64), server_default="")
     vsock_unavailable: Mapped[str | None] = mapped_column(Text)
     # how the host reaches its guest's vsock, chosen when its VMM starts (see VsockBackend)
     vsock_backend: Mapped[str | None] = mapped_column(String(16))
@@ -192,6 +198,18 @@ class VMConfigVersion(Base):
     effective: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     vm: Mapped[VM] = relationship(back_populates="configs")
+
+
+class VMLabel(Base):
+    """One label of a VM's latest config version, for listings that select by label: kept by
+    triggers (migration 0010) whenever a VM's latest version changes."""
+
+    __tablename__ = "vm_labels"
+    __table_args__ = (Index("ix_vm_labels_key_value", "key", "value", "vm_id"),)
+
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
+    key: Mapped[str] = mapped_column(String(253), primary_key=True)
+    value: Mapped[str] = mapped_column(String(256))
 
 
 class VMNic(Base):

@@ -29,6 +29,7 @@ from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError, NotFoundError
 from roost.plan.network import EffectiveNetwork, NetworkPlan
+from roost.spec.network import NetworkMode
 from roost.state.db import Database
 from roost.state.models import (
     VM,
@@ -37,6 +38,7 @@ from roost.state.models import (
     Plugin,
     PluginArtifact,
     VMConfigVersion,
+    VMLabel,
     VMNic,
 )
 
@@ -79,8 +81,16 @@ _NICS = (
     .scalar_subquery()
 )
 
-# Everything a VM's JSON needs, in one query: the VM's columns, its plugin's name, its CID and
-# the config version that describes what it has now (the one its VMM runs, else the latest).
+# A VM's labels (those of its latest config version: they apply at once) as one JSON object.
+_LABELS = (
+    select(func.json_group_object(VMLabel.key, VMLabel.value))
+    .where(VMLabel.vm_id == VM.id)
+    .scalar_subquery()
+)
+
+# Everything a VM's JSON needs, in one query: the VM's columns, its plugin's name, its CID, its
+# labels and the config version that describes what it has now (the one its VMM runs, else the
+# latest).
 VM_ROWS: Select[Any] = (
     select(
         *VM.__table__.columns,
@@ -89,6 +99,7 @@ VM_ROWS: Select[Any] = (
         VMConfigVersion.config.label("config"),
         VMConfigVersion.manifest.label("manifest"),
         _NICS.label("nics"),
+        _LABELS.label("labels"),
     )
     .join(Plugin, Plugin.id == VM.plugin_id)
     .join(
@@ -104,7 +115,9 @@ _VM_ROW = VM_ROWS.where(VM.name == bindparam("name"))
 _VM_ID = select(VM.id).where(VM.name == bindparam("name"))
 _STATUS = select(VM.status).where(VM.name == bindparam("name"))
 _TAPS = select(VMNic.tap).join(VM, VM.id == VMNic.vm_id).where(VM.name == bindparam("name"))
-_NICS_OF = select(_NICS.label("nics")).where(VM.name == bindparam("vm_name"))
+_NICS_AND_LABELS_OF = select(_NICS.label("nics"), _LABELS.label("labels")).where(
+    VM.name == bindparam("vm_name")
+)
 _VMM_KIND = select(VM.vmm_kind).where(VM.name == bindparam("name"))
 _ADD_VM = insert(VM)
 _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
@@ -144,6 +157,12 @@ class ShownNic:
     tap: str
     observed_ip: str | None
     ipv6: str | None
+
+
+def labels_json(row: Row) -> dict[str, str]:
+    """The labels of a `VM_ROWS` row (its `labels` column), sorted by key."""
+    found: dict[str, str] = json.loads(row["labels"] or "{}")
+    return dict(sorted(found.items()))
 
 
 def nics_json(row: Row) -> dict[int, ShownNic]:
@@ -258,6 +277,42 @@ def vm_exists(name: str) -> ConflictError:
     return ConflictError(f"VM {name!r} already exists; choose another name", code="exists")
 
 
+@dataclass(frozen=True)
+class VMQuery:
+    """Which VMs a listing wants, in name order: of `plugin`, in any of `statuses`, with every
+    label of `labels`, with an interface in `mode` (vsock: with none), named after `after`; at
+    most `limit` of them (None: all)."""
+
+    plugin: str | None = None
+    statuses: tuple[VMStatus, ...] = ()
+    labels: tuple[tuple[str, str], ...] = ()
+    mode: NetworkMode | None = None
+    after: str | None = None
+    limit: int | None = None
+
+    def statement(self) -> Select[Any]:
+        """`VM_ROWS` narrowed to these VMs: each filter an indexed lookup or a test of a
+        column of the VM's own row."""
+        statement = VM_ROWS
+        if self.plugin is not None:
+            statement = statement.where(Plugin.name == self.plugin)
+        if self.statuses:
+            statement = statement.where(VM.status.in_([status.value for status in self.statuses]))
+        for key, value in self.labels:
+            labelled = select(VMLabel.vm_id).where(VMLabel.key == key, VMLabel.value == value)
+            statement = statement.where(VM.id.in_(labelled))
+        if self.mode is NetworkMode.VSOCK:
+            statement = statement.where(VM.modes == "")
+        elif self.mode is not None:
+            statement = statement.where(func.instr(VM.modes, f",{self.mode.value},") > 0)
+        if self.after is not None:
+            statement = statement.where(VM.name > self.after)
+        return statement.order_by(VM.name).limit(self.limit)
+
+
+ALL_VMS = VMQuery()
+
+
 class VMRecords:
     """Reading and writing VM records."""
 
@@ -266,9 +321,10 @@ class VMRecords:
 
     # ---- reading ------------------------------------------------------------------------
 
-    def rows(self) -> list[Row]:
+    def rows(self, query: VMQuery = ALL_VMS) -> list[Row]:
+        """The rows of the VMs `query` names, in name order, in one query."""
         with self.db.read() as session:
-            found = session.connection().execute(VM_ROWS.order_by(VM.name))
+            found = session.connection().execute(query.statement())
             return [row._mapping for row in found]
 
     def row(self, name: str) -> Row:
@@ -452,7 +508,7 @@ class VMRecords:
     def write(self, name: str, shown: Row | None, **values: Any) -> Row:
         """Update the VM's record in one transaction and return its row for the view. With
         `shown` — what a running VM's view takes from other tables, which cannot change while
-        it runs — that is one statement."""
+        it runs — that is one statement, and one for its interfaces and labels."""
 
         def work(connection: Connection) -> Row:
             parameters = {"vm_name": name, **values}
@@ -460,8 +516,8 @@ class VMRecords:
                 updated = connection.execute(_SET_NAMED_RETURNING, parameters).first()
                 if updated is None:
                     raise no_vm(name)
-                nics = connection.execute(_NICS_OF, {"vm_name": name}).scalar()
-                return {**updated._mapping, **shown, "nics": nics}
+                changing = connection.execute(_NICS_AND_LABELS_OF, {"vm_name": name}).one()
+                return {**updated._mapping, **shown, **changing._mapping}
             connection.execute(_SET_NAMED, parameters)
             found = connection.execute(_VM_ROW, {"name": name}).first()
             if found is None:

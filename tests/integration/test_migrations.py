@@ -10,6 +10,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 from alembic import command
@@ -425,4 +426,100 @@ def test_version_seven_databases_take_policies_with_unique_names_and_drop_them_b
     with engine.begin() as connection:
         tables = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
         assert "policies" not in {row[0] for row in tables}
+    engine.dispose()
+
+
+def test_version_nine_databases_take_vm_labels_and_modes_kept_by_triggers_and_drop_them_back(
+    tmp_path: Path,
+) -> None:
+    config = alembic_config()
+    engine = create_engine(sqlite_url(tmp_path))
+    bridged = {"effective": {"mode": "bridged"}}
+    dhcp = {"effective": {"mode": "dhcp"}}
+    networks = {1: {"interfaces": [bridged, dhcp, bridged]}, 2: {"interfaces": []}}
+    with upgraded(engine, config, "0009") as connection:
+        connection.execute(
+            text(
+                "INSERT INTO plugins (id, name, version, manifest, installed_at) VALUES "
+                "(1, 'p', '1', '{}', '2026-01-01')"
+            )
+        )
+        for vm_id, network in networks.items():
+            connection.execute(
+                text(
+                    "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, "
+                    "config_version, created_at, updated_at) VALUES (:id, :name, 1, 'created', "
+                    "'qemu', :network, 2, '2026-01-01', '2026-01-01')"
+                ),
+                {"id": vm_id, "name": f"vm{vm_id}", "network": json.dumps(network)},
+            )
+            for version, tier in ((1, "old"), (2, "web")):
+                connection.execute(
+                    text(
+                        "INSERT INTO vm_configs (vm_id, version, config, manifest, artifacts, "
+                        "effective, created_at) VALUES (:id, :version, :config, '{}', '{}', "
+                        "'{}', '2026-01-01')"
+                    ),
+                    {
+                        "id": vm_id,
+                        "version": version,
+                        "config": json.dumps({"plugin": "p", "labels": {"tier": tier}}),
+                    },
+                )
+
+    def modes_and_labels(connection: Connection) -> tuple[list[Any], list[Any]]:
+        modes = connection.execute(text("SELECT name, modes FROM vms ORDER BY name")).all()
+        labels = connection.execute(text("SELECT * FROM vm_labels ORDER BY vm_id, key")).all()
+        return [tuple(row) for row in modes], [tuple(row) for row in labels]
+
+    with upgraded(engine, config, "0010") as connection:
+        # each VM's modes and the labels of its latest version, from the rows it had
+        assert modes_and_labels(connection) == (
+            [("vm1", ",bridged,dhcp,"), ("vm2", "")],
+            [(1, "tier", "web"), (2, "tier", "web")],
+        )
+        # the triggers: a new network, a new latest version, a new VM
+        connection.execute(
+            text("UPDATE vms SET network = :network WHERE id = 2"),
+            {"network": json.dumps({"interfaces": [dhcp]})},
+        )
+        connection.execute(
+            text(
+                "INSERT INTO vm_configs (vm_id, version, config, manifest, artifacts, effective, "
+                'created_at) VALUES (1, 3, \'{"plugin": "p", "labels": {"a": "b"}}\', '
+                "'{}', '{}', '{}', '2026-01-01')"
+            )
+        )
+        assert modes_and_labels(connection)[1][0] == (1, "tier", "web")  # not the latest yet
+        connection.execute(text("UPDATE vms SET config_version = 3 WHERE id = 1"))
+        connection.execute(
+            text(
+                "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, "
+                "config_version, created_at, updated_at) VALUES (3, 'vm3', 1, 'created', "
+                "'qemu', '{}', 1, '2026-01-01', '2026-01-01')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO vm_configs (vm_id, version, config, manifest, artifacts, effective, "
+                'created_at) VALUES (3, 1, \'{"plugin": "p", "labels": {"x": ""}}\', '
+                "'{}', '{}', '{}', '2026-01-01')"
+            )
+        )
+        assert modes_and_labels(connection) == (
+            [("vm1", ",bridged,dhcp,"), ("vm2", ",dhcp,"), ("vm3", "")],
+            [(1, "a", "b"), (2, "tier", "web"), (3, "x", "")],
+        )
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0009")
+    with engine.begin() as connection:
+        tables = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        assert "vm_labels" not in {row[0] for row in tables}
+        triggers = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+        assert triggers.all() == []
+        columns = connection.execute(text("PRAGMA table_info(vms)")).all()
+        assert "modes" not in {column[1] for column in columns}
+        names = connection.execute(text("SELECT name FROM vms ORDER BY name")).scalars().all()
+        assert names == ["vm1", "vm2", "vm3"]
     engine.dispose()
