@@ -19,6 +19,7 @@ from roost.cli.interfaces import (
 )
 from roost.cli.options import (
     JSONOpt,
+    LabelOpt,
     NetworkAutoAssignOpt,
     NetworkFlags,
     NetworkGatewayOpt,
@@ -26,6 +27,7 @@ from roost.cli.options import (
     NetworkModeOpt,
     NetworkPolicyOpt,
     NetworkSubnetOpt,
+    labels_from,
     refuse_field_flags_on_interfaces,
     with_flags,
 )
@@ -126,14 +128,25 @@ def patch_body(
     vcpus: int | None = None,
     memory_mib: int | None = None,
     vmm: str | None = None,
+    stored_labels: dict[str, str] | None = None,
+    labels: dict[str, str] | None = None,
+    removed_labels: list[str] | None = None,
 ) -> dict[str, Any]:
     """A patch from `--file`'s document and the flags. `--network-reset` clears the network
     and interfaces (back to the plugin's), `--interface` (`interfaces`) replaces them by its
     list. The network flags start from the document's `network` or `interfaces` when it has
     either, else from the VM's stored override, and change a network field by field
     (`--network-mode` starts afresh, and is the only one for a base of interfaces) — as
-    `vm plan` and `vm create` do."""
+    `vm plan` and `vm create` do. `--label` sets labels and `--remove-label` removes them, on
+    the document's labels when it has them, else on the VM's (a patch's labels replace them
+    all)."""
     body = dict(document or {})
+    if labels or removed_labels:
+        kept = body.get("labels", stored_labels)
+        changed = {**(kept or {}), **(labels or {})}
+        for key in removed_labels or []:
+            changed.pop(key, None)
+        body["labels"] = changed
     if reset_network:
         body.pop("interfaces", None)
         body["network"] = None
@@ -218,6 +231,16 @@ def config_patch(
         ),
     ] = False,
     interface: InterfaceOpt = None,
+    label: LabelOpt = None,
+    remove_label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--remove-label",
+            metavar="KEY",
+            help="Remove the VM's label KEY (repeat for each).",
+            show_default=False,
+        ),
+    ] = None,
     file: Annotated[
         Path | None,
         typer.Option("--file", help="A patch document (a VM config patch, JSON)."),
@@ -268,6 +291,9 @@ def config_patch(
             vcpus=vcpus,
             memory_mib=memory,
             vmm=vmm.value if vmm is not None else None,
+            stored_labels=before["config"].get("labels"),
+            labels=labels_from(label),
+            removed_labels=remove_label,
         )
         after = client.call(
             "PATCH", vm_path(name, "config"), body=body, restart="true" if restart else None

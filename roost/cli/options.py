@@ -51,6 +51,15 @@ NetworkPolicyOpt = Annotated[
         show_default=False,
     ),
 ]
+LabelOpt = Annotated[
+    list[str] | None,
+    typer.Option(
+        "--label",
+        metavar="KEY=VALUE",
+        help="A label of the VM (repeat for each); roost vm list --label selects by them.",
+        show_default=False,
+    ),
+]
 ConfigOpt = Annotated[
     Path | None,
     typer.Option("--config", help="A VM config JSON file; flags override its fields."),
@@ -104,11 +113,12 @@ def vm_config_from(
     vcpus: int | None = None,
     memory_mib: int | None = None,
     vmm: str | None = None,
+    labels: dict[str, str] | None = None,
 ) -> VMConfig:
     """A VM config from `--config` (if any), with the command-line flags on top: the
     `--interface` list (`interfaces`) in place of the file's interfaces and network, or the
     network flags on the file's network (on its interfaces only `--network-mode`, which starts
-    a fresh single network)."""
+    a fresh single network; `labels` on the file's)."""
     data = read_json(config_file) if config_file is not None else {}
     if not isinstance(data, dict):
         raise InvalidError.at("-", f"{config_file} must hold a JSON object (a VM config)")
@@ -119,6 +129,8 @@ def vm_config_from(
             [ErrorDetail("plugin", f"is {named!r}, but the command names plugin {plugin!r}")],
         )
     with_flags(data, vcpus=vcpus, memory_mib=memory_mib, vmm=vmm)
+    if labels:
+        data["labels"] = {**(data.get("labels") or {}), **labels}
     if interfaces is not None:
         data.pop("network", None)
         data["interfaces"] = interfaces
@@ -131,6 +143,18 @@ def vm_config_from(
         network = flags.apply(None if written is None else parse_network(written))
         data["network"] = None if network is None else network.model_dump(exclude_none=True)
     return parse(VMConfig, data)
+
+
+def labels_from(given: list[str] | None) -> dict[str, str]:
+    """The `--label KEY=VALUE` flags as a map (a later one for a key wins); one without `=` is
+    a usage error. Keys and values are judged with the config they go into."""
+    labels = {}
+    for text in given or []:
+        key, equals, value = text.partition("=")
+        if not equals:
+            usage_error(f"--label {text!r}: write KEY=VALUE, e.g. --label tier=web")
+        labels[key] = value
+    return labels
 
 
 def refuse_field_flags_on_interfaces(flags: NetworkFlags, holder: str, *, patch: bool) -> None:

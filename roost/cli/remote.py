@@ -25,6 +25,7 @@ from roost.cli.interfaces import (
 from roost.cli.options import (
     ConfigOpt,
     JSONOpt,
+    LabelOpt,
     NetworkAutoAssignOpt,
     NetworkFlags,
     NetworkGatewayOpt,
@@ -32,9 +33,10 @@ from roost.cli.options import (
     NetworkModeOpt,
     NetworkPolicyOpt,
     NetworkSubnetOpt,
+    labels_from,
     vm_config_from,
 )
-from roost.cli.output import err, fields, print_json, reporting, table, yes_no
+from roost.cli.output import err, fields, print_json, reporting, table, usage_error, yes_no
 from roost.errors import InvalidError
 from roost.spec import VMMKind
 from roost.spec.common import check_name
@@ -249,6 +251,7 @@ def _vm_human(vm: dict[str, Any]) -> None:
             ("config version", vm["config_version"]),
             ("running version", vm["running_version"]),
             ("restart required", yes_no(vm["restart_required"])),
+            ("labels", ", ".join(f"{k}={v}" for k, v in vm.get("labels", {}).items()) or None),
             ("created", vm["created_at"]),
         ]
     )
@@ -294,6 +297,7 @@ def vm_create(
     network_policy: NetworkPolicyOpt = None,
     interface: InterfaceOpt = None,
     config: ConfigOpt = None,
+    label: LabelOpt = None,
     no_start: Annotated[
         bool, typer.Option("--no-start", help="Create and allocate, but do not boot.")
     ] = False,
@@ -321,6 +325,7 @@ def vm_create(
             vcpus=vcpus,
             memory_mib=memory,
             vmm=vmm,
+            labels=labels_from(label),
         )
         body = {
             "name": name,
@@ -332,11 +337,58 @@ def vm_create(
     show(vm, as_json, _vm_human)
 
 
+# VMs asked for per request: 10,000 of them in a few requests, each answer a few MB at most
+LIST_PAGE = 2500
+
+
 @vm_app.command("list")
-def vm_list(as_json: JSONOpt = False) -> None:
-    """List VMs."""
+def vm_list(
+    plugin: Annotated[str | None, typer.Option("--plugin", help="Only VMs of this plugin.")] = None,
+    status: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--status",
+            help="Only VMs in this status (repeat for any of several).",
+            show_default=False,
+        ),
+    ] = None,
+    mode: Annotated[
+        str | None,
+        typer.Option(
+            "--mode",
+            help="Only VMs with an interface in this mode (vsock, bridged, dhcp, cni); vsock: "
+            "VMs with no interface.",
+        ),
+    ] = None,
+    label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--label",
+            metavar="KEY=VALUE",
+            help="Only VMs with this label (repeat: VMs with all of them).",
+            show_default=False,
+        ),
+    ] = None,
+    quiet: Annotated[
+        bool, typer.Option("--quiet", "-q", help="Print only the VMs' names, one a line.")
+    ] = False,
+    as_json: JSONOpt = False,
+) -> None:
+    """List VMs in name order, all of them or those the filters select."""
+    if quiet and as_json:
+        usage_error("--quiet prints names, --json whole VMs: use one")
+    vms: list[dict[str, Any]] = []
     with daemon(as_json) as client:
-        vms = client.call("GET", "/v1/vms")
+        pages = client.pages(
+            "/v1/vms", plugin=plugin, status=status, mode=mode, label=label, limit=LIST_PAGE
+        )
+        for page in pages:
+            if quiet:
+                sys.stdout.write("".join(f"{vm['name']}\n" for vm in page))
+            else:
+                vms.extend(page)
+    if quiet:
+        return
 
     def human(items: list[dict[str, Any]]) -> None:
         table(VM_COLUMNS, [_vm_row(vm) for vm in items])
