@@ -224,7 +224,9 @@ class FakeDriver:
     def vsock_backend(self) -> VsockBackend:
         return VsockBackend.FIRECRACKER
 
-    def start_early(self, name: str, run_dir: RunDir, worker: NetnsWorker) -> Early | None:
+    def start_early(
+        self, name: str, run_dir: RunDir, worker: NetnsWorker, netns: Path | None = None
+    ) -> Early | None:
         """Started before the allocation, as Firecracker is: a failure after this point must
         end it."""
         process = FakeVMMProcess(run_dir.path)

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from roost.engine.cni import Added
 from roost.engine.hostnet import ALLOW_BOTH, Emptied, HostNetwork, TapPlan, tap_policies
 from roost.engine.launch import Files, launch_spec
 from roost.engine.networks import lookup_in
@@ -26,6 +27,8 @@ from roost.engine.policies import missing_policy_errors
 from roost.engine.settings import DEFAULT_NETWORK, Settings
 from roost.engine.steps import Steps
 from roost.errors import ConflictError, InvalidError
+from roost.host.cni import vm_namespace
+from roost.host.netns import netns_path
 from roost.plan import IPAM, Attachment, DefaultNetwork, VMPlan, plan_vm
 from roost.plan.interfaces import EffectiveInterface, ResolvedInterfaces
 from roost.plan.network import EffectiveNetwork
@@ -55,7 +58,8 @@ class Booting:
     """What a starting VM holds, as the launch needs it (read once, in the allocating
     transaction; `interfaces` have their addresses and MACs filled in), the config version it
     boots, and what of its launch is already under way: the VMM started early. `watched` are
-    the (index, tap, MAC) of the interfaces whose guest address the host learns by watching."""
+    the (index, tap, MAC) of the interfaces whose guest address the host learns by watching;
+    `cni_taps` the (index, tap) of its cni interfaces, made in its namespace before it boots."""
 
     name: str
     version: int
@@ -68,6 +72,7 @@ class Booting:
     early: Early | None
     shown: dict[str, Any]  # what of its view cannot change while its VMM runs
     services: dict[int, str]  # its vsock_services: guest port -> the host service it reaches
+    cni_taps: tuple[tuple[int, str], ...] = ()
 
 
 TapsPolicies = dict[str, TapPolicies | None]  # tap → what it is attached to (None: nothing)
@@ -184,9 +189,11 @@ class Allocator:
         vmm: str,
         early: Early | None,
         host: Steps | None,
+        cni: Mapping[int, Added] | None = None,
     ) -> Booting:
         """Record a new VM (`starting` when `host` is given, else `created`), allocate what
-        its plan needs, and record its first config version."""
+        its plan needs (its cni interfaces with what ADD gave them, `cni`), and record its
+        first config version."""
         connection = session.connection()
         if host is None:
             self.records.check_new(connection, name)
@@ -212,6 +219,7 @@ class Allocator:
             early,
             host,
             shown,
+            cni,
         )
         configs.add(
             connection,
@@ -225,10 +233,17 @@ class Allocator:
         return booting
 
     def for_start(
-        self, session: Session, name: str, latest: ConfigVersion, early: Early | None, host: Steps
+        self,
+        session: Session,
+        name: str,
+        latest: ConfigVersion,
+        early: Early | None,
+        host: Steps,
+        cni: Mapping[int, Added] | None = None,
     ) -> tuple[Booting, Emptied]:
         """A start of the latest version: the address a patch reserved becomes the VM's
-        own (its old one released), then everything the plan needs is held."""
+        own (its old one released), then everything the plan needs is held (its cni
+        interfaces with what ADD gave them, `cni`)."""
         manifest = Manifest.model_validate(latest.manifest)
         config = VMConfig.model_validate(latest.config)
         vmm = self.vmm_of(config)
@@ -254,6 +269,7 @@ class Allocator:
             early,
             host,
             shown,
+            cni,
         )
         return booting, emptied + more
 
@@ -281,11 +297,13 @@ class Allocator:
         early: Early | None,
         host: Steps | None,
         shown: dict[str, Any],
+        cni: Mapping[int, Added] | None = None,
     ) -> tuple[Booting, Emptied]:
         """Make the VM hold what its plan needs, and nothing else: per interface an address
         (bridged), a MAC, a tap name and an IPv6 address; a CID; record them, the interfaces
         it is planned with and `status`. Also says which networks it left. With `host` (a launch
-        follows), each tap and its rules are made too, their undoing recorded in `host`."""
+        follows), each tap and its rules are made too, their undoing recorded in `host`. A cni
+        interface takes the MAC and addresses ADD gave it (`cni`); its tap is the caller's."""
         wanted = plan.interfaces.interfaces
         emptied: Emptied = []
         for index, purpose in alloc.leases_of(session, vm.id):
@@ -295,16 +313,21 @@ class Allocator:
         stored: list[StoredInterface] = []
         nics: list[NIC] = []
         watched: list[tuple[int, str, str]] = []
+        cni_taps: list[tuple[int, str]] = []
         for wanted_one in wanted:
             where = _where(plan.interfaces, wanted_one)
             interface, bridge, nic, network, more = self._hold(session, vm, wanted_one, where)
             emptied += more
+            added = (cni or {}).get(interface.index)
+            if added is not None:
+                interface = interface.with_cni_result(added.result, added.position, vm.name)
+                cni_taps.append((interface.index, nic.tap))
             filled.append(interface)
             stored.append(_stored_interface(interface, bridge))
-            if host is not None and interface.plan.tap:
+            if host is not None and interface.plan.tap and not interface.plan.netns:
                 self.host.attach(host, self._tap_plan(interface, nic, bridge, network, vmm))
             if interface.plan.nic:
-                nics.append(NIC(tap=nic.tap, mac=nic.mac))
+                nics.append(NIC(tap=nic.tap, mac=nic.mac if added is None else added.mac))
             if interface.plan.observe_ip:
                 watched.append((interface.index, nic.tap, nic.mac))
         alloc.release_nics_from(session, vm, len(wanted))
@@ -336,6 +359,7 @@ class Allocator:
             nics=tuple(nics),
             cid=cid,
             vsock_backend=vsock_backend,
+            netns=netns_path(vm_namespace(vm.name)) if resolved.netns else None,
         )
         booting = Booting(
             name=vm.name,
@@ -349,6 +373,7 @@ class Allocator:
             early=early,
             shown={**shown, "cid": cid},
             services=dict(config.vsock_services),
+            cni_taps=tuple(cni_taps),
         )
         return booting, emptied
 

@@ -26,7 +26,11 @@ from roost.host import cni as host_cni
 from roost.host import redirect as host_redirect
 from roost.host.cni import VM_NAMESPACE_PREFIX, Attachment, vm_namespace
 from roost.host.redirect import Redirect
-from roost.spec.cni import CniInterface, CniIP, CniResult, Conflist
+from roost.plan.interfaces import ResolvedInterfaces
+from roost.plan.registry import NetworkLookup
+from roost.spec.cni import CniIP, CniResult, Conflist, parse_result
+from roost.state import cni as state_cni
+from roost.state.db import Database
 
 log = logging.getLogger("roost.engine")
 
@@ -128,17 +132,35 @@ class Wanted:
 
 @dataclass(frozen=True)
 class Added:
-    """What ADD gave one interface: the result, and the interface the guest's tap is joined
-    to (its MAC is the guest's) with its addresses, IPv4 and IPv6, in the result's order."""
+    """What ADD gave interface `index`: the result, and where in it (`position`, an index in
+    `result.interfaces`) the interface the guest's tap is joined to is, whose MAC the guest
+    takes with every address the result gives it."""
 
     index: int
     result: CniResult
-    interface: CniInterface
-    ips: tuple[CniIP, ...]
+    position: int
 
     @property
     def mac(self) -> str:
-        return self.interface.mac
+        return self.result.interfaces[self.position].mac
+
+    @property
+    def ips(self) -> list[CniIP]:
+        return self.result.ips_of(self.position)
+
+
+def wanted_of(interfaces: ResolvedInterfaces, lookup: NetworkLookup) -> list[Wanted]:
+    """The cni interfaces of a VM's plan, each with the inline conflist of the registered cni
+    network it names (None: the conf dir's conflist of that name)."""
+    wanted = []
+    for interface in interfaces.interfaces:
+        cni = interface.cni
+        if cni is None:
+            continue
+        registered = lookup(cni.network)
+        conflist = None if registered is None else registered.conflist
+        wanted.append(Wanted(interface.index, cni.network, conflist, cni.args, cni.capability_args))
+    return wanted
 
 
 def container_id(vm: str) -> str:
@@ -270,12 +292,20 @@ class CniAttachments:
                 problems.append(f"interface {stored.index}: {'; '.join(broken)}")
         return "; ".join(problems) or None
 
-    def reap(self, in_use: Callable[[], Collection[str]]) -> None:
+    def reap(
+        self, in_use: Callable[[], Collection[str]], ours: Callable[[], Collection[str]]
+    ) -> None:
         """At daemon start: DEL every stored attachment of a VM `in_use()` does not name (no
-        VMM runs or starts for it, or it no longer exists), and remove every VM namespace none
-        of those VMs uses. Failures are logged; a failed DEL's record stays for the next start."""
+        VMM runs or starts for it, or it no longer exists), and remove the namespaces of this
+        daemon's VMs (`ours()`, and those with a stored attachment) that are not in use.
+        Namespaces are the host's while a daemon is its network namespace's: one of a VM this
+        daemon does not know is another daemon's, and stays. Failures are logged; a failed
+        DEL's record stays for the next start."""
+        # read before what is in use: an attachment recorded meanwhile is a start's in use
+        found, netnses = self.store.all(), self.namespaces.names()
         used = set(in_use())
-        for stored in self.store.all():
+        known = set(ours()) | {stored.vm for stored in found}
+        for stored in found:
             if stored.vm in used:
                 continue
             failure = self._delete(stored)
@@ -287,8 +317,9 @@ class CniAttachments:
                 )
             else:
                 log.error("VM %s: %s", stored.vm, failure)
-        for netns in self.namespaces.names():
-            if netns.removeprefix(VM_NAMESPACE_PREFIX) in used:
+        for netns in netnses:
+            vm = netns.removeprefix(VM_NAMESPACE_PREFIX)
+            if vm in used or vm not in known:
                 continue
             try:
                 self.namespaces.delete(netns)
@@ -334,9 +365,43 @@ def _added(index: int, attachment: Attachment, result: CniResult) -> Added:
         raise HostError(
             f"CNI network {attachment.conflist.name!r} made no interface for the VM: {error}"
         ) from None
-    if not interface.mac:
+    if not interface.mac:  # the guest's NIC takes it
         raise HostError(
             f"CNI network {attachment.conflist.name!r} gave interface {attachment.ifname} "
             "no MAC address in its result; the guest needs it"
         )
-    return Added(index, result, interface, tuple(result.ips_of(position)))
+    return Added(index, result, position)
+
+
+class DatabaseStore:
+    """The attachments in the daemon's database (`roost.state.cni`), each write its own
+    committed transaction."""
+
+    def __init__(self, db: Database) -> None:
+        self.db = db
+
+    def record(self, vm: str, index: int, attachment: Attachment) -> None:
+        self.db.transact(
+            lambda session: state_cni.record(
+                session, vm, index, attachment.conflist.name, attachment.to_json()
+            )
+        )
+
+    def set_result(self, vm: str, index: int, result: CniResult) -> None:
+        self.db.transact(lambda session: state_cni.set_result(session, vm, index, result.to_json()))
+
+    def forget(self, vm: str, index: int) -> None:
+        self.db.transact(lambda session: state_cni.forget(session, vm, index))
+
+    def of_vm(self, vm: str) -> list[Stored]:
+        with self.db.read() as session:
+            return [_stored(one) for one in state_cni.of_vm(session, vm)]
+
+    def all(self) -> list[Stored]:
+        with self.db.read() as session:
+            return [_stored(one) for one in state_cni.every(session)]
+
+
+def _stored(one: state_cni.StoredAttachment) -> Stored:
+    result = None if one.result is None else parse_result(one.result)
+    return Stored(one.vm, one.index, Attachment.from_json(one.attachment), result)

@@ -19,6 +19,7 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.orm import Session
 
 from roost.engine.allocation import Allocator, Booting, Patched
+from roost.engine.cni import Added, CniAttachments, DatabaseStore, wanted_of
 from roost.engine.disks import Disks
 from roost.engine.events import EventBus, follow_networks
 from roost.engine.exclusive import VMLocks
@@ -31,9 +32,10 @@ from roost.engine.settings import Settings
 from roost.engine.steps import Steps
 from roost.engine.views import network_view, vm_view
 from roost.errors import ConflictError, RoostError
-from roost.host.cni import CniRuntime
-from roost.host.netns import NetnsWorker
-from roost.spec import VMConfig, VMConfigPatch
+from roost.host.cni import CniRuntime, vm_namespace
+from roost.host.netns import NetnsWorker, netns_path
+from roost.plan import plan_vm
+from roost.spec import Manifest, VMConfig, VMConfigPatch
 from roost.spec.common import check_name
 from roost.spec.interfaces import MAX_INTERFACES
 from roost.state import alloc, configs
@@ -41,11 +43,9 @@ from roost.state.artifacts import ArtifactStore
 from roost.state.configs import ConfigVersion
 from roost.state.db import Database
 from roost.state.vms import (
-    ALL_VMS,
     LIVE,
     LiveRecord,
     Row,
-    VMQuery,
     VMRecords,
     VMStatus,
     no_vm,
@@ -162,6 +162,7 @@ class Engine:
         self.networks = NetworkRegistry(db, host, settings.dhcp_bridge)
         # runs cni interfaces' plugins from the daemon's namespace
         self.cni = CniRuntime(settings.cni_conf_dir, settings.cni_bin_dirs, worker)
+        self.cni_attachments = CniAttachments(self.cni, DatabaseStore(db))
         self.allocator = Allocator(
             settings,
             db=db,
@@ -194,9 +195,8 @@ class Engine:
 
     # ---- reading --------------------------------------------------------------------------
 
-    def list_vms(self, query: VMQuery = ALL_VMS) -> list[dict[str, Any]]:
-        """The VMs `query` names, in name order: one query, then each VM's view from its row."""
-        return [self._view(row) for row in self.records.rows(query)]
+    def list_vms(self) -> list[dict[str, Any]]:
+        return [self._view(row) for row in self.records.rows()]
 
     def show_vm(self, name: str) -> dict[str, Any]:
         return self._view(self.records.row(name))
@@ -264,9 +264,12 @@ class Engine:
             steps.done("recorded", "recorded the create as in progress")
             booting = None
             try:
-                early = self._start_early(steps, name, vmm, new=True)
+                netns, added = self._attach_cni(steps, name, config)
+                early = self._start_early(steps, name, vmm, new=True, netns=netns)
                 booting = allocator.transact(
-                    lambda session: allocator.record_new(session, name, config, vmm, early, steps),
+                    lambda session: allocator.record_new(
+                        session, name, config, vmm, early, steps, added
+                    ),
                     steps,
                 )
                 self.events.publish("vm.created", vm=name, plugin=config.plugin)
@@ -295,22 +298,44 @@ class Engine:
         self._forget(name)
         self.records.end_create(name)
 
-    def _start_early(self, host: Steps, name: str, vmm: str, *, new: bool) -> Early | None:
+    def _start_early(
+        self, host: Steps, name: str, vmm: str, *, new: bool, netns: Path | None = None
+    ) -> Early | None:
         """A fresh run dir, and whatever of the VMM can start before the allocations are
-        made (the driver decides); the VMM's start then overlaps the database and the tap.
-        Undone: the VMM killed, then the run dir removed (a `new` VM's) or its sockets."""
+        made (the driver decides, in the VM's namespace `netns` for a cni VM); the VMM's start
+        then overlaps the database and the tap. Undone: the VMM killed, then the run dir
+        removed (a `new` VM's) or its sockets."""
         driver = self.drivers[vmm]
         run_dir = self.run_dir(name)
         tidy = run_dir.remove if new else run_dir.remove_sockets
         run_dir.prepare()
         try:
-            early = driver.start_early(name, run_dir, self.worker)
+            early = driver.start_early(name, run_dir, self.worker, netns)
         except BaseException:
             tidy()
             raise
         what = "prepared the run dir" if early is None else "started the VMM early"
         host.done("vmm", what, lambda: _discard_early(early, tidy))
         return early
+
+    def _attach_cni(
+        self, steps: Steps, name: str, config: VMConfig, manifest: Manifest | None = None
+    ) -> tuple[Path | None, dict[int, Added]]:
+        """ADD for each cni interface of the VM's plan (its namespace made first), before its
+        VMM starts in that namespace and its allocation takes the MACs and addresses ADD
+        gave, each step's undo in `steps`: the namespace's file (None for a VM with no cni
+        interface) and what each ADD gave, by interface index."""
+        with self.db.read() as session:
+            if manifest is None:
+                plugin = self.records.plugin(session.connection(), config.plugin)
+                manifest = Manifest.model_validate(plugin.manifest)
+            lookup = lookup_in(session)
+            plan = plan_vm(name, manifest, config, self.allocator.default, lookup)
+            wanted = wanted_of(plan.interfaces, lookup)
+        if not wanted:
+            return None, {}
+        added = self.cni_attachments.add(steps, name, wanted)
+        return netns_path(vm_namespace(name)), added
 
     def start_vm(self, name: str) -> dict[str, Any]:
         with self.locks.hold(name, "start"):
@@ -443,9 +468,13 @@ class Engine:
         self.events.vm_status(starting)
         steps.done("starting", "recorded the VM starting")
         try:
-            early = self._start_early(steps, name, vmm, new=False)
+            config = VMConfig.model_validate(latest.config)
+            manifest = Manifest.model_validate(latest.manifest)
+            netns, added = self._attach_cni(steps, name, config, manifest)
+            early = self._start_early(steps, name, vmm, new=False, netns=netns)
             booting, emptied = allocator.transact(
-                lambda session: allocator.for_start(session, name, latest, early, steps), steps
+                lambda session: allocator.for_start(session, name, latest, early, steps, added),
+                steps,
             )
             self.host.remove_bridges(emptied)
             steps.done("allocated", "committed its allocations")
@@ -455,8 +484,12 @@ class Engine:
             raise
 
     def _boot(self, booting: Booting, steps: Steps) -> dict[str, Any]:
-        """Boot the VMM; the VM as it then is. On failure the caller rolls `steps` back."""
+        """Make its cni interfaces' taps, then boot the VMM; the VM as it then is. On failure
+        the caller rolls `steps` back."""
         name = booting.name
+        owner = self._tap_owner(booting.vmm)
+        for index, tap in booting.cni_taps:
+            self.cni_attachments.connect(steps, name, index, tap, owner)
         if booting.vsock_missing:
             log.warning("VM %s starts without a vsock device: %s", name, booting.vsock_missing)
         driver = self.drivers[booting.vmm]
@@ -594,13 +627,22 @@ class Engine:
 
     def release_host(self, name: str, taps: Sequence[str] | None = None) -> None:
         """Remove what only exists while the VMM runs: its taps, their rules and its sockets
-        (`taps`: those of every interface it has had, read from its record if not given)."""
+        (`taps`: those of every interface it has had, read from its record if not given), and
+        its CNI attachments (DEL, then its namespace)."""
         for index in range(MAX_INTERFACES):
             self.observer.forget(observer_key(name, index))
         self.listeners.vm_stopped(name)
         for tap in self.records.taps(name) if taps is None else taps:
             self.host.release(tap)
         self.run_dir(name).remove_sockets()
+        self.cni_attachments.release(name)
+
+    def _tap_owner(self, vmm: str) -> tuple[int, int] | None:
+        """Who must own a VM's taps: the jailer's uid and gid for a jailed Firecracker."""
+        settings = self.settings
+        if vmm != "firecracker" or settings.jail_uid is None or settings.jail_gid is None:
+            return None
+        return (settings.jail_uid, settings.jail_gid) if settings.jailer is not None else None
 
     def _on_exit(self, name: str, process: VMMProcess) -> None:
         self._exits.submit(self._vmm_exited, name, process)
@@ -730,6 +772,30 @@ class Engine:
                 self.observer.watch(observer_key(record.name, interface.index), nic.tap, nic.mac)
         if record.vsock_backend is not None:
             self._listen_again(record.name, record.running_version)
+        self._check_cni(record)
+
+    def _check_cni(self, record: LiveRecord) -> None:
+        """CHECK an adopted VM's CNI attachments (and roost's redirects, which the plugins
+        cannot see): what is wrong goes into its `status_reason` (an event with it), and the
+        VM keeps running."""
+        interfaces = record.network.interfaces if record.network is not None else ()
+        if not any(interface.plan.netns for interface in interfaces):
+            return
+        taps = {index: nic.tap for index, nic in record.nics.items()}
+        problem = self.cni_attachments.check(record.name, taps)
+        if problem is not None:
+            log.warning("VM %s: CNI CHECK failed: %s", record.name, problem)
+            self._set(record.name, status_reason=f"CNI CHECK failed: {problem}")
+
+    def reap_cni(self) -> None:
+        """At start, once VMs are recovered: DEL the CNI attachments of VMs no VMM runs or
+        starts for (a crash's, a failed DEL's, a removed VM's) and remove their namespaces."""
+
+        def in_use() -> set[str]:
+            live = {record.name for record in self.records.live()}
+            return live | self.records.pending_creates() | self.allocator.kept_orphans
+
+        self.cni_attachments.reap(in_use, self.records.names)
 
     def _listen_again(self, name: str, version: int | None) -> None:
         """Listen for an adopted VM's vsock services again (those of the version it runs); a

@@ -210,6 +210,7 @@ class Recovery:
                 if record.name not in self.pending:
                     self._each(record.name, self._recover_vm, record)
             self._remove_strays()
+            self.engine.reap_cni()
             log.info("recovery done: %d VMs looked at", len(self.records) + len(self.pending))
         except Exception:
             log.exception("recovery failed; VMs not yet recovered may need a daemon restart")

@@ -10,7 +10,7 @@ from typing import Any
 from roost.plan.ipv6 import router_address
 from roost.spec import Resources, ResourcesOverride
 from roost.state.models import Network, Plugin, timestamp
-from roost.state.vms import ShownNic, StoredInterface, StoredNetwork, labels_json, nics_json
+from roost.state.vms import ShownNic, StoredInterface, StoredNetwork, nics_json
 from roost.vmm.base import RunDir, VsockBackend
 
 
@@ -57,7 +57,6 @@ def vm_view(
         "config_version": vm["config_version"],
         "running_version": vm["running_version"],
         "restart_required": bool(vm["restart_required"]),
-        "labels": labels_json(vm),
         "created_at": timestamp(vm["created_at"]),
         "updated_at": timestamp(vm["updated_at"]),
     }
@@ -82,7 +81,7 @@ def interface_view(interface: StoredInterface, nic: ShownNic | None) -> dict[str
         "network": effective.on_network,
         "bridge": interface.bridge if plan.tap else None,
         "tap": nic.tap if plan.tap and nic is not None else None,
-        "mac": nic.mac if plan.nic and nic is not None else None,
+        "mac": _guest_mac(interface, nic),
         "ip": None if effective.ip is None else str(effective.ip),
         "subnet": None if effective.subnet is None else str(effective.subnet),
         "gateway": None if effective.gateway is None else str(effective.gateway),
@@ -90,6 +89,15 @@ def interface_view(interface: StoredInterface, nic: ShownNic | None) -> dict[str
         "ipv6": ipv6,
         "default_route": interface.default_route,
     }
+
+
+def _guest_mac(interface: StoredInterface, nic: ShownNic | None) -> str | None:
+    """The MAC its guest's NIC has: a cni interface's plugins' (taken at its last start),
+    else the one roost keeps for it."""
+    cni = interface.effective.cni
+    if cni is not None and cni.mac is not None:
+        return cni.mac
+    return nic.mac if interface.plan.nic and nic is not None else None
 
 
 def network_json(stored: StoredNetwork, interfaces: list[dict[str, Any]]) -> dict[str, Any] | None:

@@ -341,14 +341,18 @@ def test_check_of_an_add_that_never_finished_says_so(world: World) -> None:
     assert "never finished" in (world.cni.check("vm", {}) or "")
 
 
-def test_reap_dels_what_no_running_vm_holds_and_removes_its_namespaces(world: World) -> None:
+def test_reap_dels_what_no_running_vm_holds_and_removes_its_own_namespaces_only(
+    world: World,
+) -> None:
     world.attach("kept")
     world.attach("gone")
     world.namespaces.create("roost-vm-leftover")
+    world.namespaces.create("roost-vm-strangers")
 
-    world.cni.reap(lambda: {"kept"})
+    world.cni.reap(lambda: {"kept"}, lambda: {"kept", "leftover"})
 
-    assert world.namespaces.made == {"roost-vm-kept"}
+    # a namespace of a VM this daemon does not know is another daemon's
+    assert world.namespaces.made == {"roost-vm-kept", "roost-vm-strangers"}
     assert [s.vm for s in world.store.all()] == ["kept"]
     assert world.runtime.held == {(container_id("kept"), "eth0")}
 
@@ -356,6 +360,6 @@ def test_reap_dels_what_no_running_vm_holds_and_removes_its_namespaces(world: Wo
 def test_reap_keeps_a_record_whose_del_fails_for_the_next_start(world: World) -> None:
     world.attach("gone")
     world.runtime.delete_fails = True
-    world.cni.reap(set)
+    world.cni.reap(set, set)
     assert [s.vm for s in world.store.all()] == ["gone"]
     assert world.namespaces.made == set()
