@@ -43,9 +43,11 @@ from roost.state.artifacts import ArtifactStore
 from roost.state.configs import ConfigVersion
 from roost.state.db import Database
 from roost.state.vms import (
+    ALL_VMS,
     LIVE,
     LiveRecord,
     Row,
+    VMQuery,
     VMRecords,
     VMStatus,
     no_vm,
@@ -195,8 +197,9 @@ class Engine:
 
     # ---- reading --------------------------------------------------------------------------
 
-    def list_vms(self) -> list[dict[str, Any]]:
-        return [self._view(row) for row in self.records.rows()]
+    def list_vms(self, query: VMQuery = ALL_VMS) -> list[dict[str, Any]]:
+        """The VMs `query` names, in name order: one query, then each VM's view from its row."""
+        return [self._view(row) for row in self.records.rows(query)]
 
     def show_vm(self, name: str) -> dict[str, Any]:
         return self._view(self.records.row(name))

@@ -10,7 +10,7 @@ from typing import Any
 from roost.plan.ipv6 import router_address
 from roost.spec import Resources, ResourcesOverride
 from roost.state.models import Network, Plugin, timestamp
-from roost.state.vms import ShownNic, StoredInterface, StoredNetwork, nics_json
+from roost.state.vms import ShownNic, StoredInterface, StoredNetwork, labels_json, nics_json
 from roost.vmm.base import RunDir, VsockBackend
 
 
@@ -57,6 +57,7 @@ def vm_view(
         "config_version": vm["config_version"],
         "running_version": vm["running_version"],
         "restart_required": bool(vm["restart_required"]),
+        "labels": labels_json(vm),
         "created_at": timestamp(vm["created_at"]),
         "updated_at": timestamp(vm["updated_at"]),
     }
