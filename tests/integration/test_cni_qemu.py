@@ -118,11 +118,14 @@ def cni_daemon(netns: str, cni: Cni) -> Daemon:
     )  # fmt: skip
 
 
-def create(daemon: Daemon, name: str, network: str = NETWORK) -> httpx.Response:
+def create(
+    daemon: Daemon, name: str, network: str = NETWORK, *, start: bool = True
+) -> httpx.Response:
     body = {
         "name": name,
         "plugin": "roost-demo",
         "network": {"mode": "cni", "cni": {"network": network}},
+        "start": start,
     }
     return daemon.http.post("/v1/vms", json=body)
 
@@ -231,7 +234,7 @@ def test_a_conflist_naming_a_missing_plugin_is_a_502_that_leaves_nothing(
     netns: str, cni: Cni, tmp_path: Path
 ) -> None:
     daemon = cni_daemon(netns, cni).start()
-    name = vm_name()
+    name, stopped = vm_name(), vm_name()
     try:
         daemon.ok("plugin", "install", DEMO / "plugin.json")
         broken = tmp_path / "broken.json"
@@ -246,6 +249,15 @@ def test_a_conflist_naming_a_missing_plugin_is_a_502_that_leaves_nothing(
         assert "'nosuchplugin'" in error["message"] and "--cni-bin-dir" in error["message"]
         assert daemon.http.get(f"/v1/vms/{name}").status_code == 404
         assert_nothing_left(daemon, cni, name)
+
+        # a start that fails the same way leaves the VM `error`, and nothing else
+        assert create(daemon, stopped, "broken", start=False).status_code == 201
+        started = daemon.http.post(f"/v1/vms/{stopped}/start")
+        assert started.status_code == 502, started.text
+        vm = daemon.ok("vm", "show", stopped)
+        assert vm["status"] == "error"
+        assert "'nosuchplugin'" in vm["status_reason"]
+        assert_nothing_left(daemon, cni, stopped)
     finally:
         daemon.close()
 
