@@ -536,12 +536,13 @@ class Allocator:
         the addresses that version does not need are released (a reserved one becomes its
         interface's own), and the record values that make it show (and next start) its latest —
         its interfaces with the addresses that version was given, its VMM and its vsock
-        availability; else nothing. Also the networks left without leases."""
+        availability; else only its interfaces without the CNI results of its run, which DEL
+        has given back. Also the networks left without leases."""
         connection = session.connection()
         running = self.records.running_version(connection, name)
         latest = configs.latest(connection, name)
         if running is None or latest is None or latest.version == running:
-            return {}, []
+            return _without_cni_results(session, name), []
         manifest = Manifest.model_validate(latest.manifest)
         config = VMConfig.model_validate(latest.config)
         # every network its latest version names stays registered while it does
@@ -789,6 +790,27 @@ def _policy_change(
     if network == stored:
         return None
     return PolicyChange(network, before, after)
+
+
+def _without_cni_results(session: Session, name: str) -> dict[str, Any]:
+    """The record value that shows a cni VM whose VMM has ended without the MACs and
+    addresses ADD gave its interfaces (nothing for a VM that has no CNI result)."""
+    stored = StoredNetwork.from_json(
+        session.execute(select(VM.network).where(VM.name == name)).scalar() or {}
+    )
+    if stored is None or not any(held.effective.cni for held in stored.interfaces):
+        return {}
+
+    def detached(effective: EffectiveNetwork) -> EffectiveNetwork:
+        if effective.cni is None:
+            return effective
+        return replace(effective, cni=replace(effective.cni, result=None, interface=None))
+
+    interfaces = tuple(
+        replace(held, effective=detached(held.effective)) for held in stored.interfaces
+    )
+    single = None if stored.network is None else detached(stored.network)
+    return {"network": StoredNetwork(single, interfaces).to_json()}
 
 
 def _effective(plan: VMPlan, resolved: ResolvedInterfaces, vmm: str) -> dict[str, Any]:

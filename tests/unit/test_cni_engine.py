@@ -5,17 +5,20 @@ retried while it fails, and CHECK reports the plugins' and the redirect's proble
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from roost.engine.cni import CniAttachments, Stored, Wanted, container_id
+from roost.engine.cni import CniAttachments, DatabaseStore, Stored, Wanted, container_id
 from roost.engine.steps import Steps
-from roost.errors import HostError, InvalidError
+from roost.errors import HostError, InvalidError, RoostError
 from roost.host.cni import Attachment
 from roost.host.redirect import Redirect
+from roost.spec import VMConfig
 from roost.spec.cni import CniResult, Conflist, parse_conflist, parse_result
+from tests.engine_fakes import World as FakeWorld
 
 MAC = "0a:58:0a:58:00:05"
 
@@ -363,3 +366,115 @@ def test_reap_keeps_a_record_whose_del_fails_for_the_next_start(world: World) ->
     world.cni.reap(set, set)
     assert [s.vm for s in world.store.all()] == ["gone"]
     assert world.namespaces.made == set()
+
+
+# ---- through the engine (tests/engine_fakes.World: a real database, fake VMM and host) ----
+
+CNI_CONFIG = {"mode": "cni", "cni": {"network": "net"}}
+
+
+class EngineWorld:
+    """The engine of `tests.engine_fakes.World` attaching with the fakes above, its
+    attachments kept in its real database."""
+
+    def __init__(self, world: FakeWorld) -> None:
+        self.world = world
+        self.store = DatabaseStore(world.db)
+        self.runtime = FakeRuntime(self.store)  # type: ignore[arg-type]
+        self.redirects = FakeRedirects()
+        self.namespaces = FakeNamespaces(self.redirects)
+        world.engine.cni_attachments = CniAttachments(
+            self.runtime, self.store, namespaces=self.namespaces, redirects=self.redirects
+        )
+
+    def create(self, name: str = "vm", **kwargs: Any) -> dict[str, Any]:
+        config = VMConfig.model_validate({"plugin": "p", "network": CNI_CONFIG})
+        return self.world.engine.create_vm(name, config, **kwargs)
+
+    def assert_detached(self) -> None:
+        assert self.namespaces.made == set()
+        assert self.store.all() == []
+        assert self.runtime.held == set()
+        assert self.redirects.taps == {}
+
+
+@pytest.fixture
+def engine(tmp_short: Path) -> Iterator[EngineWorld]:
+    world = FakeWorld(tmp_short)
+    yield EngineWorld(world)
+    world.close()
+
+
+def test_a_cni_vm_boots_in_its_namespace_with_the_mac_and_addresses_add_gave(
+    engine: EngineWorld,
+) -> None:
+    vm = engine.create()
+
+    assert vm["status"] == "running"
+    [spec] = engine.world.driver.launched
+    assert spec.netns == Path("/run/netns/roost-vm-vm")
+    [nic] = spec.nics
+    assert nic.mac == MAC
+    assert engine.redirects.taps == {nic.tap: ("roost-vm-vm", "eth0")}
+    assert "roost.nic=0a:58:0a:58:00:05,10.88.0.5/24,10.88.0.1" in spec.boot_args
+    assert "roost.nic=0a:58:0a:58:00:05,fd88::5/64" in spec.boot_args
+    assert vm["network"]["mode"] == "cni"
+    assert vm["network"]["addresses"] == ["10.88.0.5/24", "fd88::5/64"]
+    assert vm["network"]["mac"] == MAC
+    assert vm["network"]["cni"]["network"] == "net"
+    assert engine.world.links.links == {}  # nothing on the daemon's namespace's bridges
+
+
+def test_stopping_a_cni_vm_dels_and_forgets_its_results_then_a_start_adds_again(
+    engine: EngineWorld,
+) -> None:
+    engine.create()
+    stopped = engine.world.engine.stop_vm("vm")
+
+    engine.assert_detached()
+    assert stopped["network"]["addresses"] is None
+    assert stopped["network"]["cni"]["result"] is None
+    assert stopped["network"]["mac"] != MAC  # roost's again: the plugins' went with DEL
+
+    started = engine.world.engine.start_vm("vm")
+    assert started["network"]["addresses"] == ["10.88.0.5/24", "fd88::5/64"]
+    engine.world.engine.destroy_vm("vm")
+    engine.assert_detached()
+    engine.world.assert_nothing_left("vm")
+
+
+@pytest.mark.parametrize("failure", ["add", "connect", "boot"])
+def test_a_cni_create_that_fails_leaves_nothing(engine: EngineWorld, failure: str) -> None:
+    engine.runtime.add_fails_on = "eth0" if failure == "add" else None
+    engine.redirects.connect_fails = failure == "connect"
+    engine.world.driver.die_during_boot = failure == "boot"
+    with pytest.raises(RoostError):
+        engine.create()
+    engine.assert_detached()
+    engine.world.assert_nothing_left("vm")
+
+
+def test_a_cni_start_that_fails_leaves_the_vm_error_and_nothing_attached(
+    engine: EngineWorld,
+) -> None:
+    engine.create(start=False)
+    engine.runtime.add_fails_on = "eth0"
+    with pytest.raises(HostError, match="no room"):
+        engine.world.engine.start_vm("vm")
+    vm = engine.world.engine.show_vm("vm")
+    assert vm["status"] == "error"
+    assert "no room" in vm["status_reason"]
+    engine.assert_detached()
+
+
+def test_a_del_that_fails_at_stop_is_run_again_by_the_next_daemons_reap(
+    engine: EngineWorld,
+) -> None:
+    engine.create()
+    engine.runtime.delete_fails = True
+    engine.world.engine.stop_vm("vm")
+    assert [stored.vm for stored in engine.store.all()] == ["vm"]
+
+    engine.runtime.delete_fails = False
+    engine.world.engine.reap_cni()
+    engine.assert_detached()
