@@ -9,6 +9,8 @@ from typing import Annotated
 import typer
 
 from roost.api.endpoints import DEFAULT_API
+from roost.cli import VERSION_LINE
+from roost.cli.plain_values import PlainValuesGroup
 
 # Help is click's plain text (no rich panels): it wraps at the terminal's width and never cuts
 # an option's name short, as rich's tables do at 80 columns.
@@ -16,6 +18,7 @@ PLAIN_HELP = None
 
 app = typer.Typer(
     name="roost",
+    cls=PlainValuesGroup,
     help="Run plugins as microVMs, networked as vsock-only, bridged or dhcp.",
     no_args_is_help=True,
     add_completion=False,
@@ -55,6 +58,12 @@ class Globals:
     ca: Path | None = None
 
 
+def _print_version(given: bool) -> None:
+    if given:
+        typer.echo(VERSION_LINE)
+        raise typer.Exit()
+
+
 @app.callback()
 def _globals(
     api: Annotated[
@@ -81,6 +90,15 @@ def _globals(
             help="PEM CA certificates to verify an https:// daemon (else the system's).",
         ),
     ] = None,
+    _version: Annotated[
+        bool,
+        typer.Option(
+            "--version",
+            callback=_print_version,
+            is_eager=True,
+            help="Print roost's version and exit.",
+        ),
+    ] = False,
 ) -> None:
     Globals.api = api or os.environ.get("ROOST_API") or DEFAULT_API
     Globals.token_file = token_file

@@ -3,33 +3,55 @@ daemon, verified against roost --ca or the system's CAs), errors as RoostErrors.
 
 A daemon that answers `busy` or `recovering` is asked again after the Retry-After it sends,
 until the client's timeout; then the CLI fails with `timeout`.
+
+A Unix socket is spoken to with the standard library's http.client: importing httpx alone takes
+longer than a local command's whole answer. httpx serves TCP and TLS daemons (and the tests'
+in-process transports).
 """
 
 from __future__ import annotations
 
 import json
-import ssl
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager
-from functools import partial
+from functools import cache, partial
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Protocol
 
-import httpx
-
-from roost.api.access import client_context, read_token
+from roost.api.access import read_token
 from roost.api.endpoints import Endpoint
+from roost.cli.unix_http import UnixHTTP
 from roost.errors import CODES, RoostError, UnreachableError, error_from_json
 
-# Creating a client's default TLS context costs ~20 ms: one, made once, for the clients that
-# speak no TLS (httpx would make one for each)
-_NO_TLS = ssl.create_default_context()
+if TYPE_CHECKING:
+    import ssl
+
+    import httpx
+
 # OpenSSL's verification errors for a certificate that is not the name's or the address's
 NAME_MISMATCHES = (62, 64)  # X509_V_ERR_HOSTNAME_MISMATCH, X509_V_ERR_IP_ADDRESS_MISMATCH
 NDJSON = "application/x-ndjson"
 RETRIED_CODES = ("busy", "recovering")
 DEFAULT_RETRY_AFTER = 1.0  # seconds, for a retryable answer that says no Retry-After
+
+
+class Response(Protocol):
+    """An answer as either transport gives it (httpx's, or roost.cli.unix_http's)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> Mapping[str, str]: ...
+
+    def read(self) -> bytes: ...
+
+    def json(self) -> Any: ...
+
+    def iter_lines(self) -> Iterator[str]: ...
+
+    def iter_bytes(self) -> Iterator[bytes]: ...
 
 
 class Client:
@@ -46,6 +68,23 @@ class Client:
         `token_file` and `ca` are roost's --token-file and --ca."""
         self.endpoint = Endpoint.parse(api, loc="api")
         self.timeout = timeout
+        self._http: UnixHTTP | httpx.Client
+        if self.endpoint.path is not None and transport is None:
+            token = read_token(token_file)
+            headers = {"authorization": bearer(token)} if token else {}
+            self._http = UnixHTTP(str(self.endpoint.path), timeout, headers)
+            self._timeouts: tuple[type[BaseException], ...] = UnixHTTP.TIMEOUTS
+            self._failures: tuple[type[BaseException], ...] = UnixHTTP.FAILURES
+        else:
+            self._http = self._httpx_client(transport, token_file, ca)
+
+    def _httpx_client(
+        self, transport: httpx.BaseTransport | None, token_file: Path | None, ca: Path | None
+    ) -> httpx.Client:
+        import httpx
+
+        from roost.api.access import client_context
+
         uds = str(self.endpoint.path) if self.endpoint.path is not None else None
         if uds is not None:
             base = "http://roost"
@@ -53,13 +92,15 @@ class Client:
             host = self.endpoint.host or ""
             scheme = "https" if self.endpoint.tls else "http"
             base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.endpoint.port}"
-        verify = client_context(ca) if self.endpoint.tls else _NO_TLS
+        verify = client_context(ca) if self.endpoint.tls else _no_tls()
         transport = transport or httpx.HTTPTransport(uds=uds, verify=verify)
         token = read_token(token_file)
-        self._http = httpx.Client(
+        self._timeouts = (httpx.TimeoutException,)
+        self._failures = (httpx.TransportError,)
+        return httpx.Client(
             transport=transport,
             base_url=base,
-            timeout=timeout,
+            timeout=self.timeout,
             verify=verify,
             headers={b"authorization": bearer(token)} if token else None,
         )
@@ -68,19 +109,19 @@ class Client:
     def _reaching(self) -> Iterator[None]:
         try:
             yield
-        except httpx.TimeoutException:
+        except self._timeouts:
             raise RoostError(
                 f"the roost daemon at {self.endpoint.url} did not answer in time; the operation "
                 "may still finish (roost vm show tells)",
                 code="timeout",
             ) from None
-        except httpx.TransportError as error:
+        except self._failures as error:
             raise unreachable(self.endpoint, error) from None
 
     @contextmanager
     def _answer(
-        self, opening: Callable[[], AbstractContextManager[httpx.Response]]
-    ) -> Iterator[httpx.Response]:
+        self, opening: Callable[[], AbstractContextManager[Response]]
+    ) -> Iterator[Response]:
         """The first answer to `opening` that is not `busy` or `recovering`, asking again as
         each such answer's Retry-After says until the client's timeout."""
         deadline = time.monotonic() + self.timeout
@@ -167,7 +208,7 @@ class Client:
             yield from response.iter_bytes()
 
     @staticmethod
-    def _result(response: httpx.Response) -> Any:
+    def _result(response: Response) -> Any:
         if response.status_code == 204:
             return None
         try:
@@ -198,9 +239,20 @@ def bearer(token: str) -> bytes:
     return b"Bearer " + token.encode()
 
 
+@cache
+def _no_tls() -> ssl.SSLContext:
+    """The TLS context of a client that speaks no TLS: creating one costs ~20 ms, so one is made,
+    once, when first needed (httpx would make one for each client)."""
+    import ssl
+
+    return ssl.create_default_context()
+
+
 def unreachable(endpoint: Endpoint, error: BaseException) -> UnreachableError:
     """The daemon at `endpoint` out of reach for `error`, saying what to do: with TLS, trust
     its CA or use a name its certificate holds, or speak TLS to it or not."""
+    import ssl
+
     cause: BaseException | None = error
     while cause is not None and not isinstance(cause, ssl.SSLError):
         cause = cause.__cause__ or cause.__context__
@@ -227,7 +279,7 @@ def unreachable(endpoint: Endpoint, error: BaseException) -> UnreachableError:
     )
 
 
-def _retryable(response: httpx.Response) -> RoostError | None:
+def _retryable(response: Response) -> RoostError | None:
     """The daemon's `busy` or `recovering` refusal in `response`, read whole, or None."""
     if response.status_code != 503:
         return None
@@ -239,6 +291,6 @@ def _retryable(response: httpx.Response) -> RoostError | None:
     return error if error.code in RETRIED_CODES else None
 
 
-def _retry_after(response: httpx.Response) -> float:
+def _retry_after(response: Response) -> float:
     text = response.headers.get("retry-after", "")
     return float(text) if text.isascii() and text.isdigit() else DEFAULT_RETRY_AFTER

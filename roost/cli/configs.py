@@ -34,8 +34,7 @@ from roost.cli.options import (
 from roost.cli.output import fields, out, print_json, table, usage_error
 from roost.cli.remote import NameArg, daemon, show, vm_path
 from roost.errors import InvalidError
-from roost.spec import VMConfigPatch, VMMKind, parse
-from roost.spec.network import parse_network
+from roost.names import VMMKind
 
 
 def _version_human(version: dict[str, Any]) -> None:
@@ -140,6 +139,9 @@ def patch_body(
     `vm plan` and `vm create` do. `--label` sets labels and `--remove-label` removes them, on
     the document's labels when it has them, else on the VM's (a patch's labels replace them
     all)."""
+    from roost.spec import VMConfigPatch, parse
+    from roost.spec.network import parse_network
+
     body = dict(document or {})
     if labels or removed_labels:
         kept = body.get("labels", stored_labels)

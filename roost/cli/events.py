@@ -19,7 +19,7 @@ from roost.cli.client import Client
 from roost.cli.output import err
 from roost.cli.remote import daemon
 from roost.errors import RoostError, UnreachableError
-from roost.spec.common import check_name
+from roost.names import check_name
 
 RECONNECT_DELAY = 1.0  # seconds between attempts to reach a daemon that went away
 LOST = (UnreachableError.code, "timeout")  # the errors of a daemon gone, not of a request

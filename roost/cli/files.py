@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from roost.errors import ErrorDetail, InvalidError, RoostError
-from roost.spec import Manifest, load_json, parse
+
+if TYPE_CHECKING:
+    from roost.spec import Manifest
+
+# roost.spec (pydantic) is imported where a file is read: commands that read none start faster
 
 
 def read_json(path: Path) -> Any:
+    from roost.spec import load_json
+
     try:
         text = path.read_bytes()
     except OSError as error:
@@ -22,6 +28,8 @@ def read_json(path: Path) -> Any:
 
 def read_manifest(path: Path) -> Manifest:
     """A manifest file, validated; relative artifact paths stay as written."""
+    from roost.spec import Manifest, parse
+
     return parse(Manifest, read_json(path))
 
 

@@ -10,7 +10,6 @@ import typer
 from roost.cli.apps import PLAIN_HELP, app
 from roost.cli.options import JSONOpt
 from roost.cli.output import out, print_json, reporting
-from roost.host.netns import NetnsWorker
 from roost.host.setup import (
     RUNTIME_UNIT_DIR,
     SYSCTL_FILE,
@@ -58,6 +57,8 @@ def setup_command(
     /etc/sysctl.d) and a systemd unit for `roost serve` with KillMode=process, so stopping or
     restarting it leaves the VMs running. It reloads systemd where systemd runs, never starts
     or enables the unit, and a second run changes nothing."""
+    from roost.host.netns import NetnsWorker
+
     with reporting(as_json):
         worker = NetnsWorker(netns) if netns else None
         try:

@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
-from rich.progress import BarColumn, Progress, TaskID, TextColumn
 
 from roost.cli.apps import app
 from roost.cli.output import err, out, print_json
@@ -25,13 +24,15 @@ def build_demo_command(
 ) -> None:
     """Download (never install) a Debian cloud kernel and busybox, and build the demo plugin:
     an ELF vmlinux, an initramfs and a plugin.json with sha256s. A rerun reuses its work."""
+    from rich.progress import BarColumn, Progress, TaskID, TextColumn
+
     from roost.image.demo import ImageBuildError, build_demo
 
     with Progress(
         TextColumn("{task.description}"),
         BarColumn(),
         TextColumn("{task.percentage:>3.0f}%"),
-        console=err,
+        console=err.console,
         disable=as_json,
         transient=False,
     ) as progress:

@@ -12,7 +12,7 @@ from roost.cli.files import read_json
 from roost.cli.options import JSONOpt
 from roost.cli.output import err, fields, print_json
 from roost.cli.remote import daemon, show
-from roost.spec.common import check_name
+from roost.names import check_name
 
 NetworkNameArg = Annotated[str, typer.Argument(help="The network's name.")]
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -22,12 +22,20 @@ from roost.cli.options import (
     vm_config_from,
 )
 from roost.cli.output import err, fields, out, print_json, reporting, table, usage_error, yes_no
+from roost.defaults import DEFAULT_SUBNET
 from roost.errors import ExitCode, InvalidError
-from roost.plan import IPAM, DefaultNetwork, EffectiveNetwork, NetworkPlan, plan_network
-from roost.plan.interfaces import EffectiveInterface, ResolvedInterfaces, resolve_interfaces
-from roost.plan.network import DEFAULT_SUBNET, CniNetwork
-from roost.spec import Manifest, VMConfig, VMConfigPatch
-from roost.spec.common import check_name
+from roost.names import check_name
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel
+
+    from roost.plan import EffectiveNetwork, NetworkPlan
+    from roost.plan.interfaces import EffectiveInterface, ResolvedInterfaces
+    from roost.plan.network import CniNetwork
+    from roost.spec import Manifest
+
+# roost.plan and roost.spec (pydantic) are imported by the commands that use them, so that the
+# commands that talk to the daemon start without them
 
 
 @plugin_app.command("validate")
@@ -92,6 +100,9 @@ def vm_plan(
         except InvalidError as error:
             raise InvalidError(f"{plugin} is not a valid plugin manifest", error.details) from None
         vm_config = vm_config_from(manifest.name, config, flags, interfaces=interfaces)
+        from roost.plan import DefaultNetwork
+        from roost.plan.interfaces import resolve_interfaces
+
         default = DefaultNetwork.from_cidr(default_subnet)
         resolved = resolve_interfaces(manifest, vm_config, default, None, vm_name=name)
     if as_json:
@@ -120,12 +131,16 @@ def _plan_json(name: str, resolved: ResolvedInterfaces) -> dict[str, Any]:
 
 def _single_plan(name: str, resolved: ResolvedInterfaces, network: EffectiveNetwork) -> NetworkPlan:
     """The plan of a single network: its interface's, or (vsock: none) the network's own."""
+    from roost.plan import plan_network
+
     return resolved.interfaces[0].plan if resolved.interfaces else plan_network(network, name)
 
 
 def _single_plan_human(name: str, manifest: Manifest, resolved: ResolvedInterfaces) -> None:
     network = resolved.network
     assert network is not None  # the single form always has one
+    from roost.plan import IPAM
+
     net = _single_plan(name, resolved, network)
     address = network.ip or ("allocated at create" if net.ipam is IPAM.AUTO else None)
     if network.cni is not None:
@@ -189,6 +204,8 @@ def _decided_by(cni: CniNetwork) -> str:
 
 
 def _planned_address(interface: EffectiveInterface) -> str | None:
+    from roost.plan import IPAM
+
     if interface.cni is not None:
         return _decided_by(interface.cni)
     if interface.ip is not None:
@@ -198,11 +215,11 @@ def _planned_address(interface: EffectiveInterface) -> str | None:
     return "at create" if interface.plan.ipam is IPAM.AUTO else None
 
 
-SCHEMAS: dict[str, type[Manifest] | type[VMConfig] | type[VMConfigPatch]] = {
-    "manifest": Manifest,
-    "vm-config": VMConfig,
-    "vm-patch": VMConfigPatch,
-}
+def schemas() -> dict[str, type[BaseModel]]:
+    """The models `roost schema` describes, by the name it takes."""
+    from roost.spec import Manifest, VMConfig, VMConfigPatch
+
+    return {"manifest": Manifest, "vm-config": VMConfig, "vm-patch": VMConfigPatch}
 
 
 @app.command("schema")
@@ -210,7 +227,8 @@ def schema(
     kind: Annotated[str, typer.Argument(help="manifest, vm-config or vm-patch.")],
 ) -> None:
     """Print the JSON Schema of a manifest, a VM config or a VM config patch."""
-    model = SCHEMAS.get(kind)
+    models = schemas()
+    model = models.get(kind)
     if model is None:
-        usage_error(f"unknown schema {kind!r}; use one of {', '.join(SCHEMAS)}")
+        usage_error(f"unknown schema {kind!r}; use one of {', '.join(models)}")
     print_json(model.model_json_schema())

@@ -4,15 +4,18 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from roost.cli.files import read_json
 from roost.cli.output import usage_error
 from roost.errors import ErrorDetail, InvalidError
-from roost.spec import NetworkConfig, VMConfig, parse
-from roost.spec.network import network_override, parse_network
+
+if TYPE_CHECKING:
+    from roost.spec import NetworkConfig, VMConfig
+
+# roost.spec (pydantic) is imported where a config is made: commands that make none start faster
 
 JSONOpt = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
 NetworkModeOpt = Annotated[
@@ -93,6 +96,8 @@ class NetworkFlags:
         return [name for name, value in values.items() if value is not None]
 
     def apply(self, base: NetworkConfig | None) -> NetworkConfig | None:
+        from roost.spec.network import network_override
+
         return network_override(
             base,
             mode=self.mode,
@@ -119,6 +124,9 @@ def vm_config_from(
     `--interface` list (`interfaces`) in place of the file's interfaces and network, or the
     network flags on the file's network (on its interfaces only `--network-mode`, which starts
     a fresh single network; `labels` on the file's)."""
+    from roost.spec import VMConfig, parse
+    from roost.spec.network import parse_network
+
     data = read_json(config_file) if config_file is not None else {}
     if not isinstance(data, dict):
         raise InvalidError.at("-", f"{config_file} must hold a JSON object (a VM config)")

@@ -5,19 +5,43 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, NoReturn
+from functools import cached_property
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import typer
-from rich.console import Console
-from rich.markup import escape
 
 from roost.errors import ExitCode, RoostError
 
-# no emoji codes: a MAC such as 02:2e:f4:ab:5b:92 holds ":ab:", which rich would draw as 🆎
-out = Console(highlight=False, soft_wrap=True, emoji=False)
-err = Console(stderr=True, highlight=False, soft_wrap=True, emoji=False)
+if TYPE_CHECKING:
+    from rich.console import Console
+
+# What rich's print changes in text printed without markup: control codes it drops, tabs it
+# expands, and whitespace it trims at a line's end (beyond the terminal's width). A line free
+# of them is written as it is, without importing rich (most of a short command's start).
+REWRITTEN_BY_RICH = frozenset("\t\a\b\v\f\r")
+
+
+class LazyConsole:
+    """A rich Console made when first used, with the settings every roost command prints with."""
+
+    def __init__(self, *, stderr: bool) -> None:
+        self._stderr = stderr
+
+    @cached_property
+    def console(self) -> Console:
+        from rich.console import Console
+
+        # no emoji codes: a MAC such as 02:2e:f4:ab:5b:92 holds ":ab:", which rich would draw as 🆎
+        return Console(stderr=self._stderr, highlight=False, soft_wrap=True, emoji=False)
+
+    def print(self, *objects: Any, **options: Any) -> None:
+        self.console.print(*objects, **options)
+
+
+out = LazyConsole(stderr=False)
+err = LazyConsole(stderr=True)
 
 
 def print_json(data: Any) -> None:
@@ -29,6 +53,8 @@ def fail(error: RoostError, as_json: bool) -> NoReturn:
     """Report `error` (stderr for people, the error object on stdout with --json) and exit."""
     if as_json:
         print_json(error.to_json())
+    from rich.markup import escape
+
     err.print(f"[red]error:[/red] {escape(error.message)}", markup=True)
     for detail in error.details:
         if f"{detail.loc}: {detail.msg}" != error.message:
@@ -59,16 +85,34 @@ def table(columns: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A plain aligned table (no borders, no trailing spaces), easy on eyes and on `awk`."""
     cells = [list(columns), *[[_cell(value) for value in row] for row in rows]]
     widths = [max(len(row[i]) for row in cells) for i in range(len(columns))]
-    for row in cells:
-        line = "  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True))
-        out.print(line.rstrip(), markup=False, highlight=False)
+    plain_lines(
+        "  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True)).rstrip()
+        for row in cells
+    )
 
 
 def fields(pairs: Sequence[tuple[str, Any]]) -> None:
     """A two-column key/value listing for `show`-style output."""
     width = max(len(key) for key, _ in pairs)
-    for key, value in pairs:
-        out.print(f"{key.ljust(width)}  {_cell(value)}", markup=False, highlight=False)
+    plain_lines(f"{key.ljust(width)}  {_cell(value)}" for key, value in pairs)
+
+
+def plain_lines(lines: Iterable[str]) -> None:
+    """`lines` on stdout, exactly as rich prints them without markup or highlighting: written
+    as they are when rich would change nothing, else by rich."""
+    texts = list(lines)
+    if all(_unchanged_by_rich(text) for text in texts):
+        sys.stdout.write("".join(f"{text}\n" for text in texts))
+        sys.stdout.flush()
+    else:
+        for text in texts:
+            out.print(text, markup=False, highlight=False)
+
+
+def _unchanged_by_rich(text: str) -> bool:
+    return REWRITTEN_BY_RICH.isdisjoint(text) and not any(
+        line[-1:].isspace() for line in text.split("\n")
+    )
 
 
 def yes_no(flag: bool) -> str:

@@ -15,9 +15,7 @@ from roost.cli.options import JSONOpt
 from roost.cli.output import err, fields, out, print_json, table
 from roost.cli.remote import daemon, show
 from roost.errors import InvalidError, RoostError
-from roost.spec import load_json
-from roost.spec.common import check_name
-from roost.spec.policy import parse_policy
+from roost.names import check_name
 
 STDIN = "-"
 
@@ -48,6 +46,9 @@ def policy_path(name: str) -> str:
 def policy_body(name: str, file: str) -> dict[str, Any]:
     """The policy in `file` (stdin for `-`), judged here as the daemon will judge it (but for
     its `@network`s, which only the daemon knows), named NAME."""
+    from roost.spec import load_json
+    from roost.spec.policy import parse_policy
+
     if file == STDIN:
         try:
             data = load_json(sys.stdin.buffer.read())

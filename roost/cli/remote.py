@@ -9,7 +9,6 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TransferSpeedColumn
 
 from roost.cli.apps import Globals, network_app, plugin_app, vm_app
 from roost.cli.client import Client
@@ -38,8 +37,7 @@ from roost.cli.options import (
 )
 from roost.cli.output import err, fields, print_json, reporting, table, usage_error, yes_no
 from roost.errors import InvalidError
-from roost.spec import VMMKind
-from roost.spec.common import check_name
+from roost.names import VMMKind, check_name
 
 NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
 
@@ -129,12 +127,20 @@ class _TransferProgress:
     """Progress bars (on stderr) for the artifacts a daemon stores."""
 
     def __init__(self, quiet: bool) -> None:
+        from rich.progress import (
+            BarColumn,
+            DownloadColumn,
+            Progress,
+            TextColumn,
+            TransferSpeedColumn,
+        )
+
         self._progress = Progress(
             TextColumn("{task.description}"),
             BarColumn(),
             DownloadColumn(),
             TransferSpeedColumn(),
-            console=err,
+            console=err.console,
             disable=quiet,
             transient=False,
         )

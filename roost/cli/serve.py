@@ -14,6 +14,7 @@ from roost.api.access import certificate_names, client_context, read_token
 from roost.api.endpoints import DEFAULT_API, Endpoint
 from roost.cli.apps import app
 from roost.cli.output import reporting
+from roost.defaults import DEFAULT_SUBNET
 from roost.engine.settings import (
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_MAX_OPERATIONS,
@@ -26,8 +27,7 @@ from roost.engine.settings import (
     Settings,
 )
 from roost.errors import HostError, InvalidError
-from roost.plan.network import DEFAULT_SUBNET
-from roost.spec import VMMKind
+from roost.names import VMMKind
 
 # a DNS name as a Host header carries it: dot-separated labels of letters, digits and hyphens
 HOST_NAME = re.compile(r"(?!-)[A-Za-z0-9-]{1,63}(?<!-)(\.(?!-)[A-Za-z0-9-]{1,63}(?<!-))*")

@@ -6,8 +6,10 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from roost.host.cni import DEFAULT_BIN_DIRS, DEFAULT_CONF_DIR
-from roost.plan.network import DEFAULT_SUBNET
+# the defaults' own module, not roost.host.cni's and roost.plan's: `roost` starts without pydantic
+from roost.defaults import CNI_BIN_DIRS as DEFAULT_BIN_DIRS
+from roost.defaults import CNI_CONF_DIR as DEFAULT_CONF_DIR
+from roost.defaults import DEFAULT_SUBNET
 
 
 class QemuMachine(StrEnum):

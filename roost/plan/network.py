@@ -9,6 +9,7 @@ from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+from roost.defaults import DEFAULT_SUBNET as DEFAULT_SUBNET  # noqa: PLC0414 (a re-export)
 from roost.errors import ErrorDetail, InvalidError
 from roost.plan.registry import DHCP_NETWORK, NetworkKind, NetworkLookup, RegisteredNetwork
 from roost.spec.cni import CniIP, CniResult, parse_result
@@ -24,8 +25,6 @@ from roost.spec.network import (
 )
 from roost.spec.policy import PolicyDefaults
 from roost.spec.vmconfig import VMConfig
-
-DEFAULT_SUBNET = "10.57.0.0/24"
 
 
 class Source(StrEnum):
