@@ -2,8 +2,9 @@
 `host-local` plugins for a QEMU guest (TCG) in the `cni` mode. The guest boots with the address
 host-local gave it and answers HTTP from the daemon's namespace through the plugin's bridge,
 the veth and roost's tc redirect; CHECK at a daemon restart finds a redirect cut by hand; a
-removal, a daemon killed in the middle of ADD, and a conflist naming a missing plugin leave no
-namespace, veth, tap or lease behind."""
+Firecracker VM (paused: its guest cannot run here) runs in the VM's namespace with the plugins'
+MAC; a removal, a daemon killed in the middle of ADD, and a conflist naming a missing plugin
+leave no namespace, veth, tap or lease behind."""
 
 from __future__ import annotations
 
@@ -191,6 +192,40 @@ def test_a_cni_guest_boots_with_host_locals_address_serves_http_and_leaves_nothi
     finally:
         daemon.close()
     assert not netns_path(vm_namespace(name)).exists()
+
+
+@pytest.mark.firecracker
+def test_a_firecracker_vm_in_cni_mode_runs_in_its_namespace_with_the_plugins_mac(
+    netns: str, cni: Cni
+) -> None:
+    daemon = Daemon(
+        netns,
+        "--cni-conf-dir", str(cni.conf_dir),
+        "--cni-bin-dir", str(BIN_DIR),
+    ).start()  # fmt: skip
+    name = vm_name()
+    try:
+        daemon.ok("plugin", "install", DEMO / "plugin.json")
+        response = create(daemon, name)
+        assert response.status_code == 201, response.text
+        daemon.ok("vm", "pause", name)  # its guest cannot run here
+        vm = response.json()
+        tap = vm["network"]["tap"]
+        [nic] = daemon.firecracker_config(vm)["network-interfaces"]
+        assert (nic["host_dev_name"], nic["guest_mac"]) == (tap, vm["network"]["mac"])
+        assert vm["network"]["mac"] == links(vm_namespace(name))["eth0"]["address"]
+        assert os.readlink(f"/proc/{vm['vmm']['pid']}/ns/net") == _namespace_id(name)
+        assert tap not in links(netns)  # the tap is in the VM's namespace only
+
+        assert daemon.cli("vm", "rm", name).exit_code == 0
+        assert_nothing_left(daemon, cni, name)
+    finally:
+        daemon.close()
+
+
+def _namespace_id(name: str) -> str:
+    """`net:[inode]` of the VM's namespace, as /proc/<pid>/ns/net reads."""
+    return f"net:[{netns_path(vm_namespace(name)).stat().st_ino}]"
 
 
 def test_a_daemon_killed_in_the_middle_of_add_leaves_nothing_once_restarted(
