@@ -5,9 +5,10 @@ counters in `bridge roost_policy` show where); a changed policy or a patched VM 
 at once, with the same VMM; a new daemon keeps the running guests' attachments and drops any
 other; a removed VM leaves no element or chain behind.
 
-The demo guest starts nothing towards another host but `roost.probe=<ip>` (ping, once a second
-or two for 30 s after it is ready), so guest A's traffic to guest B here is ping; HTTP reaches
-B from the namespace, whose address is in the same subnet the policy allows.
+Guest A's traffic to guest B is the demo guest's own: `roost.probe=<ip>` (ping, about once a
+second for 30 s after it is ready) and `roost.fetch=<url>` (HTTP GET once a second, reporting
+each change of outcome on the console); HTTP reaches B from the namespace too, whose address is
+in the same subnet the policy allows.
 """
 
 from __future__ import annotations
@@ -111,7 +112,7 @@ def test_policies_filter_between_guests_and_change_without_a_restart(
         wait_ready(daemon, "b")
         a_config = {
             "plugin": "roost-demo",
-            "boot_args": f"roost.probe={b_ip}",
+            "boot_args": f"roost.probe={b_ip} roost.fetch=http://{b_ip}/",
             "network": {"mode": "bridged", "network": "lan", "policy_defaults": {"egress": "drop"}},
         }
         a = daemon.ok(
@@ -135,6 +136,10 @@ def test_policies_filter_between_guests_and_change_without_a_restart(
         wait_for(lambda: default_drops(netns, A_ATTACHMENT, "egress") >= 2, what="A's drops")
         assert default_drops(netns, B_ATTACHMENT, "ingress") == 1
         assert "roost-probe:" not in console_of(daemon, "a")  # still trying
+        # ... and so does its HTTP to B
+        fetched = f"roost-fetch: http://{b_ip}/"
+        wait_for(lambda: f"{fetched} failed" in console_of(daemon, "a"), what="A's fetch failing")
+        assert f"{fetched} ok" not in console_of(daemon, "a")
 
         # A patched to send freely: at once, same VMM; its pings now reach B's tap, whose
         # policy drops them
@@ -146,6 +151,11 @@ def test_policies_filter_between_guests_and_change_without_a_restart(
         assert (a["restart_required"], "policy_defaults" in a["network"]) == (False, False)
         assert attached(netns) == {b_tap: f"{B_ATTACHMENT}-in"}
         wait_for(lambda: default_drops(netns, B_ATTACHMENT, "ingress") >= 2, what="B's drops")
+        # ... while HTTP, which B's policy allows from @lan, now gets through from guest A
+        wait_for(
+            lambda: f"{fetched} ok b {b_ip}" in console_of(daemon, "a"),
+            what="A's fetch to reach B",
+        )
 
         # the policy changed to let ping in: A's probe gets through, so does the namespace's
         daemon.ok("policy", "apply", "web-in", "--file", write(tmp_path / "ping.json", PING_TOO))
