@@ -26,6 +26,7 @@ from roost.host.cni import vm_namespace
 from roost.host.netns import netns_path
 from tests.harness import (
     DEMO,
+    FIRECRACKER,
     Daemon,
     http_get,
     links,
@@ -195,13 +196,16 @@ def test_a_cni_guest_boots_with_host_locals_address_serves_http_and_leaves_nothi
 
 
 @pytest.mark.firecracker
+@pytest.mark.parametrize("jailed", [False, True], ids=["plain", "jailed"])
 def test_a_firecracker_vm_in_cni_mode_runs_in_its_namespace_with_the_plugins_mac(
-    netns: str, cni: Cni
+    netns: str, cni: Cni, jailed: bool
 ) -> None:
+    jailer = ["--jailer", str(FIRECRACKER.parent / "jailer"), "--uid", "65534", "--gid", "65534"]
     daemon = Daemon(
         netns,
         "--cni-conf-dir", str(cni.conf_dir),
         "--cni-bin-dir", str(BIN_DIR),
+        *(jailer if jailed else []),
     ).start()  # fmt: skip
     name = vm_name()
     try:
@@ -216,6 +220,10 @@ def test_a_firecracker_vm_in_cni_mode_runs_in_its_namespace_with_the_plugins_mac
         assert vm["network"]["mac"] == links(vm_namespace(name))["eth0"]["address"]
         assert os.readlink(f"/proc/{vm['vmm']['pid']}/ns/net") == _namespace_id(name)
         assert tap not in links(netns)  # the tap is in the VM's namespace only
+        if jailed:  # opened by the jailed Firecracker as its uid
+            tap_owner = Path(f"/sys/class/net/{tap}/owner")
+            owner = run("cat", str(tap_owner), netns=vm_namespace(name)).stdout.strip()
+            assert owner == "65534"
 
         assert daemon.cli("vm", "rm", name).exit_code == 0
         assert_nothing_left(daemon, cni, name)
