@@ -6,9 +6,10 @@ the database records as in progress) is an orphan, and a daemon never kills sile
 database does not know: it refuses to start, naming them, unless told to reap or keep them.
 
 Then, with the API up, `run` rolls back the creates a daemon died in, adopts the VMMs still
-running, settles the ones that ended, and removes run dirs, disks, taps and bridges that belong
-to no VM (and, with --nat, makes the NAT rules match the bridges that remain). Operations on a
-VM wait (503 `recovering`) until it has been recovered.
+running (CHECKing a cni VM's attachments), settles the ones that ended, and removes run dirs,
+disks, taps and bridges that belong to no VM (and, with --nat, makes the NAT rules match the
+bridges that remain); last, it DELs the CNI attachments no live VM holds and removes their
+namespaces. Operations on a VM wait (503 `recovering`) until it has been recovered.
 """
 
 from __future__ import annotations
