@@ -238,25 +238,14 @@ class CniAttachments:
         )
         return made
 
-    def release(self, vm: str, taps: Mapping[int, str] | None = None) -> list[str]:
-        """Detach every attachment of the VM (its VMM has ended): the taps (`taps` by index,
-        where known) disconnected, DEL run with the stored results, the namespace removed and
-        the records that DEL cleared forgotten. What failed, each logged; a failed DEL's record
-        is kept for the next attempt."""
-        failures = []
-        netns = vm_namespace(vm)
-        for stored in self.store.of_vm(vm):
-            tap = (taps or {}).get(stored.index)
-            if tap is not None:
-                try:
-                    self.redirects.disconnect(netns, stored.attachment.ifname, tap)
-                except HostError as error:
-                    failures.append(error.message)
-            failure = self._delete(stored)
-            if failure is not None:
-                failures.append(failure)
+    def release(self, vm: str) -> list[str]:
+        """Detach every attachment of the VM (its VMM has ended): DEL run with the stored
+        results, the records that DEL cleared forgotten, then the namespace removed (its taps,
+        their redirects and what the plugins left in it go with it). What failed, each logged;
+        a failed DEL's record is kept for the next attempt."""
+        failures = [f for f in map(self._delete, self.store.of_vm(vm)) if f is not None]
         try:
-            self.namespaces.delete(netns)
+            self.namespaces.delete(vm_namespace(vm))
         except HostError as error:
             failures.append(error.message)
         for failure in failures:

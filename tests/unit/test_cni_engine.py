@@ -245,13 +245,13 @@ def test_a_tap_that_cannot_be_connected_rolls_back_the_add_too(world: World) -> 
     world.assert_nothing_left()
 
 
-def test_release_disconnects_dels_with_the_stored_result_and_removes_the_namespace(
+def test_release_dels_with_the_stored_result_and_removes_the_namespace_with_its_taps(
     world: World,
 ) -> None:
     world.attach(count=2)
     results = {s.index: s.result for s in world.store.of_vm("vm")}
 
-    assert world.cni.release("vm", {0: "rtap1n0", 1: "rtap1n1"}) == []
+    assert world.cni.release("vm") == []
 
     world.assert_nothing_left()
     dels = [(ifname, result) for command, ifname, result in world.runtime.calls if command == "DEL"]
@@ -295,7 +295,7 @@ def test_a_del_that_fails_keeps_its_record_and_the_next_start_runs_it_again(
 ) -> None:
     world.attach()
     world.runtime.delete_fails = True
-    [failure] = world.cni.release("vm", {0: "rtap1n0"})
+    [failure] = world.cni.release("vm")
     assert "kept for another try" in failure and "disk gone" in failure
     assert [s.index for s in world.store.of_vm("vm")] == [0]
     assert world.namespaces.made == set()  # the namespace goes all the same
