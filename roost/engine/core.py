@@ -25,7 +25,7 @@ from roost.engine.events import EventBus, follow_networks
 from roost.engine.exclusive import VMLocks
 from roost.engine.hostnet import HostNetwork
 from roost.engine.metrics import EngineMetrics, timed
-from roost.engine.networks import NetworkRegistry, lookup_in
+from roost.engine.networks import NetworkRegistry, lookup_in, policy_lookup_in
 from roost.engine.plugins import Plugins
 from roost.engine.policies import PolicyFirewallLike, PolicyRegistry
 from roost.engine.settings import Settings
@@ -158,7 +158,7 @@ class Engine:
         self.events = events or EventBus()
         follow_networks(db, self.events)
         self.policies = PolicyRegistry(
-            db, policy_firewall, self.events, lookup_in, gaps=policy_gaps
+            db, policy_firewall, self.events, policy_lookup_in, gaps=policy_gaps
         )
         self.metrics = EngineMetrics(db, self.drivers, self.policies.rule_counters)
         self.networks = NetworkRegistry(db, host, settings.dhcp_bridge)

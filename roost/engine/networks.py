@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roost.engine.hostnet import HostNetwork
+from roost.engine.settings import DEFAULT_NETWORK
 from roost.engine.views import network_view
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
 from roost.plan.registration import AUTO_PREFIX, NetworkCreate, random_prefix
@@ -48,6 +49,20 @@ def lookup_in(session: Session) -> NetworkLookup:
         found = session.scalar(
             select(Network).where(Network.name == name, Network.kind != alloc.ON_DEMAND)
         )
+        return None if found is None else registered(found)
+
+    return lookup
+
+
+def policy_lookup_in(session: Session) -> NetworkLookup:
+    """The networks a policy's `@name` may name: those a config may, and the daemon's own
+    network as `@default` (its subnet is --default-subnet's)."""
+    registered_only = lookup_in(session)
+
+    def lookup(name: str) -> RegisteredNetwork | None:
+        if name != DEFAULT_NETWORK:
+            return registered_only(name)
+        found = session.scalar(select(Network).where(Network.name == DEFAULT_NETWORK))
         return None if found is None else registered(found)
 
     return lookup

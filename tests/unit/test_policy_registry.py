@@ -15,7 +15,7 @@ import pytest
 from sqlalchemy import text
 
 from roost.engine.events import EventBus
-from roost.engine.networks import lookup_in
+from roost.engine.networks import policy_lookup_in
 from roost.engine.policies import PolicyRegistry, missing_policy_errors
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
 from roost.host.policy import Count
@@ -69,7 +69,7 @@ def firewall() -> FakePolicyFirewall:
 
 @pytest.fixture
 def registry(db: Database, firewall: FakePolicyFirewall) -> PolicyRegistry:
-    return PolicyRegistry(db, firewall, EventBus(), lookup_in)
+    return PolicyRegistry(db, firewall, EventBus(), policy_lookup_in)
 
 
 def events(registry: PolicyRegistry) -> list[tuple[str, Any]]:
@@ -154,6 +154,18 @@ def test_a_network_reference_is_made_as_its_subnet_and_prefix(
     allowed = [line for line in made if "tcp dport 80" in line]
     assert any("10.80.0.0/24" in line for line in allowed)
     assert any("fd00:80::/64" in line for line in allowed)
+
+
+def test_at_default_is_the_daemons_own_network(
+    db: Database, registry: PolicyRegistry, firewall: FakePolicyFirewall
+) -> None:
+    with db.write() as session:
+        alloc.ensure_network(
+            session, DEFAULT.subnet, DEFAULT.gateway, name="default", bridge="roost0"
+        )
+    registry.create(policy(ingress=[{"action": "allow", "source": ["@default"]}]))
+    [made] = firewall.transactions
+    assert any("10.57.0.0/24" in line for line in made)
 
 
 def test_creating_a_policy_that_exists_is_409_exists_and_changes_nothing(
@@ -315,7 +327,7 @@ def test_without_a_firewall_policies_are_stored_and_enforcing_names_the_gaps(
     db: Database,
 ) -> None:
     gap = "nftables reject in the inet family: reject rules could not answer"
-    registry = PolicyRegistry(db, None, EventBus(), lookup_in, gaps=[gap])
+    registry = PolicyRegistry(db, None, EventBus(), policy_lookup_in, gaps=[gap])
     registry.create(policy())
     registry.apply(policy(description="changed"))
     shown = registry.show("web-in")
