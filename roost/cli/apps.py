@@ -100,6 +100,13 @@ def _globals(
         ),
     ] = False,
 ) -> None:
+    set_globals(api, token_file, ca)
+
+
+def set_globals(
+    api: str | None = None, token_file: Path | None = None, ca: Path | None = None
+) -> None:
+    """The root's options as every command reads them (from Typer, or roost.cli.fast)."""
     Globals.api = api or os.environ.get("ROOST_API") or DEFAULT_API
     Globals.token_file = token_file
     Globals.ca = ca

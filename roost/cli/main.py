@@ -1,8 +1,8 @@
 """The roost command line: offline tools, the daemon (`roost serve`) and its client.
 
 This module stays light: `roost --version` answers before the command tree (Typer and every
-command module) is imported, and `app` is imported from roost.cli.commands when first asked
-for.
+command module) is imported, a plain `roost vm show NAME` runs without it (roost.cli.fast),
+and `app` is imported from roost.cli.commands when first asked for.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import sys
 from typing import TYPE_CHECKING
 
 from roost.cli import VERSION_LINE
+from roost.cli.fast import run_vm_show, vm_show_args
 
 if TYPE_CHECKING:
     import typer
@@ -20,6 +21,10 @@ def main() -> None:
     # the same line and exit code as the --version option of the tree, without building it
     if sys.argv[1:] == ["--version"]:
         sys.stdout.write(f"{VERSION_LINE}\n")
+        return
+    show = vm_show_args(sys.argv[1:])
+    if show is not None:
+        run_vm_show(show)
         return
     from roost.cli.commands import app
 
