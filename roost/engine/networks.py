@@ -252,8 +252,17 @@ class NetworkRegistry:
         network = session.scalar(select(Network).where(Network.name == DHCP_NETWORK))
         bridge = self.dhcp_bridge
         if bridge is None:
-            if network is not None:
-                session.delete(network)
+            if network is None:
+                return
+            policies = naming_network(session, DHCP_NETWORK)
+            if policies:
+                raise ConflictError(
+                    f"policy {policies[0]!r} names @{DHCP_NETWORK}, the network of "
+                    "--dhcp-bridge, which this daemon was started without; start it with "
+                    f"--dhcp-bridge again, or first drop @{DHCP_NETWORK} from "
+                    + ", ".join(repr(name) for name in policies)
+                )
+            session.delete(network)
             return
         if network is None:
             alloc.add_network(session, DHCP_NETWORK, alloc.EXTERNAL, bridge, None, None)

@@ -13,6 +13,7 @@ import pytest
 from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
 from roost.plan.registration import parse_network_create
 from roost.spec import VMConfig
+from roost.spec.policy import parse_policy
 from tests.engine_fakes import World
 
 
@@ -138,3 +139,24 @@ def test_a_second_managed_network_with_the_same_ipv6_prefix_is_a_subnet_overlap(
     assert "lab" in str(caught.value) and "fd00:70::/64" in str(caught.value)
     assert [n["name"] for n in world.engine.list_networks()] == ["lab"]
     assert set(world.adverts.advertised) == {world.engine.networks.show("lab")["bridge"]}
+
+
+def test_a_daemon_without_dhcp_bridge_keeps_the_dhcp_network_a_policy_names(
+    tmp_path: Path,
+) -> None:
+    world = World(tmp_path, dhcp_bridge="brdhcp")
+    try:
+        registry = world.engine.networks
+        registry.restore()
+        refuse_dhcp = {"egress": [{"action": "drop", "destination": ["@dhcp"]}]}
+        world.engine.policies.create(parse_policy(refuse_dhcp, "no-dhcp"))
+        registry.dhcp_bridge = None  # as a daemon started without --dhcp-bridge sees it
+        with pytest.raises(ConflictError, match=r"'no-dhcp' names @dhcp.*--dhcp-bridge"):
+            registry.restore()
+        assert registry.show("dhcp")["bridge"] == "brdhcp"
+        world.engine.policies.remove("no-dhcp")
+        registry.restore()
+        with pytest.raises(NotFoundError):
+            registry.show("dhcp")
+    finally:
+        world.close()
