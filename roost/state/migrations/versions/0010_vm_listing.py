@@ -1,7 +1,9 @@
 """Listing VMs by plugin, status, label and network mode without reading every VM: indexes on
 `vms.plugin_id` and `vms.status`; `vm_labels`, each VM's labels as of its latest config version;
 `vms.modes`, the modes of the interfaces it has now (`,bridged,dhcp,`; empty for none, a vsock
-VM). Both are kept by triggers, so no writer can leave them stale.
+VM). Both are kept by triggers, so no writer can leave them stale. SQLite drops a table's
+triggers with it: a later migration that recreates `vms` (batch mode) must create `TRIGGERS`
+again.
 
 Revision ID: 0010
 Revises: 0009
