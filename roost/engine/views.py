@@ -65,7 +65,8 @@ def vm_view(
 
 def interface_view(interface: StoredInterface, nic: ShownNic | None) -> dict[str, Any]:
     """One interface of a VM: every field always there, null when unused (`ipv6` is
-    `{"ip", "prefix", "gateway", "source"}` on a network with an IPv6 prefix)."""
+    `{"ip", "prefix", "gateway", "source"}` on a network with an IPv6 prefix), and where set its
+    `policies` and `policy_defaults`, and a cni interface's `cni` and `addresses`."""
     effective, plan = interface.effective, interface.plan
     ipv6 = None
     if interface.ipv6 is not None:
@@ -89,6 +90,8 @@ def interface_view(interface: StoredInterface, nic: ShownNic | None) -> dict[str
         "observed_ip": nic.observed_ip if plan.observe_ip and nic is not None else None,
         "ipv6": ipv6,
         "default_route": interface.default_route,
+        **effective.policies_json(),
+        **effective.cni_json(),
     }
 
 

@@ -275,12 +275,15 @@ def test_a_patch_of_one_interfaces_policies_changes_all_taps_in_one_transaction(
         "m", VMConfig.model_validate({"plugin": "p", "interfaces": interfaces(["web"], [])})
     )
     first, second = (interface["tap"] for interface in vm["interfaces"])
+    assert [i.get("policies") for i in vm["interfaces"]] == [["web"], None]  # shown where set
     assert web.policy_firewall.taps == {first: attachment("web")}
     before = len(web.policy_firewall.transactions)
     patch(web, "m", interfaces=interfaces(["web"], ["ping"]))
     assert len(web.policy_firewall.transactions) == before + 1
     assert web.policy_firewall.taps == {first: attachment("web"), second: attachment("ping")}
-    assert web.engine.show_vm("m")["restart_required"] is False
+    shown = web.engine.show_vm("m")
+    assert shown["restart_required"] is False
+    assert [i.get("policies") for i in shown["interfaces"]] == [["web"], ["ping"]]
     [record] = web.engine.records.live()  # what a new daemon re-attaches
     assert record.network is not None
     assert [i.effective.policies for i in record.network.interfaces] == [("web",), ("ping",)]
