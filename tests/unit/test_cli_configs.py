@@ -70,3 +70,26 @@ def test_changes_name_each_field_that_changed() -> None:
         ("config.resources.memory_mib", "- -> 512"),
         ("effective.network.ip", "a -> b"),
     ]
+
+
+def test_label_flags_set_and_remove_labels_of_the_vms_own_or_the_documents() -> None:
+    stored = {"tier": "web", "team": "a"}
+
+    def labels(document: dict[str, Any] | None, given: dict[str, str], removed: list[str]) -> Any:
+        body = patch_body(
+            STORED,
+            document,
+            NO_FLAGS,
+            reset_network=False,
+            stored_labels=stored,
+            labels=given,
+            removed_labels=removed,
+        )
+        return body.get("labels")
+
+    assert labels(None, {"tier": "db"}, ["team"]) == {"tier": "db"}
+    assert labels(None, {}, ["nothing"]) == stored
+    assert labels({"labels": {"x": "y"}}, {"z": ""}, []) == {"x": "y", "z": ""}
+    assert labels(None, {}, []) is None  # no label flag: the patch leaves them as they are
+    with pytest.raises(InvalidError):
+        labels(None, {"-bad": "x"}, [])
