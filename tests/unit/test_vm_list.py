@@ -282,3 +282,21 @@ def test_any_sequence_of_pages_concatenates_to_the_whole_filtered_list_in_name_o
         followed += [vm["name"] for vm in page.json()]
         url, params = next_link(page.headers.get("link", "")), {}
     assert followed == expected
+
+
+def test_mode_selects_by_the_interfaces_a_vm_has_now_as_patches_and_restarts_change_them(
+    dhcp_world: World, api: Api
+) -> None:
+    engine = dhcp_world.engine
+    engine.create_vm("idle", VMConfig.model_validate({"plugin": "p"}), start=False)
+    engine.create_vm("busy", VMConfig.model_validate({"plugin": "p"}))
+    to_dhcp = VMConfigPatch.model_validate({"network": {"mode": "dhcp"}})
+    engine.patch_config("idle", to_dhcp)  # no VMM: what it has now at once
+    engine.patch_config("busy", to_dhcp)  # its VMM runs the bridged version until a restart
+    assert api.names("/v1/vms", mode="dhcp") == ["idle"]
+    assert api.names("/v1/vms", mode="bridged") == ["busy"]
+    engine.restart_vm("busy")
+    assert api.names("/v1/vms", mode="dhcp") == ["busy", "idle"]
+    engine.patch_config("idle", VMConfigPatch.model_validate({"network": {"mode": "vsock"}}))
+    assert api.names("/v1/vms", mode="vsock") == ["idle"]
+    assert [i["mode"] for i in engine.show_vm("busy")["interfaces"]] == ["dhcp"]
