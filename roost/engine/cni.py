@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -282,39 +283,46 @@ class CniAttachments:
         return "; ".join(problems) or None
 
     def reap(
-        self, in_use: Callable[[], Collection[str]], ours: Callable[[], Collection[str]]
+        self,
+        in_use: Callable[[], Collection[str]],
+        ours: Callable[[], Collection[str]],
+        hold: Callable[[str], AbstractContextManager[object]],
     ) -> None:
         """At daemon start: DEL every stored attachment of a VM `in_use()` does not name (no
         VMM runs or starts for it, or it no longer exists), and remove the namespaces of this
         daemon's VMs (`ours()`, and those with a stored attachment) that are not in use.
         Namespaces are the host's while a daemon is its network namespace's: one of a VM this
-        daemon does not know is another daemon's, and stays. Failures are logged; a failed
-        DEL's record stays for the next start."""
-        # read before what is in use: an attachment recorded meanwhile is a start's in use
-        found, netnses = self.store.all(), self.namespaces.names()
-        used = set(in_use())
-        known = set(ours()) | {stored.vm for stored in found}
-        for stored in found:
-            if stored.vm in used:
-                continue
+        daemon does not know is another daemon's, and stays. Each VM is reaped while `hold(vm)`
+        keeps its operations out, and only if it is still not in use then, with its records as
+        they are then: a start of a stopped VM may run meanwhile, and its new attachment has
+        the container id and ifname of the stale one. Failures are logged; a failed DEL's
+        record stays for the next start."""
+        stale = {stored.vm for stored in self.store.all()}
+        netnses = set(self.namespaces.names())
+        known = set(ours()) | stale
+        named = {netns.removeprefix(VM_NAMESPACE_PREFIX) for netns in netnses}
+        for vm in sorted(stale | named & known):
+            with hold(vm):
+                if vm in in_use():
+                    continue
+                self._reap_vm(vm, vm_namespace(vm) in netnses)
+
+    def _reap_vm(self, vm: str, has_namespace: bool) -> None:
+        for stored in self.store.of_vm(vm):
             failure = self._delete(stored)
             if failure is None:
                 log.info(
-                    "DELeted CNI attachment %d of %s, which no running VM holds",
-                    stored.index,
-                    stored.vm,
+                    "DELeted CNI attachment %d of %s, which no running VM holds", stored.index, vm
                 )
             else:
-                log.error("VM %s: %s", stored.vm, failure)
-        for netns in netnses:
-            vm = netns.removeprefix(VM_NAMESPACE_PREFIX)
-            if vm in used or vm not in known:
-                continue
-            try:
-                self.namespaces.delete(netns)
-                log.info("removed network namespace %s, which no running VM uses", netns)
-            except HostError as error:
-                log.error("%s", error.message)
+                log.error("VM %s: %s", vm, failure)
+        if not has_namespace:
+            return
+        try:
+            self.namespaces.delete(vm_namespace(vm))
+            log.info("removed network namespace %s, which no running VM uses", vm_namespace(vm))
+        except HostError as error:
+            log.error("%s", error.message)
 
     def _clear_stale(self, vm: str) -> None:
         failures = [f for f in map(self._delete, self.store.of_vm(vm)) if f is not None]

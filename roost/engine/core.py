@@ -11,7 +11,7 @@ import logging
 import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from contextlib import suppress
+from contextlib import AbstractContextManager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -798,7 +798,11 @@ class Engine:
             live = {record.name for record in self.records.live()}
             return live | self.records.pending_creates() | self.allocator.kept_orphans
 
-        self.cni_attachments.reap(in_use, self.records.names)
+        def hold(vm: str) -> AbstractContextManager[None]:
+            # a start of a stopped VM may run meanwhile: its attachments are its own
+            return self.locks.hold(vm, "reap", wait=True, recovery=True)
+
+        self.cni_attachments.reap(in_use, self.records.names, hold)
 
     def _listen_again(self, name: str, version: int | None) -> None:
         """Listen for an adopted VM's vsock services again (those of the version it runs); a

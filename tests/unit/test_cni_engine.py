@@ -6,6 +6,7 @@ retried while it fails, and CHECK reports the plugins' and the redirect's proble
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -352,7 +353,7 @@ def test_reap_dels_what_no_running_vm_holds_and_removes_its_own_namespaces_only(
     world.namespaces.create("roost-vm-leftover")
     world.namespaces.create("roost-vm-strangers")
 
-    world.cni.reap(lambda: {"kept"}, lambda: {"kept", "leftover"})
+    world.cni.reap(lambda: {"kept"}, lambda: {"kept", "leftover"}, no_hold)
 
     # a namespace of a VM this daemon does not know is another daemon's
     assert world.namespaces.made == {"roost-vm-kept", "roost-vm-strangers"}
@@ -363,9 +364,44 @@ def test_reap_dels_what_no_running_vm_holds_and_removes_its_own_namespaces_only(
 def test_reap_keeps_a_record_whose_del_fails_for_the_next_start(world: World) -> None:
     world.attach("gone")
     world.runtime.delete_fails = True
-    world.cni.reap(set, set)
+    world.cni.reap(set, set, no_hold)
     assert [s.vm for s in world.store.all()] == ["gone"]
     assert world.namespaces.made == set()
+
+
+def test_reap_leaves_alone_a_vm_started_while_it_runs(world: World) -> None:
+    """A stopped VM whose DEL failed keeps its record; the user starts it again while the
+    reap runs (starts of stopped VMs go on during recovery): the reap, which read the stale
+    record first, must not DEL the new attachment (same container id and ifname) nor forget
+    its record."""
+    world.runtime.delete_fails = True
+    world.attach("web")
+    world.cni.release("web")
+    world.runtime.delete_fails = False
+    started: set[str] = set()
+    held: list[str] = []
+
+    def ours() -> set[str]:  # read after the reap's first look at the store
+        world.attach("web")  # the start, which DELs the stale attachment and ADDs anew
+        started.add("web")
+        return {"web"}
+
+    @contextmanager
+    def hold(vm: str) -> Iterator[None]:  # the VM's operation lock
+        held.append(vm)
+        yield
+
+    world.cni.reap(lambda: set(started), ours, hold)
+
+    assert world.runtime.held == {(container_id("web"), "eth0")}
+    assert [(s.vm, s.result is not None) for s in world.store.all()] == [("web", True)]
+    assert world.namespaces.made == {"roost-vm-web"}
+    assert held == ["web"]
+
+
+@contextmanager
+def no_hold(vm: str) -> Iterator[None]:
+    yield
 
 
 # ---- through the engine (tests/engine_fakes.World: a real database, fake VMM and host) ----
