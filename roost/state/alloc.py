@@ -15,7 +15,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, delete, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
 from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError
@@ -119,7 +119,11 @@ _NETWORK_COLUMNS = (
 )
 _NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet"))
 _NAMED = select(*_NETWORK_COLUMNS).where(Network.name == bindparam("name"))
-_CIDS = select(CIDLease.cid, CIDLease.vm_id).where(CIDLease.cid >= MIN_CID).order_by(CIDLease.cid)
+_CID_OF = select(CIDLease.cid).where(CIDLease.vm_id == bindparam("vm_id"))
+_HIGHEST_CID = select(func.max(CIDLease.cid))
+_CIDS_FROM = (
+    select(CIDLease.cid).where(CIDLease.cid >= bindparam("low")).order_by(CIDLease.cid).limit(BATCH)
+)
 _ADD_CID = insert(CIDLease)
 _MAC_USED = select(VMNic.vm_id).where(
     or_(VMNic.mac == bindparam("mac"), VMNic.user_mac == bindparam("mac"))
@@ -410,18 +414,31 @@ def bridge_of(network: Network) -> str:
 
 
 def allocate_cid(session: Session, vm: Holder) -> int:
-    """The lowest free vsock CID (≥ 3) for `vm`, or the one it already holds (one query for
-    both: a new VM, the usual case, needs them all anyway)."""
+    """A vsock CID (≥ 3) for `vm`, or the one it already holds: the one after the highest held
+    (an index lookup, however many VMs hold one), so a CID is not handed out again until the
+    highest reaches the top of the range; then the lowest free one."""
     connection = session.connection()
-    taken = connection.execute(_CIDS).all()
-    held = next((cid for cid, holder in taken if holder == vm.id), None)
+    held = connection.execute(_CID_OF, {"vm_id": vm.id}).scalar()
     if held is not None:
         return int(held)
-    cid = first_gap((cid for cid, _ in taken), MIN_CID, MAX_CID)
+    highest = connection.execute(_HIGHEST_CID).scalar()
+    following = MIN_CID if highest is None else int(highest) + 1
+    cid = following if following <= MAX_CID else first_gap(_cids_from(connection), MIN_CID, MAX_CID)
     if cid is None:
         raise ConflictError("no vsock CID is free on this host", code="cid_exhausted")
     connection.execute(_ADD_CID, {"cid": cid, "vm_id": vm.id})
     return cid
+
+
+def _cids_from(connection: Connection) -> Iterator[int]:
+    """The CIDs held, ascending, fetched in batches as needed."""
+    low = MIN_CID
+    while True:
+        batch = list(connection.execute(_CIDS_FROM, {"low": low}).scalars())
+        yield from batch
+        if len(batch) < BATCH:
+            return
+        low = batch[-1] + 1
 
 
 def new_mac(session: Session) -> str:

@@ -201,8 +201,8 @@ def test_a_user_mac_another_interface_has_is_a_conflict_naming_its_holder(db: Da
     assert hold(a, 0, None) == roosts  # roost's MAC stays with its index
 
 
-def test_cids_start_at_three_are_unique_and_reused(db: Database) -> None:
-    ids = make_vms(db, 4)
+def test_cids_start_at_three_follow_the_highest_and_wrap_to_the_lowest_free(db: Database) -> None:
+    ids = make_vms(db, 6)
 
     def cid(vm_id: int) -> int:
         def work(session: Session) -> int:
@@ -219,11 +219,13 @@ def test_cids_start_at_three_are_unique_and_reused(db: Database) -> None:
         vm = session.get(VM, ids[1])
         assert vm is not None
         session.execute(delete(CIDLease).where(CIDLease.vm_id == vm.id))  # as a VM's removal does
+        session.add(CIDLease(cid=alloc.MAX_CID - 1, vm_id=ids[1]))
 
     db.transact(release)
-    assert cid(ids[3]) == 4
+    assert cid(ids[3]) == alloc.MAX_CID  # 4 is not handed out again while higher ones are held
+    assert cid(ids[4]) == 4  # past the top: the lowest free
     with pytest.raises(IntegrityError), db.write() as session:
-        session.add(CIDLease(cid=3, vm_id=ids[1]))
+        session.add(CIDLease(cid=3, vm_id=ids[5]))  # 3 is held
         session.flush()
 
 
