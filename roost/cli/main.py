@@ -8,10 +8,10 @@ and `app` is imported from roost.cli.commands when first asked for.
 from __future__ import annotations
 
 import sys
-from typing import TYPE_CHECKING
 
 from roost.cli import VERSION_LINE
-from roost.cli.fast import run_vm_show, vm_show_args
+
+TYPE_CHECKING = False  # typing.TYPE_CHECKING, without importing typing for `roost --version`
 
 if TYPE_CHECKING:
     import typer
@@ -22,6 +22,8 @@ def main() -> None:
     if sys.argv[1:] == ["--version"]:
         sys.stdout.write(f"{VERSION_LINE}\n")
         return
+    from roost.cli.fast import run_vm_show, vm_show_args
+
     show = vm_show_args(sys.argv[1:])
     if show is not None:
         run_vm_show(show)
