@@ -13,6 +13,7 @@ from sqlalchemy import (
     CheckConstraint,
     DateTime,
     ForeignKey,
+    ForeignKeyConstraint,
     Index,
     Integer,
     MetaData,
@@ -210,6 +211,24 @@ class VMLabel(Base):
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True)
     key: Mapped[str] = mapped_column(String(253), primary_key=True)
     value: Mapped[str] = mapped_column(String(256))
+
+
+class VMArtifact(Base):
+    """One stored artifact a VM's config version refers to, for garbage collection's lookups by
+    digest: kept by a trigger (migration 0011) when a version is added, gone with it."""
+
+    __tablename__ = "vm_artifacts"
+    __table_args__ = (
+        ForeignKeyConstraint(
+            ["vm_id", "version"], ["vm_configs.vm_id", "vm_configs.version"], ondelete="CASCADE"
+        ),
+        Index("ix_vm_artifacts_sha256", "sha256"),
+    )
+
+    vm_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    version: Mapped[int] = mapped_column(Integer, primary_key=True)
+    role: Mapped[str] = mapped_column(String(16), primary_key=True)
+    sha256: Mapped[str] = mapped_column(String(64))
 
 
 class VMNic(Base):
