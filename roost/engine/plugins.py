@@ -15,7 +15,7 @@ from roost.errors import ConflictError, InvalidError, NotFoundError
 from roost.spec import Manifest
 from roost.state.artifacts import ArtifactStore, Pins, Progress, StoredArtifact
 from roost.state.db import Database
-from roost.state.models import VM, Plugin, PluginArtifact, VMConfigVersion
+from roost.state.models import VM, Plugin, PluginArtifact, VMArtifact
 
 InstallProgress = Callable[[dict[str, Any]], None]
 
@@ -140,14 +140,14 @@ class Plugins:
         """Drop stored artifacts no plugin and no VM's config refers to any more."""
         self.store.collect_garbage(self._referenced)
 
-    def _referenced(self) -> set[str]:
-        """The digests the database refers to; the store reads them under its lock (why that
-        keeps concurrent installs safe: roost.state.artifacts)."""
+    def _referenced(self, digests: set[str]) -> set[str]:
+        """Those of `digests` the database refers to (a plugin's, or a VM config version's:
+        index lookups); the store asks under its lock (why that keeps concurrent installs
+        safe: roost.state.artifacts)."""
         with self.db.read() as session:
-            referenced = set(session.scalars(select(PluginArtifact.sha256)))
-            for artifacts in session.scalars(select(VMConfigVersion.artifacts)):
-                referenced.update(item["sha256"] for item in artifacts.values())
-        return referenced
+            plugins = select(PluginArtifact.sha256).where(PluginArtifact.sha256.in_(digests))
+            vms = select(VMArtifact.sha256).where(VMArtifact.sha256.in_(digests))
+            return set(session.scalars(plugins.union(vms)))
 
 
 def find(session: Session, name: str, *, missing_ok: bool = False) -> Plugin:

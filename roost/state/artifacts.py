@@ -212,16 +212,22 @@ class ArtifactStore:
     def is_elf(self, sha256: str) -> bool:
         return is_elf(self.path(sha256))
 
-    def collect_garbage(self, referenced: Callable[[], Iterable[str]]) -> list[str]:
-        """Remove stored files that neither `referenced()` (the database's references, read
-        under the store's lock) nor an install in progress holds; returns their digests."""
+    def collect_garbage(self, referenced: Callable[[set[str]], Iterable[str]]) -> list[str]:
+        """Remove stored files that neither an install in progress holds nor the database
+        refers to (`referenced(digests)`: those of `digests` it does, read under the store's
+        lock: it is asked about the stored files only, however many VMs refer to them);
+        returns their digests."""
         removed = []
         with self._lock:
-            keep = set(referenced()) | set(self._pins)
-            for path in self.root.iterdir():
-                if path.name not in keep and not path.name.startswith("."):
-                    path.unlink(missing_ok=True)
-                    removed.append(path.name)
+            stored = {
+                path.name
+                for path in self.root.iterdir()
+                if not path.name.startswith(".") and path.name not in self._pins
+            }
+            unreferenced = stored - set(referenced(stored)) if stored else set()
+            for digest in unreferenced:
+                self.path(digest).unlink(missing_ok=True)
+                removed.append(digest)
         return removed
 
     def remove_incomplete(self) -> None:

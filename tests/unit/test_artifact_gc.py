@@ -9,12 +9,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from sqlalchemy import delete, select
 
 from roost.engine.plugins import Plugins
 from roost.errors import NotFoundError
 from roost.spec import Manifest
 from roost.state.artifacts import ArtifactStore
 from roost.state.db import Database, sqlite_url
+from roost.state.models import VM, Plugin, VMConfigVersion
 
 WORKERS = 6
 ROUNDS = 15
@@ -113,3 +115,30 @@ def test_a_collection_keeps_what_is_referenced_and_removes_the_rest(
     assert not plugins.store.path(dropped).exists()
     with pytest.raises(NotFoundError):
         plugins.show("b")
+
+
+def test_a_file_only_a_vms_config_version_refers_to_is_kept_until_that_vm_is_removed(
+    plugins: Plugins, tmp_path: Path
+) -> None:
+    first, second = artifact_pool(tmp_path / "sources", 2)
+    plugins.install(manifest("a", first, None), force=False)
+    artifacts = plugins.show("a")["artifacts"]
+    with plugins.db.write() as session:
+        plugin_id = session.scalars(select(Plugin.id).where(Plugin.name == "a")).one()
+        vm = VM(name="vm-0", plugin_id=plugin_id, status="created", vmm_kind="qemu", network={})
+        session.add(vm)
+        session.flush()
+        session.add(
+            VMConfigVersion(
+                vm_id=vm.id, version=1, config={}, manifest={}, artifacts=artifacts, effective={}
+            )
+        )
+    plugins.install(manifest("a", second, None), force=True)  # the VM keeps what it was made with
+    old = plugins.store.path(artifacts["initramfs"]["sha256"])
+    plugins.collect_garbage()
+    assert old.exists()
+    with plugins.db.write() as session:
+        session.execute(delete(VM).where(VM.name == "vm-0"))  # its versions go with it
+    plugins.collect_garbage()
+    assert not old.exists()
+    assert missing_files(plugins, "a") == []
