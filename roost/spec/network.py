@@ -185,12 +185,16 @@ def _cni_args(value: Any) -> Any:
         if len(value) > MAX_CNI_ARGS:
             raise ValueError(f"has {len(value)} entries; at most {MAX_CNI_ARGS} are allowed")
         for key, text in value.items():
-            if not isinstance(key, str) or not key or "=" in key or ";" in key:
+            if not isinstance(key, str) or not key or any(c in key for c in "=;\0"):
                 raise ValueError(
-                    f"key {key!r}: keys are non-empty, without '=' or ';' (CNI_ARGS is K1=V1;K2=V2)"
+                    f"key {key!r}: keys are non-empty, without '=', ';' or NUL (CNI_ARGS is "
+                    "K1=V1;K2=V2)"
                 )
-            if isinstance(text, str) and ";" in text:
-                raise ValueError(f"{key}: {text!r} has a ';', which CNI_ARGS cannot carry")
+            if isinstance(text, str) and (";" in text or "\0" in text):
+                raise ValueError(
+                    f"{key}: {text!r} has a ';' or a NUL, which CNI_ARGS (an environment "
+                    "variable) cannot carry"
+                )
     return value
 
 

@@ -153,6 +153,9 @@ def test_cni_outside_cni_mode_is_refused() -> None:
         ({"network": "a/b"}, "network.cni.network"),
         ({"network": "n", "args": {"A=B": "1"}}, "network.cni.args"),
         ({"network": "n", "args": {"A": "1;2"}}, "network.cni.args"),
+        # an environment variable cannot carry a NUL: the plugin would never run
+        ({"network": "n", "args": {"A": "1\x002"}}, "network.cni.args"),
+        ({"network": "n", "args": {"A\x00": "1"}}, "network.cni.args"),
         ({"network": "n", "bridge": "br0"}, "network.cni.bridge"),
     ],
 )
