@@ -10,7 +10,11 @@ import typer
 
 from roost.api.endpoints import DEFAULT_API
 from roost.cli import VERSION_LINE
-from roost.cli.plain_values import PlainValuesGroup
+
+try:
+    from roost.cli.plain_values import PlainValuesGroup as RootGroup
+except ImportError:  # a Typer whose values are not converted by pydantic: nothing to spare
+    from typer.core import TyperGroup as RootGroup  # type: ignore[assignment]
 
 # Help is click's plain text (no rich panels): it wraps at the terminal's width and never cuts
 # an option's name short, as rich's tables do at 80 columns.
@@ -18,7 +22,7 @@ PLAIN_HELP = None
 
 app = typer.Typer(
     name="roost",
-    cls=PlainValuesGroup,
+    cls=RootGroup,
     help="Run plugins as microVMs, networked as vsock-only, bridged or dhcp.",
     no_args_is_help=True,
     add_completion=False,

@@ -63,7 +63,10 @@ def run_vm_show(command: VMShow) -> None:
         except OSError as error:
             if error.errno != errno.EPIPE:
                 raise
-            from typer._click.utils import PacifyFlushWrapper
+            try:  # Typer's own copy of click (0.29 and later), else click itself
+                from typer._click.utils import PacifyFlushWrapper
+            except ImportError:
+                from click.utils import PacifyFlushWrapper  # type: ignore[no-redef]
 
             sys.stdout = PacifyFlushWrapper(sys.stdout)
             sys.stderr = PacifyFlushWrapper(sys.stderr)
