@@ -25,7 +25,7 @@ from roost.engine.steps import Steps
 from roost.errors import HostError
 from roost.host import cni as host_cni
 from roost.host import redirect as host_redirect
-from roost.host.cni import VM_NAMESPACE_PREFIX, Attachment, vm_namespace
+from roost.host.cni import VM_NAMESPACE_PREFIX, AddUndoneError, Attachment, vm_namespace
 from roost.host.redirect import Redirect
 from roost.plan.interfaces import ResolvedInterfaces
 from roost.plan.registry import NetworkLookup
@@ -218,7 +218,13 @@ class CniAttachments:
                 f"recorded CNI attachment {one.index} to {attachment.conflist.name}",
                 functools.partial(self._undo_attachment, vm, one.index),
             )
-            result = self.runtime.add(attachment)
+            try:
+                result = self.runtime.add(attachment)
+            except AddUndoneError:
+                # nothing to DEL later: a DEL of a list naming a missing plugin would fail for
+                # ever, keeping the record and refusing every later start of the VM's name
+                self.store.forget(vm, one.index)
+                raise
             self.store.set_result(vm, one.index, result)
             log.info(
                 "VM %s: CNI ADD on %s for interface %d", vm, attachment.conflist.name, one.index

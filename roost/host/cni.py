@@ -165,8 +165,9 @@ class CniRuntime:
 
     def add(self, attachment: Attachment) -> CniResult:
         """ADD through the list in order, each plugin given the previous one's result; on a
-        failure the plugins already run (and the failing one) get DEL in reverse and the
-        error is raised with what the undo could not do."""
+        failure the plugins already run (and the failing one) get DEL in reverse: when that
+        undo succeeds the error is an `AddUndoneError` (the attachment holds nothing, so its
+        record may go), else a HostError saying what the undo could not do too."""
         previous: dict[str, Any] | None = None
         ran = 0
         plugins = attachment.conflist.plugins
@@ -180,16 +181,19 @@ class CniRuntime:
                 raise HostError(
                     f"{error.message}; undoing it failed too: {'; '.join(undo)}"
                 ) from None
-            raise
+            raise AddUndoneError(error.message) from None
         assert previous is not None
         try:
             return parse_result(previous)
         except ValueError as error:
-            self._delete(attachment, None, plugins_run=len(plugins))
-            raise HostError(
+            message = (
                 f"CNI network {attachment.conflist.name!r} answered ADD with a result roost "
                 f"cannot read: {error}"
-            ) from None
+            )
+            undo = self._delete(attachment, None, plugins_run=len(plugins))
+            if undo:
+                raise HostError(f"{message}; undoing it failed too: {'; '.join(undo)}") from None
+            raise AddUndoneError(message) from None
 
     def delete(self, attachment: Attachment, result: CniResult | None) -> None:
         """DEL through the list in reverse with the cached `result` (None when ADD never
@@ -302,6 +306,10 @@ class CniRuntime:
 
 class MissingPluginError(HostError):
     """A conflist names a plugin no bin dir has."""
+
+
+class AddUndoneError(HostError):
+    """ADD failed and DEL undid every plugin it ran: the attachment holds nothing."""
 
 
 def _raw(result: CniResult | None) -> dict[str, Any] | None:

@@ -292,6 +292,10 @@ def test_a_conflist_naming_a_missing_plugin_is_a_502_that_leaves_nothing(
         assert "'nosuchplugin'" in error["message"] and "--cni-bin-dir" in error["message"]
         assert daemon.http.get(f"/v1/vms/{name}").status_code == 404
         assert_nothing_left(daemon, cni, name)
+        # nothing recorded either: the name is free, and fails again for the same reason only
+        again = create(daemon, name, "broken")
+        assert again.status_code == 502, again.text
+        assert again.json()["error"]["message"] == error["message"]
 
         # a start that fails the same way leaves the VM `error`, and nothing else
         assert create(daemon, stopped, "broken", start=False).status_code == 201

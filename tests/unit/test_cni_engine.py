@@ -15,7 +15,7 @@ import pytest
 from roost.engine.cni import CniAttachments, DatabaseStore, Stored, Wanted, container_id
 from roost.engine.steps import Steps
 from roost.errors import HostError, InvalidError, RoostError
-from roost.host.cni import Attachment
+from roost.host.cni import AddUndoneError, Attachment
 from roost.host.redirect import Redirect
 from roost.spec import VMConfig
 from roost.spec.cni import CniResult, Conflist, parse_conflist, parse_result
@@ -79,7 +79,7 @@ class FakeRuntime:
         assert any(s.attachment == attachment for s in self.store.all())
         self.calls.append(("ADD", attachment.ifname, None))
         if attachment.ifname == self.add_fails_on:
-            raise HostError("CNI plugin 'bridge' (ADD on network 'net') failed: no room")
+            raise AddUndoneError("CNI plugin 'bridge' (ADD on network 'net') failed: no room")
         self.held.add((attachment.container_id, attachment.ifname))
         name = "other" if self.no_sandbox_interface else attachment.ifname
         return parse_result(
@@ -215,6 +215,24 @@ def test_an_add_that_fails_on_the_second_interface_rolls_back_to_nothing(world: 
     world.assert_nothing_left()
     [(_, first_result)] = [(i, r) for c, i, r in world.runtime.calls if (c, i) == ("DEL", "eth0")]
     assert first_result is not None  # the finished ADD's DEL had its stored result
+
+
+def test_an_add_its_plugins_undid_is_forgotten_so_a_del_that_fails_never_blocks_the_name(
+    world: World,
+) -> None:
+    """A list naming a missing plugin: ADD fails and is undone, and its DEL would fail for
+    ever (the plugin is still missing), so nothing may be left for a DEL to do."""
+    world.runtime.add_fails_on = "eth0"
+    steps = Steps("create", "vm")
+    with pytest.raises(HostError, match="no room"):
+        world.cni.add(steps, "vm", [Wanted(0, "net")])
+    assert world.store.all() == []
+    world.runtime.delete_fails = True
+    steps.rollback()
+    world.assert_nothing_left()
+    assert [call for call, _, _ in world.runtime.calls] == ["ADD"]
+    world.runtime.add_fails_on = None
+    assert set(world.cni.add(Steps("create", "vm"), "vm", [Wanted(0, "net")])) == {0}
 
 
 def test_an_unknown_conflist_leaves_nothing_after_rollback(world: World) -> None:
