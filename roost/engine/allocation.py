@@ -4,8 +4,9 @@ create, at start and at a config patch. Every VM is a list of interfaces (the si
 form is one, vsock none), so there is one code path for all.
 
 Every function here runs inside the caller's write transaction, so what a VM holds is
-committed with its record, or not at all. With a `Steps` (a launch follows), the VM's tap and
-rules are made inside that transaction too, their undoing recorded.
+committed with its record, or not at all. No host work happens inside it: a launch gets the
+taps to make (`Booting.taps`), made once the transaction has committed, so the write lock is
+held only for the database's own work and creates issued together proceed together.
 """
 
 from __future__ import annotations
@@ -14,18 +15,17 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roost.engine.cni import Added
-from roost.engine.hostnet import ALLOW_BOTH, Emptied, HostNetwork, TapPlan, tap_policies
+from roost.engine.hostnet import ALLOW_BOTH, Emptied, TapPlan, tap_policies
 from roost.engine.launch import Files, launch_spec
 from roost.engine.networks import lookup_in
 from roost.engine.policies import missing_policy_errors
 from roost.engine.settings import DEFAULT_NETWORK, Settings
-from roost.engine.steps import Steps
 from roost.errors import ConflictError, InvalidError
 from roost.host.cni import vm_namespace
 from roost.host.netns import netns_path
@@ -50,8 +50,6 @@ from roost.state.vms import (
 )
 from roost.vmm.base import NIC, Driver, Early, LaunchSpec, RunDir
 
-T = TypeVar("T")
-
 
 @dataclass(frozen=True)
 class Booting:
@@ -59,7 +57,9 @@ class Booting:
     transaction; `interfaces` have their addresses and MACs filled in), the config version it
     boots, and what of its launch is already under way: the VMM started early. `watched` are
     the (index, tap, MAC) of the interfaces whose guest address the host learns by watching;
-    `cni_taps` the (index, tap) of its cni interfaces, made in its namespace before it boots."""
+    `taps` the taps to make on their bridges, with their rules and policies, once the
+    allocation has committed (its leases then keep their bridges); `cni_taps` the (index, tap)
+    of its cni interfaces, made in its namespace before it boots."""
 
     name: str
     version: int
@@ -72,6 +72,7 @@ class Booting:
     early: Early | None
     shown: dict[str, Any]  # what of its view cannot change while its VMM runs
     services: dict[int, str]  # its vsock_services: guest port -> the host service it reaches
+    taps: tuple[TapPlan, ...] = ()
     cni_taps: tuple[tuple[int, str], ...] = ()
 
 
@@ -103,7 +104,6 @@ class Allocator:
         *,
         db: Database,
         records: VMRecords,
-        host: HostNetwork,
         drivers: Mapping[str, Driver],
         store: ArtifactStore,
         disk_path: Callable[[str], Path],
@@ -113,7 +113,6 @@ class Allocator:
         self.default = DefaultNetwork.from_cidr(settings.default_subnet)
         self.db = db
         self.records = records
-        self.host = host
         self.drivers = drivers
         self.store = store
         self._disk_path = disk_path
@@ -157,28 +156,6 @@ class Allocator:
             )
         self.drivers[vmm].check_available()
 
-    # ---- transactions -------------------------------------------------------------------
-
-    def transact(self, work: Callable[[Session], T], host: Steps | None) -> T:
-        """Run allocating transaction `work`. With `host` (a launch follows), `work` also
-        makes the VM's tap and rules, recorded in `host`; the bridge lock is then held until it
-        has committed, so no bridge is removed for lack of a lease that is not visible yet.
-        Host work of a failed attempt is undone."""
-        if host is None:
-            return self.db.transact(work)
-        before = host.mark()
-
-        def attempt(session: Session) -> T:
-            host.rollback(before)  # what an earlier attempt made, had its commit failed
-            return work(session)
-
-        with self.host.lock:
-            try:
-                return self.db.transact(attempt)
-            except BaseException:
-                host.rollback(before)
-                raise
-
     # ---- create, start, forget ----------------------------------------------------------
 
     def record_new(
@@ -188,21 +165,21 @@ class Allocator:
         config: VMConfig,
         vmm: str,
         early: Early | None,
-        host: Steps | None,
+        launch: bool,
         cni: Mapping[int, Added] | None = None,
     ) -> Booting:
-        """Record a new VM (`starting` when `host` is given, else `created`), allocate what
+        """Record a new VM (`starting` when a `launch` follows, else `created`), allocate what
         its plan needs (its cni interfaces with what ADD gave them, `cni`), and record its
         first config version."""
         connection = session.connection()
-        if host is None:
+        if not launch:
             self.records.check_new(connection, name)
         plugin = self.records.plugin(connection, config.plugin)
         manifest = Manifest.model_validate(plugin.manifest)
         plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
         check_policies_exist(session, plan)
         self.check_launchable(plan, manifest, plugin.artifacts, vmm)
-        status = VMStatus.STARTING if host is not None else VMStatus.CREATED
+        status = VMStatus.STARTING if launch else VMStatus.CREATED
         config_json = config.model_dump(mode="json", exclude_none=True)
         vm = self.records.add(connection, name=name, plugin_id=plugin.id, status=status, vmm=vmm)
         shown = {"plugin": config.plugin, "config": config_json, "manifest": plugin.manifest}
@@ -217,7 +194,7 @@ class Allocator:
             plugin.artifacts,
             vmm,
             early,
-            host,
+            launch,
             shown,
             cni,
         )
@@ -238,7 +215,6 @@ class Allocator:
         name: str,
         latest: ConfigVersion,
         early: Early | None,
-        host: Steps,
         cni: Mapping[int, Added] | None = None,
     ) -> tuple[Booting, Emptied]:
         """A start of the latest version: the address a patch reserved becomes the VM's
@@ -267,7 +243,7 @@ class Allocator:
             latest.artifacts,
             vmm,
             early,
-            host,
+            True,
             shown,
             cni,
         )
@@ -295,15 +271,15 @@ class Allocator:
         artifacts: dict[str, Any],
         vmm: str,
         early: Early | None,
-        host: Steps | None,
+        launch: bool,
         shown: dict[str, Any],
         cni: Mapping[int, Added] | None = None,
     ) -> tuple[Booting, Emptied]:
         """Make the VM hold what its plan needs, and nothing else: per interface an address
         (bridged), a MAC, a tap name and an IPv6 address; a CID; record them, the interfaces
-        it is planned with and `status`. Also says which networks it left. With `host` (a launch
-        follows), each tap and its rules are made too, their undoing recorded in `host`. A cni
-        interface takes the MAC and addresses ADD gave it (`cni`); its tap is the caller's."""
+        it is planned with and `status`. Also says which networks it left. With `launch`, the
+        taps to make once this has committed are in `Booting.taps`. A cni interface takes the
+        MAC and addresses ADD gave it (`cni`); its tap is the caller's."""
         wanted = plan.interfaces.interfaces
         emptied: Emptied = []
         for index, purpose in alloc.leases_of(session, vm.id):
@@ -314,6 +290,7 @@ class Allocator:
         nics: list[NIC] = []
         watched: list[tuple[int, str, str]] = []
         cni_taps: list[tuple[int, str]] = []
+        taps: list[TapPlan] = []
         for wanted_one in wanted:
             where = _where(plan.interfaces, wanted_one)
             interface, bridge, nic, network, more = self._hold(session, vm, wanted_one, where)
@@ -324,8 +301,8 @@ class Allocator:
                 cni_taps.append((interface.index, nic.tap))
             filled.append(interface)
             stored.append(_stored_interface(interface, bridge))
-            if host is not None and interface.plan.tap and not interface.plan.netns:
-                self.host.attach(host, self._tap_plan(interface, nic, bridge, network, vmm))
+            if launch and interface.plan.tap and not interface.plan.netns:
+                taps.append(self._tap_plan(interface, nic, bridge, network, vmm))
             if interface.plan.nic:
                 nics.append(NIC(tap=nic.tap, mac=nic.mac if added is None else added.mac))
             if interface.plan.observe_ip:
@@ -373,6 +350,7 @@ class Allocator:
             early=early,
             shown={**shown, "cid": cid},
             services=dict(config.vsock_services),
+            taps=tuple(taps),
             cni_taps=tuple(cni_taps),
         )
         return booting, emptied

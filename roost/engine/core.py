@@ -169,7 +169,6 @@ class Engine:
             settings,
             db=db,
             records=self.records,
-            host=host,
             drivers=self.drivers,
             store=store,
             disk_path=disks.path,
@@ -256,7 +255,7 @@ class Engine:
         with self.locks.hold(name, "create", new=True):
             if not start:
                 self.db.transact(
-                    lambda session: allocator.record_new(session, name, config, vmm, None, None)
+                    lambda session: allocator.record_new(session, name, config, vmm, None, False)
                 )
                 log.info("create %s: recorded the VM and its allocations", name)
                 self.events.publish("vm.created", vm=name, plugin=config.plugin)
@@ -269,11 +268,10 @@ class Engine:
             try:
                 netns, added = self._attach_cni(steps, name, config)
                 early = self._start_early(steps, name, vmm, new=True, netns=netns)
-                booting = allocator.transact(
+                booting = self.db.transact(
                     lambda session: allocator.record_new(
-                        session, name, config, vmm, early, steps, added
-                    ),
-                    steps,
+                        session, name, config, vmm, early, True, added
+                    )
                 )
                 self.events.publish("vm.created", vm=name, plugin=config.plugin)
                 self.events.publish(
@@ -475,9 +473,8 @@ class Engine:
             manifest = Manifest.model_validate(latest.manifest)
             netns, added = self._attach_cni(steps, name, config, manifest)
             early = self._start_early(steps, name, vmm, new=False, netns=netns)
-            booting, emptied = allocator.transact(
-                lambda session: allocator.for_start(session, name, latest, early, steps, added),
-                steps,
+            booting, emptied = self.db.transact(
+                lambda session: allocator.for_start(session, name, latest, early, added)
             )
             self.host.remove_bridges(emptied)
             steps.done("allocated", "committed its allocations")
@@ -487,9 +484,12 @@ class Engine:
             raise
 
     def _boot(self, booting: Booting, steps: Steps) -> dict[str, Any]:
-        """Make its cni interfaces' taps, then boot the VMM; the VM as it then is. On failure
-        the caller rolls `steps` back."""
+        """Make its taps on their bridges (with their rules and policies), now that its leases
+        have committed and keep those bridges, and its cni interfaces' taps; then boot the VMM.
+        The VM as it then is. On failure the caller rolls `steps` back."""
         name = booting.name
+        for planned in booting.taps:
+            self.host.attach(steps, planned)
         owner = self._tap_owner(booting.vmm)
         for index, tap in booting.cni_taps:
             self.cni_attachments.connect(steps, name, index, tap, owner)

@@ -2,8 +2,10 @@
 step is done and recorded, so tests can prove what a restart makes of an operation cut short
 there. Read once, at start; without the variable a failpoint is one comparison with None.
 
-`STEPS` is every step id (the README's table): what is done at that point, and what recovery
-then does. Every step an operation records (`Steps.done`) is one of them.
+`STEPS` is every step id (the README's table), in the order an operation records them: what is
+done at that point, and what recovery then does. Every step an operation records
+(`Steps.done`) is one of them. A launch commits its allocation before it makes any tap (no host
+work holds the database's write lock), so `allocated` comes before `tap` and `rules`.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ def _launch(operation: str) -> dict[str, tuple[str, str]]:
     )
     return {
         f"{operation}:vmm": ("the run dir is prepared and the VMM process started", undone),
-        f"{operation}:tap": ("the tap is made on its bridge (not yet committed)", undone),
+        f"{operation}:allocated": (
+            "the record and leases (with the tap's name) are committed, no tap made yet",
+            undone,
+        ),
+        f"{operation}:tap": ("the tap is made on its bridge", undone),
         f"{operation}:rules": ("the tap's anti-spoofing rules are added", undone),
-        f"{operation}:allocated": ("the record, leases, tap and rules are committed", undone),
         f"{operation}:listening": ("the daemon listens for the VM's vsock services", undone),
         f"{operation}:booted": (
             "the guest is booted and the VM recorded `running`",

@@ -6,9 +6,12 @@ A tap with policies (or defaults other than allow both ways) is attached to them
 made: attachment is by name, so its VMM never sends through it unfiltered. It is detached only
 once it is gone. A tap without is never attached, as before policies existed.
 
-Bridge set-up and removal share one lock, so a bridge is never removed under a tap that is being
-attached to it: a tap made inside an allocating transaction keeps the lock until that
-transaction, and the lease that keeps its bridge, has committed (see `Engine._allocating`).
+Bridge set-up, tap creation and bridge removal share one lock, so a bridge is never removed
+under a tap that is being attached to it: a VM's tap is made only once the lease that keeps its
+bridge has committed (its allocating transaction does no host work), so a removal that judges a
+bridge unused after that commit sees the lease, and one that judged it before has removed the
+bridge by the time the tap's maker holds the lock, which then sets the bridge up again. Only
+the bridge and the tap's link are made under the lock; policies and rules are not.
 """
 
 from __future__ import annotations
@@ -161,7 +164,8 @@ class HostNetwork:
         self.policies = policies
         self.policy_gaps = tuple(policy_gaps)
         self._leased = leased
-        self.lock = threading.RLock()  # undoing a failed allocation removes bridges
+        # network create and remove hold it around their transactions and take it again
+        self.lock = threading.RLock()
         self._bridges_ready: set[str] = set()
         # set when orphaned VMMs were kept at start: their taps may be on any managed bridge
         self.keep_bridges = False
@@ -176,7 +180,8 @@ class HostNetwork:
         else:  # whatever an earlier tap of that name left attached goes (no-op otherwise)
             self._detach(tap.tap)
         try:
-            self._make_tap(tap)
+            with self.lock:
+                self._make_tap(tap)
         except BaseException:
             if filtered:
                 self._detach(tap.tap)
@@ -336,7 +341,8 @@ class HostNetwork:
     def reap(self, keep_taps: Callable[[], set[str]], used_bridges: Callable[[], set[str]]) -> None:
         """Remove taps (and their rules) other than `keep_taps()`, and managed bridges other
         than `used_bridges()`: what a crash left behind. Both are asked under the bridge lock,
-        which a start holds from making its tap until its record says it runs."""
+        under which a start makes its tap only once its record (`starting`, with its taps) has
+        committed."""
         with self.lock:
             keep, used = keep_taps(), used_bridges()
             for tap in self.links.names(alloc.TAP_PREFIX):
