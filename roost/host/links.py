@@ -5,6 +5,10 @@ namespace for the moment (`NetnsWorker.inside`), with the ioctls pyroute2 itself
 (TUNSETIFF, TUNSETPERSIST) and the classic interface ioctls for its MAC, its bridge port and
 its flags: a pyroute2 request costs ≈ 0.5 ms of CPU here, handing work to the namespace's
 thread as much again, and the ioctls 0.1 ms in all.
+
+A link is deleted from the calling thread too, with one netlink request of its own: the
+kernel spends ≈ 17 ms deleting any netdev (RCU), and VMs removed together then wait for it side
+by side instead of one after another on the namespace's thread.
 """
 
 from __future__ import annotations
@@ -31,6 +35,8 @@ SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFHWADDR, SIOCGIFINDEX = 0x8913, 0x8914, 0x8924
 SIOCBRADDIF = 0x89A2
 IFF_UP = 0x1
 ARPHRD_ETHER = 1
+RTM_DELLINK, NLMSG_ERROR, IFLA_IFNAME = 17, 2, 3
+NLM_F_REQUEST, NLM_F_ACK = 0x1, 0x4
 
 
 @dataclass(frozen=True)
@@ -90,6 +96,28 @@ def _set_up_tap(name: str, mac: str, bridge: str) -> None:
             raise HostError(f"bridge {bridge} does not exist; cannot attach tap {name}") from None
         [flags] = struct.unpack_from("H", _ifreq(sock, SIOCGIFFLAGS, name))
         _ifreq(sock, SIOCSIFFLAGS, name, struct.pack("H", flags | IFF_UP))
+
+
+def delete_link(name: str) -> bool:
+    """Delete link `name` of the calling thread's namespace (one RTM_DELLINK naming it, on a
+    netlink socket of its own); False when there is none."""
+    attribute = name.encode() + b"\0"
+    attribute = struct.pack("HH", 4 + len(attribute), IFLA_IFNAME) + attribute
+    attribute += bytes(-len(attribute) % 4)
+    body = struct.pack("BxHiII", socket.AF_UNSPEC, 0, 0, 0, 0) + attribute
+    header = struct.pack("IHHII", 16 + len(body), RTM_DELLINK, NLM_F_REQUEST | NLM_F_ACK, 1, 0)
+    with socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, socket.NETLINK_ROUTE) as sock:
+        sock.send(header + body)
+        reply = sock.recv(4096)
+    [kind] = struct.unpack_from("H", reply, 4)
+    if kind != NLMSG_ERROR:
+        raise OSError(errno.EPROTO, f"unexpected netlink reply of type {kind}")
+    [code] = struct.unpack_from("i", reply, 16)
+    if code == -errno.ENODEV:
+        return False
+    if code != 0:
+        raise OSError(-code, os.strerror(-code))
+    return True
 
 
 class Links:
@@ -193,21 +221,13 @@ class Links:
             raise HostError(f"cannot create tap {name}: {error.strerror or error}") from None
 
     def delete(self, name: str) -> bool:
-        """Remove link `name` if it exists; True when something was removed."""
-
-        def work() -> bool:
-            index = self._index(name)
-            if index is None:
-                return False
-            try:
-                self._ipr.link("del", index=index)
-            except NetlinkError as error:
-                if error.code == errno.ENODEV:
-                    return False
-                raise
-            return True
-
-        return bool(self._call(f"delete link {name}", work))
+        """Remove link `name` if it exists; True when something was removed. From the calling
+        thread, inside the namespace (see the module's docstring)."""
+        try:
+            with self._worker.inside():
+                return delete_link(name)
+        except OSError as error:
+            raise HostError(f"cannot delete link {name}: {error.strerror or error}") from None
 
     def _call(self, what: str, work: Any) -> Any:
         try:
