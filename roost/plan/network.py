@@ -3,6 +3,7 @@ network plan (what must exist on the host for a VM). All per-mode decisions live
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
@@ -143,6 +144,19 @@ class CniNetwork:
         return data
 
 
+@functools.lru_cache(maxsize=4096)
+def _subnet(text: str) -> ipaddress.IPv4Network:
+    """A recorded subnet, parsed once: a host's VMs share a few, and a listing of 10,000 VMs
+    would parse each thousands of times (the objects are immutable, so sharing them is safe)."""
+    return ipaddress.IPv4Network(text)
+
+
+@functools.lru_cache(maxsize=4096)
+def _gateway(text: str) -> ipaddress.IPv4Address:
+    """A recorded gateway, parsed once (as `_subnet`)."""
+    return ipaddress.IPv4Address(text)
+
+
 @dataclass(frozen=True)
 class EffectiveNetwork:
     """A VM's network after resolution; fields that do not apply to the mode are None.
@@ -200,8 +214,8 @@ class EffectiveNetwork:
         return cls(
             NetworkMode(data["mode"]),
             Source(data["source"]),
-            optional("subnet", ipaddress.IPv4Network),
-            optional("gateway", ipaddress.IPv4Address),
+            optional("subnet", _subnet),
+            optional("gateway", _gateway),
             data.get("auto_assign"),
             optional("ip", ipaddress.IPv4Address),
             data.get("network"),
