@@ -135,6 +135,9 @@ class FakePolicyFirewall:
     def attached_taps(self) -> set[str]:
         return set(self.taps)
 
+    def made_policies(self) -> set[str]:
+        return set(self.policies)
+
 
 class FakeAdverts:
     """Router advertisements as a record of bridge → prefix; `fail` makes the next start

@@ -92,12 +92,15 @@ class PolicyRules(Protocol):
         policies: Sequence[Policy] = (),
         taps: Sequence[TapPolicies] = (),
         removed_taps: Sequence[str] = (),
+        removed_policies: Sequence[str] = (),
         lookup: NetworkLookup,
     ) -> None: ...
 
     def release(self, tap: str) -> None: ...
 
     def attached_taps(self) -> set[str]: ...
+
+    def made_policies(self) -> set[str]: ...
 
 
 @dataclass(frozen=True)
@@ -233,10 +236,10 @@ class HostNetwork:
         lookup: NetworkLookup,
         keep: Callable[[str], bool],
     ) -> list[str]:
-        """At start, in one transaction: every stored policy made again, each of `taps`
-        attached to its policies, and every other attached tap (one whose VM no longer runs,
-        or an attachment a start cut short left) detached unless `keep(tap)`. The taps
-        detached."""
+        """At start, in one transaction: every stored policy made again (the chains of one
+        not stored, which a create cut short left, removed), each of `taps` attached to its
+        policies, and every other attached tap (one whose VM no longer runs, or an attachment
+        a start cut short left) detached unless `keep(tap)`. The taps detached."""
         if self.policies is None:
             self.enforce(taps)  # with taps to attach, the HostError saying what is missing
             return []
@@ -244,7 +247,14 @@ class HostNetwork:
         stale = sorted(
             tap for tap in self.policies.attached_taps() if tap not in wanted and not keep(tap)
         )
-        self.policies.apply(policies=policies, taps=taps, removed_taps=stale, lookup=lookup)
+        unknown = sorted(self.policies.made_policies() - {policy.name for policy in policies})
+        self.policies.apply(
+            policies=policies,
+            taps=taps,
+            removed_taps=stale,
+            removed_policies=unknown,
+            lookup=lookup,
+        )
         return stale
 
     def _detach(self, tap: str) -> None:

@@ -33,7 +33,7 @@ from roost.plan.policy import (
     tap_map,
     transaction,
 )
-from roost.spec.policy import Direction, Policy
+from roost.spec.policy import Action, Direction, Policy
 
 OUTPUT_JSON = 1 << 4  # NFT_CTX_OUTPUT_JSON
 PROBE = "roost_policy_probe"
@@ -234,6 +234,18 @@ class PolicyFirewall:
     def attached_taps(self) -> set[str]:
         """Every tap attached now (those an earlier daemon left among them)."""
         return set(self._taps)
+
+    def made_policies(self) -> set[str]:
+        """Every policy with chains in the table (one a daemon that died while creating it
+        made but never stored among them)."""
+        suffix = f"-{SHORT[Direction.INGRESS]}-{Action.ALLOW}"
+        return {
+            name.removeprefix("p-").removesuffix(suffix)
+            for item in self._query(f"list chains {BRIDGE_TABLE.split()[0]}")
+            if "chain" in item and item["chain"]["table"] == BRIDGE_TABLE.split()[1]
+            for name in (item["chain"]["name"],)
+            if name.startswith("p-") and name.endswith(suffix)
+        }
 
     def counters(self) -> Counters:
         """Every policy rule's and attachment default's counters, read in one listing."""

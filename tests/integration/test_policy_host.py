@@ -293,6 +293,16 @@ def test_a_new_firewall_adopts_the_taps_attached_and_drops_unused_attachments(
     assert pings(a.netns, b.ip)
 
 
+def test_a_new_firewall_lists_every_made_policy_so_one_never_stored_can_go(host: Host) -> None:
+    web = parse_policy(WEB_IN)
+    host.policies.apply(policies=[web, parse_policy({"name": "ghost-2"})], lookup=lookup)
+    again = PolicyFirewall(host.worker)  # as a restarted daemon makes it
+    assert again.made_policies() == {web.name, "ghost-2"}  # a '-' in a name is kept whole
+    again.apply(removed_policies=["ghost-2"], lookup=lookup)
+    assert again.made_policies() == {web.name}
+    assert "ghost-2" not in nft_list(host.netns)
+
+
 def test_a_refused_transaction_changes_nothing(host: Host) -> None:
     a, b = host.a, host.b
     attach(host, b.tap, [parse_policy(WEB_IN)], DROP_IN)

@@ -357,12 +357,16 @@ def test_a_new_daemon_makes_every_policy_reattaches_live_taps_and_drops_the_rest
         kernel.taps.update(first.policy_firewall.taps)
         kernel.taps["rtapgone"] = attachment("ping")
         kernel.policies.update(first.policy_firewall.policies)
+        # ... and the chains of a policy whose create died before it was stored
+        kernel.policies["ghost"] = parse_policy({"ingress": [{"action": "drop"}]}, "ghost")
         first.driver.started[1].kill()  # s's VMM ended while no daemon followed it
         recovery = Recovery(again.engine, Orphans.REFUSE)
         recovery.check()
         made = kernel.transactions[-1]
         assert any("p-web-in-allow" in line for line in made)
         assert any("p-ping-in-allow" in line for line in made)
+        assert "delete chain bridge roost_policy p-ghost-in-drop" in made
+        assert set(kernel.policies) == {"web", "ping"}
         assert kernel.taps == {
             live: attachment("web", "ping"),
             stopped_tap: attachment("ping"),  # until s is settled
