@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from roost.defaults import CNI_BIN_DIRS, CNI_CONF_DIR
 from roost.errors import HostError, InvalidError
 from roost.host.netns import NETNS_DIR, NetnsWorker, netns_path
 from roost.spec.cni import (
@@ -41,8 +40,6 @@ from roost.spec.cni import (
     parse_result,
 )
 
-DEFAULT_CONF_DIR = CNI_CONF_DIR
-DEFAULT_BIN_DIRS = CNI_BIN_DIRS
 CONF_SUFFIXES = (".conflist", ".conf", ".json")
 VM_NAMESPACE_PREFIX = "roost-vm-"
 PLUGIN_TIMEOUT = 30.0  # seconds per plugin call
