@@ -15,6 +15,7 @@ from roost.cli.client import Client
 from roost.cli.files import read_manifest, with_resolved_artifacts
 from roost.cli.interfaces import (
     InterfaceOpt,
+    address,
     interface_fields,
     interfaces_from,
     ipv6_text,
@@ -218,7 +219,7 @@ def _vm_row(vm: dict[str, Any]) -> list[Any]:
     else:
         mode, ip, mac, tap = (
             network["mode"],
-            network["ip"] or network["observed_ip"],
+            address(network),
             network["mac"],
             network["tap"],
         )

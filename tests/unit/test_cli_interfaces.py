@@ -454,6 +454,23 @@ def test_list_shows_single_nic_and_vsock_vms_as_before() -> None:
     assert _vm_row(vm_json(vsock, []))[3:7] == ["vsock", None, None, None]
 
 
+def test_list_shows_a_running_cni_vms_first_address_from_its_plugins() -> None:
+    cni = dict.fromkeys(("subnet", "gateway", "ip", "bridge", "observed_ip")) | {
+        "mode": "cni",
+        "source": "vm",
+        "mac": "0a:58:0a:59:00:02",
+        "tap": "rtap4",
+        "cni": {"network": "lab", "result": {}},
+        "addresses": ["10.89.0.2/24", "fd89:1::2/64"],
+    }
+    assert _vm_row(vm_json(cni, [interface(0, "cni")]))[3:7] == [
+        "cni",
+        "10.89.0.2",
+        "0a:58:0a:59:00:02",
+        "rtap4",
+    ]
+
+
 def test_show_lists_each_interface(capsys: pytest.CaptureFixture[str]) -> None:
     _vm_human(vm_json(None, [LAN, WAN]))
     lines = capsys.readouterr().out.splitlines()
