@@ -6,7 +6,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, exists, or_, select
 from sqlalchemy.orm import Session, selectinload
 
 from roost.engine.events import EventBus
@@ -142,12 +142,25 @@ class Plugins:
 
     def _referenced(self, digests: set[str]) -> set[str]:
         """Those of `digests` the database refers to (a plugin's, or a VM config version's:
-        index lookups); the store asks under its lock (why that keeps concurrent installs
-        safe: roost.state.artifacts)."""
+        one index probe each, however many VMs share a file); the store asks under its lock
+        (why that keeps concurrent installs safe: roost.state.artifacts)."""
         with self.db.read() as session:
-            plugins = select(PluginArtifact.sha256).where(PluginArtifact.sha256.in_(digests))
-            vms = select(VMArtifact.sha256).where(VMArtifact.sha256.in_(digests))
-            return set(session.scalars(plugins.union(vms)))
+            connection = session.connection()
+            return {
+                digest
+                for digest in digests
+                if connection.execute(_REFERENCED, {"digest": digest}).scalar()
+            }
+
+
+# whether a stored file is referenced: EXISTS stops at the first row (a digest every VM shares
+# has as many rows as VMs)
+_REFERENCED = select(
+    or_(
+        exists().where(PluginArtifact.sha256 == bindparam("digest")),
+        exists().where(VMArtifact.sha256 == bindparam("digest")),
+    )
+)
 
 
 def find(session: Session, name: str, *, missing_ok: bool = False) -> Plugin:
