@@ -5,10 +5,15 @@ how a client verifies a daemon)."""
 from __future__ import annotations
 
 import os
-import ssl
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from roost.errors import InvalidError
+
+if TYPE_CHECKING:
+    import ssl
+
+# ssl is imported where TLS is made: a CLI command over the Unix socket starts without it
 
 TOKEN_ENV = "ROOST_TOKEN"
 HANDSHAKE_ROUNDS = 8  # a TLS 1.2 or 1.3 handshake in memory takes two or three
@@ -47,6 +52,8 @@ def read_token(token_file: Path | None) -> str | None:
 def client_context(ca: Path | None) -> ssl.SSLContext:
     """How a client verifies an HTTPS daemon: against the CAs in `ca` only, else the system's
     (the daemon's name or address must be in its certificate either way)."""
+    import ssl
+
     if ca is None:
         return ssl.create_default_context()
     try:
@@ -66,6 +73,8 @@ def certificate_names(cert: Path, key: Path) -> tuple[str, ...]:
 
     The standard library decodes a certificate only as a peer's, so the daemon shakes hands
     with itself once, in memory, trusting its own certificate."""
+    import ssl
+
     for path, loc in ((cert, "tls-cert"), (key, "tls-key")):
         try:
             path.open("rb").close()
@@ -101,6 +110,8 @@ def certificate_names(cert: Path, key: Path) -> tuple[str, ...]:
 def _names_presented(server: ssl.SSLContext, client: ssl.SSLContext) -> tuple[str, ...]:
     """The DNS names and addresses of the certificate `server` presents, as `client` decodes
     it after a handshake in memory."""
+    import ssl
+
     server_in, server_out, client_in, client_out = (ssl.MemoryBIO() for _ in range(4))
     server_end = server.wrap_bio(server_in, server_out, server_side=True)
     client_end = client.wrap_bio(client_in, client_out)
