@@ -134,6 +134,7 @@ _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
 _SET_NAMED_RETURNING = _SET_NAMED.returning(*VM.__table__.columns)
 _HOLDING = select(VM.id).where(VM.name == bindparam("name"))
+_DELETE_VM = delete(VM).where(VM.id == bindparam("vm_id"))
 _PLUGIN = (
     select(
         Plugin.id,
@@ -582,12 +583,16 @@ class VMRecords:
     # ---- removal ------------------------------------------------------------------------
 
     @staticmethod
-    def delete(session: Session, name: str, release: Callable[[VM], object]) -> bool:
+    def delete(session: Session, name: str, release: Callable[[Holding], object]) -> bool:
         """Delete the VM's record, after `release` has let go of what it holds (its address:
-        the record's deletion would take its leases with it). False if there is none."""
-        vm = session.scalar(select(VM).where(VM.name == name))
-        if vm is None:
+        the record's deletion would take its leases with it). False if there is none. One
+        statement: the schema's cascades remove its config versions, interfaces, labels, CID
+        and forwards (the ORM's cascade loaded and deleted each of them one by one)."""
+        connection = session.connection()
+        found = connection.execute(_HOLDING, {"name": name}).first()
+        if found is None:
             return False
+        vm = Holding(id=found.id, name=name)
         release(vm)
-        session.delete(vm)
+        connection.execute(_DELETE_VM, {"vm_id": vm.id})
         return True

@@ -15,9 +15,22 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError
-from roost.state import alloc
+from roost.state import alloc, configs, forwards
 from roost.state.db import Database, sqlite_url
-from roost.state.models import VM, Base, CIDLease, IPLease, Network, Plugin, VMNic
+from roost.state.models import (
+    VM,
+    Base,
+    CIDLease,
+    IPLease,
+    Network,
+    Plugin,
+    VMArtifact,
+    VMConfigVersion,
+    VMLabel,
+    VMNic,
+    VsockForward,
+)
+from roost.state.vms import VMRecords
 
 SUBNET = ipaddress.IPv4Network("10.100.0.0/24")
 GATEWAY = ipaddress.IPv4Address("10.100.0.1")
@@ -278,3 +291,51 @@ def test_concurrent_allocations_never_collide_or_lock(db: Database) -> None:
     assert errors == []
     ips, cids, macs = zip(*results.values(), strict=True)
     assert len(set(ips)) == len(set(cids)) == len(set(macs)) == 120
+
+
+def test_a_deleted_vm_takes_everything_it_holds_and_leaves_other_vms_alone(db: Database) -> None:
+    ids = make_vms(db, 2)
+    held = (VMConfigVersion, VMArtifact, VMLabel, VMNic, CIDLease, IPLease, VsockForward)
+
+    def hold(session: Session) -> None:
+        network = alloc.ensure_network(session, SUBNET, GATEWAY)
+        for number, vm_id in enumerate(ids):
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            configs.add(
+                session.connection(),
+                vm_id,
+                1,
+                config={"labels": {"team": "x"}},
+                manifest={},
+                artifacts={"kernel": {"sha256": "ab" * 32, "size": 1}},
+                effective={},
+            )
+            alloc.allocate_ip(session, network, vm_id)
+            alloc.hold_nic(session, vm, 0, None)
+            alloc.allocate_cid(session, vm)
+            forwards.add(session.connection(), vm.name, f"127.0.0.1:{8000 + number}", 80)
+
+    def count(session: Session, vm_id: int) -> list[int]:
+        return [
+            len(session.scalars(select(table).where(table.vm_id == vm_id)).all()) for table in held
+        ]
+
+    db.transact(hold)
+    with db.read() as session:
+        assert count(session, ids[0]) == count(session, ids[1]) == [1] * len(held)
+    released: list[int] = []
+
+    def remove(session: Session) -> bool:
+        def release(vm: alloc.Holder) -> None:
+            released.append(vm.id)
+            alloc.release_ip(session, vm)
+
+        return VMRecords.delete(session, "vm-0", release)
+
+    assert db.transact(remove)
+    assert released == [ids[0]]
+    assert not db.transact(remove)  # gone already
+    with db.read() as session:
+        assert count(session, ids[0]) == [0] * len(held)
+        assert count(session, ids[1]) == [1] * len(held)
