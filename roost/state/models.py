@@ -307,7 +307,7 @@ class VsockForward(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
     listen: Mapped[str] = mapped_column(String(64), unique=True)
     guest_port: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -330,7 +330,7 @@ class CniAttachment(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     vm: Mapped[str] = mapped_column(String(63))
-    vm_id: Mapped[int | None] = mapped_column(ForeignKey("vms.id", ondelete="SET NULL"))
+    vm_id: Mapped[int | None] = mapped_column(ForeignKey("vms.id", ondelete="SET NULL"), index=True)
     index: Mapped[int] = mapped_column(Integer)
     network: Mapped[str] = mapped_column(String(255))
     container_id: Mapped[str] = mapped_column(String(255))
