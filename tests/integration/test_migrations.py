@@ -523,3 +523,49 @@ def test_version_nine_databases_take_vm_labels_and_modes_kept_by_triggers_and_dr
         names = connection.execute(text("SELECT name FROM vms ORDER BY name")).scalars().all()
         assert names == ["vm1", "vm2", "vm3"]
     engine.dispose()
+
+
+def test_version_ten_databases_take_the_artifacts_of_each_config_version_kept_by_a_trigger(
+    tmp_path: Path,
+) -> None:
+    config = alembic_config()
+    engine = create_engine(sqlite_url(tmp_path))
+    insert_version = text(
+        "INSERT INTO vm_configs (vm_id, version, config, manifest, artifacts, effective, "
+        "created_at) VALUES (1, :version, '{}', '{}', :artifacts, '{}', '2026-01-01')"
+    )
+    kernel, old, new = ({"sha256": digit * 64, "size": 1} for digit in "abc")
+    with upgraded(engine, config, "0010") as connection:
+        connection.execute(
+            text(
+                "INSERT INTO plugins (id, name, version, manifest, installed_at) VALUES "
+                "(1, 'p', '1', '{}', '2026-01-01')"
+            )
+        )
+        connection.execute(
+            text(
+                "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, "
+                "config_version, created_at, updated_at) VALUES (1, 'vm1', 1, 'created', "
+                "'qemu', '{}', 1, '2026-01-01', '2026-01-01')"
+            )
+        )
+        artifacts = {"kernel": kernel, "initramfs": old}
+        connection.execute(insert_version, {"version": 1, "artifacts": json.dumps(artifacts)})
+
+    def rows(connection: Connection) -> list[Any]:
+        found = connection.execute(text("SELECT * FROM vm_artifacts ORDER BY version, role"))
+        return [tuple(row) for row in found]
+
+    with upgraded(engine, config, "0011") as connection:
+        assert rows(connection) == [(1, 1, "initramfs", "b" * 64), (1, 1, "kernel", "a" * 64)]
+        artifacts = {"kernel": kernel, "initramfs": new}
+        connection.execute(insert_version, {"version": 2, "artifacts": json.dumps(artifacts)})
+        assert rows(connection)[2:] == [(1, 2, "initramfs", "c" * 64), (1, 2, "kernel", "a" * 64)]
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0010")
+    with engine.begin() as connection:
+        tables = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
+        assert "vm_artifacts" not in {row[0] for row in tables}
+        triggers = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
+        assert "vm_artifacts_on_config" not in {row[0] for row in triggers}
