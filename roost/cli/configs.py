@@ -127,7 +127,6 @@ def patch_body(
     vcpus: int | None = None,
     memory_mib: int | None = None,
     vmm: str | None = None,
-    stored_labels: dict[str, str] | None = None,
     labels: dict[str, str] | None = None,
     removed_labels: list[str] | None = None,
 ) -> dict[str, Any]:
@@ -136,19 +135,16 @@ def patch_body(
     list. The network flags start from the document's `network` or `interfaces` when it has
     either, else from the VM's stored override, and change a network field by field
     (`--network-mode` starts afresh, and is the only one for a base of interfaces) — as
-    `vm plan` and `vm create` do. `--label` sets labels and `--remove-label` removes them, on
-    the document's labels when it has them, else on the VM's (a patch's labels replace them
-    all)."""
+    `vm plan` and `vm create` do. `--label` sets labels and `--remove-label` removes them
+    (sent as a merge: only those keys change, so a concurrent patch of other labels stays),
+    added to the document's label changes."""
     from roost.spec import VMConfigPatch, parse
     from roost.spec.network import parse_network
 
     body = dict(document or {})
     if labels or removed_labels:
-        kept = body.get("labels", stored_labels)
-        changed = {**(kept or {}), **(labels or {})}
-        for key in removed_labels or []:
-            changed.pop(key, None)
-        body["labels"] = changed
+        removed: dict[str, str | None] = dict.fromkeys(removed_labels or [])
+        body["labels"] = {**(body.get("labels") or {}), **(labels or {}), **removed}
     if reset_network:
         body.pop("interfaces", None)
         body["network"] = None
@@ -293,7 +289,6 @@ def config_patch(
             vcpus=vcpus,
             memory_mib=memory,
             vmm=vmm.value if vmm is not None else None,
-            stored_labels=before["config"].get("labels"),
             labels=labels_from(label),
             removed_labels=remove_label,
         )

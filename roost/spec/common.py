@@ -90,6 +90,20 @@ BootArgs = Annotated[str, AfterValidator(_boot_args)]
 Labels = Annotated[dict[str, str], BeforeValidator(_label_count), AfterValidator(_labels)]
 
 
+def _label_changes(value: dict[str, str | None]) -> dict[str, str | None]:
+    _labels({key: text for key, text in value.items() if text is not None})
+    for key in value:
+        _labels({key: ""})
+    return dict(sorted(value.items()))
+
+
+# A patch's labels: each key set to its value, or removed with null (a JSON merge patch), so
+# two clients changing different labels at once both keep their change.
+LabelChanges = Annotated[
+    dict[str, str | None], BeforeValidator(_label_count), AfterValidator(_label_changes)
+]
+
+
 class Spec(BaseModel):
     """Base of every spec model: unknown fields are errors (they are usually typos)."""
 

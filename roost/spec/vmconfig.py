@@ -10,7 +10,15 @@ from typing import Annotated, Any, Self
 from pydantic import BeforeValidator, Field, model_validator
 
 from roost.errors import ErrorDetail, InvalidError
-from roost.spec.common import BootArgs, Labels, Name, ResourcesOverride, Spec, VMMKind
+from roost.spec.common import (
+    BootArgs,
+    LabelChanges,
+    Labels,
+    Name,
+    ResourcesOverride,
+    Spec,
+    VMMKind,
+)
 from roost.spec.interfaces import BOTH_FORMS, InterfaceConfig, Interfaces, interfaces_errors
 from roost.spec.network import NetworkConfig, network_errors
 
@@ -193,14 +201,15 @@ NETWORK_FORMS = {"network": "interfaces", "interfaces": "network"}
 
 class VMConfigPatch(Spec):
     """A change to a VM's config: an absent member is unchanged, `null` returns to the plugin's
-    default, `resources` merges per field, `network`, `interfaces` and `vsock_services` are
+    default, `resources` merges per field, `labels` per key (a key set to null is removed;
+    `labels: null` removes them all), `network`, `interfaces` and `vsock_services` are
     replaced as a whole. `network` and `interfaces` are two forms of one thing: a patch that
     carries either (`null` included) clears the other."""
 
     resources: ResourcesOverride | None = None
     boot_args: BootArgs | None = None
     network: NetworkConfig | None = None
-    labels: Labels | None = None
+    labels: LabelChanges | None = None
     vmm: VMMKind | None = None
     vsock_services: VsockServices | None = None
     interfaces: Interfaces | None = None
@@ -217,6 +226,9 @@ class VMConfigPatch(Spec):
             if field == "resources" and self.resources is not None:
                 named = self.resources.model_fields_set
                 data["resources"] = {**data["resources"], **{k: value[k] for k in named}}
+            elif field == "labels" and value is not None:
+                merged = {**data.get("labels", {}), **value}
+                data["labels"] = {key: text for key, text in merged.items() if text is not None}
             elif value is None:
                 data.pop(field, None)
             else:

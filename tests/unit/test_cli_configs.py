@@ -5,10 +5,12 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
+from pydantic import ValidationError
 
 from roost.cli.configs import changes, patch_body
 from roost.cli.options import NetworkFlags
 from roost.errors import InvalidError
+from roost.spec import VMConfig, VMConfigPatch
 
 NO_FLAGS = NetworkFlags(None, None, None, None, None)
 STORED = {"mode": "bridged", "subnet": "10.1.0.0/24", "gateway": "10.1.0.1", "ip": "10.1.0.5"}
@@ -72,24 +74,35 @@ def test_changes_name_each_field_that_changed() -> None:
     ]
 
 
-def test_label_flags_set_and_remove_labels_of_the_vms_own_or_the_documents() -> None:
-    stored = {"tier": "web", "team": "a"}
-
+def test_label_flags_send_only_the_labels_they_change_on_top_of_the_documents() -> None:
     def labels(document: dict[str, Any] | None, given: dict[str, str], removed: list[str]) -> Any:
         body = patch_body(
             STORED,
             document,
             NO_FLAGS,
             reset_network=False,
-            stored_labels=stored,
             labels=given,
             removed_labels=removed,
         )
         return body.get("labels")
 
-    assert labels(None, {"tier": "db"}, ["team"]) == {"tier": "db"}
-    assert labels(None, {}, ["nothing"]) == stored
+    # a merge: only these keys change, so a concurrent patch of other labels is kept
+    assert labels(None, {"tier": "db"}, ["team"]) == {"tier": "db", "team": None}
+    assert labels(None, {}, ["nothing"]) == {"nothing": None}
     assert labels({"labels": {"x": "y"}}, {"z": ""}, []) == {"x": "y", "z": ""}
     assert labels(None, {}, []) is None  # no label flag: the patch leaves them as they are
     with pytest.raises(InvalidError):
         labels(None, {"-bad": "x"}, [])
+
+
+def test_a_patch_merges_labels_per_key_and_null_removes_one_or_all() -> None:
+    config = VMConfig.model_validate({"plugin": "p", "labels": {"tier": "web", "team": "a"}})
+
+    def patched(labels: Any) -> dict[str, str]:
+        return VMConfigPatch.model_validate({"labels": labels}).apply(config).labels
+
+    assert patched({"tier": "db", "team": None}) == {"tier": "db"}
+    assert patched({"zone": "b"}) == {"team": "a", "tier": "web", "zone": "b"}
+    assert patched(None) == {}
+    with pytest.raises(ValidationError):
+        patched({"-bad": None})

@@ -141,7 +141,8 @@ CONFIG = VMConfig.model_validate(
         ({"network": None}, lambda c: c.network is None and c.boot_args == "quiet"),
         ({"boot_args": None}, lambda c: c.boot_args is None and c.network == CONFIG.network),
         ({"labels": None}, lambda c: c.labels == {}),
-        ({"labels": {"x": "y"}}, lambda c: c.labels == {"x": "y"}),
+        ({"labels": {"x": "y"}}, lambda c: c.labels == {"team": "a", "x": "y"}),  # merged
+        ({"labels": {"team": None}}, lambda c: c.labels == {}),
     ],
 )
 def test_patch_semantics(patch: dict[str, Any], check: Any) -> None:
