@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
-# Installs everything roost's demo and tests need, idempotently: Debian packages, a .venv
-# with roost in it, and the test artifacts (Firecracker binary, guest kernel and initramfs).
+# Installs everything roost's demo and tests need, idempotently: Debian packages (PostgreSQL:
+# the tests make throwaway clusters of their own with its initdb), a .venv with roost in it,
+# and the test artifacts (Firecracker binary, guest kernel and initramfs).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
 packages=(qemu-system-x86 busybox-static dnsmasq-base nftables iptables iputils-ping lz4 socat unzip
           containernetworking-plugins iproute2 cpio python3-venv ca-certificates openssl gcc
-          libc6-dev)
+          libc6-dev postgresql)
 
 missing=()
 for pkg in "${packages[@]}"; do
