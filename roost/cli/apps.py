@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated
 
@@ -10,6 +9,7 @@ import typer
 
 from roost.api.endpoints import DEFAULT_API
 from roost.cli import VERSION_LINE
+from roost.cli.reach import set_globals
 
 try:
     from roost.cli.plain_values import PlainValuesGroup as RootGroup
@@ -52,14 +52,6 @@ app.add_typer(plugin_app, name="plugin")
 app.add_typer(vm_app, name="vm")
 vm_app.add_typer(config_app, name="config")
 app.add_typer(network_app, name="network")
-
-
-class Globals:
-    """The options of `roost` itself: how every command reaches the daemon."""
-
-    api: str = DEFAULT_API
-    token_file: Path | None = None
-    ca: Path | None = None
 
 
 def _print_version(given: bool) -> None:
@@ -105,12 +97,3 @@ def _globals(
     ] = False,
 ) -> None:
     set_globals(api, token_file, ca)
-
-
-def set_globals(
-    api: str | None = None, token_file: Path | None = None, ca: Path | None = None
-) -> None:
-    """The root's options as every command reads them (from Typer, or roost.cli.fast)."""
-    Globals.api = api or os.environ.get("ROOST_API") or DEFAULT_API
-    Globals.token_file = token_file
-    Globals.ca = ca

@@ -10,13 +10,7 @@ import typer
 
 from roost.cli.apps import config_app
 from roost.cli.files import read_json
-from roost.cli.interfaces import (
-    InterfaceOpt,
-    interface_fields,
-    interfaces_from,
-    list_columns,
-    optional_fields,
-)
+from roost.cli.interfaces import InterfaceOpt, interfaces_from
 from roost.cli.options import (
     JSONOpt,
     LabelOpt,
@@ -32,7 +26,9 @@ from roost.cli.options import (
     with_flags,
 )
 from roost.cli.output import fields, out, print_json, table, usage_error
-from roost.cli.remote import NameArg, daemon, show, vm_path
+from roost.cli.reach import daemon, vm_path
+from roost.cli.remote import NameArg
+from roost.cli.views import interface_fields, list_columns, optional_fields, show
 from roost.errors import InvalidError
 from roost.names import VMMKind
 

@@ -17,7 +17,7 @@ import typer
 from roost.cli.apps import app
 from roost.cli.client import Client
 from roost.cli.output import err
-from roost.cli.remote import daemon
+from roost.cli.reach import daemon
 from roost.errors import RoostError, UnreachableError
 from roost.names import check_name
 

@@ -1,5 +1,5 @@
-"""`--interface SPEC`, the command line's form of a VM's `interfaces`, and how a VM's
-interfaces read in tables.
+"""`--interface SPEC`, the command line's form of a VM's `interfaces` (how they read in
+tables is roost.cli.views').
 
 A SPEC is one interface as comma-separated KEY=VALUE pairs (`mode=bridged,network=lan,
 ip=10.1.0.5`); the option is repeated for each interface, in the guest's device order. The
@@ -140,72 +140,3 @@ def interfaces_from(
         return [parse_interface_spec(spec) for spec in specs]
     except SpecError as error:
         usage_error(str(error))
-
-
-# ---- how a VM's interfaces read -------------------------------------------------------------
-
-
-def address(interface: dict[str, Any]) -> Any:
-    """An interface's IPv4 address: its own, else the one the host saw the guest take, else
-    (cni) the first its CNI plugins gave."""
-    given = interface.get("addresses") or [None]
-    first = None if given[0] is None else str(given[0]).partition("/")[0]
-    return interface.get("ip") or interface.get("observed_ip") or first
-
-
-def list_columns(interfaces: Sequence[dict[str, Any]]) -> tuple[str, Any, Any, Any]:
-    """`vm list`'s MODE, IP, MAC and TAP for a VM with several interfaces: the modes joined by
-    '+', and the address, MAC and tap of the first interface that has an address (else of the
-    first)."""
-    shown = next((i for i in interfaces if address(i)), interfaces[0] if interfaces else {})
-    modes = "+".join(interface["mode"] for interface in interfaces) or "vsock"
-    return modes, address(shown), shown.get("mac"), shown.get("tap")
-
-
-def ipv6_text(ipv6: dict[str, Any] | None) -> str | None:
-    if ipv6 is None:
-        return None
-    ip = ipv6["ip"] or "picked with the MAC"
-    return f"{ip} ({ipv6['source']}, prefix {ipv6['prefix']}, gateway {ipv6['gateway']})"
-
-
-def interface_fields(interfaces: Sequence[dict[str, Any]]) -> list[tuple[str, Any]]:
-    """`vm show`'s rows for each interface: a heading row, then its fields indented."""
-    rows: list[tuple[str, Any]] = []
-    for index, interface in enumerate(interfaces):
-        heading = f"{interface['name']}, {interface['mode']}"
-        if interface.get("default_route"):
-            heading += ", default route"
-        rows += [
-            (f"interface {index}", heading),
-            ("  network", interface.get("network")),
-            ("  subnet", interface.get("subnet")),
-            ("  gateway", interface.get("gateway")),
-            ("  ip", interface.get("ip")),
-            ("  observed ip", interface.get("observed_ip")),
-            ("  ipv6", ipv6_text(interface.get("ipv6"))),
-            ("  mac", interface.get("mac")),
-            ("  bridge", interface.get("bridge")),
-            ("  tap", interface.get("tap")),
-            *optional_fields(interface, "  "),
-        ]
-    return rows
-
-
-def optional_fields(network: dict[str, Any], indent: str = "") -> list[tuple[str, Any]]:
-    """The rows of what only some networks have (a cni network's, policies), where set."""
-    rows: list[tuple[str, Any]] = []
-    cni = network.get("cni")
-    if cni is not None:
-        addresses = network.get("addresses")
-        rows += [
-            (f"{indent}cni network", cni["network"]),
-            (f"{indent}addresses", "at start" if addresses is None else ", ".join(addresses)),
-        ]
-    if network.get("policies"):
-        rows.append((f"{indent}policies", ", ".join(network["policies"])))
-    defaults = network.get("policy_defaults")
-    if defaults is not None:
-        text = f"ingress {defaults['ingress']}, egress {defaults['egress']}"
-        rows.append((f"{indent}policy defaults", text))
-    return rows

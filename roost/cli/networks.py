@@ -11,7 +11,8 @@ from roost.cli.apps import network_app
 from roost.cli.files import read_json
 from roost.cli.options import JSONOpt
 from roost.cli.output import err, fields, print_json
-from roost.cli.remote import daemon, show
+from roost.cli.reach import daemon
+from roost.cli.views import show
 from roost.names import check_name
 
 NetworkNameArg = Annotated[str, typer.Argument(help="The network's name.")]

@@ -10,8 +10,6 @@ from contextlib import contextmanager
 from functools import cached_property
 from typing import TYPE_CHECKING, Any, NoReturn
 
-import typer
-
 from roost.errors import ExitCode, RoostError
 
 if TYPE_CHECKING:
@@ -53,6 +51,7 @@ def fail(error: RoostError, as_json: bool) -> NoReturn:
     """Report `error` (stderr for people, the error object on stdout with --json) and exit."""
     if as_json:
         print_json(error.to_json())
+    import typer  # imported where a command fails: `vm show` (roost.cli.fast) runs without it
     from rich.markup import escape
 
     err.print(f"[red]error:[/red] {escape(error.message)}", markup=True)
@@ -64,6 +63,8 @@ def fail(error: RoostError, as_json: bool) -> NoReturn:
 
 def usage_error(message: str) -> NoReturn:
     """A command line that cannot mean anything (exit 2): what was wrong and what to write."""
+    import typer
+
     err.print(f"error: {message}", markup=False)
     raise typer.Exit(ExitCode.USAGE)
 

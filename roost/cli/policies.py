@@ -13,7 +13,8 @@ from roost.cli.apps import PLAIN_HELP, app
 from roost.cli.files import read_json
 from roost.cli.options import JSONOpt
 from roost.cli.output import err, fields, out, print_json, table
-from roost.cli.remote import daemon, show
+from roost.cli.reach import daemon
+from roost.cli.views import show
 from roost.errors import InvalidError, RoostError
 from roost.names import check_name
 

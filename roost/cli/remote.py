@@ -3,25 +3,14 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
-from roost.cli.apps import Globals, network_app, plugin_app, vm_app
-from roost.cli.client import Client
+from roost.cli.apps import network_app, plugin_app, vm_app
 from roost.cli.files import read_manifest, with_resolved_artifacts
-from roost.cli.interfaces import (
-    InterfaceOpt,
-    address,
-    interface_fields,
-    interfaces_from,
-    ipv6_text,
-    list_columns,
-    optional_fields,
-)
+from roost.cli.interfaces import InterfaceOpt, interfaces_from
 from roost.cli.options import (
     ConfigOpt,
     JSONOpt,
@@ -36,40 +25,17 @@ from roost.cli.options import (
     labels_from,
     vm_config_from,
 )
-from roost.cli.output import err, fields, print_json, reporting, table, usage_error, yes_no
+from roost.cli.output import err, fields, print_json, table, usage_error
+from roost.cli.reach import daemon, vm_path
+from roost.cli.views import address, list_columns, show, show_vm, vm_human
 from roost.errors import InvalidError
 from roost.names import VMMKind, check_name
 
 NameArg = Annotated[str, typer.Argument(help="The VM's name.")]
 
 
-@contextmanager
-def daemon(as_json: bool) -> Iterator[Client]:
-    """A client for the daemon, with any error turned into output and an exit code."""
-    with reporting(as_json):
-        client = Client(Globals.api, token_file=Globals.token_file, ca=Globals.ca)
-        try:
-            yield client
-        finally:
-            client.close()
-
-
-def vm_path(name: str, action: str | None = None) -> str:
-    """The API path of a VM (or an action on it); a name that is not one is refused here,
-    before it can reach another route."""
-    path = f"/v1/vms/{check_name(name)}"
-    return f"{path}/{action}" if action else path
-
-
 def plugin_path(name: str) -> str:
     return f"/v1/plugins/{check_name(name)}"
-
-
-def show(data: Any, as_json: bool, human: Callable[[Any], None]) -> None:
-    if as_json:
-        print_json(data)
-    else:
-        human(data)
 
 
 # ---- plugins --------------------------------------------------------------------------------
@@ -237,55 +203,6 @@ def _vm_row(vm: dict[str, Any]) -> list[Any]:
     ]
 
 
-def _vm_human(vm: dict[str, Any]) -> None:
-    network, vsock, vmm = vm["network"], vm["vsock"], vm["vmm"]
-    status = vm["status"]
-    if vm["status_reason"]:
-        status += f" ({vm['status_reason']})"
-    fields(
-        [
-            ("name", vm["name"]),
-            ("plugin", vm["plugin"]),
-            ("status", status),
-            ("exit code", vm["exit_code"]),
-            *_network_fields(network, vm.get("interfaces") or []),
-            ("vsock cid", vsock["cid"]),
-            ("vsock socket", vsock["uds_path"] or f"none: {vsock['reason']}"),
-            ("resources", f"{vm['resources']['vcpus']} vCPU, {vm['resources']['memory_mib']} MiB"),
-            ("vmm", f"{vmm['kind']} pid {vmm['pid']}" if vmm["pid"] else vmm["kind"]),
-            ("api socket", vmm["api_socket"]),
-            ("console", vm["console_log"]),
-            ("config version", vm["config_version"]),
-            ("running version", vm["running_version"]),
-            ("restart required", yes_no(vm["restart_required"])),
-            ("labels", ", ".join(f"{k}={v}" for k, v in vm.get("labels", {}).items()) or None),
-            ("created", vm["created_at"]),
-        ]
-    )
-
-
-def _network_fields(
-    network: dict[str, Any] | None, interfaces: list[dict[str, Any]]
-) -> list[tuple[str, Any]]:
-    """A VM's network: a single one (or vsock) as ever, with its IPv6 address where it has
-    one; several interfaces (`network` null) each in turn."""
-    if network is None:
-        return [("network", f"{len(interfaces)} interfaces"), *interface_fields(interfaces)]
-    ipv6 = interfaces[0].get("ipv6") if interfaces else None
-    return [
-        ("network", f"{network['mode']} (from {network['source']})"),
-        ("subnet", network["subnet"]),
-        ("gateway", network["gateway"]),
-        ("ip", network["ip"]),
-        *([("ipv6", ipv6_text(ipv6))] if ipv6 else []),
-        ("mac", network["mac"]),
-        ("bridge", network["bridge"]),
-        ("tap", network["tap"]),
-        ("observed ip", network["observed_ip"]),
-        *optional_fields(network),
-    ]
-
-
 @vm_app.command("create")
 def vm_create(
     name: NameArg,
@@ -341,7 +258,7 @@ def vm_create(
         }
         vm = client.call("POST", "/v1/vms", body=body)
     _warn_about_vsock(vm)
-    show(vm, as_json, _vm_human)
+    show(vm, as_json, vm_human)
 
 
 # VMs asked for per request: 10,000 of them in a few requests, each answer a few MB at most
@@ -412,9 +329,7 @@ def vm_list(
 @vm_app.command("show")
 def vm_show(name: NameArg, as_json: JSONOpt = False) -> None:
     """Show one VM."""
-    with daemon(as_json) as client:
-        vm = client.call("GET", vm_path(name))
-    show(vm, as_json, _vm_human)
+    show_vm(name, as_json)
 
 
 def _action(name: str, action: str, as_json: bool, **params: Any) -> None:
@@ -422,7 +337,7 @@ def _action(name: str, action: str, as_json: bool, **params: Any) -> None:
         vm = client.call("POST", vm_path(name, action), **params)
     if action in ("start", "restart"):
         _warn_about_vsock(vm)
-    show(vm, as_json, _vm_human)
+    show(vm, as_json, vm_human)
 
 
 def _warn_about_vsock(vm: dict[str, Any]) -> None:

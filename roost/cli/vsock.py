@@ -18,7 +18,9 @@ import typer
 from roost.cli.apps import vm_app
 from roost.cli.options import JSONOpt
 from roost.cli.output import err, out, print_json, reporting, table
-from roost.cli.remote import NameArg, daemon, show, vm_path
+from roost.cli.reach import daemon, vm_path
+from roost.cli.remote import NameArg
+from roost.cli.views import show
 from roost.errors import InvalidError
 
 MAX_PORT = 65535

@@ -15,10 +15,9 @@ from urllib.parse import urlencode
 
 from roost.api.access import client_context, read_token
 from roost.api.endpoints import Endpoint
-from roost.cli.apps import Globals
 from roost.cli.client import bearer, unreachable
 from roost.cli.output import err, print_json
-from roost.cli.remote import vm_path
+from roost.cli.reach import Globals, vm_path
 from roost.errors import ConflictError, InvalidError, RoostError, UnreachableError, error_from_json
 from roost.vmm.vsock_client import CHUNK, Source
 

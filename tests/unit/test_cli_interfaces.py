@@ -15,7 +15,8 @@ from roost.cli.configs import _version_human, changes, patch_body
 from roost.cli.interfaces import SPEC_KEYS, SpecError, parse_interface_spec
 from roost.cli.main import app
 from roost.cli.options import NetworkFlags
-from roost.cli.remote import VM_COLUMNS, _plugin_human, _plugin_network, _vm_human, _vm_row
+from roost.cli.remote import VM_COLUMNS, _plugin_human, _plugin_network, _vm_row
+from roost.cli.views import vm_human
 from roost.spec import InterfaceConfig
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "examples" / "plugins"
@@ -472,7 +473,7 @@ def test_list_shows_a_running_cni_vms_first_address_from_its_plugins() -> None:
 
 
 def test_show_lists_each_interface(capsys: pytest.CaptureFixture[str]) -> None:
-    _vm_human(vm_json(None, [LAN, WAN]))
+    vm_human(vm_json(None, [LAN, WAN]))
     lines = capsys.readouterr().out.splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("network "))
     assert [line.rstrip() for line in lines[start : start + 21]] == [
@@ -553,7 +554,7 @@ def test_show_of_a_single_nic_vm_reads_as_before_with_its_ipv6_where_it_has_one(
         "tap": "rtap7",
         "observed_ip": None,
     }
-    _vm_human(vm_json(network, [interface(0, "bridged")]))
+    vm_human(vm_json(network, [interface(0, "bridged")]))
     before = capsys.readouterr().out.splitlines()
     keys = [line.split("  ")[0] for line in before]
     assert keys[4:13] == [
@@ -567,7 +568,7 @@ def test_show_of_a_single_nic_vm_reads_as_before_with_its_ipv6_where_it_has_one(
         "observed ip",
         "vsock cid",
     ]
-    _vm_human(vm_json(network, [LAN]))
+    vm_human(vm_json(network, [LAN]))
     lines = capsys.readouterr().out.splitlines()
     assert [line for line in lines if line not in before] == [
         "ipv6              fd00:1::a8aa:ff:fe00:1 (slaac, prefix fd00:1::/64, gateway fd00:1::1)"
