@@ -1,19 +1,26 @@
 """The CNI side of a VM's life: its `cni` interfaces attached when it starts, detached when its
 VMM ends, checked after a daemon restart, and what a crash left behind reaped at start.
 
-A start makes the VM's namespace `roost-vm-<name>` (one for all its cni interfaces), then per
-interface records the attachment (committed before ADD, so a DEL can follow a crash in the
-middle of it), runs ADD and stores the result; once the VM's tap names are known, each tap is
+A start records the attachment of each interface (committed before anything is made, so a DEL
+can follow a crash), makes the VM's namespace `roost-vm-<name>` (one for all its cni
+interfaces), runs ADD and stores each result; once the VM's tap names are known, each tap is
 made in the namespace and joined to the result's interface by tc redirects. Each step's undo
 goes into the operation's `Steps`. Detaching runs DEL with the stored result (None when ADD
 never finished: DEL is idempotent and works from what the plugins keep themselves), removes
-the namespace and forgets the records; a DEL that fails keeps its record, so the next start of
-the VM, or the next daemon start, runs it again.
+the namespace, then forgets the records; a DEL that fails keeps its record, so the next start
+of the VM, or the next daemon start, runs it again.
+
+The namespaces live in the host's /run/netns, shared by every roost daemon, under a name given
+by the VM's name alone: one is this daemon's only while it holds attachment records of that VM
+(recorded before the namespace is made, forgotten after it is removed). Only those are ever
+removed; making one that exists while this daemon has no record of its VM is a conflict. The
+plugins' state is keyed by the container id, which carries a tag of the daemon's state dir so
+that two daemons' VMs of one name never share a lease in host-local's directory.
 """
 
 from __future__ import annotations
 
-import functools
+import hashlib
 import logging
 from collections.abc import Callable, Collection, Mapping, Sequence
 from contextlib import AbstractContextManager
@@ -21,11 +28,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from roost.engine.events import EventBus
 from roost.engine.steps import Steps
-from roost.errors import HostError
+from roost.errors import ConflictError, HostError
 from roost.host import cni as host_cni
 from roost.host import redirect as host_redirect
-from roost.host.cni import VM_NAMESPACE_PREFIX, AddUndoneError, Attachment, vm_namespace
+from roost.host.cni import AddUndoneError, Attachment, NamespaceExistsError, vm_namespace
+from roost.host.netns import netns_path
 from roost.host.redirect import Redirect
 from roost.plan.interfaces import ResolvedInterfaces
 from roost.plan.registry import NetworkLookup
@@ -49,6 +58,7 @@ class Runtime(Protocol):
         conflist: Conflist | None = None,
         args: dict[str, str] | None = None,
         capability_args: dict[str, Any] | None = None,
+        loc: str = "cni.network",
     ) -> Attachment: ...
 
     def add(self, attachment: Attachment) -> CniResult: ...
@@ -59,13 +69,12 @@ class Runtime(Protocol):
 
 
 class Namespaces(Protocol):
-    """The VMs' network namespaces (`HostNamespaces`)."""
+    """The VMs' network namespaces (`HostNamespaces`): `create` raises
+    `NamespaceExistsError` when the name is taken."""
 
     def create(self, name: str) -> Path: ...
 
     def delete(self, name: str) -> bool: ...
-
-    def names(self) -> list[str]: ...
 
 
 class Redirects(Protocol):
@@ -114,21 +123,19 @@ class HostNamespaces:
     def delete(self, name: str) -> bool:
         return host_cni.delete_namespace(name)
 
-    def names(self) -> list[str]:
-        return host_cni.namespaces()
-
 
 @dataclass(frozen=True)
 class Wanted:
     """One cni interface of a VM as its plan has it: its index, the CNI network it names (with
-    the conflist of the roost network of that name, None to read the conf dir), and what the
-    plugins are given."""
+    the conflist of the roost network of that name, None to read the conf dir), what the
+    plugins are given, and where its config names the network (`loc`, for a 422)."""
 
     index: int
     network: str
     conflist: Conflist | None = None
     args: Mapping[str, str] = field(default_factory=dict)
     capability_args: Mapping[str, Any] = field(default_factory=dict)
+    loc: str = "cni.network"
 
 
 @dataclass(frozen=True)
@@ -160,14 +167,40 @@ def wanted_of(interfaces: ResolvedInterfaces, lookup: NetworkLookup) -> list[Wan
             continue
         registered = lookup(cni.network)
         conflist = None if registered is None else registered.conflist
-        wanted.append(Wanted(interface.index, cni.network, conflist, cni.args, cni.capability_args))
+        where = "network" if interfaces.single else f"interfaces.{interface.index}"
+        wanted.append(
+            Wanted(
+                interface.index,
+                cni.network,
+                conflist,
+                cni.args,
+                cni.capability_args,
+                loc=f"{where}.cni.network",
+            )
+        )
     return wanted
 
 
-def container_id(vm: str) -> str:
-    """CNI_CONTAINERID of a VM's attachments: stable for its name (a VM's stale attachments
-    are always DELeted before a VM of the same name is attached again)."""
-    return f"roost-{vm}"
+def daemon_tag(state_dir: Path) -> str:
+    """What tells this daemon's CNI container ids from another's: 8 hex digits of a hash of
+    its state dir (one daemon per state dir)."""
+    return hashlib.sha256(str(state_dir.resolve()).encode()).hexdigest()[:8]
+
+
+def container_id(tag: str, vm: str) -> str:
+    """CNI_CONTAINERID of a VM's attachments: stable for its name and the daemon (`tag`, a
+    `daemon_tag`), so another daemon's VM of that name never shares the plugins' state, and a
+    VM's stale attachments are always DELeted before a VM of the same name is attached
+    again. A stored attachment keeps the id it was made with."""
+    return f"roost-{tag}-{vm}"
+
+
+def released_reason(reason: str | None, status: str, failures: Sequence[str]) -> str | None:
+    """A VM's `status_reason` once its VMM has ended and it was detached: why it ended
+    (`reason`; its `status` when there is none) followed by what detaching could not do."""
+    if not failures:
+        return reason
+    return "; ".join([reason or status, *failures])
 
 
 def ifname(index: int) -> str:
@@ -176,61 +209,98 @@ def ifname(index: int) -> str:
 
 
 class CniAttachments:
-    """Attaches VMs' cni interfaces with `runtime`, keeping each attachment in `store`; taps
-    are made with `redirects` (owned by `owner`, the jailer's uid and gid, when given)."""
+    """Attaches VMs' cni interfaces with `runtime`, keeping each attachment in `store`, their
+    container ids tagged `tag` (a `daemon_tag`); taps are made with `redirects` (owned by
+    `owner`, the jailer's uid and gid, when given). A DEL that fails is told to `events`."""
 
     def __init__(
         self,
         runtime: Runtime,
         store: Store,
         *,
+        tag: str,
+        events: EventBus | None = None,
         namespaces: Namespaces | None = None,
         redirects: Redirects = host_redirect,
     ) -> None:
         self.runtime = runtime
         self.store = store
+        self.tag = tag
+        self.events = events or EventBus()
         self.namespaces: Namespaces = namespaces or HostNamespaces()
         self.redirects = redirects
 
     def add(self, steps: Steps, vm: str, wanted: Sequence[Wanted]) -> dict[int, Added]:
-        """Make the VM's namespace and ADD each wanted interface, every step's undo put in
-        `steps`; what each ADD gave, by interface index. What an earlier start or a crash left
-        of the VM's attachments is DELeted first (HostError when that fails)."""
+        """Record each wanted interface's attachment, make the VM's namespace and ADD each,
+        the undo put in `steps`; what each ADD gave, by interface index. What an earlier start
+        or a crash left of the VM's attachments is DELeted first (HostError when that fails);
+        an unknown conflist is a 422 before anything is made; a namespace of the VM's name that
+        is not this daemon's is a 409."""
         if not wanted:
             return {}
         self._clear_stale(vm)
         netns = vm_namespace(vm)
-        path = self.namespaces.create(netns)
-        steps.undoable(f"made network namespace {netns}", lambda: self.namespaces.delete(netns))
+        attachments = [
+            (
+                one.index,
+                self.runtime.attachment(
+                    container_id=container_id(self.tag, vm),
+                    netns=str(netns_path(netns)),  # fixed by the name, so recorded before
+                    ifname=ifname(one.index),
+                    network=one.network,
+                    conflist=one.conflist,
+                    args=dict(one.args),
+                    capability_args=dict(one.capability_args),
+                    loc=one.loc,
+                ),
+            )
+            for one in wanted
+        ]
+        self._claim(vm, attachments)
+        steps.undoable(
+            f"recorded its CNI attachments and made network namespace {netns}",
+            lambda: self._undo(vm),
+        )
         added = {}
-        for one in wanted:
-            attachment = self.runtime.attachment(
-                container_id=container_id(vm),
-                netns=str(path),
-                ifname=ifname(one.index),
-                network=one.network,
-                conflist=one.conflist,
-                args=dict(one.args),
-                capability_args=dict(one.capability_args),
-            )
-            self.store.record(vm, one.index, attachment)
-            steps.undoable(
-                f"recorded CNI attachment {one.index} to {attachment.conflist.name}",
-                functools.partial(self._undo_attachment, vm, one.index),
-            )
+        for index, attachment in attachments:
             try:
                 result = self.runtime.add(attachment)
             except AddUndoneError:
                 # nothing to DEL later: a DEL of a list naming a missing plugin would fail for
                 # ever, keeping the record and refusing every later start of the VM's name
-                self.store.forget(vm, one.index)
+                self.store.forget(vm, index)
                 raise
-            self.store.set_result(vm, one.index, result)
-            log.info(
-                "VM %s: CNI ADD on %s for interface %d", vm, attachment.conflist.name, one.index
-            )
-            added[one.index] = _added(one.index, attachment, result)
+            self.store.set_result(vm, index, result)
+            log.info("VM %s: CNI ADD on %s for interface %d", vm, attachment.conflist.name, index)
+            added[index] = _added(index, attachment, result)
         return added
+
+    def _claim(self, vm: str, attachments: Sequence[tuple[int, Attachment]]) -> None:
+        """Record the attachments, then make the namespace (whose records make it this
+        daemon's): when that fails — another daemon's VM of the name holds it, or a leftover
+        does — the records go and nothing of that namespace is touched."""
+        netns = vm_namespace(vm)
+        recorded = []
+        try:
+            for index, attachment in attachments:
+                self.store.record(vm, index, attachment)
+                recorded.append(index)
+            self.namespaces.create(netns)
+        except NamespaceExistsError:
+            self._forget(vm, recorded)
+            raise ConflictError(
+                f"network namespace {netns} exists and is not this daemon's (it holds no CNI "
+                f"attachment of a VM {vm!r}): another roost daemon runs a VM of that name with a "
+                "cni interface, or it is a leftover; choose another name, or remove a leftover "
+                f"with 'ip netns delete {netns}'"
+            ) from None
+        except BaseException:
+            self._forget(vm, recorded)
+            raise
+
+    def _forget(self, vm: str, indexes: Sequence[int]) -> None:
+        for index in indexes:
+            self.store.forget(vm, index)
 
     def connect(
         self, steps: Steps, vm: str, index: int, tap: str, owner: tuple[int, int] | None = None
@@ -247,16 +317,40 @@ class CniAttachments:
 
     def release(self, vm: str) -> list[str]:
         """Detach every attachment of the VM (its VMM has ended): DEL run with the stored
-        results, the records that DEL cleared forgotten, then the namespace removed (its taps,
-        their redirects and what the plugins left in it go with it). What failed, each logged;
-        a failed DEL's record is kept for the next attempt."""
-        failures = [f for f in map(self._delete, self.store.of_vm(vm)) if f is not None]
+        results, the namespace removed (its taps, their redirects and what the plugins left in
+        it go with it), then the records that DEL cleared forgotten. A VM this daemon holds no
+        record of has no namespace of its own: nothing is done. What failed, each logged and
+        told in a `vm.cni_detach_failed` event; a failed DEL's record is kept for the next
+        attempt."""
+        stored = self.store.of_vm(vm)
+        if not stored:
+            return []
+        return self._told(vm, self._detach(vm, stored))
+
+    def _told(self, vm: str, failures: list[str]) -> list[str]:
+        for failure in failures:
+            log.error("VM %s: %s", vm, failure)
+        if failures:
+            self.events.publish("vm.cni_detach_failed", vm=vm, failures=failures)
+        return failures
+
+    def _detach(self, vm: str, stored: Sequence[Stored]) -> list[str]:
+        """DEL each of `stored`, remove the VM's namespace, then forget those DEL cleared
+        (all kept when the namespace stays: it is this daemon's while they are); what
+        failed."""
+        failures = []
+        cleared = []
+        for one in stored:
+            failure = self._delete(one)
+            if failure is None:
+                cleared.append(one.index)
+            else:
+                failures.append(failure)
         try:
             self.namespaces.delete(vm_namespace(vm))
         except HostError as error:
-            failures.append(error.message)
-        for failure in failures:
-            log.error("VM %s: %s", vm, failure)
+            return [*failures, error.message]
+        self._forget(vm, cleared)
         return failures
 
     def check(self, vm: str, taps: Mapping[int, str]) -> str | None:
@@ -291,55 +385,50 @@ class CniAttachments:
     def reap(
         self,
         in_use: Callable[[], Collection[str]],
-        ours: Callable[[], Collection[str]],
         hold: Callable[[str], AbstractContextManager[object]],
     ) -> None:
         """At daemon start: DEL every stored attachment of a VM `in_use()` does not name (no
-        VMM runs or starts for it, or it no longer exists), and remove the namespaces of this
-        daemon's VMs (`ours()`, and those with a stored attachment) that are not in use.
-        Namespaces are the host's while a daemon is its network namespace's: one of a VM this
-        daemon does not know is another daemon's, and stays. Each VM is reaped while `hold(vm)`
-        keeps its operations out, and only if it is still not in use then, with its records as
-        they are then: a start of a stopped VM may run meanwhile, and its new attachment has
-        the container id and ifname of the stale one. Failures are logged; a failed DEL's
-        record stays for the next start."""
-        stale = {stored.vm for stored in self.store.all()}
-        netnses = set(self.namespaces.names())
-        known = set(ours()) | stale
-        named = {netns.removeprefix(VM_NAMESPACE_PREFIX) for netns in netnses}
-        for vm in sorted(stale | named & known):
+        VMM runs or starts for it, or it no longer exists), and remove its namespace. A
+        namespace of a VM this daemon holds no record of is another daemon's (or a leftover
+        for the operator), and stays. Each VM is reaped while `hold(vm)` keeps its operations
+        out, and only if it is still not in use then, with its records as they are then: a
+        start of a stopped VM may run meanwhile, and its new attachment has the container id
+        and ifname of the stale one. Failures are logged and told; a failed DEL's record stays
+        for the next start."""
+        for vm in sorted({stored.vm for stored in self.store.all()}):
             with hold(vm):
                 if vm in in_use():
                     continue
-                self._reap_vm(vm, vm_namespace(vm) in netnses)
+                self._reap_vm(vm)
 
-    def _reap_vm(self, vm: str, has_namespace: bool) -> None:
-        for stored in self.store.of_vm(vm):
-            failure = self._delete(stored)
-            if failure is None:
-                log.info(
-                    "DELeted CNI attachment %d of %s, which no running VM holds", stored.index, vm
-                )
-            else:
-                log.error("VM %s: %s", vm, failure)
-        if not has_namespace:
+    def _reap_vm(self, vm: str) -> None:
+        stored = self.store.of_vm(vm)
+        if not stored:
             return
-        try:
-            self.namespaces.delete(vm_namespace(vm))
-            log.info("removed network namespace %s, which no running VM uses", vm_namespace(vm))
-        except HostError as error:
-            log.error("%s", error.message)
+        if not self._told(vm, self._detach(vm, stored)):
+            log.info(
+                "DELeted the CNI attachments of %s and removed %s, which no running VM holds",
+                vm,
+                vm_namespace(vm),
+            )
 
     def _clear_stale(self, vm: str) -> None:
-        failures = [f for f in map(self._delete, self.store.of_vm(vm)) if f is not None]
+        stale = self.store.of_vm(vm)
+        failures = self._detach(vm, stale) if stale else []
         if failures:
             raise HostError(
                 f"VM {vm!r} still has a CNI attachment from an earlier start that DEL cannot "
                 f"remove: {'; '.join(failures)}; fix the plugin's problem and start it again"
             )
 
+    def _undo(self, vm: str) -> None:
+        """Undo an attach: DEL what it recorded, remove the namespace it made."""
+        failures = self._detach(vm, self.store.of_vm(vm))
+        if failures:
+            raise HostError("; ".join(failures))
+
     def _delete(self, stored: Stored) -> str | None:
-        """DEL one attachment and forget it; the failure, its record kept, or None."""
+        """DEL one attachment; the failure (its record to be kept), or None."""
         try:
             self.runtime.delete(stored.attachment, stored.result)
         except HostError as error:
@@ -348,15 +437,7 @@ class CniAttachments:
                 f"{stored.attachment.conflist.name!r} failed, kept for another try: "
                 f"{error.message}"
             )
-        self.store.forget(stored.vm, stored.index)
         return None
-
-    def _undo_attachment(self, vm: str, index: int) -> None:
-        for stored in self.store.of_vm(vm):
-            if stored.index == index:
-                failure = self._delete(stored)
-                if failure is not None:
-                    raise HostError(failure)
 
 
 def _added(index: int, attachment: Attachment, result: CniResult) -> Added:

@@ -19,7 +19,14 @@ from typing import Any, Protocol, TypeVar
 from sqlalchemy.orm import Session
 
 from roost.engine.allocation import Allocator, Booting, Patched
-from roost.engine.cni import Added, CniAttachments, DatabaseStore, wanted_of
+from roost.engine.cni import (
+    Added,
+    CniAttachments,
+    DatabaseStore,
+    daemon_tag,
+    released_reason,
+    wanted_of,
+)
 from roost.engine.disks import Disks
 from roost.engine.events import EventBus, follow_networks
 from roost.engine.exclusive import VMLocks
@@ -164,7 +171,9 @@ class Engine:
         self.networks = NetworkRegistry(db, host, settings.dhcp_bridge)
         # runs cni interfaces' plugins from the daemon's namespace
         self.cni = CniRuntime(settings.cni_conf_dir, settings.cni_bin_dirs, worker)
-        self.cni_attachments = CniAttachments(self.cni, DatabaseStore(db))
+        self.cni_attachments = CniAttachments(
+            self.cni, DatabaseStore(db), tag=daemon_tag(settings.state_dir), events=self.events
+        )
         self.allocator = Allocator(
             settings,
             db=db,
@@ -325,14 +334,20 @@ class Engine:
         """ADD for each cni interface of the VM's plan (its namespace made first), before its
         VMM starts in that namespace and its allocation takes the MACs and addresses ADD
         gave, each step's undo in `steps`: the namespace's file (None for a VM with no cni
-        interface) and what each ADD gave, by interface index."""
+        interface) and what each ADD gave, by interface index. A create (no `manifest`) is
+        judged first as its allocation will judge it, so no plugin runs for a create then
+        refused; a start was judged by `prepare_start`."""
         with self.db.read() as session:
+            artifacts = None
             if manifest is None:
                 plugin = self.records.plugin(session.connection(), config.plugin)
-                manifest = Manifest.model_validate(plugin.manifest)
+                manifest, artifacts = Manifest.model_validate(plugin.manifest), plugin.artifacts
             lookup = lookup_in(session)
             plan = plan_vm(name, manifest, config, self.allocator.default, lookup)
             wanted = wanted_of(plan.interfaces, lookup)
+            if wanted and artifacts is not None:
+                vmm = self.allocator.vmm_of(config)
+                self.allocator.check_launchable(plan, manifest, artifacts, vmm)
         if not wanted:
             return None, {}
         added = self.cni_attachments.add(steps, name, wanted)
@@ -622,23 +637,29 @@ class Engine:
         code = live.driver.stop(live.process, wait, force)
         steps.done("vmm-ended", f"ended its VMM (exit code {code})")
         self.live.pop(name, None)
-        self.release_host(name)
+        failures = self.release_host(name)
         steps.done("released", "released its tap, rules and sockets")
-        self._set(name, status=VMStatus.STOPPED, exit_code=code, **self._ended(name))
+        self._set(
+            name,
+            status=VMStatus.STOPPED,
+            exit_code=code,
+            status_reason=released_reason(None, VMStatus.STOPPED, failures),
+            **self._ended(name),
+        )
         steps.done("stopped", "recorded the VM stopped")
         self.metrics.observe("stop", time.monotonic() - began)
 
-    def release_host(self, name: str, taps: Sequence[str] | None = None) -> None:
+    def release_host(self, name: str, taps: Sequence[str] | None = None) -> list[str]:
         """Remove what only exists while the VMM runs: its taps, their rules and its sockets
         (`taps`: those of every interface it has had, read from its record if not given), and
-        its CNI attachments (DEL, then its namespace)."""
+        its CNI attachments (DEL, then its namespace); what of those could not be removed."""
         for index in range(MAX_INTERFACES):
             self.observer.forget(observer_key(name, index))
         self.listeners.vm_stopped(name)
         for tap in self.records.taps(name) if taps is None else taps:
             self.host.release(tap)
         self.run_dir(name).remove_sockets()
-        self.cni_attachments.release(name)
+        return self.cni_attachments.release(name)
 
     def _tap_owner(self, vmm: str) -> tuple[int, int] | None:
         """Who must own a VM's taps: the jailer's uid and gid for a jailed Firecracker."""
@@ -668,12 +689,14 @@ class Engine:
         process.end_device()
         code = process.exit_code()
         self.live.pop(name, None)
-        self.release_host(name)
+        failures = self.release_host(name)
         status = VMStatus.STOPPED if code == 0 else VMStatus.CRASHED
         self._set(
             name,
             status=status,
-            status_reason=None if code == 0 else exit_reason(code),
+            status_reason=released_reason(
+                None if code == 0 else exit_reason(code), status, failures
+            ),
             exit_code=code,
             **self._ended(name),
         )
@@ -699,11 +722,11 @@ class Engine:
         self._unwatch(process)
         code = live.driver.stop(process, 0, True)
         self.live.pop(name, None)
-        self.release_host(name)
+        failures = self.release_host(name)
         self._set(
             name,
             status=VMStatus.CRASHED,
-            status_reason=reason,
+            status_reason=released_reason(reason, VMStatus.CRASHED, failures),
             exit_code=code,
             **self._ended(name),
         )
@@ -802,7 +825,7 @@ class Engine:
             # a start of a stopped VM may run meanwhile: its attachments are its own
             return self.locks.hold(vm, "reap", wait=True, recovery=True)
 
-        self.cni_attachments.reap(in_use, self.records.names, hold)
+        self.cni_attachments.reap(in_use, hold)
 
     def _listen_again(self, name: str, version: int | None) -> None:
         """Listen for an adopted VM's vsock services again (those of the version it runs); a
@@ -827,7 +850,8 @@ class Engine:
         taps: Sequence[str],
     ) -> None:
         """Record how a VM's VMM ended while no daemon followed it, and tidy what it used."""
-        self.release_host(name, taps)
+        failures = self.release_host(name, taps)
+        reason = released_reason(reason, status, failures)
         self._set(name, status=status, exit_code=code, status_reason=reason, **self._ended(name))
         log.info("VM %s: found %s (exit code %s)", name, status, code)
 

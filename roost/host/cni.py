@@ -139,13 +139,15 @@ class CniRuntime:
         conflist: Conflist | None = None,
         args: dict[str, str] | None = None,
         capability_args: dict[str, Any] | None = None,
+        loc: str = "cni.network",
     ) -> Attachment:
         """An attachment to the inline `conflist`, else to the conf dir's conflist named
-        `network`, for the namespace file `netns`."""
+        `network`, for the namespace file `netns`; `loc` is where the VM's config names the
+        network (a 422's field)."""
         if conflist is None:
             if network is None:
-                raise InvalidError.at("cni.network", "is required: name a CNI network")
-            conflist = self.find(network)
+                raise InvalidError.at(loc, "is required: name a CNI network")
+            conflist = self.find(network, loc)
         try:
             check_container_id(container_id)
         except ValueError as error:
@@ -335,14 +337,6 @@ def vm_namespace(vm_name: str) -> str:
     return f"{VM_NAMESPACE_PREFIX}{vm_name}"
 
 
-def _is_namespace(path: Path) -> bool:
-    """Whether `path` is a namespace bind mount (an nsfs file), not a plain file."""
-    try:
-        return path.stat().st_dev == Path("/proc/self/ns/net").stat().st_dev
-    except FileNotFoundError:
-        return False
-
-
 def _check(result: int, what: str) -> None:
     if result != 0:
         error = ctypes.get_errno()
@@ -376,12 +370,16 @@ def _on_fresh_thread(work: Callable[[], None]) -> None:
         raise failure[0]
 
 
+class NamespaceExistsError(HostError):
+    """The namespace to create is there already: whoever made it owns it."""
+
+
 def create_namespace(name: str) -> Path:
-    """The network namespace `name` as `ip netns add` makes it (a bind mount under
-    /run/netns), created if missing; its path."""
+    """The network namespace `name`, made as `ip netns add` makes it (a bind mount under
+    /run/netns); its path. /run/netns is the host's, shared by every daemon: a name that is
+    there already (a namespace, or a file a crash left) is a `NamespaceExistsError`, decided
+    by an exclusive create, so of two daemons making one name only one gets it."""
     path = netns_path(name)
-    if _is_namespace(path):
-        return path
 
     def unshare_and_mount() -> None:
         _check(_LIBC.unshare(CLONE_NEWNET), "unshare")
@@ -393,12 +391,16 @@ def create_namespace(name: str) -> Path:
     try:
         NETNS_DIR.mkdir(exist_ok=True)
         _share_netns_dir()
-        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_CLOEXEC, 0))
+        os.close(os.open(path, os.O_RDONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0))
+    except FileExistsError:
+        raise NamespaceExistsError(f"network namespace {name} exists already") from None
+    except OSError as error:
+        raise HostError(f"cannot create network namespace {name}: {error.strerror}") from None
+    try:
         _on_fresh_thread(unshare_and_mount)
     except OSError as error:
         with contextlib.suppress(OSError):
-            if not _is_namespace(path):
-                path.unlink()
+            path.unlink()
         raise HostError(f"cannot create network namespace {name}: {error.strerror}") from None
     return path
 
@@ -420,11 +422,3 @@ def delete_namespace(name: str) -> bool:
     except OSError as error:
         raise HostError(f"cannot remove network namespace {name}: {error.strerror}") from None
     return True
-
-
-def namespaces() -> list[str]:
-    """The names of the VM namespaces that exist (for the reaper at start)."""
-    try:
-        return sorted(p.name for p in NETNS_DIR.iterdir() if p.name.startswith(VM_NAMESPACE_PREFIX))
-    except FileNotFoundError:
-        return []

@@ -32,9 +32,9 @@ from roost.host import redirect
 from roost.host.cni import (
     Attachment,
     CniRuntime,
+    NamespaceExistsError,
     create_namespace,
     delete_namespace,
-    namespaces,
     vm_namespace,
 )
 from roost.host.netns import NetnsWorker, netns_path
@@ -176,12 +176,12 @@ def test_after_a_crash_mid_add_the_stored_attachment_alone_is_enough_to_clean_up
     host.runtime.add(Attachment.from_json(json.loads(stored)))  # its result never stored
     assert host.leases() and host.veths()
 
-    assert vm_namespace(vm) in namespaces()  # what a reaper finds at start
+    assert netns_path(vm_namespace(vm)).exists()  # what a reaper finds at start
     host.runtime.delete(Attachment.from_json(json.loads(stored)), None)
     delete_namespace(vm_namespace(vm))
     assert host.leases() == []
     assert host.veths() == []
-    assert vm_namespace(vm) not in namespaces()
+    assert not netns_path(vm_namespace(vm)).exists()
 
 
 def test_a_redirect_needs_the_vm_namespace(vm: str) -> None:
@@ -283,12 +283,22 @@ def test_a_plugins_error_object_becomes_a_host_error_with_its_message(host: Host
 def test_a_vm_namespace_is_made_once_and_removed_once(vm: str) -> None:
     name = vm_namespace(vm)
     path = create_namespace(name)
-    assert create_namespace(name) == path
+    with pytest.raises(NamespaceExistsError, match=f"{name} exists already"):
+        create_namespace(name)  # another daemon's VM of that name has it
     assert name in run("ip", "netns", "list").stdout
     assert run("ip", "link", "show", "lo", netns=name).returncode == 0
     assert delete_namespace(name) is True
     assert delete_namespace(name) is False
     assert not path.exists()
+
+
+def test_a_file_a_crash_left_where_a_namespace_goes_is_taken_and_removed_as_one(vm: str) -> None:
+    name = vm_namespace(vm)
+    netns_path(name).touch()  # a crash between the file and its mount
+    with pytest.raises(NamespaceExistsError):
+        create_namespace(name)
+    assert delete_namespace(name) is True
+    assert create_namespace(name) == netns_path(name)
 
 
 @contextmanager

@@ -4,7 +4,8 @@ host-local gave it and answers HTTP from the daemon's namespace through the plug
 the veth and roost's tc redirect; CHECK at a daemon restart finds a redirect cut by hand; a
 Firecracker VM (paused: its guest cannot run here) runs in the VM's namespace with the plugins'
 MAC; a removal, a daemon killed in the middle of ADD, and a conflist naming a missing plugin
-leave no namespace, veth, tap or lease behind."""
+leave no namespace, veth, tap or lease behind; a second daemon never touches the first's VM
+namespace, which is host-wide, through a VM of the same name."""
 
 from __future__ import annotations
 
@@ -30,6 +31,7 @@ from tests.harness import (
     Daemon,
     http_get,
     links,
+    network_namespace,
     process_alive,
     run,
     short_tmp,
@@ -307,6 +309,47 @@ def test_a_conflist_naming_a_missing_plugin_is_a_502_that_leaves_nothing(
         assert_nothing_left(daemon, cni, stopped)
     finally:
         daemon.close()
+
+
+def test_a_second_daemons_vm_of_the_same_name_never_touches_the_first_daemons_namespace(
+    netns: str, cni: Cni
+) -> None:
+    """/run/netns is the host's: daemon B's cni VM of A's VM's name is refused with a 409
+    (before any plugin runs in A's namespace), and B's VM of that name without a cni interface
+    leaves A's namespace be when B restarts (its reap) and when the VM is removed."""
+    first = cni_daemon(netns, cni).start()
+    name = vm_name()
+    try:
+        first.ok("plugin", "install", DEMO / "plugin.json")
+        assert create(first, name).status_code == 201
+        namespace = netns_path(vm_namespace(name))
+        [lease] = cni.leases()
+        with network_namespace() as other_netns:
+            second = cni_daemon(other_netns, cni).start()
+            try:
+                second.ok("plugin", "install", DEMO / "plugin.json")
+                refused = create(second, name)
+                assert refused.status_code == 409, refused.text
+                message = refused.json()["error"]["message"]
+                assert f"network namespace {vm_namespace(name)} exists" in message
+                assert f"'ip netns delete {vm_namespace(name)}'" in message
+                assert second.http.get(f"/v1/vms/{name}").status_code == 404
+
+                plain = {"name": name, "plugin": "roost-demo", "start": False}
+                assert second.http.post("/v1/vms", json=plain).status_code == 201
+                second.stop()
+                second.start()
+                recovered(second)
+                assert second.cli("vm", "rm", name).exit_code == 0
+            finally:
+                second.close()
+        assert namespace.exists()
+        assert cni.leases() == [lease]
+        assert first.ok("vm", "show", name)["status"] == "running"
+        assert first.cli("vm", "rm", name).exit_code == 0
+        assert_nothing_left(first, cni, name)
+    finally:
+        first.close()
 
 
 def _quietly(call: Any) -> Any:

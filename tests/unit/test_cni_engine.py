@@ -1,7 +1,9 @@
 """The engine's CNI lifecycle (`roost.engine.cni.CniAttachments`) with named failing fakes for
 the runtime, the store, the namespaces and the redirects: whatever fails, an attach rolled
 back leaves no namespace, no record and no plugin state; DEL runs with the stored result, is
-retried while it fails, and CHECK reports the plugins' and the redirect's problems."""
+retried while it fails (and says so), and CHECK reports the plugins' and the redirect's
+problems. Namespaces are host-wide: a daemon removes only those of VMs it holds records of,
+and its container ids are its own."""
 
 from __future__ import annotations
 
@@ -12,16 +14,25 @@ from typing import Any
 
 import pytest
 
-from roost.engine.cni import CniAttachments, DatabaseStore, Stored, Wanted, container_id
+from roost.engine.cni import (
+    CniAttachments,
+    DatabaseStore,
+    Stored,
+    Wanted,
+    container_id,
+    daemon_tag,
+)
+from roost.engine.events import Event, EventBus
 from roost.engine.steps import Steps
-from roost.errors import HostError, InvalidError, RoostError
-from roost.host.cni import AddUndoneError, Attachment
+from roost.errors import ConflictError, HostError, InvalidError, RoostError
+from roost.host.cni import AddUndoneError, Attachment, CniRuntime, NamespaceExistsError
 from roost.host.redirect import Redirect
 from roost.spec import VMConfig
-from roost.spec.cni import CniResult, Conflist, parse_conflist, parse_result
+from roost.spec.cni import CniResult, Conflist, check_container_id, parse_conflist, parse_result
 from tests.engine_fakes import World as FakeWorld
 
 MAC = "0a:58:0a:58:00:05"
+TAG = daemon_tag(Path("/var/lib/roost"))
 
 
 def conflist(name: str = "net") -> Conflist:
@@ -67,8 +78,9 @@ class FakeRuntime:
 
     def attachment(self, **kwargs: Any) -> Attachment:
         network = kwargs.pop("network")
+        loc = kwargs.pop("loc", "cni.network")
         if network in self.unknown_networks:
-            raise InvalidError.at("cni.network", f"no CNI conflist named {network!r}")
+            raise InvalidError.at(loc, f"no CNI conflist named {network!r}")
         kwargs["conflist"] = kwargs["conflist"] or conflist(network)
         kwargs["args"] = kwargs["args"] or {}
         kwargs["capability_args"] = kwargs["capability_args"] or {}
@@ -132,13 +144,16 @@ class FakeRedirects:
 
 
 class FakeNamespaces:
-    """Namespaces by name; the taps in one go with it."""
+    """Namespaces by name, host-wide like /run/netns (a name is made once); the taps in one
+    go with it."""
 
     def __init__(self, redirects: FakeRedirects) -> None:
         self.made: set[str] = set()
         self.redirects = redirects
 
     def create(self, name: str) -> Path:
+        if name in self.made:
+            raise NamespaceExistsError(f"network namespace {name} exists already")
         self.made.add(name)
         return Path("/run/netns") / name
 
@@ -150,8 +165,21 @@ class FakeNamespaces:
                 del self.redirects.taps[tap]
         return found
 
-    def names(self) -> list[str]:
-        return sorted(self.made)
+
+class RecordingBus(EventBus):
+    """The events published, in order."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.published: list[Event] = []
+
+    def publish(self, type_: str, **fields: Any) -> Event:
+        event = super().publish(type_, **fields)
+        self.published.append(event)
+        return event
+
+    def types(self) -> list[str]:
+        return [event.type for event in self.published]
 
 
 class World:
@@ -160,8 +188,14 @@ class World:
         self.runtime = FakeRuntime(self.store)
         self.redirects = FakeRedirects()
         self.namespaces = FakeNamespaces(self.redirects)
+        self.events = RecordingBus()
         self.cni = CniAttachments(
-            self.runtime, self.store, namespaces=self.namespaces, redirects=self.redirects
+            self.runtime,
+            self.store,
+            tag=TAG,
+            events=self.events,
+            namespaces=self.namespaces,
+            redirects=self.redirects,
         )
 
     def attach(self, vm: str = "vm", count: int = 1, steps: Steps | None = None) -> Steps:
@@ -197,7 +231,7 @@ def test_add_gives_each_interface_its_mac_and_every_address_and_stores_the_resul
         (0, "eth0", True),
         (1, "eth1", True),
     ]
-    assert {s.attachment.container_id for s in stored} == {container_id("vm")}
+    assert {s.attachment.container_id for s in stored} == {container_id(TAG, "vm")}
     assert stored[0].attachment.netns == "/run/netns/roost-vm-vm"
 
 
@@ -363,28 +397,108 @@ def test_check_of_an_add_that_never_finished_says_so(world: World) -> None:
     assert "never finished" in (world.cni.check("vm", {}) or "")
 
 
+def test_a_vm_this_daemon_holds_no_attachment_of_never_has_its_namespace_removed(
+    world: World,
+) -> None:
+    """`roost-vm-web` is another daemon's cni VM's: this daemon's VM `web` (no cni
+    interface) stops, or is removed, and leaves it be."""
+    world.namespaces.create("roost-vm-web")
+    assert world.cni.release("web") == []
+    assert world.namespaces.made == {"roost-vm-web"}
+
+
+def test_attaching_a_vm_whose_namespace_is_not_this_daemons_is_a_409_touching_nothing(
+    world: World,
+) -> None:
+    world.namespaces.create("roost-vm-web")  # another daemon's VM `web`, or a leftover
+    steps = Steps("create", "web")
+    with pytest.raises(ConflictError) as refused:
+        world.cni.add(steps, "web", [Wanted(0, "net")])
+    message = refused.value.message
+    assert "network namespace roost-vm-web exists and is not this daemon's" in message
+    assert "another roost daemon" in message and "'ip netns delete roost-vm-web'" in message
+    steps.rollback()
+    assert world.namespaces.made == {"roost-vm-web"}  # its owner's still
+    assert world.store.rows == {}
+    assert world.runtime.calls == []  # no ADD into it, no DEL from it
+
+
+def test_a_namespace_this_daemon_holds_records_of_is_its_own_to_clear_at_the_next_start(
+    world: World,
+) -> None:
+    """A crash after the records and the namespace were made: the next start DELs the
+    stale attachment, removes the namespace and makes its own again."""
+    attachment = world.runtime.attachment(
+        container_id=container_id(TAG, "vm"),
+        netns="/run/netns/roost-vm-vm",
+        ifname="eth0",
+        network="net",
+        conflist=None,
+        args=None,
+        capability_args=None,
+    )
+    world.store.record("vm", 0, attachment)
+    world.namespaces.create("roost-vm-vm")
+
+    world.attach()
+
+    assert [call[:2] for call in world.runtime.calls] == [("DEL", "eth0"), ("ADD", "eth0")]
+    assert world.namespaces.made == {"roost-vm-vm"}
+
+
+def test_two_daemons_give_one_vm_name_different_container_ids_within_the_specs_rules(
+    world: World,
+) -> None:
+    other = daemon_tag(Path("/srv/other-roost"))
+    assert other != TAG and len(TAG) == 8 and int(TAG, 16) >= 0
+    assert daemon_tag(Path("/var/lib/roost")) == TAG  # stable for the daemon
+    ours, theirs = container_id(TAG, "web"), container_id(other, "web")
+    assert ours != theirs
+    assert check_container_id(ours) == ours and check_container_id(theirs) == theirs
+    world.attach("web")
+    [stored] = world.store.of_vm("web")
+    assert stored.attachment.container_id == ours
+
+
+def test_an_unknown_conflist_is_refused_before_anything_is_recorded_or_made(
+    world: World,
+) -> None:
+    world.runtime.unknown_networks = {"nope"}
+    with pytest.raises(InvalidError) as refused:
+        world.cni.add(
+            Steps("create", "vm"), "vm", [Wanted(0, "net"), Wanted(1, "nope", loc="x.cni.network")]
+        )
+    assert [detail.loc for detail in refused.value.details] == ["x.cni.network"]
+    assert world.runtime.calls == []
+    world.assert_nothing_left()
+
+
 def test_reap_dels_what_no_running_vm_holds_and_removes_its_own_namespaces_only(
     world: World,
 ) -> None:
     world.attach("kept")
     world.attach("gone")
-    world.namespaces.create("roost-vm-leftover")
+    world.namespaces.create("roost-vm-known")  # a VM of this daemon's, without a record
     world.namespaces.create("roost-vm-strangers")
 
-    world.cni.reap(lambda: {"kept"}, lambda: {"kept", "leftover"}, no_hold)
+    world.cni.reap(lambda: {"kept"}, no_hold)
 
-    # a namespace of a VM this daemon does not know is another daemon's
-    assert world.namespaces.made == {"roost-vm-kept", "roost-vm-strangers"}
+    # a namespace of a VM this daemon holds no record of may be another daemon's VM's
+    assert world.namespaces.made == {"roost-vm-kept", "roost-vm-known", "roost-vm-strangers"}
     assert [s.vm for s in world.store.all()] == ["kept"]
-    assert world.runtime.held == {(container_id("kept"), "eth0")}
+    assert world.runtime.held == {(container_id(TAG, "kept"), "eth0")}
 
 
-def test_reap_keeps_a_record_whose_del_fails_for_the_next_start(world: World) -> None:
+def test_reap_keeps_a_record_whose_del_fails_for_the_next_start_and_says_so(
+    world: World,
+) -> None:
     world.attach("gone")
     world.runtime.delete_fails = True
-    world.cni.reap(set, set, no_hold)
+    world.cni.reap(set, no_hold)
     assert [s.vm for s in world.store.all()] == ["gone"]
     assert world.namespaces.made == set()
+    [event] = world.events.published
+    assert (event.type, event.vm) == ("vm.cni_detach_failed", "gone")
 
 
 def test_reap_leaves_alone_a_vm_started_while_it_runs(world: World) -> None:
@@ -399,19 +513,16 @@ def test_reap_leaves_alone_a_vm_started_while_it_runs(world: World) -> None:
     started: set[str] = set()
     held: list[str] = []
 
-    def ours() -> set[str]:  # read after the reap's first look at the store
+    @contextmanager
+    def hold(vm: str) -> Iterator[None]:  # the VM's operation lock, after the reap's first look
         world.attach("web")  # the start, which DELs the stale attachment and ADDs anew
         started.add("web")
-        return {"web"}
-
-    @contextmanager
-    def hold(vm: str) -> Iterator[None]:  # the VM's operation lock
         held.append(vm)
         yield
 
-    world.cni.reap(lambda: set(started), ours, hold)
+    world.cni.reap(lambda: set(started), hold)
 
-    assert world.runtime.held == {(container_id("web"), "eth0")}
+    assert world.runtime.held == {(container_id(TAG, "web"), "eth0")}
     assert [(s.vm, s.result is not None) for s in world.store.all()] == [("web", True)]
     assert world.namespaces.made == {"roost-vm-web"}
     assert held == ["web"]
@@ -437,13 +548,21 @@ class EngineWorld:
         self.runtime = FakeRuntime(self.store)  # type: ignore[arg-type]
         self.redirects = FakeRedirects()
         self.namespaces = FakeNamespaces(self.redirects)
+        self.events = RecordingBus()
         world.engine.cni_attachments = CniAttachments(
-            self.runtime, self.store, namespaces=self.namespaces, redirects=self.redirects
+            self.runtime,
+            self.store,
+            tag=daemon_tag(world.settings.state_dir),
+            events=self.events,
+            namespaces=self.namespaces,
+            redirects=self.redirects,
         )
 
-    def create(self, name: str = "vm", **kwargs: Any) -> dict[str, Any]:
-        config = VMConfig.model_validate({"plugin": "p", "network": CNI_CONFIG})
-        return self.world.engine.create_vm(name, config, **kwargs)
+    def create(
+        self, name: str = "vm", config: dict[str, Any] | None = None, **kwargs: Any
+    ) -> dict[str, Any]:
+        config = config or {"plugin": "p", "network": CNI_CONFIG}
+        return self.world.engine.create_vm(name, VMConfig.model_validate(config), **kwargs)
 
     def assert_detached(self) -> None:
         assert self.namespaces.made == set()
@@ -532,3 +651,61 @@ def test_a_del_that_fails_at_stop_is_run_again_by_the_next_daemons_reap(
     engine.runtime.delete_fails = False
     engine.world.engine.reap_cni()
     engine.assert_detached()
+
+
+def test_a_del_that_fails_at_stop_shows_in_the_vms_status_reason_and_an_event(
+    engine: EngineWorld,
+) -> None:
+    engine.create()
+    engine.runtime.delete_fails = True
+
+    stopped = engine.world.engine.stop_vm("vm")
+
+    assert stopped["status"] == "stopped"
+    assert stopped["status_reason"].startswith(
+        "stopped; CNI DEL of interface 0 on network 'net' failed, kept for another try: "
+    )
+    assert "disk gone" in stopped["status_reason"]
+    [event] = engine.events.published
+    assert (event.type, event.vm) == ("vm.cni_detach_failed", "vm")
+    assert "disk gone" in event.data["failures"][0]
+    assert [stored.vm for stored in engine.store.all()] == ["vm"]  # kept for another try
+
+    engine.world.engine.destroy_vm("vm")  # fails again: told, the record kept
+    assert engine.events.types() == ["vm.cni_detach_failed", "vm.cni_detach_failed"]
+    assert [stored.vm for stored in engine.store.all()] == ["vm"]
+
+
+def test_a_create_refused_for_what_its_allocation_checks_runs_no_plugin(
+    engine: EngineWorld, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def unavailable() -> None:
+        raise InvalidError.at("vmm", "fake is not installed")
+
+    monkeypatch.setattr(engine.world.driver, "check_available", unavailable)
+    with pytest.raises(InvalidError, match="not installed"):
+        engine.create()
+    assert engine.runtime.calls == []
+    engine.assert_detached()
+    engine.world.assert_nothing_left("vm")
+
+
+@pytest.mark.parametrize(
+    ("network", "loc"),
+    [
+        ({"network": {"mode": "cni", "cni": {"network": "nope"}}}, "network.cni.network"),
+        ({"interfaces": [{"mode": "cni", "cni": {"network": "nope"}}]}, "interfaces.0.cni.network"),
+    ],
+)
+def test_an_unknown_conflist_is_a_422_at_where_the_config_names_it(
+    engine: EngineWorld, tmp_short: Path, network: dict[str, Any], loc: str
+) -> None:
+    engine.world.engine.cni_attachments.runtime = CniRuntime(
+        tmp_short / "net.d", [tmp_short / "bin"], engine.world.worker
+    )
+    with pytest.raises(InvalidError) as refused:
+        engine.create(config={"plugin": "p", **network})
+    assert [detail.loc for detail in refused.value.details] == [loc]
+    assert "no CNI conflist named 'nope'" in refused.value.message
+    engine.assert_detached()
+    engine.world.assert_nothing_left("vm")
