@@ -2,16 +2,20 @@
 
 Writers on SQLite take the write lock when their transaction begins (`BEGIN IMMEDIATE`) and
 wait for it (busy timeout), so concurrent requests queue instead of failing with "database is
-locked"; readers use plain transactions and never block writers under WAL. Everything
-SQLite-specific is in this module.
+locked"; readers use plain transactions and never block writers under WAL. Within the daemon,
+writers first queue on a lock of their own: SQLite's busy handler polls with sleeps that grow
+to 100 ms, so a writer that found the lock taken could sleep long after it was free (with a
+burst of creates most of their time went there), while a thread waiting on a lock wakes as soon
+as it is released. Everything SQLite-specific is in this module.
 """
 
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -99,6 +103,10 @@ class Database:
             self._read_engine = _sqlite_engine(url, immediate=False)
         else:
             self._write_engine = self._read_engine = create_engine(url, pool_pre_ping=True)
+        # reentrant: a write opened inside another in one thread meets SQLite's lock as before
+        self._writing: AbstractContextManager[object] = (
+            threading.RLock() if _is_sqlite(url) else nullcontext()
+        )
         self._writer = sessionmaker(self._write_engine, expire_on_commit=False)
         self._reader = sessionmaker(self._read_engine, expire_on_commit=False)
 
@@ -153,7 +161,7 @@ class Database:
     def write(self) -> Iterator[Session]:
         """One transaction, committed on success, rolled back on any error."""
         self.check_present()
-        with _reporting_full_disk(), self._writer() as session, session.begin():
+        with self._writing, _reporting_full_disk(), self._writer() as session, session.begin():
             yield session
 
     def on_write_sessions(self, name: str, listener: Callable[..., object]) -> None:
@@ -177,7 +185,7 @@ class Database:
 
         def once() -> T:
             self.check_present()
-            with _reporting_full_disk(), self._write_engine.begin() as connection:
+            with self._writing, _reporting_full_disk(), self._write_engine.begin() as connection:
                 return work(connection)
 
         return _retried(once, attempts)
