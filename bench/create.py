@@ -1,5 +1,6 @@
 """Create benchmark: 20 bridged Firecracker VMs through the roost API, against 20 identical VMs
-started by a bare script that does only what Firecracker itself needs.
+started by a bare script that does only what Firecracker itself needs. With `--parallel N`, N
+creates issued together through the API against the bare script starting N one after another.
 
 Both sides run in a network namespace of their own (`roost-t-<hex>`), with real taps on a real
 bridge and the real Firecracker binary. On this machine a started guest's vCPU spins (nested
@@ -26,6 +27,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -50,6 +52,7 @@ BARE_SUBNET = ipaddress.IPv4Network("10.211.0.0/24")
 BARE_BRIDGE = "brbench"
 PLUGIN = "bench"
 TARGET_RATIO = 0.9
+TARGET_PARALLEL_RATIO = 1.2
 SOCKET_TIMEOUT = 5.0
 CLONE_NEWNET = 0x40000000
 MAP_POPULATE = 0x8000  # mmap.MAP_POPULATE from Python 3.10, spelled out for the type checker
@@ -58,18 +61,21 @@ T = TypeVar("T")
 
 @dataclass
 class Round:
-    """One side's round: its wall time and each VM's time per phase (seconds)."""
+    """One side's round of `vms` VMs: its wall time and each VM's time per phase (seconds), and
+    how long removing them took (roost's side)."""
 
+    vms: int
     seconds: float = 0.0
     cpu_seconds: float = 0.0
     phases: dict[str, list[float]] = field(default_factory=dict)
+    remove_seconds: float | None = None
 
     def add(self, phase: str, seconds: float) -> None:
         self.phases.setdefault(phase, []).append(seconds)
 
     @property
     def rate(self) -> float:
-        return VMS / self.seconds
+        return self.vms / self.seconds
 
 
 def skip_reason() -> str | None:
@@ -168,15 +174,15 @@ class Bare:
         self.thread.run(self.ipr.close)
         self.thread.close()
 
-    def round(self, number: int) -> Round:
-        """Bridge, then VMS VMs one after another; all on the namespace's thread."""
+    def round(self, number: int, vms: int) -> Round:
+        """Bridge, then `vms` VMs one after another; all on the namespace's thread."""
         cpu = time.process_time()
-        result = self.thread.run(lambda: self._round(number))
+        result = self.thread.run(lambda: self._round(number, vms))
         result.cpu_seconds = time.process_time() - cpu
         return result
 
-    def _round(self, number: int) -> Round:
-        result = Round()
+    def _round(self, number: int, vms: int) -> Round:
+        result = Round(vms)
         started = time.perf_counter()
         self.ipr.link("add", ifname=BARE_BRIDGE, kind="bridge", br_stp_state=0)
         [bridge] = self.ipr.link_lookup(ifname=BARE_BRIDGE)
@@ -184,7 +190,7 @@ class Bare:
         self.ipr.addr("add", index=bridge, address=str(gateway), prefixlen=BARE_SUBNET.prefixlen)
         self.ipr.link("set", index=bridge, state="up")
         result.add("bridge", time.perf_counter() - started)
-        for index in range(VMS):
+        for index in range(vms):
             if self.stopping:
                 break
             self._start_vm(f"b{number}-{index}", index, bridge, result)
@@ -316,36 +322,67 @@ class Roost:
         headers = {"content-type": "application/json"}
         expect(self.daemon.http.post("/v1/plugins", content=body, headers=headers), 201)
 
-    def round(self, number: int) -> Round:
-        result = Round()
-        http = self.daemon.http
+    def round(self, number: int, vms: int, *, parallel: bool = False) -> Round:
+        """`vms` times (create with `start: true`, pause): one after another, or each on a thread
+        of its own, all released at once (`parallel`); then, timed apart, their removal (in
+        parallel too with `parallel`)."""
+        result = Round(vms)
         assert self.daemon.process is not None
         pid = self.daemon.process.pid
+        names = [f"r{number}-{index}" for index in range(vms)]
         cpu = _cpu_seconds(pid)
-        started = time.perf_counter()
-        for index in range(VMS):
-            name = f"r{number}-{index}"
-            before = time.perf_counter()
-            body = {"name": name, "plugin": PLUGIN, "start": True}
-            vm = expect(http.post("/v1/vms", json=body), 201)
-            self.vms[name] = vm["vmm"]["pid"]
-            self.started.append(vm["vmm"]["pid"])
-            middle = time.perf_counter()
-            expect(http.post(f"/v1/vms/{name}/pause"), 200)
-            result.add("create", middle - before)
-            result.add("pause", time.perf_counter() - middle)
+        if parallel:
+            started = time.perf_counter()  # replaced by the moment all are released
+            with ThreadPoolExecutor(max_workers=vms) as pool:
+                barrier = threading.Barrier(vms + 1)
+                futures = [pool.submit(self._create, name, result, barrier) for name in names]
+                barrier.wait()
+                started = time.perf_counter()
+                for future in futures:
+                    future.result()
+        else:
+            started = time.perf_counter()
+            for name in names:
+                self._create(name, result)
         result.seconds = time.perf_counter() - started
         result.cpu_seconds = _cpu_seconds(pid) - cpu
+        began = time.perf_counter()
+        self.remove_all(parallel=parallel)
+        result.remove_seconds = time.perf_counter() - began
         return result
 
-    def remove_all(self) -> None:
-        """Through the API: a forced stop (a paused guest cannot answer Ctrl-Alt-Del, so the
-        graceful path would only wait out its timeout), then DELETE."""
+    def _create(self, name: str, result: Round, barrier: threading.Barrier | None = None) -> None:
         http = self.daemon.http
-        for name in list(self.vms):
-            expect(_unless_busy(http, "POST", f"/v1/vms/{name}/stop?force=true"), 200)
-            expect(_unless_busy(http, "DELETE", f"/v1/vms/{name}"), 204)
-            del self.vms[name]
+        body = {"name": name, "plugin": PLUGIN, "start": True}
+        if barrier is not None:
+            barrier.wait()
+        before = time.perf_counter()
+        vm = expect(http.post("/v1/vms", json=body), 201)
+        self.vms[name] = vm["vmm"]["pid"]
+        self.started.append(vm["vmm"]["pid"])
+        middle = time.perf_counter()
+        expect(http.post(f"/v1/vms/{name}/pause"), 200)
+        result.add("create", middle - before)
+        result.add("pause", time.perf_counter() - middle)
+
+    def remove_all(self, *, parallel: bool = False) -> None:
+        """Through the API: a forced stop (a paused guest cannot answer Ctrl-Alt-Del, so the
+        graceful path would only wait out its timeout), then DELETE; one VM after another, or
+        each on a thread of its own (`parallel`)."""
+        names = list(self.vms)
+        if not parallel:
+            for name in names:
+                self._remove(name)
+            return
+        with ThreadPoolExecutor(max_workers=max(1, len(names))) as pool:
+            for future in [pool.submit(self._remove, name) for name in names]:
+                future.result()
+
+    def _remove(self, name: str) -> None:
+        http = self.daemon.http
+        expect(_unless_busy(http, "POST", f"/v1/vms/{name}/stop?force=true"), 200)
+        expect(_unless_busy(http, "DELETE", f"/v1/vms/{name}"), 204)
+        del self.vms[name]
 
     def close(self) -> None:
         """Remove the VMs, stop the daemon, then make sure (by PID) no VMM of ours survived."""
@@ -403,20 +440,26 @@ def warm_memory(mib: int = WARM_MIB) -> None:
 
 def _summary(rounds: list[Round]) -> dict[str, Any]:
     """The best and the median round, and each phase's median over every round (the bridge is
-    set up once a round, everything else once a VM)."""
+    set up once a round, everything else once a VM); for roost, the best removal rate."""
     phases: dict[str, list[float]] = {}
     for one in rounds:
         for phase, values in one.phases.items():
             phases.setdefault(phase, []).extend(values)
-    return {
+    vms = rounds[0].vms
+    summary = {
         "vms_per_second": round(max(r.rate for r in rounds), 3),
         "median_vms_per_second": round(statistics.median(r.rate for r in rounds), 3),
         "round_seconds": [round(r.seconds, 3) for r in rounds],
-        "cpu_ms_per_vm": round(statistics.median(r.cpu_seconds for r in rounds) / VMS * 1000, 1),
+        "cpu_ms_per_vm": round(statistics.median(r.cpu_seconds for r in rounds) / vms * 1000, 1),
         "phase_median_ms": {
             phase: round(statistics.median(values) * 1000, 2) for phase, values in phases.items()
         },
     }
+    removals = [r.remove_seconds for r in rounds if r.remove_seconds is not None]
+    if removals:
+        summary["remove_vms_per_second"] = round(vms / min(removals), 3)
+        summary["remove_round_seconds"] = [round(seconds, 3) for seconds in removals]
+    return summary
 
 
 def leftovers(pids: dict[int, str], namespaces: list[str]) -> list[str]:
@@ -426,7 +469,11 @@ def leftovers(pids: dict[int, str], namespaces: list[str]) -> list[str]:
     return alive + [f"netns {name}" for name in namespaces if netns_path(name).exists()]
 
 
-def run(rounds: int) -> dict[str, Any]:
+def run(rounds: int, parallel: int | None = None) -> dict[str, Any]:
+    """Both sides over `rounds` rounds: VMS creates one after another on each, or with
+    `parallel`, N creates issued together through the API against N by the bare script."""
+    vms = VMS if parallel is None else parallel
+    target = TARGET_RATIO if parallel is None else TARGET_PARALLEL_RATIO
     reason = skip_reason()
     if reason is not None:
         return {"benchmark": "create", "skipped": reason}
@@ -445,10 +492,13 @@ def run(rounds: int) -> dict[str, Any]:
             order = ("bare", "roost") if number % 2 == 0 else ("roost", "bare")
             for side in order:
                 warm_memory()
-                outcome = bare.round(number) if side == "bare" else roost.round(number)
+                if side == "bare":
+                    outcome = bare.round(number, vms)
+                    bare.remove_all()
+                else:  # removes its VMs itself, timed apart
+                    outcome = roost.round(number, vms, parallel=parallel is not None)
                 results[side].append(outcome)
-                log(f"round {number + 1}/{rounds} {side}: {VMS} VMs in {outcome.seconds:.3f}s")
-                (bare.remove_all if side == "bare" else roost.remove_all)()
+                log(f"round {number + 1}/{rounds} {side}: {vms} VMs in {outcome.seconds:.3f}s")
                 # the kernel tears the killed VMs down in the background (kworkers); let it
                 # finish so it does not slow down whichever side comes next
                 time.sleep(SETTLE_SECONDS)
@@ -462,7 +512,8 @@ def run(rounds: int) -> dict[str, Any]:
     median_ratio = roost_summary["median_vms_per_second"] / bare_summary["median_vms_per_second"]
     return {
         "benchmark": "create",
-        "vms": VMS,
+        "vms": vms,
+        "parallel": parallel,
         "rounds": rounds,
         "roost": roost_summary,
         "bare": bare_summary,
@@ -470,13 +521,13 @@ def run(rounds: int) -> dict[str, Any]:
         "bare_vms_per_second": bare_summary["vms_per_second"],
         "ratio": round(ratio, 3),
         "median_ratio": round(median_ratio, 3),
-        "target_ratio": TARGET_RATIO,
+        "target_ratio": target,
         "bare_netns": "setns in one worker thread, entered before timing; Firecracker is "
         "started from that thread, so no `ip netns exec` per VM",
         "warm_mib_before_each_round": WARM_MIB,
         "leftovers": left,
         "load_average_1m": round(os.getloadavg()[0], 2),
-        "meets_targets": ratio >= TARGET_RATIO,
+        "meets_targets": ratio >= target,
     }
 
 
@@ -488,9 +539,19 @@ def parse(argv: list[str]) -> argparse.Namespace:
         default=5,
         help="rounds of both sides, alternating which goes first; the best of each is compared",
     )
-    return parser.parse_args(argv)
+    parser.add_argument(
+        "--parallel",
+        type=int,
+        metavar="N",
+        help="N creates issued together through the API, against the bare script starting N "
+        "one after another (target ratio 1.2 instead of 0.9)",
+    )
+    options = parser.parse_args(argv)
+    if options.parallel is not None and options.parallel < 1:
+        parser.error("--parallel needs N >= 1")
+    return options
 
 
 if __name__ == "__main__":
     options = parse(sys.argv[1:])
-    sys.exit(main(lambda: run(max(1, options.rounds))))
+    sys.exit(main(lambda: run(max(1, options.rounds), options.parallel)))

@@ -47,7 +47,7 @@ def test_ip_boot_arg_matches_the_kernels_format() -> None:
 
 
 def test_summary_takes_the_best_round_and_per_phase_medians() -> None:
-    slow, fast = Round(seconds=4.0, cpu_seconds=0.8), Round(seconds=2.0)
+    slow, fast = Round(VMS, seconds=4.0, cpu_seconds=0.8), Round(VMS, seconds=2.0)
     for value in (0.1, 0.3):
         slow.add("create", value)
     fast.add("create", 0.2)
@@ -56,6 +56,14 @@ def test_summary_takes_the_best_round_and_per_phase_medians() -> None:
     assert summary["median_vms_per_second"] == (VMS / 4.0 + VMS / 2.0) / 2
     assert summary["phase_median_ms"] == {"create": 200.0}
     assert summary["cpu_ms_per_vm"] == round(0.4 / VMS * 1000, 1)
+    assert "remove_vms_per_second" not in summary  # the bare side's removal is not timed
+
+
+def test_summary_takes_the_fastest_removal_of_rounds_that_timed_one() -> None:
+    rounds = [Round(8, seconds=1.0, remove_seconds=0.5), Round(8, seconds=1.0, remove_seconds=0.4)]
+    summary = _summary(rounds)
+    assert summary["remove_vms_per_second"] == 20.0
+    assert summary["remove_round_seconds"] == [0.5, 0.4]
 
 
 def test_latency_ms_is_nearest_rank_in_milliseconds() -> None:
