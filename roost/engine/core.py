@@ -446,8 +446,10 @@ class Engine:
         """Stop the VM if it runs, then remove it and everything it holds."""
         with self.locks.hold(name, "remove"):
             self.allocator.check_run_dir_free(name)
-            self._stop(name, None, False, "remove")
-            self._forget(name, Steps("remove", name).done)
+            stopped = self._stop(name, None, False, "remove")
+            # a VMM stopped here had its host side released by the stop: not twice (each
+            # tap's rules cost two nftables runs)
+            self._forget(name, Steps("remove", name).done, released=stopped)
             self.events.publish("vm.deleted", vm=name)
 
     # ---- lifecycle internals --------------------------------------------------------------
@@ -616,12 +618,13 @@ class Engine:
         [row] = written  # drivers call `meanwhile` once for every change they complete
         return self._view(row)
 
-    def _stop(self, name: str, timeout: float | None, force: bool, operation: str) -> None:
-        """Stop the VM's VMM, if one runs, as part of `operation` (stop, restart or remove)."""
+    def _stop(self, name: str, timeout: float | None, force: bool, operation: str) -> bool:
+        """Stop the VM's VMM, if one runs, as part of `operation` (stop, restart or remove);
+        whether one did (and its host side was released)."""
         live = self.live.get(name)
         if live is None:
             self.records.status(name)  # a VM that does not exist is an error, a stopped one not
-            return
+            return False
         began = time.monotonic()
         steps = Steps(operation, name)
         self._set(name, status=VMStatus.STOPPING)
@@ -648,6 +651,7 @@ class Engine:
         )
         steps.done("stopped", "recorded the VM stopped")
         self.metrics.observe("stop", time.monotonic() - began)
+        return True
 
     def release_host(self, name: str, taps: Sequence[str] | None = None) -> list[str]:
         """Remove what only exists while the VMM runs: its taps, their rules and its sockets
@@ -739,12 +743,17 @@ class Engine:
         log.info("VM %s: observed address %s on interface %d", name, ip, index)
 
     def _forget(
-        self, name: str, done: Callable[[str, str], None] = lambda step, what: None
+        self,
+        name: str,
+        done: Callable[[str, str], None] = lambda step, what: None,
+        *,
+        released: bool = False,
     ) -> None:
-        """Remove the VM's record, leases, run dir, disk and any network it leaves empty;
-        `done` records each step (a remove's `Steps.done`)."""
-
-        self.release_host(name)
+        """Remove the VM's record, leases, run dir, disk and any network it leaves empty, and
+        its host side unless `released` already; `done` records each step (a remove's
+        `Steps.done`)."""
+        if not released:
+            self.release_host(name)
         emptied = self.db.transact(lambda session: self.allocator.forget(session, name))
         done("forgotten", "removed its record and leases")
         # after the record has gone: a forward added meanwhile then fails, or is closed here
