@@ -1,4 +1,4 @@
-"""The database connection: SQLite (WAL) by default, any SQLAlchemy URL when asked.
+"""The database connection: SQLite (WAL) by default, PostgreSQL when asked.
 
 Writers on SQLite take the write lock when their transaction begins (`BEGIN IMMEDIATE`) and
 wait for it (busy timeout), so concurrent requests queue instead of failing with "database is
@@ -7,6 +7,10 @@ writers first queue on a lock of their own: SQLite's busy handler polls with sle
 to 100 ms, so a writer that found the lock taken could sleep long after it was free (with a
 burst of creates most of their time went there), while a thread waiting on a lock wakes as soon
 as it is released. Everything SQLite-specific is in this module.
+
+On PostgreSQL (psycopg 3), writers run side by side under READ COMMITTED: the schema's unique
+keys and row locks keep them apart, and a transaction that lost a race (a unique value taken, a
+deadlock) runs again; migrations run in one transaction under a lock.
 """
 
 from __future__ import annotations
@@ -21,7 +25,7 @@ from typing import Any, TypeVar
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event, make_url
+from sqlalchemy import Connection, Engine, create_engine, event, make_url, text
 from sqlalchemy.exc import IntegrityError, OperationalError
 from sqlalchemy.orm import Session, sessionmaker
 
@@ -29,6 +33,11 @@ from roost.errors import NoSpaceError, UnavailableError
 
 MIGRATIONS = Path(__file__).parent / "migrations"
 BUSY_TIMEOUT_MS = 30_000
+# PostgreSQL's codes for a transaction that lost to a concurrent one and may simply run again
+RETRYABLE_SQLSTATES = frozenset({"40001", "40P01"})  # serialization failure, deadlock
+DISK_FULL_SQLSTATE = "53100"
+# one migrating process at a time per PostgreSQL database (key: "roost" in ASCII)
+MIGRATION_LOCK = 0x726F6F7374
 T = TypeVar("T")
 
 
@@ -38,6 +47,11 @@ def sqlite_url(state_dir: Path) -> str:
 
 def _is_sqlite(url: str) -> bool:
     return url.startswith("sqlite")
+
+
+def _sqlstate(error: Exception) -> str | None:
+    """PostgreSQL's code for the error a statement failed with (None from SQLite)."""
+    return getattr(getattr(error, "orig", None), "sqlstate", None)
 
 
 def _sqlite_file(url: str) -> Path | None:
@@ -62,7 +76,7 @@ def _reporting_full_disk() -> Iterator[None]:
     try:
         yield
     except OperationalError as error:
-        if "full" in str(error.orig):
+        if "full" in str(error.orig) or _sqlstate(error) == DISK_FULL_SQLSTATE:
             raise NoSpaceError(
                 "the filesystem of the daemon's database is full; free space there (or grow "
                 "it) and try again"
@@ -91,6 +105,31 @@ def _sqlite_engine(url: str, *, immediate: bool) -> Engine:
     return engine
 
 
+def _postgresql_engine(url: str) -> Engine:
+    """A pool as large as SQLite's; connections checked before use (a server restart, an
+    idle timeout), READ COMMITTED as PostgreSQL's default but stated: allocation relies on
+    it (a statement sees rows committed since the transaction began)."""
+    return create_engine(
+        url,
+        pool_size=8,
+        max_overflow=32,
+        pool_timeout=60,
+        pool_pre_ping=True,
+        isolation_level="READ COMMITTED",
+    )
+
+
+_ADVISORY_LOCK = text("SELECT pg_advisory_xact_lock(hashtext(:name))")
+
+
+def hold_lock(connection: Connection, name: str) -> None:
+    """Hold the lock `name` until the transaction ends, for an allocation that reads what is
+    free and then takes it: on PostgreSQL an advisory transaction lock, as writers run side by
+    side there; nothing on SQLite, whose writers hold the database's one write lock already."""
+    if connection.dialect.name == "postgresql":
+        connection.execute(_ADVISORY_LOCK, {"name": name})
+
+
 class Database:
     """Sessions for reading and for writing, and the schema's migrations."""
 
@@ -102,7 +141,7 @@ class Database:
             self._write_engine = _sqlite_engine(url, immediate=True)
             self._read_engine = _sqlite_engine(url, immediate=False)
         else:
-            self._write_engine = self._read_engine = create_engine(url, pool_pre_ping=True)
+            self._write_engine = self._read_engine = _postgresql_engine(url)
         # reentrant: a write opened inside another in one thread meets SQLite's lock as before
         self._writing: AbstractContextManager[object] = (
             threading.RLock() if _is_sqlite(url) else nullcontext()
@@ -116,7 +155,9 @@ class Database:
         On SQLite, foreign keys are off while the migrations run: a migration that changes a
         table's constraints copies it into a new table and drops the old one, and with foreign
         keys on, that drop would cascade into every row that refers to it (a VM's config
-        versions and leases). They are checked once the migrations are done."""
+        versions and leases). They are checked once the migrations are done. On PostgreSQL the
+        whole upgrade is one transaction, under a lock that makes another process migrating the
+        same database wait (and then find it up to date)."""
         config = Config()
         config.set_main_option("script_location", str(MIGRATIONS))
         with _reporting_full_disk(), self._write_engine.connect() as connection:
@@ -124,6 +165,8 @@ class Database:
             if raw is not None:  # outside any transaction, where SQLite heeds it
                 raw.execute("PRAGMA foreign_keys=OFF")
             try:
+                if connection.dialect.name == "postgresql":
+                    connection.exec_driver_sql(f"SELECT pg_advisory_xact_lock({MIGRATION_LOCK})")
                 config.attributes["connection"] = connection
                 command.upgrade(config, "head")
                 if raw is not None:
@@ -171,7 +214,8 @@ class Database:
 
     def transact(self, work: Callable[[Session], T], attempts: int = 8) -> T:
         """Run `work` in a write transaction, again from scratch when a concurrent writer took
-        the same unique value (a random MAC, the lowest free CID) or the lock timed out."""
+        the same unique value (a random MAC, the lowest free CID), the lock timed out (SQLite)
+        or PostgreSQL chose it as a deadlock's victim."""
 
         def once() -> T:
             with self.write() as session:
@@ -200,7 +244,11 @@ def _retried(attempt: Callable[[], T], attempts: int) -> T:
         try:
             return attempt()
         except (IntegrityError, OperationalError) as error:
-            retryable = isinstance(error, IntegrityError) or "locked" in str(error)
+            retryable = (
+                isinstance(error, IntegrityError)
+                or "locked" in str(error)
+                or _sqlstate(error) in RETRYABLE_SQLSTATES
+            )
             if not retryable or number == attempts - 1:
                 raise
             time.sleep(0.001 * 2**number)

@@ -77,14 +77,14 @@ def upgrade() -> None:
 
 def downgrade() -> None:
     with op.batch_alter_table("ip_leases") as batch:
-        batch.drop_constraint("ck_ip_leases_purpose", type_="check")
+        batch.drop_constraint(op.f("ck_ip_leases_purpose"), type_="check")
         batch.drop_constraint("uq_ip_leases_vm_id", type_="unique")
         batch.create_unique_constraint("uq_ip_leases_vm_id", ["vm_id"])
         batch.drop_column("purpose")
     with op.batch_alter_table("vm_configs") as batch:
         batch.drop_column("effective")
     with op.batch_alter_table("vms") as batch:
-        batch.drop_constraint("ck_vms_restart_required", type_="check")
-        batch.drop_constraint("ck_vms_running_version", type_="check")
+        batch.drop_constraint(op.f("ck_vms_restart_required"), type_="check")
+        batch.drop_constraint(op.f("ck_vms_running_version"), type_="check")
         batch.drop_column("restart_required")
         batch.drop_column("running_version")

@@ -1,9 +1,9 @@
 """Listing VMs by plugin, status, label and network mode without reading every VM: indexes on
 `vms.plugin_id` and `vms.status`; `vm_labels`, each VM's labels as of its latest config version;
 `vms.modes`, the modes of the interfaces it has now (`,bridged,dhcp,`; empty for none, a vsock
-VM). Both are kept by triggers, so no writer can leave them stale. SQLite drops a table's
-triggers with it: a later migration that recreates `vms` (batch mode) must create `TRIGGERS`
-again.
+VM). Both are kept by triggers, so no writer can leave them stale (on PostgreSQL, trigger
+functions doing the same: `PG_FUNCTIONS`, `PG_TRIGGERS`). SQLite drops a table's triggers with
+it: a later migration that recreates `vms` (batch mode) must create `TRIGGERS` again.
 
 Revision ID: 0010
 Revises: 0009
@@ -55,6 +55,54 @@ TRIGGERS = {
     ),
 }
 
+# PostgreSQL: the same from its JSON functions (`modes`' order may differ: it is only searched)
+_PG_MODES = (
+    "coalesce(',' || (SELECT string_agg(DISTINCT i -> 'effective' ->> 'mode', ',') "
+    "FROM json_array_elements({network} -> 'interfaces') i) || ',', '')"
+)
+_PG_LABELS = (
+    "json_each_text(CASE WHEN json_typeof({config} -> 'labels') = 'object' "
+    "THEN {config} -> 'labels' END)"
+)
+PG_FUNCTIONS = {
+    "vm_labels_relabel(vm integer) RETURNS void LANGUAGE sql": f"""
+        DELETE FROM vm_labels WHERE vm_id = vm;
+        INSERT INTO vm_labels (vm_id, key, value)
+            SELECT c.vm_id, l.key, l.value
+            FROM vm_configs c, {_PG_LABELS.format(config="c.config")} l
+            WHERE c.vm_id = vm AND c.version = (SELECT config_version FROM vms WHERE id = vm);
+    """,
+    "vms_modes() RETURNS trigger LANGUAGE plpgsql": f"""
+        BEGIN
+            NEW.modes := {_PG_MODES.format(network="NEW.network")};
+            RETURN NEW;
+        END
+    """,
+    "vm_labels_on_config() RETURNS trigger LANGUAGE plpgsql": """
+        BEGIN
+            IF NEW.version = (SELECT config_version FROM vms WHERE id = NEW.vm_id) THEN
+                PERFORM vm_labels_relabel(NEW.vm_id);
+            END IF;
+            RETURN NULL;
+        END
+    """,
+    "vm_labels_on_latest() RETURNS trigger LANGUAGE plpgsql": """
+        BEGIN
+            PERFORM vm_labels_relabel(NEW.id);
+            RETURN NULL;
+        END
+    """,
+}
+PG_TRIGGERS = {
+    "vms_modes": "BEFORE INSERT OR UPDATE OF network ON vms",
+    "vm_labels_on_config": "AFTER INSERT ON vm_configs",
+    "vm_labels_on_latest": "AFTER UPDATE OF config_version ON vms",
+}
+
+
+def _on_postgresql() -> bool:
+    return bool(op.get_bind().dialect.name == "postgresql")
+
 
 def upgrade() -> None:
     with op.batch_alter_table("vms") as batch:
@@ -74,19 +122,36 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("vm_id", "key", name=op.f("pk_vm_labels")),
     )
     op.create_index("ix_vm_labels_key_value", "vm_labels", ["key", "value", "vm_id"])
-    op.execute(f"UPDATE vms SET modes = {_MODES.format(network='vms.network')}")
+    if _on_postgresql():
+        op.execute(f"UPDATE vms SET modes = {_PG_MODES.format(network='vms.network')}")
+        labels = _PG_LABELS.format(config="c.config")
+    else:
+        op.execute(f"UPDATE vms SET modes = {_MODES.format(network='vms.network')}")
+        labels = "json_each(c.config, '$.labels')"
     op.execute(
         "INSERT INTO vm_labels (vm_id, key, value) "
         "SELECT c.vm_id, l.key, l.value FROM vms v JOIN vm_configs c "
-        "ON c.vm_id = v.id AND c.version = v.config_version, json_each(c.config, '$.labels') l"
+        f"ON c.vm_id = v.id AND c.version = v.config_version, {labels} l"
     )
+    if _on_postgresql():
+        for signature, body in PG_FUNCTIONS.items():
+            op.execute(f"CREATE FUNCTION {signature} AS $${body}$$")
+        for name, when in PG_TRIGGERS.items():
+            op.execute(f"CREATE TRIGGER {name} {when} FOR EACH ROW EXECUTE FUNCTION {name}()")
+        return
     for name, (when, body) in TRIGGERS.items():
         op.execute(f"CREATE TRIGGER {name} {when} BEGIN {body} END")
 
 
 def downgrade() -> None:
-    for name in TRIGGERS:
-        op.execute(f"DROP TRIGGER {name}")
+    if _on_postgresql():
+        for name, when in PG_TRIGGERS.items():
+            op.execute(f"DROP TRIGGER {name} ON {when.split()[-1]}")
+        for signature in PG_FUNCTIONS:
+            op.execute(f"DROP FUNCTION {signature.split(' RETURNS')[0]}")
+    else:
+        for name in TRIGGERS:
+            op.execute(f"DROP TRIGGER {name}")
     op.drop_index("ix_vm_labels_key_value", table_name="vm_labels")
     op.drop_table("vm_labels")
     with op.batch_alter_table("vms") as batch:

@@ -22,6 +22,11 @@ _ARTIFACTS_OF = (
     "SELECT {config}.vm_id, {config}.version, a.key, json_extract(a.value, '$.sha256') "
     "FROM {source} json_each({config}.artifacts) a"
 )
+_PG_ARTIFACTS_OF = (
+    "INSERT INTO vm_artifacts (vm_id, version, role, sha256) "
+    "SELECT {config}.vm_id, {config}.version, a.key, a.value ->> 'sha256' "
+    "FROM {source} json_each({config}.artifacts) a"
+)
 
 
 def upgrade() -> None:
@@ -40,6 +45,17 @@ def upgrade() -> None:
         sa.PrimaryKeyConstraint("vm_id", "version", "role", name=op.f("pk_vm_artifacts")),
     )
     op.create_index("ix_vm_artifacts_sha256", "vm_artifacts", ["sha256"])
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute(_PG_ARTIFACTS_OF.format(config="c", source="vm_configs c,"))
+        op.execute(
+            "CREATE FUNCTION vm_artifacts_on_config() RETURNS trigger LANGUAGE plpgsql AS $$ "
+            f"BEGIN {_PG_ARTIFACTS_OF.format(config='NEW', source='')}; RETURN NULL; END $$"
+        )
+        op.execute(
+            "CREATE TRIGGER vm_artifacts_on_config AFTER INSERT ON vm_configs "
+            "FOR EACH ROW EXECUTE FUNCTION vm_artifacts_on_config()"
+        )
+        return
     op.execute(_ARTIFACTS_OF.format(config="c", source="vm_configs c,"))
     op.execute(
         "CREATE TRIGGER vm_artifacts_on_config AFTER INSERT ON vm_configs BEGIN "
@@ -48,6 +64,10 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    op.execute("DROP TRIGGER vm_artifacts_on_config")
+    if op.get_bind().dialect.name == "postgresql":
+        op.execute("DROP TRIGGER vm_artifacts_on_config ON vm_configs")
+        op.execute("DROP FUNCTION vm_artifacts_on_config()")
+    else:
+        op.execute("DROP TRIGGER vm_artifacts_on_config")
     op.drop_index("ix_vm_artifacts_sha256", table_name="vm_artifacts")
     op.drop_table("vm_artifacts")
