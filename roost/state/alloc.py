@@ -19,6 +19,7 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select,
 from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError
+from roost.state.db import hold_lock
 from roost.state.models import VM, CIDLease, IPLease, Network, VMNic, utcnow
 
 MIN_CID = 3  # 0-2 are the hypervisor, local and host
@@ -32,6 +33,7 @@ TAP_MAC_PREFIX = "fe"
 
 
 ON_DEMAND, MANAGED, EXTERNAL = "on-demand", "managed", "external"  # a network's kind
+NETWORKS_LOCK = "networks"  # held by a transaction adding a network (see `db.hold_lock`)
 
 
 @dataclass(frozen=True)
@@ -134,6 +136,12 @@ _DROP_LEASE = delete(IPLease).where(
     IPLease.purpose == bindparam("purpose"),
 )
 _ADD_LEASE = insert(IPLease)
+# the network's row, locked until the transaction ends: concurrent auto-assignments on one
+# network take turns (on PostgreSQL; SQLite's writers do anyway), each reading the hint and the
+# leases the one before committed instead of all choosing the same address
+_LOCKED_HINT = (
+    select(Network.next_hint).where(Network.id == bindparam("network_id")).with_for_update()
+)
 _SET_HINT = (
     update(Network).where(Network.id == bindparam("network_id")).values(next_hint=bindparam("hint"))
 )
@@ -191,6 +199,9 @@ def ensure_network(
     subnet, a subnet overlapping another network, or one of an external network (whose bridge
     roost may not give an address) is a conflict naming that network."""
     found = network_by_subnet(session, subnet)
+    if found is None:  # or made by a create that held the lock while this one waited for it
+        hold_lock(session.connection(), NETWORKS_LOCK)
+        found = network_by_subnet(session, subnet)
     if found is not None:
         if found.kind == EXTERNAL:
             raise ConflictError(
@@ -226,6 +237,7 @@ def add_network(
     """Record a new network (its bridge `rbr<id>` unless named); a subnet overlapping another
     network's, or its IPv6 prefix, is 409 `subnet_overlap`, a name or bridge another network
     has 409 `conflict`."""
+    hold_lock(session.connection(), NETWORKS_LOCK)  # what the checks find stays true until commit
     if subnet is not None:
         check_no_overlap(session, subnet)
     if ipv6_prefix is not None:  # /64s overlap only when equal
@@ -323,7 +335,9 @@ def _next_free(connection: Connection, network: NetworkRow) -> int:
         leased = _leased_from(connection, network.id, start, end)
         return first_gap(heapq.merge(leased, reserved), start, end)
 
-    hint = min(max(network.next_hint, low), high)
+    next_hint = connection.execute(_LOCKED_HINT, {"network_id": network.id}).scalar_one()
+    assert next_hint is not None, f"network {network.name!r} has a subnet and so a hint"
+    hint = min(max(next_hint, low), high)
     found = search(hint, high)
     if found is None and hint > low:
         found = search(low, hint - 1)
@@ -421,6 +435,7 @@ def allocate_cid(session: Session, vm: Holder) -> int:
     held = connection.execute(_CID_OF, {"vm_id": vm.id}).scalar()
     if held is not None:
         return int(held)
+    hold_lock(connection, "cid_leases")  # else concurrent creates all choose the highest + 1
     highest = connection.execute(_HIGHEST_CID).scalar()
     following = MIN_CID if highest is None else int(highest) + 1
     cid = following if following <= MAX_CID else first_gap(_cids_from(connection), MIN_CID, MAX_CID)
