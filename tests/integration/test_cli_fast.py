@@ -76,3 +76,25 @@ def test_vm_list_over_the_unix_socket_lists_the_vms(daemon: Daemon) -> None:
     code, stdout, stderr = roost("--api", daemon.api, "vm", "list", "--json")
     assert (code, stderr) == (0, "")
     assert [vm["name"] for vm in json.loads(stdout)] == ["web"]
+
+
+@pytest.mark.parametrize("as_json", [[], ["--json"]])
+def test_a_closed_stdout_ends_vm_show_alike_with_and_without_the_tree(
+    daemon: Daemon, as_json: list[str]
+) -> None:
+    def closed_stdout(*api: str) -> tuple[int, str]:
+        read_end, write_end = os.pipe()
+        os.close(read_end)  # whatever is written now is EPIPE
+        try:
+            finished = subprocess.run(
+                [str(ROOST), *api, "vm", "show", "web", *as_json],
+                stdout=write_end,
+                stderr=subprocess.PIPE,
+                text=True,
+                check=False,
+            )
+        finally:
+            os.close(write_end)
+        return finished.returncode, finished.stderr
+
+    assert closed_stdout("--api", daemon.api) == closed_stdout(f"--api={daemon.api}") == (1, "")
