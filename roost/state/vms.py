@@ -27,7 +27,10 @@ from sqlalchemy import (
     update,
 )
 from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.orm import Session
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.functions import GenericFunction
 
 from roost.errors import ConflictError, NotFoundError
 from roost.plan.network import EffectiveNetwork, NetworkPlan
@@ -61,11 +64,74 @@ LIVE = frozenset({VMStatus.STARTING, VMStatus.RUNNING, VMStatus.PAUSED, VMStatus
 
 Row = Mapping[Any, Any]
 
+
+# SQLite's JSON and string functions the listing uses, each with PostgreSQL's equivalent: the
+# aggregates' text (`nics_json`, `labels_json` read it) is the same JSON on both.
+class _JSONObject(GenericFunction[Any]):
+    name = "json_object"
+    _register = False
+    inherit_cache = True
+
+
+class _JSONGroupArray(GenericFunction[Any]):
+    name = "json_group_array"
+    _register = False
+    inherit_cache = True
+
+
+class _JSONGroupObject(GenericFunction[Any]):
+    name = "json_group_object"
+    _register = False
+    inherit_cache = True
+
+
+class _Resources(GenericFunction[Any]):
+    """`{"resources": ...}` of a JSON document, `{}` without any."""
+
+    name = "resources"
+    _register = False
+    inherit_cache = True
+
+
+class _Position(GenericFunction[Any]):
+    """Where a string first occurs in another, from 1 (0: nowhere)."""
+
+    name = "instr"
+    _register = False
+    inherit_cache = True
+
+
+@compiles(_Resources)
+def _sqlite_resources(element: _Resources, compiler: SQLCompiler, **kw: Any) -> str:
+    document = compiler.process(element.clauses, **kw)
+    return (
+        f"json_object('resources', json(coalesce(json_extract({document}, '$.resources'), '{{}}')))"
+    )
+
+
+@compiles(_Resources, "postgresql")
+def _pg_resources(element: _Resources, compiler: SQLCompiler, **kw: Any) -> str:
+    document = compiler.process(element.clauses, **kw)
+    return f"json_build_object('resources', coalesce({document} -> 'resources', '{{}}'::json))"
+
+
+def _pg_as(template: str) -> Callable[[Any, SQLCompiler], str]:
+    def render(element: Any, compiler: SQLCompiler, **kw: Any) -> str:
+        return template.format(compiler.process(element.clauses, **kw))
+
+    return render
+
+
+compiles(_JSONObject, "postgresql")(_pg_as("json_build_object({})"))
+compiles(_JSONGroupArray, "postgresql")(_pg_as("CAST(json_agg({}) AS TEXT)"))
+compiles(_JSONGroupObject, "postgresql")(_pg_as("CAST(json_object_agg({}) AS TEXT)"))
+compiles(_Position, "postgresql")(_pg_as("strpos({})"))
+
 # A VM's interfaces as one JSON array (`nics_json` reads it), for the one query of its view.
 _NICS = (
     select(
-        func.json_group_array(
-            func.json_object(
+        _JSONGroupArray(
+            _JSONObject(
                 "index",
                 VMNic.index,
                 "mac",
@@ -85,7 +151,7 @@ _NICS = (
 
 # A VM's labels (those of its latest config version: they apply at once) as one JSON object.
 _LABELS = (
-    select(func.json_group_object(VMLabel.key, VMLabel.value))
+    select(_JSONGroupObject(VMLabel.key, VMLabel.value))
     .where(VMLabel.vm_id == VM.id)
     .scalar_subquery()
 )
@@ -94,8 +160,7 @@ _LABELS = (
 def _resources_of(document: Any) -> Any:
     """`{"resources": ...}` of a config or manifest column, `{}` without any: all a VM's view
     reads of them (decoding each VM's whole manifest was a tenth of a listing)."""
-    resources = func.json(func.coalesce(func.json_extract(document, "$.resources"), "{}"))
-    return type_coerce(func.json_object("resources", resources), JSON)
+    return type_coerce(_Resources(document), JSON)
 
 
 # Everything a VM's JSON needs, in one query: the VM's columns, its plugin's name, its CID, its
@@ -317,7 +382,7 @@ class VMQuery:
         if self.mode is NetworkMode.VSOCK:
             statement = statement.where(VM.modes == "")
         elif self.mode is not None:
-            statement = statement.where(func.instr(VM.modes, f",{self.mode.value},") > 0)
+            statement = statement.where(_Position(VM.modes, f",{self.mode.value},") > 0)
         if self.after is not None:
             statement = statement.where(VM.name > self.after)
         return statement.order_by(VM.name).limit(self.limit)
