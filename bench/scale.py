@@ -32,7 +32,16 @@ from urllib.parse import urlencode
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/
 
-from bench._common import cleanup, expect, latency_ms, log, main, namespace, percentile
+from bench._common import (
+    cleanup,
+    cpu_seconds,
+    expect,
+    latency_ms,
+    log,
+    main,
+    namespace,
+    percentile,
+)
 from tests.harness import Daemon, short_tmp, write_plugin
 
 PLUGIN = "scale"
@@ -170,8 +179,9 @@ def timed(client: UnixClient, path: str, samples: int) -> list[float]:
     return seconds
 
 
-def listings(client: UnixClient, count: int) -> dict[str, Any]:
-    """Whole listings and single VMs' views, once `count` VMs exist."""
+def listings(client: UnixClient, count: int, pid: int) -> dict[str, Any]:
+    """Whole listings and single VMs' views, once `count` VMs exist; with the daemon's CPU time
+    per listing, which others' load on the machine changes far less than the wall time."""
     body = client.call("GET", "/v1/vms")
     found = json.loads(body)
     if len(found) != count:
@@ -183,8 +193,12 @@ def listings(client: UnixClient, count: int) -> dict[str, Any]:
         started = time.perf_counter()
         client.call("GET", path)
         show_seconds.append(time.perf_counter() - started)
+    cpu = cpu_seconds(pid)
+    listed = timed(client, "/v1/vms", samples)
+    list_cpu_ms = (cpu_seconds(pid) - cpu) / samples * 1000
     return {
-        "list_ms": latency_ms(timed(client, "/v1/vms", samples)),
+        "list_ms": latency_ms(listed),
+        "list_cpu_ms": round(list_cpu_ms, 1),
         "list_samples": samples,
         "list_bytes": len(body),
         "show_p50_ms": round(percentile(show_seconds, 50) * 1000, 3),
@@ -278,21 +292,30 @@ def run(maximum: int) -> dict[str, Any]:
         stack.callback(client.close)
         made = 0
         for step in steps_to(maximum):
+            cpu = cpu_seconds(pid)
             seconds = in_threads(daemon.socket, range(made, step), create)
             rate = (step - made) / seconds
+            cpu_ms = (cpu_seconds(pid) - cpu) / (step - made) * 1000
             made = step
             figures["steps"].append(
-                {"vms": step, "creates_per_second": round(rate, 1), **memory(pid)}
+                {
+                    "vms": step,
+                    "creates_per_second": round(rate, 1),
+                    "daemon_cpu_ms_per_create": round(cpu_ms, 2),
+                    **memory(pid),
+                }
             )
             log(f"{step} VMs: {rate:.1f} creates/s, daemon RSS {rss_mib(pid)} MiB")
             if step in (1_000, maximum):
-                figures["at"][str(step)] = listings(client, step)
+                figures["at"][str(step)] = listings(client, step, pid)
                 log(f"  listings at {step}: {figures['at'][str(step)]}")
         figures["at"][str(maximum)] |= pages(client, maximum)
         figures["vm_list_q_seconds"] = cli_list_seconds(daemon.api, maximum)
         log(f"  pages and CLI at {maximum}: {figures['at'][str(maximum)]}")
+        cpu = cpu_seconds(pid)
         seconds = in_threads(daemon.socket, range(maximum), delete)
         figures["deletes_per_second"] = round(maximum / seconds, 1)
+        figures["daemon_cpu_ms_per_delete"] = round((cpu_seconds(pid) - cpu) / maximum * 1000, 2)
         log(f"deleted {maximum} VMs: {figures['deletes_per_second']} deletes/s")
         figures["after_deletes"] = memory(pid)
         if json.loads(client.call("GET", "/v1/vms")):
