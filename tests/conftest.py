@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from roost.state.db import Database, sqlite_url
 from tests.harness import (
     FIRECRACKER,
     INITRAMFS,
@@ -18,6 +19,7 @@ from tests.harness import (
     network_namespace,
     short_tmp,
 )
+from tests.postgres import PostgresServer, missing_reason
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -43,6 +45,40 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
 def netns() -> Iterator[str]:
     with network_namespace() as name:
         yield name
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (tests/postgres.py), made when a test
+    first asks for it; skipped, saying why, only where PostgreSQL is not installed."""
+    reason = missing_reason()
+    if reason is not None:
+        pytest.skip(reason)
+    with PostgresServer() as server:
+        yield server
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty database's URL, on each backend in turn: what the state layer promises holds
+    on both."""
+    if request.param == "sqlite":
+        return sqlite_url(tmp_path)
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.database()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def migrated_database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """As `database_url`, with roost's schema at head (on PostgreSQL a copy of a database
+    migrated once per session)."""
+    if request.param == "sqlite":
+        database = Database(sqlite_url(tmp_path))
+        database.migrate()
+        database.dispose()
+        return database.url
+    server: PostgresServer = request.getfixturevalue("postgres")
+    return server.database(migrated=True)
 
 
 @pytest.fixture

@@ -309,9 +309,17 @@ class FakeObserver:
 class World:
     """An engine on fakes, and what the tests look at."""
 
-    def __init__(self, root: Path, *, dhcp_bridge: str | None = None, install: bool = True) -> None:
+    def __init__(
+        self,
+        root: Path,
+        *,
+        dhcp_bridge: str | None = None,
+        install: bool = True,
+        database_url: str | None = None,
+    ) -> None:
+        """`database_url` is SQLite's under `root` unless given (`database_url` fixture)."""
         self.root = root
-        self.db = Database(sqlite_url(root))
+        self.db = Database(database_url or sqlite_url(root))
         self.db.migrate()
         self.links, self.firewall, self.driver = FakeLinks(), FakeFirewall(), FakeDriver()
         self.adverts = FakeAdverts()

@@ -1,21 +1,20 @@
-"""CNI in the database, on real SQLite: migration 0009 (networks of kind `cni`, with a conflist
-and no bridge; the attachments table) and back; and the attachments a VM's cni interfaces
-hold, kept by the VM's name until DEL has run, past the VM's own record."""
+"""CNI in the database, on real SQLite and PostgreSQL: migration 0009 (networks of kind `cni`,
+with a conflist and no bridge; the attachments table) and back; and the attachments a VM's cni
+interfaces hold, kept by the VM's name until DEL has run, past the VM's own record."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 from alembic import command
-from sqlalchemy import create_engine, delete, text
+from sqlalchemy import create_engine, delete, inspect, text
 from sqlalchemy.exc import IntegrityError
 
 from roost.errors import ConflictError
 from roost.state import cni
-from roost.state.db import Database, sqlite_url
+from roost.state.db import Database
 from roost.state.models import VM
 from tests.integration.test_migrations import alembic_config, upgraded
 from tests.integration.test_state import make_vms
@@ -48,9 +47,9 @@ def refused(url: str, statement: str) -> None:
 
 
 def test_version_eight_databases_keep_their_networks_and_take_cni_ones_and_back(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    url = sqlite_url(tmp_path)
+    url = database_url
     config = alembic_config()
     engine = create_engine(url)
     with upgraded(engine, config, "0008") as connection:
@@ -69,29 +68,30 @@ def test_version_eight_databases_keep_their_networks_and_take_cni_ones_and_back(
     conflist = json.dumps(CONFLIST)
     insert(
         url,
-        "INSERT INTO networks (name, kind, conflist, created_at) "
-        f"VALUES ('cninet', 'cni', '{conflist}', '2026-01-01')",
+        "INSERT INTO networks (id, name, kind, conflist, created_at) "
+        f"VALUES (2, 'cninet', 'cni', '{conflist}', '2026-01-01')",
         'INSERT INTO cni_attachments (vm, "index", network, container_id, netns, ifname, '
         "conflist, args, capability_args, created_at) VALUES ('gone', 0, 'cninet', 'roost-gone', "
         f"'/run/netns/roost-vm-gone', 'eth0', '{conflist}', '{{}}', '{{}}', '2026-01-01')",
     )
     for statement in (
         # a cni network has no bridge, and has a conflist; the other kinds the other way round
-        "INSERT INTO networks (name, kind, bridge, conflist, created_at) "
-        f"VALUES ('c2', 'cni', 'br-c2', '{conflist}', '2026-01-01')",
-        "INSERT INTO networks (name, kind, created_at) VALUES ('c3', 'cni', '2026-01-01')",
-        "INSERT INTO networks (name, kind, created_at) VALUES ('e1', 'external', '2026-01-01')",
-        "INSERT INTO networks (name, kind, bridge, conflist, created_at) "
-        f"VALUES ('e2', 'external', 'br-e2', '{conflist}', '2026-01-01')",
-        "INSERT INTO networks (name, kind, bridge, created_at) "
-        "VALUES ('m1', 'managed', 'br-m1', '2026-01-01')",
+        "INSERT INTO networks (id, name, kind, bridge, conflist, created_at) "
+        f"VALUES (3, 'c2', 'cni', 'br-c2', '{conflist}', '2026-01-01')",
+        "INSERT INTO networks (id, name, kind, created_at) VALUES (4, 'c3', 'cni', '2026-01-01')",
+        "INSERT INTO networks (id, name, kind, created_at) "
+        "VALUES (5, 'e1', 'external', '2026-01-01')",
+        "INSERT INTO networks (id, name, kind, bridge, conflist, created_at) "
+        f"VALUES (6, 'e2', 'external', 'br-e2', '{conflist}', '2026-01-01')",
+        "INSERT INTO networks (id, name, kind, bridge, created_at) "
+        "VALUES (7, 'm1', 'managed', 'br-m1', '2026-01-01')",
         # one attachment per interface of a VM, and at most eight interfaces
-        'INSERT INTO cni_attachments (vm, "index", network, container_id, netns, ifname, '
-        "conflist, args, capability_args, created_at) VALUES ('gone', 0, 'x', 'c', 'n', 'eth0', "
-        "'{}', '{}', '{}', '2026-01-01')",
-        'INSERT INTO cni_attachments (vm, "index", network, container_id, netns, ifname, '
-        "conflist, args, capability_args, created_at) VALUES ('gone', 8, 'x', 'c', 'n', 'eth8', "
-        "'{}', '{}', '{}', '2026-01-01')",
+        'INSERT INTO cni_attachments (id, vm, "index", network, container_id, netns, ifname, '
+        "conflist, args, capability_args, created_at) VALUES (2, 'gone', 0, 'x', 'c', 'n', "
+        "'eth0', '{}', '{}', '{}', '2026-01-01')",
+        'INSERT INTO cni_attachments (id, vm, "index", network, container_id, netns, ifname, '
+        "conflist, args, capability_args, created_at) VALUES (3, 'gone', 8, 'x', 'c', 'n', "
+        "'eth8', '{}', '{}', '{}', '2026-01-01')",
     ):
         refused(url, statement)
 
@@ -102,20 +102,24 @@ def test_version_eight_databases_keep_their_networks_and_take_cni_ones_and_back(
     with engine.begin() as connection:
         rows = connection.execute(text("SELECT name, kind, bridge FROM networks"))
         assert [tuple(row) for row in rows] == [("lan", "managed", "rbr1")]
-        tables = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
-        assert "cni_attachments" not in {row[0] for row in tables}
+        assert "cni_attachments" not in inspect(connection).get_table_names()
     engine.dispose()
     # the old rules again: every network has a bridge, and there are three kinds
-    refused(url, "INSERT INTO networks (name, kind, created_at) VALUES ('e', 'external', '2026')")
     refused(
         url,
-        "INSERT INTO networks (name, kind, bridge, created_at) VALUES ('c', 'cni', 'b', '2026')",
+        "INSERT INTO networks (id, name, kind, created_at) "
+        "VALUES (2, 'e', 'external', '2026-01-01')",
+    )
+    refused(
+        url,
+        "INSERT INTO networks (id, name, kind, bridge, created_at) "
+        "VALUES (2, 'c', 'cni', 'b', '2026-01-01')",
     )
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(sqlite_url(tmp_path))
+def db(migrated_database_url: str) -> Iterator[Database]:
+    database = Database(migrated_database_url)
     database.migrate()
     yield database
     database.dispose()

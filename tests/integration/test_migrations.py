@@ -2,23 +2,23 @@
 each version gets its `effective`, a running VM its `running_version`, each lease `current`. One
 made before Cloud Hypervisor keeps its VMs and takes its vsock backend; one made before named
 networks keeps its networks, as on-demand ones. One made before several NICs per VM keeps each
-VM's NIC as its first interface (and gets it back on a downgrade)."""
+VM's NIC as its first interface (and gets it back on a downgrade). Each on SQLite and on
+PostgreSQL: one history for both."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
 from contextlib import contextmanager
-from pathlib import Path
 from typing import Any
 
 import pytest
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, text
+from sqlalchemy import Connection, Engine, create_engine, inspect, text
 from sqlalchemy.exc import IntegrityError
 
-from roost.state.db import MIGRATIONS, Database, sqlite_url
+from roost.state.db import MIGRATIONS, Database
 
 
 def alembic_config() -> Config:
@@ -26,6 +26,20 @@ def alembic_config() -> Config:
     config = Config()
     config.set_main_option("script_location", str(MIGRATIONS))
     return config
+
+
+def decoded(value: Any) -> Any:
+    """A JSON column as a query returns it: text from SQLite, decoded already by psycopg."""
+    return json.loads(value) if isinstance(value, str) else value
+
+
+def trigger_names(connection: Connection) -> set[str]:
+    """The triggers the database has (PostgreSQL's: on roost's tables, not its own)."""
+    if connection.dialect.name == "postgresql":
+        query = "SELECT tgname FROM pg_trigger WHERE NOT tgisinternal"
+    else:
+        query = "SELECT name FROM sqlite_master WHERE type = 'trigger'"
+    return set(connection.execute(text(query)).scalars())
 
 
 @contextmanager
@@ -38,9 +52,9 @@ def upgraded(engine: Engine, config: Config, revision: str) -> Iterator[Connecti
 
 
 def test_version_two_databases_get_effective_configs_and_running_versions(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    url = sqlite_url(tmp_path)
+    url = database_url
     config = alembic_config()
     engine = create_engine(url)
     with upgraded(engine, config, "0002") as connection:
@@ -76,7 +90,9 @@ def test_version_two_databases_get_effective_configs_and_running_versions(
                 f"(2, {168361985 + vm_id}, {vm_id}, '2026-01-01')",
                 f"INSERT INTO cid_leases (cid, vm_id) VALUES ({2 + vm_id}, {vm_id})",
             ]
-        statements.append("INSERT INTO pending_creates (name, started_at) VALUES ('x', '2026')")
+        statements.append(
+            "INSERT INTO pending_creates (name, started_at) VALUES ('x', '2026-01-01')"
+        )
         for statement in statements:
             connection.execute(text(statement))
     engine.dispose()
@@ -132,13 +148,13 @@ def test_version_two_databases_get_effective_configs_and_running_versions(
         ("vm1", 1, False),
         ("vm2", None, False),
     ]
-    assert [json.loads(r.effective) for r in rows] == [expected, expected]
+    assert [decoded(r.effective) for r in rows] == [expected, expected]
 
 
 def test_version_four_databases_accept_cloud_hypervisors_vsock_and_keep_their_vms(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    url = sqlite_url(tmp_path)
+    url = database_url
     config = alembic_config()
     engine = create_engine(url)
     with upgraded(engine, config, "0004") as connection:
@@ -167,9 +183,9 @@ def test_version_four_databases_accept_cloud_hypervisors_vsock_and_keep_their_vm
 
 
 def test_version_five_databases_keep_their_networks_as_on_demand_ones_and_take_named_ones(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    url = sqlite_url(tmp_path)
+    url = database_url
     config = alembic_config()
     engine = create_engine(url)
     with upgraded(engine, config, "0005") as connection:
@@ -192,16 +208,16 @@ def test_version_five_databases_keep_their_networks_as_on_demand_ones_and_take_n
     with engine.begin() as connection:  # an external network needs no subnet
         connection.execute(
             text(
-                "INSERT INTO networks (name, kind, bridge, created_at) "
-                "VALUES ('ext', 'external', 'br-ext', '2026-01-01')"
+                "INSERT INTO networks (id, name, kind, bridge, created_at) "
+                "VALUES (2, 'ext', 'external', 'br-ext', '2026-01-01')"
             )
         )
     for kind in ("managed", "bridge"):  # a managed one does; and there are three kinds
         with pytest.raises(IntegrityError), engine.begin() as connection:
             connection.execute(
                 text(
-                    "INSERT INTO networks (name, kind, bridge, created_at) "
-                    f"VALUES ('n', '{kind}', 'br-n', '2026-01-01')"
+                    "INSERT INTO networks (id, name, kind, bridge, created_at) "
+                    f"VALUES (3, 'n', '{kind}', 'br-n', '2026-01-01')"
                 )
             )
     engine.dispose()
@@ -293,9 +309,9 @@ def _version_six_with_vms(url: str, config: Config) -> None:
 
 
 def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
-    url = sqlite_url(tmp_path)
+    url = database_url
     config = alembic_config()
     _version_six_with_vms(url, config)
 
@@ -312,7 +328,7 @@ def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
         leases = connection.execute(text("SELECT vm_id, interface, purpose FROM ip_leases"))
         assert [tuple(row) for row in leases] == [(1, 0, "current")]
         networks = dict(connection.execute(text("SELECT name, network FROM vms")).all())
-        web, quiet = json.loads(networks["web"]), json.loads(networks["quiet"])
+        web, quiet = decoded(networks["web"]), decoded(networks["quiet"])
         assert web == {
             "network": BRIDGED,
             "interfaces": [
@@ -329,8 +345,8 @@ def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
         }
         assert (quiet["network"], quiet["interfaces"]) == (VSOCK, [])
         effective = dict(connection.execute(text("SELECT vm_id, effective FROM vm_configs")).all())
-        assert json.loads(effective[2])["interfaces"] == []
-        [interface] = json.loads(effective[1])["interfaces"]
+        assert decoded(effective[2])["interfaces"] == []
+        [interface] = decoded(effective[1])["interfaces"]
         assert interface == {
             "name": "eth0",
             "mode": "bridged",
@@ -386,7 +402,7 @@ def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
         command.downgrade(config, "0006")
     with engine.begin() as connection:
         vms = connection.execute(text("SELECT name, mac, tap, observed_ip, network FROM vms"))
-        assert [(*row[:4], json.loads(row[4])) for row in vms] == [
+        assert [(*row[:4], decoded(row[4])) for row in vms] == [
             (
                 "web",
                 "02:00:00:00:00:01",
@@ -399,15 +415,15 @@ def test_version_six_databases_move_each_vms_nic_into_its_own_row_and_back(
         leases = connection.execute(text("SELECT vm_id, ip, purpose FROM ip_leases"))
         assert [tuple(row) for row in leases] == [(1, 171507714, "current")]
         effective = connection.execute(text("SELECT effective FROM vm_configs ORDER BY vm_id"))
-        assert [json.loads(row[0])["network"] for row in effective] == [BRIDGED, VSOCK]
+        assert [decoded(row[0])["network"] for row in effective] == [BRIDGED, VSOCK]
     engine.dispose()
 
 
 def test_version_seven_databases_take_policies_with_unique_names_and_drop_them_back(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
     config = alembic_config()
-    engine = create_engine(sqlite_url(tmp_path))
+    engine = create_engine(database_url)
     with upgraded(engine, config, "0007"):
         pass
     insert = (
@@ -417,23 +433,22 @@ def test_version_seven_databases_take_policies_with_unique_names_and_drop_them_b
     with upgraded(engine, config, "0008") as connection:
         connection.execute(text(insert))
         body = connection.execute(text("SELECT body FROM policies")).scalar()
-        assert json.loads(body) == {"name": "web-in", "ingress": []}
+        assert decoded(body) == {"name": "web-in", "ingress": []}
     with pytest.raises(IntegrityError), engine.begin() as connection:
         connection.execute(text(insert))
     with engine.begin() as connection:
         config.attributes["connection"] = connection
         command.downgrade(config, "0007")
     with engine.begin() as connection:
-        tables = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
-        assert "policies" not in {row[0] for row in tables}
+        assert "policies" not in inspect(connection).get_table_names()
     engine.dispose()
 
 
 def test_version_nine_databases_take_vm_labels_and_modes_kept_by_triggers_and_drop_them_back(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
     config = alembic_config()
-    engine = create_engine(sqlite_url(tmp_path))
+    engine = create_engine(database_url)
     bridged = {"effective": {"mode": "bridged"}}
     dhcp = {"effective": {"mode": "dhcp"}}
     networks = {1: {"interfaces": [bridged, dhcp, bridged]}, 2: {"interfaces": []}}
@@ -514,22 +529,20 @@ def test_version_nine_databases_take_vm_labels_and_modes_kept_by_triggers_and_dr
         config.attributes["connection"] = connection
         command.downgrade(config, "0009")
     with engine.begin() as connection:
-        tables = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
-        assert "vm_labels" not in {row[0] for row in tables}
-        triggers = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
-        assert triggers.all() == []
-        columns = connection.execute(text("PRAGMA table_info(vms)")).all()
-        assert "modes" not in {column[1] for column in columns}
+        assert "vm_labels" not in inspect(connection).get_table_names()
+        assert trigger_names(connection) == set()
+        columns = inspect(connection).get_columns("vms")
+        assert "modes" not in {column["name"] for column in columns}
         names = connection.execute(text("SELECT name FROM vms ORDER BY name")).scalars().all()
         assert names == ["vm1", "vm2", "vm3"]
     engine.dispose()
 
 
 def test_version_ten_databases_take_the_artifacts_of_each_config_version_kept_by_a_trigger(
-    tmp_path: Path,
+    database_url: str,
 ) -> None:
     config = alembic_config()
-    engine = create_engine(sqlite_url(tmp_path))
+    engine = create_engine(database_url)
     insert_version = text(
         "INSERT INTO vm_configs (vm_id, version, config, manifest, artifacts, effective, "
         "created_at) VALUES (1, :version, '{}', '{}', :artifacts, '{}', '2026-01-01')"
@@ -565,7 +578,5 @@ def test_version_ten_databases_take_the_artifacts_of_each_config_version_kept_by
         config.attributes["connection"] = connection
         command.downgrade(config, "0010")
     with engine.begin() as connection:
-        tables = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'table'"))
-        assert "vm_artifacts" not in {row[0] for row in tables}
-        triggers = connection.execute(text("SELECT name FROM sqlite_master WHERE type = 'trigger'"))
-        assert "vm_artifacts_on_config" not in {row[0] for row in triggers}
+        assert "vm_artifacts" not in inspect(connection).get_table_names()
+        assert "vm_artifacts_on_config" not in trigger_names(connection)

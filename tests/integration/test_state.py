@@ -1,4 +1,5 @@
-"""The state layer on a real SQLite database: schema, constraints and allocation."""
+"""The state layer on real databases, SQLite and PostgreSQL: schema, constraints and
+allocation."""
 
 from __future__ import annotations
 
@@ -37,8 +38,8 @@ GATEWAY = ipaddress.IPv4Address("10.100.0.1")
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(sqlite_url(tmp_path))
+def db(migrated_database_url: str) -> Iterator[Database]:
+    database = Database(migrated_database_url)
     database.migrate()
     yield database
     database.dispose()
@@ -74,9 +75,12 @@ def test_migrations_match_the_models(db: Database) -> None:
         assert compare_metadata(context, Base.metadata) == []
 
 
-def test_sqlite_runs_in_wal_mode(db: Database) -> None:
+def test_sqlite_runs_in_wal_mode(tmp_path: Path) -> None:
+    db = Database(sqlite_url(tmp_path))
+    db.migrate()
     with db.read() as session:
         assert session.connection().exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+    db.dispose()
 
 
 def allocate(db: Database, vm_id: int, requested: str | None = None) -> str:

@@ -1,5 +1,5 @@
 """Garbage collection never takes a file an installed plugin refers to, however installs,
-removes and collections interleave (real SQLite, real files, no root)."""
+removes and collections interleave (real SQLite and PostgreSQL, real files, no root)."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from roost.engine.plugins import Plugins
 from roost.errors import NotFoundError
 from roost.spec import Manifest
 from roost.state.artifacts import ArtifactStore
-from roost.state.db import Database, sqlite_url
+from roost.state.db import Database
 from roost.state.models import VM, Plugin, VMConfigVersion
 
 WORKERS = 6
@@ -23,8 +23,8 @@ ROUNDS = 15
 
 
 @pytest.fixture
-def plugins(tmp_path: Path) -> Iterator[Plugins]:
-    db = Database(sqlite_url(tmp_path))
+def plugins(tmp_path: Path, migrated_database_url: str) -> Iterator[Plugins]:
+    db = Database(migrated_database_url)
     db.migrate()
     try:
         yield Plugins(db, ArtifactStore(tmp_path / "artifacts"))

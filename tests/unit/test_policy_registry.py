@@ -1,14 +1,13 @@
-"""The policy registry on a real SQLite database and a fake policy firewall that plans each
-transaction for real: what is stored, what the firewall is asked to make, what a refused
-transaction leaves (nothing), which VMs hold a policy in use, and the check that the policies
-a VM names exist."""
+"""The policy registry on a real database (SQLite and PostgreSQL) and a fake policy firewall
+that plans each transaction for real: what is stored, what the firewall is asked to make, what
+a refused transaction leaves (nothing), which VMs hold a policy in use, and the check that the
+policies a VM names exist."""
 
 from __future__ import annotations
 
 import ipaddress
 import json
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -25,7 +24,7 @@ from roost.plan.registration import parse_network_create
 from roost.spec import Manifest, VMConfig, parse
 from roost.spec.policy import Direction, Policy, parse_policy
 from roost.state import alloc
-from roost.state.db import Database, sqlite_url
+from roost.state.db import Database
 from roost.state.policies import used_by
 from tests.engine_fakes import FakePolicyFirewall, World
 
@@ -45,8 +44,8 @@ def policy(name: str = "web-in", **fields: Any) -> Policy:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> Iterator[Database]:
-    database = Database(sqlite_url(tmp_path))
+def db(migrated_database_url: str) -> Iterator[Database]:
+    database = Database(migrated_database_url)
     database.migrate()
     with database.write() as session:
         alloc.add_network(
@@ -96,7 +95,7 @@ def add_vm(db: Database, name: str, versions: list[dict[str, Any]], running: int
             text(
                 "INSERT INTO vms (name, plugin_id, status, vmm_kind, network, config_version, "
                 "running_version, restart_required, created_at, updated_at) VALUES (:name, 1, "
-                "'running', 'qemu', '{}', :latest, :running, 0, '2026-01-01', '2026-01-01') "
+                "'running', 'qemu', '{}', :latest, :running, false, '2026-01-01', '2026-01-01') "
                 "RETURNING id"
             ),
             {"name": name, "latest": len(versions), "running": running},

@@ -1,6 +1,6 @@
-"""`GET /v1/vms` of an app over an engine on fakes and a real SQLite database: VM labels, the
-filters (plugin, status, label, mode) and pages (`limit`, `after`, the `Link` to the next one),
-checked against what each VM was made with."""
+"""`GET /v1/vms` of an app over an engine on fakes and a real database, SQLite and PostgreSQL:
+VM labels, the filters (plugin, status, label, mode) and pages (`limit`, `after`, the `Link` to
+the next one), checked against what each VM was made with."""
 
 from __future__ import annotations
 
@@ -55,10 +55,10 @@ class Api:
 
 
 @pytest.fixture
-def dhcp_world(tmp_short: Path) -> Iterator[World]:
+def dhcp_world(tmp_short: Path, migrated_database_url: str) -> Iterator[World]:
     """The world with plugins `p` and `q` (bridged on the default network) and an operator's
     bridge for dhcp VMs."""
-    instance = World(tmp_short, dhcp_bridge=DHCP_BRIDGE)
+    instance = World(tmp_short, dhcp_bridge=DHCP_BRIDGE, database_url=migrated_database_url)
     manifest = instance.engine.plugins.show("p")["manifest"]
     instance.engine.plugins.install(Manifest.model_validate({**manifest, "name": "q"}), force=False)
     yield instance
