@@ -3,8 +3,9 @@ temporary directory of its own, listening only on a Unix socket there (so two te
 share or clash over a server, a port or a socket), with fsync on as in production.
 
 The server is this process's child, ended by its PID and reaped, its directory removed, on any
-exit through `close` (a failure, Ctrl-C). initdb and postgres refuse to run as root, so as root
-they run as the `postgres` user, who owns the directory.
+exit through `close` (a failure, Ctrl-C); a run killed outright takes it along (setpriv), and
+leaves only a directory in /tmp that no later run uses. initdb and postgres refuse to run as
+root, so as root they run as the `postgres` user, who owns the directory.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ DEBIAN_VERSIONS = Path("/usr/lib/postgresql")
 SERVER_USER = "postgres"
 READY_WITHIN_S = 60.0
 MIGRATED_TEMPLATE = "roost_migrated"
+# util-linux's setpriv sets the parent-death signal and execs the server (same PID): a test run
+# killed outright takes its server with it (SIGQUIT: an immediate shutdown)
+ENDED_WITH_PARENT = ("setpriv", "--pdeathsig", "QUIT", "--")
 
 
 def server_binaries() -> Path | None:
@@ -118,6 +122,7 @@ class PostgresServer:
     def _spawn_server(self, log: BinaryIO) -> subprocess.Popen[bytes]:
         return subprocess.Popen(
             [
+                *ENDED_WITH_PARENT,
                 str(self.binaries / "postgres"),
                 "-D",
                 str(self.data),
