@@ -1,6 +1,6 @@
-"""Listing VMs through a real daemon: pages read while other clients create and remove VMs
-(`start: false`, so no VMM boots), and `roost vm list` with its filters following every page
-in each of its output forms."""
+"""Listing VMs through a real daemon, on SQLite and on PostgreSQL (`serve --database-url`):
+pages read while other clients create and remove VMs (`start: false`, so no VMM boots), and
+`roost vm list` with its filters following every page in each of its output forms."""
 
 from __future__ import annotations
 
@@ -25,10 +25,12 @@ CREATED = [f"vm-{index:03}-c" for index in range(1, 60, 2)]  # created while it 
 
 
 @pytest.fixture
-def vsock_daemon(netns: str, tmp_path: Path) -> Iterator[Daemon]:
+def vsock_daemon(netns: str, tmp_path: Path, database_url: str) -> Iterator[Daemon]:
     """A daemon with plugin `p` (vsock: a VM of it needs nothing on the host) and `q` (its
-    VMs bridged, on the daemon's default network)."""
-    daemon = Daemon(netns)
+    VMs bridged, on the daemon's default network), on SQLite in its state dir (the default)
+    and on PostgreSQL."""
+    on_postgresql = database_url.startswith("postgresql")
+    daemon = Daemon(netns, *(["--database-url", database_url] if on_postgresql else []))
     try:
         daemon.start()
         daemon.ok("plugin", "install", write_plugin(tmp_path, "p", network={"mode": "vsock"}))
