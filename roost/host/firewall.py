@@ -174,9 +174,18 @@ class Firewall:
         self._run(tap_rules(tap, mac, ip, ipv6))
 
     def release(self, tap: str) -> None:
-        """Remove the tap's rules, if it has any."""
+        """Remove the tap's rules, if it has any: one batch that first makes them (nothing
+        where they exist), so it cannot fail. A batch nftables refuses costs ≈ 15 ms here
+        (libnftables then reads the whole ruleset to say why), one it takes ≈ 0.2 ms, and every
+        vm rm runs this for each tap its VM has had, started or not, under the lock."""
         if not self.enabled:
             return
         chain = f"vm-{tap}"
-        self._run(f'delete element {TABLE} taps {{ "{tap}" }}\n', check=False)
-        self._run(f"flush chain {TABLE} {chain}\ndelete chain {TABLE} {chain}\n", check=False)
+        self._run(
+            f"add chain {TABLE} {chain}\n"
+            f'add element {TABLE} taps {{ "{tap}" : jump {chain} }}\n'
+            f'delete element {TABLE} taps {{ "{tap}" }}\n'
+            f"flush chain {TABLE} {chain}\n"
+            f"delete chain {TABLE} {chain}\n",
+            check=False,
+        )
