@@ -39,7 +39,7 @@ def utcnow() -> datetime:
 def timestamp(moment: datetime) -> str:
     """A stored moment as the API shows it: ISO 8601 in UTC, with a `Z`."""
     if moment.tzinfo is None:  # SQLite hands back naive datetimes; roost stores UTC
-        moment = moment.replace(tzinfo=UTC)
+        return moment.isoformat() + "Z"
     return moment.astimezone(UTC).isoformat().replace("+00:00", "Z")
 
 
