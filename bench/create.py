@@ -61,12 +61,14 @@ T = TypeVar("T")
 
 @dataclass
 class Round:
-    """One side's round of `vms` VMs: its wall time and each VM's time per phase (seconds), and
-    how long removing them took (roost's side)."""
+    """One side's round of `vms` VMs: its wall time, the CPU time of the orchestrator and of
+    the round's VMMs (all their threads: boot, and the guests' spinning until paused), each
+    VM's time per phase (seconds), and how long removing them took (roost's side)."""
 
     vms: int
     seconds: float = 0.0
     cpu_seconds: float = 0.0
+    vmm_cpu_seconds: float = 0.0
     phases: dict[str, list[float]] = field(default_factory=dict)
     remove_seconds: float | None = None
 
@@ -179,6 +181,7 @@ class Bare:
         cpu = time.process_time()
         result = self.thread.run(lambda: self._round(number, vms))
         result.cpu_seconds = time.process_time() - cpu
+        result.vmm_cpu_seconds = sum(_cpu_seconds(process.pid) for process in self.processes)
         return result
 
     def _round(self, number: int, vms: int) -> Round:
@@ -346,6 +349,7 @@ class Roost:
                 self._create(name, result)
         result.seconds = time.perf_counter() - started
         result.cpu_seconds = _cpu_seconds(pid) - cpu
+        result.vmm_cpu_seconds = sum(_cpu_seconds(self.vms[name]) for name in names)
         began = time.perf_counter()
         self.remove_all(parallel=parallel)
         result.remove_seconds = time.perf_counter() - began
@@ -451,6 +455,9 @@ def _summary(rounds: list[Round]) -> dict[str, Any]:
         "median_vms_per_second": round(statistics.median(r.rate for r in rounds), 3),
         "round_seconds": [round(r.seconds, 3) for r in rounds],
         "cpu_ms_per_vm": round(statistics.median(r.cpu_seconds for r in rounds) / vms * 1000, 1),
+        "vmm_cpu_ms_per_vm": round(
+            statistics.median(r.vmm_cpu_seconds for r in rounds) / vms * 1000, 1
+        ),
         "phase_median_ms": {
             phase: round(statistics.median(values) * 1000, 2) for phase, values in phases.items()
         },
