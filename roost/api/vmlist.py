@@ -1,5 +1,5 @@
 """`GET /v1/vms`: the VMs in name order, narrowed by plugin, status, label and network mode, whole
-or a page at a time.
+or a page at a time, whole VMs or (`?fields=name`) their names alone.
 
 A page ends after a name and the next begins after it (`?after=NAME`), so a client paging while
 VMs come and go sees every VM that exists throughout exactly once: names are unique and each page
@@ -14,10 +14,11 @@ from typing import Any
 from urllib.parse import urlencode
 
 from fastapi import FastAPI, Query, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import Response
 from starlette.datastructures import QueryParams
 
 from roost.engine.core import Engine
+from roost.engine.views import encoded, json_array
 from roost.errors import ErrorDetail, InvalidError
 from roost.spec.common import check_name, label_selector
 from roost.spec.network import NetworkMode
@@ -25,7 +26,9 @@ from roost.state.vms import VMQuery, VMStatus
 
 MAX_PAGE = 10_000
 # the filters and bounds given once at most (status and label may be repeated)
-_SINGLE = ("plugin", "mode", "limit", "after")
+_SINGLE = ("plugin", "mode", "limit", "after", "fields")
+# what `fields` may ask for instead of whole VMs
+_FIELDS = ("name",)
 
 Read = Callable[..., Awaitable[Any]]
 
@@ -49,16 +52,25 @@ def add_vm_list_route(app: FastAPI, engine: Engine, read: Read) -> None:
             None, ge=1, le=MAX_PAGE, description="at most this many VMs (default: all)"
         ),
         after: str | None = Query(None, description="only VMs named after this, in name order"),
-    ) -> JSONResponse:
-        query = vm_query(request.query_params, plugin, status, label, mode, limit, after)
+        fields: str | None = Query(
+            None,
+            description='name: each VM as {"name": ...} alone (default: whole VMs)',
+        ),
+    ) -> Response:
+        query = vm_query(request.query_params, plugin, status, label, mode, limit, after, fields)
         # one more than asked says whether more remain
         asked = query if query.limit is None else replace(query, limit=query.limit + 1)
-        vms = await read(engine.list_vms, asked)
+        if fields == "name":
+            names = await read(engine.list_vm_names, asked)
+            vms = [(name, encoded({"name": name})) for name in names]
+        else:
+            vms = await read(engine.list_vms_encoded, asked)
         headers = {}
         if query.limit is not None and len(vms) > query.limit:
             vms = vms[: query.limit]
-            headers["link"] = f'<{next_page(request, vms[-1]["name"])}>; rel="next"'
-        return JSONResponse(vms, headers=headers)
+            headers["link"] = f'<{next_page(request, vms[-1][0])}>; rel="next"'
+        body = json_array([vm for _, vm in vms])
+        return Response(body, headers=headers, media_type="application/json")
 
 
 def vm_query(
@@ -69,6 +81,7 @@ def vm_query(
     mode: str | None,
     limit: int | None,
     after: str | None,
+    fields: str | None = None,
 ) -> VMQuery:
     """The listing the query string asks for; every wrong parameter is a 422 at its
     `query.<name>`."""
@@ -93,6 +106,12 @@ def vm_query(
     if mode is not None and mode not in modes:
         errors.append(
             ErrorDetail("query.mode", f"{mode!r} is not a network mode: use {', '.join(modes)}")
+        )
+    if fields is not None and fields not in _FIELDS:
+        errors.append(
+            ErrorDetail(
+                "query.fields", f"{fields!r} is not a field to list: use {', '.join(_FIELDS)}"
+            )
         )
     for name, value in (("plugin", plugin), ("after", after)):
         if value is not None:

@@ -304,7 +304,13 @@ def vm_list(
     vms: list[dict[str, Any]] = []
     with daemon(as_json) as client:
         pages = client.pages(
-            "/v1/vms", plugin=plugin, status=status, mode=mode, label=label, limit=LIST_PAGE
+            "/v1/vms",
+            plugin=plugin,
+            status=status,
+            mode=mode,
+            label=label,
+            limit=LIST_PAGE,
+            fields="name" if quiet else None,  # names alone: no VM's view made or sent
         )
         for page in pages:
             if quiet:

@@ -37,7 +37,7 @@ from roost.engine.plugins import Plugins
 from roost.engine.policies import PolicyFirewallLike, PolicyRegistry
 from roost.engine.settings import Settings
 from roost.engine.steps import Steps
-from roost.engine.views import network_view, vm_view
+from roost.engine.views import ListedViews, network_view, vm_view
 from roost.errors import ConflictError, RoostError
 from roost.host.cni import CniRuntime, vm_namespace
 from roost.host.netns import NetnsWorker, netns_path
@@ -185,6 +185,7 @@ class Engine:
         )
         self.locks = VMLocks()
         self.live: dict[str, Live] = {}
+        self.listed = ListedViews(self._view)
         # exits wait for their VM's lock: their own pool, so they never hold up a boot's jobs
         self._exits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-exit")
         self.watcher = ExitWatcher(self._on_exit)
@@ -209,13 +210,23 @@ class Engine:
         """The VMs `query` names, in name order: one query, then each VM's view from its row."""
         return [self._view(row) for row in self.records.rows(query)]
 
+    def list_vms_encoded(self, query: VMQuery = ALL_VMS) -> list[tuple[str, bytes]]:
+        """The names and JSON of the VMs `query` names, in name order: one query, then each
+        VM's JSON as last listed unless its row or liveness changed since."""
+        return self.listed.encoded(self.records.listed(query), self.live)
+
+    def list_vm_names(self, query: VMQuery = ALL_VMS) -> list[str]:
+        return self.records.names_of(query)
+
     def show_vm(self, name: str) -> dict[str, Any]:
         return self._view(self.records.row(name))
 
-    def _view(self, vm: Row) -> dict[str, Any]:
+    def _view(self, vm: Row, live: bool | None = None) -> dict[str, Any]:
+        """VM `vm`'s view; `live` says whether its VMM runs (None: as `self.live` says now)."""
         driver = self.drivers.get(vm["vmm_kind"])
         run_dir = self.run_dir(vm["name"])
-        live = self.live.get(vm["name"])
+        if live is None:
+            live = vm["name"] in self.live
         return vm_view(
             vm,
             run_dir=run_dir,

@@ -4,14 +4,22 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-from collections.abc import Iterable, Mapping
+import json
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from roost.plan.ipv6 import router_address
 from roost.spec import Resources, ResourcesOverride
 from roost.state.models import Network, Plugin, timestamp
-from roost.state.vms import ShownNic, StoredInterface, StoredNetwork, labels_json, nics_json
+from roost.state.vms import (
+    ShownNic,
+    StoredInterface,
+    StoredNetwork,
+    decoded,
+    labels_json,
+    nics_json,
+)
 from roost.vmm.base import RunDir, VsockBackend
 
 
@@ -62,6 +70,62 @@ def vm_view(
         "created_at": timestamp(vm["created_at"]),
         "updated_at": timestamp(vm["updated_at"]),
     }
+
+
+def encoded(content: Any) -> bytes:
+    """`content` as JSON exactly as the API's JSON responses encode it (starlette's
+    JSONResponse), so encoded pieces joined into an array are the bytes it would send."""
+    return json.dumps(
+        content, ensure_ascii=False, allow_nan=False, indent=None, separators=(",", ":")
+    ).encode("utf-8")
+
+
+def json_array(items: Sequence[bytes]) -> bytes:
+    """The JSON array of already encoded items."""
+    return b"[" + b",".join(items) + b"]"
+
+
+# VMs whose listed JSON is kept: a daemon is meant for up to 10,000, room for them all and as
+# many removed since (about 1 KB of JSON and 2 KB of row each)
+KEPT_VIEWS = 20_000
+
+
+class ListedViews:
+    """Each listed VM's JSON, encoded once per distinct listing row and kept by VM name.
+
+    A VM's view is a function of its `LISTED_ROWS` row, of whether its VMM runs (`live`) and
+    of the daemon's fixed settings and drivers, nothing else: so a kept view is reused only
+    while the VM's whole row and liveness are equal to those it was made from, and any change
+    to any column (status, pid, config, network, a NIC's address, a label) makes it anew. At
+    most `bound` VMs are kept (those of removed VMs until then): past it all are dropped.
+    """
+
+    def __init__(
+        self, view: Callable[[Mapping[str, Any], bool], dict[str, Any]], bound: int = KEPT_VIEWS
+    ) -> None:
+        self._view = view
+        self._bound = bound
+        self._kept: dict[str, tuple[tuple[Any, ...], bytes]] = {}
+
+    def encoded(self, rows: Iterable[Any], live: Container[str]) -> list[tuple[str, bytes]]:
+        """Each `LISTED_ROWS` row's VM name and its view's JSON; `live` holds the names of
+        the VMs whose VMM runs."""
+        kept = self._kept
+        found = []
+        for row in rows:
+            name = row.name
+            runs = name in live
+            key = (*row, runs)
+            hit = kept.get(name)
+            if hit is not None and hit[0] == key:
+                found.append((name, hit[1]))
+                continue
+            fragment = encoded(self._view(decoded(row), runs))
+            if len(kept) >= self._bound:
+                kept.clear()
+            kept[name] = (key, fragment)
+            found.append((name, fragment))
+        return found
 
 
 def _resources(override: Mapping[str, Any], base: Mapping[str, Any]) -> tuple[int, int]:

@@ -17,6 +17,7 @@ from sqlalchemy import (
     JSON,
     Connection,
     Select,
+    Text,
     and_,
     bindparam,
     delete,
@@ -157,35 +158,54 @@ _LABELS = (
 )
 
 
-def _resources_of(document: Any) -> Any:
+def _resources_of(document: Any, as_type: Any) -> Any:
     """`{"resources": ...}` of a config or manifest column, `{}` without any: all a VM's view
     reads of them (decoding each VM's whole manifest was a tenth of a listing)."""
-    return type_coerce(_Resources(document), JSON)
+    return type_coerce(_Resources(document), as_type)
 
 
-# Everything a VM's JSON needs, in one query: the VM's columns, its plugin's name, its CID, its
-# labels and the config version that describes what it has now (the one its VMM runs, else the
-# latest).
-VM_ROWS: Select[Any] = (
-    select(
-        *VM.__table__.columns,
-        Plugin.name.label("plugin"),
-        CIDLease.cid.label("cid"),
-        _resources_of(VMConfigVersion.config).label("config"),
-        _resources_of(VMConfigVersion.manifest).label("manifest"),
-        _NICS.label("nics"),
-        _LABELS.label("labels"),
+# the columns of `_vm_rows` that hold JSON documents
+_DOCUMENTS = ("network", "config", "manifest")
+
+
+def _vm_rows(documents: Any) -> Select[Any]:
+    """Everything a VM's JSON needs, in one query: the VM's columns, its plugin's name, its
+    CID, its labels and the config version that describes what it has now (the one its VMM
+    runs, else the latest); its `_DOCUMENTS` of type `documents` (JSON: decoded, Text: as
+    stored)."""
+    return (
+        select(
+            *(
+                type_coerce(column, documents).label(column.name)
+                if column.name in _DOCUMENTS
+                else column
+                for column in VM.__table__.columns
+            ),
+            Plugin.name.label("plugin"),
+            CIDLease.cid.label("cid"),
+            _resources_of(VMConfigVersion.config, documents).label("config"),
+            _resources_of(VMConfigVersion.manifest, documents).label("manifest"),
+            _NICS.label("nics"),
+            _LABELS.label("labels"),
+        )
+        .join(Plugin, Plugin.id == VM.plugin_id)
+        .join(
+            VMConfigVersion,
+            and_(
+                VMConfigVersion.vm_id == VM.id,
+                VMConfigVersion.version == func.coalesce(VM.running_version, VM.config_version),
+            ),
+        )
+        .outerjoin(CIDLease, CIDLease.vm_id == VM.id)
     )
-    .join(Plugin, Plugin.id == VM.plugin_id)
-    .join(
-        VMConfigVersion,
-        and_(
-            VMConfigVersion.vm_id == VM.id,
-            VMConfigVersion.version == func.coalesce(VM.running_version, VM.config_version),
-        ),
-    )
-    .outerjoin(CIDLease, CIDLease.vm_id == VM.id)
-)
+
+
+VM_ROWS = _vm_rows(JSON)
+# A listing's rows: its documents as stored, decoded (`decoded`) only for a VM whose view is
+# not already known, and the whole row a key that changes with anything its view shows.
+LISTED_ROWS = _vm_rows(Text)
+# A names-only listing's: what `VMQuery`'s filters read, and the name.
+NAME_ROWS: Select[Any] = select(VM.name).join(Plugin, Plugin.id == VM.plugin_id)
 _VM_ROW = VM_ROWS.where(VM.name == bindparam("name"))
 _VM_ID = select(VM.id).where(VM.name == bindparam("name"))
 _STATUS = select(VM.status).where(VM.name == bindparam("name"))
@@ -233,6 +253,15 @@ class ShownNic:
     tap: str
     observed_ip: str | None
     ipv6: str | None
+
+
+def decoded(listed: Any) -> dict[str, Any]:
+    """A `LISTED_ROWS` row as a `VM_ROWS` one: its JSON documents decoded."""
+    row = dict(listed._mapping)
+    for column in _DOCUMENTS:
+        if isinstance(row[column], str):  # PostgreSQL's driver hands back json already decoded
+            row[column] = json.loads(row[column])
+    return row
 
 
 def labels_json(row: Row) -> dict[str, str]:
@@ -368,10 +397,10 @@ class VMQuery:
     after: str | None = None
     limit: int | None = None
 
-    def statement(self) -> Select[Any]:
-        """`VM_ROWS` narrowed to these VMs: each filter an indexed lookup or a test of a
-        column of the VM's own row."""
-        statement = VM_ROWS
+    def statement(self, rows: Select[Any] = VM_ROWS) -> Select[Any]:
+        """`rows` (`VM_ROWS`, `LISTED_ROWS` or `NAME_ROWS`) narrowed to these VMs: each filter
+        an indexed lookup or a test of a column of the VM's own row."""
+        statement = rows
         if self.plugin is not None:
             statement = statement.where(Plugin.name == self.plugin)
         if self.statuses:
@@ -404,6 +433,17 @@ class VMRecords:
         with self.db.read() as session:
             found = session.connection().execute(query.statement())
             return [row._mapping for row in found]
+
+    def listed(self, query: VMQuery = ALL_VMS) -> list[Any]:
+        """The `LISTED_ROWS` of the VMs `query` names, in name order, in one query: each a
+        tuple (its fields also by name), equal to another only if every column is."""
+        with self.db.read() as session:
+            return list(session.connection().execute(query.statement(LISTED_ROWS)))
+
+    def names_of(self, query: VMQuery = ALL_VMS) -> list[str]:
+        """The names of the VMs `query` names, in name order."""
+        with self.db.read() as session:
+            return list(session.connection().execute(query.statement(NAME_ROWS)).scalars())
 
     def row(self, name: str) -> Row:
         with self.db.read() as session:

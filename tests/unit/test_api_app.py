@@ -91,6 +91,9 @@ class FakeEngine:
     def list_vms(self, query: Any = None) -> list[dict[str, Any]]:
         return []
 
+    def list_vms_encoded(self, query: Any = None) -> list[tuple[str, bytes]]:
+        return []
+
     def list_networks(self) -> list[dict[str, Any]]:
         return []
 
