@@ -197,6 +197,7 @@ class Allocator:
             launch,
             shown,
             cni,
+            new=True,
         )
         configs.add(
             connection,
@@ -274,15 +275,20 @@ class Allocator:
         launch: bool,
         shown: dict[str, Any],
         cni: Mapping[int, Added] | None = None,
+        *,
+        new: bool = False,
     ) -> tuple[Booting, Emptied]:
         """Make the VM hold what its plan needs, and nothing else: per interface an address
         (bridged), a MAC, a tap name and an IPv6 address; a CID; record them, the interfaces
         it is planned with and `status`. Also says which networks it left. With `launch`, the
         taps to make once this has committed are in `Booting.taps`. A cni interface takes the
-        MAC and addresses ADD gave it (`cni`); its tap is the caller's."""
+        MAC and addresses ADD gave it (`cni`); its tap is the caller's. A `new` VM (recorded in
+        this transaction) holds nothing yet: its leases and NICs are not read."""
         wanted = plan.interfaces.interfaces
         emptied: Emptied = []
-        for index, purpose in alloc.leases_of(session, vm.id):
+        # read once: each interface's release or allocation below touches its own index only
+        leases = {} if new else alloc.leases_of(session, vm.id)
+        for index, purpose in leases:
             if index >= len(wanted):  # an interface a patch dropped
                 emptied += self._release(session, vm, purpose, index)
         filled: list[EffectiveInterface] = []
@@ -293,7 +299,10 @@ class Allocator:
         taps: list[TapPlan] = []
         for wanted_one in wanted:
             where = _where(plan.interfaces, wanted_one)
-            interface, bridge, nic, network, more = self._hold(session, vm, wanted_one, where)
+            current = leases.get((wanted_one.index, alloc.CURRENT))
+            interface, bridge, nic, network, more = self._hold(
+                session, vm, wanted_one, where, current
+            )
             emptied += more
             added = (cni or {}).get(interface.index)
             if added is not None:
@@ -307,7 +316,8 @@ class Allocator:
                 nics.append(NIC(tap=nic.tap, mac=nic.mac if added is None else added.mac))
             if interface.plan.observe_ip:
                 watched.append((interface.index, nic.tap, nic.mac))
-        alloc.release_nics_from(session, vm, len(wanted))
+        if not new:
+            alloc.release_nics_from(session, vm, len(wanted))
         resolved = plan.interfaces.replaced(tuple(filled))
         cid = alloc.allocate_cid(session, vm)
         vsock_missing = self._vsock_missing(vmm)
@@ -356,15 +366,19 @@ class Allocator:
         return booting, emptied
 
     def _hold(
-        self, session: Session, vm: Holding, interface: EffectiveInterface, where: str
+        self,
+        session: Session,
+        vm: Holding,
+        interface: EffectiveInterface,
+        where: str,
+        current: alloc.Lease | None,
     ) -> tuple[EffectiveInterface, str | None, alloc.Nic, alloc.NetworkRow | None, Emptied]:
-        """Make one interface hold what it needs to start: its address (its current one when it
-        still fits), its MAC and tap name, its IPv6 address. The interface so filled in, the
+        """Make one interface hold what it needs to start: its address (its `current` one when
+        it still fits), its MAC and tap name, its IPv6 address. The interface so filled in, the
         bridge its tap joins, its NIC, the network it has an address on and the networks its
         old address left."""
         index = interface.index
         emptied: Emptied = []
-        current = alloc.leases_of(session, vm.id).get((index, alloc.CURRENT))
         if current is not None and (
             interface.plan.ipam is IPAM.NONE or current.subnet != str(interface.subnet)
         ):
