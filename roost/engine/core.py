@@ -213,7 +213,8 @@ class Engine:
     def list_vms_encoded(self, query: VMQuery = ALL_VMS) -> list[tuple[str, bytes]]:
         """The names and JSON of the VMs `query` names, in name order: one query, then each
         VM's JSON as last listed unless its row or liveness changed since."""
-        return self.listed.encoded(self.records.listed(query), self.live)
+        rows = self.records.listed(query)
+        return self.listed.encoded(rows, self.live, every=query == ALL_VMS)
 
     def list_vm_names(self, query: VMQuery = ALL_VMS) -> list[str]:
         return self.records.names_of(query)

@@ -96,8 +96,9 @@ class ListedViews:
     A VM's view is a function of its `LISTED_ROWS` row, of whether its VMM runs (`live`) and
     of the daemon's fixed settings and drivers, nothing else: so a kept view is reused only
     while the VM's whole row and liveness are equal to those it was made from, and any change
-    to any column (status, pid, config, network, a NIC's address, a label) makes it anew. At
-    most `bound` VMs are kept (those of removed VMs until then): past it all are dropped.
+    to any column (status, pid, config, network, a NIC's address, a label) makes it anew. About
+    3 KB a VM (its JSON and its row). A listing of every VM keeps only theirs (dropping removed
+    VMs'); at most `bound` VMs are kept, past it all are dropped.
     """
 
     def __init__(
@@ -107,9 +108,15 @@ class ListedViews:
         self._bound = bound
         self._kept: dict[str, tuple[tuple[Any, ...], bytes]] = {}
 
-    def encoded(self, rows: Iterable[Any], live: Container[str]) -> list[tuple[str, bytes]]:
+    def __len__(self) -> int:
+        """How many VMs' JSON is kept."""
+        return len(self._kept)
+
+    def encoded(
+        self, rows: Iterable[Any], live: Container[str], *, every: bool = False
+    ) -> list[tuple[str, bytes]]:
         """Each `LISTED_ROWS` row's VM name and its view's JSON; `live` holds the names of
-        the VMs whose VMM runs."""
+        the VMs whose VMM runs, `every` says the rows are every VM's."""
         kept = self._kept
         found = []
         for row in rows:
@@ -125,6 +132,10 @@ class ListedViews:
                 kept.clear()
             kept[name] = (key, fragment)
             found.append((name, fragment))
+        if every and len(kept) > len(found):
+            listed = {name for name, _ in found}
+            for name in [name for name in kept if name not in listed]:
+                kept.pop(name, None)
         return found
 
 

@@ -14,6 +14,7 @@ from starlette.responses import JSONResponse
 
 from roost.engine.views import ListedViews
 from roost.spec import VMConfig, VMConfigPatch
+from roost.state.vms import VMQuery
 from tests.engine_fakes import DHCP_BRIDGE, World
 from tests.unit.test_cni_engine import CNI_CONFIG, EngineWorld
 from tests.unit.test_vm_list import MODES, Api
@@ -166,3 +167,26 @@ def test_kept_views_are_bounded_and_all_dropped_past_the_bound() -> None:
     assert made == ["a", "b", "c"]  # c kept
     kept.encoded(rows[:1], set())
     assert made == ["a", "b", "c", "a"]  # a dropped at the bound
+
+
+def test_a_listing_of_every_vm_drops_the_kept_json_of_removed_ones(world: World) -> None:
+    engine = world.engine
+    for name in ("a", "b", "c"):
+        engine.create_vm(name, VMConfig.model_validate({"plugin": "p"}), start=False)
+    engine.list_vms_encoded()
+    engine.destroy_vm("b")
+    engine.list_vms_encoded(VMQuery(limit=1))  # a page keeps what it does not list
+    assert len(engine.listed) == 3
+    made: list[str] = []
+    view = engine._view
+
+    def counted(row: Any, live: bool | None = None) -> dict[str, Any]:
+        made.append(row["name"])
+        return view(row, live)
+
+    engine.listed._view = counted
+    assert [name for name, _ in engine.list_vms_encoded()] == ["a", "c"]
+    assert len(engine.listed) == 2
+    engine.create_vm("b", VMConfig.model_validate({"plugin": "p"}), start=False)
+    assert [name for name, _ in engine.list_vms_encoded()] == ["a", "b", "c"]
+    assert made == ["b"]  # the new b made anew, a and c kept throughout
