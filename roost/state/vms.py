@@ -7,6 +7,7 @@ session's: loading ORM entities costs several times the queries here.
 
 from __future__ import annotations
 
+import functools
 import json
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -256,12 +257,20 @@ class ShownNic:
 
 
 def decoded(listed: Any) -> dict[str, Any]:
-    """A `LISTED_ROWS` row as a `VM_ROWS` one: its JSON documents decoded."""
+    """A `LISTED_ROWS` row as a `VM_ROWS` one, to be read only: its JSON documents decoded
+    (its `config` and `manifest`, a few `resources` that many VMs share, decoded once each)."""
     row = dict(listed._mapping)
-    for column in _DOCUMENTS:
-        if isinstance(row[column], str):  # PostgreSQL's driver hands back json already decoded
-            row[column] = json.loads(row[column])
+    if isinstance(row["network"], str):  # PostgreSQL's driver hands back json already decoded
+        row["network"] = json.loads(row["network"])
+    for column in ("config", "manifest"):
+        if isinstance(row[column], str):
+            row[column] = _shared_document(row[column])
     return row
+
+
+@functools.lru_cache(maxsize=1024)
+def _shared_document(text: str) -> Any:
+    return json.loads(text)
 
 
 def labels_json(row: Row) -> dict[str, str]:
