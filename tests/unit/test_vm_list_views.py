@@ -35,8 +35,9 @@ CONFIGS: dict[str, dict[str, Any]] = {
 
 
 @pytest.fixture
-def world(tmp_short: Path) -> Iterator[World]:
-    instance = World(tmp_short, dhcp_bridge=DHCP_BRIDGE)
+def world(tmp_short: Path, migrated_database_url: str) -> Iterator[World]:
+    """On SQLite and on PostgreSQL (whose driver decodes the JSON columns itself)."""
+    instance = World(tmp_short, dhcp_bridge=DHCP_BRIDGE, database_url=migrated_database_url)
     EngineWorld(instance)  # cni interfaces attach with its fakes
     yield instance
     instance.close()
