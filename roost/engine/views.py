@@ -134,7 +134,8 @@ class ListedViews:
             found.append((name, fragment))
         if every and len(kept) > len(found):
             listed = {name for name, _ in found}
-            for name in [name for name in kept if name not in listed]:
+            # list() copies at once: listings in other threads may add to `kept` meanwhile
+            for name in [name for name in list(kept) if name not in listed]:
                 kept.pop(name, None)
         return found
 
