@@ -12,6 +12,7 @@ import pytest
 from bench._common import cpu_seconds, expect, latency_ms, percentile, schedstat_ns
 from bench.create import VMS, Round, _summary, ip_boot_arg
 from bench.ipam import allocatable
+from bench.memory import memory_fields, per_vm_kib, rss_kib, spread_mib, vmm_memory_kib
 from bench.vsock import Sample, figures
 
 
@@ -132,3 +133,29 @@ def test_expect_gives_the_json_body_of_the_status_asked_for_and_names_any_other(
     assert expect(httpx.Response(204, request=request), 204) == {}
     with pytest.raises(RuntimeError, match=r"POST /v1/vms: 409 .*conflict"):
         expect(httpx.Response(409, json={"error": {"code": "conflict"}}, request=request), 201)
+
+
+def test_memory_fields_reads_the_kib_lines_of_a_rollup_and_leaves_out_the_rest() -> None:
+    rollup = (
+        "56427f3ef000-7fff0e5a5000 ---p 00000000 00:00 0                          [rollup]\n"
+        "Rss:                1688 kB\n"
+        "Pss:                 267 kB\n"
+        "Private_Dirty:        84 kB\n"
+        "THPeligible:           0\n"
+    )
+    assert memory_fields(rollup) == {"Rss": 1688, "Pss": 267, "Private_Dirty": 84}
+
+
+def test_rss_kib_and_vmm_memory_kib_read_this_process() -> None:
+    assert rss_kib(os.getpid()) > 0
+    mine = vmm_memory_kib(os.getpid())  # a process may always read its own smaps_rollup
+    assert 0 < mine["private"] <= mine["pss"] <= mine["rss"]
+
+
+def test_per_vm_kib_spreads_the_growth_over_the_vms_added() -> None:
+    assert per_vm_kib(100_000, 100_500, 20) == 25.0
+    assert per_vm_kib(100_000, 99_000, 50) == -20.0  # a process can shrink meanwhile
+
+
+def test_spread_mib_gives_median_extremes_and_sum_in_mib() -> None:
+    assert spread_mib([1024, 2048, 4096]) == {"median": 2.0, "min": 1.0, "max": 4.0, "sum": 7.0}
