@@ -301,7 +301,7 @@ class Allocator:
             where = _where(plan.interfaces, wanted_one)
             current = leases.get((wanted_one.index, alloc.CURRENT))
             interface, bridge, nic, network, more = self._hold(
-                session, vm, wanted_one, where, current
+                session, vm, wanted_one, where, current, new=new
             )
             emptied += more
             added = (cni or {}).get(interface.index)
@@ -319,7 +319,7 @@ class Allocator:
         if not new:
             alloc.release_nics_from(session, vm, len(wanted))
         resolved = plan.interfaces.replaced(tuple(filled))
-        cid = alloc.allocate_cid(session, vm)
+        cid = alloc.allocate_cid(session, vm, new=new)
         vsock_missing = self._vsock_missing(vmm)
         vsock_backend = None if vsock_missing else self.drivers[vmm].vsock_backend()
         self.records.set_planned(
@@ -330,6 +330,7 @@ class Allocator:
             vmm=vmm,
             vsock_unavailable=vsock_missing,
             vsock_backend=vsock_backend,
+            new=new,
         )
         files = Files(
             kernel=self.artifact_path(artifacts, "kernel") or _required(self.settings.kernel),
@@ -372,11 +373,13 @@ class Allocator:
         interface: EffectiveInterface,
         where: str,
         current: alloc.Lease | None,
+        *,
+        new: bool = False,
     ) -> tuple[EffectiveInterface, str | None, alloc.Nic, alloc.NetworkRow | None, Emptied]:
         """Make one interface hold what it needs to start: its address (its `current` one when
         it still fits), its MAC and tap name, its IPv6 address. The interface so filled in, the
         bridge its tap joins, its NIC, the network it has an address on and the networks its
-        old address left."""
+        old address left. A `new` VM's interface holds nothing yet, so nothing is read."""
         index = interface.index
         emptied: Emptied = []
         if current is not None and (
@@ -390,13 +393,13 @@ class Allocator:
             bridge = network.bridge
         elif interface.plan.attach is Attachment.EXTERNAL:
             bridge = self._external_bridge(session, interface.effective, where)
-        nic = alloc.hold_nic(session, vm, index, interface.mac)
+        nic = alloc.hold_nic(session, vm, index, interface.mac, new=new)
         interface = interface.with_mac(nic.mac)
         if network is not None:
             requested = interface.ip if interface.plan.ipam is IPAM.MANUAL else None
-            ip = alloc.allocate_ip(session, network, vm.id, requested, interface=index)
+            ip = alloc.allocate_ip(session, network, vm.id, requested, interface=index, new=new)
             interface = interface.with_ip(ip, vm.name)
-        self._hold_ipv6(session, vm, interface, network)
+        self._hold_ipv6(session, vm, interface, network, new=new)
         return interface, bridge, nic, network, emptied
 
     @staticmethod
@@ -405,6 +408,8 @@ class Allocator:
         vm: Holding,
         interface: EffectiveInterface,
         network: alloc.NetworkRow | None,
+        *,
+        new: bool = False,
     ) -> None:
         """Record the IPv6 address the interface holds (none off a network with a prefix)."""
         ipv6 = interface.ipv6_address if network is not None else None
@@ -415,6 +420,7 @@ class Allocator:
             None if network is None else network.id,
             ipv6,
             network_name=None if network is None else network.name,
+            new=new,
         )
 
     def _tap_plan(

@@ -12,7 +12,7 @@ import heapq
 import ipaddress
 import secrets
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
@@ -136,6 +136,17 @@ _DROP_LEASE = delete(IPLease).where(
     IPLease.purpose == bindparam("purpose"),
 )
 _ADD_LEASE = insert(IPLease)
+_NICS_OF = select(
+    VMNic.index, VMNic.mac, VMNic.user_mac, VMNic.tap, VMNic.observed_ip, VMNic.ipv6
+).where(VMNic.vm_id == bindparam("vm_id"))
+_ADD_NIC = insert(VMNic)
+_ONE_NIC = (VMNic.vm_id == bindparam("nic_vm_id"), VMNic.index == bindparam("nic_index"))
+_SET_USER_MAC = update(VMNic).where(*_ONE_NIC).values(user_mac=bindparam("user_mac"))
+_SET_IPV6 = (
+    update(VMNic)
+    .where(*_ONE_NIC)
+    .values(ipv6_network_id=bindparam("ipv6_network_id"), ipv6=bindparam("ipv6"))
+)
 # the network's row, locked until the transaction ends: concurrent auto-assignments on one
 # network take turns (on PostgreSQL; SQLite's writers do anyway), each reading the hint and the
 # leases the one before committed instead of all choosing the same address
@@ -282,13 +293,15 @@ def allocate_ip(
     *,
     purpose: str = CURRENT,
     interface: int = 0,
+    new: bool = False,
 ) -> ipaddress.IPv4Address:
     """An address on `network` for the VM's interface `interface`, held for `purpose`:
     `requested` if free, else the next free one after the last handed out (wrapping). Asking
-    again for the same interface and purpose returns its own lease."""
+    again for the same interface and purpose returns its own lease. A `new` VM (recorded in
+    this transaction) holds none, so its leases are not read."""
     connection = session.connection()
     key = {"vm_id": vm_id, "interface": interface, "purpose": purpose}
-    held = connection.execute(_HELD, key).first()
+    held = None if new else connection.execute(_HELD, key).first()
     if held is not None:
         if held.network_id != network.id:
             raise ValueError(
@@ -427,12 +440,13 @@ def bridge_of(network: Network) -> str:
     return network.bridge
 
 
-def allocate_cid(session: Session, vm: Holder) -> int:
-    """A vsock CID (≥ 3) for `vm`, or the one it already holds: the one after the highest held
-    (an index lookup, however many VMs hold one), so a CID is not handed out again until the
-    highest reaches the top of the range; then the lowest free one."""
+def allocate_cid(session: Session, vm: Holder, *, new: bool = False) -> int:
+    """A vsock CID (≥ 3) for `vm`, or the one it already holds (a `new` VM holds none, so
+    that is not read): the one after the highest held (an index lookup, however many VMs hold
+    one), so a CID is not handed out again until the highest reaches the top of the range;
+    then the lowest free one."""
     connection = session.connection()
-    held = connection.execute(_CID_OF, {"vm_id": vm.id}).scalar()
+    held = None if new else connection.execute(_CID_OF, {"vm_id": vm.id}).scalar()
     if held is not None:
         return int(held)
     hold_lock(connection, "cid_leases")  # else concurrent creates all choose the highest + 1
@@ -546,40 +560,47 @@ class Nic:
 
 def nics_of(session: Session, vm_id: int) -> dict[int, Nic]:
     """The VM's interfaces by index."""
-    found = session.execute(
-        select(
-            VMNic.index, VMNic.mac, VMNic.user_mac, VMNic.tap, VMNic.observed_ip, VMNic.ipv6
-        ).where(VMNic.vm_id == vm_id)
-    )
+    found = session.connection().execute(_NICS_OF, {"vm_id": vm_id})
     return {row[0]: Nic(*row) for row in found}
 
 
 def hold_nic(
-    session: Session, vm: Holder, index: int, user_mac: str | None, *, record: bool = True
+    session: Session,
+    vm: Holder,
+    index: int,
+    user_mac: str | None,
+    *,
+    record: bool = True,
+    new: bool = False,
 ) -> Nic:
     """The VM's interface `index`, made the first time (roost's MAC and its tap name, kept for
     the VM's life) and, when `record` (no VMM runs with the old one), given the user's MAC
-    (None: roost's). A MAC another interface has is 409 `conflict` naming its holder."""
+    (None: roost's). A MAC another interface has is 409 `conflict` naming its holder. A `new`
+    VM (recorded in this transaction) has no interface yet, so none is read."""
     if user_mac is not None:
         check_mac_free(session, user_mac, vm.id, index)
-    nic = nics_of(session, vm.id).get(index)
+    connection = session.connection()
+    nic = None if new else nics_of(session, vm.id).get(index)
     if nic is None:
-        session.execute(
-            insert(VMNic).values(
-                vm_id=vm.id,
-                index=index,
-                mac=new_mac(session),
-                user_mac=user_mac if record else None,
-                tap=tap_name(vm, index),
-            )
+        made = Nic(
+            index, new_mac(session), user_mac if record else None, tap_name(vm, index), None, None
         )
-    elif record and nic.user_mac != user_mac:
-        session.execute(
-            update(VMNic)
-            .where(VMNic.vm_id == vm.id, VMNic.index == index)
-            .values(user_mac=user_mac)
+        connection.execute(
+            _ADD_NIC,
+            {
+                "vm_id": vm.id,
+                "index": index,
+                "mac": made.roost_mac,
+                "user_mac": made.user_mac,
+                "tap": made.tap,
+            },
         )
-    return nics_of(session, vm.id)[index]
+        return made
+    if record and nic.user_mac != user_mac:
+        key = {"nic_vm_id": vm.id, "nic_index": index, "user_mac": user_mac}
+        connection.execute(_SET_USER_MAC, key)
+        return replace(nic, user_mac=user_mac)
+    return nic
 
 
 def check_mac_free(session: Session, mac: str, vm_id: int, index: int) -> None:
@@ -604,16 +625,24 @@ def hold_ipv6(
     ip: ipaddress.IPv6Address | None,
     *,
     network_name: str | None = None,
+    new: bool = False,
 ) -> None:
     """Record the IPv6 address the VM's interface `index` holds on network `network_id` (None:
-    none). One another interface holds is 409 `conflict` naming its holder."""
+    none; a `new` VM's interface, made in this transaction, already holds none). One another
+    interface holds is 409 `conflict` naming its holder."""
     value = None if ip is None else str(ip)
+    if value is None and new:
+        return
     if ip is not None and network_id is not None:
         check_ipv6_free(session, vm, index, network_id, ip, network_name)
-    session.execute(
-        update(VMNic)
-        .where(VMNic.vm_id == vm.id, VMNic.index == index)
-        .values(ipv6_network_id=None if value is None else network_id, ipv6=value)
+    session.connection().execute(
+        _SET_IPV6,
+        {
+            "nic_vm_id": vm.id,
+            "nic_index": index,
+            "ipv6_network_id": None if value is None else network_id,
+            "ipv6": value,
+        },
     )
 
 

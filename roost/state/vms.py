@@ -217,6 +217,9 @@ _NICS_AND_LABELS_OF = select(_NICS.label("nics"), _LABELS.label("labels")).where
 _VMM_KIND = select(VM.vmm_kind).where(VM.name == bindparam("name"))
 _ADD_VM = insert(VM)
 _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
+_FORGET_OBSERVED = (
+    update(VMNic).where(VMNic.vm_id == bindparam("nic_vm_id")).values(observed_ip=None)
+)
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
 _SET_NAMED_RETURNING = _SET_NAMED.returning(*VM.__table__.columns)
 _HOLDING = select(VM.id).where(VM.name == bindparam("name"))
@@ -582,9 +585,10 @@ class VMRecords:
         vmm: str,
         vsock_unavailable: str | None,
         vsock_backend: str | None,
+        new: bool = False,
     ) -> None:
         """Record the interfaces a VM is planned with, as it starts afresh (no address
-        observed on any of them yet)."""
+        observed on any of them yet: a `new` VM's, made in this transaction, have none)."""
         connection.execute(
             _SET_VM,
             {
@@ -598,7 +602,8 @@ class VMRecords:
                 "exit_code": None,
             },
         )
-        connection.execute(update(VMNic).where(VMNic.vm_id == vm_id).values(observed_ip=None))
+        if not new:
+            connection.execute(_FORGET_OBSERVED, {"nic_vm_id": vm_id})
 
     @staticmethod
     def running_version(connection: Connection, name: str) -> int | None:
