@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from roost.errors import InvalidError
 from roost.spec.policy import (
@@ -220,3 +223,30 @@ def test_defaults_breaking_a_rule_are_refused_at_their_field(
     with pytest.raises(InvalidError) as caught:
         parse_policy_defaults(data)
     assert [detail.loc for detail in caught.value.details] == [loc]
+
+
+CIDRS = st.builds(
+    lambda bits, length: str(ipaddress.ip_network(f"10.0.{bits}.0/{length}", strict=False)),
+    st.integers(0, 255),
+    st.integers(16, 26),
+)
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.lists(CIDRS, max_size=12, unique=True))
+def test_an_overlap_is_found_exactly_where_an_earlier_cidr_overlaps(cidrs: list[str]) -> None:
+    """Against comparing each CIDR with every earlier one (what the index replaces)."""
+    nets = [ipaddress.ip_network(cidr) for cidr in cidrs]
+    expected = {i for i, net in enumerate(nets) if any(e.overlaps(net) for e in nets[:i])}
+    rule = {"action": "allow", "source": cidrs}
+    try:
+        parse_policy({"ingress": [rule]}, "p")
+        found: set[int] = set()
+    except InvalidError as error:
+        found = {int(d.loc.rsplit(".", 1)[1]) for d in error.details if "overlaps" in d.msg}
+        for detail in error.details:
+            if "overlaps" in detail.msg:
+                other = int(detail.msg.split("(source.")[1].split(")")[0])
+                here = int(detail.loc.rsplit(".", 1)[1])
+                assert other < here and nets[other].overlaps(nets[here])
+    assert found == expected
