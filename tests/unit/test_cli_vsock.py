@@ -6,6 +6,7 @@ them."""
 from __future__ import annotations
 
 import asyncio
+import errno
 import hashlib
 import json
 import os
@@ -209,8 +210,12 @@ def exchange(address: tuple[str, int], data: bytes) -> bytes:
     """Send `data` and end the sending side (a half-close) while reading to the end."""
 
     def send() -> None:
-        connection.sendall(data)
-        connection.shutdown(socket.SHUT_WR)
+        try:
+            connection.sendall(data)
+            connection.shutdown(socket.SHUT_WR)
+        except OSError as error:  # the peer closed first, as a failed forward does
+            if error.errno not in (errno.ENOTCONN, errno.EPIPE, errno.ECONNRESET):
+                raise
 
     with socket.create_connection(address, timeout=10) as connection:
         sending = threading.Thread(target=send)
