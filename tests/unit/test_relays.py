@@ -432,10 +432,11 @@ def test_a_forward_relays_tcp_connections_to_the_guest_s_vsock_port(
 
 
 def test_fifty_parallel_connections_through_one_forward_all_arrive_intact(
-    relays: VsockRelays, guest: FakeHybridVsock, background: Background
+    world: World, targets: Targets, guest: FakeHybridVsock, background: Background
 ) -> None:
+    # the daemon's own dial timeout: fifty handshakes at once may take the fixture's 2 s on a
+    # loaded machine, and a forward that gives up on a dial closes that connection empty
     listen = f"127.0.0.1:{free_port()}"
-    relays.add_forward("v1", listen, 1024)
     host, port = listen.split(":")
 
     async def one(number: int) -> bytes:
@@ -449,11 +450,15 @@ def test_fifty_parallel_connections_through_one_forward_all_arrive_intact(
     async def all_of_them() -> list[bytes]:
         return await asyncio.gather(*(one(number) for number in range(50)))
 
-    began = time.monotonic()
-    answers = background.run(all_of_them())
+    relays = VsockRelays(world.db, targets, linger=LINGER)
+    relays.start()
+    try:
+        relays.add_forward("v1", listen, 1024)
+        answers = background.run(all_of_them())
+    finally:
+        relays.close()
     assert answers == [f"connection {number} ".encode() * 1000 for number in range(50)]
     assert guest.connects == 50
-    assert time.monotonic() - began < 10
 
 
 def test_an_ipv6_loopback_forward_is_written_with_brackets(
