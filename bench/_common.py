@@ -4,11 +4,13 @@ and clean-up that still runs on Ctrl-C or SIGTERM (and cannot be cut short by a 
 from __future__ import annotations
 
 import contextlib
+import http.client
 import json
 import math
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 from collections.abc import Callable, Iterator, Sequence
@@ -132,3 +134,18 @@ def delete_namespace(name: str) -> None:
 
 def netns_path(name: str) -> Path:
     return NETNS_DIR / name
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix socket (the daemon's, Firecracker's API), kept alive for all of one
+    client's requests: a client this light leaves the two cores to what is measured."""
+
+    def __init__(self, path: Path, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(str(self.socket_path))
+        self.sock = sock

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import ctypes
-import http.client
 import ipaddress
 import json
 import mmap
@@ -41,7 +40,15 @@ if __name__ == "__main__":
 import httpx
 from pyroute2 import IPRoute
 
-from bench._common import cleanup, expect, log, main, namespace, netns_path
+from bench._common import (
+    UnixHTTPConnection,
+    cleanup,
+    expect,
+    log,
+    main,
+    namespace,
+    netns_path,
+)
 from tests.harness import FIRECRACKER, INITRAMFS, KERNEL, Daemon, missing, short_tmp, write_plugin
 
 VMS = 20
@@ -124,18 +131,11 @@ class NamespaceThread:
         self._pool.shutdown(wait=True)
 
 
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a Unix socket (Firecracker's API), kept alive for all of one VM's calls."""
+class FirecrackerAPI(UnixHTTPConnection):
+    """Firecracker's API socket, kept alive for all of one VM's calls."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__("localhost", timeout=10)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self.socket_path))
-        self.sock = sock
+        super().__init__(path, timeout=10)
 
     def call(self, method: str, path: str, body: dict[str, Any]) -> None:
         self.request(method, path, json.dumps(body), {"Content-Type": "application/json"})
@@ -239,7 +239,7 @@ class Bare:
 
         ip = BARE_SUBNET.network_address + 2 + index
         mac = "02:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(5))
-        api = UnixHTTPConnection(api_socket)
+        api = FirecrackerAPI(api_socket)
         try:
             api.call("PUT", "/machine-config", {"vcpu_count": VCPUS, "mem_size_mib": MEMORY_MIB})
             api.call(

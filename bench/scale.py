@@ -19,7 +19,6 @@ import ipaddress
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import threading
@@ -33,6 +32,7 @@ if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/
 
 from bench._common import (
+    UnixHTTPConnection,
     cleanup,
     cpu_seconds,
     expect,
@@ -61,19 +61,11 @@ TARGETS = {
 }
 
 
-class UnixClient(http.client.HTTPConnection):
-    """HTTP/1.1 over the daemon's Unix socket, kept alive for all of one thread's requests (a
-    client this light leaves the two cores to the daemon)."""
+class UnixClient(UnixHTTPConnection):
+    """The daemon's API, kept alive for all of one thread's requests."""
 
     def __init__(self, path: Path) -> None:
-        super().__init__("roost", timeout=300)
-        self.socket_path = path
-
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        sock.settimeout(self.timeout)
-        sock.connect(str(self.socket_path))
-        self.sock = sock
+        super().__init__(path, timeout=300)
 
     def call(self, method: str, path: str, body: Any = None, status: int = 200) -> bytes:
         """The response's body; RuntimeError when its status is not `status`."""
