@@ -395,3 +395,16 @@ class EventsFollower:
                 self.process.kill()
                 self.process.communicate()
         return self.process.returncode, err
+
+
+def bridged_tap(netns: str) -> str:
+    """A tap on bridge br0 (10.0.0.1/24) in `netns`, as roost makes them."""
+    for argv in (
+        ("ip", "link", "add", "br0", "type", "bridge"),
+        ("ip", "addr", "add", "10.0.0.1/24", "dev", "br0"),
+        ("ip", "link", "set", "br0", "up"),
+        ("ip", "tuntap", "add", "dev", "rtap0", "mode", "tap", "vnet_hdr"),
+        ("ip", "link", "set", "rtap0", "master", "br0", "up"),
+    ):
+        run(*argv, netns=netns)
+    return "rtap0"

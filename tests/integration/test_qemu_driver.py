@@ -31,6 +31,7 @@ from tests import harness
 from tests.harness import (
     INITRAMFS,
     KERNEL,
+    bridged_tap,
     missing,
     namespace_pids,
     process_alive,
@@ -157,16 +158,8 @@ def guests(netns: str, tmp_short: Path) -> Iterator[Guests]:
 
 @pytest.fixture
 def tap(netns: str) -> str:
-    """A tap on bridge br0 (10.0.0.1/24) inside the test's namespace, as roost makes them."""
-    for argv in (
-        ("ip", "link", "add", "br0", "type", "bridge"),
-        ("ip", "addr", "add", "10.0.0.1/24", "dev", "br0"),
-        ("ip", "link", "set", "br0", "up"),
-        ("ip", "tuntap", "add", "dev", "rtap0", "mode", "tap", "vnet_hdr"),
-        ("ip", "link", "set", "rtap0", "master", "br0", "up"),
-    ):
-        run(*argv, netns=netns)
-    return "rtap0"
+    """A tap on bridge br0 inside the test's namespace."""
+    return bridged_tap(netns)
 
 
 @pytest.mark.parametrize("machine", MACHINES)

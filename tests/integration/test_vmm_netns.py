@@ -21,9 +21,24 @@ from roost.vmm.firecracker import FirecrackerAPI, FirecrackerDriver, Jail
 from roost.vmm.process import VMMProcess, is_vmm_of, recorded_pid
 from roost.vmm.qemu import QemuDriver
 from tests.fake_cloud_hypervisor import install
-from tests.harness import FIRECRACKER, INITRAMFS, KERNEL, missing, namespace_pids, run, short_tmp
+from tests.harness import (
+    FIRECRACKER,
+    INITRAMFS,
+    KERNEL,
+    bridged_tap,
+    missing,
+    namespace_pids,
+    run,
+    short_tmp,
+)
 from tests.harness import network_namespace as throwaway_namespace
-from tests.integration.test_qemu_driver import BRIDGED_ARGS, GUEST_IP, Guests, gone, http_get
+from tests.integration.test_qemu_driver import (
+    BRIDGED_ARGS,
+    GUEST_IP,
+    Guests,
+    gone,
+    http_get,
+)
 
 pytestmark = pytest.mark.root
 TAIL = shutil.which("tail")
@@ -144,19 +159,6 @@ def guests(namespaces: Namespaces) -> Iterator[Guests]:
         yield instance
     finally:
         instance.close()
-
-
-def bridged_tap(netns: str) -> str:
-    """A tap on bridge br0 (10.0.0.1/24) in `netns`, as the engine makes a cni VM's."""
-    for argv in (
-        ("ip", "link", "add", "br0", "type", "bridge"),
-        ("ip", "addr", "add", "10.0.0.1/24", "dev", "br0"),
-        ("ip", "link", "set", "br0", "up"),
-        ("ip", "tuntap", "add", "dev", "rtap0", "mode", "tap", "vnet_hdr"),
-        ("ip", "link", "set", "rtap0", "master", "br0", "up"),
-    ):
-        run(*argv, netns=netns)
-    return "rtap0"
 
 
 @needs_guest
