@@ -56,6 +56,8 @@ CODES: dict[str, Code] = {
     "policy_in_use": Code(409, ExitCode.CONFLICT),
     "locked": Code(409, ExitCode.CONFLICT),
     "orphans": Code(409, ExitCode.CONFLICT),
+    "no_capacity": Code(409, ExitCode.CONFLICT),
+    "no_eligible_host": Code(409, ExitCode.CONFLICT),
     # the daemon, the host or a VMM
     "internal": Code(500, ExitCode.FAILURE),
     "vmm_failed": Code(502, ExitCode.FAILURE),
@@ -64,6 +66,8 @@ CODES: dict[str, Code] = {
     "busy": Code(503, ExitCode.FAILURE),
     "recovering": Code(503, ExitCode.FAILURE),
     "database_gone": Code(503, ExitCode.FAILURE),
+    "host_offline": Code(503, ExitCode.FAILURE),
+    "fenced": Code(503, ExitCode.FAILURE),
     "no_space": Code(507, ExitCode.FAILURE),
     # said by the CLI about a daemon it cannot reach or that does not answer
     "unreachable": Code(503, ExitCode.UNREACHABLE),
