@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+from roost.vmm.vsock.hybrid import listen
 from roost.vmm.vsock.packets import HEADER, OP_REQUEST, Header
 from tests.vsock_guest import DEBIAN_RX_BUFFER, F_WRITE, Ring
 
@@ -188,6 +189,39 @@ def test_socket_files_left_by_an_earlier_run_are_replaced(backend: Backend) -> N
         time.sleep(0.002)
     assert _listening(backend.uds)
     assert backend.wait() == 0  # the probe was its QEMU, gone at once
+
+
+def test_a_socket_file_appears_only_once_its_socket_listens(
+    backend: Backend, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # the file is the backend's readiness: QEMU connecting between bind() and listen() is refused
+    at_listen: list[int] = []
+
+    class Watched(socket.socket):
+        def listen(self, backlog: int = 128) -> None:
+            at_listen.append(backend.vhost_user.stat().st_ino)
+            super().listen(backlog)
+
+    leave_stale_socket(backend.vhost_user)
+    stale = backend.vhost_user.stat().st_ino
+    monkeypatch.setattr(socket, "socket", Watched)
+    sock = listen(str(backend.vhost_user))
+    try:
+        listening = backend.vhost_user.stat().st_ino
+        assert at_listen != [listening]  # at listen() the path was not yet the new socket's
+        assert at_listen == [stale]  # but still the stale one's: it was replaced in one step
+        assert _listening(backend.vhost_user)
+        assert sorted(path.name for path in backend.dir.iterdir()) == ["vu.sock"]
+    finally:
+        sock.close()
+
+
+def test_a_path_that_is_not_a_socket_is_not_replaced(backend: Backend) -> None:
+    backend.vhost_user.write_text("someone else's")
+    with pytest.raises(OSError, match="not a socket"):
+        listen(str(backend.vhost_user))
+    assert backend.vhost_user.read_text() == "someone else's"
+    assert sorted(path.name for path in backend.dir.iterdir()) == ["vu.sock"]
 
 
 def _listening(path: Path) -> bool:

@@ -14,6 +14,8 @@ whatever the guest and the host clients do.
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import functools
 import logging
 import os
@@ -40,20 +42,31 @@ ACCEPTS_PER_EVENT = 64
 
 
 def listen(path: str) -> socket.socket:
-    """A non-blocking Unix listener at `path`, after removing a stale socket file there (a
-    path that is not a socket is an error: it is not ours to remove)."""
-    try:
-        if stat.S_ISSOCK(os.lstat(path).st_mode):
-            os.unlink(path)
-    except FileNotFoundError:
-        pass
+    """A non-blocking Unix listener at `path` whose socket file appears only once it listens
+    (its file is what tells QEMU and the daemon the backend is ready, and a client connecting
+    between bind() and listen() is refused): bound at a temporary name in the same directory,
+    then renamed onto `path`, replacing a stale socket there. A path that is not a socket is an
+    error: it is not ours to replace."""
+    with contextlib.suppress(FileNotFoundError):
+        if not stat.S_ISSOCK(os.lstat(path).st_mode):
+            raise OSError(errno.EADDRINUSE, "a file that is not a socket is there", path)
+    directory, name = os.path.split(path)
+    temporary = f".listening-{os.getpid()}"
+    folder = os.open(directory or ".", os.O_PATH | os.O_DIRECTORY)
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
-        sock.bind(path)
+        with contextlib.suppress(FileNotFoundError):  # left by a killed backend of this PID
+            os.unlink(temporary, dir_fd=folder)
+        sock.bind(f"/proc/self/fd/{folder}/{temporary}")  # short whatever the directory's path
         sock.listen(128)
+        os.rename(temporary, name, src_dir_fd=folder, dst_dir_fd=folder)
     except BaseException:
         sock.close()
+        with contextlib.suppress(OSError):
+            os.unlink(temporary, dir_fd=folder)
         raise
+    finally:
+        os.close(folder)
     sock.setblocking(False)
     return sock
 
