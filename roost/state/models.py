@@ -1,6 +1,6 @@
 """The database schema. Allocation invariants are constraints here, not only code:
-one VM per (network, ip), one VM per CID, one holder per (network, IPv6 address), unique MACs,
-tap names and VM names."""
+one VM per (network, ip), one VM per CID on a host, one holder per (network, IPv6 address),
+unique MACs, tap names and VM names, and no host's capacity exceeded."""
 
 from __future__ import annotations
 
@@ -20,6 +20,8 @@ from sqlalchemy import (
     String,
     Text,
     UniqueConstraint,
+    false,
+    func,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -78,13 +80,51 @@ class PluginArtifact(Base):
     plugin: Mapped[Plugin] = relationship(back_populates="artifacts")
 
 
+class Host(Base):
+    """A `roost serve` agent of a cluster (PostgreSQL): where it is reached (`api`, its VXLAN
+    `vtep_address`), what it offers (`capacity_*`, `labels`, `facts`: the VMMs, vsock kinds and
+    networks it has) and what placed VMs hold of it (`allocated_*`, never above capacity: a
+    constraint). `heartbeat_at` is the database's clock at its last heartbeat; `epoch` grows at
+    each registration and fencing, so a fenced agent's heartbeats match no row."""
+
+    __tablename__ = "hosts"
+    __table_args__ = (
+        CheckConstraint("allocated_vcpus BETWEEN 0 AND capacity_vcpus", name="allocated_vcpus"),
+        CheckConstraint(
+            "allocated_memory_mib BETWEEN 0 AND capacity_memory_mib", name="allocated_memory_mib"
+        ),
+        {"sqlite_autoincrement": True},
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    vtep_address: Mapped[str] = mapped_column(String(45), unique=True)
+    api: Mapped[str] = mapped_column(Text)
+    labels: Mapped[dict[str, Any]]
+    capacity_vcpus: Mapped[int] = mapped_column(Integer)
+    capacity_memory_mib: Mapped[int] = mapped_column(BigInteger)
+    allocated_vcpus: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    allocated_memory_mib: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    cordoned: Mapped[bool] = mapped_column(default=False, server_default=false())
+    heartbeat_at: Mapped[datetime] = mapped_column(server_default=func.now())
+    epoch: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+    facts: Mapped[dict[str, Any]]
+    # the reconciler has written `host.offline` for the outage its heartbeat is in
+    offline_noted: Mapped[bool] = mapped_column(default=False, server_default=false())
+    joined_at: Mapped[datetime] = mapped_column(server_default=func.now())
+
+
 class Network(Base):
     """A network VMs attach to, by name. `kind` says who owns its bridge: roost for an
     `on-demand` one (made by a subnet in a config, removed with its last lease, identified by
     its subnet) and a `managed` one (`network create`, kept until `network rm`), the operator
     for an `external` one, whose subnet (and so `first`/`last`, its addresses as integers, for
     plain comparisons) is optional. `ipv6_prefix` is a managed network's /64. A `cni` one has
-    no bridge and no subnet: its `conflist`'s plugins make what its VMs attach to."""
+    no bridge and no subnet: its `conflist`'s plugins make what its VMs attach to.
+
+    In a cluster, a managed or on-demand network spans hosts over VXLAN `vni` with `mtu`, its
+    gateway address on one host's bridge (`gateway_host_id`); an external or dhcp network
+    belongs to one host (`host_id`). Names stay unique across the cluster."""
 
     __tablename__ = "networks"
     __table_args__ = (
@@ -107,6 +147,10 @@ class Network(Base):
     ipv6_prefix: Mapped[str | None] = mapped_column(String(43))
     conflist: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    vni: Mapped[int | None] = mapped_column(Integer, unique=True)
+    mtu: Mapped[int | None] = mapped_column(Integer)
+    gateway_host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="SET NULL"))
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"))
 
 
 class Policy(Base):
@@ -125,7 +169,8 @@ class Policy(Base):
 
 class VM(Base):
     """A VM and what it holds: its status, its interfaces (`nics`), its VMM. `network` is
-    what it was last planned with (`roost.state.vms.StoredInterfaces`)."""
+    what it was last planned with (`roost.state.vms.StoredInterfaces`). In a cluster it lives
+    on host `host_id` (null on a single host) and holds `reserved_*` of its capacity."""
 
     __tablename__ = "vms"
     __table_args__ = (
@@ -142,6 +187,7 @@ class VM(Base):
         ),
         Index("ix_vms_status", "status", "name"),
         Index("ix_vms_plugin_id", "plugin_id", "name"),
+        Index("ix_vms_host_id", "host_id", "name"),
         {"sqlite_autoincrement": True},
     )
 
@@ -167,6 +213,9 @@ class VM(Base):
     restart_required: Mapped[bool] = mapped_column(default=False)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"))
+    reserved_vcpus: Mapped[int | None] = mapped_column(Integer)
+    reserved_memory_mib: Mapped[int | None] = mapped_column(BigInteger)
 
     plugin: Mapped[Plugin] = relationship()
     configs: Mapped[list[VMConfigVersion]] = relationship(
@@ -285,14 +334,25 @@ class IPLease(Base):
 
 
 class CIDLease(Base):
-    """A vsock context id held by a VM, unique on the host."""
+    """A vsock context id held by a VM, unique on its host (`host_id`, the VM's; null on a
+    single host, where the index counts it as host 0)."""
 
     __tablename__ = "cid_leases"
-    __table_args__ = (UniqueConstraint("vm_id"),)
 
-    cid: Mapped[int] = mapped_column(BigInteger, primary_key=True, autoincrement=False)
-    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    vm_id: Mapped[int] = mapped_column(
+        ForeignKey("vms.id", ondelete="CASCADE"), primary_key=True, autoincrement=False
+    )
+    cid: Mapped[int] = mapped_column(BigInteger)
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"))
     vm: Mapped[VM] = relationship(back_populates="cid_lease")
+
+
+Index(
+    "uq_cid_leases_host_cid",
+    func.coalesce(CIDLease.host_id, 0),
+    CIDLease.cid,
+    unique=True,
+)
 
 
 class VsockForward(Base):

@@ -59,6 +59,9 @@ class VMStatus(StrEnum):
     STOPPED = "stopped"
     CRASHED = "crashed"
     ERROR = "error"
+    # its host was offline past the grace (cluster): its addresses were released, and the
+    # host, once back, ends its VMM; `unknown` (its host offline now) is computed, never stored
+    LOST = "lost"
 
 
 # a VMM runs (or is being started or stopped) for a VM in one of these

@@ -580,3 +580,90 @@ def test_version_ten_databases_take_the_artifacts_of_each_config_version_kept_by
     with engine.begin() as connection:
         assert "vm_artifacts" not in inspect(connection).get_table_names()
         assert "vm_artifacts_on_config" not in trigger_names(connection)
+
+
+def test_version_twelve_databases_take_hosts_and_per_host_cids_and_drop_them_back(
+    database_url: str,
+) -> None:
+    config = alembic_config()
+    engine = create_engine(database_url)
+    with upgraded(engine, config, "0012") as connection:
+        for statement in (
+            "INSERT INTO plugins (id, name, version, manifest, installed_at) VALUES "
+            "(1, 'p', '1', '{}', '2026-01-01')",
+            "INSERT INTO networks (id, name, kind, bridge, subnet, gateway, first, last, "
+            "next_hint, created_at) VALUES (1, 'default', 'on-demand', 'roost0', "
+            "'10.57.0.0/24', '10.57.0.1', 171507712, 171507967, 171507715, '2026-01-01')",
+            "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, config_version, "
+            "created_at, updated_at) VALUES (1, 'vm1', 1, 'created', 'qemu', '{}', 1, "
+            "'2026-01-01', '2026-01-01')",
+            "INSERT INTO cid_leases (cid, vm_id) VALUES (3, 1)",
+        ):
+            connection.execute(text(statement))
+    add_vm = text(
+        "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, config_version, "
+        "host_id, created_at, updated_at) VALUES (:id, :name, 1, 'created', 'qemu', :network, "
+        "1, :host, '2026-01-01', '2026-01-01')"
+    )
+    add_cid = text("INSERT INTO cid_leases (cid, vm_id, host_id) VALUES (:cid, :vm, :host)")
+    network = json.dumps({"interfaces": [{"effective": {"mode": "bridged"}}]})
+    with upgraded(engine, config, "0013") as connection:
+        assert [tuple(row) for row in connection.execute(text("SELECT * FROM cid_leases"))] == [
+            (3, 1, None)
+        ]
+        for host_id in (1, 2):
+            connection.execute(
+                text(
+                    "INSERT INTO hosts (id, name, vtep_address, api, labels, capacity_vcpus, "
+                    "capacity_memory_mib, facts) VALUES (:id, :name, :vtep, 'unix:///x', '{}', "
+                    "4, 1024, '{}')"
+                ),
+                {"id": host_id, "name": f"h{host_id}", "vtep": f"192.0.2.{host_id}"},
+            )
+        for vm_id, host in ((2, 1), (3, 2), (4, 1)):
+            connection.execute(
+                add_vm, {"id": vm_id, "name": f"vm{vm_id}", "network": network, "host": host}
+            )
+        # the same CID on two hosts and on the single host (no host)
+        connection.execute(add_cid, {"cid": 3, "vm": 2, "host": 1})
+        connection.execute(add_cid, {"cid": 3, "vm": 3, "host": 2})
+        modes = connection.execute(text("SELECT modes FROM vms WHERE id = 2")).scalar()
+        assert modes == ",bridged,"  # 0010's triggers still keep it
+        heartbeat = connection.execute(text("SELECT heartbeat_at FROM hosts WHERE id = 1"))
+        assert heartbeat.scalar() is not None
+    refused = (
+        "INSERT INTO cid_leases (cid, vm_id, host_id) VALUES (3, 4, 1)",  # taken on host 1
+        "INSERT INTO cid_leases (cid, vm_id, host_id) VALUES (4, 1, 1)",  # one CID per VM
+        "UPDATE hosts SET allocated_vcpus = 5 WHERE id = 1",  # more than its capacity
+        "UPDATE hosts SET allocated_memory_mib = -1 WHERE id = 1",
+        "UPDATE hosts SET vtep_address = '192.0.2.2' WHERE id = 1",
+        "INSERT INTO networks (id, name, kind, bridge, subnet, gateway, first, last, next_hint, "
+        "vni, created_at) VALUES (2, 'n2', 'managed', 'rbr2', '10.58.0.0/24', '10.58.0.1', "
+        "171573248, 171573503, 171573249, 7, '2026-01-01'), (3, 'n3', 'managed', 'rbr3', "
+        "'10.59.0.0/24', '10.59.0.1', 171638784, 171639039, 171638785, 7, '2026-01-01')",
+    )
+    for statement in refused:
+        with pytest.raises(IntegrityError), engine.begin() as connection:
+            connection.execute(text(statement))
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0012")
+    with engine.begin() as connection:
+        assert "hosts" not in inspect(connection).get_table_names()
+        kept = connection.execute(text("SELECT cid, vm_id FROM cid_leases"))
+        assert [tuple(row) for row in kept] == [(3, 1)]  # other hosts' CIDs are gone
+        assert "modes" in {column["name"] for column in inspect(connection).get_columns("vms")}
+        assert "vm_labels_on_latest" in trigger_names(connection)
+        connection.execute(
+            text(
+                "INSERT INTO vms (id, name, plugin_id, status, vmm_kind, network, "
+                "config_version, created_at, updated_at) VALUES (5, 'vm5', 1, 'created', "
+                "'qemu', :network, 1, '2026-01-01', '2026-01-01')"
+            ),
+            {"network": network},
+        )
+        modes = connection.execute(text("SELECT modes FROM vms WHERE id = 5")).scalar()
+        assert modes == ",bridged,"
+    with pytest.raises(IntegrityError), engine.begin() as connection:
+        connection.execute(text("INSERT INTO cid_leases (cid, vm_id) VALUES (3, 2)"))
+    engine.dispose()

@@ -69,6 +69,10 @@ def make_vms(db: Database, count: int, prefix: str = "vm") -> list[int]:
     return db.transact(work)
 
 
+# SQLite cannot reflect an index on an expression (cid_leases' per-host CIDs): the comparison
+# skips it there, and the CID tests show it holds
+@pytest.mark.filterwarnings("ignore:.*expression-based index:UserWarning")
+@pytest.mark.filterwarnings("ignore:.*expression-based index:sqlalchemy.exc.SAWarning")
 def test_migrations_match_the_models(db: Database) -> None:
     with db.write() as session:
         context = MigrationContext.configure(session.connection())
