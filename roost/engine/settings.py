@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 
@@ -45,6 +46,33 @@ DEFAULT_MAX_OPERATIONS = 16
 MAX_QUEUED_OPERATIONS = 256
 DEFAULT_MAX_BODY_BYTES = 1 << 20
 JAILED_EXEC_NAME = "firecracker"  # the jailer names each chroot's parent after its exec file
+VCPUS_PER_CPU = 16  # a host's vCPU capacity by default, per CPU it has
+DEFAULT_OFFLINE_AFTER = 20.0  # seconds without a heartbeat before a host is offline (Incus's)
+DEFAULT_LOST_AFTER = 300.0  # seconds without a heartbeat before its VMs are lost
+
+
+@dataclass(frozen=True)
+class ClusterSettings:
+    """This agent in a cluster on PostgreSQL: who it is, how its peers reach it (the VXLAN
+    tunnel endpoint, the API), what it holds, and how long silence lasts before its peers take
+    it for offline, then its VMs for lost."""
+
+    host_name: str
+    vtep_address: str  # an IPv4 address in the agent's namespace
+    advertise_api: str  # unix:///path, tcp://HOST:PORT or https://HOST:PORT
+    labels: Mapping[str, str] = field(hash=False)  # a dict of its own (JSON-ready)
+    capacity_vcpus: int
+    capacity_memory_mib: int
+    offline_after: float = DEFAULT_OFFLINE_AFTER
+    lost_after: float = DEFAULT_LOST_AFTER
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", dict(sorted(self.labels.items())))
+
+    @property
+    def heartbeat_interval(self) -> float:
+        """Often enough that a few missed beats are not yet an outage."""
+        return max(0.2, min(5.0, self.offline_after / 4))
 
 
 @dataclass(frozen=True)
@@ -91,6 +119,8 @@ class Settings:
     # directories their plugins are looked up in, in order
     cni_conf_dir: Path = DEFAULT_CONF_DIR
     cni_bin_dirs: tuple[Path, ...] = DEFAULT_BIN_DIRS
+    # this agent in a cluster (a PostgreSQL database and the cluster flags); None: one host
+    cluster: ClusterSettings | None = None
 
     def chroot(self, name: str) -> Path | None:
         """Where the jailer chroots VM `name` (the jailer's `<base>/<exec name>/<id>/root`),

@@ -29,8 +29,10 @@ def vsock_daemon(netns: str, tmp_path: Path, database_url: str) -> Iterator[Daem
     """A daemon with plugin `p` (vsock: a VM of it needs nothing on the host) and `q` (its
     VMs bridged, on the daemon's default network), on SQLite in its state dir (the default)
     and on PostgreSQL."""
-    on_postgresql = database_url.startswith("postgresql")
-    daemon = Daemon(netns, *(["--database-url", database_url] if on_postgresql else []))
+    daemon = Daemon(netns)
+    if database_url.startswith("postgresql"):  # an agent of a cluster of one host
+        daemon.argv += ["--database-url", database_url, "--host-name", "host1"]
+        daemon.argv += ["--vtep-address", "10.251.0.1", "--advertise-api", daemon.api]
     try:
         daemon.start()
         daemon.ok("plugin", "install", write_plugin(tmp_path, "p", network={"mode": "vsock"}))
