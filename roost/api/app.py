@@ -41,6 +41,7 @@ from roost.api.guard import Guard
 from roost.api.metrics import add_metrics
 from roost.api.networks import add_network_routes
 from roost.api.operations import OperationGate
+from roost.api.peers import Forwarder, Forwarding, Router
 from roost.api.policies import add_policy_routes
 from roost.api.replies import error_response, on_unix_socket
 from roost.api.vmlist import add_vm_list_route
@@ -95,7 +96,9 @@ async def _known_query_only(request: Request) -> None:
         )
 
 
-def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
+def create_app(engine: Engine, endpoints: list[Endpoint], router: Router | None = None) -> FastAPI:
+    """The API of `engine` on `endpoints`; with a `router` (a cluster), the requests it
+    sends to another host are forwarded there (roost.api.peers)."""
     settings = engine.settings
     gate = OperationGate(settings.max_operations, settings.max_queued_operations)
     services = ServicePolicy.of(settings, endpoints)
@@ -113,6 +116,8 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         try:
             yield
         finally:
+            if forwarder is not None:
+                await forwarder.aclose()
             await anyio.to_thread.run_sync(gate.close)
 
     app = FastAPI(
@@ -123,6 +128,10 @@ def create_app(engine: Engine, endpoints: list[Endpoint]) -> FastAPI:
         dependencies=[Depends(_known_query_only)],
     )
     bodies = BodySchemas()
+    forwarder = None
+    if router is not None:  # inside Guard: a request is checked here before it is sent on
+        forwarder = Forwarder(router.host_name, settings.token, settings.ca)
+        app.add_middleware(Forwarding, router=router, forwarder=forwarder)
     app.add_middleware(
         Guard,
         endpoints=endpoints,
