@@ -20,7 +20,7 @@ from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError
 from roost.state.db import hold_lock
-from roost.state.models import VM, CIDLease, IPLease, Network, VMNic, utcnow
+from roost.state.models import VM, CIDLease, IPLease, IPPoolEntry, Network, VMNic, utcnow
 
 MIN_CID = 3  # 0-2 are the hypervisor, local and host
 MAX_CID = 2**32 - 2  # 2**32 - 1 is VMADDR_CID_ANY
@@ -147,11 +147,22 @@ _SET_IPV6 = (
     .where(*_ONE_NIC)
     .values(ipv6_network_id=bindparam("ipv6_network_id"), ipv6=bindparam("ipv6"))
 )
-# the network's row, locked until the transaction ends: concurrent auto-assignments on one
-# network take turns (on PostgreSQL; SQLite's writers do anyway), each reading the hint and the
-# leases the one before committed instead of all choosing the same address
-_LOCKED_HINT = (
-    select(Network.next_hint).where(Network.id == bindparam("network_id")).with_for_update()
+_HINT = select(Network.next_hint).where(Network.id == bindparam("network_id"))
+# PostgreSQL: a network's free address freed longest ago (never held first, lowest first), its
+# row locked until the transaction ends; concurrent allocations skip rows others hold, so each
+# claims its own at once
+_POOLED = (
+    select(IPPoolEntry.ip)
+    .where(IPPoolEntry.network_id == bindparam("network_id"))
+    .order_by(IPPoolEntry.released, IPPoolEntry.ip)
+    .limit(1)
+)
+_CLAIM = _POOLED.with_for_update(skip_locked=True)
+_CLAIM_WAITING = _POOLED.with_for_update()  # once every free one is held: wait for one to end
+_CLAIM_REQUESTED = (
+    select(IPPoolEntry.ip)
+    .where(IPPoolEntry.network_id == bindparam("network_id"), IPPoolEntry.ip == bindparam("ip"))
+    .with_for_update()
 )
 _SET_HINT = (
     update(Network).where(Network.id == bindparam("network_id")).values(next_hint=bindparam("hint"))
@@ -296,7 +307,8 @@ def allocate_ip(
     new: bool = False,
 ) -> ipaddress.IPv4Address:
     """An address on `network` for the VM's interface `interface`, held for `purpose`:
-    `requested` if free, else the next free one after the last handed out (wrapping). Asking
+    `requested` if free, else on SQLite the next free one after the last handed out (wrapping),
+    on PostgreSQL the one free longest that no concurrent allocation holds. Asking
     again for the same interface and purpose returns its own lease. A `new` VM (recorded in
     this transaction) holds none, so its leases are not read."""
     connection = session.connection()
@@ -311,15 +323,12 @@ def allocate_ip(
         if requested in (None, ipaddress.IPv4Address(held.ip)):
             return ipaddress.IPv4Address(held.ip)
         connection.execute(_DROP_LEASE, key)
+    pooled = connection.dialect.name == "postgresql"
     if requested is not None:
         value = int(requested)
-        holder = connection.execute(_HOLDER, {"network_id": network.id, "ip": value}).scalar()
-        if holder is not None:
-            raise ConflictError(
-                f"{requested} is already held by VM {holder!r} on network {network.name!r}; "
-                "choose another address or let roost assign one",
-                code="ip_taken",
-            )
+        _check_free(connection, network, requested, pooled=pooled)
+    elif pooled:
+        value = _claimed_free(connection, network)
     else:
         value = _next_free(connection, network)
     connection.execute(
@@ -333,13 +342,57 @@ def allocate_ip(
             "created_at": utcnow(),
         },
     )
-    if requested is None:
+    if requested is None and not pooled:
         hint = value + 1 if value + 1 < network.last else network.first + 1
         connection.execute(_SET_HINT, {"network_id": network.id, "hint": hint})
     return ipaddress.IPv4Address(value)
 
 
+def _check_free(
+    connection: Connection, network: NetworkRow, requested: ipaddress.IPv4Address, *, pooled: bool
+) -> None:
+    """409 `ip_taken` naming the VM that holds `requested`. On PostgreSQL its pool row is
+    locked first, waiting for a transaction that holds it: of two creates asking for one
+    address, the second finds it gone once the first has committed, and then its holder."""
+    key = {"network_id": network.id, "ip": int(requested)}
+    if pooled and _claimed(connection, _CLAIM_REQUESTED, **key) is not None:
+        return
+    holder = connection.execute(_HOLDER, key).scalar()
+    if holder is not None:
+        raise ConflictError(
+            f"{requested} is already held by VM {holder!r} on network {network.name!r}; "
+            "choose another address or let roost assign one",
+            code="ip_taken",
+        )
+
+
+def _claimed(connection: Connection, claim: Any, **key: int) -> int | None:
+    found = connection.execute(claim, key).scalar()
+    return None if found is None else int(found)
+
+
+def _claimed_free(connection: Connection, network: NetworkRow) -> int:
+    """A free address of the network's pool (PostgreSQL), locked until the transaction ends:
+    one no other transaction holds, else (every free one is held) the first one whose holder
+    ends without taking it."""
+    found = _claimed(connection, _CLAIM, network_id=network.id)
+    if found is None:
+        found = _claimed(connection, _CLAIM_WAITING, network_id=network.id)
+    if found is None:
+        raise _full(network)
+    return found
+
+
+def _full(network: NetworkRow) -> ConflictError:
+    return ConflictError(
+        f"network {network.name!r} ({network.subnet}) has no free address left; "
+        "remove a VM or use a larger subnet",
+        code="network_full",
+    )
+
+
 def _next_free(connection: Connection, network: NetworkRow) -> int:
+    """SQLite's single writer: the next free address after the network's hint, wrapping."""
     low, high = network.first + 1, network.last - 1
     gateway = int(ipaddress.IPv4Address(network.gateway))
 
@@ -348,18 +401,14 @@ def _next_free(connection: Connection, network: NetworkRow) -> int:
         leased = _leased_from(connection, network.id, start, end)
         return first_gap(heapq.merge(leased, reserved), start, end)
 
-    next_hint = connection.execute(_LOCKED_HINT, {"network_id": network.id}).scalar_one()
+    next_hint = connection.execute(_HINT, {"network_id": network.id}).scalar_one()
     assert next_hint is not None, f"network {network.name!r} has a subnet and so a hint"
     hint = min(max(next_hint, low), high)
     found = search(hint, high)
     if found is None and hint > low:
         found = search(low, hint - 1)
     if found is None:
-        raise ConflictError(
-            f"network {network.name!r} ({network.subnet}) has no free address left; "
-            "remove a VM or use a larger subnet",
-            code="network_full",
-        )
+        raise _full(network)
     return found
 
 

@@ -333,6 +333,25 @@ class IPLease(Base):
     vm: Mapped[VM] = relationship(back_populates="ip_leases")
 
 
+class IPPoolEntry(Base):
+    """A free address of a network with a subnet, on PostgreSQL: where concurrent allocations
+    claim one each (`FOR UPDATE SKIP LOCKED`) without queuing on one lock. Filled when the
+    network is made and kept by triggers (a lease taken removes its row, a lease dropped, by
+    a release or a VM's removal, brings it back in that transaction, `released` saying when:
+    the addresses free longest go first). Empty on SQLite, whose single writer finds the next
+    free address from the leases."""
+
+    __tablename__ = "ip_pool"
+    __table_args__ = (Index("ix_ip_pool_network_id", "network_id", "released", "ip"),)
+
+    network_id: Mapped[int] = mapped_column(
+        ForeignKey("networks.id", ondelete="CASCADE"), primary_key=True
+    )
+    ip: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+    # when it was last released (µs since the epoch), 0 if never held
+    released: Mapped[int] = mapped_column(BigInteger, default=0, server_default="0")
+
+
 class CIDLease(Base):
     """A vsock context id held by a VM, unique on its host (`host_id`, the VM's; null on a
     single host, where the index counts it as host 0)."""
