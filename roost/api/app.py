@@ -33,6 +33,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from roost import __version__
+from roost.api.artifacts import add_artifact_routes
 from roost.api.bodies import BodySchemas
 from roost.api.endpoints import Endpoint
 from roost.api.events import add_event_routes
@@ -215,6 +216,7 @@ def create_app(engine: Engine, endpoints: list[Endpoint], router: Router | None 
         await gate.run(engine.plugins.remove, check_name(name))
         return Response(status_code=204)
 
+    add_artifact_routes(app, engine, read)
     add_vm_list_route(app, engine, read)
 
     create_extra = {

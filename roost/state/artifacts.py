@@ -36,7 +36,7 @@ from urllib.parse import unquote, urlparse
 
 import httpx
 
-from roost.errors import HostError, InvalidError, NoSpaceError
+from roost.errors import HostError, InvalidError, NoSpaceError, RoostError
 from roost.spec.manifest import Artifact
 
 CHUNK = 1 << 20
@@ -66,6 +66,55 @@ class _Source:
     @property
     def loc(self) -> str:
         return f"{self.role}.{self.member}"
+
+    limit = MAX_ARTIFACT_BYTES
+
+    def too_big(self) -> RoostError:
+        return _too_big(self.loc, "it")
+
+    def refusal(self, sha256: str, size: int) -> RoostError | None:
+        if self.sha256 is not None and sha256 != self.sha256:
+            return InvalidError.at(
+                f"{self.role}.sha256",
+                f"the file's sha256 is {sha256}, not {self.sha256} as declared; "
+                "fix the manifest or the file",
+            )
+        return None
+
+
+@dataclass(frozen=True)
+class _Peer:
+    """A peer agent sending the stored artifact `sha256` of `size` bytes: anything else it
+    sends is refused, naming it (`origin`)."""
+
+    sha256: str
+    size: int
+    origin: str
+
+    @property
+    def role(self) -> str:
+        return f"artifact {self.sha256}"
+
+    @property
+    def limit(self) -> int:
+        return self.size
+
+    def too_big(self) -> RoostError:
+        return HostError(
+            f"peer {self.origin} sent more than the {self.size} bytes of artifact {self.sha256}"
+        )
+
+    def refusal(self, sha256: str, size: int) -> RoostError | None:
+        if size != self.size:
+            return HostError(
+                f"peer {self.origin} sent {size} bytes of artifact {self.sha256}, not {self.size}"
+            )
+        if sha256 != self.sha256:
+            return HostError(
+                f"peer {self.origin} sent bytes whose sha256 is {sha256} for artifact "
+                f"{self.sha256}; refused"
+            )
+        return None
 
 
 @dataclass
@@ -166,7 +215,7 @@ class ArtifactStore:
         self,
         reader: BinaryIO | _IterReader,
         total: int | None,
-        source: _Source,
+        source: _Source | _Peer,
         pins: Pins,
         progress: Progress | None,
     ) -> StoredArtifact:
@@ -180,17 +229,14 @@ class ArtifactStore:
                     writer.write(chunk)
                     digest.update(chunk)
                     size += len(chunk)
-                    if size > MAX_ARTIFACT_BYTES:
-                        raise _too_big(source.loc, "it")
+                    if size > source.limit:
+                        raise source.too_big()
                     if progress is not None:
                         progress(size, total)
             sha256 = digest.hexdigest()
-            if source.sha256 is not None and sha256 != source.sha256:
-                raise InvalidError.at(
-                    f"{source.role}.sha256",
-                    f"the file's sha256 is {sha256}, not {source.sha256} as declared; "
-                    "fix the manifest or the file",
-                )
+            refusal = source.refusal(sha256, size)
+            if refusal is not None:
+                raise refusal
             os.chmod(temp, 0o444)
             with self._lock:  # pinned before it lands: no collection can miss it
                 self._pins[sha256] += 1
@@ -208,6 +254,18 @@ class ArtifactStore:
             if temp is not None and os.path.exists(temp):
                 os.unlink(temp)
         return StoredArtifact(sha256, size)
+
+    def has(self, sha256: str) -> bool:
+        return self.path(sha256).is_file()
+
+    def receive(
+        self, chunks: Iterable[bytes], sha256: str, size: int, *, pins: Pins, origin: str
+    ) -> StoredArtifact:
+        """Store what a peer agent (`origin`) sends as the artifact `sha256` of `size` bytes,
+        as installs store theirs (hashed while written, renamed into place only if it is
+        exactly that artifact, pinned in `pins`); `HostError` naming the peer otherwise, with
+        nothing kept. Two receptions of one digest at once both land the same bytes."""
+        return self._store(_IterReader(chunks), size, _Peer(sha256, size, origin), pins, None)
 
     def is_elf(self, sha256: str) -> bool:
         return is_elf(self.path(sha256))
