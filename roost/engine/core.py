@@ -77,6 +77,9 @@ T = TypeVar("T")
 # how long a vsock device's end may precede its VMM's for both to be the VMM's own end
 DEVICE_VMM_GRACE = 1.0
 EXITS = (VMStatus.STOPPED, VMStatus.CRASHED)  # the statuses a VMM's end leaves its VM in
+# fetches those of a booting VM's artifacts (role -> {sha256, size}) this host's store lacks
+# (in a cluster, from its peers: roost.engine.artifact_peers), or raises saying why it cannot
+MissingArtifacts = Callable[[Mapping[str, Mapping[str, Any]]], None]
 
 
 class Observer(Protocol):
@@ -150,8 +153,10 @@ class Engine:
         events: EventBus | None = None,
         policy_firewall: PolicyFirewallLike | None = None,
         policy_gaps: Sequence[str] = (),
+        missing_artifacts: MissingArtifacts | None = None,
     ) -> None:
         self.settings = settings
+        self.missing_artifacts = missing_artifacts  # None: single host, the store has them all
         self.db = db
         self.records = VMRecords(db)
         self.store = store
@@ -515,8 +520,11 @@ class Engine:
     def _boot(self, booting: Booting, steps: Steps) -> dict[str, Any]:
         """Make its taps on their bridges (with their rules and policies), now that its leases
         have committed and keep those bridges, and its cni interfaces' taps; then boot the VMM.
-        The VM as it then is. On failure the caller rolls `steps` back."""
+        The VM as it then is. On failure the caller rolls `steps` back. Artifacts this host
+        lacks are fetched first (`missing_artifacts`)."""
         name = booting.name
+        if self.missing_artifacts is not None:
+            self.missing_artifacts(booting.artifacts)
         for planned in booting.taps:
             self.host.attach(steps, planned)
         owner = self._tap_owner(booting.vmm)
