@@ -209,3 +209,18 @@ def test_a_network_mtu_the_fabric_cannot_carry_is_refused(hosts: tuple[Host, Hos
 def wait_until(predicate: object, what: str) -> None:
     """Within 5 s: the bound the issue sets for entries to follow the database."""
     wait_for(predicate, timeout=5, what=what)
+
+
+def test_forwarding_changes_need_the_device_and_deleting_what_is_gone_is_no_error(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    with pytest.raises(HostError, match=f"vx{VNI} does not exist"):
+        a.vxlans.update(VNI, flood_add=[b.vtep])
+    a.vxlans.ensure(VNI, a.vtep, BRIDGE, MTU)
+    a.vxlans.update(VNI, flood_add=[b.vtep], macs_replace={b.guest_mac: b.vtep})
+    a.vxlans.update(VNI, flood_add=[b.vtep], macs_remove=["02:00:00:00:00:99"])
+    a.vxlans.update(VNI, flood_remove=["192.168.77.9"])
+    assert fdb(a.netns, f"vx{VNI}") == {("00:00:00:00:00:00", b.vtep), (b.guest_mac, b.vtep)}
+    assert a.vxlans.remove(VNI)
+    assert not a.vxlans.remove(VNI)
