@@ -1,5 +1,7 @@
-"""VXLAN devices and their forwarding entries, through netlink (pyroute2) on the namespace's own
-thread: the host side of a cluster network that spans hosts.
+"""VXLAN devices and their forwarding entries, through netlink on the namespace's own thread:
+the host side of a cluster network that spans hosts. Devices are made and removed through
+pyroute2; the entries, read every second and written in batches, in netlink messages made and
+parsed here (see below why).
 
 Each cluster network on a host has `vx<vni>` (VXLAN id vni, source = the host's VTEP address,
 UDP port 4789, learning off) as a port of the network's bridge. With learning off the device
