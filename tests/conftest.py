@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from roost.state.db import Database, sqlite_url
+from tests.cluster import cluster, fabric, make_cluster  # noqa: F401 (fixtures, see tests/cluster.py)
 from tests.harness import (
     FIRECRACKER,
     INITRAMFS,

@@ -170,6 +170,11 @@ class Daemon:
     def start(self, *extra: str, timeout: float = 30) -> Daemon:
         """Start the daemon and wait until it answers."""
         self.launch(*extra)
+        return self.wait_answering(timeout)
+
+    def wait_answering(self, timeout: float = 30) -> Daemon:
+        """Wait until the launched daemon answers `/healthz`; an error with its log if it
+        exits first or stays silent."""
         assert self.process is not None
         deadline = time.monotonic() + timeout
         while True:
@@ -205,13 +210,17 @@ class Daemon:
         stop would only wait), stop the daemon, and remove its dirs."""
         if self.process is not None and self.process.poll() is None:
             with contextlib.suppress(httpx.HTTPError):
-                for vm in self.http.get("/v1/vms").json():
-                    if vm["status"] in ("running", "paused"):
-                        self.http.post(f"/v1/vms/{vm['name']}/stop", params={"force": "true"})
-                    self.http.delete(f"/v1/vms/{vm['name']}")
+                self.remove_vms(self.http.get("/v1/vms").json())
         self.stop()
         self.http.close()
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def remove_vms(self, vms: list[dict[str, Any]]) -> None:
+        """Remove `vms` (as listed) through the API, killing the VMMs of running ones."""
+        for vm in vms:
+            if vm["status"] in ("running", "paused"):
+                self.http.post(f"/v1/vms/{vm['name']}/stop", params={"force": "true"})
+            self.http.delete(f"/v1/vms/{vm['name']}")
 
     def cli(self, *args: str | Path) -> CLIResult:
         """The roost CLI, in-process, pointed at this daemon."""
