@@ -75,6 +75,42 @@ class VxlanHost(Protocol):
     def remove(self, vni: int) -> bool: ...
 
 
+@dataclass(frozen=True)
+class Member:
+    """One host's part in a cluster network, as the database has it: a VM's NIC on it (`mac`:
+    the guest's MAC, not its tap's) on the host of VTEP `vtep`, or, with `mac` None, the host
+    whose bridge carries the network's gateway address."""
+
+    vni: int
+    bridge: str
+    mtu: int
+    vtep: str
+    mac: str | None = None
+
+
+def segments(local: str, members: Iterable[Member]) -> list[Segment]:
+    """The segments this host (VTEP `local`) wants: one per cluster network it has a part in,
+    flooding to every other host that has one and sending each remote guest's MAC to its
+    host. A network with no part here is absent (its device goes)."""
+    grouped: dict[int, list[Member]] = {}
+    for member in members:
+        grouped.setdefault(member.vni, []).append(member)
+    wanted = []
+    for vni, parts in sorted(grouped.items()):
+        if not any(part.vtep == local for part in parts):
+            continue
+        wanted.append(
+            Segment(
+                vni,
+                parts[0].bridge,
+                parts[0].mtu,
+                frozenset(part.vtep for part in parts) - {local},
+                {p.mac.lower(): p.vtep for p in parts if p.mac is not None and p.vtep != local},
+            )
+        )
+    return wanted
+
+
 def wanted_forwarding(segment: Segment, local: str) -> Forwarding:
     """A segment's entries as the device should hold them: never this host's own VTEP, MACs
     in lower case, no entry for the all-zero MAC (that is the flood list's)."""

@@ -8,7 +8,15 @@ from collections.abc import Mapping
 from hypothesis import given
 from hypothesis import strategies as st
 
-from roost.engine.overlay import Changes, FdbChange, Segment, diff, wanted_forwarding
+from roost.engine.overlay import (
+    Changes,
+    FdbChange,
+    Member,
+    Segment,
+    diff,
+    segments,
+    wanted_forwarding,
+)
 from roost.host.vxlan import VXLAN_PORT, Forwarding, VxlanDevice
 
 LOCAL = "192.0.2.1"
@@ -79,7 +87,7 @@ forwardings = st.fixed_dictionaries(
         "macs": st.dictionaries(st.sampled_from(MACS), st.sampled_from(VTEPS)),
     }
 )
-segments = st.builds(
+any_segments = st.builds(
     segment,
     vni=vnis,
     peers=st.frozensets(st.sampled_from(VTEPS)),
@@ -108,7 +116,9 @@ devices = st.builds(
 )
 
 
-@given(st.lists(segments, unique_by=lambda s: s.vni), st.lists(devices, unique_by=lambda d: d.vni))
+@given(
+    st.lists(any_segments, unique_by=lambda s: s.vni), st.lists(devices, unique_by=lambda d: d.vni)
+)
 def test_the_changes_make_the_host_what_is_wanted_and_then_nothing_is_left_to_do(
     wanted: list[Segment], have: list[VxlanDevice]
 ) -> None:
@@ -122,7 +132,9 @@ def test_the_changes_make_the_host_what_is_wanted_and_then_nothing_is_left_to_do
     assert not diff(wanted, after, LOCAL)
 
 
-@given(st.lists(segments, unique_by=lambda s: s.vni), st.lists(devices, unique_by=lambda d: d.vni))
+@given(
+    st.lists(any_segments, unique_by=lambda s: s.vni), st.lists(devices, unique_by=lambda d: d.vni)
+)
 def test_a_change_touches_only_entries_that_differ(
     wanted: list[Segment], have: list[VxlanDevice]
 ) -> None:
@@ -187,3 +199,27 @@ def test_nothing_to_do_when_the_host_is_as_wanted() -> None:
     present = {7: device(7, flood=frozenset({"192.0.2.2"}), macs={MACS[0]: "192.0.2.2"})}
     wanted = [segment(7, frozenset({"192.0.2.2"}), {MACS[0]: "192.0.2.2"})]
     assert not diff(wanted, present, LOCAL)
+
+
+def test_a_host_wants_the_networks_it_has_a_part_in_with_the_other_hosts_as_peers() -> None:
+    a, b, c = VTEPS[0], VTEPS[1], VTEPS[2]
+    members = [
+        Member(7, "br-x", 1450, a, "02:00:00:00:07:0A"),
+        Member(7, "br-x", 1450, b, "02:00:00:00:07:0b"),
+        Member(7, "br-x", 1450, b, "02:00:00:00:07:0c"),
+        Member(7, "br-x", 1450, c),  # the gateway's host, without a VM on it
+        Member(8, "br-y", 1400, b, "02:00:00:00:08:0b"),  # no part of a's: not wanted
+        Member(9, "br-z", 1450, a),  # a carries the gateway, nobody else anything
+    ]
+    assert segments(a, members) == [
+        Segment(
+            7,
+            "br-x",
+            1450,
+            frozenset({b, c}),
+            {"02:00:00:00:07:0b": b, "02:00:00:00:07:0c": b},
+        ),
+        Segment(9, "br-z", 1450, frozenset(), {}),
+    ]
+    assert [s.vni for s in segments(c, members)] == [7]
+    assert segments(c, members)[0].macs == {"02:00:00:00:07:0a": a, **segments(a, members)[0].macs}
