@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from roost.errors import HostError
 from roost.host.vxlan import FLOOD_MAC, VXLAN_PORT, Forwarding, VxlanDevice
 
 log = logging.getLogger("roost.engine")
@@ -73,6 +75,8 @@ class VxlanHost(Protocol):
     ) -> None: ...
 
     def remove(self, vni: int) -> bool: ...
+
+    def existing(self, names: Iterable[str]) -> set[str]: ...
 
 
 @dataclass(frozen=True)
@@ -177,21 +181,36 @@ class Overlay:
         self._failing: str | None = None  # the last round's error, logged once until it changes
 
     def sync(self) -> Changes:
-        """One round: read what is wanted and what the host has, make only the difference."""
-        changes = diff(self._desired(), self.vxlans.present(), self.vtep)
+        """One round: read what is wanted and what the host has, make only the difference. A
+        network whose bridge this host lacks (none of its VMs has made it yet) is not wanted
+        here. A device that cannot be set right does not keep the others from it: the first
+        failure is raised once every device has had its turn."""
+        wanted = list(self._desired())
+        bridges = self.vxlans.existing({segment.bridge for segment in wanted})
+        here = [segment for segment in wanted if segment.bridge in bridges]
+        changes = diff(here, self.vxlans.present(), self.vtep)
+        failures: list[HostError] = []
         for vni in changes.remove:
-            self.vxlans.remove(vni)
-            log.info("removed %s: no cluster network of this host has VNI %d", f"vx{vni}", vni)
+            with _collect(failures):
+                self.vxlans.remove(vni)
+                log.info("removed vx%d: this host has no part (or no bridge) in VNI %d", vni, vni)
+        broken: set[int] = set()
         for segment in changes.ensure:
-            self.vxlans.ensure(segment.vni, self.vtep, segment.bridge, segment.mtu)
+            with _collect(failures, broken, segment.vni):
+                self.vxlans.ensure(segment.vni, self.vtep, segment.bridge, segment.mtu)
         for change in changes.fdb:
-            self.vxlans.update(
-                change.vni,
-                flood_add=change.flood_add,
-                flood_remove=change.flood_remove,
-                macs_replace=change.macs_replace,
-                macs_remove=change.macs_remove,
-            )
+            if change.vni in broken:
+                continue
+            with _collect(failures):
+                self.vxlans.update(
+                    change.vni,
+                    flood_add=change.flood_add,
+                    flood_remove=change.flood_remove,
+                    macs_replace=change.macs_replace,
+                    macs_remove=change.macs_remove,
+                )
+        if failures:
+            raise HostError("; ".join(str(failure) for failure in failures))
         return changes
 
     def poke(self) -> None:
@@ -228,3 +247,17 @@ class Overlay:
         if self._failing is not None:
             log.info("the overlay is in sync again")
             self._failing = None
+
+
+@contextmanager
+def _collect(
+    failures: list[HostError], broken: set[int] | None = None, vni: int = 0
+) -> Iterator[None]:
+    """A host failure of the block kept in `failures` (and its device in `broken`) instead of
+    ending the round."""
+    try:
+        yield
+    except HostError as error:
+        failures.append(error)
+        if broken is not None:
+            broken.add(vni)

@@ -123,6 +123,21 @@ class Vxlans:
 
         self._call(f"update the forwarding entries of {device_name(vni)}", work)
 
+    def existing(self, names: Iterable[str]) -> set[str]:
+        """Those of the links `names` the namespace has."""
+
+        def work() -> set[str]:
+            found = set()
+            for name in names:
+                try:
+                    socket.if_nametoindex(name)
+                except OSError:
+                    continue
+                found.add(name)
+            return found
+
+        return self._call("look up links", work)
+
     def remove(self, vni: int) -> bool:
         """Delete `vx<vni>` (its entries go with it); False when there is none."""
 

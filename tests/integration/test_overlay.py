@@ -224,3 +224,29 @@ def test_forwarding_changes_need_the_device_and_deleting_what_is_gone_is_no_erro
     assert fdb(a.netns, f"vx{VNI}") == {("00:00:00:00:00:00", b.vtep), (b.guest_mac, b.vtep)}
     assert a.vxlans.remove(VNI)
     assert not a.vxlans.remove(VNI)
+
+
+def test_a_network_without_a_bridge_here_is_skipped_and_a_broken_one_spares_the_others(
+    hosts: tuple[Host, Host],
+) -> None:
+    a, b = hosts
+    run("ip", "-n", a.netns, "link", "add", "br-d", "type", "bridge")
+    peers = frozenset({b.vtep})
+    a.wanted = [
+        Segment(VNI, BRIDGE, 1500, peers, {}),  # more than the fabric carries
+        Segment(VNI + 1, "br-d", MTU, peers, {b.guest_mac: b.vtep}),
+        Segment(VNI + 2, "br-none", MTU, peers, {}),  # no VM of a's has made its bridge yet
+    ]
+    overlay = Overlay(a.vxlans, a.vtep, a.desired)
+    with pytest.raises(HostError, match="at most 1450"):
+        overlay.sync()
+    assert set(a.vxlans.present()) == {VNI + 1}
+    assert fdb(a.netns, f"vx{VNI + 1}") == {("00:00:00:00:00:00", b.vtep), (b.guest_mac, b.vtep)}
+
+    run("ip", "-n", a.netns, "link", "add", "br-none", "type", "bridge")
+    a.wanted[0] = Segment(VNI, BRIDGE, MTU, peers, {})
+    overlay.sync()
+    assert set(a.vxlans.present()) == {VNI, VNI + 1, VNI + 2}
+    run("ip", "-n", a.netns, "link", "del", "br-none")  # its last VM here gone, say
+    overlay.sync()
+    assert set(a.vxlans.present()) == {VNI, VNI + 1}
