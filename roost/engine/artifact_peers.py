@@ -7,6 +7,7 @@ and stored as an install stores its own: verified while written, renamed into pl
 
 from __future__ import annotations
 
+import logging
 import ssl
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -20,6 +21,7 @@ import httpx
 from roost.errors import HostError, NoSpaceError, RoostError
 from roost.state.artifacts import CHUNK, ArtifactStore, StoredArtifact
 
+log = logging.getLogger("roost.engine")
 # the peers' advertised API URLs (unix:///path, tcp://HOST:PORT, https://HOST:PORT), to be
 # tried in order; asked anew for every fetch, as hosts come and go
 Peers = Callable[[], Sequence[str]]
@@ -67,16 +69,19 @@ class PeerArtifacts:
             answers = []
             for peer in peers:
                 try:
-                    return self._fetch_from(peer, sha256, size)
+                    fetched = self._fetch_from(peer, sha256, size)
                 except NoSpaceError:
                     raise
                 except RoostError as error:
                     answers.append(error.message)
+                    continue
+                log.info("fetched artifact %s (%d bytes) from peer %s", sha256, size, peer)
+                return fetched
             tried = "; ".join(answers) if answers else "no peer agent is known"
             raise HostError(
                 f"artifact sha256 {sha256} is not in this host's store and no peer gave it "
-                f"({tried}); install the plugin again on this host (roost plugin install "
-                "--force FILE) or bring a host that has it back"
+                f"({tried}); install the plugin again with the same files through this "
+                "host's API (roost plugin install --force FILE), or bring back a host that has it"
             )
 
     @contextmanager
