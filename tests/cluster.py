@@ -177,6 +177,12 @@ class Agent(Daemon):
             self.thaw()
         return super().stop()
 
+    def close(self) -> None:
+        """As Daemon.close, thawing a frozen agent first (it would not answer the removals)."""
+        if self.frozen and self.process is not None:
+            self.thaw()
+        super().close()
+
     def remove_vms(self, vms: list[dict[str, Any]]) -> None:
         """Only this host's VMs (every agent lists the whole cluster's): each agent removes
         its own."""

@@ -11,7 +11,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from tests.cluster import FABRIC_BRIDGE, HOST_LINK, Fabric, MakeCluster
+from tests.cluster import FABRIC_BRIDGE, HOST_LINK, Cluster, Fabric, MakeCluster
 from tests.harness import addresses, links, namespace_pids, process_alive, run
 from tests.postgres import PostgresServer
 
@@ -76,9 +76,22 @@ def test_three_agents_start_at_once_on_one_empty_database_and_leave_nothing_behi
     directories = [agent.dir for agent in cluster]
     assert all(Path(directory).is_dir() for directory in directories)
 
+    cluster[2].freeze()  # a frozen agent is thawed to be stopped
     cluster.close()
 
     assert not [pid for pid in pids if process_alive(pid)]
     assert not made & namespaces()
     assert not [directory for directory in directories if directory.exists()]
     assert sessions(postgres, cluster.database_url) == 0
+
+
+@pytest.mark.parametrize("cluster", [2], indirect=True)
+def test_the_cluster_fixture_takes_its_number_of_hosts_and_names_them_in_order(
+    cluster: Cluster,
+) -> None:
+    assert [agent.name for agent in cluster] == ["host1", "host2"]
+    assert [agent.vtep for agent in cluster] == ["10.251.0.1", "10.251.0.2"]
+    assert cluster.agent("host2") is cluster[2]
+    for agent in cluster:
+        assert agent.http.get("/healthz").status_code == 200
+        assert f"--advertise-api {agent.api}" in " ".join(agent.argv)
