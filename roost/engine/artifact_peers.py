@@ -20,12 +20,27 @@ import httpx
 
 from roost.errors import HostError, NoSpaceError, RoostError
 from roost.state.artifacts import CHUNK, ArtifactStore, StoredArtifact
+from roost.state.hosts import Hosts, HostState
 
 log = logging.getLogger("roost.engine")
 # the peers' advertised API URLs (unix:///path, tcp://HOST:PORT, https://HOST:PORT), to be
 # tried in order; asked anew for every fetch, as hosts come and go
 Peers = Callable[[], Sequence[str]]
 TIMEOUT = 30.0  # seconds without progress before a peer is given up on
+# who is asked first: hosts whose heartbeat is fresh (cordoned ones serve their stores too),
+# then offline ones, which may answer all the same
+ASKED_FIRST = {HostState.ACTIVE: 0, HostState.CORDONED: 1, HostState.OFFLINE: 2}
+
+
+def peers_in(hosts: Hosts, host_name: str, offline_after: float) -> Peers:
+    """The advertised APIs of every host but `host_name` (this one), read anew at each call:
+    active ones first, then cordoned, then offline, by name within each."""
+
+    def peers() -> list[str]:
+        others = [host for host in hosts.list(offline_after) if host.name != host_name]
+        return [host.api for host in sorted(others, key=lambda host: ASKED_FIRST[host.state])]
+
+    return peers
 
 
 class PeerArtifacts:

@@ -10,15 +10,20 @@ import socketserver
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
+from sqlalchemy import update
 
-from roost.engine.artifact_peers import PeerArtifacts
+from roost.engine.artifact_peers import PeerArtifacts, peers_in
 from roost.errors import HostError
 from roost.spec import VMConfig
 from roost.state.artifacts import ArtifactStore
+from roost.state.db import Database, sqlite_url
+from roost.state.hosts import HostRegistration, Hosts
+from roost.state.models import Host
 from tests.engine_fakes import World
 from tests.harness import wait_for
 
@@ -237,3 +242,39 @@ def test_a_boot_whose_artifacts_no_peer_has_fails_and_leaves_nothing(world: Worl
     with pytest.raises(HostError, match="no peer agent is known"):
         world.engine.create_vm("unfetched", VMConfig(plugin="p"))
     world.assert_nothing_left("unfetched")
+
+
+def test_the_peers_of_a_host_are_the_others_active_then_cordoned_then_offline(
+    tmp_path: Path,
+) -> None:
+    db = Database(sqlite_url(tmp_path))
+    db.migrate()
+    try:
+        hosts = Hosts(db)
+        for number, name in enumerate(("self", "d-offline", "c-cordoned", "b", "a"), start=1):
+            hosts.register(
+                HostRegistration(
+                    name=name,
+                    vtep_address=f"192.0.2.{number}",
+                    api=f"unix:///run/{name}.sock",
+                    labels={},
+                    capacity_vcpus=4,
+                    capacity_memory_mib=1024,
+                    facts={},
+                )
+            )
+        hosts.set_cordoned("c-cordoned", True)
+        long_ago = datetime(2000, 1, 1, tzinfo=UTC)
+        db.transact(
+            lambda session: session.execute(
+                update(Host).where(Host.name == "d-offline").values(heartbeat_at=long_ago)
+            )
+        )
+        assert peers_in(hosts, "self", offline_after=20)() == [
+            "unix:///run/a.sock",
+            "unix:///run/b.sock",
+            "unix:///run/c-cordoned.sock",
+            "unix:///run/d-offline.sock",
+        ]
+    finally:
+        db.dispose()
