@@ -75,6 +75,13 @@ class Holder(Protocol):
     def id(self) -> int: ...
 
 
+class Hosted(Holder, Protocol):
+    """A VM and the host it lives on (None: the single host), for what is unique per host."""
+
+    @property
+    def host_id(self) -> int | None: ...
+
+
 def first_gap(taken: Iterable[int], start: int, end: int) -> int | None:
     """The lowest value in [start, end] not in `taken` (ascending, all ≥ start)."""
     candidate = start
@@ -121,10 +128,16 @@ _NETWORK_COLUMNS = (
 )
 _NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet"))
 _NAMED = select(*_NETWORK_COLUMNS).where(Network.name == bindparam("name"))
-_CID_OF = select(CIDLease.cid).where(CIDLease.vm_id == bindparam("vm_id"))
-_HIGHEST_CID = select(func.max(CIDLease.cid))
+_CID_OF = select(CIDLease.cid, CIDLease.host_id).where(CIDLease.vm_id == bindparam("vm_id"))
+_DROP_CID = delete(CIDLease).where(CIDLease.vm_id == bindparam("vm_id"))
+# a host's CIDs, by the expression of their unique index (a single host's count as host 0)
+_ON_HOST = func.coalesce(CIDLease.host_id, 0) == bindparam("host")
+_HIGHEST_CID = select(func.max(CIDLease.cid)).where(_ON_HOST)
 _CIDS_FROM = (
-    select(CIDLease.cid).where(CIDLease.cid >= bindparam("low")).order_by(CIDLease.cid).limit(BATCH)
+    select(CIDLease.cid)
+    .where(_ON_HOST, CIDLease.cid >= bindparam("low"))
+    .order_by(CIDLease.cid)
+    .limit(BATCH)
 )
 _ADD_CID = insert(CIDLease)
 _MAC_USED = select(VMNic.vm_id).where(
@@ -489,30 +502,40 @@ def bridge_of(network: Network) -> str:
     return network.bridge
 
 
-def allocate_cid(session: Session, vm: Holder, *, new: bool = False) -> int:
-    """A vsock CID (≥ 3) for `vm`, or the one it already holds (a `new` VM holds none, so
-    that is not read): the one after the highest held (an index lookup, however many VMs hold
-    one), so a CID is not handed out again until the highest reaches the top of the range;
-    then the lowest free one."""
+def allocate_cid(session: Session, vm: Hosted, *, new: bool = False) -> int:
+    """A vsock CID (≥ 3) for `vm` on its host (`vm.host_id`), or the one it already holds
+    there (a `new` VM holds none, so that is not read; one it held on another host is given
+    up): the one after the highest its host's VMs hold (an index lookup, however many VMs hold
+    one), so a CID is not handed out again until the highest reaches the top of the range; then
+    the lowest free one. Hosts' CIDs are independent: two hosts' VMs may hold the same one."""
     connection = session.connection()
-    held = None if new else connection.execute(_CID_OF, {"vm_id": vm.id}).scalar()
-    if held is not None:
-        return int(held)
-    hold_lock(connection, "cid_leases")  # else concurrent creates all choose the highest + 1
-    highest = connection.execute(_HIGHEST_CID).scalar()
+    host = vm.host_id or 0
+    if not new:
+        held = connection.execute(_CID_OF, {"vm_id": vm.id}).first()
+        if held is not None and (held.host_id or 0) == host:
+            return int(held.cid)
+        if held is not None:  # it moved: its CID stays with the host it left
+            connection.execute(_DROP_CID, {"vm_id": vm.id})
+    # one allocation per host at a time, else concurrent creates all choose the highest + 1
+    hold_lock(connection, f"cid_leases:{host}")
+    highest = connection.execute(_HIGHEST_CID, {"host": host}).scalar()
     following = MIN_CID if highest is None else int(highest) + 1
-    cid = following if following <= MAX_CID else first_gap(_cids_from(connection), MIN_CID, MAX_CID)
+    cid = (
+        following
+        if following <= MAX_CID
+        else first_gap(_cids_from(connection, host), MIN_CID, MAX_CID)
+    )
     if cid is None:
         raise ConflictError("no vsock CID is free on this host", code="cid_exhausted")
-    connection.execute(_ADD_CID, {"cid": cid, "vm_id": vm.id})
+    connection.execute(_ADD_CID, {"cid": cid, "vm_id": vm.id, "host_id": vm.host_id})
     return cid
 
 
-def _cids_from(connection: Connection) -> Iterator[int]:
-    """The CIDs held, ascending, fetched in batches as needed."""
+def _cids_from(connection: Connection, host: int) -> Iterator[int]:
+    """The CIDs held on `host` (0: the single host), ascending, fetched in batches as needed."""
     low = MIN_CID
     while True:
-        batch = list(connection.execute(_CIDS_FROM, {"low": low}).scalars())
+        batch = list(connection.execute(_CIDS_FROM, {"host": host, "low": low}).scalars())
         yield from batch
         if len(batch) < BATCH:
             return

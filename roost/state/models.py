@@ -425,9 +425,11 @@ class CniAttachment(Base):
 class PendingCreate(Base):
     """A create that has begun and not yet returned: recorded (and committed) before the
     create starts anything on the host, removed once it has answered. A daemon that finds one
-    at start knows the create was cut short and rolls it back, VMM and all."""
+    at start knows the create was cut short and rolls it back, VMM and all: in a cluster, the
+    daemon of the host it began on (`host_id`)."""
 
     __tablename__ = "pending_creates"
 
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))

@@ -41,6 +41,7 @@ from roost.state.db import Database
 from roost.state.models import (
     VM,
     CIDLease,
+    Host,
     PendingCreate,
     Plugin,
     PluginArtifact,
@@ -162,6 +163,10 @@ _LABELS = (
 )
 
 
+# The name of the host a VM lives on (null on a single host), for its JSON's `host`.
+_HOST_NAME = select(Host.name).where(Host.id == VM.host_id).scalar_subquery()
+
+
 def _resources_of(document: Any, as_type: Any) -> Any:
     """`{"resources": ...}` of a config or manifest column, `{}` without any: all a VM's view
     reads of them (decoding each VM's whole manifest was a tenth of a listing)."""
@@ -174,9 +179,9 @@ _DOCUMENTS = ("network", "config", "manifest")
 
 def _vm_rows(documents: Any) -> Select[Any]:
     """Everything a VM's JSON needs, in one query: the VM's columns, its plugin's name, its
-    CID, its labels and the config version that describes what it has now (the one its VMM
-    runs, else the latest); its `_DOCUMENTS` of type `documents` (JSON: decoded, Text: as
-    stored)."""
+    host's name (`host`), its CID, its labels and the config version that describes what it
+    has now (the one its VMM runs, else the latest); its `_DOCUMENTS` of type `documents`
+    (JSON: decoded, Text: as stored)."""
     return (
         select(
             *(
@@ -186,6 +191,7 @@ def _vm_rows(documents: Any) -> Select[Any]:
                 for column in VM.__table__.columns
             ),
             Plugin.name.label("plugin"),
+            _HOST_NAME.label("host"),
             CIDLease.cid.label("cid"),
             _resources_of(VMConfigVersion.config, documents).label("config"),
             _resources_of(VMConfigVersion.manifest, documents).label("manifest"),
@@ -214,9 +220,9 @@ _VM_ROW = VM_ROWS.where(VM.name == bindparam("name"))
 _VM_ID = select(VM.id).where(VM.name == bindparam("name"))
 _STATUS = select(VM.status).where(VM.name == bindparam("name"))
 _TAPS = select(VMNic.tap).join(VM, VM.id == VMNic.vm_id).where(VM.name == bindparam("name"))
-_NICS_AND_LABELS_OF = select(_NICS.label("nics"), _LABELS.label("labels")).where(
-    VM.name == bindparam("vm_name")
-)
+_NICS_AND_LABELS_OF = select(
+    _NICS.label("nics"), _LABELS.label("labels"), _HOST_NAME.label("host")
+).where(VM.name == bindparam("vm_name"))
 _VMM_KIND = select(VM.vmm_kind).where(VM.name == bindparam("name"))
 _ADD_VM = insert(VM)
 _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
@@ -225,7 +231,7 @@ _FORGET_OBSERVED = (
 )
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
 _SET_NAMED_RETURNING = _SET_NAMED.returning(*VM.__table__.columns)
-_HOLDING = select(VM.id).where(VM.name == bindparam("name"))
+_HOLDING = select(VM.id, VM.host_id).where(VM.name == bindparam("name"))
 _DELETE_VM = delete(VM).where(VM.id == bindparam("vm_id"))
 _PLUGIN = (
     select(
@@ -239,15 +245,18 @@ _PLUGIN = (
     .where(Plugin.name == bindparam("name"))
 )
 _ADD_PENDING = insert(PendingCreate)
+_PENDING_NAMES = select(PendingCreate.name)
 _DROP_PENDING = delete(PendingCreate).where(PendingCreate.name == bindparam("name"))
 
 
 @dataclass(frozen=True)
 class Holding:
-    """A VM as allocation names it: its id (what it holds is read through `alloc`) and name."""
+    """A VM as allocation names it: its id (what it holds is read through `alloc`), name and
+    host (None on a single host)."""
 
     id: int
     name: str
+    host_id: int | None = None
 
 
 @dataclass(frozen=True)
@@ -402,8 +411,8 @@ def vm_exists(name: str) -> ConflictError:
 @dataclass(frozen=True)
 class VMQuery:
     """Which VMs a listing wants, in name order: of `plugin`, in any of `statuses`, with every
-    label of `labels`, with an interface in `mode` (vsock: with none), named after `after`; at
-    most `limit` of them (None: all)."""
+    label of `labels`, with an interface in `mode` (vsock: with none), on the host named
+    `host`, named after `after`; at most `limit` of them (None: all)."""
 
     plugin: str | None = None
     statuses: tuple[VMStatus, ...] = ()
@@ -411,6 +420,7 @@ class VMQuery:
     mode: NetworkMode | None = None
     after: str | None = None
     limit: int | None = None
+    host: str | None = None
 
     def statement(self, rows: Select[Any] = VM_ROWS) -> Select[Any]:
         """`rows` (`VM_ROWS`, `LISTED_ROWS` or `NAME_ROWS`) narrowed to these VMs: each filter
@@ -427,6 +437,9 @@ class VMQuery:
             statement = statement.where(VM.modes == "")
         elif self.mode is not None:
             statement = statement.where(_Position(VM.modes, f",{self.mode.value},") > 0)
+        if self.host is not None:
+            on_host = select(Host.id).where(Host.name == self.host).scalar_subquery()
+            statement = statement.where(VM.host_id == on_host)
         if self.after is not None:
             statement = statement.where(VM.name > self.after)
         return statement.order_by(VM.name).limit(self.limit)
@@ -436,10 +449,16 @@ ALL_VMS = VMQuery()
 
 
 class VMRecords:
-    """Reading and writing VM records."""
+    """Reading and writing VM records. `host_id` is the host this agent is (None: the single
+    host): the VMs whose VMMs it recovers are its own, and those it adds live on it."""
 
-    def __init__(self, db: Database) -> None:
+    def __init__(self, db: Database, host_id: int | None = None) -> None:
         self.db = db
+        self.host_id = host_id
+
+    def _on_this_host(self, statement: Select[Any]) -> Select[Any]:
+        """`statement` narrowed to this host's VMs (on a single host: every VM)."""
+        return statement if self.host_id is None else statement.where(VM.host_id == self.host_id)
 
     # ---- reading ------------------------------------------------------------------------
 
@@ -489,20 +508,23 @@ class VMRecords:
             return set(session.scalars(select(VM.name)))
 
     def live(self) -> list[LiveRecord]:
-        """Every VM whose record says a VMM runs (or is being started or stopped) for it."""
+        """Every VM of this host whose record says a VMM runs (or is being started or stopped)
+        for it."""
         with self.db.read() as session:
             found = session.execute(
-                select(
-                    VM.name,
-                    VM.status,
-                    VM.pid,
-                    VM.supervisor_pid,
-                    VM.running_version,
-                    VM.vmm_kind,
-                    _NICS.label("nics"),
-                    VM.network,
-                    VM.vsock_backend,
-                ).where(VM.status.in_([status.value for status in LIVE]))
+                self._on_this_host(
+                    select(
+                        VM.name,
+                        VM.status,
+                        VM.pid,
+                        VM.supervisor_pid,
+                        VM.running_version,
+                        VM.vmm_kind,
+                        _NICS.label("nics"),
+                        VM.network,
+                        VM.vsock_backend,
+                    ).where(VM.status.in_([status.value for status in LIVE]))
+                )
             ).all()
         return [
             LiveRecord(
@@ -520,12 +542,15 @@ class VMRecords:
         ]
 
     def live_taps(self) -> set[str]:
-        """The taps of every interface of VMs whose record says a VMM runs for them."""
+        """The taps of every interface of this host's VMs whose record says a VMM runs for
+        them."""
         with self.db.read() as session:
             taps = session.scalars(
-                select(VMNic.tap)
-                .join(VM, VM.id == VMNic.vm_id)
-                .where(VM.status.in_([status.value for status in LIVE]))
+                self._on_this_host(
+                    select(VMNic.tap)
+                    .join(VM, VM.id == VMNic.vm_id)
+                    .where(VM.status.in_([status.value for status in LIVE]))
+                )
             )
             return set(taps)
 
@@ -551,12 +576,11 @@ class VMRecords:
         if connection.execute(_VM_ID, {"name": name}).first() is not None:
             raise vm_exists(name)
 
-    @staticmethod
     def add(
-        connection: Connection, *, name: str, plugin_id: int, status: VMStatus, vmm: str
+        self, connection: Connection, *, name: str, plugin_id: int, status: VMStatus, vmm: str
     ) -> Holding:
-        """Record a new VM; it holds nothing yet (its first config version is added once its
-        allocation has resolved it)."""
+        """Record a new VM on this host; it holds nothing yet (its first config version is
+        added once its allocation has resolved it)."""
         added = connection.execute(
             _ADD_VM,
             {
@@ -565,18 +589,19 @@ class VMRecords:
                 "status": status,
                 "vmm_kind": vmm,
                 "network": {},
+                "host_id": self.host_id,
             },
         )
         assert added.inserted_primary_key is not None
         vm_id = int(added.inserted_primary_key[0])
-        return Holding(id=vm_id, name=name)
+        return Holding(id=vm_id, name=name, host_id=self.host_id)
 
     @staticmethod
     def holding(connection: Connection, name: str) -> Holding:
         found = connection.execute(_HOLDING, {"name": name}).first()
         if found is None:
             raise no_vm(name)
-        return Holding(id=found.id, name=name)
+        return Holding(id=found.id, name=name, host_id=found.host_id)
 
     @staticmethod
     def set_planned(
@@ -686,7 +711,7 @@ class VMRecords:
 
         def work(connection: Connection) -> None:
             self.check_new(connection, name)
-            connection.execute(_ADD_PENDING, {"name": name})
+            connection.execute(_ADD_PENDING, {"name": name, "host_id": self.host_id})
 
         try:
             self.db.transact_core(work, attempts=1)
@@ -699,8 +724,13 @@ class VMRecords:
         self.db.transact_core(lambda connection: connection.execute(_DROP_PENDING, {"name": name}))
 
     def pending_creates(self) -> set[str]:
+        """The creates this host began and has not finished (those of other hosts are theirs
+        to roll back)."""
+        pending = _PENDING_NAMES
+        if self.host_id is not None:
+            pending = pending.where(PendingCreate.host_id == self.host_id)
         with self.db.read() as session:
-            return set(session.scalars(select(PendingCreate.name)))
+            return set(session.scalars(pending))
 
     # ---- removal ------------------------------------------------------------------------
 
@@ -714,7 +744,7 @@ class VMRecords:
         found = connection.execute(_HOLDING, {"name": name}).first()
         if found is None:
             return False
-        vm = Holding(id=found.id, name=name)
+        vm = Holding(id=found.id, name=name, host_id=found.host_id)
         release(vm)
         connection.execute(_DELETE_VM, {"vm_id": vm.id})
         return True

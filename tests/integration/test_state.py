@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from roost.errors import ConflictError
 from roost.state import alloc, configs, forwards
 from roost.state.db import Database, sqlite_url
+from roost.state.hosts import HostRegistration, Hosts
 from roost.state.models import (
     VM,
     Base,
@@ -31,7 +32,7 @@ from roost.state.models import (
     VMNic,
     VsockForward,
 )
-from roost.state.vms import VMRecords
+from roost.state.vms import VMQuery, VMRecords
 
 SUBNET = ipaddress.IPv4Network("10.100.0.0/24")
 GATEWAY = ipaddress.IPv4Address("10.100.0.1")
@@ -347,3 +348,128 @@ def test_a_deleted_vm_takes_everything_it_holds_and_leaves_other_vms_alone(db: D
     with db.read() as session:
         assert count(session, ids[0]) == [0] * len(held)
         assert count(session, ids[1]) == [1] * len(held)
+
+
+def add_hosts(db: Database, count: int) -> list[int]:
+    hosts = Hosts(db)
+    return [
+        hosts.register(
+            HostRegistration(f"h{n}", f"192.0.2.{n}", f"unix:///h{n}", {}, 8, 4096, {})
+        ).host_id
+        for n in range(1, count + 1)
+    ]
+
+
+def place_on(db: Database, host_ids: dict[int, int | None]) -> None:
+    """Move VMs (by id) to hosts, as placement records them."""
+
+    def work(session: Session) -> None:
+        for vm_id, host_id in host_ids.items():
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            vm.host_id = host_id
+
+    db.transact(work)
+
+
+def cid_of(db: Database, vm_id: int) -> int:
+    def work(session: Session) -> int:
+        vm = session.get(VM, vm_id)
+        assert vm is not None
+        return alloc.allocate_cid(session, vm)
+
+    return db.transact(work)
+
+
+def test_cids_are_unique_per_host_and_a_vm_that_moves_gets_one_on_its_new_host(
+    db: Database,
+) -> None:
+    first, second = add_hosts(db, 2)
+    ids = make_vms(db, 5)
+    place_on(db, {ids[0]: first, ids[1]: first, ids[2]: second, ids[3]: second})
+    assert [cid_of(db, vm_id) for vm_id in ids] == [3, 4, 3, 4, 3]  # ids[4]: the single host
+    place_on(db, {ids[1]: second})
+    assert cid_of(db, ids[1]) == 5  # a new one there; 4 stays with its first host
+    assert cid_of(db, ids[1]) == 5
+    with pytest.raises(IntegrityError), db.write() as session:
+        session.add(CIDLease(cid=3, vm_id=ids[1], host_id=first))  # ids[0]'s on that host
+        session.flush()
+
+
+def test_concurrent_cid_allocations_on_two_hosts_never_repeat_one_on_a_host(
+    db: Database,
+) -> None:
+    hosts = add_hosts(db, 2)
+    ids = make_vms(db, 60)
+    place_on(db, {vm_id: hosts[n % 2] for n, vm_id in enumerate(ids)})
+    results: dict[int, int] = {}
+    errors: list[BaseException] = []
+
+    def work(vm_id: int) -> None:
+        try:
+            results[vm_id] = cid_of(db, vm_id)
+        except BaseException as error:  # collected and asserted below
+            errors.append(error)
+
+    threads = [threading.Thread(target=work, args=(vm_id,)) for vm_id in ids]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert errors == []
+    for n in range(2):
+        on_host = [results[vm_id] for vm_id in ids[n::2]]
+        assert sorted(on_host) == list(range(3, 33))
+
+
+def test_a_host_scoped_store_recovers_only_its_own_vms_and_creates(db: Database) -> None:
+    first, second = add_hosts(db, 2)
+    ids = make_vms(db, 3)
+    place_on(db, {ids[0]: first, ids[1]: second})
+
+    def run_with_taps(session: Session) -> None:
+        for vm_id in ids:
+            vm = session.get(VM, vm_id)
+            assert vm is not None
+            vm.status = "running"
+            alloc.hold_nic(session, vm, 0, None)
+
+    db.transact(run_with_taps)
+    everyone, mine = VMRecords(db), VMRecords(db, host_id=first)
+    assert {record.name for record in everyone.live()} == {"vm-0", "vm-1", "vm-2"}
+    assert [record.name for record in mine.live()] == ["vm-0"]
+    assert mine.live_taps() == {f"rtap{ids[0]}"}
+    assert len(everyone.live_taps()) == 3
+    mine.begin_create("new-on-first")
+    VMRecords(db, host_id=second).begin_create("new-on-second")
+    assert mine.pending_creates() == {"new-on-first"}
+    assert everyone.pending_creates() == {"new-on-first", "new-on-second"}
+    with pytest.raises(ConflictError):  # a name is the cluster's: one create of it at a time
+        VMRecords(db, host_id=second).begin_create("new-on-first")
+
+
+def test_a_vm_row_names_its_host_and_listings_select_by_host(db: Database) -> None:
+    first, _ = add_hosts(db, 2)
+    ids = make_vms(db, 2)
+    place_on(db, {ids[0]: first})
+
+    def versions(session: Session) -> None:
+        for vm_id in ids:
+            configs.add(
+                session.connection(),
+                vm_id,
+                1,
+                config={},
+                manifest={},
+                artifacts={},
+                effective={},
+            )
+
+    db.transact(versions)
+    records = VMRecords(db)
+    assert records.row("vm-0")["host"] == "h1"
+    assert records.row("vm-1")["host"] is None
+    assert records.names_of(VMQuery(host="h1")) == ["vm-0"]
+    assert records.names_of(VMQuery(host="h2")) == []
+    assert [row.host for row in records.listed()] == ["h1", None]
+    assert records.write("vm-0", {"plugin": "p", "cid": None}, status="stopped")["host"] == "h1"

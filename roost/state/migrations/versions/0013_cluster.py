@@ -2,7 +2,8 @@
 a constraint), the host a VM lives on and what it reserves there, vsock CIDs unique per host
 (a unique index over (coalesce(host_id, 0), cid), as single-host CIDs have no host; the VM is
 now the lease's key), and per network a VXLAN id, an MTU, the host carrying its gateway and
-the host a host-local network belongs to. Network names stay unique across the cluster.
+the host a host-local network belongs to, and the host a pending create began on. Network
+names stay unique across the cluster.
 
 On SQLite, adding a foreign key recreates the table (batch mode), which drops `vms`' triggers of
 0010 and would trip over `vm_labels_on_config`, which names `vms`: they are dropped first and
@@ -109,6 +110,15 @@ def upgrade() -> None:
         [sa.text("coalesce(host_id, 0)"), "cid"],
         unique=True,
     )
+    with op.batch_alter_table("pending_creates") as batch:
+        batch.add_column(sa.Column("host_id", sa.Integer(), nullable=True))
+        batch.create_foreign_key(
+            op.f("fk_pending_creates_host_id_hosts"),
+            "hosts",
+            ["host_id"],
+            ["id"],
+            ondelete="CASCADE",
+        )
     with op.batch_alter_table("networks", table_kwargs=_AUTOINCREMENT) as batch:
         batch.add_column(sa.Column("vni", sa.Integer(), nullable=True))
         batch.add_column(sa.Column("mtu", sa.Integer(), nullable=True))
@@ -136,6 +146,9 @@ def downgrade() -> None:
         batch.drop_column("gateway_host_id")
         batch.drop_column("mtu")
         batch.drop_column("vni")
+    with op.batch_alter_table("pending_creates") as batch:
+        batch.drop_constraint(op.f("fk_pending_creates_host_id_hosts"), type_="foreignkey")
+        batch.drop_column("host_id")
     # one host's CIDs: those of other hosts' VMs could be taken twice (a VM without one is
     # given a new one when it next boots)
     op.execute("DELETE FROM cid_leases WHERE host_id IS NOT NULL")
