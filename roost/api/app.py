@@ -37,6 +37,7 @@ from roost.api.artifacts import add_artifact_routes
 from roost.api.bodies import BodySchemas
 from roost.api.endpoints import Endpoint
 from roost.api.events import add_event_routes
+from roost.api.fencing import Fencing
 from roost.api.forwards import ServicePolicy, add_forward_routes
 from roost.api.guard import Guard
 from roost.api.metrics import add_metrics
@@ -97,9 +98,15 @@ async def _known_query_only(request: Request) -> None:
         )
 
 
-def create_app(engine: Engine, endpoints: list[Endpoint], router: Router | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    endpoints: list[Endpoint],
+    router: Router | None = None,
+    refusal: Callable[[], RoostError | None] | None = None,
+) -> FastAPI:
     """The API of `engine` on `endpoints`; with a `router` (a cluster), the requests it
-    sends to another host are forwarded there (roost.api.peers)."""
+    sends to another host are forwarded there (roost.api.peers); with a `refusal` (a cluster
+    agent's membership), changes are refused while it gives a reason (roost.api.fencing)."""
     settings = engine.settings
     gate = OperationGate(settings.max_operations, settings.max_queued_operations)
     services = ServicePolicy.of(settings, endpoints)
@@ -129,6 +136,8 @@ def create_app(engine: Engine, endpoints: list[Endpoint], router: Router | None 
         dependencies=[Depends(_known_query_only)],
     )
     bodies = BodySchemas()
+    if refusal is not None:  # inside forwarding: what goes to another host is for it to judge
+        app.add_middleware(Fencing, refusal=refusal)
     forwarder = None
     if router is not None:  # inside Guard: a request is checked here before it is sent on
         forwarder = Forwarder(router.host_name, settings.token, settings.ca)

@@ -177,7 +177,8 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
         daemon.relays.api_sockets = frozenset(map(str, bound))
         daemon.relays.start()
         daemon.relays.restore()
-        app = create_app(daemon.engine, endpoints)
+        refusal = daemon.cluster.refusal if daemon.cluster is not None else None
+        app = create_app(daemon.engine, endpoints, refusal=refusal)
         servers = _servers(app, endpoints, listeners, settings, daemon.engine.events)
         daemon.recovery.start()
         # what start-up made lives as long as the daemon: keep it out of every later garbage

@@ -37,7 +37,7 @@ from roost.engine.plugins import Plugins
 from roost.engine.policies import PolicyFirewallLike, PolicyRegistry
 from roost.engine.settings import Settings
 from roost.engine.steps import Steps
-from roost.engine.views import ListedViews, network_view, vm_view
+from roost.engine.views import ListedViews, network_view, vm_view, with_host_status
 from roost.errors import ConflictError, RoostError
 from roost.host.cni import CniRuntime, vm_namespace
 from roost.host.netns import NetnsWorker, netns_path
@@ -189,6 +189,9 @@ class Engine:
             run_dir=self.run_dir,
         )
         self.locks = VMLocks()
+        # the ids of the hosts whose heartbeat is late (a cluster's; none on one host): their
+        # VMs show status `unknown` as they are read (roost.engine.cluster keeps it current)
+        self.offline_hosts: Callable[[], frozenset[int]] = frozenset
         self.live: dict[str, Live] = {}
         self.listed = ListedViews(self._view)
         # exits wait for their VM's lock: their own pool, so they never hold up a boot's jobs
@@ -213,19 +216,21 @@ class Engine:
 
     def list_vms(self, query: VMQuery = ALL_VMS) -> list[dict[str, Any]]:
         """The VMs `query` names, in name order: one query, then each VM's view from its row."""
-        return [self._view(row) for row in self.records.rows(query)]
+        offline = self.offline_hosts()
+        return [self._view(with_host_status(row, offline)) for row in self.records.rows(query)]
 
     def list_vms_encoded(self, query: VMQuery = ALL_VMS) -> list[tuple[str, bytes]]:
         """The names and JSON of the VMs `query` names, in name order: one query, then each
         VM's JSON as last listed unless its row or liveness changed since."""
         rows = self.records.listed(query)
-        return self.listed.encoded(rows, self.live, every=query == ALL_VMS)
+        offline = self.offline_hosts()
+        return self.listed.encoded(rows, self.live, every=query == ALL_VMS, offline=offline)
 
     def list_vm_names(self, query: VMQuery = ALL_VMS) -> list[str]:
         return self.records.names_of(query)
 
     def show_vm(self, name: str) -> dict[str, Any]:
-        return self._view(self.records.row(name))
+        return self._view(with_host_status(self.records.row(name), self.offline_hosts()))
 
     def _view(self, vm: Row, live: bool | None = None) -> dict[str, Any]:
         """VM `vm`'s view; `live` says whether its VMM runs (None: as `self.live` says now)."""
@@ -672,6 +677,19 @@ class Engine:
         steps.done("stopped", "recorded the VM stopped")
         self.metrics.observe("stop", time.monotonic() - began)
         return True
+
+    def abandon(self, name: str) -> bool:
+        """End VM `name`'s VMM by PID (reaped) and release what it held on this host, leaving
+        its record as it is: the cluster declared the VM lost, so its addresses may be another
+        VM's by now and nothing of it is written. Whether a VMM ran."""
+        with self.locks.hold(name, "abandon", wait=True, recovery=True):
+            live = self.live.pop(name, None)
+            if live is None:
+                return False
+            self._unwatch(live.process)
+            live.process.kill()
+            self.release_host(name)
+            return True
 
     def release_host(self, name: str, taps: Sequence[str] | None = None) -> list[str]:
         """Remove what only exists while the VMM runs: its taps, their rules and its sockets

@@ -19,6 +19,7 @@ from typing import cast
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from roost.engine.cluster import Cluster
 from roost.engine.core import Engine
 from roost.engine.disks import Disks
 from roost.engine.events import EventBus
@@ -131,6 +132,7 @@ class Daemon:
         self.engine: Engine | None = None
         self.recovery: Recovery | None = None
         self.relays: VsockRelays | None = None
+        self.cluster: Cluster | None = None  # this agent's membership, in a cluster
 
     @classmethod
     def open(cls, settings: Settings) -> Daemon:
@@ -215,6 +217,11 @@ class Daemon:
         self._closers.append(engine.close)
         _ensure_default_network(db, engine.allocator.default)
         engine.networks.restore()
+        if settings.cluster is not None:
+            # registered before recovery looks at what runs: it ends its lost VMs' VMMs first
+            self.cluster = Cluster.open(settings, engine)
+            self._closers.append(self.cluster.close)
+            self.cluster.start()
         recovery = Recovery(engine, settings.orphans)
         recovery.check()
         self.engine, self.recovery, self.relays = engine, recovery, relays

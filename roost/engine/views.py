@@ -16,6 +16,7 @@ from roost.state.vms import (
     ShownNic,
     StoredInterface,
     StoredNetwork,
+    VMStatus,
     decoded,
     labels_json,
     nics_json,
@@ -72,6 +73,18 @@ def vm_view(
     }
 
 
+UNKNOWN = "unknown"  # a VM's status while its host is offline (cluster)
+
+
+def with_host_status(vm: Mapping[Any, Any], offline: Container[int]) -> Mapping[Any, Any]:
+    """A VM's row as read, with status `unknown` while its host is offline (`offline`: the
+    ids of the hosts whose heartbeat is late), a status computed, never stored; a lost VM
+    stays `lost`."""
+    if not offline or vm.get("host_id") not in offline or vm["status"] == VMStatus.LOST:
+        return vm
+    return {**vm, "status": UNKNOWN}
+
+
 def encoded(content: Any) -> bytes:
     """`content` as JSON exactly as the API's JSON responses encode it (starlette's
     JSONResponse), so encoded pieces joined into an array are the bytes it would send."""
@@ -113,21 +126,27 @@ class ListedViews:
         return len(self._kept)
 
     def encoded(
-        self, rows: Iterable[Any], live: Container[str], *, every: bool = False
+        self,
+        rows: Iterable[Any],
+        live: Container[str],
+        *,
+        every: bool = False,
+        offline: Container[int] = frozenset(),
     ) -> list[tuple[str, bytes]]:
         """Each `LISTED_ROWS` row's VM name and its view's JSON; `live` holds the names of
-        the VMs whose VMM runs, `every` says the rows are every VM's."""
+        the VMs whose VMM runs, `every` says the rows are every VM's, `offline` the ids of
+        the hosts whose heartbeat is late (their VMs are `unknown`)."""
         kept = self._kept
         found = []
         for row in rows:
             name = row.name
             runs = name in live
-            key = (*row, runs)
+            key = (*row, runs, bool(offline) and row.host_id in offline)
             hit = kept.get(name)
             if hit is not None and hit[0] == key:
                 found.append((name, hit[1]))
                 continue
-            fragment = encoded(self._view(decoded(row), runs))
+            fragment = encoded(self._view(with_host_status(decoded(row), offline), runs))
             if len(kept) >= self._bound:
                 kept.clear()
             kept[name] = (key, fragment)
