@@ -9,9 +9,12 @@ host runs goes to that host's advertised API (`unix:///path`, `tcp://HOST:PORT`,
   once open, binary and text messages are relayed both ways, and each side's close code and
   reason reach the other.
 - The peer is called with `X-Roost-Forwarded: <this host's name>`, and over TCP with this
-  agent's own bearer token (the client's token was this agent's to check). A request that
-  arrives forwarded is never forwarded again: if this host would send it elsewhere, the two
-  hosts disagree about where the VM lives, and it is refused with 421 `misdirected`.
+  agent's own bearer token (the client's token was this agent's to check). A TCP client's
+  request says `X-Roost-Client: tcp`, so that a peer called on its Unix socket still grants
+  it only what a TCP client may (a header that only takes rights away is believed from
+  anyone). A request that arrives forwarded is never forwarded again: if this host would send
+  it elsewhere, the two hosts disagree about where the VM lives, and it is refused with 421
+  `misdirected`.
 
 Which requests go where is `destination` (a pure rule) and a `Router` (the cluster's view of
 which host runs which VM, from the database): `GET /v1/vms` and `GET /v1/vms/{name}` are
@@ -33,7 +36,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from roost.api.endpoints import Endpoint
-from roost.api.replies import error_response
+from roost.api.replies import TCP_CLIENT, error_response, on_unix_socket
 from roost.errors import HostError, InvalidError, RoostError
 
 if TYPE_CHECKING:
@@ -44,6 +47,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("roost.api")
 
 FORWARDED = "x-roost-forwarded"
+CLIENT = "x-roost-client"  # `tcp`: the client reached the forwarding agent over TCP
 # a connection's own headers (RFC 9110 7.6.1), and those this agent sets for the peer anew
 HOP_BY_HOP = frozenset(
     {
@@ -58,7 +62,7 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-REPLACED = frozenset({"host", "authorization", FORWARDED})
+REPLACED = frozenset({"host", "authorization", FORWARDED, CLIENT})
 CONNECT_SECONDS = 5.0  # a peer that does not accept a connection by then is out of reach
 # the peer answers a vsock upgrade once the guest answered, which may take the route's whole
 # `timeout` (at most 300 s)
@@ -146,22 +150,29 @@ class Router:
         return None
 
 
-def forwarded_from(scope: Scope) -> str | None:
-    """The host that forwarded this request here, from its `X-Roost-Forwarded` header."""
+def _header(scope: Scope, wanted: str) -> str | None:
     for name, value in scope["headers"]:
-        if name.lower() == FORWARDED.encode():
+        if name.lower() == wanted.encode():
             return str(value.decode("latin-1"))
     return None
 
 
+def forwarded_from(scope: Scope) -> str | None:
+    """The host that forwarded this request here, from its `X-Roost-Forwarded` header."""
+    return _header(scope, FORWARDED)
+
+
 def request_headers(
-    headers: list[tuple[bytes, bytes]], origin: str, token: str | None
+    headers: list[tuple[bytes, bytes]], origin: str, token: str | None, *, tcp_client: bool
 ) -> list[tuple[bytes, bytes]]:
     """The headers a forwarded request carries: the client's, but the hop-by-hop ones (and
-    those its `Connection` names), its `Host`, token and any `X-Roost-Forwarded`; then
-    `X-Roost-Forwarded: origin` and, for a TCP peer, this agent's `token`."""
+    those its `Connection` names), its `Host`, token, any `X-Roost-Forwarded` and
+    `X-Roost-Client`; then `X-Roost-Forwarded: origin`, `X-Roost-Client: tcp` for a
+    `tcp_client` and, for a TCP peer, this agent's `token`."""
     kept = _end_to_end(headers, HOP_BY_HOP | REPLACED)
     kept.append((FORWARDED.encode(), origin.encode("latin-1")))
+    if tcp_client:
+        kept.append((CLIENT.encode(), b"tcp"))
     if token is not None:
         kept.append((b"authorization", b"Bearer " + token.encode("latin-1")))
     return kept
@@ -260,7 +271,12 @@ class Forwarder:
     async def http(self, peer: Peer, scope: Scope, receive: Receive, send: Send) -> None:
         """Send the request on to `peer` and its answer back, both streamed."""
         endpoint, client = self._client(peer)
-        headers = request_headers(scope["headers"], self.origin, self._token_for(endpoint))
+        headers = request_headers(
+            scope["headers"],
+            self.origin,
+            self._token_for(endpoint),
+            tcp_client=not on_unix_socket(scope),
+        )
         body = _Body(receive) if _has_body(scope["headers"]) else None
         query = scope["query_string"]
         url = client.base_url.copy_with(
@@ -346,6 +362,7 @@ class Forwarder:
         token = self._token_for(endpoint)
         headers = [
             (FORWARDED, self.origin),
+            *([(CLIENT, "tcp")] if not on_unix_socket(scope) else []),
             *([("Authorization", f"Bearer {token}")] if token else []),
         ]
         query = scope["query_string"].decode("latin-1")
@@ -479,6 +496,8 @@ class Forwarding:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         kind = scope["type"]
+        if kind in ("http", "websocket") and _header(scope, CLIENT) == "tcp":
+            scope = {**scope, TCP_CLIENT: True}
         if kind not in ("http", "websocket") or isinstance(
             destination(scope.get("method", "GET"), scope["path"]), Local
         ):

@@ -9,6 +9,9 @@ from starlette.types import Scope
 
 from roost.errors import RoostError
 
+# set on a request a peer agent forwarded for a TCP client (roost.api.peers): it counts as TCP
+TCP_CLIENT = "roost.tcp_client"
+
 
 def error_response(error: RoostError) -> JSONResponse:
     """`{"error": {...}}` with the code's status; `Retry-After` (whole seconds) when the
@@ -24,6 +27,7 @@ def error_response(error: RoostError) -> JSONResponse:
 def on_unix_socket(scope: Scope) -> bool:
     """Whether a request came in on a Unix socket (whose clients are root), not over TCP:
     uvicorn gives `server` as (host, port) for a TCP listener and (path, None) for a Unix
-    socket. Anything else counts as TCP."""
+    socket. Anything else counts as TCP, as does a request a peer agent forwarded from a TCP
+    client."""
     server = scope.get("server")
-    return server is not None and server[1] is None
+    return server is not None and server[1] is None and not scope.get(TCP_CLIENT)

@@ -35,6 +35,7 @@ pytestmark = [pytest.mark.root]
 
 TOKEN = "cluster-token"
 ROUTES = "ROOST_TEST_ROUTES"
+HOST = "ROOST_TEST_HOST"
 
 
 class PeerTestRouter(Router):
@@ -42,8 +43,8 @@ class PeerTestRouter(Router):
     $ROOST_TEST_ROUTES lists them: `{"b": {"api": URL, "offline": false}, ...}`; other VMs
     stay here."""
 
-    def __init__(self, routes: dict[str, dict[str, Any]]) -> None:
-        super().__init__("a")
+    def __init__(self, host_name: str, routes: dict[str, dict[str, Any]]) -> None:
+        super().__init__(host_name)
         self.routes = routes
 
     def host_of(self, vm: str) -> Peer | None:
@@ -62,6 +63,7 @@ def free_loopback_port() -> int:
 class Hosts:
     a: Daemon
     b: Daemon
+    a_tcp: str  # A's TCP listener
     b_tcp: str  # B's TCP listener
     nowhere: str  # an API nobody serves
 
@@ -69,10 +71,9 @@ class Hosts:
 @pytest.fixture
 def hosts() -> Iterator[Hosts]:
     with network_namespace() as netns_a, network_namespace() as netns_b:
-        port = free_loopback_port()
-        b_tcp = f"tcp://127.0.0.1:{port}"
-        b = Daemon(netns_b, "--listen", b_tcp, env={"ROOST_TOKEN": TOKEN})
-        a = Daemon(netns_a, env={"ROOST_TOKEN": TOKEN})
+        a_tcp, b_tcp = (f"tcp://127.0.0.1:{free_loopback_port()}" for _ in "ab")
+        b = Daemon(netns_b, "--listen", b_tcp, env={"ROOST_TOKEN": TOKEN, HOST: "b", ROUTES: "{}"})
+        a = Daemon(netns_a, "--listen", a_tcp, env={"ROOST_TOKEN": TOKEN, HOST: "a"})
         nowhere = f"unix://{a.dir}/nobody.sock"
         a.env[ROUTES] = json.dumps(
             {
@@ -82,11 +83,12 @@ def hosts() -> Iterator[Hosts]:
                 "gone": {"api": nowhere},
             }
         )
-        a.argv[a.argv.index("roost.cli.main")] = __name__
+        for daemon in (a, b):  # each with its router, as in a cluster
+            daemon.argv[daemon.argv.index("roost.cli.main")] = __name__
         try:
             b.start()
             a.start()
-            yield Hosts(a, b, b_tcp, nowhere)
+            yield Hosts(a, b, a_tcp, b_tcp, nowhere)
         finally:
             a.close()
             b.close()
@@ -265,6 +267,23 @@ def test_a_tcp_peer_is_called_with_this_agents_token(hosts: Hosts, plugin_on_b: 
     assert hosts.b.http.get("/v1/vms").json() == []
 
 
+@pytest.mark.firecracker
+@pytest.mark.kvm
+def test_a_tcp_clients_request_is_a_tcp_clients_on_the_peer_it_reaches_by_unix_socket(
+    hosts: Hosts, plugin_on_b: str
+) -> None:
+    hosts.b.ok("vm", "create", "b-one", "--plugin", plugin_on_b, "--no-start")
+    services = {"vsock_services": {"1100": "tcp://127.0.0.1:9"}}  # the Unix socket's to set
+    port = hosts.a_tcp.rpartition(":")[2]
+    with httpx.Client(
+        base_url=f"http://127.0.0.1:{port}", headers={"authorization": f"Bearer {TOKEN}"}
+    ) as tcp:
+        status, code, message = error(tcp.patch("/v1/vms/b-one/config", json=services))
+    assert (status, code) == (403, "forbidden")
+    assert "TCP service" in message
+    assert hosts.a.http.patch("/v1/vms/b-one/config", json=services).status_code == 200
+
+
 def _serve_with_test_router() -> None:
     """`roost` whose `serve` gives create_app a `PeerTestRouter` of $ROOST_TEST_ROUTES."""
     from functools import partial
@@ -272,7 +291,7 @@ def _serve_with_test_router() -> None:
     import roost.api.server
     from roost.cli.main import main
 
-    router = PeerTestRouter(json.loads(os.environ[ROUTES]))
+    router = PeerTestRouter(os.environ[HOST], json.loads(os.environ[ROUTES]))
     roost.api.server.create_app = partial(roost.api.server.create_app, router=router)  # type: ignore[assignment]
     sys.argv[0] = "roost"
     main()

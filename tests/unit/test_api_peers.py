@@ -85,21 +85,29 @@ def test_a_forwarded_request_keeps_end_to_end_headers_and_carries_origin_and_tok
             (b"content-type", b"application/json"),
             (b"content-length", b"12"),
             (b"accept", b"application/x-ndjson"),
+            (b"x-roost-client", b"unix"),
         ],
         origin="a",
         token="cluster",
+        tcp_client=True,
     )
     assert sent == [
         (b"content-type", b"application/json"),
         (b"content-length", b"12"),
         (b"accept", b"application/x-ndjson"),
         (b"x-roost-forwarded", b"a"),
+        (b"x-roost-client", b"tcp"),
         (b"authorization", b"Bearer cluster"),
     ]
 
 
-def test_a_unix_peer_gets_no_token() -> None:
-    sent = request_headers([(b"authorization", b"Bearer x")], origin="a", token=None)
+def test_a_unix_clients_request_to_a_unix_peer_carries_no_token_nor_client_mark() -> None:
+    sent = request_headers(
+        [(b"authorization", b"Bearer x"), (b"x-roost-client", b"tcp")],
+        origin="a",
+        token=None,
+        tcp_client=False,
+    )
     assert sent == [(b"x-roost-forwarded", b"a")]
 
 
