@@ -239,7 +239,7 @@ def run(allocations: int, processes: int) -> dict[str, Any]:
         at_32["allocations_per_second"] >= TARGET_PER_SECOND
         and at_32["p99_ms"] < TARGET_P99_MS
         and all(postgresql[f"clients_{n}"]["distinct"] for n in CLIENTS)
-        and (placement is None or placement < TARGET_PLACEMENT_P99_MS)
+        and (placement is None or placement["wall_p99_ms"] < TARGET_PLACEMENT_P99_MS)
     )
     figures: dict[str, Any] = {
         "benchmark": "cluster_ipam",
@@ -248,8 +248,7 @@ def run(allocations: int, processes: int) -> dict[str, Any]:
         "sqlite": sqlite,
     }
     if placement is not None:
-        figures["placement_hosts"] = PLACEMENT_HOSTS
-        figures["placement_p99_ms"] = placement
+        figures["placement"] = {"hosts": PLACEMENT_HOSTS, **placement}
     figures["targets"] = {
         "allocations_per_second_at_32": TARGET_PER_SECOND,
         "p99_ms_at_32": TARGET_P99_MS,
@@ -261,10 +260,11 @@ def run(allocations: int, processes: int) -> dict[str, Any]:
     return figures
 
 
-def placement_p99_ms() -> float | None:
+def placement_p99_ms() -> dict[str, float] | None:
     """p99 of one placement decision (`roost.plan.placement.place`) among 50 registered hosts
-    of different sizes and labels, a quarter of them lacking the VM's VMM; None where this
-    tree has no placement yet."""
+    of different sizes and labels, a quarter of them lacking the VM's VMM: wall time, and the
+    thread's CPU time (on shared cores a decision preempted midway counts its wait in the
+    first); None where this tree has no placement yet."""
     try:
         from roost.plan.placement import HostSnapshot, HostState, Need, place
     except ImportError:
@@ -287,12 +287,17 @@ def placement_p99_ms() -> float | None:
     need = Need(
         vcpus=2, memory_mib=2_048, labels={"zone": "z1"}, requires={"vmms": ["firecracker"]}
     )
-    seconds = []
+    wall, cpu = [], []
     for _ in range(PLACEMENT_DECISIONS):
-        before = time.perf_counter()
+        before, before_cpu = time.perf_counter(), time.thread_time()
         place(hosts, need)
-        seconds.append(time.perf_counter() - before)
-    return round(percentile(seconds, 99) * 1000, 4)
+        wall.append(time.perf_counter() - before)
+        cpu.append(time.thread_time() - before_cpu)
+    return {
+        "wall_p50_ms": round(percentile(wall, 50) * 1000, 4),
+        "wall_p99_ms": round(percentile(wall, 99) * 1000, 4),
+        "cpu_p99_ms": round(percentile(cpu, 99) * 1000, 4),
+    }
 
 
 def parse(argv: list[str]) -> argparse.Namespace:
@@ -303,10 +308,10 @@ def parse(argv: list[str]) -> argparse.Namespace:
     parser.add_argument(
         "--processes",
         type=int,
-        default=4,
+        default=1,
         metavar="P",
-        help="PostgreSQL's clients spread over P processes, as agents are (default 4; 1: "
-        "threads of this one)",
+        help="PostgreSQL's clients spread over P worker processes, as agents' are (default 1: "
+        "threads of this process, which did best on two cores here)",
     )
     return parser.parse_args(argv)
 
