@@ -50,10 +50,19 @@ class FakeLinks:
     def names(self, prefix: str) -> list[str]:
         return sorted(name for name in self.links if name.startswith(prefix))
 
-    def ensure_bridge(self, name: str, address: ipaddress.IPv4Interface) -> None:
+    def ensure_bridge(
+        self,
+        name: str,
+        address: ipaddress.IPv4Interface | None,
+        *,
+        mtu: int | None = None,
+        mac: str | None = None,
+    ) -> None:
         self.links[name] = "bridge"
 
-    def create_tap(self, name: str, bridge: str, mac: str, *, owned: bool = False) -> None:
+    def create_tap(
+        self, name: str, bridge: str, mac: str, *, owned: bool = False, mtu: int | None = None
+    ) -> None:
         if self.links.get(bridge) != "bridge":
             raise HostError(f"bridge {bridge} does not exist")
         self.links[name] = "tap"

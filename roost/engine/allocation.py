@@ -110,7 +110,9 @@ class Allocator:
         run_dir: Callable[[str], RunDir],
     ) -> None:
         self.settings = settings
-        self.default = DefaultNetwork.from_cidr(settings.default_subnet)
+        self.default = DefaultNetwork.from_cidr(
+            settings.default_subnet, cluster=settings.cluster is not None
+        )
         self.db = db
         self.records = records
         self.drivers = drivers
@@ -454,6 +456,7 @@ class Allocator:
             ipv6=None if ipv6 is None else (str(ipv6),),
             policies=interface.policies,
             policy_defaults=interface.policy_defaults or ALLOW_BOTH,
+            mtu=effective.mtu,
         )
 
     def _network_of(

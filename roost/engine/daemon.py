@@ -20,6 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roost.engine.cluster import Cluster
+from roost.engine.clusternet import ClusterNetworks
 from roost.engine.core import Engine
 from roost.engine.disks import Disks
 from roost.engine.events import EventBus
@@ -197,13 +198,21 @@ class Daemon:
             log.warning("network policies cannot be enforced here: %s", gap)
         # one firewall: the registry makes policies in it, the host attaches taps to them
         policy_firewall = None if policy_gaps else PolicyFirewall(worker)
+        gateways = None if settings.cluster is None else ClusterNetworks(db, settings.cluster)
         engine = Engine(
             settings,
             db=db,
             store=store,
             plugins=Plugins(db, store, settings.artifact_dirs, events),
             host=HostNetwork(
-                links, Firewall(worker), leased, nat, adverts, policy_firewall, policy_gaps
+                links,
+                Firewall(worker),
+                leased,
+                nat,
+                adverts,
+                policy_firewall,
+                policy_gaps,
+                gateways,
             ),
             drivers=drivers,
             observer=LeaseObserver(worker, observed, lease_file=settings.dhcp_leases),
@@ -222,6 +231,9 @@ class Daemon:
             self.cluster = Cluster.open(settings, engine)
             self._closers.append(self.cluster.close)
             self.cluster.start()
+        if gateways is not None:  # once this host is registered: it may claim gateways
+            self._closers.append(gateways.stop)
+            gateways.start(worker)
         recovery = Recovery(engine, settings.orphans)
         recovery.check()
         self.engine, self.recovery, self.relays = engine, recovery, relays

@@ -23,6 +23,8 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
+from sqlalchemy.orm import Session
+
 from roost.engine.settings import DEFAULT_BRIDGE
 from roost.engine.steps import Steps
 from roost.errors import HostError
@@ -44,11 +46,29 @@ class Links(Protocol):
 
     def names(self, prefix: str) -> list[str]: ...
 
-    def ensure_bridge(self, name: str, address: ipaddress.IPv4Interface) -> None: ...
+    def ensure_bridge(
+        self,
+        name: str,
+        address: ipaddress.IPv4Interface | None,
+        *,
+        mtu: int | None = None,
+        mac: str | None = None,
+    ) -> None: ...
 
-    def create_tap(self, name: str, bridge: str, mac: str, *, owned: bool = False) -> None: ...
+    def create_tap(
+        self, name: str, bridge: str, mac: str, *, owned: bool = False, mtu: int | None = None
+    ) -> None: ...
 
     def delete(self, name: str) -> bool: ...
+
+
+class Gateways(Protocol):
+    """Which host's bridge carries a cluster network's gateway address
+    (`roost.engine.clusternet.ClusterNetworks`)."""
+
+    def carried_here(self, bridge: str, session: Session | None = None) -> bool: ...
+
+    def poke(self) -> None: ...
 
 
 class Rules(Protocol):
@@ -108,8 +128,9 @@ class TapPlan:
     """One tap as the plan and the allocation have it: its name and guest MAC, the bridge it
     joins (and the managed network behind that bridge, if roost manages it), how it joins, the
     bridge's own address (a managed bridge's gateway) and what its rules let it send (`ipv6`:
-    its own IPv6 addresses on a network with a prefix; None drops all its IPv6, as ever), and the
-    network policies it is attached to with their defaults."""
+    its own IPv6 addresses on a network with a prefix; None drops all its IPv6, as ever), the
+    network policies it is attached to with their defaults, and the MTU of its network (None:
+    the kernel's default; a cluster network's)."""
 
     tap: str
     mac: str
@@ -124,6 +145,7 @@ class TapPlan:
     ipv6: tuple[str, ...] | None = None
     policies: tuple[str, ...] = ()
     policy_defaults: PolicyDefaults = ALLOW_BOTH
+    mtu: int | None = None
 
     @property
     def filtered(self) -> TapPolicies | None:
@@ -148,7 +170,10 @@ class HostNetwork:
     choice of collaborator). With `nat`, each managed bridge is masqueraded while it exists;
     `adverts` advertise the IPv6 prefix of a named managed network on its bridge. `policies`
     enforces network policies on taps; None where the kernel lacks what they need
-    (`policy_gaps` says what), and then a tap with policies cannot be made."""
+    (`policy_gaps` says what), and then a tap with policies cannot be made. In a cluster,
+    `gateways` says whether a cluster network's bridge here carries its gateway address (one
+    host's does, with a MAC derived from the bridge's name) and is told of each bridge and
+    tap made (the overlay follows)."""
 
     def __init__(
         self,
@@ -159,8 +184,10 @@ class HostNetwork:
         adverts: Adverts | None = None,
         policies: PolicyRules | None = None,
         policy_gaps: Sequence[str] = (),
+        gateways: Gateways | None = None,
     ) -> None:
         self.links = links
+        self.gateways = gateways
         self.firewall = firewall
         self.nat = nat
         self.adverts = adverts
@@ -267,13 +294,16 @@ class HostNetwork:
         if tap.bridge not in self._bridges_ready:
             self._ensure_bridge(tap)
             self._bridges_ready.add(tap.bridge)
+        mac = alloc.tap_mac(tap.mac)
         try:
-            self.links.create_tap(tap.tap, tap.bridge, alloc.tap_mac(tap.mac), owned=tap.jailed)
+            self.links.create_tap(tap.tap, tap.bridge, mac, owned=tap.jailed, mtu=tap.mtu)
         except HostError:
             self._bridges_ready.discard(tap.bridge)
             self._ensure_bridge(tap)
-            self.links.create_tap(tap.tap, tap.bridge, alloc.tap_mac(tap.mac), owned=tap.jailed)
+            self.links.create_tap(tap.tap, tap.bridge, mac, owned=tap.jailed, mtu=tap.mtu)
             self._bridges_ready.add(tap.bridge)
+        if self.gateways is not None:
+            self.gateways.poke()
 
     def _ensure_bridge(self, tap: TapPlan) -> None:
         if tap.attach is Attachment.EXTERNAL:
@@ -290,27 +320,45 @@ class HostNetwork:
                 )
             return
         assert tap.gateway is not None
-        self.links.ensure_bridge(tap.bridge, tap.gateway)
-        if self.nat is not None:
+        gateway, mac = self._gateway_here(tap.bridge, tap.gateway)
+        self.links.ensure_bridge(tap.bridge, gateway, mtu=tap.mtu, mac=mac)
+        if self.nat is not None and gateway is not None:
             self.nat.add(tap.bridge, tap.gateway.network)
+
+    def _gateway_here(
+        self, bridge: str, gateway: ipaddress.IPv4Interface
+    ) -> tuple[ipaddress.IPv4Interface | None, str | None]:
+        """The address and MAC a managed bridge gets here: its gateway's (the MAC the one
+        derived from its name, which peers send it to) where this host carries it, none
+        where another host does; on a single host, its gateway and the kernel's MAC."""
+        if self.gateways is None:
+            return gateway, None
+        if self.gateways.carried_here(bridge):
+            return gateway, alloc.gateway_mac(bridge)
+        return None, None
 
     def make_bridge(
         self,
         bridge: str,
         gateway: ipaddress.IPv4Interface,
         ipv6_prefix: ipaddress.IPv6Network | None = None,
+        mtu: int | None = None,
     ) -> None:
         """A named managed network's bridge, up with its gateway address (and masqueraded,
         with --nat; its IPv6 prefix advertised, if it has one), made when the network is
-        created and kept until it is removed."""
+        created and kept until it is removed. In a cluster, the host that carries the
+        network's gateway makes it so (the caller has claimed it), with its gateway's MAC."""
+        mac = None if self.gateways is None else alloc.gateway_mac(bridge)
         with self.lock:
-            self.links.ensure_bridge(bridge, gateway)
+            self.links.ensure_bridge(bridge, gateway, mtu=mtu, mac=mac)
             if self.nat is not None:
                 self.nat.add(bridge, gateway.network)
             if ipv6_prefix is not None:
                 assert self.adverts is not None, "a daemon with IPv6 networks advertises them"
                 self.adverts.start(bridge, ipv6_prefix)
             self._bridges_ready.add(bridge)
+        if self.gateways is not None:
+            self.gateways.poke()
 
     def advertise_only(self, wanted: Mapping[str, ipaddress.IPv6Network]) -> None:
         """At start: router advertisements on exactly the bridges of `wanted` (bridge → prefix),

@@ -36,7 +36,14 @@ def registered(network: Network) -> RegisteredNetwork:
     prefix = None if network.ipv6_prefix is None else ipaddress.IPv6Network(network.ipv6_prefix)
     conflist = None if network.conflist is None else parse_conflist(network.conflist, loc="-")
     return RegisteredNetwork(
-        network.name, NetworkKind(network.kind), network.bridge, subnet, gateway, prefix, conflist
+        network.name,
+        NetworkKind(network.kind),
+        network.bridge,
+        subnet,
+        gateway,
+        prefix,
+        conflist,
+        network.mtu,
     )
 
 
@@ -170,6 +177,9 @@ class NetworkRegistry:
             prefix,
         )
         if kind == alloc.MANAGED:
+            gateways = self.host.gateways
+            if gateways is not None:  # this host makes its bridge first: its gateway is here
+                gateways.carried_here(alloc.bridge_of(network), session)
             made.append(alloc.bridge_of(network))
             self._make_bridge(network)
         return network_view(network, [])
@@ -178,7 +188,7 @@ class NetworkRegistry:
         planned = registered(network)
         assert planned.subnet is not None and planned.gateway is not None
         gateway = alloc.gateway_interface(planned.gateway, planned.subnet)
-        self.host.make_bridge(alloc.bridge_of(network), gateway, planned.ipv6_prefix)
+        self.host.make_bridge(alloc.bridge_of(network), gateway, planned.ipv6_prefix, network.mtu)
 
     # ---- removing -----------------------------------------------------------------------
 
@@ -226,14 +236,18 @@ class NetworkRegistry:
 
     def restore(self) -> None:
         """At start: the external network `dhcp` follows `--dhcp-bridge` (registered, moved or
-        removed), every managed network's bridge is there (after a host's reboot too), and
-        router advertisements run on exactly those with an IPv6 prefix."""
+        removed), every managed network's bridge is there (after a host's reboot too; in a
+        cluster, those whose gateway this host carries), and router advertisements run on
+        exactly those with an IPv6 prefix."""
         self.db.transact(self._register_dhcp)
         with self.db.read() as session:
             managed = list(session.scalars(select(Network).where(Network.kind == alloc.MANAGED)))
             session.expunge_all()
         advertised = {}
+        gateways = self.host.gateways
         for network in managed:
+            if gateways is not None and not gateways.carried_here(alloc.bridge_of(network)):
+                continue  # another host's bridge carries its gateway; ours comes with a tap
             try:
                 self._make_bridge(network)
             except HostError as error:

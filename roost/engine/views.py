@@ -245,7 +245,8 @@ def plugin_view(plugin: Plugin, vms: list[str]) -> dict[str, Any]:
 def network_view(network: Network, leased: Iterable[int]) -> dict[str, Any]:
     """A network: `kind` is on-demand, managed, external or cni; `managed` says whether roost
     owns its bridge and addresses (both roost kinds) or not (the operator's bridge, a cni
-    network's plugins); `conflist` is a cni network's."""
+    network's plugins); `conflist` is a cni network's; `vni` and `mtu` a cluster network's
+    (null on a single host)."""
     return {
         "name": network.name,
         "kind": network.kind,
@@ -255,5 +256,7 @@ def network_view(network: Network, leased: Iterable[int]) -> dict[str, Any]:
         "gateway": network.gateway,
         "ipv6_prefix": network.ipv6_prefix,
         "conflist": network.conflist,
+        "vni": network.vni,
+        "mtu": network.mtu,
         "leases": [str(ipaddress.IPv4Address(ip)) for ip in leased],
     }

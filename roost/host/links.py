@@ -32,6 +32,7 @@ from roost.host.netns import NetnsWorker
 IFNAMSIZ = 15
 TUN_DEVICE = "/dev/net/tun"
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFHWADDR, SIOCGIFINDEX = 0x8913, 0x8914, 0x8924, 0x8933
+SIOCSIFMTU = 0x8922
 SIOCBRADDIF = 0x89A2
 IFF_UP = 0x1
 ARPHRD_ETHER = 1
@@ -77,9 +78,9 @@ def _ifreq(sock: socket.socket, request: int, name: str, value: bytes = b"") -> 
     return answer[16:]
 
 
-def _set_up_tap(name: str, mac: str, bridge: str) -> None:
-    """Give tap `name` its MAC, make it a port of `bridge` and set it up (in the calling
-    thread's namespace)."""
+def _set_up_tap(name: str, mac: str, bridge: str, mtu: int | None = None) -> None:
+    """Give tap `name` its MAC (and `mtu`, if given), make it a port of `bridge` and set it up
+    (in the calling thread's namespace)."""
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         _ifreq(
             sock,
@@ -87,6 +88,8 @@ def _set_up_tap(name: str, mac: str, bridge: str) -> None:
             name,
             struct.pack("H6s", ARPHRD_ETHER, bytes.fromhex(mac.replace(":", ""))),
         )
+        if mtu is not None:
+            _ifreq(sock, SIOCSIFMTU, name, struct.pack("i", mtu))
         [tap_index] = struct.unpack_from("i", _ifreq(sock, SIOCGIFINDEX, name))
         try:
             _ifreq(sock, SIOCBRADDIF, bridge, struct.pack("i", tap_index))
@@ -163,8 +166,16 @@ class Links:
 
         return self._worker.run(work)
 
-    def ensure_bridge(self, name: str, address: ipaddress.IPv4Interface) -> None:
-        """A bridge `name`, up, with `address` on it (created if missing)."""
+    def ensure_bridge(
+        self,
+        name: str,
+        address: ipaddress.IPv4Interface | None,
+        *,
+        mtu: int | None = None,
+        mac: str | None = None,
+    ) -> None:
+        """A bridge `name`, up, with `address` on it (created if missing; None: no address of
+        its own), and the `mtu` and `mac` given (fixed: its ports' do not change them)."""
 
         def work() -> None:
             # created (the usual case, on a network's first VM) in four requests, not six
@@ -185,19 +196,28 @@ class Links:
                     (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
                     for a in self._ipr.get_addr(index=index, family=2)
                 }
-            if (str(address.ip), address.network.prefixlen) not in have:
+            if address is not None and (str(address.ip), address.network.prefixlen) not in have:
                 self._ipr.addr(
                     "add",
                     index=index,
                     address=str(address.ip),
                     prefixlen=address.network.prefixlen,
                 )
-            self._ipr.link("set", index=index, state="up")
+            fixed: dict[str, Any] = {"mtu": mtu, "address": mac}
+            self._ipr.link(
+                "set",
+                index=index,
+                state="up",
+                **{key: value for key, value in fixed.items() if value is not None},
+            )
 
         self._call(f"set up bridge {name}", work)
 
-    def create_tap(self, name: str, bridge: str, mac: str, *, owned: bool = False) -> None:
-        """A fresh tap `name` (vnet_hdr, no packet info), with its own `mac`, on `bridge`, up;
+    def create_tap(
+        self, name: str, bridge: str, mac: str, *, owned: bool = False, mtu: int | None = None
+    ) -> None:
+        """A fresh tap `name` (vnet_hdr, no packet info), with its own `mac` (and `mtu`, if
+        given), on `bridge`, up;
         `owned`: given to the jailer's uid and gid (a jailed VMM's tap: only those, or any
         jailed VMM could open another VM's tap). A stale tap of the same name (ours, from a
         crash) is replaced."""
@@ -213,7 +233,7 @@ class Links:
                         raise
                     self.delete(name)  # a stale tap of ours, from a crash, still held open
                     add_tap(name, owner)
-                _set_up_tap(name, mac, bridge)
+                _set_up_tap(name, mac, bridge, mtu)
         except (OSError, HostError) as error:
             self.delete(name)
             if isinstance(error, HostError):

@@ -157,6 +157,7 @@ class EffectiveInterface:
             ipv6=ipv6,
             ipv6_gateway=ipv6_gateway,
             default_route=self.default_route,
+            mtu=self.effective.mtu,
         )
 
     def _cni_guest_nic(self, mac: str, cni: CniNetwork) -> GuestNIC:

@@ -61,20 +61,28 @@ class AntiSpoof(StrEnum):
     NONE = "none"
 
 
+# A cluster's networks span hosts over VXLAN, which takes 50 bytes of a 1500-byte underlay's
+# frames (inner Ethernet 14, VXLAN 8, UDP 8, outer IPv4 20): guests, taps and bridges use 1450.
+OVERLAY_MTU = 1450
+
+
 @dataclass(frozen=True)
 class DefaultNetwork:
-    """The daemon's own network, used by bridged VMs that name no subnet."""
+    """The daemon's own network, used by bridged VMs that name no subnet. `mtu` is that of
+    the networks roost makes by itself (this one and those a subnet in a config makes): the
+    overlay's in a cluster, None (the kernel's default) on a single host."""
 
     subnet: ipaddress.IPv4Network
     gateway: ipaddress.IPv4Address
+    mtu: int | None = None
 
     @classmethod
-    def from_cidr(cls, cidr: str = DEFAULT_SUBNET) -> DefaultNetwork:
+    def from_cidr(cls, cidr: str = DEFAULT_SUBNET, *, cluster: bool = False) -> DefaultNetwork:
         try:
             subnet = parse_subnet(cidr)
         except ValueError as error:
             raise InvalidError.at("default_subnet", str(error)) from None
-        return cls(subnet, first_host(subnet))
+        return cls(subnet, first_host(subnet), OVERLAY_MTU if cluster else None)
 
 
 @dataclass(frozen=True)
@@ -168,7 +176,8 @@ class EffectiveNetwork:
     network planned without a lookup (offline) has no subnet: the daemon resolves it.
     `policies` are the stored policies enforced on its tap, `policy_defaults` what traffic
     none of their rules decides gets (None: allow both ways). `cni` is a cni network's CNI
-    side (None in every other mode).
+    side (None in every other mode). `mtu` is a bridged network's where it has one (a
+    cluster's), which its guest, tap and bridge use.
     """
 
     mode: NetworkMode
@@ -182,6 +191,7 @@ class EffectiveNetwork:
     policies: tuple[str, ...] = ()
     policy_defaults: PolicyDefaults | None = None
     cni: CniNetwork | None = None
+    mtu: int | None = None
 
     @property
     def on_network(self) -> str | None:
@@ -223,12 +233,13 @@ class EffectiveNetwork:
             tuple(data.get("policies") or ()),
             None if defaults is None else PolicyDefaults.model_validate(defaults),
             None if cni is None else CniNetwork.from_json(cni),
+            data.get("mtu"),
         )
 
     def to_json(self) -> dict[str, Any]:
-        """Its JSON; `network` and `external` only where a network was named, `policies` and
-        `policy_defaults` only where set, so every config without them reads (and is stored)
-        exactly as before they existed."""
+        """Its JSON; `network` and `external` only where a network was named, `policies`,
+        `policy_defaults` and `mtu` only where set, so every config without them reads (and is
+        stored) exactly as before they existed."""
         named: dict[str, Any] = {}
         if self.network is not None:
             named = {"network": self.network, "external": self.external}
@@ -242,6 +253,7 @@ class EffectiveNetwork:
             **named,
             **self.policies_json(),
             **self.cni_json(),
+            **({} if self.mtu is None else {"mtu": self.mtu}),
         }
 
     def cni_json(self) -> dict[str, Any]:
@@ -343,7 +355,7 @@ def _resolve(
     subnet = merged.subnet_net or default.subnet
     gateway = merged.gateway_addr or (first_host(subnet) if merged.subnet_net else default.gateway)
     ip = merged.ip_addr
-    return EffectiveNetwork(mode, source, subnet, gateway, ip is None, ip)
+    return EffectiveNetwork(mode, source, subnet, gateway, ip is None, ip, mtu=default.mtu)
 
 
 def _named(
@@ -414,6 +426,7 @@ def _bridged_on(
         ip,
         network=found.name,
         external=not found.managed,
+        mtu=found.mtu,
     )
 
 

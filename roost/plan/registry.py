@@ -26,7 +26,8 @@ class NetworkKind(StrEnum):
 class RegisteredNetwork:
     """A network known to the daemon by name. `subnet`/`gateway` are None for an external
     network registered without a subnet; `ipv6_prefix` is a managed network's /64, if any. A
-    cni network has neither bridge nor subnet, only the `conflist` its plugins run."""
+    cni network has neither bridge nor subnet, only the `conflist` its plugins run. `mtu` is
+    a cluster network's (None: the kernel's default)."""
 
     name: str
     kind: NetworkKind
@@ -35,6 +36,7 @@ class RegisteredNetwork:
     gateway: ipaddress.IPv4Address | None
     ipv6_prefix: ipaddress.IPv6Network | None
     conflist: Conflist | None = None
+    mtu: int | None = None
 
     @property
     def managed(self) -> bool:

@@ -8,6 +8,7 @@ the schema; the code only finds a free value.
 
 from __future__ import annotations
 
+import hashlib
 import heapq
 import ipaddress
 import secrets
@@ -19,8 +20,9 @@ from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select,
 from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError
+from roost.plan.network import OVERLAY_MTU
 from roost.state.db import hold_lock
-from roost.state.models import VM, CIDLease, IPLease, IPPoolEntry, Network, VMNic, utcnow
+from roost.state.models import VM, CIDLease, Host, IPLease, IPPoolEntry, Network, VMNic, utcnow
 
 MIN_CID = 3  # 0-2 are the hypervisor, local and host
 MAX_CID = 2**32 - 2  # 2**32 - 1 is VMADDR_CID_ANY
@@ -34,6 +36,7 @@ TAP_MAC_PREFIX = "fe"
 
 ON_DEMAND, MANAGED, EXTERNAL = "on-demand", "managed", "external"  # a network's kind
 NETWORKS_LOCK = "networks"  # held by a transaction adding a network (see `db.hold_lock`)
+MAX_VNI = 2**24 - 1  # a VXLAN id has 24 bits; 0 is left unused
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,8 @@ def add_network(
 ) -> Network:
     """Record a new network (its bridge `rbr<id>` unless named); a subnet overlapping another
     network's, or its IPv6 prefix, is 409 `subnet_overlap`, a name or bridge another network
-    has 409 `conflict`."""
+    has 409 `conflict`. On PostgreSQL (a cluster's database) a managed or on-demand network
+    spans hosts: it gets the lowest free VNI and the overlay's MTU."""
     hold_lock(session.connection(), NETWORKS_LOCK)  # what the checks find stays true until commit
     if subnet is not None:
         check_no_overlap(session, subnet)
@@ -301,12 +305,63 @@ def add_network(
         next_hint=None if first is None else first + 1,
         ipv6_prefix=ipv6_prefix,
     )
+    if kind in (ON_DEMAND, MANAGED) and session.connection().dialect.name == "postgresql":
+        network.vni, network.mtu = lowest_free_vni(session), OVERLAY_MTU
     session.add(network)
     session.flush()
     if not network.bridge:
         network.bridge = f"{BRIDGE_PREFIX}{network.id}"
         session.flush()
     return network
+
+
+def lowest_free_vni(session: Session) -> int:
+    """The lowest VXLAN id (1..2**24-1) no network has; the caller holds `NETWORKS_LOCK`."""
+    taken = session.scalars(
+        select(Network.vni).where(Network.vni.is_not(None)).order_by(Network.vni)
+    )
+    vni = first_gap((value for value in taken if value is not None), 1, MAX_VNI)
+    if vni is None:
+        raise ConflictError(
+            f"all {MAX_VNI} VXLAN ids are taken by networks; remove networks no VM uses",
+            code="network_full",
+        )
+    return vni
+
+
+def span_networks(session: Session) -> list[str]:
+    """Give every managed and on-demand network without a VNI one (and the overlay's MTU): those
+    made before the database was a cluster's. The names of those given one."""
+    hold_lock(session.connection(), NETWORKS_LOCK)
+    spanned = []
+    unspanned = select(Network).where(Network.kind.in_((ON_DEMAND, MANAGED)), Network.vni.is_(None))
+    for network in list(session.scalars(unspanned.order_by(Network.id))):
+        network.vni, network.mtu = lowest_free_vni(session), OVERLAY_MTU
+        session.flush()
+        spanned.append(network.name)
+    return spanned
+
+
+def carries_gateway(session: Session, bridge: str, host_name: str) -> bool:
+    """Whether host `host_name`'s bridge `bridge` (of a cluster network) carries the network's
+    gateway address: it does when the network records that host, or records none yet (the
+    host claims it then, in one UPDATE that only an unclaimed network takes), so two hosts
+    never answer for one gateway. A network that does not span hosts always does."""
+    me = select(Host.id).where(Host.name == host_name).scalar_subquery()
+    connection = session.connection()
+    connection.execute(
+        update(Network)
+        .where(
+            Network.bridge == bridge,
+            Network.vni.is_not(None),
+            Network.gateway_host_id.is_(None),
+        )
+        .values(gateway_host_id=me)
+    )
+    found = connection.execute(
+        select(Network.vni, Network.gateway_host_id == me).where(Network.bridge == bridge)
+    ).first()
+    return found is None or found[0] is None or bool(found[1])
 
 
 def allocate_ip(
@@ -556,6 +611,14 @@ def gateway_interface(
 ) -> ipaddress.IPv4Interface:
     """The address a managed bridge carries: its network's gateway, with the subnet's prefix."""
     return ipaddress.IPv4Interface(f"{gateway}/{subnet.prefixlen}")
+
+
+def gateway_mac(bridge: str) -> str:
+    """The MAC of the bridge that carries a cluster network's gateway, the same on whichever
+    host does, so peers know where to send to it: 06: (locally administered, unlike guests'
+    02: and taps' fe:) and five bytes of the bridge name's hash."""
+    digest = hashlib.sha256(bridge.encode()).digest()[:5]
+    return ":".join(["06", *(f"{byte:02x}" for byte in digest)])
 
 
 def tap_mac(guest_mac: str) -> str:

@@ -79,11 +79,13 @@ class WatchedLinks(FakeLinks):
         self.attached_when_made: dict[str, str | None] = {}
         self.fail = False
 
-    def create_tap(self, name: str, bridge: str, mac: str, *, owned: bool = False) -> None:
+    def create_tap(
+        self, name: str, bridge: str, mac: str, *, owned: bool = False, mtu: int | None = None
+    ) -> None:
         self.attached_when_made[name] = self.world.policy_firewall.taps.get(name)
         if self.fail:
             raise HostError(f"cannot make tap {name}: a fake failure")
-        super().create_tap(name, bridge, mac, owned=owned)
+        super().create_tap(name, bridge, mac, owned=owned, mtu=mtu)
 
 
 def watch_links(world: World) -> WatchedLinks:

@@ -1,0 +1,176 @@
+"""This host's part in the cluster's networks (a cluster on PostgreSQL only): which host's
+bridge carries each network's gateway address, and the overlay (`roost.engine.overlay`) kept as
+the database says.
+
+What the overlay wants is read in one query: every VM interface holding an address on a network
+that has a VNI, with its guest's MAC and the VTEP of its VM's host, and each network's gateway
+host with its bridge's MAC (`alloc.gateway_mac`). The database tells every agent when that may
+have changed: migration 0015's triggers send NOTIFY `roost_overlay` in the transactions that
+change leases, VMs' hosts, NICs' MACs, networks or hosts; a listener on a connection of its
+own pokes the overlay, which also resyncs every second in case a notification was missed (a
+listener reconnecting after an error pokes it as well).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import psycopg
+from sqlalchemy import CompoundSelect, func, null, select, union_all
+from sqlalchemy.engine import make_url
+from sqlalchemy.orm import Session
+
+from roost.engine.overlay import Member, Overlay, Segment, segments
+from roost.engine.settings import ClusterSettings
+from roost.host.netns import NetnsWorker
+from roost.host.vxlan import Vxlans
+from roost.state import alloc
+from roost.state.db import Database
+from roost.state.models import VM, Host, IPLease, Network, VMNic
+
+log = logging.getLogger("roost.engine")
+
+CHANNEL = "roost_overlay"  # the channel migration 0015's triggers notify
+LISTEN_TIMEOUT = 0.5  # seconds a listener waits for a notification before checking it should end
+RECONNECT_AFTER = 1.0  # seconds between a listener's failed connection and its next attempt
+
+_GUESTS = (
+    select(
+        Network.vni,
+        Network.bridge,
+        Network.mtu,
+        Host.vtep_address,
+        func.coalesce(VMNic.user_mac, VMNic.mac).label("mac"),
+    )
+    .select_from(IPLease)
+    .join(Network, Network.id == IPLease.network_id)
+    .join(VM, VM.id == IPLease.vm_id)
+    .join(Host, Host.id == VM.host_id)
+    .join(VMNic, (VMNic.vm_id == IPLease.vm_id) & (VMNic.index == IPLease.interface))
+    .where(Network.vni.is_not(None), IPLease.purpose == alloc.CURRENT)
+)
+_GATEWAYS = (
+    select(
+        Network.vni,
+        Network.bridge,
+        Network.mtu,
+        Host.vtep_address,
+        null().label("mac"),
+    )
+    .join(Host, Host.id == Network.gateway_host_id)
+    .where(Network.vni.is_not(None))
+)
+_MEMBERS: CompoundSelect[Any] = union_all(_GUESTS, _GATEWAYS)
+
+
+class ClusterNetworks:
+    """This host (`cluster.host_name`, VTEP `cluster.vtep_address`) in the cluster's networks:
+    `carried_here` decides where a network's gateway lives, `start` brings networks made before
+    the cluster into it and starts the overlay and its listener, `stop` ends them."""
+
+    def __init__(self, db: Database, cluster: ClusterSettings) -> None:
+        self.db = db
+        self.host_name = cluster.host_name
+        self.vtep = cluster.vtep_address
+        self.overlay: Overlay | None = None
+        self._vxlans: Vxlans | None = None
+        self._listener: Listener | None = None
+
+    def carried_here(self, bridge: str, session: Session | None = None) -> bool:
+        """Whether this host's bridge `bridge` carries its network's gateway (claimed if no
+        host does yet), in `session`'s transaction or one of its own."""
+        if session is not None:
+            return alloc.carries_gateway(session, bridge, self.host_name)
+        return self.db.transact(lambda own: alloc.carries_gateway(own, bridge, self.host_name))
+
+    def members(self) -> list[Member]:
+        """Every host's part in every cluster network, from one read."""
+        with self.db.read() as session:
+            rows = session.execute(_MEMBERS).all()
+        return [
+            Member(
+                row.vni,
+                row.bridge,
+                row.mtu,
+                row.vtep_address,
+                alloc.gateway_mac(row.bridge) if row.mac is None else row.mac,
+            )
+            for row in rows
+        ]
+
+    def desired(self) -> list[Segment]:
+        return segments(self.vtep, self.members())
+
+    def start(self, worker: NetnsWorker) -> None:
+        """Networks made before this database was a cluster's get a VNI; then the overlay
+        runs, poked by the database's notifications."""
+        spanned = self.db.transact(alloc.span_networks)
+        if spanned:
+            log.info("networks %s now span the cluster's hosts", ", ".join(spanned))
+        self._vxlans = Vxlans(worker)
+        self.overlay = Overlay(self._vxlans, self.vtep, self.desired)
+        self.overlay.start()
+        self._listener = Listener(self.db.url, self.poke)
+        self._listener.start()
+
+    def poke(self) -> None:
+        """Sync the overlay soon (a bridge or tap was made here, or the database changed)."""
+        if self.overlay is not None:
+            self.overlay.poke()
+
+    def stop(self) -> None:
+        """The listener, then the overlay, then its netlink socket (before the namespace's
+        worker closes). The devices stay: running VMs keep their network."""
+        if self._listener is not None:
+            self._listener.stop()
+            self._listener = None
+        if self.overlay is not None:
+            self.overlay.stop()
+            self.overlay = None
+        if self._vxlans is not None:
+            self._vxlans.close()
+            self._vxlans = None
+
+
+class Listener:
+    """LISTEN `roost_overlay` on a connection of its own, from a thread: `notified()` at each
+    notification, and at each (re)connection (what changed meanwhile was not heard). A lost
+    connection is logged once and made again every second."""
+
+    def __init__(self, url: str, notified: Callable[[], None]) -> None:
+        self._conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
+        self._notified = notified
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="roost-overlay-listen", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stopping.is_set():
+            try:
+                self._listen()
+            except psycopg.Error as error:
+                if not failing:
+                    log.warning("overlay: lost LISTEN %s (reconnecting): %s", CHANNEL, error)
+                failing = True
+                self._stopping.wait(RECONNECT_AFTER)
+
+    def _listen(self) -> None:
+        with psycopg.connect(self._conninfo, autocommit=True) as connection:
+            connection.execute(f"LISTEN {CHANNEL}")
+            self._notified()  # what changed while no one listened
+            while not self._stopping.is_set():
+                for _ in connection.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
+                    self._notified()
