@@ -40,10 +40,12 @@ from roost.api.events import add_event_routes
 from roost.api.fencing import Fencing
 from roost.api.forwards import ServicePolicy, add_forward_routes
 from roost.api.guard import Guard
+from roost.api.hosts import add_host_routes
 from roost.api.metrics import add_metrics
 from roost.api.networks import add_network_routes
 from roost.api.operations import OperationGate
 from roost.api.peers import Forwarder, Forwarding, Router
+from roost.api.placing import ClusterRouter, CreateRequest, Placer, create_request
 from roost.api.policies import add_policy_routes
 from roost.api.replies import error_response, on_unix_socket
 from roost.api.vmlist import add_vm_list_route
@@ -231,19 +233,33 @@ def create_app(
     create_extra = {
         "name": {"type": "string", "description": "the VM's name (a DNS label)"},
         "start": {"type": "boolean", "default": True},
+        "host": {"type": "string", "description": "the host to create it on (a cluster's)"},
+        "host_labels": {
+            "type": "object",
+            "additionalProperties": {"type": "string"},
+            "description": "labels its host must have (a cluster's)",
+        },
     }
 
+    def create_here(wanted: CreateRequest, unix_client: bool) -> dict[str, Any]:
+        services.check(wanted.config.vsock_services, unix_client)
+        return engine.create_vm(wanted.name, wanted.config, start=wanted.start)
+
+    placer = None
+    if isinstance(router, ClusterRouter) and forwarder is not None:
+        placer = Placer(engine, router, forwarder, partial(gate.run, create_here), read)
+
     @app.post("/v1/vms", status_code=201, openapi_extra=bodies.of(VMConfig, create_extra, ["name"]))
-    async def create_vm(request: Request) -> JSONResponse:
+    async def create_vm(request: Request) -> Response:
         raw = await request.body()
+        if placer is not None:
+            return await placer.create(raw, request.scope, request.receive)
         unix_client = on_unix_socket(request.scope)
 
         def create() -> dict[str, Any]:
             """Parsed and judged on the operation's own thread: off the event loop, without
             a hand-over to another thread first (each costs about a millisecond here)."""
-            name, start, config = _create_request(load_json(raw))
-            services.check(config.vsock_services, unix_client)
-            return engine.create_vm(name, config, start=start)
+            return create_here(create_request(load_json(raw), cluster=False), unix_client)
 
         return JSONResponse(await gate.run(create), status_code=201)
 
@@ -323,23 +339,11 @@ def create_app(
     add_policy_routes(app, engine, read, gate, bodies)
     add_forward_routes(app, engine, read, bodies)
     register_vsock_routes(app, engine, read)
+    add_host_routes(app, engine, read)
     add_event_routes(app, engine.events)
     add_metrics(app, engine, read)
     bodies.install(app)
     return app
-
-
-def _create_request(body: Any) -> tuple[str, bool, VMConfig]:
-    """A create's body: the VM's `name`, whether to `start` it, and its config."""
-    if not isinstance(body, dict):
-        raise InvalidError.at("-", "must be a JSON object")
-    name, start = body.pop("name", None), body.pop("start", True)
-    if not isinstance(name, str):
-        raise InvalidError.at("name", "is required: the VM's name")
-    if not isinstance(start, bool):
-        raise InvalidError.at("start", "must be true or false")
-    check_name(name)
-    return name, start, parse(VMConfig, body)
 
 
 def _read_from(path: Path, offset: int) -> bytes:

@@ -18,11 +18,13 @@ from starlette.types import ASGIApp
 
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
+from roost.api.placing import ClusterRouter
 from roost.engine.core import Engine
 from roost.engine.daemon import Daemon
 from roost.engine.events import EventBus
 from roost.engine.settings import Settings
 from roost.errors import ConflictError, InvalidError, RoostError
+from roost.state.hosts import Hosts
 
 log = logging.getLogger("roost.serve")
 
@@ -151,6 +153,16 @@ def _stop_vms(engine: Engine) -> None:
         list(pool.map(stop, names))
 
 
+def _cluster_router(daemon: Daemon) -> ClusterRouter | None:
+    """In a cluster, what sends each request for a VM to its host (None on a single host)."""
+    cluster, engine = daemon.settings.cluster, daemon.engine
+    if cluster is None or daemon.cluster is None or engine is None:
+        return None
+    joined = daemon.cluster.member.membership
+    assert joined is not None, "Cluster.open registers this host"
+    return ClusterRouter(Hosts(engine.db), cluster, joined.host_id)
+
+
 def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
     """Run until SIGINT/SIGTERM; VMs keep running after the daemon stops.
 
@@ -178,7 +190,8 @@ def serve(settings: Settings, endpoints: list[Endpoint]) -> None:
         daemon.relays.start()
         daemon.relays.restore()
         refusal = daemon.cluster.refusal if daemon.cluster is not None else None
-        app = create_app(daemon.engine, endpoints, refusal=refusal)
+        router = _cluster_router(daemon)
+        app = create_app(daemon.engine, endpoints, router=router, refusal=refusal)
         servers = _servers(app, endpoints, listeners, settings, daemon.engine.events)
         daemon.recovery.start()
         # what start-up made lives as long as the daemon: keep it out of every later garbage

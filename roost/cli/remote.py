@@ -228,9 +228,25 @@ def vm_create(
     vmm: Annotated[
         VMMKind | None, typer.Option("--vmm", help="The VMM for this VM (default: the daemon's).")
     ] = None,
+    host: Annotated[
+        str | None,
+        typer.Option(
+            "--host", help="The host to create it on (a cluster's; default: placement chooses)."
+        ),
+    ] = None,
+    host_label: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--host-label",
+            metavar="KEY=VALUE",
+            help="A label its host must have (a cluster's; repeat for each).",
+            show_default=False,
+        ),
+    ] = None,
     as_json: JSONOpt = False,
 ) -> None:
-    """Create a VM from an installed plugin (and start it, unless --no-start)."""
+    """Create a VM from an installed plugin (and start it, unless --no-start); in a cluster
+    on the host placement chooses, among those --host and --host-label allow."""
     flags = NetworkFlags(
         network_mode,
         network_subnet,
@@ -256,9 +272,24 @@ def vm_create(
             "start": not no_start,
             **vm_config.model_dump(mode="json", exclude_none=True),
         }
+        if host is not None:
+            body["host"] = host
+        if host_label:
+            body["host_labels"] = _host_labels_from(host_label)
         vm = client.call("POST", "/v1/vms", body=body)
     _warn_about_vsock(vm)
     show(vm, as_json, vm_human)
+
+
+def _host_labels_from(given: list[str]) -> dict[str, str]:
+    """The `--host-label KEY=VALUE` flags as a map (a later one for a key wins)."""
+    labels = {}
+    for text in given:
+        key, equals, value = text.partition("=")
+        if not equals:
+            usage_error(f"--host-label {text!r}: write KEY=VALUE, e.g. --host-label zone=a")
+        labels[key] = value
+    return labels
 
 
 # VMs asked for per request: 10,000 of them in a few requests, each answer a few MB at most

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import Connection, select
 from sqlalchemy.orm import Session
 
 from roost.engine.cni import Added
@@ -35,7 +35,7 @@ from roost.plan.network import EffectiveNetwork
 from roost.plan.policy import TapPolicies
 from roost.plan.vm import effective_json, needs_restart
 from roost.spec import Manifest, VMConfig, VMConfigPatch
-from roost.state import alloc, configs
+from roost.state import alloc, configs, reservations
 from roost.state.artifacts import ArtifactStore
 from roost.state.configs import ConfigVersion
 from roost.state.db import Database
@@ -210,7 +210,22 @@ class Allocator:
             artifacts=plugin.artifacts,
             effective=_effective(plan, booting.interfaces, vmm),
         )
+        if vm.host_id is not None:  # last: the host's row stays locked until the commit
+            reservations.reserve(
+                connection,
+                vm.id,
+                vm.host_id,
+                plan.resources.vcpus,
+                plan.resources.memory_mib,
+                self._offline_after,
+            )
         return booting
+
+    @property
+    def _offline_after(self) -> float:
+        cluster = self.settings.cluster
+        assert cluster is not None, "only a cluster's VMs have a host"
+        return cluster.offline_after
 
     def for_start(
         self,
@@ -492,6 +507,7 @@ class Allocator:
             held = sorted(alloc.leases_of(session, vm.id), key=lambda key: key[1] != "reserved")
             for index, purpose in held:
                 emptied.extend(self._release(session, vm, purpose, index))
+            reservations.release(session.connection(), vm.id)
 
         self.records.delete(session, name, release)
         return emptied
@@ -606,6 +622,7 @@ class Allocator:
             artifacts=latest.artifacts,
             effective=new_effective,
         )
+        self._resize(connection, vm, plan)
         if vmm_runs:
             running_version = self.records.running_version(connection, name)
             assert running_version is not None
@@ -635,6 +652,15 @@ class Allocator:
         created = configs.version(connection, name, number)
         assert created is not None
         return Patched(created, True, restart, emptied)
+
+    def _resize(self, connection: Connection, vm: Holding, plan: VMPlan) -> None:
+        """A placed VM holds its new version's resources of its host from the patch on (409
+        `no_capacity` when the host has no room for more)."""
+        if vm.host_id is not None:
+            resources = plan.resources
+            reservations.resize(
+                connection, vm.id, resources.vcpus, resources.memory_mib, self._offline_after
+            )
 
     def _addresses_for(
         self, session: Session, vm: Holding, plan: VMPlan, *, vmm_runs: bool

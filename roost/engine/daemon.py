@@ -19,6 +19,7 @@ from typing import cast
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from roost.engine.artifact_peers import PeerArtifacts, peers_in
 from roost.engine.cluster import Cluster
 from roost.engine.clusternet import ClusterNetworks
 from roost.engine.core import Engine
@@ -41,6 +42,7 @@ from roost.plan import DefaultNetwork
 from roost.state import alloc
 from roost.state.artifacts import ArtifactStore, is_elf
 from roost.state.db import Database, sqlite_url
+from roost.state.hosts import Hosts
 from roost.state.models import Network
 from roost.vmm.base import Driver, RunDir, VsockTarget
 from roost.vmm.cloud_hypervisor import CloudHypervisorDriver, find_cloud_hypervisor
@@ -199,6 +201,14 @@ class Daemon:
         # one firewall: the registry makes policies in it, the host attaches taps to them
         policy_firewall = None if policy_gaps else PolicyFirewall(worker)
         gateways = None if settings.cluster is None else ClusterNetworks(db, settings.cluster)
+        missing_artifacts = None
+        if settings.cluster is not None:  # a plugin's files this host lacks come from peers
+            missing_artifacts = PeerArtifacts(
+                store,
+                peers_in(Hosts(db), settings.cluster.host_name, settings.cluster.offline_after),
+                token=settings.token,
+                ca=settings.ca,
+            )
         engine = Engine(
             settings,
             db=db,
@@ -222,6 +232,7 @@ class Daemon:
             events=events,
             policy_firewall=policy_firewall,
             policy_gaps=policy_gaps,
+            missing_artifacts=missing_artifacts,
         )
         self._closers.append(engine.close)
         _ensure_default_network(db, engine.allocator.default)
