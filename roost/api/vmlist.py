@@ -1,5 +1,5 @@
-"""`GET /v1/vms`: the VMs in name order, narrowed by plugin, status, label and network mode, whole
-or a page at a time, whole VMs or (`?fields=name`) their names alone.
+"""`GET /v1/vms`: the VMs in name order, narrowed by plugin, status, label, network mode and host
+(a cluster's), whole or a page at a time, whole VMs or (`?fields=name`) their names alone.
 
 A page ends after a name and the next begins after it (`?after=NAME`), so a client paging while
 VMs come and go sees every VM that exists throughout exactly once: names are unique and each page
@@ -26,7 +26,7 @@ from roost.state.vms import VMQuery, VMStatus
 
 MAX_PAGE = 10_000
 # the filters and bounds given once at most (status and label may be repeated)
-_SINGLE = ("plugin", "mode", "limit", "after", "fields")
+_SINGLE = ("plugin", "mode", "host", "limit", "after", "fields")
 # what `fields` may ask for instead of whole VMs
 _FIELDS = ("name",)
 
@@ -48,6 +48,7 @@ def add_vm_list_route(app: FastAPI, engine: Engine, read: Read) -> None:
             None,
             description="only VMs with an interface in this mode (vsock: with no interface)",
         ),
+        host: str | None = Query(None, description="only VMs on this host (a cluster's)"),
         limit: int | None = Query(
             None, ge=1, le=MAX_PAGE, description="at most this many VMs (default: all)"
         ),
@@ -57,7 +58,9 @@ def add_vm_list_route(app: FastAPI, engine: Engine, read: Read) -> None:
             description='name: each VM as {"name": ...} alone (default: whole VMs)',
         ),
     ) -> Response:
-        query = vm_query(request.query_params, plugin, status, label, mode, limit, after, fields)
+        query = vm_query(
+            request.query_params, plugin, status, label, mode, limit, after, fields, host
+        )
         # one more than asked says whether more remain
         asked = query if query.limit is None else replace(query, limit=query.limit + 1)
         if fields == "name":
@@ -82,6 +85,7 @@ def vm_query(
     limit: int | None,
     after: str | None,
     fields: str | None = None,
+    host: str | None = None,
 ) -> VMQuery:
     """The listing the query string asks for; every wrong parameter is a 422 at its
     `query.<name>`."""
@@ -113,7 +117,7 @@ def vm_query(
                 "query.fields", f"{fields!r} is not a field to list: use {', '.join(_FIELDS)}"
             )
         )
-    for name, value in (("plugin", plugin), ("after", after)):
+    for name, value in (("plugin", plugin), ("after", after), ("host", host)):
         if value is not None:
             try:
                 check_name(value, f"query.{name}")
@@ -128,6 +132,7 @@ def vm_query(
         mode=None if mode is None else NetworkMode(mode),
         after=after,
         limit=limit,
+        host=host,
     )
 
 

@@ -178,7 +178,8 @@ VM_COLUMNS = ["NAME", "PLUGIN", "STATUS", "MODE", "IP", "MAC", "TAP", "CID", "VM
 RESTART_MARK = "*"
 
 
-def _vm_row(vm: dict[str, Any]) -> list[Any]:
+def _vm_row(vm: dict[str, Any], *, host: bool = False) -> list[Any]:
+    """`vm`'s cells under VM_COLUMNS, with its host's after its name if `host`."""
     network = vm["network"]
     if network is None:  # several interfaces
         mode, ip, mac, tap = list_columns(vm["interfaces"])
@@ -191,6 +192,7 @@ def _vm_row(vm: dict[str, Any]) -> list[Any]:
         )
     return [
         vm["name"],
+        *([vm.get("host")] if host else []),
         vm["plugin"],
         vm["status"] + (RESTART_MARK if vm["restart_required"] else ""),
         mode,
@@ -201,6 +203,15 @@ def _vm_row(vm: dict[str, Any]) -> list[Any]:
         vm["vmm"]["kind"],
         vm["vmm"]["pid"],
     ]
+
+
+def vm_table(vms: list[dict[str, Any]]) -> None:
+    """`vm list`'s table: with a HOST column after NAME only in a cluster (when any VM listed
+    has a host)."""
+    if any(vm.get("host") is not None for vm in vms):
+        table(["NAME", "HOST", *VM_COLUMNS[1:]], [_vm_row(vm, host=True) for vm in vms])
+    else:
+        table(VM_COLUMNS, [_vm_row(vm) for vm in vms])
 
 
 @vm_app.command("create")
@@ -324,12 +335,16 @@ def vm_list(
             show_default=False,
         ),
     ] = None,
+    host: Annotated[
+        str | None, typer.Option("--host", help="Only VMs on this host (a cluster's).")
+    ] = None,
     quiet: Annotated[
         bool, typer.Option("--quiet", "-q", help="Print only the VMs' names, one a line.")
     ] = False,
     as_json: JSONOpt = False,
 ) -> None:
-    """List VMs in name order, all of them or those the filters select."""
+    """List VMs in name order, all of them or those the filters select; in a cluster, those
+    of every host, with a HOST column."""
     if quiet and as_json:
         usage_error("--quiet prints names, --json whole VMs: use one")
     vms: list[dict[str, Any]] = []
@@ -340,6 +355,7 @@ def vm_list(
             status=status,
             mode=mode,
             label=label,
+            host=host,
             limit=LIST_PAGE,
             fields="name" if quiet else None,  # names alone: no VM's view made or sent
         )
@@ -352,7 +368,7 @@ def vm_list(
         return
 
     def human(items: list[dict[str, Any]]) -> None:
-        table(VM_COLUMNS, [_vm_row(vm) for vm in items])
+        vm_table(items)
         if any(vm["restart_required"] for vm in items):
             err.print(
                 f"{RESTART_MARK} restart required: runs an older config version than its latest "

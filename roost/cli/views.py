@@ -33,11 +33,12 @@ def vm_human(vm: dict[str, Any]) -> None:
         [
             ("name", vm["name"]),
             ("plugin", vm["plugin"]),
+            *([("host", vm["host"])] if vm.get("host") else []),  # a cluster's
             ("status", status),
             ("exit code", vm["exit_code"]),
             *network_fields(network, vm.get("interfaces") or []),
             ("vsock cid", vsock["cid"]),
-            ("vsock socket", vsock["uds_path"] or f"none: {vsock['reason']}"),
+            ("vsock socket", vsock["uds_path"] or _no_socket(vm)),
             ("resources", f"{vm['resources']['vcpus']} vCPU, {vm['resources']['memory_mib']} MiB"),
             ("vmm", f"{vmm['kind']} pid {vmm['pid']}" if vmm["pid"] else vmm["kind"]),
             ("api socket", vmm["api_socket"]),
@@ -49,6 +50,15 @@ def vm_human(vm: dict[str, Any]) -> None:
             ("created", vm["created_at"]),
         ]
     )
+
+
+def _no_socket(vm: dict[str, Any]) -> str:
+    """Why `vm` shows no vsock socket: its device has none here, or it lives on another
+    host (a cluster's VM shown by a peer: its files are that host's)."""
+    reason = vm["vsock"]["reason"]
+    if reason is None and vm.get("host"):
+        return f"on host {vm['host']}"
+    return f"none: {reason}"
 
 
 def network_fields(

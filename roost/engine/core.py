@@ -198,6 +198,13 @@ class Engine:
         self._exits = ThreadPoolExecutor(max_workers=2, thread_name_prefix="roost-exit")
         self.watcher = ExitWatcher(self._on_exit)
 
+    def act_as_host(self, host_id: int) -> None:
+        """Be cluster host `host_id`'s engine (set once it has joined, before recovery): its
+        VMs are the only ones it recovers, reaps, counts and shows live state of; others'
+        are shown as their rows say."""
+        self.records.host_id = host_id
+        self.metrics.host_id = host_id
+
     def health(self) -> dict[str, Any]:
         """What `/healthz` reports: `status` is `ok`, `recovering` or `database_gone`."""
         if self.db.gone():
@@ -233,7 +240,11 @@ class Engine:
         return self._view(with_host_status(self.records.row(name), self.offline_hosts()))
 
     def _view(self, vm: Row, live: bool | None = None) -> dict[str, Any]:
-        """VM `vm`'s view; `live` says whether its VMM runs (None: as `self.live` says now)."""
+        """VM `vm`'s view; `live` says whether its VMM runs (None: as `self.live` says now).
+        A VM of another host is shown from its row alone: this agent neither runs its VMM nor
+        knows its files."""
+        if not self.records.on_this_host(vm["host_id"]):
+            return vm_view(vm, run_dir=None, api_socket=None)
         driver = self.drivers.get(vm["vmm_kind"])
         run_dir = self.run_dir(vm["name"])
         if live is None:
@@ -865,7 +876,8 @@ class Engine:
         starts for (a crash's, a failed DEL's, a removed VM's) and remove their namespaces."""
 
         def in_use() -> set[str]:
-            live = {record.name for record in self.records.live()}
+            # another host's VM is that host's to reap, whatever it runs
+            live = {record.name for record in self.records.live()} | self.records.elsewhere()
             return live | self.records.pending_creates() | self.allocator.kept_orphans
 
         def hold(vm: str) -> AbstractContextManager[None]:

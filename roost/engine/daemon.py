@@ -240,6 +240,10 @@ class Daemon:
         if settings.cluster is not None:
             # registered before recovery looks at what runs: it ends its lost VMs' VMMs first
             self.cluster = Cluster.open(settings, engine)
+            joined = self.cluster.member.membership
+            assert joined is not None, "Cluster.open registers this host"
+            engine.act_as_host(joined.host_id)
+            relays.host_id = joined.host_id
             self._closers.append(self.cluster.close)
             self.cluster.start()
         if gateways is not None:  # once this host is registered: it may claim gateways

@@ -51,6 +51,9 @@ class EngineMetrics:
         self, db: Database, vmms: Iterable[str], policy_rules: RuleCounters = dict
     ) -> None:
         self.db = db
+        # the host this agent is, in a cluster (set when it joins): its VMs are the ones
+        # counted, each agent exporting its own (a scrape of every agent sums to the cluster)
+        self.host_id: int | None = None
         self.vmms = tuple(vmms)
         self.policy_rules = policy_rules
         self.durations = Histogram(
@@ -106,11 +109,12 @@ class EngineMetrics:
 
     def _state(self) -> Iterator[Metric]:
         with self.db.read() as session:
-            vms = session.execute(
-                select(VM.status, _MODE, VM.vmm_kind, func.count()).group_by(
-                    VM.status, _MODE, VM.vmm_kind
-                )
-            ).all()
+            counts = select(VM.status, _MODE, VM.vmm_kind, func.count()).group_by(
+                VM.status, _MODE, VM.vmm_kind
+            )
+            if self.host_id is not None:
+                counts = counts.where(VM.host_id == self.host_id)
+            vms = session.execute(counts).all()
             networks = session.execute(
                 select(Network.name, Network.first, Network.last, func.count(IPLease.ip))
                 .outerjoin(IPLease, IPLease.network_id == Network.id)

@@ -211,6 +211,8 @@ class VsockRelays:
         # reaches one is refused, whatever path led there (a symlink made after the config's
         # check, a hard link)
         self.api_sockets: frozenset[str] = frozenset()
+        # the host this agent is, in a cluster (set when it joins): whose forwards it restores
+        self.host_id: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._submit = threading.Lock()  # a coroutine is submitted only to a running loop
@@ -488,10 +490,11 @@ class VsockRelays:
         log.info("VM %s: removed forward %d", name, forward_id)
 
     def restore(self) -> None:
-        """Listen on every recorded forward again (a daemon's start). One that cannot listen
-        is logged and kept: the next start tries again, and it can be removed."""
+        """Listen on every recorded forward again (a daemon's start), in a cluster those of
+        this host's VMs (`host_id`; another host's VM's forwards listen on its host). One that
+        cannot listen is logged and kept: the next start tries again, and it can be removed."""
         with self.db.read() as session:
-            recorded = forwards.every(session.connection())
+            recorded = forwards.every(session.connection(), self.host_id)
         listening = 0
         for forward in recorded:
             try:

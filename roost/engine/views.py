@@ -13,6 +13,7 @@ from roost.plan.ipv6 import router_address
 from roost.spec import Resources, ResourcesOverride
 from roost.state.models import Network, Plugin, timestamp
 from roost.state.vms import (
+    LIVE,
     ShownNic,
     StoredInterface,
     StoredNetwork,
@@ -27,11 +28,13 @@ from roost.vmm.base import RunDir, VsockBackend
 def vm_view(
     vm: Mapping[Any, Any],
     *,
-    run_dir: RunDir,
+    run_dir: RunDir | None,
     api_socket: Path | None,
 ) -> dict[str, Any]:
     """A VM as the API shows it, from its `roost.state.vms.VM_ROWS` row (as a mapping).
-    `api_socket` is its VMM's control socket while it runs."""
+    `api_socket` is its VMM's control socket while it runs. `run_dir` is None for a VM of
+    another host (a cluster's): its files are that host's, so no path is shown, and its VMM's
+    pid is the one stored while its status says a VMM runs (this agent does not follow it)."""
     vcpus, memory_mib = _resources(
         vm["config"].get("resources", {}), vm["manifest"].get("resources", {})
     )
@@ -42,9 +45,14 @@ def vm_view(
     vsock_ok = vm["vsock_unavailable"] is None
     backend = vm["vsock_backend"] if vsock_ok else None
     hybrid = backend in (VsockBackend.FIRECRACKER, VsockBackend.CLOUD_HYPERVISOR, VsockBackend.USER)
+    if run_dir is None:
+        pid = vm["pid"] if vm["status"] in LIVE else None
+    else:
+        pid = vm["pid"] if api_socket else None
     return {
         "name": vm["name"],
         "plugin": vm["plugin"],
+        "host": vm["host"],
         "status": vm["status"],
         "status_reason": vm["status_reason"],
         "exit_code": vm["exit_code"],
@@ -52,7 +60,7 @@ def vm_view(
         "interfaces": interfaces,
         "vsock": {
             "cid": vm["cid"],
-            "uds_path": str(run_dir.vsock_socket) if hybrid else None,
+            "uds_path": str(run_dir.vsock_socket) if hybrid and run_dir else None,
             "available": vsock_ok,
             "backend": backend,
             "reason": vm["vsock_unavailable"],
@@ -60,10 +68,10 @@ def vm_view(
         "resources": {"vcpus": vcpus, "memory_mib": memory_mib},
         "vmm": {
             "kind": vm["vmm_kind"],
-            "pid": vm["pid"] if api_socket else None,
+            "pid": pid,
             "api_socket": str(api_socket) if api_socket else None,
         },
-        "console_log": str(run_dir.console_log),
+        "console_log": None if run_dir is None else str(run_dir.console_log),
         "config_version": vm["config_version"],
         "running_version": vm["running_version"],
         "restart_required": bool(vm["restart_required"]),

@@ -82,9 +82,11 @@ def of_vm(connection: Connection, name: str) -> list[Forward]:
     return [Forward(*row) for row in connection.execute(_OF_VM, {"name": name})]
 
 
-def every(connection: Connection) -> list[Forward]:
-    """Every VM's forwards: what a starting daemon listens on again."""
-    return [Forward(*row) for row in connection.execute(_ALL)]
+def every(connection: Connection, host_id: int | None = None) -> list[Forward]:
+    """Every VM's forwards, or those of host `host_id`'s VMs (a cluster's agent): what a
+    starting daemon listens on again."""
+    found = _ALL if host_id is None else _ALL.where(VM.host_id == host_id)
+    return [Forward(*row) for row in connection.execute(found)]
 
 
 def remove(connection: Connection, name: str, forward_id: int) -> None:

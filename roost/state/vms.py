@@ -460,6 +460,10 @@ class VMRecords:
         """`statement` narrowed to this host's VMs (on a single host: every VM)."""
         return statement if self.host_id is None else statement.where(VM.host_id == self.host_id)
 
+    def on_this_host(self, host_id: int | None) -> bool:
+        """Whether a VM recorded on host `host_id` is this agent's (on a single host: all)."""
+        return self.host_id is None or host_id == self.host_id
+
     # ---- reading ------------------------------------------------------------------------
 
     def rows(self, query: VMQuery = ALL_VMS) -> list[Row]:
@@ -504,8 +508,21 @@ class VMRecords:
             return kind
 
     def names(self) -> set[str]:
+        """The names of this host's VMs (on a single host: every VM)."""
         with self.db.read() as session:
-            return set(session.scalars(select(VM.name)))
+            return set(session.scalars(self._on_this_host(select(VM.name))))
+
+    def elsewhere(self) -> set[str]:
+        """The names of the VMs recorded on other hosts (none on a single host): this agent
+        leaves what is theirs alone."""
+        if self.host_id is None:
+            return set()
+        with self.db.read() as session:
+            return set(
+                session.scalars(
+                    select(VM.name).where(VM.host_id.is_(None) | (VM.host_id != self.host_id))
+                )
+            )
 
     def live(self) -> list[LiveRecord]:
         """Every VM of this host whose record says a VMM runs (or is being started or stopped)
