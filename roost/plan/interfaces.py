@@ -255,8 +255,10 @@ class ResolvedInterfaces:
         list's `roost.nic=` (with `roost.default=`, and `ip=` for a lone static interface).
         A cni interface, single or not, gets `roost.nic=` for every address its CNI result
         gives: nothing before ADD has answered (a cni VM's arguments are made at each start),
-        nor when the result gives it no address."""
-        if self.single and not self.netns:
+        nor when the result gives it no address. The single form on a network with an MTU (a
+        cluster's) gets `roost.nic=` too, which carries it."""
+        sized = any(interface.effective.mtu is not None for interface in self.interfaces)
+        if self.single and not self.netns and not sized:
             return self.interfaces[0].plan.kernel_ip_arg if self.interfaces else None
         guest = tuple(
             interface.guest_nic()

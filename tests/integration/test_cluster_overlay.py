@@ -17,8 +17,17 @@ from typing import Any
 import pytest
 
 from roost.state.alloc import gateway_mac
-from tests.cluster import Cluster, vtep_address
-from tests.harness import addresses, links, run, wait_for, write_plugin
+from tests.cluster import Cluster, MakeCluster, vtep_address
+from tests.harness import (
+    DEMO,
+    addresses,
+    console_of,
+    links,
+    run,
+    wait_for,
+    wait_ready,
+    write_plugin,
+)
 
 pytestmark = [pytest.mark.root]
 
@@ -44,17 +53,18 @@ def write(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
-def on_lan(agent: Any, tmp_path: Path, name: str, plugin: str, **network: Any) -> Any:
-    config = {"plugin": plugin, "network": {"mode": "bridged", "network": "lan", **network}}
-    return agent.ok(
-        "vm",
-        "create",
-        name,
-        "--plugin",
-        plugin,
-        "--config",
-        write(tmp_path / f"{name}.json", config),
-    )
+def on_lan(
+    agent: Any, tmp_path: Path, name: str, plugin: str, boot_args: str | None = None, **network: Any
+) -> Any:
+    """VM `name` made through `agent` (so on its host) on network lan."""
+    config: dict[str, Any] = {
+        "plugin": plugin,
+        "network": {"mode": "bridged", "network": "lan", **network},
+    }
+    if boot_args is not None:
+        config["boot_args"] = boot_args
+    path = write(tmp_path / f"{name}.json", config)
+    return agent.ok("vm", "create", name, "--plugin", plugin, "--config", path)
 
 
 @pytest.mark.parametrize("cluster", [2], indirect=True)
@@ -119,3 +129,56 @@ def test_a_cluster_network_has_a_vni_and_each_host_forwards_to_the_others_guests
     # host2 has no VM on lan any more: it has no part, host1 floods to no one
     wait_for(lambda: forwarding(h1, 2) == {}, timeout=CONVERGED, what="host1's flood list empty")
     wait_for(lambda: "vx2" not in links(h2), timeout=CONVERGED, what="host2's vx2 removed")
+
+
+def qemu_cmdline(vm: dict[str, Any]) -> str:
+    return Path(f"/proc/{vm['vmm']['pid']}/cmdline").read_text().replace("\0", " ")
+
+
+@pytest.mark.e2e
+def test_two_qemu_guests_on_different_hosts_ping_and_fetch_each_other_through_vxlan(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    cluster = make_cluster(2, "--vmm", "qemu", "--stop-timeout", "1")
+    first, second = cluster[1], cluster[2]
+    h1 = cluster.fabric.host(1)
+    first.ok("network", "create", "lan", "--subnet", LAN)
+    first.ok("plugin", "install", DEMO / "plugin.json")
+    second.ok("plugin", "install", DEMO / "plugin.json", "--force")
+    a_ip, b_ip = "10.59.0.10", "10.59.0.11"
+    fetches = {"a": f"roost.probe={b_ip} roost.fetch=http://{b_ip}/"}
+    fetches["b"] = f"roost.probe={a_ip} roost.fetch=http://{a_ip}/"
+    a = on_lan(first, tmp_path, "a", "roost-demo", ip=a_ip, boot_args=fetches["a"])
+    b = on_lan(second, tmp_path, "b", "roost-demo", ip=b_ip, boot_args=fetches["b"])
+    for vm in (a, b):
+        assert f"roost.nic={vm['network']['mac']},10.59.0." in qemu_cmdline(vm)
+        assert ",mtu=1450" in qemu_cmdline(vm)
+    wait_ready(first, "a")
+    wait_ready(second, "b")
+
+    for agent, name, peer, peer_ip in ((first, "a", "b", b_ip), (second, "b", "a", a_ip)):
+        wait_for(
+            lambda agent=agent, name=name, peer_ip=peer_ip: (
+                f"roost-probe: {peer_ip} reachable" in console_of(agent, name)
+            ),
+            timeout=60,
+            what=f"{name} to ping {peer}",
+        )
+        wait_for(
+            lambda agent=agent, name=name, peer=peer, peer_ip=peer_ip: (
+                f"roost-fetch: http://{peer_ip}/ ok {peer} {peer_ip}" in console_of(agent, name)
+            ),
+            timeout=60,
+            what=f"{name} to fetch {peer}'s page",
+        )
+    # a frame of the network's full MTU (1422 + 8 ICMP + 20 IP = 1450) crosses unfragmented,
+    # from the gateway on host1's bridge to b on host2
+    done = run("ping", "-M", "do", "-s", "1422", "-c", "3", "-W", "2", b_ip, netns=h1, check=False)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+    second.ok("vm", "rm", "b")
+    wait_for(
+        lambda: b["network"]["mac"] not in forwarding(h1, 2),
+        timeout=CONVERGED,
+        what="host1 to forget b",
+    )
