@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import ipaddress
 import json
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from sqlalchemy import func, update
 from starlette.responses import JSONResponse, Response
 
 from roost.api.peers import Forwarder, Peer
-from roost.api.placing import create_request, first_taker, forward_create, moves_on
+from roost.api.placing import (
+    ClusterRouter,
+    create_request,
+    first_taker,
+    forward_create,
+    moves_on,
+)
 from roost.api.replies import error_response
+from roost.engine.settings import ClusterSettings
 from roost.errors import ConflictError, HostError, InvalidError, RoostError
 from roost.plan.needs import need_of, uses_vsock
 from roost.plan.network import DefaultNetwork
@@ -25,6 +35,10 @@ from roost.plan.placement import Candidate
 from roost.plan.registry import NetworkKind, RegisteredNetwork
 from roost.plan.vm import VMPlan, plan_vm
 from roost.spec import Manifest, VMConfig, parse
+from roost.state.hosts import HostRegistration, Hosts
+from roost.state.models import VM, Host
+from tests.engine_fakes import World
+from tests.postgres import PostgresServer
 
 DEFAULT = DefaultNetwork.from_cidr("10.57.0.0/24")
 REGISTRY = {
@@ -209,3 +223,43 @@ def test_a_peer_that_cannot_be_reached_is_a_failure_that_moves_the_create_on(
     assert answer.status_code == 502
     assert "host2" in json.loads(bytes(answer.body))["error"]["message"]
     assert moves_on(answer.status_code, bytes(answer.body))
+
+
+# ---- the router -----------------------------------------------------------------------------
+
+
+@pytest.fixture
+def world(tmp_short: Path, postgres: PostgresServer) -> Iterator[World]:
+    instance = World(tmp_short, database_url=postgres.database(migrated=True))
+    yield instance
+    instance.close()
+
+
+def registration(name: str, vtep: str) -> HostRegistration:
+    return HostRegistration(name, vtep, f"unix:///run/roost-{name}.sock", {}, 8, 4096, {})
+
+
+def test_the_router_sends_a_vms_requests_to_its_host_read_at_each_request(world: World) -> None:
+    hosts = Hosts(world.db)
+    h1 = hosts.register(registration("h1", "10.251.0.1")).host_id
+    h2 = hosts.register(registration("h2", "10.251.0.2")).host_id
+    for name, host in (("a", h1), ("b", h2)):
+        world.engine.create_vm(name, VMConfig(plugin="p"), start=False)
+        placed = update(VM).where(VM.name == name).values(host_id=host)
+        world.db.transact_core(lambda connection, placed=placed: connection.execute(placed))
+    cluster = ClusterSettings("h1", "10.251.0.1", "unix:///run/roost-h1.sock", {}, 8, 4096)
+    router = ClusterRouter(hosts, cluster, h1)
+
+    def route(method: str, path: str) -> Peer | None:
+        return router.route({"type": "http", "method": method, "path": path, "headers": []})
+
+    assert route("POST", "/v1/vms/a/stop") is None  # this host's
+    assert route("DELETE", "/v1/vms/nothing") is None  # answered here: 404
+    assert route("GET", "/v1/vms/b") is None  # a read, from the database
+    assert route("POST", "/v1/vms/b/stop") == Peer("h2", "unix:///run/roost-h2.sock")
+    late = update(Host).where(Host.id == h2).values(heartbeat_at=func.now() - timedelta(minutes=1))
+    world.db.transact_core(lambda connection: connection.execute(late))
+    assert route("DELETE", "/v1/vms/b") == Peer("h2", "unix:///run/roost-h2.sock", offline=True)
+    moved = update(VM).where(VM.name == "b").values(host_id=h1)
+    world.db.transact_core(lambda connection: connection.execute(moved))
+    assert route("POST", "/v1/vms/b/start") is None  # nothing of the old answer kept
