@@ -31,7 +31,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from sqlalchemy import Connection, Engine, create_engine, select, text
+from sqlalchemy import Connection, Engine, create_engine, make_url, select, text
 from sqlalchemy.pool import NullPool
 
 from roost.engine.core import Engine as VMEngine
@@ -54,6 +54,19 @@ log = logging.getLogger("roost.cluster")
 RECONCILER_LOCK = 0x726F6F73745F72
 # heartbeat intervals a reconciler's session may stay silent before the database ends it
 SILENT_INTERVALS = 3
+
+
+def agent_url(url: str, cluster: ClusterSettings) -> str:
+    """`url` with the agent's sessions ending any transaction left idle for `--offline-after`:
+    rows a frozen agent locked (its host's, another host's capacity, a VM's) are freed once
+    its peers take it for offline, so they never hold up the reconciler's fence or a peer's
+    heartbeat."""
+    parsed = make_url(url)
+    given = parsed.query.get("options")
+    # `--name=value`, without a space: libpq reads the URL too (LISTEN's own connection)
+    timeout = f"--idle_in_transaction_session_timeout={int(cluster.offline_after * 1000)}"
+    options = f"{given} {timeout}" if isinstance(given, str) else timeout
+    return parsed.update_query_dict({"options": options}).render_as_string(hide_password=False)
 
 
 def host_facts(settings: Settings, drivers: Mapping[str, Driver], db: Database) -> dict[str, Any]:
@@ -315,8 +328,9 @@ class Reconciler:
 
     def attempt(self) -> bool:
         """Take the lock if it is free, then sweep while held; whether this agent holds it.
-        A database error (the session ended: the lock is gone with it) drops the connection,
-        and the next attempt starts afresh."""
+        A sweep that failed while its session lives (a row a frozen agent holds past
+        `lock_timeout`) keeps the lock and sweeps again next time; an ended session (the lock
+        is gone with it) drops the connection, and the next attempt starts afresh."""
         try:
             if self._connection is None:
                 self._connection = self._engine.connect()
@@ -333,9 +347,24 @@ class Reconciler:
             else:
                 self.sweep()
         except Exception as error:
+            if self.holding and self._alive():
+                log.warning("host %s: a reconciler sweep failed: %s", self.cluster.host_name, error)
+                return True
             self._drop(error)
             return False
         self._failing = False
+        return True
+
+    def _alive(self) -> bool:
+        """Whether the lock's session still answers (so it still holds the lock)."""
+        connection = self._connection
+        if connection is None or connection.invalidated:
+            return False
+        try:
+            with connection.begin():
+                connection.execute(text("SELECT 1"))
+        except Exception:
+            return False
         return True
 
     def _drop(self, error: Exception) -> None:
@@ -368,13 +397,9 @@ class Reconciler:
         cluster = self.cluster
         with connection.begin():
             beats = outages.heartbeats(connection)
-        if first:  # what an earlier holder noted, and fenced (late past the grace, holding none)
+        if first:  # what an earlier holder fenced is not known: a dead host is fenced once more
             self._noted = {beat.id for beat in beats if beat.offline_noted}
-            self._fenced = {
-                (beat.id, beat.epoch)
-                for beat in beats
-                if beat.age >= cluster.lost_after and beat.holding == 0
-            }
+            self._fenced = set()
         for beat in beats:
             decisions = decide(
                 beat, cluster.offline_after, cluster.lost_after, self._noted, self._fenced
@@ -461,7 +486,7 @@ class Cluster:
         runs); `start` then begins the heartbeats and the reconciler."""
         cluster = _cluster(settings)
         assert settings.database_url is not None
-        db = Database(settings.database_url)
+        db = Database(agent_url(settings.database_url, cluster))
         try:
             member = Member(
                 settings,

@@ -20,7 +20,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roost.engine.artifact_peers import PeerArtifacts, peers_in
-from roost.engine.cluster import Cluster
+from roost.engine.cluster import Cluster, agent_url
 from roost.engine.clusternet import ClusterNetworks
 from roost.engine.core import Engine
 from roost.engine.disks import Disks
@@ -154,7 +154,8 @@ class Daemon:
 
     def _build(self) -> None:
         settings = self.settings
-        db = Database(settings.database_url or sqlite_url(settings.state_dir))
+        url = settings.database_url or sqlite_url(settings.state_dir)
+        db = Database(url if settings.cluster is None else agent_url(url, settings.cluster))
         self._closers.append(db.dispose)
         db.migrate()
         store = ArtifactStore(settings.state_dir / "artifacts")

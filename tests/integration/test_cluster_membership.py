@@ -11,7 +11,7 @@ from pathlib import Path
 
 import psycopg
 import pytest
-from sqlalchemy import Connection, make_url, text
+from sqlalchemy import make_url, text
 
 from roost.engine.cluster import RECONCILER_LOCK
 from roost.state.db import Database
@@ -32,19 +32,9 @@ def db(postgres: PostgresServer) -> Iterator[list[Database]]:
         database.dispose()
 
 
-def run_vm(agent: Agent, name: str, database: Database) -> int:
-    """A running Firecracker VM on `agent`'s host (recorded there, as placement records it);
-    its VMM's PID."""
-    created = agent.ok("vm", "create", name, "--plugin", "p")
-    hosts = Hosts(database)
-
-    def place(connection: Connection) -> None:
-        connection.execute(
-            text("UPDATE vms SET host_id = :h WHERE name = :n"),
-            {"h": hosts.get(agent.name).id, "n": name},
-        )
-
-    database.transact_core(place)
+def run_vm(agent: Agent, name: str) -> int:
+    """A running Firecracker VM on `agent`'s host; its VMM's PID."""
+    created = agent.ok("vm", "create", name, "--plugin", "p", "--host", agent.name)
     assert created["status"] == "running"
     return int(created["vmm"]["pid"])
 
@@ -65,11 +55,9 @@ def test_a_frozen_agent_goes_offline_then_is_fenced_ends_its_lost_vm_and_joins_a
     db.append(database)
     hosts = Hosts(database)
     first, frozen = cluster[1], cluster[2]
-    plugin = write_plugin(tmp_path, "p", network={"mode": "vsock"})
-    frozen.ok("plugin", "install", plugin)
-    first.ok("plugin", "install", plugin, "--force")  # its artifacts in host1's store too
-    stranded = run_vm(frozen, "stranded", database)
-    run_vm(first, "kept", database)
+    frozen.ok("plugin", "install", write_plugin(tmp_path, "p", network={"mode": "vsock"}))
+    stranded = run_vm(frozen, "stranded")
+    run_vm(first, "kept")
     epoch = hosts.get(frozen.name).epoch
 
     frozen.freeze()
@@ -104,7 +92,7 @@ def test_a_frozen_agent_goes_offline_then_is_fenced_ends_its_lost_vm_and_joins_a
     assert status(database, "stranded") == "lost"  # it wrote nothing of what it knew before
     assert status(database, "kept") == "running"
     assert frozen.http.get("/v1/vms/stranded").json()["status"] == "lost"
-    assert frozen.ok("vm", "create", "again", "--plugin", "p")["status"] == "running"  # it acts
+    assert run_vm(frozen, "again")  # it acts again
 
 
 def reconciler_holder(postgres: PostgresServer, url: str) -> tuple[int, str] | None:

@@ -23,7 +23,7 @@ from starlette.responses import PlainTextResponse
 from starlette.routing import Route
 
 from roost.api.fencing import Fencing
-from roost.engine.cluster import RECONCILER_LOCK, Member, Reconciler
+from roost.engine.cluster import RECONCILER_LOCK, Member, Reconciler, agent_url
 from roost.engine.events import Event, EventBus
 from roost.engine.settings import ClusterSettings, Settings
 from roost.errors import RoostError, UnavailableError
@@ -228,11 +228,14 @@ def test_a_host_silent_past_lost_after_is_fenced_and_its_vms_lost_with_their_add
     assert one.attempt()
     assert events_of(one).taken() == []  # fenced once
 
-    # a reconciler taking over later fences it no more (late past the grace, holding none)
+    # a reconciler taking over later fences it once more (it cannot know), losing nothing
     one.close()
     later = reconciler(reconcilers, url, "h3")
     assert later.attempt()
+    assert events_of(later).taken() == [("host.fenced", "h2", None)]
+    assert later.attempt()
     assert events_of(later).taken() == []
+    assert statuses(db) == {"a": "lost", "b": "lost", "c": "created"}
 
 
 def test_a_host_beating_again_after_an_outage_is_joined_once(
@@ -310,6 +313,35 @@ def test_a_silent_holder_loses_the_lock_when_the_database_ends_its_idle_session(
     # `first` says nothing from now on, as a frozen agent would
     wait_for(second.attempt, what="the other reconciler to take the lock")
     assert not first.attempt()
+
+
+def test_a_sweep_held_up_by_a_row_a_silent_agent_locked_keeps_the_lock_and_fences_later(
+    postgres: PostgresServer, db: Database, url: str, reconcilers: list[Reconciler]
+) -> None:
+    two_hosts(db)
+    fast = {"offline_after": 0.8, "lost_after": 1.6}  # a sweep waits 0.6 s for a row at most
+    one, other = reconciler(reconcilers, url, "h1", **fast), reconciler(reconcilers, url, "h3")
+    silent_for(db, "h2", 10)
+    database = make_url(url).database
+    assert database is not None
+    with psycopg.connect(postgres.conninfo(database)) as frozen:  # mid-transaction, silent
+        frozen.execute("SELECT * FROM hosts WHERE name = 'h2' FOR UPDATE")
+        assert one.attempt()  # its writes timed out; its session, and the lock, live on
+        assert "h2" not in {host for _, host, _ in events_of(one).taken()}
+        assert not other.attempt()
+    assert one.attempt()
+    of_h2 = [kind for kind, host, _ in events_of(one).taken() if host == "h2"]
+    assert of_h2 == ["host.offline", "host.fenced"]  # (h1 may have gone quiet meanwhile too)
+
+
+def test_an_agents_transactions_left_idle_end_once_it_would_be_offline(url: str) -> None:
+    database = Database(agent_url(url, cluster("h1")))
+    try:
+        with database.read() as session:
+            shown = session.connection().execute(text("SHOW idle_in_transaction_session_timeout"))
+            assert shown.scalar() == "20s"
+    finally:
+        database.dispose()
 
 
 # ---- a member --------------------------------------------------------------------------------
