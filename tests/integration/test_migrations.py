@@ -667,3 +667,24 @@ def test_version_twelve_databases_take_hosts_and_per_host_cids_and_drop_them_bac
     with pytest.raises(IntegrityError), engine.begin() as connection:
         connection.execute(text("INSERT INTO cid_leases (cid, vm_id) VALUES (3, 2)"))
     engine.dispose()
+
+
+def test_version_fourteen_databases_notify_the_overlay_on_postgresql_and_drop_it_back(
+    database_url: str,
+) -> None:
+    config = alembic_config()
+    engine = create_engine(database_url)
+    overlay = {
+        f"{table}_overlay_notify" for table in ("ip_leases", "vms", "vm_nics", "networks", "hosts")
+    }
+    with upgraded(engine, config, "0014") as connection:
+        before = trigger_names(connection)
+    with upgraded(engine, config, "0015") as connection:
+        added = trigger_names(connection) - before
+    assert added == (overlay if engine.dialect.name == "postgresql" else set())
+    with engine.begin() as connection:
+        config.attributes["connection"] = connection
+        command.downgrade(config, "0014")
+    with engine.begin() as connection:
+        assert trigger_names(connection) == before
+    engine.dispose()
