@@ -157,3 +157,16 @@ def test_a_removed_vms_address_goes_back_to_the_pool(db: Database) -> None:
     assert allocate(db, ids[-1]) == taken[3]
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(IPPoolEntry)) == 0
+
+
+def test_a_released_lease_on_the_gateway_never_enters_the_pool(db: Database) -> None:
+    vm_id = make_vms(db, 1)[0]
+    allocate(db, vm_id)  # the network, and its pool
+    before = pooled(db)
+    with db.write() as session:  # what validation never lets a create do: hold the gateway
+        network = alloc.network_by_subnet(session, SUBNET)
+        assert network is not None
+        session.add(IPLease(network_id=network.id, ip=int(GATEWAY), vm_id=vm_id, interface=1))
+    with db.write() as session:
+        session.execute(delete(IPLease).where(IPLease.ip == int(GATEWAY)))
+    assert pooled(db) == before

@@ -34,10 +34,13 @@ _FUNCTIONS = (
     "CREATE FUNCTION ip_pool_take() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
     "DELETE FROM ip_pool WHERE network_id = NEW.network_id AND ip = NEW.ip; "
     "RETURN NULL; END $$",
+    # only an address the pool had: never the gateway, even if a lease held it
     "CREATE FUNCTION ip_pool_give() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
-    "INSERT INTO ip_pool (network_id, ip, released) VALUES (OLD.network_id, OLD.ip, "
-    "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint) ON CONFLICT DO NOTHING; "
-    "RETURN NULL; END $$",
+    "INSERT INTO ip_pool (network_id, ip, released) SELECT n.id, OLD.ip, "
+    "(extract(epoch FROM clock_timestamp()) * 1000000)::bigint FROM networks n "
+    "WHERE n.id = OLD.network_id AND OLD.ip > n.first AND OLD.ip < n.last "
+    "AND OLD.ip IS DISTINCT FROM (n.gateway::inet - '0.0.0.0'::inet) "
+    "ON CONFLICT DO NOTHING; RETURN NULL; END $$",
 )
 _TRIGGERS = (
     "CREATE TRIGGER ip_pool_fill AFTER INSERT ON networks "
