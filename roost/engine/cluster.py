@@ -207,25 +207,27 @@ class Member:
         return membership
 
     def beat(self) -> None:
-        """One heartbeat; a fenced agent (now or still) ends its lost VMs' VMMs and registers
-        again. A database error is logged (once until a beat passes again) and left to the
-        next beat."""
+        """One heartbeat. A fenced agent (now, or still after a failed attempt) first ends its
+        lost VMs' VMMs, then registers again (so no placement finds it before it has). A
+        database error is logged (once until a beat passes again) and left to the next beat."""
         try:
+            if self.membership is not None and not self.fenced:
+                if self.hosts.heartbeat(self.membership):
+                    self._confirmed = self.clock()
+                    with self.db.read() as session:
+                        connection = session.connection()
+                        self.offline = outages.offline_hosts(connection, self.cluster.offline_after)
+                else:
+                    self.fenced = True
+                    log.warning(
+                        "host %s was fenced (epoch %d is no longer its own): it takes no "
+                        "changes, ends the VMMs of its VMs marked lost and joins again",
+                        self.cluster.host_name,
+                        self.membership.epoch,
+                    )
+            if self.fenced:
+                self.end_lost()
             if self.membership is None or self.fenced:
-                self.join()
-            elif self.hosts.heartbeat(self.membership):
-                self._confirmed = self.clock()
-                with self.db.read() as session:
-                    late = outages.offline_hosts(session.connection(), self.cluster.offline_after)
-                self.offline = late
-            else:
-                self.fenced = True
-                log.warning(
-                    "host %s was fenced (epoch %d is no longer its own): it takes no changes, "
-                    "ends the VMMs of its VMs marked lost and joins again",
-                    self.cluster.host_name,
-                    self.membership.epoch,
-                )
                 self.join()
         except Exception as error:
             if not self._failing:
@@ -375,8 +377,8 @@ class Reconciler:
                 error,
             )
         elif not self._failing:
-            log.error(
-                "host %s: the reconciler cannot reach the database: %s",
+            log.warning(
+                "host %s: the reconciler's database session failed (it connects again): %s",
                 self.cluster.host_name,
                 error,
             )

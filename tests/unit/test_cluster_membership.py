@@ -383,7 +383,17 @@ def test_a_fenced_member_ends_its_lost_vms_vmms_and_joins_again_leaving_their_re
     assert reconciler(reconcilers, url).attempt()
     assert statuses(db)["a"] == "lost"
 
+    abandon, refusals = agent.engine.abandon, []
+
+    def abandoning(name: str) -> bool:  # what the API would answer meanwhile
+        refusals.append((name, member.refusal(), Hosts(db).get("h2", OFFLINE_AFTER).epoch))
+        return abandon(name)
+
+    agent.engine.abandon = abandoning  # type: ignore[method-assign]
     member.beat()  # finds itself fenced, ends a's VMM, joins again
+    name, refusal, epoch = refusals[0]
+    assert name == "a" and refusal is not None and refusal.code == "fenced"
+    assert epoch == joined.epoch + 1  # its VMMs end before it registers again
     assert vmm.exited()  # ended by PID and reaped
     assert "a" not in agent.engine.live and "b" in agent.engine.live
     assert tap not in agent.links.links  # its tap and rules released on this host
