@@ -23,6 +23,7 @@ import httpx
 import pytest
 
 from roost.api.peers import Peer, Router
+from tests.certs import CA
 from tests.harness import (
     READY,
     Daemon,
@@ -66,14 +67,22 @@ class Hosts:
     a_tcp: str  # A's TCP listener
     b_tcp: str  # B's TCP listener
     nowhere: str  # an API nobody serves
+    c_port: int  # where a test may start host C, serving HTTPS with a certificate of `ca`
+    ca: CA  # the CA A trusts (serve --ca)
 
 
 @pytest.fixture
-def hosts() -> Iterator[Hosts]:
+def hosts(tmp_path: Path) -> Iterator[Hosts]:
+    ca = CA.make(tmp_path)
     with network_namespace() as netns_a, network_namespace() as netns_b:
         a_tcp, b_tcp = (f"tcp://127.0.0.1:{free_loopback_port()}" for _ in "ab")
+        c_port = free_loopback_port()
         b = Daemon(netns_b, "--listen", b_tcp, env={"ROOST_TOKEN": TOKEN, HOST: "b", ROUTES: "{}"})
-        a = Daemon(netns_a, "--listen", a_tcp, env={"ROOST_TOKEN": TOKEN, HOST: "a"})
+        a = Daemon(
+            netns_a,
+            *("--listen", a_tcp, "--ca", str(ca.cert)),
+            env={"ROOST_TOKEN": TOKEN, HOST: "a"},
+        )
         nowhere = f"unix://{a.dir}/nobody.sock"
         a.env[ROUTES] = json.dumps(
             {
@@ -81,6 +90,8 @@ def hosts() -> Iterator[Hosts]:
                 "tcp": {"api": b_tcp},
                 "off": {"api": b.api, "offline": True},
                 "gone": {"api": nowhere},
+                "tls": {"api": f"https://127.0.0.1:{c_port}"},
+                "untrusted": {"api": f"https://localhost:{c_port}"},  # not in C's certificate
             }
         )
         for daemon in (a, b):  # each with its router, as in a cluster
@@ -88,7 +99,7 @@ def hosts() -> Iterator[Hosts]:
         try:
             b.start()
             a.start()
-            yield Hosts(a, b, a_tcp, b_tcp, nowhere)
+            yield Hosts(a, b, a_tcp, b_tcp, nowhere, c_port, ca)
         finally:
             a.close()
             b.close()
@@ -284,15 +295,44 @@ def test_a_tcp_clients_request_is_a_tcp_clients_on_the_peer_it_reaches_by_unix_s
     assert hosts.a.http.patch("/v1/vms/b-one/config", json=services).status_code == 200
 
 
-def _serve_with_test_router() -> None:
-    """`roost` whose `serve` gives create_app a `PeerTestRouter` of $ROOST_TEST_ROUTES."""
-    from functools import partial
+def test_an_https_peer_is_verified_against_the_agents_ca(hosts: Hosts) -> None:
+    server = hosts.ca.issue("c", "IP:127.0.0.1")
+    with network_namespace() as netns_c:
+        c = Daemon(
+            netns_c,
+            "--listen", f"tcp://127.0.0.1:{hosts.c_port}",
+            "--tls-cert", str(server.cert),
+            "--tls-key", str(server.key),
+            firecracker=None,
+            env={"ROOST_TOKEN": TOKEN},
+        )  # fmt: skip
+        try:
+            c.start()
+            status, code, message = error(hosts.a.http.post("/v1/vms/tls-one/start"))
+            assert (status, code) == (404, "not_found") and "tls-one" in message  # C's answer
+            path = "/v1/vms/tls-one/vsock/1024"
+            status, body = asyncio.run(_websocket(hosts.a.api, path, []))
+            assert (status, body["error"]["code"]) == (404, "not_found")
+            status, code, message = error(hosts.a.http.post("/v1/vms/untrusted-one/start"))
+            assert (status, code) == (502, "host_error"), message
+            assert "untrusted" in message and "certificate" in message
+        finally:
+            c.close()
 
+
+def _serve_with_test_router() -> None:
+    """`roost` whose `serve` gives create_app a `PeerTestRouter` of $ROOST_TEST_ROUTES (on
+    SQLite, serve gives it none)."""
     import roost.api.server
     from roost.cli.main import main
 
-    router = PeerTestRouter(os.environ[HOST], json.loads(os.environ[ROUTES]))
-    roost.api.server.create_app = partial(roost.api.server.create_app, router=router)  # type: ignore[assignment]
+    test_router = PeerTestRouter(os.environ[HOST], json.loads(os.environ[ROUTES]))
+    create_app = roost.api.server.create_app
+
+    def with_test_router(*args: Any, router: Router | None = None, **kwargs: Any) -> Any:
+        return create_app(*args, router=router or test_router, **kwargs)
+
+    roost.api.server.create_app = with_test_router
     sys.argv[0] = "roost"
     main()
 
