@@ -14,6 +14,7 @@ the client's as the host gave it.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -36,7 +37,7 @@ from roost.spec.common import check_name, label_selector
 from roost.state import reservations
 from roost.state.hosts import Hosts
 
-CLUSTER_ONLY = ("host", "host_labels")
+log = logging.getLogger("roost.api")
 
 
 @dataclass(frozen=True)
@@ -149,6 +150,11 @@ async def first_taker(candidates: Sequence[Candidate], attempt: Attempt) -> Resp
         answer = await attempt(candidate)
         if not moves_on(answer.status_code, bytes(answer.body)):
             return answer
+        log.info(
+            "create: host %s refused it (HTTP %d), the next host is asked",
+            candidate.name,
+            answer.status_code,
+        )
     assert answer is not None
     return answer
 

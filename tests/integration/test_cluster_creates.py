@@ -121,9 +121,11 @@ def test_ninety_creates_through_three_agents_keep_every_invariant(
         assert allocated <= capacity == CAPACITY_VCPUS, name
         assert (allocated, memory) == (reserved, reserved_memory), name
     assert sum(allocated for _, allocated, *_ in hosts) == len(won)
+    moved = sum(agent.logs().count("the next host is asked") for agent in cluster)
     print(
         f"{CREATES} creates in {took:.1f} s: {len(won)} created, "
         + ", ".join(f"{code} {n}" for code, n in Counter(c for *_, c in answers if c).items())
         + "; per host: "
         + ", ".join(f"{name} {allocated}" for name, allocated, *_ in hosts)
+        + f"; moved to the next host: {moved}"
     )

@@ -6,6 +6,7 @@ a contested address or name."""
 
 from __future__ import annotations
 
+import asyncio
 import ipaddress
 import json
 from collections.abc import Iterator
@@ -14,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import httpx
 import pytest
 from sqlalchemy import func, update
 from starlette.responses import JSONResponse, Response
 
+from roost.api.app import create_app
+from roost.api.endpoints import Endpoint
 from roost.api.peers import Forwarder, Peer
 from roost.api.placing import (
     ClusterRouter,
@@ -263,3 +267,29 @@ def test_the_router_sends_a_vms_requests_to_its_host_read_at_each_request(world:
     moved = update(VM).where(VM.name == "b").values(host_id=h1)
     world.db.transact_core(lambda connection: connection.execute(moved))
     assert route("POST", "/v1/vms/b/start") is None  # nothing of the old answer kept
+
+
+def test_a_single_hosts_api_refuses_host_and_host_labels_and_creates_nothing(
+    tmp_short: Path,
+) -> None:
+    world = World(tmp_short)
+    transport = httpx.ASGITransport(
+        app=create_app(world.engine, [Endpoint.parse("unix:///run/roost.sock")])
+    )
+
+    async def create(body: dict[str, Any]) -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
+            return await client.post("/v1/vms", json=body)
+
+    try:
+        for extra in ({"host": "host2"}, {"host_labels": {"zone": "a"}}):
+            answer = asyncio.run(create({"name": "web", "plugin": "p", "start": False, **extra}))
+            assert answer.status_code == 422
+            (detail,) = answer.json()["error"]["details"]
+            assert detail["loc"] == next(iter(extra)) and "not in a cluster" in detail["msg"]
+        assert world.engine.list_vm_names() == []
+        created = asyncio.run(create({"name": "web", "plugin": "p", "start": False}))
+        assert created.status_code == 201, created.text
+        assert created.json()["host"] is None
+    finally:
+        world.close()
