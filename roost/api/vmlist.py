@@ -18,7 +18,7 @@ from fastapi.responses import Response
 from starlette.datastructures import QueryParams
 
 from roost.engine.core import Engine
-from roost.engine.views import encoded, json_array
+from roost.engine.views import UNKNOWN, encoded, json_array
 from roost.errors import ErrorDetail, InvalidError
 from roost.spec.common import check_name, label_selector
 from roost.spec.network import NetworkMode
@@ -94,7 +94,8 @@ def vm_query(
         for name in _SINGLE
         if len(given.getlist(name)) > 1
     ]
-    known = [status.value for status in VMStatus]
+    # `unknown` is no stored status: it selects the VMs of offline hosts (a cluster's)
+    known = [*(status.value for status in VMStatus), UNKNOWN]
     for text in statuses:
         if text not in known:
             errors.append(
@@ -127,7 +128,8 @@ def vm_query(
         raise InvalidError.of(errors)
     return VMQuery(
         plugin=plugin,
-        statuses=tuple(dict.fromkeys(VMStatus(text) for text in statuses)),
+        statuses=tuple(dict.fromkeys(VMStatus(text) for text in statuses if text != UNKNOWN)),
+        unknown=UNKNOWN in statuses,
         labels=tuple(dict.fromkeys(pairs)),
         mode=None if mode is None else NetworkMode(mode),
         after=after,

@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import AbstractContextManager, suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
@@ -134,6 +134,12 @@ class Live:
     shown: dict[str, Any] | None = None
 
 
+def _as_read(query: VMQuery, offline: frozenset[int]) -> VMQuery:
+    """`query` selecting by status as VMs read while the hosts `offline` are (their VMs
+    `unknown`)."""
+    return replace(query, offline_hosts=offline) if query.by_status and offline else query
+
+
 class Engine:
     """Runs VMs: creates, starts, stops, pauses and removes them, and follows their VMMs."""
 
@@ -224,17 +230,18 @@ class Engine:
     def list_vms(self, query: VMQuery = ALL_VMS) -> list[dict[str, Any]]:
         """The VMs `query` names, in name order: one query, then each VM's view from its row."""
         offline = self.offline_hosts()
-        return [self._view(with_host_status(row, offline)) for row in self.records.rows(query)]
+        rows = self.records.rows(_as_read(query, offline))
+        return [self._view(with_host_status(row, offline)) for row in rows]
 
     def list_vms_encoded(self, query: VMQuery = ALL_VMS) -> list[tuple[str, bytes]]:
         """The names and JSON of the VMs `query` names, in name order: one query, then each
         VM's JSON as last listed unless its row or liveness changed since."""
-        rows = self.records.listed(query)
         offline = self.offline_hosts()
+        rows = self.records.listed(_as_read(query, offline))
         return self.listed.encoded(rows, self.live, every=query == ALL_VMS, offline=offline)
 
     def list_vm_names(self, query: VMQuery = ALL_VMS) -> list[str]:
-        return self.records.names_of(query)
+        return self.records.names_of(_as_read(query, self.offline_hosts()))
 
     def show_vm(self, name: str) -> dict[str, Any]:
         return self._view(with_host_status(self.records.row(name), self.offline_hosts()))

@@ -16,14 +16,18 @@ from typing import Any
 
 from sqlalchemy import (
     JSON,
+    ColumnElement,
     Connection,
     Select,
     Text,
     and_,
     bindparam,
     delete,
+    false,
     func,
     insert,
+    not_,
+    or_,
     select,
     type_coerce,
     update,
@@ -410,9 +414,13 @@ def vm_exists(name: str) -> ConflictError:
 
 @dataclass(frozen=True)
 class VMQuery:
-    """Which VMs a listing wants, in name order: of `plugin`, in any of `statuses`, with every
-    label of `labels`, with an interface in `mode` (vsock: with none), on the host named
-    `host`, named after `after`; at most `limit` of them (None: all)."""
+    """Which VMs a listing wants, in name order: of `plugin`, in any of `statuses` (or
+    reading `unknown`), with every label of `labels`, with an interface in `mode` (vsock: with
+    none), on the host named `host`, named after `after`; at most `limit` of them (None: all).
+
+    A VM of a host in `offline_hosts` (a cluster's hosts whose heartbeat is late) reads
+    `unknown` unless it is `lost`: a status filter selects it by that, not by its stored
+    status, so a listing shows only VMs in the statuses it asked for."""
 
     plugin: str | None = None
     statuses: tuple[VMStatus, ...] = ()
@@ -421,6 +429,13 @@ class VMQuery:
     after: str | None = None
     limit: int | None = None
     host: str | None = None
+    unknown: bool = False
+    offline_hosts: frozenset[int] = frozenset()
+
+    @property
+    def by_status(self) -> bool:
+        """Whether the VMs are selected by status (which offline hosts change)."""
+        return bool(self.statuses) or self.unknown
 
     def statement(self, rows: Select[Any] = VM_ROWS) -> Select[Any]:
         """`rows` (`VM_ROWS`, `LISTED_ROWS` or `NAME_ROWS`) narrowed to these VMs: each filter
@@ -428,8 +443,8 @@ class VMQuery:
         statement = rows
         if self.plugin is not None:
             statement = statement.where(Plugin.name == self.plugin)
-        if self.statuses:
-            statement = statement.where(VM.status.in_([status.value for status in self.statuses]))
+        if self.by_status:
+            statement = statement.where(self._status_test())
         for key, value in self.labels:
             labelled = select(VMLabel.vm_id).where(VMLabel.key == key, VMLabel.value == value)
             statement = statement.where(VM.id.in_(labelled))
@@ -443,6 +458,19 @@ class VMQuery:
         if self.after is not None:
             statement = statement.where(VM.name > self.after)
         return statement.order_by(VM.name).limit(self.limit)
+
+    def _status_test(self) -> ColumnElement[bool]:
+        stored = VM.status.in_([status.value for status in self.statuses])
+        if not self.offline_hosts:
+            return stored if self.statuses else false()
+        reads_unknown = and_(
+            func.coalesce(VM.host_id, 0).in_(sorted(self.offline_hosts)),
+            VM.status != VMStatus.LOST.value,
+        )
+        return or_(
+            and_(stored, not_(reads_unknown)),
+            reads_unknown if self.unknown else false(),
+        )
 
 
 ALL_VMS = VMQuery()

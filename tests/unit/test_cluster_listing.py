@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Collection, Iterator
 from pathlib import Path
 from typing import Any
@@ -19,10 +20,12 @@ from sqlalchemy import update
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.cli.remote import VM_COLUMNS, vm_table
+from roost.cli.views import vm_human
 from roost.spec import VMConfig
 from roost.state import forwards
 from roost.state.hosts import HostRegistration, Hosts
 from roost.state.models import VM
+from roost.state.vms import VMQuery
 from tests.engine_fakes import World
 
 
@@ -168,6 +171,32 @@ def test_a_vm_of_an_offline_host_reads_unknown_in_a_kept_listing_and_back_again(
     assert statuses() == {"a": "running", "b": "created", "c": "running"}
 
 
+def test_a_status_filter_selects_vms_by_the_status_they_read_while_their_host_is_offline(
+    cluster: Cluster, api: Api
+) -> None:
+    engine = cluster.world.engine
+    engine.records.write("b", None, status="lost")  # lost stays lost, offline host or not
+    place(cluster.world, cluster.h2, "b")
+    assert api.names("/v1/vms?status=running") == ["a", "c"]
+    assert api.names("/v1/vms?status=unknown") == []
+    offline = frozenset({cluster.h2})
+    engine.offline_hosts = lambda: offline
+    assert api.names("/v1/vms?status=running") == ["a"]
+    assert api.names("/v1/vms?status=running&fields=name") == ["a"]
+    assert api.names("/v1/vms?status=unknown") == ["c"]
+    assert api.names("/v1/vms?status=unknown&status=lost") == ["b", "c"]
+    assert api.names("/v1/vms?status=unknown&host=h1") == []
+    assert [vm["name"] for vm in engine.list_vms(VMQuery(unknown=True))] == ["c"]
+    assert api.names("/v1/vms") == ["a", "b", "c"]
+
+
+def test_unknown_is_a_status_a_filter_takes_and_any_other_word_is_422(api: Api) -> None:
+    assert api.names("/v1/vms?status=unknown") == []
+    response = api.get("/v1/vms?status=gone")
+    assert response.status_code == 422
+    assert "unknown" in response.json()["error"]["details"][0]["msg"]
+
+
 # ---- ?host= ---------------------------------------------------------------------------------
 
 
@@ -260,3 +289,24 @@ def test_vm_lists_table_has_a_host_column_only_in_a_cluster(
     vm_table([{**vm, "host": None} for vm in listed])
     header, *_ = capsys.readouterr().out.splitlines()
     assert header.split() == VM_COLUMNS
+
+
+def test_vm_show_names_the_host_and_where_another_hosts_vm_has_its_socket(
+    cluster: Cluster, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engine = cluster.world.engine
+
+    def fields(vm: dict[str, Any]) -> dict[str, str]:
+        vm_human(vm)
+        lines = capsys.readouterr().out.splitlines()
+        return dict(re.split(r"\s{2,}", line, maxsplit=1) for line in lines)
+
+    other = engine.show_vm("c")
+    shown = fields(other)
+    assert shown["host"] == "h2"
+    assert shown["vsock socket"] == "on host h2"
+    assert (
+        fields({**other, "vsock": {**other["vsock"], "reason": "no device"}})["vsock socket"]
+        == "none: no device"
+    )
+    assert "host" not in fields({**engine.show_vm("a"), "host": None})
