@@ -131,9 +131,11 @@ def client_threads(url: str, groups: list[list[int]], start: Callable[[], object
             before = time.perf_counter()
             try:
                 address = allocate(db, vm_id)
-            except ConflictError as error:
+            except Exception as error:  # counted in the figures; the client goes on
                 with lock:
-                    run.errors.append(error.code)
+                    run.errors.append(
+                        error.code if isinstance(error, ConflictError) else repr(error)
+                    )
                 continue
             took = time.perf_counter() - before
             with lock:
