@@ -130,3 +130,23 @@ def test_a_resources_patch_is_held_against_its_hosts_capacity(
     shrunk = agent.http.patch("/v1/vms/a/config", json={"resources": {"vcpus": 1}})
     assert shrunk.status_code == 200, shrunk.text
     assert hosts_held(cluster)["host1"] == (1, 64) and placed(cluster, "a") == ("host1", 1, 64)
+
+
+def test_a_create_whose_chosen_host_does_not_answer_goes_to_the_next(
+    make_cluster: MakeCluster, tmp_path: Path
+) -> None:
+    # long thresholds: the stopped agent stays active for placement throughout the test
+    cluster = make_cluster(2, offline_after=120, lost_after=600)
+    first = cluster[1]
+    plugin = write_plugin(
+        tmp_path, "p", network={"mode": "vsock"}, resources={"vcpus": 1, "memory_mib": 64}
+    )
+    first.ok("plugin", "install", plugin)
+    first.ok("vm", "create", "a", "--plugin", "p", "--host", "host1", "--no-start")
+    cluster[2].stop()  # the emptier host, placement's first choice, no longer answers
+
+    first.ok("vm", "create", "b", "--plugin", "p", "--no-start")
+
+    assert placed(cluster, "b") == ("host1", 1, 64)
+    assert "host host2 refused it (HTTP 502), the next host is asked" in first.logs()
+    assert hosts_held(cluster) == {"host1": (2, 128), "host2": (0, 0)}
