@@ -115,11 +115,14 @@ def restart(daemon: Daemon) -> None:
 
 
 def close(daemon: Daemon) -> None:
-    """Kill the VMs (a graceful stop waits for guests that may not answer), then close."""
+    """Kill the VMs (a graceful stop waits for guests that may not answer), then close. A
+    daemon that is not answering (a failed start) is closed all the same, so that the test's
+    own error is the one reported."""
     if daemon.process is not None and daemon.process.poll() is None:
-        for vm in daemon.http.get("/v1/vms").json():
-            if vm["status"] in LIVE:
-                daemon.http.post(f"/v1/vms/{vm['name']}/stop", params={"force": "true"})
+        with contextlib.suppress(httpx.HTTPError):
+            for vm in daemon.http.get("/v1/vms").json():
+                if vm["status"] in LIVE:
+                    daemon.http.post(f"/v1/vms/{vm['name']}/stop", params={"force": "true"})
     daemon.close()
 
 
