@@ -164,6 +164,9 @@ def test_a_drain_moves_a_vm_that_never_booted_to_the_emptiest_host_keeping_its_a
     drained = admin.drain("h1")
 
     assert drained["host"]["state"] == "cordoned"
+    assert not world.db.transact_core(  # no create can take room on it any more
+        lambda connection: Hosts.reserve(connection, hosts["h1"], 1, 1, FRESH)
+    )
     assert drained["moved"] == [{"vm": "idle", "to": "h3"}]
     assert drained["stayed"] == []
     host_id, lease_host, cid = placed(world, "idle")
