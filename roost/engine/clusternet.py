@@ -86,6 +86,11 @@ class ClusterNetworks:
             return alloc.carries_gateway(session, bridge, self.host_name)
         return self.db.transact(lambda own: alloc.carries_gateway(own, bridge, self.host_name))
 
+    def recorded_here(self, bridge: str) -> bool:
+        """Whether a network on `bridge` exists and records this host as its gateway's."""
+        with self.db.read() as session:
+            return alloc.gateway_recorded(session, bridge, self.host_name)
+
     def members(self) -> list[Member]:
         """Every host's part in every cluster network, from one read."""
         with self.db.read() as session:

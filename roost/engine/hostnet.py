@@ -68,6 +68,8 @@ class Gateways(Protocol):
 
     def carried_here(self, bridge: str, session: Session | None = None) -> bool: ...
 
+    def recorded_here(self, bridge: str) -> bool: ...
+
     def poke(self) -> None: ...
 
 
@@ -380,12 +382,16 @@ class HostNetwork:
 
     def remove_bridges(self, emptied: Emptied) -> None:
         """Remove the bridges of networks that lost their last lease (unless a VM took an
-        address there meanwhile)."""
+        address there meanwhile). In a cluster, the bridge that carries the gateway of a network
+        that remains (the default one) stays: the network's gateway is recorded as this host's,
+        so no other host's bridge would carry it."""
         if self.keep_bridges:
             return
         for network_id, bridge in emptied:
             with self.lock:
-                if not self._leased(network_id):
+                if self._leased(network_id):
+                    continue
+                if self.gateways is None or not self.gateways.recorded_here(bridge):
                     self._remove_bridge(bridge)
 
     def _remove_bridge(self, bridge: str) -> None:

@@ -613,6 +613,17 @@ def gateway_interface(
     return ipaddress.IPv4Interface(f"{gateway}/{subnet.prefixlen}")
 
 
+def gateway_recorded(session: Session, bridge: str, host_name: str) -> bool:
+    """Whether the network on `bridge` exists and records host `host_name` as the one whose
+    bridge carries its gateway."""
+    found = session.execute(
+        select(Network.id)
+        .join(Host, Host.id == Network.gateway_host_id)
+        .where(Network.bridge == bridge, Host.name == host_name)
+    ).first()
+    return found is not None
+
+
 def gateway_mac(bridge: str) -> str:
     """The MAC of the bridge that carries a cluster network's gateway, the same on whichever
     host does, so peers know where to send to it: 06: (locally administered, unlike guests'

@@ -56,7 +56,7 @@ def write(path: Path, data: dict[str, Any]) -> Path:
 def on_lan(
     agent: Any, tmp_path: Path, name: str, plugin: str, boot_args: str | None = None, **network: Any
 ) -> Any:
-    """VM `name` made through `agent` (so on its host) on network lan."""
+    """VM `name` made on `agent`'s host on network lan."""
     config: dict[str, Any] = {
         "plugin": plugin,
         "network": {"mode": "bridged", "network": "lan", **network},
@@ -64,7 +64,11 @@ def on_lan(
     if boot_args is not None:
         config["boot_args"] = boot_args
     path = write(tmp_path / f"{name}.json", config)
-    return agent.ok("vm", "create", name, "--plugin", plugin, "--config", path)
+    created = agent.ok(
+        "vm", "create", name, "--plugin", plugin, "--config", path, "--host", agent.name
+    )
+    assert created["host"] == agent.name
+    return created
 
 
 @pytest.mark.parametrize("cluster", [2], indirect=True)
@@ -182,3 +186,28 @@ def test_two_qemu_guests_on_different_hosts_ping_and_fetch_each_other_through_vx
         timeout=CONVERGED,
         what="host1 to forget b",
     )
+
+
+@pytest.mark.parametrize("cluster", [2], indirect=True)
+def test_the_gateway_hosts_bridge_outlives_its_last_vm_and_serves_the_other_hosts_guests(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    first, second = cluster[1], cluster[2]
+    plugin = write_plugin(tmp_path, "p", network={"mode": "bridged"})
+    first.ok("plugin", "install", plugin)
+    second.ok("plugin", "install", plugin, "--force")
+    h1, h2 = cluster.fabric.host(1), cluster.fabric.host(2)
+    first.ok(
+        "vm", "create", "d1", "--plugin", "p", "--host", first.name
+    )  # host1 makes roost0 first: the gateway
+    first.ok("vm", "rm", "d1")
+    assert addresses(h1, "roost0") == ["10.57.0.1/24"]  # kept: no other host may carry it
+    d2 = second.ok("vm", "create", "d2", "--plugin", "p", "--host", second.name)
+    assert d2["host"] == second.name
+    assert addresses(h2, "roost0") == []
+    wait_for(
+        lambda: forwarding(h1, 1).get(d2["network"]["mac"]) == {vtep_address(2)},
+        timeout=CONVERGED,
+        what="host1 (the gateway's) to forward to d2",
+    )
+    assert forwarding(h2, 1)[gateway_mac("roost0")] == {vtep_address(1)}
