@@ -701,13 +701,17 @@ class Engine:
         its record as it is: the cluster declared the VM lost, so its addresses may be another
         VM's by now and nothing of it is written. Whether a VMM ran."""
         with self.locks.hold(name, "abandon", wait=True, recovery=True):
-            live = self.live.pop(name, None)
+            live = self.live.get(name)
             if live is None:
                 return False
-            self._unwatch(live.process)
-            live.process.kill()
-            self.release_host(name)
+            self._let_go(name, live)
             return True
+
+    def _let_go(self, name: str, live: Live) -> None:
+        self.live.pop(name, None)
+        self._unwatch(live.process)
+        live.process.kill()
+        self.release_host(name)
 
     def release_host(self, name: str, taps: Sequence[str] | None = None) -> list[str]:
         """Remove what only exists while the VMM runs: its taps, their rules and its sockets
@@ -737,6 +741,11 @@ class Engine:
         with self.locks.hold(name, "exit", wait=True, recovery=True):
             live = self.live.get(name)
             if live is None:
+                return
+            if self.records.host_id is not None and self.records.status(name) is VMStatus.LOST:
+                # declared lost while this host was silent (frozen): its record is no longer
+                # this host's to write, only its VMM and host side are
+                self._let_go(name, live)
                 return
             if process is live.process.device:
                 self._device_ended(name, live)

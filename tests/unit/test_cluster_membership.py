@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -31,7 +32,7 @@ from roost.spec import VMConfig
 from roost.state import outages
 from roost.state.db import Database
 from roost.state.hosts import HostRegistration, Hosts, HostState, Membership
-from tests.engine_fakes import World
+from tests.engine_fakes import FakeVMMProcess, World
 from tests.harness import wait_for
 from tests.postgres import PostgresServer
 
@@ -402,6 +403,26 @@ def test_a_fenced_member_ends_its_lost_vms_vmms_and_joins_again_leaving_their_re
     assert not member.fenced and member.refusal() is None
     assert Hosts(db).heartbeat(member.membership)
     assert [e.type for e in agent.engine.events._history][-1] == "host.joined"
+
+
+def test_a_lost_vms_vmm_that_ended_while_its_host_was_silent_leaves_its_record_lost(
+    agent: World, db: Database, url: str, reconcilers: list[Reconciler]
+) -> None:
+    member = member_of(agent, db, url, "h2", Clock())
+    joined = member.join()
+    agent.engine.create_vm("a", VMConfig(plugin="p"))
+    place(db, joined.host_id, "a")
+    agent.engine.act_as_host(joined.host_id)  # (after the create: the fakes have no placement)
+    tap = agent.engine.show_vm("a")["network"]["tap"]
+    silent_for(db, "h2", LOST_AFTER + 1)
+    assert reconciler(reconcilers, url).attempt()
+
+    vmm = agent.engine.live["a"].process
+    assert isinstance(vmm, FakeVMMProcess)
+    vmm.child.send_signal(signal.SIGKILL)  # its guest ended while the agent was frozen
+    wait_for(lambda: "a" not in agent.engine.live, what="the exit to be handled")
+    assert statuses(db) == {"a": "lost"}  # not stopped or crashed: the cluster's record
+    assert tap not in agent.links.links
 
 
 def test_a_member_takes_no_changes_until_a_heartbeat_confirms_it_after_a_silence(
