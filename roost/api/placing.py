@@ -38,6 +38,9 @@ from roost.state import reservations
 from roost.state.hosts import Hosts
 
 log = logging.getLogger("roost.api")
+# nginx's status for a request whose client went away before the answer (nobody reads it): not
+# a refusal, so the create is not tried elsewhere
+CLIENT_LEFT = 499
 
 
 @dataclass(frozen=True)
@@ -271,7 +274,7 @@ async def forward_create(
             return {"type": "http.request", "body": body, "more_body": False}
         return await receive()  # the client's disconnect, if it leaves
 
-    status = 502
+    status = CLIENT_LEFT  # unless the peer answers: the client left while the request was sent
     answer_headers: list[tuple[bytes, bytes]] = []
     chunks: list[bytes] = []
 
