@@ -24,11 +24,12 @@ host; `POST /v1/vms` is placement's to decide (`Router.place`).
 
 from __future__ import annotations
 
+import asyncio
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import anyio
 import httpx
@@ -45,6 +46,7 @@ if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
 log = logging.getLogger("roost.api")
+T = TypeVar("T")
 
 FORWARDED = "x-roost-forwarded"
 CLIENT = "x-roost-client"  # `tcp`: the client reached the forwarding agent over TCP
@@ -210,7 +212,7 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
 
 
 class _ClientLeft(Exception):  # noqa: N818 - an outcome, not an error
-    """The client hung up while its request was being sent on."""
+    """The client hung up while its request was being sent on or answered."""
 
 
 class Forwarder:
@@ -332,7 +334,9 @@ class Forwarder:
         if (await receive())["type"] != "websocket.connect":
             return
         try:
-            upstream = await self._dial(peer, scope)
+            upstream = await _unless_client_leaves(receive, self._dial(peer, scope))
+        except _ClientLeft:
+            return
         except InvalidStatus as refusal:
             answer = refusal.response
             await Response(
@@ -420,6 +424,22 @@ class _Body:
             chunk = message.get("body", b"")
             if chunk:
                 yield chunk
+
+
+async def _unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
+    """`work`, given up when the client hangs up first (the peer answers an upgrade only once
+    its guest did, which may take the route's whole timeout)."""
+    working = asyncio.ensure_future(work)
+    hang_up = asyncio.ensure_future(receive())  # before an answer, only a hang-up can come
+    try:
+        await asyncio.wait({working, hang_up}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        hang_up.cancel()
+        working.cancel()  # nothing, when it is done
+    await asyncio.wait({working})
+    if working.cancelled():
+        raise _ClientLeft
+    return working.result()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:
