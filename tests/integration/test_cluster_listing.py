@@ -97,6 +97,8 @@ def test_every_agent_lists_every_hosts_vms_with_their_host_even_while_one_is_fro
         "run2": "unknown",
     }
     assert hosts_listed(first, "--host", "host2") == {"idle2": "host2", "run2": "host2"}
+    assert hosts_listed(first, "--status", "unknown") == {"idle2": "host2", "run2": "host2"}
+    assert hosts_listed(first, "--status", "running") == {}
     second.thaw()
     wait_for(
         lambda: shown(first, "run2")["status"] == "running",

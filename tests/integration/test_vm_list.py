@@ -33,6 +33,8 @@ def vsock_daemon(netns: str, tmp_path: Path, database_url: str) -> Iterator[Daem
     if database_url.startswith("postgresql"):  # an agent of a cluster of one host
         daemon.argv += ["--database-url", database_url, "--host-name", "host1"]
         daemon.argv += ["--vtep-address", "10.251.0.1", "--advertise-api", daemon.api]
+        # room for every VM the tests make (each holds its vCPUs of the host's capacity)
+        daemon.argv += ["--capacity-vcpus", "1000", "--capacity-memory-mib", "1000000"]
     try:
         daemon.start()
         daemon.ok("plugin", "install", write_plugin(tmp_path, "p", network={"mode": "vsock"}))
