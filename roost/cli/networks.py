@@ -46,9 +46,17 @@ def show_network(network: dict[str, Any]) -> None:
             ("subnet", network["subnet"]),
             ("gateway", network["gateway"]),
             ("ipv6 prefix", network["ipv6_prefix"]),
+            *spanning(network),
             ("leases", ", ".join(network["leases"]) or "none"),
         ]
     )
+
+
+def spanning(network: dict[str, Any]) -> list[tuple[str, Any]]:
+    """A cluster network's VXLAN id and MTU (nothing on a single host, as before)."""
+    if network.get("vni") is None:
+        return []
+    return [("vni", network["vni"]), ("mtu", network["mtu"])]
 
 
 @network_app.command("create")
