@@ -107,6 +107,9 @@ def test_placement_refuses_an_unknown_host_a_full_one_and_one_that_lacks_the_vmm
     )
     assert labelled.json()["error"]["code"] == "no_eligible_host"
     assert "label zone=a" in labelled.json()["error"]["message"]
+    by_flag = first.cli("vm", "create", "c", "--plugin", "p", "--host-label", "zone=a")
+    assert by_flag.exit_code == 4 and "label zone=a" in by_flag.stdout + by_flag.stderr
+    assert first.cli("vm", "create", "c", "--plugin", "p", "--host-label", "zone").exit_code == 2
 
 
 def test_a_resources_patch_is_held_against_its_hosts_capacity(
