@@ -52,7 +52,7 @@ def test_a_vm_created_through_host1_for_host2_boots_there_and_host3_reaches_it(
     vm = cluster[1].ok("vm", "create", "web", "--plugin", "p", "--host", "host2")
 
     assert vm["status"] == "running"
-    assert vm.get("host", "host2") == "host2"
+    assert vm["host"] == "host2"
     assert placed(cluster, "web") == ("host2", 1, 128)
     assert hosts_held(cluster) == {"host1": (0, 0), "host2": (1, 128), "host3": (0, 0)}
     fetched = {path.name for path in store.rglob("*") if path.is_file()} - before
