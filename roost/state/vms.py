@@ -235,6 +235,9 @@ _FORGET_OBSERVED = (
 )
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
 _SET_NAMED_RETURNING = _SET_NAMED.returning(*VM.__table__.columns)
+# on a cluster host: a VM the cluster declared lost is no longer its host's to write
+_SET_KEPT = _SET_NAMED.where(VM.status != VMStatus.LOST.value)
+_SET_KEPT_RETURNING = _SET_KEPT.returning(*VM.__table__.columns)
 _HOLDING = select(VM.id, VM.host_id).where(VM.name == bindparam("name"))
 _DELETE_VM = delete(VM).where(VM.id == bindparam("vm_id"))
 _PLUGIN = (
@@ -713,17 +716,21 @@ class VMRecords:
     def write(self, name: str, shown: Row | None, **values: Any) -> Row:
         """Update the VM's record in one transaction and return its row for the view. With
         `shown` — what a running VM's view takes from other tables, which cannot change while
-        it runs — that is one statement, and one for its interfaces and labels."""
+        it runs — that is one statement, and one for its interfaces and labels. On a cluster
+        host, a VM the cluster declared `lost` (while this host was silent) is left as it is:
+        what an operation under way when the host froze would write is stale."""
+        kept = self.host_id is not None
 
         def work(connection: Connection) -> Row:
             parameters = {"vm_name": name, **values}
             if shown is not None:
-                updated = connection.execute(_SET_NAMED_RETURNING, parameters).first()
-                if updated is None:
-                    raise no_vm(name)
-                changing = connection.execute(_NICS_AND_LABELS_OF, {"vm_name": name}).one()
-                return {**updated._mapping, **shown, **changing._mapping}
-            connection.execute(_SET_NAMED, parameters)
+                returning = _SET_KEPT_RETURNING if kept else _SET_NAMED_RETURNING
+                updated = connection.execute(returning, parameters).first()
+                if updated is not None:
+                    changing = connection.execute(_NICS_AND_LABELS_OF, {"vm_name": name}).one()
+                    return {**updated._mapping, **shown, **changing._mapping}
+            else:
+                connection.execute(_SET_KEPT if kept else _SET_NAMED, parameters)
             found = connection.execute(_VM_ROW, {"name": name}).first()
             if found is None:
                 raise no_vm(name)

@@ -425,6 +425,23 @@ def test_a_lost_vms_vmm_that_ended_while_its_host_was_silent_leaves_its_record_l
     assert tap not in agent.links.links
 
 
+def test_an_operation_under_way_when_its_host_froze_writes_nothing_over_lost(
+    agent: World, db: Database, url: str, reconcilers: list[Reconciler]
+) -> None:
+    member = member_of(agent, db, url, "h2", Clock())
+    joined = member.join()
+    agent.engine.create_vm("a", VMConfig(plugin="p"))
+    place(db, joined.host_id, "a")
+    agent.engine.act_as_host(joined.host_id)
+    silent_for(db, "h2", LOST_AFTER + 1)
+    assert reconciler(reconcilers, url).attempt()
+
+    stopped = agent.engine.stop_vm("a")  # as a stop the freeze interrupted goes on
+    assert stopped["status"] == "lost"
+    assert statuses(db) == {"a": "lost"}
+    assert "a" not in agent.engine.live
+
+
 def test_a_member_takes_no_changes_until_a_heartbeat_confirms_it_after_a_silence(
     agent: World, db: Database, url: str
 ) -> None:
