@@ -21,7 +21,7 @@ from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.cli.remote import VM_COLUMNS, vm_table
 from roost.cli.views import vm_human
-from roost.spec import VMConfig
+from roost.spec import Manifest, VMConfig
 from roost.state import forwards
 from roost.state.hosts import HostRegistration, Hosts
 from roost.state.models import VM
@@ -310,3 +310,20 @@ def test_vm_show_names_the_host_and_where_another_hosts_vm_has_its_socket(
         == "none: no device"
     )
     assert "host" not in fields({**engine.show_vm("a"), "host": None})
+
+
+def test_artifact_gc_keeps_what_only_another_hosts_vm_refers_to(cluster: Cluster) -> None:
+    world = cluster.world
+    engine = world.engine
+    kernel = engine.plugins.show("p")["artifacts"]["kernel"]["sha256"]
+    engine.stop_vm("a", force=True)
+    for name in ("a", "b"):  # this host's VMs gone: only c, on h2, runs the old kernel
+        engine.destroy_vm(name)
+    manifest = engine.plugins.show("p")["manifest"]
+    newer = world.root / "vmlinux-2"
+    newer.write_bytes(b"\x7fELF" + bytes(128))
+    replaced = {**manifest, "kernel": {"path": str(newer)}}
+    engine.plugins.install(Manifest.model_validate(replaced), force=True)
+    engine.plugins.collect_garbage()
+    assert engine.plugins.show("p")["artifacts"]["kernel"]["sha256"] != kernel
+    assert world.store.has(kernel)
