@@ -79,6 +79,8 @@ def test_a_custom_bridge_network_carries_its_vms_and_is_kept_until_removed(
         "gateway": "10.77.0.1",
         "ipv6_prefix": None,
         "conflist": None,
+        "vni": None,
+        "mtu": None,
         "leases": [],
     }
     # made at once, before any VM needs it

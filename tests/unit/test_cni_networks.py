@@ -45,6 +45,8 @@ def test_a_cni_network_is_its_conflist_and_no_bridge(world: World) -> None:
         "gateway": None,
         "ipv6_prefix": None,
         "conflist": CONFLIST,
+        "vni": None,
+        "mtu": None,
         "leases": [],
     }
     assert world.links.links == links_before
