@@ -150,6 +150,7 @@ class Listener:
         self._notified = notified
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
+        self._failing = False  # its connection was lost: logged once until it is back
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="roost-overlay-listen", daemon=True)
@@ -162,19 +163,21 @@ class Listener:
             self._thread = None
 
     def _run(self) -> None:
-        failing = False
         while not self._stopping.is_set():
             try:
                 self._listen()
             except psycopg.Error as error:
-                if not failing:
+                if not self._failing:
                     log.warning("overlay: lost LISTEN %s (reconnecting): %s", CHANNEL, error)
-                failing = True
+                self._failing = True
                 self._stopping.wait(RECONNECT_AFTER)
 
     def _listen(self) -> None:
         with psycopg.connect(self._conninfo, autocommit=True) as connection:
             connection.execute(f"LISTEN {CHANNEL}")
+            if self._failing:
+                log.info("overlay: listening on %s again", CHANNEL)
+                self._failing = False
             self._notified()  # what changed while no one listened
             while not self._stopping.is_set():
                 for _ in connection.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
