@@ -62,12 +62,14 @@ def test_a_frozen_agent_goes_offline_then_is_fenced_ends_its_lost_vm_and_joins_a
 
     frozen.freeze()
     wait_for(
-        lambda: hosts.get(frozen.name, TEST_OFFLINE_AFTER).state is HostState.OFFLINE,
+        lambda: first.http.get(f"/v1/hosts/{frozen.name}").json()["state"] == "offline",
         timeout=TEST_OFFLINE_AFTER + 30,
         what=f"{frozen.name} to be offline",
     )
     placed = {candidate.name for candidate in hosts.candidates(Need(1, 128), TEST_OFFLINE_AFTER)}
     assert placed == {"host1", "host3"}  # no placement on an offline host
+    for name in ("elsewhere1", "elsewhere2"):
+        assert first.ok("vm", "create", name, "--plugin", "p")["host"] != frozen.name
     wait_for(
         lambda: first.http.get("/v1/vms/stranded").json()["status"] == "unknown",
         what="its VM to read unknown on another host",
