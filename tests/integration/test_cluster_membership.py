@@ -97,6 +97,29 @@ def test_a_frozen_agent_goes_offline_then_is_fenced_ends_its_lost_vm_and_joins_a
     assert run_vm(frozen, "again")  # it acts again
 
 
+def test_an_agent_restarted_after_the_grace_ends_its_lost_vms_vmm_before_recovery(
+    make_cluster: MakeCluster, db: list[Database], tmp_path: Path
+) -> None:
+    cluster = make_cluster(2)
+    database = Database(cluster.database_url)
+    db.append(database)
+    first, restarted = cluster[1], cluster[2]
+    restarted.ok("plugin", "install", write_plugin(tmp_path, "p", network={"mode": "vsock"}))
+    stranded = run_vm(restarted, "stranded")
+    restarted.stop()  # its VMs keep running while no agent follows them
+    wait_for(
+        lambda: status(database, "stranded") == "lost",
+        timeout=TEST_LOST_AFTER + 30,
+        what="its VM to be lost",
+    )
+    assert process_alive(stranded)
+
+    restarted.start()  # no orphans: the lost VM's VMM is ended as it joins
+    assert not process_alive(stranded)
+    assert restarted.http.get("/healthz").json()["status"] == "ok"
+    assert first.http.get("/v1/vms/stranded").json()["status"] == "lost"
+
+
 def reconciler_holder(postgres: PostgresServer, url: str) -> tuple[int, str] | None:
     """The backend PID and application name of the session holding the reconciler's lock."""
     database = make_url(url).database
