@@ -891,9 +891,12 @@ class Engine:
         """At start, once VMs are recovered: DEL the CNI attachments of VMs no VMM runs or
         starts for (a crash's, a failed DEL's, a removed VM's) and remove their namespaces."""
 
+        # another host's VM is that host's to reap, whatever it runs (read once: a VM moves
+        # hosts only stopped, its attachments DELeted by its stop)
+        elsewhere = self.records.elsewhere()
+
         def in_use() -> set[str]:
-            # another host's VM is that host's to reap, whatever it runs
-            live = {record.name for record in self.records.live()} | self.records.elsewhere()
+            live = {record.name for record in self.records.live()} | elsewhere
             return live | self.records.pending_creates() | self.allocator.kept_orphans
 
         def hold(vm: str) -> AbstractContextManager[None]:
