@@ -6,9 +6,11 @@ database session hands its lock to another agent."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from pathlib import Path
 
+import httpx
 import psycopg
 import pytest
 from sqlalchemy import make_url, text
@@ -47,6 +49,25 @@ def status(database: Database, name: str) -> str:
         return str(found.scalar_one())
 
 
+def past_events(agent: Agent) -> list[tuple[str, str, str | None]]:
+    """The events in `agent`'s history, as (type, host or VM, status)."""
+    found = []
+    timeout = httpx.Timeout(10, read=2)  # the history comes at once, then the stream is quiet
+    with agent.http.stream(
+        "GET", "/v1/events", headers={"Last-Event-ID": "0"}, timeout=timeout
+    ) as stream:
+        try:
+            for line in stream.iter_lines():
+                if line.startswith("data: "):
+                    data = json.loads(line.removeprefix("data: "))
+                    found.append(
+                        (data["type"], data.get("host") or data.get("vm"), data.get("status"))
+                    )
+        except httpx.ReadTimeout:
+            pass
+    return found
+
+
 def test_a_frozen_agent_goes_offline_then_is_fenced_ends_its_lost_vm_and_joins_again(
     make_cluster: MakeCluster, db: list[Database], tmp_path: Path
 ) -> None:
@@ -81,6 +102,13 @@ def test_a_frozen_agent_goes_offline_then_is_fenced_ends_its_lost_vm_and_joins_a
         what="its VM to be lost",
     )
     assert hosts.get(frozen.name, TEST_OFFLINE_AFTER).epoch == epoch + 1  # fenced
+    told = {event for peer in (first, cluster[3]) for event in past_events(peer)}
+    assert {
+        ("host.offline", frozen.name, None),
+        ("vm.status", "stranded", "unknown"),
+        ("host.fenced", frozen.name, None),
+        ("vm.status", "stranded", "lost"),
+    } <= told  # by whichever peer reconciled
     assert process_alive(stranded)  # a frozen agent's VMM runs on: its host must end it
 
     frozen.thaw()
