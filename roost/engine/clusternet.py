@@ -4,11 +4,13 @@ the database says.
 
 What the overlay wants is read in one query: every VM interface holding an address on a network
 that has a VNI, with its guest's MAC and the VTEP of its VM's host, and each network's gateway
-host with its bridge's MAC (`alloc.gateway_mac`). The database tells every agent when that may
-have changed: migration 0015's triggers send NOTIFY `roost_overlay` in the transactions that
-change leases, VMs' hosts, NICs' MACs, networks or hosts; a listener on a connection of its
-own pokes the overlay, which also resyncs every second in case a notification was missed (a
-listener reconnecting after an error pokes it as well).
+host with its bridge's MAC (`alloc.gateway_mac`). Agents hear of changes on channel
+`roost_overlay`: migration 0015's triggers notify it in the transactions that change networks,
+hosts or a VM's host; an agent that makes or removes a tap notifies it just after (its VM's
+lease has committed, or is going), from its listener's connection, so no create's transaction
+notifies (PostgreSQL lets transactions that notify commit only one at a time). A listener on
+a connection of its own pokes the overlay at each notification and at each (re)connection, and
+the overlay resyncs every second in any case.
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ from roost.state.models import VM, Host, IPLease, Network, VMNic
 log = logging.getLogger("roost.engine")
 
 CHANNEL = "roost_overlay"  # the channel migration 0015's triggers notify
-LISTEN_TIMEOUT = 0.5  # seconds a listener waits for a notification before checking it should end
+LISTEN_TIMEOUT = 0.1  # seconds a listener waits for a notification before its other duties
 RECONNECT_AFTER = 1.0  # seconds between a listener's failed connection and its next attempt
 
 _GUESTS = (
@@ -118,11 +120,17 @@ class ClusterNetworks:
         self._vxlans = Vxlans(worker)
         self.overlay = Overlay(self._vxlans, self.vtep, self.desired)
         self.overlay.start()
-        self._listener = Listener(self.db.url, self.poke)
+        self._listener = Listener(self.db.url, self._resync)
         self._listener.start()
 
     def poke(self) -> None:
-        """Sync the overlay soon (a bridge or tap was made here, or the database changed)."""
+        """A bridge or tap was made or removed here (its VM's lease just committed or went):
+        sync the overlay soon and tell the other agents to."""
+        self._resync()
+        if self._listener is not None:
+            self._listener.announce()
+
+    def _resync(self) -> None:
         if self.overlay is not None:
             self.overlay.poke()
 
@@ -142,8 +150,9 @@ class ClusterNetworks:
 
 class Listener:
     """LISTEN `roost_overlay` on a connection of its own, from a thread: `notified()` at each
-    notification, and at each (re)connection (what changed meanwhile was not heard). A lost
-    connection is logged once and made again every second."""
+    notification, and at each (re)connection (what changed meanwhile was not heard); NOTIFY it
+    after `announce()` (announcements made before the thread got to them count as one). A
+    lost connection is logged once and made again every second."""
 
     def __init__(self, url: str, notified: Callable[[], None]) -> None:
         self._conninfo = make_url(url).set(drivername="postgresql").render_as_string(False)
@@ -151,6 +160,11 @@ class Listener:
         self._stopping = threading.Event()
         self._thread: threading.Thread | None = None
         self._failing = False  # its connection was lost: logged once until it is back
+        self._announce = threading.Event()
+
+    def announce(self) -> None:
+        """Tell every listener (this one too) to resync, soon, without waiting for it."""
+        self._announce.set()
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="roost-overlay-listen", daemon=True)
@@ -180,5 +194,8 @@ class Listener:
                 self._failing = False
             self._notified()  # what changed while no one listened
             while not self._stopping.is_set():
+                if self._announce.is_set():
+                    self._announce.clear()
+                    connection.execute(f"NOTIFY {CHANNEL}")
                 for _ in connection.notifies(timeout=LISTEN_TIMEOUT, stop_after=1):
                     self._notified()

@@ -379,6 +379,8 @@ class HostNetwork:
         self.firewall.release(tap)
         self.links.delete(tap)
         self._detach(tap)
+        if self.gateways is not None:
+            self.gateways.poke()
 
     def remove_bridges(self, emptied: Emptied) -> None:
         """Remove the bridges of networks that lost their last lease (unless a VM took an

@@ -1,8 +1,9 @@
 """Cluster networks in the database: on PostgreSQL (a cluster's) managed and on-demand networks
 get the lowest free VNI and MTU 1450, those made before get one at start; of hosts racing to
 claim a network's gateway exactly one wins; the overlay's members are read from leases, NICs
-and hosts; and every agent's listener hears the changes (migration 0015's NOTIFY), also after
-its session was ended. On SQLite nothing of this happens: no VNI, every bridge its gateway."""
+and hosts; and every agent's listener hears the changes (migration 0015's NOTIFY, another
+agent's announcement), also after its session was ended. On SQLite nothing of this happens:
+no VNI, every bridge its gateway."""
 
 from __future__ import annotations
 
@@ -209,5 +210,13 @@ def test_the_listener_hears_each_change_and_comes_back_after_its_session_is_ende
         assert heard.acquire(timeout=10)  # connected again: a resync
         add_host(db, "h9", "192.0.2.9")
         wait_for(lambda: heard.acquire(timeout=0.1), timeout=10, what="the host's notification")
+        # another agent's tap came or went: it announces, every listener hears it
+        other = Listener(db.url, lambda: None)
+        other.start()
+        try:
+            other.announce()
+            wait_for(lambda: heard.acquire(timeout=0.1), timeout=10, what="the announcement")
+        finally:
+            other.stop()
     finally:
         listener.stop()

@@ -674,9 +674,7 @@ def test_version_fourteen_databases_notify_the_overlay_on_postgresql_and_drop_it
 ) -> None:
     config = alembic_config()
     engine = create_engine(database_url)
-    overlay = {
-        f"{table}_overlay_notify" for table in ("ip_leases", "vms", "vm_nics", "networks", "hosts")
-    }
+    overlay = {f"{table}_overlay_notify" for table in ("vms", "networks", "hosts")}
     with upgraded(engine, config, "0014") as connection:
         before = trigger_names(connection)
     with upgraded(engine, config, "0015") as connection:

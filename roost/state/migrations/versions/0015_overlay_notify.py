@@ -1,8 +1,11 @@
-"""The overlay's notifications: on PostgreSQL, every statement that may change what a host's
-VXLAN devices should hold — a lease taken or dropped, a VM moved to another host (or removed),
-a NIC's MAC changed, a network made, changed or removed, a host registered or its VTEP moved —
-sends NOTIFY `roost_overlay` in its transaction, so each agent's listener resyncs once the
-change has committed (notifications of one transaction are delivered once, at its commit).
+"""The overlay's notifications: on PostgreSQL, every statement that changes what a host's VXLAN
+devices should hold apart from leases — a network made, changed or removed, a host registered
+or its VTEP moved, a VM moved to another host — sends NOTIFY `roost_overlay` in its
+transaction, so each agent's listener resyncs once the change has committed. Leases are left
+out on purpose: a transaction that notifies holds PostgreSQL's one notification lock from its
+commit's start to its end (its WAL flush included), so notifying from every create's
+allocation would make all creates commit one at a time; the agent whose taps change notifies
+after the fact instead (roost.engine.clusternet), and every agent resyncs every second anyway.
 SQLite has no cluster: nothing to do there.
 
 Revision ID: 0015
@@ -20,9 +23,7 @@ depends_on = None
 
 # (table, events): statement-level, so a statement touching many rows notifies once
 _WATCHED = (
-    ("ip_leases", "INSERT OR DELETE OR UPDATE OF network_id, vm_id, interface, purpose"),
-    ("vms", "DELETE OR UPDATE OF host_id"),
-    ("vm_nics", "UPDATE OF mac, user_mac"),
+    ("vms", "UPDATE OF host_id"),
     ("networks", "INSERT OR DELETE OR UPDATE OF vni, mtu, bridge, gateway_host_id"),
     ("hosts", "INSERT OR DELETE OR UPDATE OF vtep_address"),
 )
