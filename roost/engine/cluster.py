@@ -159,6 +159,7 @@ class Member:
         self.fenced = False
         self.offline: frozenset[int] = frozenset()  # the hosts late at the last heartbeat
         self._confirmed = float("-inf")  # when a beat last matched this agent's row
+        self._registered: dict[str, Any] = {}  # the facts its row holds
         self._failing = False
 
     # ---- what the API asks ----------------------------------------------------------------
@@ -190,8 +191,9 @@ class Member:
 
     def join(self) -> Membership:
         """Register (a new epoch) and end the VMMs of this host's VMs marked lost."""
-        membership = self.hosts.register(registration(self.settings, self.facts()))
-        self.membership = membership
+        facts = self.facts()
+        membership = self.hosts.register(registration(self.settings, facts))
+        self.membership, self._registered = membership, facts
         self._confirmed = self.clock()
         self.end_lost()
         self.fenced = False
@@ -217,6 +219,7 @@ class Member:
                     with self.db.read() as session:
                         connection = session.connection()
                         self.offline = outages.offline_hosts(connection, self.cluster.offline_after)
+                    self._refresh_facts(self.membership)
                 else:
                     self.fenced = True
                     log.warning(
@@ -237,6 +240,19 @@ class Member:
             if self._failing:
                 log.info("host %s: heartbeats pass again", self.cluster.host_name)
             self._failing = False
+
+    def _refresh_facts(self, membership: Membership) -> None:
+        """Placement reads what this host has from its row: keep it current (an external
+        network or a conflist added since it joined)."""
+        facts = self.facts()
+        if facts != self._registered:
+            self.db.transact_core(
+                lambda connection: outages.set_facts(
+                    connection, membership.host_id, membership.epoch, facts
+                )
+            )
+            self._registered = facts
+            log.info("host %s: its facts are now %s", self.cluster.host_name, facts)
 
     def end_lost(self) -> list[str]:
         """End, by PID, the VMM of each of this host's VMs the cluster marked lost, and remove

@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from sqlalchemy import (
+    JSON,
     Connection,
     Float,
     Interval,
@@ -94,6 +95,11 @@ _RELEASE_NICS = (
     .values(observed_ip=None, ipv6=None, ipv6_network_id=None)
 )
 _OFFLINE = select(Host.id).where(_late("after"))
+_SET_FACTS = (
+    update(Host)
+    .where(Host.id == bindparam("host_id"), Host.epoch == bindparam("seen"))
+    .values(facts=bindparam("new_facts", type_=JSON))
+)
 _LOST_OF = (
     select(VM.name).where(VM.host_id == bindparam("host_id"), VM.status == LOST).order_by(VM.name)
 )
@@ -174,3 +180,10 @@ def lost_vms(connection: Connection, host_id: int) -> list[str]:
 def offline_hosts(connection: Connection, offline_after: float) -> frozenset[int]:
     """The ids of the hosts whose heartbeat is older than `offline_after`."""
     return frozenset(connection.execute(_OFFLINE, {"after": offline_after}).scalars())
+
+
+def set_facts(connection: Connection, host_id: int, epoch: int, facts: dict[str, Any]) -> bool:
+    """Record what a host has now (a network registered since it joined); False if it was
+    fenced (its epoch moved on)."""
+    done = connection.execute(_SET_FACTS, {"host_id": host_id, "seen": epoch, "new_facts": facts})
+    return bool(done.rowcount == 1)

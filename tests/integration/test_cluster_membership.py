@@ -80,6 +80,7 @@ def test_a_frozen_agent_goes_offline_then_is_fenced_ends_its_lost_vm_and_joins_a
     stranded = run_vm(frozen, "stranded")
     run_vm(first, "kept")
     epoch = hosts.get(frozen.name).epoch
+    assert "firecracker" in hosts.get(frozen.name).facts["vmms"]  # what placement asks of it
 
     frozen.freeze()
     wait_for(

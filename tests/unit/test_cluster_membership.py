@@ -456,6 +456,20 @@ def test_a_member_takes_no_changes_until_a_heartbeat_confirms_it_after_a_silence
     assert member.refusal() is None
 
 
+def test_a_member_keeps_its_facts_current_for_placement(
+    agent: World, db: Database, url: str
+) -> None:
+    member = member_of(agent, db, url, "h2", Clock())
+    has: dict[str, Any] = {"vmms": ["fake"], "external_networks": []}
+    member.facts = lambda: dict(has)
+    member.join()
+    assert Hosts(db).get("h2").facts == has
+    has["external_networks"] = ["lab"]  # `network create --external lab` on this host
+    member.beat()
+    assert Hosts(db).get("h2").facts == {"vmms": ["fake"], "external_networks": ["lab"]}
+    assert member.membership is not None and Hosts(db).heartbeat(member.membership)
+
+
 def test_vms_of_an_offline_host_read_unknown_and_lost_ones_stay_lost(
     agent: World, db: Database, url: str, reconcilers: list[Reconciler]
 ) -> None:
