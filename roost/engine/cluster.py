@@ -310,7 +310,7 @@ def decide(
 
 class Reconciler:
     """The cluster's reconciler on this agent: takes the lock when it is free, and sweeps
-    while it holds it (`run` on a thread; `attempt` is one interval's work)."""
+    while it holds it (`attempt`, one interval's work, called by `Cluster`'s thread)."""
 
     def __init__(self, url: str, cluster: ClusterSettings, events: EventBus) -> None:
         self.cluster = cluster
@@ -521,6 +521,7 @@ class Cluster:
         return cls(member, reconciler, db, threading.Event(), [])
 
     def start(self) -> None:
+        """The heartbeat and reconciler threads, each working every heartbeat interval."""
         interval = self.member.cluster.heartbeat_interval
         for name, work in (("heartbeat", self.member.beat), ("reconciler", self._reconcile)):
             thread = threading.Thread(
@@ -540,6 +541,7 @@ class Cluster:
         return self.member.refusal()
 
     def close(self) -> None:
+        """Stop both threads, let the reconciler's lock go, close the connections."""
         self._stop.set()
         for thread in self._threads:
             thread.join()
