@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from roost.engine.cni import Added
 from roost.engine.hostnet import ALLOW_BOTH, Emptied, TapPlan, tap_policies
 from roost.engine.launch import Files, launch_spec
-from roost.engine.networks import lookup_in
+from roost.engine.networks import lookup_in, missing_network_errors
 from roost.engine.policies import missing_policy_errors
 from roost.engine.settings import DEFAULT_NETWORK, Settings
 from roost.errors import ConflictError, InvalidError
@@ -767,8 +767,11 @@ class Allocator:
 
 
 def check_policies_exist(session: Session, plan: VMPlan) -> None:
-    """Every policy the VM's interfaces name is stored (422 at each that is not)."""
+    """Every policy and registered network the VM's interfaces name is stored (422 at each
+    that is not), and stays so until the transaction ends: their rows are locked FOR SHARE,
+    so a `policy rm` or `network rm` racing this create or patch sees its VM."""
     missing = missing_policy_errors(session, plan.interfaces)
+    missing += missing_network_errors(session, plan.interfaces)
     if missing:
         raise InvalidError.of(missing)
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+from collections.abc import Iterable
 from typing import Any
 
 from sqlalchemy import select
@@ -17,7 +18,8 @@ from sqlalchemy.orm import Session
 from roost.engine.hostnet import HostNetwork
 from roost.engine.settings import DEFAULT_NETWORK
 from roost.engine.views import network_view
-from roost.errors import ConflictError, HostError, InvalidError, NotFoundError
+from roost.errors import ConflictError, ErrorDetail, HostError, InvalidError, NotFoundError
+from roost.plan.interfaces import ResolvedInterfaces
 from roost.plan.registration import AUTO_PREFIX, NetworkCreate, random_prefix
 from roost.plan.registry import DHCP_NETWORK, NetworkKind, NetworkLookup, RegisteredNetwork
 from roost.spec.cni import parse_conflist
@@ -73,6 +75,43 @@ def policy_lookup_in(session: Session) -> NetworkLookup:
         return None if found is None else registered(found)
 
     return lookup
+
+
+def hold_networks(session: Session, names: Iterable[str]) -> set[str]:
+    """Those of `names` that are registered networks, their rows locked FOR SHARE until the
+    transaction ends: what names a network by name alone (a VM's config, a policy's
+    `@network`) is recorded before `network rm`, which locks the row FOR UPDATE before it looks
+    for users, can remove it (on PostgreSQL; SQLite's single writer needs no lock)."""
+    wanted = set(names)
+    if not wanted:
+        return set()
+    held = select(Network.name).where(Network.name.in_(wanted)).with_for_update(read=True)
+    return set(session.scalars(held))
+
+
+def missing_network_errors(session: Session, resolved: ResolvedInterfaces) -> list[ErrorDetail]:
+    """Each registered network a VM's interfaces name (as their `network`, or their
+    `cni.network`) held until the transaction ends (`hold_networks`), and an error at
+    `<interface>.network` for each named as `network` that is gone since the VM was planned
+    (a `network rm` committed meanwhile)."""
+    named: list[tuple[str, str]] = []
+    cni_named: list[str] = []
+    for interface in resolved.interfaces:
+        where = "network" if resolved.single else f"interfaces.{interface.index}"
+        if interface.effective.network is not None:
+            named.append((f"{where}.network", interface.effective.network))
+        if interface.effective.cni is not None:
+            cni_named.append(interface.effective.cni.network)
+    held = hold_networks(session, [name for _, name in named] + cni_named)
+    return [
+        ErrorDetail(
+            loc,
+            f"network {name!r} does not exist (it was removed meanwhile); roost network list "
+            "shows those that do",
+        )
+        for loc, name in named
+        if name not in held
+    ]
 
 
 def no_network(name: str) -> NotFoundError:
@@ -201,7 +240,8 @@ class NetworkRegistry:
                 self.host.remove_bridge(bridge)
 
     def _delete(self, session: Session, name: str) -> str | None:
-        network = session.scalar(select(Network).where(Network.name == name))
+        # locked before the users are looked for: a create naming it waits, or is waited for
+        network = session.scalar(select(Network).where(Network.name == name).with_for_update())
         if network is None:
             raise no_network(name)
         if network.kind == alloc.ON_DEMAND:
@@ -237,16 +277,22 @@ class NetworkRegistry:
     def restore(self) -> None:
         """At start: the external network `dhcp` follows `--dhcp-bridge` (registered, moved or
         removed), every managed network's bridge is there (after a host's reboot too; in a
-        cluster, those whose gateway this host carries), and router advertisements run on
-        exactly those with an IPv6 prefix."""
+        cluster, those whose gateway this host carries, on-demand ones such as the default
+        network's included), and router advertisements run on exactly those with an IPv6
+        prefix."""
         self.db.transact(self._register_dhcp)
+        gateways = self.host.gateways
+        kinds = [alloc.MANAGED] if gateways is None else [alloc.MANAGED, alloc.ON_DEMAND]
         with self.db.read() as session:
-            managed = list(session.scalars(select(Network).where(Network.kind == alloc.MANAGED)))
+            managed = list(session.scalars(select(Network).where(Network.kind.in_(kinds))))
             session.expunge_all()
         advertised = {}
-        gateways = self.host.gateways
         for network in managed:
-            if gateways is not None and not gateways.carried_here(alloc.bridge_of(network)):
+            bridge = alloc.bridge_of(network)
+            if gateways is not None and network.kind == alloc.ON_DEMAND:
+                if not gateways.recorded_here(bridge):
+                    continue  # on demand: made with a tap, unless it carries our gateway
+            elif gateways is not None and not gateways.carried_here(bridge):
                 continue  # another host's bridge carries its gateway; ours comes with a tap
             try:
                 self._make_bridge(network)

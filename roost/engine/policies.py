@@ -18,6 +18,7 @@ from typing import Any, Protocol
 from sqlalchemy.orm import Session
 
 from roost.engine.events import EventBus
+from roost.engine.networks import hold_networks
 from roost.errors import ConflictError, ErrorDetail, HostError, NotFoundError
 from roost.host.policy import Count, Counters
 from roost.plan.interfaces import ResolvedInterfaces
@@ -215,7 +216,7 @@ class PolicyRegistry:
 
             def work(session: Session) -> None:
                 undo.clear()
-                row = stored.find(session, name)
+                row = stored.find(session, name, for_removal=True)
                 if row is None:
                     raise no_policy(name)
                 users = stored.used_by(session, name)
@@ -253,7 +254,9 @@ class PolicyRegistry:
 
     def _make(self, session: Session, policy: Policy) -> None:
         """(Re)make the policy's chains; without a firewall, only check its `@network`s
-        (422 at the reference's loc for one that does not exist)."""
+        (422 at the reference's loc for one that does not exist). The networks it names stay
+        registered until the transaction ends (`hold_networks`)."""
+        hold_networks(session, stored.networks_named(stored.stored_body(policy)))
         lookup = self.addresses(session)
         if self.firewall is None:
             policy_ruleset(policy, lookup)

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, update
+from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, text, update
 from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError
@@ -130,6 +130,10 @@ _NETWORK_COLUMNS = (
     Network.kind,
 )
 _NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet"))
+# PostgreSQL: the network's row kept from removal until the transaction ends (what a lease's
+# foreign key takes anyway), so an on-demand network found here is not removed with its last
+# lease by a concurrent release before this transaction's lease is committed
+_NETWORK_KEPT = _NETWORK.with_for_update(key_share=True)
 _NAMED = select(*_NETWORK_COLUMNS).where(Network.name == bindparam("name"))
 _CID_OF = select(CIDLease.cid, CIDLease.host_id).where(CIDLease.vm_id == bindparam("vm_id"))
 _DROP_CID = delete(CIDLease).where(CIDLease.vm_id == bindparam("vm_id"))
@@ -143,6 +147,28 @@ _CIDS_FROM = (
     .limit(BATCH)
 )
 _ADD_CID = insert(CIDLease)
+# PostgreSQL: the first of the CIDs after its host's highest that no concurrent allocation has
+# taken (a transaction advisory lock per (host, CID), tried, never waited for: each claims its
+# own at once), inserted unless a committed lease has it (the highest read was stale); no row
+# when every candidate was taken. Two-key advisory locks, apart from `hold_lock`'s one-key ones
+CID_CANDIDATES = 64
+_CLAIM_CID = text(
+    """
+    WITH highest AS (
+        SELECT coalesce(max(cid), :min_cid - 1) AS cid FROM cid_leases
+        WHERE coalesce(host_id, 0) = :host
+    )
+    INSERT INTO cid_leases (cid, vm_id, host_id)
+    SELECT candidate, :vm_id, :host_id
+    FROM highest, generate_series(highest.cid + 1, least(highest.cid + :candidates, :max_cid))
+        AS candidate
+    WHERE pg_try_advisory_xact_lock(CAST(:host AS integer), CAST(candidate - 2147483648 AS integer))
+    LIMIT 1
+    ON CONFLICT DO NOTHING
+    RETURNING cid
+    """
+)
+CID_CLAIM_ROUNDS = 8
 _MAC_USED = select(VMNic.vm_id).where(
     or_(VMNic.mac == bindparam("mac"), VMNic.user_mac == bindparam("mac"))
 )
@@ -200,8 +226,13 @@ def _leased_from(connection: Connection, network_id: int, start: int, end: int) 
         low = batch[-1] + 1
 
 
-def network_by_subnet(session: Session, subnet: ipaddress.IPv4Network) -> NetworkRow | None:
-    row = session.connection().execute(_NETWORK, {"subnet": str(subnet)}).first()
+def network_by_subnet(
+    session: Session, subnet: ipaddress.IPv4Network, *, keep: bool = False
+) -> NetworkRow | None:
+    """The network of `subnet`; `keep` holds its row from removal until the transaction ends
+    (a removal waits for the commit, then finds this transaction's lease)."""
+    query = _NETWORK_KEPT if keep else _NETWORK
+    row = session.connection().execute(query, {"subnet": str(subnet)}).first()
     return None if row is None else NetworkRow.of(row)
 
 
@@ -236,10 +267,10 @@ def ensure_network(
     """The network for `subnet`, created (on demand) if new. A different gateway on the same
     subnet, a subnet overlapping another network, or one of an external network (whose bridge
     roost may not give an address) is a conflict naming that network."""
-    found = network_by_subnet(session, subnet)
+    found = network_by_subnet(session, subnet, keep=True)
     if found is None:  # or made by a create that held the lock while this one waited for it
         hold_lock(session.connection(), NETWORKS_LOCK)
-        found = network_by_subnet(session, subnet)
+        found = network_by_subnet(session, subnet, keep=True)
     if found is not None:
         if found.kind == EXTERNAL:
             raise ConflictError(
@@ -562,7 +593,9 @@ def allocate_cid(session: Session, vm: Hosted, *, new: bool = False) -> int:
     there (a `new` VM holds none, so that is not read; one it held on another host is given
     up): the one after the highest its host's VMs hold (an index lookup, however many VMs hold
     one), so a CID is not handed out again until the highest reaches the top of the range; then
-    the lowest free one. Hosts' CIDs are independent: two hosts' VMs may hold the same one."""
+    the lowest free one. Hosts' CIDs are independent: two hosts' VMs may hold the same one.
+    On PostgreSQL concurrent creates on one host each claim a different CID after the highest
+    without waiting for one another (`_claimed_cid`); SQLite's single writer takes turns."""
     connection = session.connection()
     host = vm.host_id or 0
     if not new:
@@ -571,7 +604,12 @@ def allocate_cid(session: Session, vm: Hosted, *, new: bool = False) -> int:
             return int(held.cid)
         if held is not None:  # it moved: its CID stays with the host it left
             connection.execute(_DROP_CID, {"vm_id": vm.id})
-    # one allocation per host at a time, else concurrent creates all choose the highest + 1
+    if connection.dialect.name == "postgresql":
+        claimed = _claimed_cid(connection, vm, host)
+        if claimed is not None:
+            return claimed
+    # one allocation per host at a time, else concurrent creates all choose the highest + 1:
+    # SQLite's path, and PostgreSQL's once its host's CIDs reach the top of the range
     hold_lock(connection, f"cid_leases:{host}")
     highest = connection.execute(_HIGHEST_CID, {"host": host}).scalar()
     following = MIN_CID if highest is None else int(highest) + 1
@@ -584,6 +622,29 @@ def allocate_cid(session: Session, vm: Hosted, *, new: bool = False) -> int:
         raise ConflictError("no vsock CID is free on this host", code="cid_exhausted")
     connection.execute(_ADD_CID, {"cid": cid, "vm_id": vm.id, "host_id": vm.host_id})
     return cid
+
+
+def _claimed_cid(connection: Connection, vm: Hosted, host: int) -> int | None:
+    """PostgreSQL: a CID after the highest its host's VMs hold, claimed without waiting for any
+    other allocation (creates on one host no longer take turns through each commit); None once
+    the host's highest is at the top of the range (or, improbably, every candidate of several
+    rounds was taken), for the locked search of the lowest free one."""
+    key = {
+        "vm_id": vm.id,
+        "host_id": vm.host_id,
+        "host": host,
+        "min_cid": MIN_CID,
+        "max_cid": MAX_CID,
+        "candidates": CID_CANDIDATES,
+    }
+    for _ in range(CID_CLAIM_ROUNDS):
+        cid = connection.execute(_CLAIM_CID, key).scalar()
+        if cid is not None:
+            return int(cid)
+        highest = connection.execute(_HIGHEST_CID, {"host": host}).scalar()
+        if highest is not None and highest >= MAX_CID:
+            return None
+    return None
 
 
 def _cids_from(connection: Connection, host: int) -> Iterator[int]:

@@ -5,6 +5,14 @@ A VM names a policy in its interfaces' `policies`, which its config versions' `e
 is there only when the list is not empty). A policy is in use while the latest config version of
 a VM names it (what its next start enforces) or the version it runs does (what its tap enforces
 now).
+
+Nothing but these names ties a VM to a policy (no foreign key), so on PostgreSQL, whose writers
+run side by side under READ COMMITTED, a `policy rm` that found no VM naming a policy and a
+create or patch that found it stored could both commit, leaving a VM naming a policy that is
+gone. A create or patch therefore locks the rows of the policies it names FOR SHARE, and a
+removal locks its row FOR UPDATE before it looks for users: whichever comes second waits for
+the other's commit, then sees its VM (409) or the row gone (422). SQLite's single writer needs
+neither (the clauses render nothing there).
 """
 
 from __future__ import annotations
@@ -29,8 +37,11 @@ def policy_of(row: PolicyRow) -> Policy:
     return Policy.model_validate(row.body)
 
 
-def find(session: Session, name: str) -> PolicyRow | None:
-    return session.scalar(select(PolicyRow).where(PolicyRow.name == name))
+def find(session: Session, name: str, *, for_removal: bool = False) -> PolicyRow | None:
+    """The stored policy `name`; `for_removal` locks its row FOR UPDATE until the transaction
+    ends, so no create or patch naming it commits between the check for users and the delete."""
+    query = select(PolicyRow).where(PolicyRow.name == name)
+    return session.scalar(query.with_for_update() if for_removal else query)
 
 
 def rows(session: Session) -> list[PolicyRow]:
@@ -38,11 +49,13 @@ def rows(session: Session) -> list[PolicyRow]:
 
 
 def existing_names(session: Session, names: Iterable[str]) -> set[str]:
-    """Those of `names` that are stored policies."""
+    """Those of `names` that are stored policies, their rows locked FOR SHARE until the
+    transaction ends (a VM naming them is recorded before any of them can be removed)."""
     wanted = set(names)
     if not wanted:
         return set()
-    return set(session.scalars(select(PolicyRow.name).where(PolicyRow.name.in_(wanted))))
+    held = select(PolicyRow.name).where(PolicyRow.name.in_(wanted)).with_for_update(read=True)
+    return set(session.scalars(held))
 
 
 def add(session: Session, policy: Policy) -> PolicyRow:
@@ -60,17 +73,19 @@ def replace(row: PolicyRow, policy: Policy) -> None:
 def naming_network(session: Session, network: str) -> list[str]:
     """The policies (sorted) a rule of which names `@<network>`: their chains hold its
     addresses, so the network may not go while they do."""
-    reference = NETWORK_REFERENCE + network
-    return [
-        row.name
-        for row in rows(session)
-        if any(
-            reference in (rule.get(field) or ())
-            for direction in ("ingress", "egress")
-            for rule in row.body.get(direction, ())
-            for field in ("source", "destination")
-        )
-    ]
+    return [row.name for row in rows(session) if network in networks_named(row.body)]
+
+
+def networks_named(body: dict[str, Any]) -> set[str]:
+    """The networks a stored policy's rules name as `@<network>`."""
+    return {
+        value.removeprefix(NETWORK_REFERENCE)
+        for direction in ("ingress", "egress")
+        for rule in body.get(direction, ())
+        for field in ("source", "destination")
+        for value in rule.get(field) or ()
+        if value.startswith(NETWORK_REFERENCE)
+    }
 
 
 def named_policies(effective: dict[str, Any]) -> set[str]:
