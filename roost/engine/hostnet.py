@@ -393,8 +393,13 @@ class HostNetwork:
             with self.lock:
                 if self._leased(network_id):
                     continue
-                if self.gateways is None or not self.gateways.recorded_here(bridge):
+                if not self._keeps_gateway(bridge):
                     self._remove_bridge(bridge)
+
+    def _keeps_gateway(self, bridge: str) -> bool:
+        """Whether `bridge` carries the gateway of a cluster network that records it as this
+        host's (it stays while the network exists: no other host's bridge would carry it)."""
+        return self.gateways is not None and self.gateways.recorded_here(bridge)
 
     def _remove_bridge(self, bridge: str) -> None:
         self._bridges_ready.discard(bridge)
@@ -419,7 +424,7 @@ class HostNetwork:
                 *self.links.names(alloc.BRIDGE_PREFIX),
                 *self.links.names(DEFAULT_BRIDGE),
             ]:
-                if bridge not in used:
+                if bridge not in used and not self._keeps_gateway(bridge):
                     self._remove_bridge(bridge)
                     log.info("removed bridge %s, on which no VM holds an address", bridge)
 

@@ -189,7 +189,7 @@ def test_two_qemu_guests_on_different_hosts_ping_and_fetch_each_other_through_vx
 
 
 @pytest.mark.parametrize("cluster", [2], indirect=True)
-def test_the_gateway_hosts_bridge_outlives_its_last_vm_and_serves_the_other_hosts_guests(
+def test_the_gateway_hosts_bridge_outlives_its_last_vm_and_restarts_and_serves_other_hosts(
     cluster: Cluster, tmp_path: Path
 ) -> None:
     first, second = cluster[1], cluster[2]
@@ -202,6 +202,12 @@ def test_the_gateway_hosts_bridge_outlives_its_last_vm_and_serves_the_other_host
     )  # host1 makes roost0 first: the gateway
     first.ok("vm", "rm", "d1")
     assert addresses(h1, "roost0") == ["10.57.0.1/24"]  # kept: no other host may carry it
+    # after host1's reboot (its links gone) its agent makes it again at start
+    first.stop()
+    run("ip", "link", "del", "roost0", netns=h1)
+    first.start(timeout=60)
+    assert addresses(h1, "roost0") == ["10.57.0.1/24"]
+    assert links(h1)["roost0"]["address"] == gateway_mac("roost0")
     d2 = second.ok("vm", "create", "d2", "--plugin", "p", "--host", second.name)
     assert d2["host"] == second.name
     assert addresses(h2, "roost0") == []
