@@ -145,7 +145,10 @@ def test_an_agent_restarted_after_the_grace_ends_its_lost_vms_vmm_before_recover
 
     restarted.start()  # no orphans: the lost VM's VMM is ended as it joins
     assert not process_alive(stranded)
-    assert restarted.http.get("/healthz").json()["status"] == "ok"
+    wait_for(
+        lambda: restarted.http.get("/healthz").json()["status"] == "ok",
+        what="its recovery to end",
+    )
     assert first.http.get("/v1/vms/stranded").json()["status"] == "lost"
 
 
