@@ -53,6 +53,7 @@ from roost.state.vms import (
     ALL_VMS,
     LIVE,
     LiveRecord,
+    NotThisHostsError,
     Row,
     VMQuery,
     VMRecords,
@@ -505,6 +506,8 @@ class Engine:
             raise no_vm(name)
         try:
             return self._plan_and_launch(name, operation, latest)
+        except NotThisHostsError:
+            raise  # the VM is not this host's to record anything of
         except BaseException as error:
             reason = error.message if isinstance(error, RoostError) else repr(error)
             try:
@@ -522,7 +525,7 @@ class Engine:
         steps = Steps(operation, name)
         # recorded before any VMM is started for it: a daemon that dies from here on finds a
         # VM it was starting (and ends its VMM), not a VMM its database does not account for
-        starting = self.records.write(name, None, status=VMStatus.STARTING, status_reason=None)
+        starting = self.records.begin_start(name)
         self.events.vm_status(starting)
         steps.done("starting", "recorded the VM starting")
         try:

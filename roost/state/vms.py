@@ -38,7 +38,7 @@ from sqlalchemy.orm import Session
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.functions import GenericFunction
 
-from roost.errors import ConflictError, NotFoundError
+from roost.errors import ConflictError, NotFoundError, RoostError
 from roost.plan.network import EffectiveNetwork, NetworkPlan
 from roost.spec.network import NetworkMode
 from roost.state.db import Database
@@ -235,9 +235,12 @@ _FORGET_OBSERVED = (
 )
 _SET_NAMED = update(VM).where(VM.name == bindparam("vm_name"))
 _SET_NAMED_RETURNING = _SET_NAMED.returning(*VM.__table__.columns)
-# on a cluster host: a VM the cluster declared lost is no longer its host's to write
-_SET_KEPT = _SET_NAMED.where(VM.status != VMStatus.LOST.value)
+# on a cluster host: a VM the cluster declared lost, or one a drain moved to another host, is
+# no longer this host's to write
+_SET_KEPT = _SET_NAMED.where(VM.status != VMStatus.LOST.value, VM.host_id == bindparam("this_host"))
 _SET_KEPT_RETURNING = _SET_KEPT.returning(*VM.__table__.columns)
+_CLAIM_START = _SET_KEPT.values(status=VMStatus.STARTING.value, status_reason=None).returning(VM.id)
+_WHERE_IS = select(VM.status, _HOST_NAME.label("host")).where(VM.name == bindparam("name"))
 _HOLDING = select(VM.id, VM.host_id).where(VM.name == bindparam("name"))
 _DELETE_VM = delete(VM).where(VM.id == bindparam("vm_id"))
 _PLUGIN = (
@@ -413,6 +416,29 @@ def no_vm(name: str) -> NotFoundError:
 
 def vm_exists(name: str) -> ConflictError:
     return ConflictError(f"VM {name!r} already exists; choose another name", code="exists")
+
+
+class NotThisHostsError(RoostError):
+    """A cluster host was asked to start a VM that is no longer its own to run: moved to
+    another host by a drain since the request was routed here (421 `misdirected`), or declared
+    lost (409 `conflict`). Nothing of the VM is written."""
+
+
+def _not_this_hosts(connection: Connection, name: str) -> RoostError:
+    found = connection.execute(_WHERE_IS, {"name": name}).first()
+    if found is None:
+        return no_vm(name)
+    if found.status == VMStatus.LOST.value:
+        return NotThisHostsError(
+            f"VM {name} was declared lost (its host was offline past the grace, and its "
+            f"addresses were released): remove it (roost vm rm {name}) and create it again",
+            code="conflict",
+        )
+    return NotThisHostsError(
+        f"VM {name} is on host {found.host} now (a drain moved it after this request reached "
+        "this host); send the request again: any agent passes it to the VM's host",
+        code="misdirected",
+    )
 
 
 @dataclass(frozen=True)
@@ -723,6 +749,8 @@ class VMRecords:
 
         def work(connection: Connection) -> Row:
             parameters = {"vm_name": name, **values}
+            if kept:
+                parameters["this_host"] = self.host_id
             if shown is not None:
                 returning = _SET_KEPT_RETURNING if kept else _SET_NAMED_RETURNING
                 updated = connection.execute(returning, parameters).first()
@@ -735,6 +763,22 @@ class VMRecords:
             if found is None:
                 raise no_vm(name)
             return found._mapping
+
+        return self.db.transact_core(work)
+
+    def begin_start(self, name: str) -> Row:
+        """Record VM `name` `starting`, before any VMM is started for it; its row. On a cluster
+        host only while the VM is this host's and not lost, in one statement, so that a drain
+        (which moves only a VM without a VMM, its row locked) and a start never both win:
+        otherwise `NotThisHostsError`, with nothing written."""
+        if self.host_id is None:
+            return self.write(name, None, status=VMStatus.STARTING, status_reason=None)
+
+        def work(connection: Connection) -> Row:
+            claim = {"vm_name": name, "this_host": self.host_id}
+            if connection.execute(_CLAIM_START, claim).first() is None:
+                raise _not_this_hosts(connection, name)
+            return connection.execute(_VM_ROW, {"name": name}).one()._mapping
 
         return self.db.transact_core(work)
 

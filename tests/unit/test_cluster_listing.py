@@ -25,7 +25,7 @@ from roost.spec import Manifest, VMConfig
 from roost.state import forwards
 from roost.state.hosts import HostRegistration, Hosts
 from roost.state.models import VM
-from roost.state.vms import VMQuery
+from roost.state.vms import VMQuery, VMRecords
 from tests.engine_fakes import World
 
 
@@ -63,7 +63,7 @@ class Cluster:
         place(world, self.h1, "a", "b")
         place(world, self.h2, "c")
         engine.act_as_host(self.h1)
-        engine.records.write("c", None, status="running", pid=4242)
+        VMRecords(world.db, self.h2).write("c", None, status="running", pid=4242)  # as h2 would
 
 
 @pytest.fixture
@@ -148,7 +148,7 @@ def test_another_hosts_vm_shows_its_stored_pid_and_none_of_its_hosts_paths(
     assert other["vsock"]["uds_path"] is None
     assert other["vsock"]["cid"] is not None  # its CID on its own host
 
-    engine.records.write("c", None, status="stopped")
+    VMRecords(cluster.world.db, cluster.h2).write("c", None, status="stopped")
     assert engine.show_vm("c")["vmm"]["pid"] is None
     stopped = json.loads(dict(engine.list_vms_encoded())["c"])
     assert stopped["status"] == "stopped" and stopped["vmm"]["pid"] is None

@@ -442,6 +442,46 @@ def test_an_operation_under_way_when_its_host_froze_writes_nothing_over_lost(
     assert "a" not in agent.engine.live
 
 
+def test_a_start_that_reached_the_host_a_drain_just_moved_its_vm_from_boots_nothing(
+    agent: World, db: Database
+) -> None:
+    h1, h2 = two_hosts(db)
+    agent.engine.create_vm("a", VMConfig(plugin="p"), start=False)
+    place(db, h1.host_id, "a")
+    agent.engine.act_as_host(h1.host_id)
+    place(db, h2.host_id, "a")  # a drain's move, committed after the start was routed here
+    cids = scalar(db, "SELECT count(*) FROM cid_leases")
+
+    with pytest.raises(RoostError) as refused:
+        agent.engine.start_vm("a")
+    assert refused.value.code == "misdirected" and "on host h2" in refused.value.message
+    assert "a" not in agent.engine.live
+    assert statuses(db) == {"a": "created"}  # no starting, no error written over h2's VM
+    assert scalar(db, "SELECT count(*) FROM cid_leases") == cids  # no CID taken for it
+
+    place(db, h1.host_id, "a")  # back on this host, it starts
+    assert agent.engine.start_vm("a")["status"] == "running"
+
+
+def test_a_vm_the_cluster_declared_lost_is_not_started_again_by_its_host(
+    agent: World, db: Database, url: str, reconcilers: list[Reconciler]
+) -> None:
+    member = member_of(agent, db, url, "h2", Clock())
+    joined = member.join()
+    agent.engine.create_vm("a", VMConfig(plugin="p"), start=False)
+    place(db, joined.host_id, "a")
+    agent.engine.act_as_host(joined.host_id)
+    silent_for(db, "h2", LOST_AFTER + 1)
+    assert reconciler(reconcilers, url).attempt()
+
+    with pytest.raises(RoostError) as refused:
+        agent.engine.start_vm("a")
+    assert refused.value.code == "conflict" and "declared lost" in refused.value.message
+    assert "a" not in agent.engine.live
+    assert statuses(db) == {"a": "lost"}
+    assert scalar(db, "SELECT count(*) FROM ip_leases") == 0  # its released address stays free
+
+
 def test_a_member_takes_no_changes_until_a_heartbeat_confirms_it_after_a_silence(
     agent: World, db: Database, url: str
 ) -> None:
