@@ -894,12 +894,10 @@ class Engine:
         """At start, once VMs are recovered: DEL the CNI attachments of VMs no VMM runs or
         starts for (a crash's, a failed DEL's, a removed VM's) and remove their namespaces."""
 
-        # another host's VM is that host's to reap, whatever it runs (read once: a VM moves
-        # hosts only stopped, its attachments DELeted by its stop)
-        elsewhere = self.records.elsewhere()
-
         def in_use() -> set[str]:
-            live = {record.name for record in self.records.live()} | elsewhere
+            # another host's VM or create is that host's to reap, whatever it runs (read again
+            # for each VM: a create another host begins meanwhile records its attachments first)
+            live = {record.name for record in self.records.live()} | self.records.elsewhere()
             return live | self.records.pending_creates() | self.allocator.kept_orphans
 
         def hold(vm: str) -> AbstractContextManager[None]:

@@ -570,16 +570,17 @@ class VMRecords:
             return set(session.scalars(self._on_this_host(select(VM.name))))
 
     def elsewhere(self) -> set[str]:
-        """The names of the VMs recorded on other hosts (none on a single host): this agent
-        leaves what is theirs alone."""
+        """The names of the VMs recorded on other hosts, and of the creates other hosts have
+        begun (none on a single host): this agent leaves what is theirs alone (a create's CNI
+        attachments are recorded before its VM is)."""
         if self.host_id is None:
             return set()
+        recorded = select(VM.name).where(VM.host_id.is_(None) | (VM.host_id != self.host_id))
+        begun = _PENDING_NAMES.where(
+            PendingCreate.host_id.is_(None) | (PendingCreate.host_id != self.host_id)
+        )
         with self.db.read() as session:
-            return set(
-                session.scalars(
-                    select(VM.name).where(VM.host_id.is_(None) | (VM.host_id != self.host_id))
-                )
-            )
+            return set(session.scalars(recorded)) | set(session.scalars(begun))
 
     def live(self) -> list[LiveRecord]:
         """Every VM of this host whose record says a VMM runs (or is being started or stopped)

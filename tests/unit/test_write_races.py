@@ -33,6 +33,7 @@ from roost.state.hosts import HostRegistration, Hosts
 from roost.state.models import VM, IPLease, Network, Plugin
 from roost.state.models import Policy as PolicyRow
 from roost.state.policies import used_by
+from roost.state.vms import VMRecords
 from tests.engine_fakes import FakePolicyFirewall, World
 from tests.harness import wait_for
 
@@ -368,3 +369,20 @@ def test_a_hosts_creates_claim_cids_without_waiting_for_each_others_commits(
             with db.write() as session:
                 alloc.allocate_cid(session, vm, new=True)
     assert db.transact(lambda session: alloc.allocate_cid(session, third, new=True)) == 5
+
+
+def test_a_host_leaves_alone_the_creates_another_host_has_begun(db: Database) -> None:
+    """What a host's CNI reap counts as another's: its VMs and the creates it has begun (a
+    create records its CNI attachments before its VM), read anew for each VM reaped."""
+    hosts = Hosts(db)
+    mine, theirs = (
+        hosts.register(HostRegistration(f"h{n}", f"192.0.2.{n}", f"unix:///h{n}", {}, 8, 4096, {}))
+        for n in (1, 2)
+    )
+    here, there = VMRecords(db, mine.host_id), VMRecords(db, theirs.host_id)
+    vms(db, 1, theirs.host_id)  # vm0, recorded there
+    there.begin_create("begun-there")
+    here.begin_create("begun-here")
+    assert here.elsewhere() == {"vm0", "begun-there"}
+    assert there.elsewhere() == {"begun-here"}
+    assert VMRecords(db).elsewhere() == set()  # a single host: nothing is another's
