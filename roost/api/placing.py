@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import logging
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from starlette.responses import JSONResponse, Response
@@ -229,6 +229,8 @@ class Placer:
                     "try again (the hosts' records may have just changed)",
                     code="misdirected",
                 )
+            # any client can send the header: this host must be one placement would take
+            await self.read(self.candidates, replace(wanted, host=here))
             return JSONResponse(await self.local(wanted, unix_client), status_code=201)
         candidates = await self.read(self.candidates, wanted)
 

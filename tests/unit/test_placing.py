@@ -293,3 +293,44 @@ def test_a_single_hosts_api_refuses_host_and_host_labels_and_creates_nothing(
         assert created.json()["host"] is None
     finally:
         world.close()
+
+
+def test_a_create_sent_with_x_roost_forwarded_by_a_client_is_still_held_to_placement(
+    world: World,
+) -> None:
+    """The header says a peer placed the create here, but any client can send it: the host
+    that takes it still checks that placement would take it (labels, what it has, room).
+    (Forwarded creates that fit are made by the three-agent tests.)"""
+    hosts = Hosts(world.db)
+    h1 = hosts.register(registration("h1", "10.251.0.1")).host_id
+    with_facts = {"vmms": ["fake"]}
+    hosts.register(
+        HostRegistration(
+            "h2", "10.251.0.2", "unix:///gone.sock", {"zone": "b"}, 8, 4096, with_facts
+        )
+    )
+    world.db.transact_core(
+        lambda connection: connection.execute(
+            update(Host).where(Host.id == h1).values(facts=with_facts)
+        )
+    )
+    world.engine.act_as_host(h1)
+    cluster = ClusterSettings("h1", "10.251.0.1", "unix:///run/roost-h1.sock", {}, 8, 4096)
+    app = create_app(
+        world.engine,
+        [Endpoint.parse("unix:///run/roost.sock")],
+        router=ClusterRouter(hosts, cluster, h1),
+    )
+    transport = httpx.ASGITransport(app=app)
+
+    async def create(body: dict[str, Any]) -> httpx.Response:
+        async with httpx.AsyncClient(transport=transport, base_url="http://roost") as client:
+            return await client.post("/v1/vms", json=body, headers={"X-Roost-Forwarded": "someone"})
+
+    body = {"plugin": "p", "start": False}
+    labelled = asyncio.run(create({"name": "a", "host_labels": {"zone": "b"}, **body}))
+    assert labelled.status_code == 409, labelled.text
+    assert labelled.json()["error"]["code"] == "no_eligible_host"
+    big = asyncio.run(create({"name": "b", "resources": {"vcpus": 9}, **body}))
+    assert big.status_code == 409 and big.json()["error"]["code"] == "no_capacity", big.text
+    assert world.engine.list_vm_names() == []
