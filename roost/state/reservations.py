@@ -108,8 +108,10 @@ def resize(
 
 
 def release(connection: Connection, vm_id: int) -> None:
-    """Give back what VM `vm_id` holds of its host, in the transaction that removes it."""
-    held = connection.execute(_HELD, {"vm_id": vm_id}).first()
+    """Give back what VM `vm_id` holds of its host, in the transaction that removes it. Its
+    row is locked first (as a drain's move locks it): a move that committed meanwhile is read,
+    so its new host's share is given back, not its old host's a second time."""
+    held = connection.execute(_HELD.with_for_update(), {"vm_id": vm_id}).first()
     if held is None or held.host_id is None or held.reserved_vcpus is None:
         return
     Hosts.release(connection, held.host_id, held.reserved_vcpus, held.reserved_memory_mib or 0)

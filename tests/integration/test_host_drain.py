@@ -14,17 +14,23 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, select, text
 
 from roost.engine.hosts import DISK_COPY, HostAdmin
 from roost.engine.settings import ClusterSettings
 from roost.errors import NotFoundError
 from roost.spec import VMConfig
+from roost.state import moves
 from roost.state.hosts import HostRegistration, Hosts
 from roost.state.models import VM, CIDLease
 from tests.engine_fakes import World
+from tests.harness import wait_for
 
 FRESH = 3600.0  # every heartbeat of this test is fresher than that
+BLOCKED = text(
+    "SELECT count(*) FROM pg_stat_activity "
+    "WHERE datname = current_database() AND wait_event_type = 'Lock'"
+)
 CLUSTER = ClusterSettings(
     host_name="h1",
     vtep_address="192.0.2.1",
@@ -259,3 +265,31 @@ def test_without_a_cluster_there_are_no_hosts(world: World, hosts: dict[str, int
         admin.show("h1")
     with pytest.raises(NotFoundError, match="not part of a cluster"):
         admin.drain("h1")
+
+
+def test_a_removal_racing_a_drains_move_gives_back_what_the_vm_holds_where_it_holds_it(
+    admin: HostAdmin, world: World, hosts: dict[str, int]
+) -> None:
+    """The move commits while the removal waits for the VM's row: the removal then gives back
+    the new host's share, not the old host's a second time (which another VM's share there
+    would hide from the CHECK)."""
+    if not world.db.url.startswith("postgresql"):
+        pytest.skip("SQLite's single writer runs them one after the other")
+    create_on(world, hosts["h1"], "other", start=False)
+    create_on(world, hosts["h1"], "idle", start=False)
+    vcpus, memory_mib = held(world, "idle")
+
+    def blocked() -> bool:
+        with world.db.read() as session:
+            return bool(session.execute(BLOCKED).scalar() == 1)
+
+    removal = threading.Thread(target=world.engine.destroy_vm, args=("idle",))
+    with world.db.write() as session:
+        vm = next(vm for vm in moves.vms_on(session, hosts["h1"]) if vm.name == "idle")
+        assert moves.move(session, vm, hosts["h1"], hosts["h2"], vcpus, memory_mib, FRESH) is None
+        removal.start()  # on h1, where the VM was when its request was routed
+        wait_for(blocked, what="the removal to wait for the move's locks")
+    removal.join()
+    assert world.engine.list_vm_names() == ["other"]
+    assert allocated(admin, "h1") == held(world, "other")
+    assert allocated(admin, "h2") == (0, 0)
