@@ -96,7 +96,7 @@ class Plugins:
     def _record(
         session: Session, manifest: Manifest, stored: dict[str, StoredArtifact], force: bool
     ) -> None:
-        plugin = find(session, manifest.name, missing_ok=True)
+        plugin = find(session, manifest.name, missing_ok=True, for_change=True)
         if plugin is not None and not force:
             raise _exists(manifest.name)
         if plugin is None:
@@ -123,7 +123,7 @@ class Plugins:
 
     def remove(self, name: str) -> None:
         def work(session: Session) -> None:
-            plugin = find(session, name)
+            plugin = find(session, name, for_change=True)
             names = users(session, plugin)
             if names:
                 raise ConflictError(
@@ -163,10 +163,15 @@ _REFERENCED = select(
 )
 
 
-def find(session: Session, name: str, *, missing_ok: bool = False) -> Plugin:
-    plugin: Plugin | None = session.scalar(
-        select(Plugin).options(selectinload(Plugin.artifacts)).where(Plugin.name == name)
-    )
+def find(
+    session: Session, name: str, *, missing_ok: bool = False, for_change: bool = False
+) -> Plugin:
+    """The installed plugin `name`; `for_change` (a forced install, a removal) locks its row FOR
+    UPDATE until the transaction ends, after any create that read it has committed (their
+    references to its artifacts are then seen by what follows: the users check, the
+    collection of the artifacts it no longer keeps)."""
+    query = select(Plugin).options(selectinload(Plugin.artifacts)).where(Plugin.name == name)
+    plugin: Plugin | None = session.scalar(query.with_for_update() if for_change else query)
     if plugin is None and not missing_ok:
         raise NotFoundError(
             f"plugin {name!r} is not installed (roost plugin install FILE installs it)"

@@ -25,15 +25,16 @@ from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError, InvalidError
 from roost.plan.registration import parse_network_create
-from roost.spec import VMConfig
+from roost.spec import Manifest, VMConfig
 from roost.spec.policy import parse_policy
 from roost.state import alloc
 from roost.state.db import Database
 from roost.state.hosts import HostRegistration, Hosts
-from roost.state.models import VM, IPLease, Network, Plugin
+from roost.state.models import VM, IPLease, Network, Plugin, VMArtifact
 from roost.state.models import Policy as PolicyRow
 from roost.state.policies import used_by
 from roost.state.vms import VMRecords
+from tests.engine_fakes import SUBNET as SUBNET_OF_P
 from tests.engine_fakes import FakePolicyFirewall, World
 from tests.harness import wait_for
 
@@ -386,3 +387,34 @@ def test_a_host_leaves_alone_the_creates_another_host_has_begun(db: Database) ->
     assert here.elsewhere() == {"vm0", "begun-there"}
     assert there.elsewhere() == {"begun-here"}
     assert VMRecords(db).elsewhere() == set()  # a single host: nothing is another's
+
+
+def test_a_forced_install_racing_a_create_keeps_the_artifacts_the_vm_refers_to(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The install replaces the plugin's kernel, then collects what nothing refers to: the
+    create that read the old kernel commits first, so its reference keeps the file."""
+    kernel = world.root / "vmlinux-2"
+    kernel.write_bytes(b"\x7fELF" + bytes(range(64)))
+    replacement = Manifest.model_validate(
+        {
+            "name": "p",
+            "version": "2",
+            "kernel": {"path": str(kernel)},
+            "rootfs": {"path": str(world.root / "rootfs.img")},
+            "network": {"mode": "bridged", "subnet": SUBNET_OF_P, "auto_assign": True},
+        }
+    )
+    pause = pause_creates_after_their_checks(world, monkeypatch)
+    create, install = race(
+        world.db,
+        lambda: world.engine.create_vm("a", VMConfig(plugin="p"), start=False),
+        lambda: world.engine.plugins.install(replacement, force=True),
+        pause,
+    )
+    assert create.error is None and install.error is None
+    with world.db.read() as session:
+        referenced = session.scalars(select(VMArtifact.sha256).where(VMArtifact.role == "kernel"))
+        digests = list(referenced)
+    assert len(digests) == 1
+    assert world.store.has(digests[0])
