@@ -768,7 +768,7 @@ class Allocator:
 
 def check_policies_exist(session: Session, plan: VMPlan) -> None:
     """Every policy and registered network the VM's interfaces name is stored (422 at each
-    that is not), and stays so until the transaction ends: their rows are locked FOR SHARE,
+    that is not), and stays so until the transaction ends: their rows are locked FOR KEY SHARE,
     so a `policy rm` or `network rm` racing this create or patch sees its VM."""
     missing = missing_policy_errors(session, plan.interfaces)
     missing += missing_network_errors(session, plan.interfaces)

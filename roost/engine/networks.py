@@ -78,14 +78,18 @@ def policy_lookup_in(session: Session) -> NetworkLookup:
 
 
 def hold_networks(session: Session, names: Iterable[str]) -> set[str]:
-    """Those of `names` that are registered networks, their rows locked FOR SHARE until the
+    """Those of `names` that are registered networks, their rows locked FOR KEY SHARE until the
     transaction ends: what names a network by name alone (a VM's config, a policy's
     `@network`) is recorded before `network rm`, which locks the row FOR UPDATE before it looks
     for users, can remove it (on PostgreSQL; SQLite's single writer needs no lock)."""
     wanted = set(names)
     if not wanted:
         return set()
-    held = select(Network.name).where(Network.name.in_(wanted)).with_for_update(read=True)
+    held = (
+        select(Network.name)
+        .where(Network.name.in_(wanted))
+        .with_for_update(read=True, key_share=True)
+    )
     return set(session.scalars(held))
 
 

@@ -133,7 +133,7 @@ _NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet")
 # PostgreSQL: the network's row kept from removal until the transaction ends (what a lease's
 # foreign key takes anyway), so an on-demand network found here is not removed with its last
 # lease by a concurrent release before this transaction's lease is committed
-_NETWORK_KEPT = _NETWORK.with_for_update(key_share=True)
+_NETWORK_KEPT = _NETWORK.with_for_update(read=True, key_share=True)  # FOR KEY SHARE
 _NAMED = select(*_NETWORK_COLUMNS).where(Network.name == bindparam("name"))
 _CID_OF = select(CIDLease.cid, CIDLease.host_id).where(CIDLease.vm_id == bindparam("vm_id"))
 _DROP_CID = delete(CIDLease).where(CIDLease.vm_id == bindparam("vm_id"))

@@ -9,7 +9,7 @@ now).
 Nothing but these names ties a VM to a policy (no foreign key), so on PostgreSQL, whose writers
 run side by side under READ COMMITTED, a `policy rm` that found no VM naming a policy and a
 create or patch that found it stored could both commit, leaving a VM naming a policy that is
-gone. A create or patch therefore locks the rows of the policies it names FOR SHARE, and a
+gone. A create or patch therefore locks the rows of the policies it names FOR KEY SHARE, and a
 removal locks its row FOR UPDATE before it looks for users: whichever comes second waits for
 the other's commit, then sees its VM (409) or the row gone (422). SQLite's single writer needs
 neither (the clauses render nothing there).
@@ -49,12 +49,16 @@ def rows(session: Session) -> list[PolicyRow]:
 
 
 def existing_names(session: Session, names: Iterable[str]) -> set[str]:
-    """Those of `names` that are stored policies, their rows locked FOR SHARE until the
+    """Those of `names` that are stored policies, their rows locked FOR KEY SHARE until the
     transaction ends (a VM naming them is recorded before any of them can be removed)."""
     wanted = set(names)
     if not wanted:
         return set()
-    held = select(PolicyRow.name).where(PolicyRow.name.in_(wanted)).with_for_update(read=True)
+    held = (
+        select(PolicyRow.name)
+        .where(PolicyRow.name.in_(wanted))
+        .with_for_update(read=True, key_share=True)
+    )
     return set(session.scalars(held))
 
 

@@ -257,7 +257,11 @@ _PLUGIN = (
 # PostgreSQL: the plugin a create names, kept as it is until the create commits: a forced
 # install replacing its artifacts (then collecting the old ones) or its removal waits, and then
 # sees the VM's reference
-_PLUGIN_KEPT = select(Plugin.id).where(Plugin.name == bindparam("name")).with_for_update(read=True)
+_PLUGIN_KEPT = (
+    select(Plugin.id)
+    .where(Plugin.name == bindparam("name"))
+    .with_for_update(read=True, key_share=True)
+)
 _ADD_PENDING = insert(PendingCreate)
 _PENDING_NAMES = select(PendingCreate.name)
 _DROP_PENDING = delete(PendingCreate).where(PendingCreate.name == bindparam("name"))
@@ -638,7 +642,7 @@ class VMRecords:
     @staticmethod
     def plugin(connection: Connection, name: str) -> PluginRecord:
         """The installed plugin `name`, in one query (on PostgreSQL after one locking its row
-        FOR SHARE until the transaction ends: the artifacts read stay the plugin's meanwhile)."""
+        FOR KEY SHARE until the transaction ends: the artifacts read stay the plugin's)."""
         if connection.dialect.name == "postgresql":
             connection.execute(_PLUGIN_KEPT, {"name": name})
         found = connection.execute(_PLUGIN, {"name": name}).all()
