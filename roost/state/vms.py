@@ -230,6 +230,9 @@ _NICS_AND_LABELS_OF = select(
 _VMM_KIND = select(VM.vmm_kind).where(VM.name == bindparam("name"))
 _ADD_VM = insert(VM)
 _SET_VM = update(VM).where(VM.id == bindparam("vm_id"))
+# a VM the cluster declared lost while its start was under way gets nothing planned
+_SET_PLANNED = _SET_VM.where(VM.status != VMStatus.LOST.value)
+_NAME_OF = select(VM.name).where(VM.id == bindparam("vm_id"))
 _FORGET_OBSERVED = (
     update(VMNic).where(VMNic.vm_id == bindparam("nic_vm_id")).values(observed_ip=None)
 )
@@ -702,9 +705,12 @@ class VMRecords:
         new: bool = False,
     ) -> None:
         """Record the interfaces a VM is planned with, as it starts afresh (no address
-        observed on any of them yet: a `new` VM's, made in this transaction, have none)."""
-        connection.execute(
-            _SET_VM,
+        observed on any of them yet: a `new` VM's, made in this transaction, have none).
+        `NotThisHostsError` for a VM the cluster declared lost since its start began (its host
+        was frozen meanwhile): the caller's transaction, the addresses it took among them, is
+        rolled back."""
+        planned = connection.execute(
+            _SET_PLANNED,
             {
                 "vm_id": vm_id,
                 "status": status,
@@ -716,6 +722,9 @@ class VMRecords:
                 "exit_code": None,
             },
         )
+        if planned.rowcount == 0:
+            name = connection.execute(_NAME_OF, {"vm_id": vm_id}).scalar()
+            raise _not_this_hosts(connection, name) if name else no_vm(f"#{vm_id}")
         if not new:
             connection.execute(_FORGET_OBSERVED, {"nic_vm_id": vm_id})
 

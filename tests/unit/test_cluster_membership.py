@@ -482,6 +482,35 @@ def test_a_vm_the_cluster_declared_lost_is_not_started_again_by_its_host(
     assert scalar(db, "SELECT count(*) FROM ip_leases") == 0  # its released address stays free
 
 
+def test_a_start_under_way_when_its_host_froze_past_the_grace_takes_no_address_or_vmm(
+    agent: World,
+    db: Database,
+    url: str,
+    reconcilers: list[Reconciler],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    member = member_of(agent, db, url, "h2", Clock())
+    joined = member.join()
+    agent.engine.create_vm("a", VMConfig(plugin="p"), start=False)
+    place(db, joined.host_id, "a")
+    agent.engine.act_as_host(joined.host_id)
+    begin_start = agent.engine.records.begin_start
+
+    def frozen_once_started(name: str) -> Any:
+        row = begin_start(name)  # `starting` committed, then the agent is frozen past the grace
+        silent_for(db, "h2", LOST_AFTER + 1)
+        assert reconciler(reconcilers, url).attempt()
+        return row
+
+    monkeypatch.setattr(agent.engine.records, "begin_start", frozen_once_started)
+    with pytest.raises(RoostError) as refused:
+        agent.engine.start_vm("a")  # thawed: its allocation goes on
+    assert refused.value.code == "conflict" and "declared lost" in refused.value.message
+    assert "a" not in agent.engine.live
+    assert statuses(db) == {"a": "lost"}
+    assert scalar(db, "SELECT count(*) FROM ip_leases") == 0  # none taken again for it
+
+
 def test_a_member_takes_no_changes_until_a_heartbeat_confirms_it_after_a_silence(
     agent: World, db: Database, url: str
 ) -> None:
