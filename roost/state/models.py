@@ -433,3 +433,21 @@ class PendingCreate(Base):
     name: Mapped[str] = mapped_column(String(63), primary_key=True)
     started_at: Mapped[datetime] = mapped_column(default=utcnow)
     host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="CASCADE"))
+
+
+class StoredEvent(Base):
+    """An event of a cluster (PostgreSQL), as every agent's event bus tails it: `id` is its
+    place in the cluster's one order (given under a lock, so ids become visible in order),
+    `at` the database's clock when it was written, `data` its fields beyond id, type and time,
+    `origin` the host that told it. Only the last events are kept. Unused on SQLite, where a
+    daemon's events live in its memory."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(
+        BigInteger().with_variant(Integer, "sqlite"), primary_key=True, autoincrement=True
+    )
+    at: Mapped[datetime] = mapped_column(server_default=func.now())
+    type: Mapped[str] = mapped_column(String(64))
+    data: Mapped[dict[str, Any]]
+    origin: Mapped[str] = mapped_column(String(63))
