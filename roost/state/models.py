@@ -34,6 +34,11 @@ NAMING = {
 }
 
 
+# what listings order by and pages compare: in byte order on PostgreSQL whatever the
+# database's collation, as SQLite compares (migration 0017)
+NAME = String(63).with_variant(String(63, collation="C"), "postgresql")
+
+
 def utcnow() -> datetime:
     return datetime.now(UTC)
 
@@ -57,7 +62,7 @@ class Plugin(Base):
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True)
+    name: Mapped[str] = mapped_column(NAME, unique=True)
     version: Mapped[str] = mapped_column(String(64))
     manifest: Mapped[dict[str, Any]]
     installed_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -97,7 +102,7 @@ class Host(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True)
+    name: Mapped[str] = mapped_column(NAME, unique=True)
     vtep_address: Mapped[str] = mapped_column(String(45), unique=True)
     api: Mapped[str] = mapped_column(Text)
     labels: Mapped[dict[str, Any]]
@@ -136,7 +141,7 @@ class Network(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True)
+    name: Mapped[str] = mapped_column(NAME, unique=True)
     kind: Mapped[str] = mapped_column(String(16), default="on-demand")
     bridge: Mapped[str | None] = mapped_column(String(15), unique=True)
     subnet: Mapped[str | None] = mapped_column(String(18), unique=True)
@@ -161,7 +166,7 @@ class Policy(Base):
     __table_args__ = {"sqlite_autoincrement": True}
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True)
+    name: Mapped[str] = mapped_column(NAME, unique=True)
     body: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
@@ -192,7 +197,7 @@ class VM(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(63), unique=True)
+    name: Mapped[str] = mapped_column(NAME, unique=True)
     plugin_id: Mapped[int] = mapped_column(ForeignKey("plugins.id", ondelete="RESTRICT"))
     status: Mapped[str] = mapped_column(String(16))
     status_reason: Mapped[str | None] = mapped_column(Text)
