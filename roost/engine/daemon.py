@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from roost.engine.artifact_peers import PeerArtifacts, peers_in
 from roost.engine.cluster import Cluster, agent_url
+from roost.engine.clusterevents import SharedEventBus
 from roost.engine.clusternet import ClusterNetworks
 from roost.engine.core import Engine
 from roost.engine.disks import Disks
@@ -196,6 +197,11 @@ class Daemon:
         relays = VsockRelays(db, vsock_target)
         self._closers.append(relays.close)
         events = EventBus()  # one for the daemon's life: its history is what readers resume
+        if settings.cluster is not None:  # the cluster's: in the database, tailed by every agent
+            shared = SharedEventBus(db, settings.cluster.host_name)
+            shared.start()
+            self._closers.append(shared.stop)  # after the engine's and the cluster's last events
+            events = shared
         policy_gaps = kernel_gaps(worker)
         for gap in policy_gaps:
             log.warning("network policies cannot be enforced here: %s", gap)

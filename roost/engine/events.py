@@ -8,7 +8,9 @@ even that is told `overflow` — events are never dropped silently.
 
 Ids increase by one per event and start at the daemon's start time in microseconds, so ids
 from an earlier daemon are always older than this one's history: a reader that resumes across
-a restart is told `overflow`, never handed a silent gap.
+a restart is told `overflow`, never handed a silent gap. In a cluster the bus is
+`roost.engine.clusterevents.SharedEventBus`: every agent's events, with the ids of the
+database's table (from 1, so never within a single host's range).
 """
 
 from __future__ import annotations
@@ -72,17 +74,24 @@ class EventBus:
     def publish(self, type_: str, **fields: Any) -> Event:
         """Record an event and hand it to every subscriber's loop (never waiting for one)."""
         with self._lock:
-            self._last += 1
-            data = {"id": self._last, "type": type_, "time": _now(), **fields}
-            event = Event(self._last, type_, data)
-            self._history.append(event)
-            # under the lock, so that each loop gets the events in the order of their ids
-            for loop, readers in list(self._readers.items()):
-                try:
-                    loop.call_soon_threadsafe(_deliver, tuple(readers), event)
-                except RuntimeError:  # the loop is closed: its readers are gone with it
-                    del self._readers[loop]
+            event_id = self._last + 1
+            event = Event(
+                event_id, type_, {"id": event_id, "type": type_, "time": _now(), **fields}
+            )
+            self._keep(event)
         return event
+
+    def _keep(self, event: Event) -> None:
+        """Add `event` (the next id) to the history and hand it to every subscriber's loop;
+        the lock is held, so that each loop gets the events in the order of their ids."""
+        assert event.id is not None
+        self._last = event.id
+        self._history.append(event)
+        for loop, readers in list(self._readers.items()):
+            try:
+                loop.call_soon_threadsafe(_deliver, tuple(readers), event)
+            except RuntimeError:  # the loop is closed: its readers are gone with it
+                del self._readers[loop]
 
     def vm_status(self, row: Mapping[str, Any]) -> Event:
         """`vm.status` from a VM's record as just written."""
