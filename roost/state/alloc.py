@@ -16,7 +16,20 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
-from sqlalchemy import Connection, bindparam, delete, func, insert, or_, select, text, update
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    bindparam,
+    case,
+    delete,
+    func,
+    insert,
+    or_,
+    select,
+    text,
+    true,
+    update,
+)
 from sqlalchemy.orm import Session
 
 from roost.errors import ConflictError
@@ -134,7 +147,6 @@ _NETWORK = select(*_NETWORK_COLUMNS).where(Network.subnet == bindparam("subnet")
 # foreign key takes anyway), so an on-demand network found here is not removed with its last
 # lease by a concurrent release before this transaction's lease is committed
 _NETWORK_KEPT = _NETWORK.with_for_update(read=True, key_share=True)  # FOR KEY SHARE
-_NAMED = select(*_NETWORK_COLUMNS).where(Network.name == bindparam("name"))
 _CID_OF = select(CIDLease.cid, CIDLease.host_id).where(CIDLease.vm_id == bindparam("vm_id"))
 _DROP_CID = delete(CIDLease).where(CIDLease.vm_id == bindparam("vm_id"))
 # a host's CIDs, by the expression of their unique index (a single host's count as host 0)
@@ -236,17 +248,49 @@ def network_by_subnet(
     return None if row is None else NetworkRow.of(row)
 
 
-def network_by_name(session: Session, name: str) -> NetworkRow | None:
-    """The named network with a subnet (None for a name no such network has)."""
-    row = session.connection().execute(_NAMED, {"name": name}).first()
+def seen_from(host_id: int | None) -> ColumnElement[bool]:
+    """The networks host `host_id` sees: the cluster's own and its host-local ones (`external`
+    and `dhcp`, whose `host_id` is theirs). Every network when `host_id` is None: a single
+    host's (all its networks), or a cluster network, which spans every host."""
+    if host_id is None:
+        return true()
+    return or_(Network.host_id.is_(None), Network.host_id == host_id)
+
+
+def own_first(host_id: int | None) -> ColumnElement[int]:
+    """An ORDER BY key putting host `host_id`'s networks first, then the cluster's, then
+    other hosts' (what a name resolves to, from that host)."""
+    return case((Network.host_id == host_id, 0), (Network.host_id.is_(None), 1), else_=2)
+
+
+def named(name: str, host_id: int | None, *, anywhere: bool = False) -> Any:
+    """The query for the network `name` resolves to on host `host_id`: its own host-local
+    network of that name, else the cluster's; with `anywhere`, else another host's (what
+    placement plans with before it knows the host). Select what you need from it."""
+    query = select(Network).where(Network.name == name)
+    if not anywhere:
+        query = query.where(seen_from(host_id))
+    return query.order_by(own_first(host_id)).limit(1)
+
+
+def network_by_name(session: Session, name: str, host_id: int | None = None) -> NetworkRow | None:
+    """The network with a subnet `name` resolves to on host `host_id` (None for a name no
+    such network has)."""
+    query = select(*_NETWORK_COLUMNS).where(Network.name == name, seen_from(host_id))
+    row = session.connection().execute(query.order_by(own_first(host_id)).limit(1)).first()
     return None if row is None or row.subnet is None else NetworkRow.of(row)
 
 
-def check_no_overlap(session: Session, subnet: ipaddress.IPv4Network) -> None:
-    """409 `subnet_overlap` naming the network whose subnet overlaps `subnet`, if one does."""
+def check_no_overlap(
+    session: Session, subnet: ipaddress.IPv4Network, host_id: int | None = None
+) -> None:
+    """409 `subnet_overlap` naming the network whose subnet overlaps `subnet`, if one does
+    (of those host `host_id` sees, for a host-local network; of all, for the cluster's)."""
     first, last = int(subnet.network_address), int(subnet.broadcast_address)
     clash = session.scalar(
-        select(Network).where(Network.first <= last, Network.last >= first).limit(1)
+        select(Network)
+        .where(Network.first <= last, Network.last >= first, seen_from(host_id))
+        .limit(1)
     )
     if clash is not None:
         raise ConflictError(
@@ -302,14 +346,18 @@ def add_network(
     subnet: ipaddress.IPv4Network | None,
     gateway: ipaddress.IPv4Address | None,
     ipv6_prefix: str | None = None,
+    host_id: int | None = None,
 ) -> Network:
     """Record a new network (its bridge `rbr<id>` unless named); a subnet overlapping another
     network's, or its IPv6 prefix, is 409 `subnet_overlap`, a name or bridge another network
     has 409 `conflict`. On PostgreSQL (a cluster's database) a managed or on-demand network
-    spans hosts: it gets the lowest free VNI and the overlay's MTU."""
+    spans hosts: it gets the lowest free VNI and the overlay's MTU. A host-local one (an
+    external network in a cluster: `host_id`, its host) clashes only with that host's
+    networks and the cluster's; the cluster's clash with every host's."""
     hold_lock(session.connection(), NETWORKS_LOCK)  # what the checks find stays true until commit
+    check_name_free(session, name, host_id)
     if subnet is not None:
-        check_no_overlap(session, subnet)
+        check_no_overlap(session, subnet, host_id)
     if ipv6_prefix is not None:  # /64s overlap only when equal
         holder = session.scalar(select(Network.name).where(Network.ipv6_prefix == ipv6_prefix))
         if holder is not None:
@@ -318,12 +366,11 @@ def add_network(
                 "(or auto for a random one)",
                 code="subnet_overlap",
             )
-    for column, value, what in ((Network.name, name, "name"), (Network.bridge, bridge, "bridge")):
-        holder = session.scalar(select(Network.name).where(column == value)) if value else None
-        if holder is not None:
-            raise ConflictError(
-                f"network {holder!r} already has {what} {value}; choose another {what}"
-            )
+    holder = bridge_holder(session, bridge, host_id) if bridge else None
+    if holder is not None:
+        raise ConflictError(
+            f"network {holder!r} already has bridge {bridge}; choose another bridge"
+        )
     first = None if subnet is None else int(subnet.network_address)
     network = Network(
         name=name,
@@ -335,6 +382,7 @@ def add_network(
         last=None if subnet is None else int(subnet.broadcast_address),
         next_hint=None if first is None else first + 1,
         ipv6_prefix=ipv6_prefix,
+        host_id=host_id,
     )
     if kind in (ON_DEMAND, MANAGED) and session.connection().dialect.name == "postgresql":
         network.vni, network.mtu = lowest_free_vni(session), OVERLAY_MTU
@@ -344,6 +392,45 @@ def add_network(
         network.bridge = f"{BRIDGE_PREFIX}{network.id}"
         session.flush()
     return network
+
+
+def check_name_free(session: Session, name: str, host_id: int | None = None) -> None:
+    """409 `conflict` when a network host `host_id` sees (every network, for a cluster
+    network: None) has `name`, naming its host when it is another's."""
+    holder = session.execute(
+        select(Network.kind, Host.name)
+        .outerjoin(Host, Host.id == Network.host_id)
+        .where(Network.name == name, seen_from(host_id))
+        .limit(1)
+    ).first()
+    if holder is None:
+        return
+    kind, host = holder
+    where = "" if host is None else f" on host {host}"
+    raise ConflictError(f"network {name!r} already exists{where} ({kind}); choose another name")
+
+
+def adopt_external(session: Session, host_id: int) -> list[str]:
+    """Make the external networks that have no host (registered before the database was a
+    cluster's) host `host_id`'s: the first agent to start takes them. Their names."""
+    hold_lock(session.connection(), NETWORKS_LOCK)
+    adopted = session.scalars(
+        update(Network)
+        .where(Network.kind == EXTERNAL, Network.host_id.is_(None))
+        .values(host_id=host_id)
+        .returning(Network.name)
+    )
+    return sorted(adopted)
+
+
+def bridge_holder(session: Session, bridge: str, host_id: int | None = None) -> str | None:
+    """The name of the network host `host_id` sees (any, for None) on bridge `bridge`."""
+    return session.scalar(
+        select(Network.name)
+        .where(Network.bridge == bridge, seen_from(host_id))
+        .order_by(own_first(host_id))
+        .limit(1)
+    )
 
 
 def lowest_free_vni(session: Session) -> int:

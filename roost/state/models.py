@@ -129,7 +129,9 @@ class Network(Base):
 
     In a cluster, a managed or on-demand network spans hosts over VXLAN `vni` with `mtu`, its
     gateway address on one host's bridge (`gateway_host_id`); an external or dhcp network
-    belongs to one host (`host_id`). Names stay unique across the cluster."""
+    belongs to one host (`host_id`): its name, bridge and subnet are unique on that host (a
+    unique index over the host, 0 for the cluster's own networks, as on a single host), and
+    never those of a cluster network (checked under the networks lock)."""
 
     __tablename__ = "networks"
     __table_args__ = (
@@ -141,10 +143,10 @@ class Network(Base):
     )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(NAME, unique=True)
+    name: Mapped[str] = mapped_column(NAME)
     kind: Mapped[str] = mapped_column(String(16), default="on-demand")
-    bridge: Mapped[str | None] = mapped_column(String(15), unique=True)
-    subnet: Mapped[str | None] = mapped_column(String(18), unique=True)
+    bridge: Mapped[str | None] = mapped_column(String(15))
+    subnet: Mapped[str | None] = mapped_column(String(18))
     gateway: Mapped[str | None] = mapped_column(String(15))
     first: Mapped[int | None] = mapped_column(BigInteger)
     last: Mapped[int | None] = mapped_column(BigInteger)
@@ -156,6 +158,15 @@ class Network(Base):
     mtu: Mapped[int | None] = mapped_column(Integer)
     gateway_host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="SET NULL"))
     host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"))
+
+
+for _column in (Network.name, Network.bridge, Network.subnet):
+    Index(
+        f"uq_networks_host_{_column.key}",
+        func.coalesce(Network.host_id, 0),
+        _column,
+        unique=True,
+    )
 
 
 class Policy(Base):
@@ -382,7 +393,8 @@ Index(
 class VsockForward(Base):
     """A TCP listener the daemon holds for a VM (`vm forward --persist`), relaying each
     connection to the guest's vsock `guest_port`; restored when the daemon restarts, removed
-    with its VM. `listen` is `ADDR:PORT`, a loopback address."""
+    with its VM. `listen` is `ADDR:PORT`, a loopback address, unique on the host that listens
+    (`host_id`, the VM's; null on a single host)."""
 
     __tablename__ = "vsock_forwards"
     __table_args__ = (
@@ -392,9 +404,18 @@ class VsockForward(Base):
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
-    listen: Mapped[str] = mapped_column(String(64), unique=True)
+    listen: Mapped[str] = mapped_column(String(64))
     guest_port: Mapped[int] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"))
+
+
+Index(
+    "uq_vsock_forwards_host_listen",
+    func.coalesce(VsockForward.host_id, 0),
+    VsockForward.listen,
+    unique=True,
+)
 
 
 class CniAttachment(Base):
@@ -403,11 +424,11 @@ class CniAttachment(Base):
     arguments), recorded before ADD, and its result once ADD has finished (null until then).
     It is kept by the VM's name until DEL has run, outliving the VM's record (`vm_id` then goes
     null), so a daemon that died between the two still finds what to DEL; a VM of that name
-    made again has the same namespace and container id, and DELs it before its own ADD."""
+    made again has the same namespace and container id, and DELs it before its own ADD. In a
+    cluster it is the host's that ran ADD (`host_id`): only that host DELs it."""
 
     __tablename__ = "cni_attachments"
     __table_args__ = (
-        UniqueConstraint("vm", "index"),
         CheckConstraint('"index" BETWEEN 0 AND 7', name="index"),
         {"sqlite_autoincrement": True},
     )
@@ -425,6 +446,16 @@ class CniAttachment(Base):
     capability_args: Mapped[dict[str, Any]]
     result: Mapped[dict[str, Any] | None]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    host_id: Mapped[int | None] = mapped_column(ForeignKey("hosts.id", ondelete="RESTRICT"))
+
+
+Index(
+    "uq_cni_attachments_host_vm",
+    func.coalesce(CniAttachment.host_id, 0),
+    CniAttachment.vm,
+    CniAttachment.index,
+    unique=True,
+)
 
 
 class PendingCreate(Base):

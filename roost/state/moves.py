@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from sqlalchemy import Connection, bindparam, select, update
 from sqlalchemy.orm import Session
 
-from roost.state import alloc
+from roost.state import alloc, forwards
 from roost.state.hosts import Hosts
 from roost.state.models import VM, Host, IPLease, Network
 from roost.state.vms import LIVE, Holding, VMStatus
@@ -140,6 +140,12 @@ def move(
     reason = unmovable(now.status)
     if reason is not None:
         return reason
+    clash = forwards.clash_on(connection, vm.id, target)
+    if clash is not None:
+        return (
+            f"its forward on {clash.listen} is held there by VM {clash.vm!r}: remove one of "
+            "them (roost vm unforward)"
+        )
     alloc.allocate_cid(session, Holding(vm.id, vm.name, target))  # its old one stays there
     connection.execute(_LOCK_HOSTS, {"host_ids": sorted({source, target})}).all()
     if not Hosts.reserve(connection, target, vcpus, memory_mib, offline_after):
@@ -150,4 +156,5 @@ def move(
         _MOVE,
         {"vm_id": vm.id, "to_host": target, "new_vcpus": vcpus, "new_memory_mib": memory_mib},
     )
+    forwards.move(connection, vm.id, target)
     return None
