@@ -192,7 +192,8 @@ class Placer:
         with self.engine.db.read() as session:
             plugin = self.engine.records.plugin(session.connection(), wanted.config.plugin)
             manifest = Manifest.model_validate(plugin.manifest)
-            lookup = lookup_in(session)
+            # an external network is one host's: planned as any host's, placed where it is
+            lookup = lookup_in(session, self.router.host_id, anywhere=True)
             plan = plan_vm(wanted.name, manifest, wanted.config, allocator.default, lookup)
             cni = {
                 name

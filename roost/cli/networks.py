@@ -53,7 +53,10 @@ def show_network(network: dict[str, Any]) -> None:
 
 
 def spanning(network: dict[str, Any]) -> list[tuple[str, Any]]:
-    """A cluster network's VXLAN id and MTU (nothing on a single host, as before)."""
+    """A cluster network's VXLAN id and MTU, or the host a host-local one belongs to (nothing
+    on a single host, as before)."""
+    if network.get("host") is not None:
+        return [("host", network["host"])]
     if network.get("vni") is None:
         return []
     return [("vni", network["vni"]), ("mtu", network["mtu"])]

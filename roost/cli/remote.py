@@ -476,9 +476,13 @@ def network_list(as_json: JSONOpt = False) -> None:
         networks = client.call("GET", "/v1/networks")
 
     def human(items: list[dict[str, Any]]) -> None:
-        rows = [
+        rows: list[tuple[Any, ...]] = [
             (n["name"], n["bridge"], n["subnet"], n["gateway"], len(n["leases"])) for n in items
         ]
+        if any("host" in n for n in items):  # a cluster: host-local networks name their host
+            rows = [(*row, n["host"] or "-") for row, n in zip(rows, items, strict=True)]
+            table(["NAME", "BRIDGE", "SUBNET", "GATEWAY", "LEASES", "HOST"], rows)
+            return
         table(["NAME", "BRIDGE", "SUBNET", "GATEWAY", "LEASES"], rows)
 
     show(networks, as_json, human)

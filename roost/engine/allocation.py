@@ -33,6 +33,7 @@ from roost.plan import IPAM, Attachment, DefaultNetwork, VMPlan, plan_vm
 from roost.plan.interfaces import EffectiveInterface, ResolvedInterfaces
 from roost.plan.network import EffectiveNetwork
 from roost.plan.policy import TapPolicies
+from roost.plan.registry import NetworkLookup
 from roost.plan.vm import effective_json, needs_restart
 from roost.spec import Manifest, VMConfig, VMConfigPatch
 from roost.state import alloc, configs, reservations
@@ -123,6 +124,11 @@ class Allocator:
 
     # ---- judging ------------------------------------------------------------------------
 
+    def lookup(self, session: Session) -> NetworkLookup:
+        """The networks a config may name, as this host sees them (its own external ones
+        first, in a cluster)."""
+        return lookup_in(session, self.records.host_id)
+
     def vmm_of(self, config: VMConfig) -> str:
         return config.vmm.value if config.vmm is not None else self.settings.vmm
 
@@ -178,8 +184,8 @@ class Allocator:
             self.records.check_new(connection, name)
         plugin = self.records.plugin(connection, config.plugin)
         manifest = Manifest.model_validate(plugin.manifest)
-        plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
-        check_policies_exist(session, plan)
+        plan = plan_vm(name, manifest, config, self.default, self.lookup(session))
+        check_policies_exist(session, plan, self.records.host_id)
         self.check_launchable(plan, manifest, plugin.artifacts, vmm)
         status = VMStatus.STARTING if launch else VMStatus.CREATED
         config_json = config.model_dump(mode="json", exclude_none=True)
@@ -241,7 +247,7 @@ class Allocator:
         manifest = Manifest.model_validate(latest.manifest)
         config = VMConfig.model_validate(latest.config)
         vmm = self.vmm_of(config)
-        plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
+        plan = plan_vm(name, manifest, config, self.default, self.lookup(session))
         shown = {"plugin": config.plugin, "config": latest.config, "manifest": latest.manifest}
         vm = self.records.holding(session.connection(), name)
         emptied: Emptied = []
@@ -273,7 +279,7 @@ class Allocator:
         config = VMConfig.model_validate(latest.config)
         vmm = self.vmm_of(config)
         with self.db.read() as session:
-            plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
+            plan = plan_vm(name, manifest, config, self.default, self.lookup(session))
         self.check_launchable(plan, manifest, latest.artifacts, vmm)
         return vmm
 
@@ -482,7 +488,7 @@ class Allocator:
         assert effective.subnet is not None and effective.gateway is not None
         if effective.network is None:
             return alloc.ensure_network(session, effective.subnet, effective.gateway)
-        found = alloc.network_by_name(session, effective.network)
+        found = alloc.network_by_name(session, effective.network, self.records.host_id)
         if found is None:
             raise _unregistered(effective.network, where)
         return found
@@ -494,7 +500,7 @@ class Allocator:
         --dhcp-bridge's."""
         if effective.network is None:
             return self.settings.dhcp_bridge
-        found = lookup_in(session)(effective.network)
+        found = self.lookup(session)(effective.network)
         if found is None:
             raise _unregistered(effective.network, where)
         return found.bridge
@@ -563,7 +569,7 @@ class Allocator:
         manifest = Manifest.model_validate(latest.manifest)
         config = VMConfig.model_validate(latest.config)
         # every network its latest version names stays registered while it does
-        plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
+        plan = plan_vm(name, manifest, config, self.default, self.lookup(session))
         vm = self.records.holding(connection, name)
         wanted = plan.interfaces.interfaces
         emptied: Emptied = []
@@ -606,8 +612,8 @@ class Allocator:
         if config_json == latest.config:
             return Patched(latest, False, self.records.restart_required(connection, name), [])
         manifest = Manifest.model_validate(latest.manifest)
-        plan = plan_vm(name, manifest, config, self.default, lookup_in(session))
-        check_policies_exist(session, plan)
+        plan = plan_vm(name, manifest, config, self.default, self.lookup(session))
+        check_policies_exist(session, plan, self.records.host_id)
         vmm = self.vmm_of(config)
         self.check_launchable(plan, manifest, latest.artifacts, vmm)
         resolved, emptied = self._addresses_for(session, vm, plan, vmm_runs=vmm_runs)
@@ -766,12 +772,13 @@ class Allocator:
         return ip, emptied
 
 
-def check_policies_exist(session: Session, plan: VMPlan) -> None:
-    """Every policy and registered network the VM's interfaces name is stored (422 at each
-    that is not), and stays so until the transaction ends: their rows are locked FOR KEY SHARE,
-    so a `policy rm` or `network rm` racing this create or patch sees its VM."""
+def check_policies_exist(session: Session, plan: VMPlan, host_id: int | None = None) -> None:
+    """Every policy and registered network the VM's interfaces name (its host `host_id`'s
+    own or the cluster's) is stored (422 at each that is not), and stays so until the
+    transaction ends: their rows are locked FOR KEY SHARE, so a `policy rm` or `network rm`
+    racing this create or patch sees its VM."""
     missing = missing_policy_errors(session, plan.interfaces)
-    missing += missing_network_errors(session, plan.interfaces)
+    missing += missing_network_errors(session, plan.interfaces, host_id)
     if missing:
         raise InvalidError.of(missing)
 

@@ -459,31 +459,35 @@ def _added(index: int, attachment: Attachment, result: CniResult) -> Added:
 
 class DatabaseStore:
     """The attachments in the daemon's database (`roost.state.cni`), each write its own
-    committed transaction."""
+    committed transaction: those of cluster host `host_id` (set once the agent has joined;
+    None on a single host)."""
 
     def __init__(self, db: Database) -> None:
         self.db = db
+        self.host_id: int | None = None
 
     def record(self, vm: str, index: int, attachment: Attachment) -> None:
         self.db.transact(
             lambda session: state_cni.record(
-                session, vm, index, attachment.conflist.name, attachment.to_json()
+                session, vm, index, attachment.conflist.name, attachment.to_json(), self.host_id
             )
         )
 
     def set_result(self, vm: str, index: int, result: CniResult) -> None:
-        self.db.transact(lambda session: state_cni.set_result(session, vm, index, result.to_json()))
+        self.db.transact(
+            lambda session: state_cni.set_result(session, vm, index, result.to_json(), self.host_id)
+        )
 
     def forget(self, vm: str, index: int) -> None:
-        self.db.transact(lambda session: state_cni.forget(session, vm, index))
+        self.db.transact(lambda session: state_cni.forget(session, vm, index, self.host_id))
 
     def of_vm(self, vm: str) -> list[Stored]:
         with self.db.read() as session:
-            return [_stored(one) for one in state_cni.of_vm(session, vm)]
+            return [_stored(one) for one in state_cni.of_vm(session, vm, self.host_id)]
 
     def all(self) -> list[Stored]:
         with self.db.read() as session:
-            return [_stored(one) for one in state_cni.every(session)]
+            return [_stored(one) for one in state_cni.every(session, self.host_id)]
 
 
 def _stored(one: state_cni.StoredAttachment) -> Stored:

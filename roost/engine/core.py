@@ -183,8 +183,9 @@ class Engine:
         self.networks = NetworkRegistry(db, host, settings.dhcp_bridge)
         # runs cni interfaces' plugins from the daemon's namespace
         self.cni = CniRuntime(settings.cni_conf_dir, settings.cni_bin_dirs, worker)
+        self.cni_store = DatabaseStore(db)
         self.cni_attachments = CniAttachments(
-            self.cni, DatabaseStore(db), tag=daemon_tag(settings.state_dir), events=self.events
+            self.cni, self.cni_store, tag=daemon_tag(settings.state_dir), events=self.events
         )
         self.allocator = Allocator(
             settings,
@@ -211,6 +212,8 @@ class Engine:
         are shown as their rows say."""
         self.records.host_id = host_id
         self.metrics.host_id = host_id
+        self.networks.host_id = host_id
+        self.cni_store.host_id = host_id
 
     def health(self) -> dict[str, Any]:
         """What `/healthz` reports: `status` is `ok`, `recovering` or `database_gone`."""
@@ -286,7 +289,8 @@ class Engine:
 
     def list_networks(self) -> list[dict[str, Any]]:
         with self.db.read() as session:
-            return [network_view(n, ips) for n, ips in alloc.networks_and_leases(session)]
+            hosts = self.networks.hosts(session)
+            return [network_view(n, i, hosts) for n, i in alloc.networks_and_leases(session)]
 
     def run_dir(self, name: str) -> RunDir:
         return RunDir(self.settings.run_dir / "vms" / name, self.settings.chroot(name))
@@ -383,7 +387,7 @@ class Engine:
             if manifest is None:
                 plugin = self.records.plugin(session.connection(), config.plugin)
                 manifest, artifacts = Manifest.model_validate(plugin.manifest), plugin.artifacts
-            lookup = lookup_in(session)
+            lookup = lookup_in(session, self.records.host_id)
             plan = plan_vm(name, manifest, config, self.allocator.default, lookup)
             wanted = wanted_of(plan.interfaces, lookup)
             if wanted and artifacts is not None:

@@ -250,6 +250,7 @@ class Daemon:
             joined = self.cluster.member.membership
             assert joined is not None, "Cluster.open registers this host"
             engine.act_as_host(joined.host_id)
+            engine.networks.register_dhcp()  # this host's own: registered once it has an id
             relays.host_id = joined.host_id
             self._closers.append(self.cluster.close)
             self.cluster.start()

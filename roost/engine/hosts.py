@@ -165,7 +165,7 @@ class HostAdmin:
             latest = versions[0]
             config = VMConfig.model_validate(latest.config)
             manifest = Manifest.model_validate(latest.manifest)
-            lookup = lookup_in(session)
+            lookup = lookup_in(session, anywhere=True)  # where it goes needs its externals
             plan = plan_vm(vm.name, manifest, config, self.allocator.default, lookup)
             registered_cni = {
                 name

@@ -3,16 +3,21 @@ at once and keeps until `network rm`, an operator's external bridge, which roost
 taps to, or a cni network, an inline conflist roost runs as a CNI runtime), `network show`,
 `network rm`, and the lookup through which planning resolves a config that names a network. The
 external network `dhcp` is `--dhcp-bridge`, registered at start.
+
+In a cluster an external network (and `dhcp`) is its host's: registered by that host's agent,
+named uniquely on it (never with a cluster network's name), and what a name in a VM's config
+resolves to on that host before the cluster's networks (`alloc.named`). Another host's is
+shown with its `host` and removed through its own host's agent.
 """
 
 from __future__ import annotations
 
 import ipaddress
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import select, true
 from sqlalchemy.orm import Session
 
 from roost.engine.hostnet import HostNetwork
@@ -25,7 +30,7 @@ from roost.plan.registry import DHCP_NETWORK, NetworkKind, NetworkLookup, Regist
 from roost.spec.cni import parse_conflist
 from roost.state import alloc, cni
 from roost.state.db import Database
-from roost.state.models import VM, IPLease, Network, VMConfigVersion
+from roost.state.models import VM, Host, IPLease, Network, VMConfigVersion
 from roost.state.policies import naming_network
 
 log = logging.getLogger("roost.engine")
@@ -49,16 +54,18 @@ def registered(network: Network) -> RegisteredNetwork:
     )
 
 
-def lookup_in(session: Session) -> NetworkLookup:
+def lookup_in(
+    session: Session, host_id: int | None = None, *, anywhere: bool = False
+) -> NetworkLookup:
     """Finds the networks a config may name, in `session`'s transaction: those registered by
     `network create` and `dhcp` (on-demand networks come and go with their leases: a config
-    gives their subnet instead)."""
+    gives their subnet instead), as host `host_id` sees them (`alloc.named`: its own external
+    networks first; with `anywhere`, another host's too, for placement to know a name is an
+    external network some host has)."""
 
     def lookup(name: str) -> RegisteredNetwork | None:
-        found = session.scalar(
-            select(Network).where(Network.name == name, Network.kind != alloc.ON_DEMAND)
-        )
-        return None if found is None else registered(found)
+        found = session.scalar(alloc.named(name, host_id, anywhere=anywhere))
+        return None if found is None or found.kind == alloc.ON_DEMAND else registered(found)
 
     return lookup
 
@@ -77,23 +84,26 @@ def policy_lookup_in(session: Session) -> NetworkLookup:
     return lookup
 
 
-def hold_networks(session: Session, names: Iterable[str]) -> set[str]:
-    """Those of `names` that are registered networks, their rows locked FOR KEY SHARE until the
-    transaction ends: what names a network by name alone (a VM's config, a policy's
-    `@network`) is recorded before `network rm`, which locks the row FOR UPDATE before it looks
-    for users, can remove it (on PostgreSQL; SQLite's single writer needs no lock)."""
+def hold_networks(session: Session, names: Iterable[str], host_id: int | None = None) -> set[str]:
+    """Those of `names` that are registered networks (that host `host_id` sees; any, for
+    None), their rows locked FOR KEY SHARE until the transaction ends: what names a network by
+    name alone (a VM's config, a policy's `@network`) is recorded before `network rm`, which
+    locks the row FOR UPDATE before it looks for users, can remove it (on PostgreSQL;
+    SQLite's single writer needs no lock)."""
     wanted = set(names)
     if not wanted:
         return set()
     held = (
         select(Network.name)
-        .where(Network.name.in_(wanted))
+        .where(Network.name.in_(wanted), alloc.seen_from(host_id))
         .with_for_update(read=True, key_share=True)
     )
     return set(session.scalars(held))
 
 
-def missing_network_errors(session: Session, resolved: ResolvedInterfaces) -> list[ErrorDetail]:
+def missing_network_errors(
+    session: Session, resolved: ResolvedInterfaces, host_id: int | None = None
+) -> list[ErrorDetail]:
     """Each registered network a VM's interfaces name (as their `network`, or their
     `cni.network`) held until the transaction ends (`hold_networks`), and an error at
     `<interface>.network` for each named as `network` that is gone since the VM was planned
@@ -106,7 +116,7 @@ def missing_network_errors(session: Session, resolved: ResolvedInterfaces) -> li
             named.append((f"{where}.network", interface.effective.network))
         if interface.effective.cni is not None:
             cni_named.append(interface.effective.cni.network)
-    held = hold_networks(session, [name for _, name in named] + cni_named)
+    held = hold_networks(session, [name for _, name in named] + cni_named, host_id)
     return [
         ErrorDetail(
             loc,
@@ -124,22 +134,39 @@ def no_network(name: str) -> NotFoundError:
     )
 
 
+def host_names(session: Session) -> dict[int, str]:
+    """Each cluster host's name by id (what a host-local network's view names)."""
+    return {host_id: name for host_id, name in session.execute(select(Host.id, Host.name))}
+
+
 class NetworkRegistry:
-    """Creates, shows and removes named networks, their bridges with them."""
+    """Creates, shows and removes named networks, their bridges with them; in a cluster, as
+    host `host_id` (set once the agent has joined), whose external networks these are."""
 
     def __init__(self, db: Database, host: HostNetwork, dhcp_bridge: str | None) -> None:
         self.db = db
         self.host = host
         self.dhcp_bridge = dhcp_bridge
+        self.host_id: int | None = None
+
+    @property
+    def in_cluster(self) -> bool:
+        return self.host.gateways is not None
 
     # ---- reading ------------------------------------------------------------------------
 
+    def hosts(self, session: Session) -> Mapping[int, str] | None:
+        """The host names a view shows (None on a single host: views have no `host`)."""
+        return host_names(session) if self.in_cluster else None
+
     def show(self, name: str) -> dict[str, Any]:
+        """Network `name` as this host resolves it (its own external network of that name,
+        else the cluster's), else another host's."""
         with self.db.read() as session:
-            network = session.scalar(select(Network).where(Network.name == name))
+            network = session.scalar(alloc.named(name, self.host_id, anywhere=True))
             if network is None:
                 raise no_network(name)
-            return network_view(network, _leased(session, network.id))
+            return network_view(network, _leased(session, network.id), self.hosts(session))
 
     # ---- registering --------------------------------------------------------------------
 
@@ -151,7 +178,9 @@ class NetworkRegistry:
         if conflist is not None:
             return self.db.transact(
                 lambda session: network_view(
-                    cni.add_network(session, request.name, conflist.to_json()), []
+                    cni.add_network(session, request.name, conflist.to_json()),
+                    [],
+                    self.hosts(session),
                 )
             )
         with self.host.lock:
@@ -179,8 +208,10 @@ class NetworkRegistry:
         network on a bridge roost did not make, refused before anything is recorded."""
         bridge = request.bridge
         assert bridge is not None
-        with self.db.read() as session:
-            holder = session.scalar(select(Network.name).where(Network.bridge == bridge))
+        with self.db.read() as session:  # an external bridge is its host's
+            holder = alloc.bridge_holder(
+                session, bridge, self.host_id if request.external else None
+            )
         if holder is not None:
             raise ConflictError(
                 f"bridge {bridge} is network {holder!r}'s; one network per bridge: choose "
@@ -218,6 +249,7 @@ class NetworkRegistry:
             request.subnet_net,
             request.gateway_addr,
             prefix,
+            self.host_id if kind == alloc.EXTERNAL else None,
         )
         if kind == alloc.MANAGED:
             gateways = self.host.gateways
@@ -225,7 +257,7 @@ class NetworkRegistry:
                 gateways.carried_here(alloc.bridge_of(network), session)
             made.append(alloc.bridge_of(network))
             self._make_bridge(network)
-        return network_view(network, [])
+        return network_view(network, [], self.hosts(session))
 
     def _make_bridge(self, network: Network) -> None:
         planned = registered(network)
@@ -237,7 +269,9 @@ class NetworkRegistry:
 
     def remove(self, name: str) -> None:
         """Unregister a named network no VM uses (409 `network_in_use` naming them); a managed
-        one's bridge goes with it. On-demand networks and `dhcp` are roost's to remove."""
+        one's bridge goes with it. On-demand networks and `dhcp` are roost's to remove. In a
+        cluster `name` is this host's external network of that name, else the cluster's;
+        another host's external network is removed through that host's agent."""
         with self.host.lock:
             bridge = self.db.transact(lambda session: self._delete(session, name))
             if bridge is not None:
@@ -245,8 +279,20 @@ class NetworkRegistry:
 
     def _delete(self, session: Session, name: str) -> str | None:
         # locked before the users are looked for: a create naming it waits, or is waited for
-        network = session.scalar(select(Network).where(Network.name == name).with_for_update())
+        network = session.scalar(alloc.named(name, self.host_id).with_for_update())
         if network is None:
+            elsewhere = session.scalars(
+                select(Host.name)
+                .join(Network, Network.host_id == Host.id)
+                .where(Network.name == name)
+                .order_by(Host.name)
+            ).all()
+            if elsewhere:
+                raise NotFoundError(
+                    f"network {name!r} is not this host's: it is host-local to "
+                    f"{', '.join(elsewhere)}; remove it through that host's agent "
+                    "(roost network rm on that host)"
+                )
             raise no_network(name)
         if network.kind == alloc.ON_DEMAND:
             raise ConflictError(
@@ -258,7 +304,7 @@ class NetworkRegistry:
                 f"network {name!r} is the daemon's --dhcp-bridge; restart the daemon without "
                 "--dhcp-bridge to remove it"
             )
-        users = _users(session, network)
+        users = _users(session, network)  # of its host alone, for a host-local one
         if users:
             listed = ", ".join(sorted(users))
             raise ConflictError(
@@ -280,11 +326,12 @@ class NetworkRegistry:
 
     def restore(self) -> None:
         """At start: the external network `dhcp` follows `--dhcp-bridge` (registered, moved or
-        removed), every managed network's bridge is there (after a host's reboot too; in a
-        cluster, those whose gateway this host carries, on-demand ones such as the default
-        network's included), and router advertisements run on exactly those with an IPv6
-        prefix."""
-        self.db.transact(self._register_dhcp)
+        removed; in a cluster once the host has joined: `register_dhcp`), every managed
+        network's bridge is there (after a host's reboot too; in a cluster, those whose gateway
+        this host carries, on-demand ones such as the default network's included), and router
+        advertisements run on exactly those with an IPv6 prefix."""
+        if not self.in_cluster:
+            self.register_dhcp()
         gateways = self.host.gateways
         kinds = [alloc.MANAGED] if gateways is None else [alloc.MANAGED, alloc.ON_DEMAND]
         with self.db.read() as session:
@@ -312,8 +359,17 @@ class NetworkRegistry:
         except HostError as error:
             log.error("router advertisements: %s", error)
 
+    def register_dhcp(self) -> None:
+        """The external network `dhcp` follows `--dhcp-bridge`: registered (in a cluster as
+        this host's, `host_id`), moved or removed."""
+        self.db.transact(self._register_dhcp)
+
     def _register_dhcp(self, session: Session) -> None:
-        network = session.scalar(select(Network).where(Network.name == DHCP_NETWORK))
+        if self.host_id is not None:  # what a single host registered is now its host's
+            for name in alloc.adopt_external(session, self.host_id):
+                log.info("network %s: registered before the cluster, now this host's", name)
+        own = Network.host_id.is_(None) if self.host_id is None else Network.host_id == self.host_id
+        network = session.scalar(select(Network).where(Network.name == DHCP_NETWORK, own))
         bridge = self.dhcp_bridge
         if bridge is None:
             if network is None:
@@ -329,9 +385,11 @@ class NetworkRegistry:
             session.delete(network)
             return
         if network is None:
-            alloc.add_network(session, DHCP_NETWORK, alloc.EXTERNAL, bridge, None, None)
+            alloc.add_network(
+                session, DHCP_NETWORK, alloc.EXTERNAL, bridge, None, None, host_id=self.host_id
+            )
         elif network.bridge != bridge:
-            holder = session.scalar(select(Network.name).where(Network.bridge == bridge))
+            holder = alloc.bridge_holder(session, bridge, self.host_id)
             if holder is not None:
                 raise ConflictError(
                     f"--dhcp-bridge {bridge} is network {holder!r}'s bridge; name another "
@@ -350,17 +408,23 @@ def _leased(session: Session, network_id: int) -> list[int]:
 
 def _users(session: Session, network: Network) -> set[str]:
     """The VMs that hold an address on `network`, or one of whose interfaces (as planned, or
-    as their latest config resolves them) names it (as its `network`, or its `cni.network`)."""
+    as their latest config resolves them) names it (as its `network`, or its `cni.network`);
+    of a host-local network, the VMs of its host (another host's name it for their own)."""
     users = set(
         session.scalars(select(VM.name).join(IPLease).where(IPLease.network_id == network.id))
     )
-    for vm_name, stored in session.execute(select(VM.name, VM.network)):
+    on_host = true() if network.host_id is None else VM.host_id == network.host_id
+    for vm_name, stored in session.execute(select(VM.name, VM.network).where(on_host)):
         planned = (stored or {}).get("interfaces") or []
         if any(_names(one["effective"], network.name) for one in planned):
             users.add(vm_name)
-    latest = select(VM.name, VMConfigVersion.effective).join(
-        VMConfigVersion,
-        (VMConfigVersion.vm_id == VM.id) & (VMConfigVersion.version == VM.config_version),
+    latest = (
+        select(VM.name, VMConfigVersion.effective)
+        .join(
+            VMConfigVersion,
+            (VMConfigVersion.vm_id == VM.id) & (VMConfigVersion.version == VM.config_version),
+        )
+        .where(on_host)
     )
     for vm_name, effective in session.execute(latest):
         if any(_names(one, network.name) for one in effective["interfaces"]):

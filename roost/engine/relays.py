@@ -462,7 +462,7 @@ class VsockRelays:
     def _bind_error(self, address: ListenAddress, error: OSError) -> RoostError:
         if error.errno == errno.EADDRINUSE:
             with self.db.read() as session:
-                holder = forwards.holder(session.connection(), address.text)
+                holder = forwards.holder(session.connection(), address.text, self.host_id)
             if holder is not None:
                 return forwards.taken(holder, address.text)
             return ConflictError(

@@ -250,12 +250,15 @@ def plugin_view(plugin: Plugin, vms: list[str]) -> dict[str, Any]:
     }
 
 
-def network_view(network: Network, leased: Iterable[int]) -> dict[str, Any]:
+def network_view(
+    network: Network, leased: Iterable[int], hosts: Mapping[int, str] | None = None
+) -> dict[str, Any]:
     """A network: `kind` is on-demand, managed, external or cni; `managed` says whether roost
     owns its bridge and addresses (both roost kinds) or not (the operator's bridge, a cni
     network's plugins); `conflist` is a cni network's; `vni` and `mtu` a cluster network's
-    (null on a single host)."""
-    return {
+    (null on a single host). In a cluster (`hosts`: their names by id) `host` names the host
+    a host-local network (external, dhcp) belongs to, null for the cluster's."""
+    view = {
         "name": network.name,
         "kind": network.kind,
         "managed": network.kind in ("on-demand", "managed"),
@@ -268,3 +271,6 @@ def network_view(network: Network, leased: Iterable[int]) -> dict[str, Any]:
         "mtu": network.mtu,
         "leases": [str(ipaddress.IPv4Address(ip)) for ip in leased],
     }
+    if hosts is not None:
+        view["host"] = None if network.host_id is None else hosts.get(network.host_id)
+    return view
