@@ -1,4 +1,5 @@
-"""`GET /v1/events`: the daemon's events as Server-Sent Events.
+"""`GET /v1/events`: the daemon's events as Server-Sent Events (in a cluster, every host's:
+`roost.engine.clusterevents`).
 
 A stream, not an operation: it takes no operation slot and no thread (it waits on the event
 loop for what the bus hands it), so any number of readers leave `--max-operations` and the
@@ -37,7 +38,7 @@ def add_event_routes(app: FastAPI, bus: EventBus) -> None:
             alias="Last-Event-ID",
             ge=0,
             le=MAX_ID,
-            description="resume after this event (from the last 1,000)",
+            description="resume after this event (from the last 1,000; a cluster's last 10,000)",
         ),
     ) -> StreamingResponse:
         """Events from now on, or after `Last-Event-ID`; `event: overflow` says some were

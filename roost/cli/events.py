@@ -34,8 +34,9 @@ def events(
         bool, typer.Option("--json", help="Print each event's JSON object on one line.")
     ] = False,
 ) -> None:
-    """Follow the daemon's events until Ctrl-C: VMs created, changing status or config and
-    removed; plugins installed and removed; networks created and removed."""
+    """Follow the daemon's events until Ctrl-C (in a cluster, every host's): VMs created,
+    changing status or config and removed; plugins installed and removed; networks created
+    and removed; hosts joining, offline, fenced and cordoned."""
     try:
         with daemon(as_json) as client:
             _follow(client, None if vm is None else check_name(vm, "vm"), as_json)

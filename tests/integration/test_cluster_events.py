@@ -15,7 +15,8 @@ import pytest
 
 from roost.cli.events import _sse
 from tests.cluster import Agent, MakeCluster
-from tests.harness import EventsFollower, write_plugin
+from tests.harness import EventsFollower, wait_for, write_plugin
+from tests.integration.test_events_metrics import streams_opened
 
 pytestmark = [pytest.mark.root, pytest.mark.firecracker, pytest.mark.kvm]
 
@@ -63,6 +64,8 @@ def test_every_agent_tells_every_host_s_events_in_one_order(
     first, second = cluster[1], cluster[2]
     followers = [Follower(agent) for agent in cluster]
     try:
+        for agent in cluster:
+            wait_for(lambda a=agent: streams_opened(a) == 1, what="roost events to follow")
         second.ok("plugin", "install", write_plugin(tmp_path, "p"))
         second.ok("vm", "create", "web", "--plugin", "p", "--host", "host2", "--no-start")
         first.ok("host", "cordon", "host2")
@@ -90,3 +93,23 @@ def test_every_agent_tells_every_host_s_events_in_one_order(
     assert joined == {("host1", "host1"), ("host2", "host2")}
     assert history[-len(ids) :] == seen[0]
     assert streamed(second, ids[0], ids[-1]) == seen[0][1:]
+
+
+def test_a_frozen_host_s_outage_is_told_on_its_peer(make_cluster: MakeCluster) -> None:
+    # a grace far past the freeze: the host goes offline, never lost
+    cluster = make_cluster(2, lost_after=120)
+    first, second = cluster[1], cluster[2]
+    follower = Follower(first)
+    try:
+        wait_for(lambda: streams_opened(first) == 1, what="roost events to follow")
+        second.freeze()
+        offline = follower.until(lambda event: event["type"] == "host.offline")
+        second.thaw()
+        back = follower.until(
+            lambda event: event["type"] == "host.joined" and event["host"] == "host2"
+        )
+    finally:
+        code, err = follower.interrupt()
+    assert (code, err) == (0, "")
+    assert (offline[-1]["host"], offline[-1]["origin"]) == ("host2", "host1")
+    assert back[-1]["origin"] == "host1" and back[-1]["id"] > offline[-1]["id"]
