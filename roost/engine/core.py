@@ -177,7 +177,11 @@ class Engine:
         self.events = events or EventBus()
         follow_networks(db, self.events)
         self.policies = PolicyRegistry(
-            db, policy_firewall, self.events, policy_lookup_in, gaps=policy_gaps
+            db,
+            policy_firewall,
+            self.events,
+            lambda session: policy_lookup_in(session, self.records.host_id),
+            gaps=policy_gaps,
         )
         self.metrics = EngineMetrics(db, self.drivers, self.policies.rule_counters)
         self.networks = NetworkRegistry(db, host, settings.dhcp_bridge)

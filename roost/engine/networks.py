@@ -70,10 +70,12 @@ def lookup_in(
     return lookup
 
 
-def policy_lookup_in(session: Session) -> NetworkLookup:
+def policy_lookup_in(session: Session, host_id: int | None = None) -> NetworkLookup:
     """The networks a policy's `@name` may name: those a config may, and the daemon's own
-    network as `@default` (its subnet is --default-subnet's)."""
-    registered_only = lookup_in(session)
+    network as `@default` (its subnet is --default-subnet's). A policy is the cluster's: on
+    host `host_id` `@ext` is its own external network `ext`, else the cluster's, else another
+    host's (a policy may name what only some hosts have)."""
+    registered_only = lookup_in(session, host_id, anywhere=True)
 
     def lookup(name: str) -> RegisteredNetwork | None:
         if name != DEFAULT_NETWORK:

@@ -15,6 +15,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from roost.engine.networks import policy_lookup_in
 from roost.errors import ConflictError
 from roost.state import alloc, cni, forwards
 from roost.state.db import Database
@@ -274,3 +275,19 @@ def test_the_first_host_to_start_adopts_the_external_networks_made_before_the_cl
     assert resolved(db, "dhcp", h1) == ("br-dhcp", h1)
     assert resolved(db, "lan", h2) == ("br-lan", None)
     add(db, "dhcp", EXTERNAL, "br-dhcp", h2)  # h2's own, now that h1's is h1's
+
+
+def test_a_policys_network_is_its_hosts_own_else_any_hosts(
+    db: Database, hosts: tuple[int, int]
+) -> None:
+    h1, h2 = hosts
+    add(db, "ext", EXTERNAL, "br-ext", h1, "192.168.51.0/24")
+    add(db, "ext", EXTERNAL, "br-ext", h2, "192.168.52.0/24")
+    add(db, "only1", EXTERNAL, "br-only", h1, "192.168.53.0/24")
+    with db.read() as session:
+        on_h2 = policy_lookup_in(session, h2)
+        assert str(getattr(on_h2("ext"), "subnet", None)) == "192.168.52.0/24"
+        assert str(getattr(on_h2("only1"), "subnet", None)) == "192.168.53.0/24"
+        assert str(getattr(policy_lookup_in(session, h1)("ext"), "subnet", None)) == (
+            "192.168.51.0/24"
+        )
