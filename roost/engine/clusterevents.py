@@ -6,7 +6,9 @@ what is queued in one transaction under an advisory lock that every agent's writ
 NOTIFY `roost_events`. Ids are drawn under that lock and the lock is let go only once the
 commit is visible, so ids become visible in the order of their values: a tailer that has seen
 id 8 can never later find a 7 (ids of a transaction that failed are skipped for good). A
-failed insert is logged and the event dropped: telling it never fails what it tells of.
+failed insert is logged and the event dropped: telling it never fails what it tells of. An
+agent frozen while it holds the lock holds up the others' writers (not their operations) only
+until its session's `idle_in_transaction_session_timeout` (`--offline-after`) ends it.
 
 Each agent's bus tails the table on a connection of its own: LISTEN `roost_events`, and on
 each notification (or every `POLL` seconds, in case one was missed, and at each reconnection)

@@ -6,6 +6,7 @@ follow the table again after their listening session is ended."""
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections.abc import Callable, Coroutine, Iterator
@@ -13,7 +14,7 @@ from typing import Any, TypeVar
 
 import psycopg
 import pytest
-from sqlalchemy import func, select
+from sqlalchemy import func, select, text
 
 from roost.engine.clusterevents import SharedEventBus
 from roost.engine.events import Event, Subscription
@@ -243,3 +244,25 @@ def test_a_tailer_whose_session_is_ended_follows_the_table_again(
     assert [event.vm for event in seen] == ["before", "during", "after"]
     with db.read() as session:
         assert session.scalar(select(func.count()).select_from(StoredEvent)) == 3
+
+
+def test_an_event_the_database_refuses_is_logged_and_publishing_goes_on(
+    buses: Callable[..., SharedEventBus], db: Database, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, "roost.events")
+    bus = buses("host1")
+    with db.write() as session:
+        session.execute(text("ALTER TABLE events RENAME TO events_away"))
+    published = bus.publish("vm.created", vm="a", plugin="p")
+    assert published.id is None and published.data["vm"] == "a"
+    wait_for(lambda: "not written to the database" in caplog.text, what="the failure logged")
+    with db.write() as session:
+        session.execute(text("ALTER TABLE events_away RENAME TO events"))
+
+    async def scenario() -> list[Event]:
+        reader = bus.subscribe()
+        bus.publish("vm.created", vm="b", plugin="p")
+        return await take(reader, 1)
+
+    assert [event.vm for event in run(scenario)] == ["b"]
+    assert "written to the database again" in caplog.text
