@@ -48,6 +48,7 @@ from roost.api.peers import Forwarder, Forwarding, Router
 from roost.api.placing import ClusterRouter, CreateRequest, Placer, create_request
 from roost.api.policies import add_policy_routes
 from roost.api.replies import error_response, on_unix_socket
+from roost.api.ui import MOUNT, daemon_view
 from roost.api.vmlist import add_vm_list_route
 from roost.api.vsock import register_vsock_routes
 from roost.engine.core import Engine
@@ -144,12 +145,14 @@ def create_app(
     if router is not None:  # inside Guard: a request is checked here before it is sent on
         forwarder = Forwarder(router.host_name, settings.token, settings.ca)
         app.add_middleware(Forwarding, router=router, forwarder=forwarder)
+    view, view_auth = daemon_view(settings.token)
     app.add_middleware(
         Guard,
         endpoints=endpoints,
         token=settings.token,
         max_body_bytes=settings.max_body_bytes,
         names=settings.server_names,
+        view=view_auth,
     )
 
     @app.exception_handler(RoostError)
@@ -342,6 +345,7 @@ def create_app(
     add_host_routes(app, engine, read)
     add_event_routes(app, engine.events)
     add_metrics(app, engine, read)
+    app.mount(MOUNT, view)  # the web view (roost.api.ui), for browsers
     bodies.install(app)
     return app
 

@@ -19,6 +19,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from roost.api.endpoints import Endpoint
 from roost.api.replies import error_response, on_unix_socket
+from roost.api.ui import FORM_PATHS, ViewAuth, is_view_path
 from roost.errors import RoostError
 
 log = logging.getLogger("roost.api")
@@ -47,7 +48,12 @@ class Guard:
     every listener, a body that is not `application/json` (415 `unsupported_media_type`:
     browsers post forms and text/plain anywhere) or larger than `max_body_bytes` (413
     `too_large`, by its Content-Length or counted as it arrives). A refused WebSocket gets the
-    same error object and status, as the upgrade's denial response."""
+    same error object and status, as the upgrade's denial response.
+
+    The web view (roost.api.ui, `view`): its pages check their own session, and a request
+    without the token but with the view's session cookie is let through on the API under
+    `view`'s rules (same origin; 403 `forbidden` from another); WebSockets take the token
+    only. Its log-in and log-out take a form."""
 
     def __init__(
         self,
@@ -57,8 +63,10 @@ class Guard:
         token: str | None,
         max_body_bytes: int,
         names: tuple[str, ...] = (),
+        view: ViewAuth | None = None,
     ) -> None:
         self.app = app
+        self.view = view
         self.tcp = [endpoint for endpoint in endpoints if endpoint.is_tcp]
         self.names = names
         self.token = token.encode() if token else None
@@ -93,13 +101,14 @@ class Guard:
 
     def _refusal(self, scope: Scope, headers: dict[str, str], body: _Body) -> RoostError | None:
         if not on_unix_socket(scope):
-            error = self._tcp_refusal(scope["path"], headers, scope.get("server"))
+            error = self._tcp_refusal(scope["path"], headers, scope.get("server"), scope)
             if error is not None:
                 return error
         if not body.present:
             return None
         media_type = headers.get("content-type", "").split(";")[0].strip().lower()
-        if media_type != "application/json":
+        form = media_type == "application/x-www-form-urlencoded" and scope["path"] in FORM_PATHS
+        if media_type != "application/json" and not form:
             got = f"it says {media_type!r}" if media_type else "it has none"
             return RoostError(
                 f"request bodies are JSON, sent with Content-Type: application/json ({got})",
@@ -110,7 +119,11 @@ class Guard:
         return None
 
     def _tcp_refusal(
-        self, path: str, headers: dict[str, str], server: tuple[str, int] | None
+        self,
+        path: str,
+        headers: dict[str, str],
+        server: tuple[str, int] | None,
+        http: Scope | None = None,
     ) -> RoostError | None:
         endpoint = _listener(self.tcp, server) if server is not None else None
         host = headers.get("host")
@@ -124,8 +137,15 @@ class Guard:
                 "--server-name",
                 code="misdirected",
             )
-        if path in OPEN_PATHS:
+        if path in OPEN_PATHS or (self.view is not None and is_view_path(path)):
             return None
+        if (
+            self.view is not None
+            and http is not None
+            and "authorization" not in headers
+            and self.view.session(headers) is not None
+        ):
+            return self.view.refusal(http, headers)
         if self.token is None:
             return RoostError(
                 "this daemon has no token, so its TCP listener takes no requests; start it "
