@@ -12,10 +12,23 @@ from roost.cli import (
     policies,
     remote,
     serve,
+    ui,
     vsock,
 )
 from roost.cli.apps import app
 
-COMMAND_MODULES = (configs, events, host, image, networks, offline, policies, remote, serve, vsock)
+COMMAND_MODULES = (
+    configs,
+    events,
+    host,
+    image,
+    networks,
+    offline,
+    policies,
+    remote,
+    serve,
+    ui,
+    vsock,
+)
 
 __all__ = ["COMMAND_MODULES", "app"]
