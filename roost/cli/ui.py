@@ -126,8 +126,8 @@ def _serve(listener: socket.socket, open_browser: bool) -> None:
     sys.stdout.write(url + "\n")
     sys.stdout.flush()
     sys.stderr.write(f"roost ui: the daemon at {Globals.api}; Ctrl-C stops it\n")
-    if open_browser:
-        webbrowser.open(url)
+    if open_browser and not webbrowser.open(url):
+        sys.stderr.write("roost ui: found no web browser to open; open the URL yourself\n")
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         server.run(sockets=[listener])

@@ -6,6 +6,7 @@ Ctrl-C."""
 
 from __future__ import annotations
 
+import os
 import signal
 import ssl
 import subprocess
@@ -20,7 +21,7 @@ import pytest
 
 from roost.api.sessions import CSP
 from tests.certs import CA
-from tests.harness import ROOT, Daemon, process_alive
+from tests.harness import ROOT, Daemon, process_alive, wait_for
 from tests.integration.test_remote_api import free_loopback_port, token_file
 
 pytestmark = [pytest.mark.root]
@@ -190,13 +191,14 @@ def test_log_out_ends_the_session(view: View) -> None:
 class LocalUI:
     """`roost ui` as a process against `daemon`, and the URL it printed."""
 
-    def __init__(self, daemon: Daemon, *args: str) -> None:
+    def __init__(self, daemon: Daemon, *args: str, env: dict[str, str] | None = None) -> None:
         self.process = subprocess.Popen(
             [sys.executable, "-m", "roost.cli.main", "--api", daemon.api, "ui", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,
             text=True,
+            env={**os.environ, **(env or {})},
         )
         assert self.process.stdout is not None
         self.url = self.process.stdout.readline().strip()
@@ -333,3 +335,26 @@ def test_ctrl_c_ends_roost_ui_with_exit_0_even_while_a_stream_is_open(
         assert next(events.iter_raw()).startswith(b"retry:")
         assert local.interrupt() == 0
     assert not any(process_alive(int(process)) for process in [pid, *children])
+
+
+def test_roost_ui_open_hands_its_url_to_the_web_browser(netns: str, tmp_path: Path) -> None:
+    opened = tmp_path / "opened"
+    browser = tmp_path / "browser"
+    browser.write_text(f'#!/bin/sh\necho "$1" > {opened}\n')
+    browser.chmod(0o755)
+    daemon = Daemon(netns, firecracker=None)
+    try:
+        daemon.start()
+        ui = LocalUI(
+            daemon, "--port", str(free_loopback_port()), "--open", env={"BROWSER": str(browser)}
+        )
+        try:
+            given = wait_for(
+                lambda: opened.exists() and opened.read_text().strip(), what="the browser's URL"
+            )
+            assert given == ui.url
+            assert ui.http.get(ui.url).status_code == 303
+        finally:
+            assert ui.interrupt() == 0
+    finally:
+        daemon.close()
