@@ -132,7 +132,12 @@ def move(
     """Move `vm` from host `source` to host `target`, where it takes `vcpus` and `memory_mib`
     (in the caller's transaction). Why it stays, if its status changed since it was judged
     (None: it moved); `LeftHostError` if it is no longer on `source`, `NoRoomError` when
-    `target` cannot take it now (the caller rolls back)."""
+    `target` cannot take it now (the caller rolls back).
+
+    The drain judged "no disk copy" from `vm.status`: a VM judged `created` that was started
+    and stopped since may have one now, so any change of status keeps it here (its status
+    never returns to `created`, and its artifacts never change, so an unchanged status keeps
+    that judgement true)."""
     connection = session.connection()
     now = connection.execute(_LOCKED, {"vm_id": vm.id}).first()
     if now is None or now.host_id != source:
@@ -140,6 +145,8 @@ def move(
     reason = unmovable(now.status)
     if reason is not None:
         return reason
+    if now.status != vm.status:
+        return f"{now.status}: changed while the drain judged it; drain again"
     clash = forwards.clash_on(connection, vm.id, target)
     if clash is not None:
         return (

@@ -206,6 +206,34 @@ def test_a_drain_leaves_running_vms_and_disk_copies_listed_with_the_reason(
     assert allocated(admin, "h1") == (vcpus * 2, memory * 2)
 
 
+def test_a_vm_started_and_stopped_while_the_drain_judged_it_stays_with_its_disk(
+    admin: HostAdmin, world: World, hosts: dict[str, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Judged `created` (no disk copy), then booted (its plugin has a rootfs: a disk copy on
+    h1) and stopped before its move: the move judges the locked row again and leaves it on
+    h1 with its disk; a second drain says why."""
+    create_on(world, hosts["h1"], "fresh", start=False)
+    judged = HostAdmin._need
+
+    def judge_then_boot(self: HostAdmin, vm: moves.HostedVM) -> Any:
+        need = judged(self, vm)
+        world.engine.start_vm(vm.name)
+        world.engine.stop_vm(vm.name, force=True)
+        return need
+
+    monkeypatch.setattr(HostAdmin, "_need", judge_then_boot)
+    drained = admin.drain("h1")
+    monkeypatch.undo()
+
+    assert drained["moved"] == []
+    assert drained["stayed"] == [
+        {"vm": "fresh", "reason": "stopped: changed while the drain judged it; drain again"}
+    ]
+    assert placed(world, "fresh")[0] == hosts["h1"]
+    assert allocated(admin, "h1") == held(world, "fresh")
+    assert admin.drain("h1")["stayed"] == [{"vm": "fresh", "reason": DISK_COPY}]
+
+
 def test_a_vm_no_other_host_has_room_for_stays_and_says_so(
     admin: HostAdmin, world: World, hosts: dict[str, int]
 ) -> None:
