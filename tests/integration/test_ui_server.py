@@ -99,6 +99,14 @@ def test_the_daemon_view_asks_for_the_token_and_hands_out_a_strict_secure_cookie
         assert 'name="token"' in anonymous.text
         assert anonymous.headers["content-security-policy"] == CSP
         assert browser.get("/ui/map", headers=SAME_ORIGIN).status_code == 401
+        bare = browser.get("/ui")
+        assert (bare.status_code, urlsplit(bare.headers["location"]).path) == (307, "/ui/")
+        script = browser.get("/ui/static/common.js")  # the project's code, no data: open
+        assert script.status_code == 200
+        media_type = script.headers["content-type"].split(";")[0]
+        assert media_type in ("text/javascript", "application/javascript")  # module scripts
+        assert script.headers["x-content-type-options"] == "nosniff"
+        assert script.headers["cache-control"] == "no-cache"
         form = browser.get("/ui/login")
         assert form.status_code == 200
         assert 'id="login-failed" class="form-error" role="alert" hidden>' in form.text
