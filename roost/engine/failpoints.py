@@ -1,6 +1,9 @@
 """Failpoints: `ROOST_FAILPOINT=<step id>` makes the daemon SIGKILL itself right after that
 step is done and recorded, so tests can prove what a restart makes of an operation cut short
-there. Read once, at start; without the variable a failpoint is one comparison with None.
+there. Read once, at start; without either variable a failpoint is two comparisons with None.
+`ROOST_FAILPOINT_FILE=<path>` instead arms the step the file names, read at every step (none
+while the file is empty or absent): a test can then arm one daemon again and again, instead of
+starting one for each failpoint.
 
 `STEPS` is every step id (the README's table), in the order an operation records them: what is
 done at that point, and what recovery then does. Every step an operation records
@@ -68,10 +71,20 @@ STEPS: dict[str, tuple[str, str]] = {
 }
 
 ARMED = os.environ.get("ROOST_FAILPOINT") or None
+ARMING_FILE = os.environ.get("ROOST_FAILPOINT_FILE") or None
 
 
 def failpoint(step: str) -> None:
     """Die here if `step` is the armed failpoint."""
     assert step in STEPS, f"step {step!r} has no id in STEPS"
-    if step == ARMED:
+    if step == ARMED or (ARMING_FILE is not None and step == _armed_by_file(ARMING_FILE)):
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def _armed_by_file(path: str) -> str | None:
+    """The step the arming file names now, if any."""
+    try:
+        with open(path) as file:
+            return file.read().strip() or None
+    except FileNotFoundError:
+        return None

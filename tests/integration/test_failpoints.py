@@ -2,7 +2,13 @@
 recorded step (`failpoints.STEPS`) with Firecracker VMs, and after the steps where QEMU VMs
 differ with QEMU ones, and at random moments of a burst of parallel creates, stops and
 removes; restarted, it leaves no VM starting or stopping, no VMM, vsock device, tap, bridge,
-nftables chain, run dir, disk or lease that belongs to no VM, and loses no VM."""
+nftables chain, run dir, disk or lease that belongs to no VM, and loses no VM.
+
+The matrix reuses one daemon of each kind per module (per xdist worker), in its own namespace
+with the plugin installed once: a case arms it through its arming file (`ROOST_FAILPOINT_FILE`),
+so it costs one daemon start (the restart after the kill) instead of two. Each case starts from
+a daemon just restarted and recovered, with no VM and nothing left on the host (checked), and
+leaves it so; a case that fails hands its daemon back closed, and the next gets a new one."""
 
 from __future__ import annotations
 
@@ -14,6 +20,7 @@ import shutil
 import signal
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +32,7 @@ from tests.harness import (
     Daemon,
     links,
     namespace_pids,
+    network_namespace,
     process_alive,
     run,
     wait_for,
@@ -218,24 +226,85 @@ def vms_before(daemon: Daemon, operation: str) -> None:
         daemon.ok(*argv)
 
 
+class ReusedDaemons:
+    """The matrix's daemons, one of each kind, each in a namespace of its own and armed through
+    its arming file; made when a case first needs one."""
+
+    def __init__(self) -> None:
+        self.daemons: dict[str, tuple[Daemon, contextlib.ExitStack]] = {}
+
+    def ready(self, vmm: str) -> Daemon:
+        """The daemon of this kind, running and disarmed, with plugin `p` and no VM, nothing of
+        a previous case left on its host."""
+        if vmm not in self.daemons:
+            stack = contextlib.ExitStack()
+            netns = stack.enter_context(network_namespace())
+            daemon = Daemon(netns, *DAEMON_ARGS[vmm])
+            stack.callback(close, daemon)
+            self.daemons[vmm] = (daemon, stack)
+            daemon.env["ROOST_FAILPOINT_FILE"] = str(arming_file(daemon))
+            daemon.start()
+            plugin_dir = daemon.dir / "plugin"
+            plugin_dir.mkdir()
+            install(daemon, plugin_dir)
+        daemon = self.daemons[vmm][0]
+        assert daemon.ok("vm", "list") == [], "the previous case left VMs"
+        check_invariants(daemon, set())
+        return daemon
+
+    def discard(self, vmm: str) -> None:
+        """Close the daemon of this kind and delete its namespace (after a failed case)."""
+        if vmm in self.daemons:
+            self.daemons.pop(vmm)[1].close()
+
+    def close(self) -> None:
+        for vmm in list(self.daemons):
+            self.discard(vmm)
+
+
+@pytest.fixture(scope="module")
+def reused() -> Iterator[ReusedDaemons]:
+    daemons = ReusedDaemons()
+    try:
+        yield daemons
+    finally:
+        daemons.close()
+
+
+def arming_file(daemon: Daemon) -> Path:
+    return daemon.dir / "failpoint"
+
+
+def remove_all(daemon: Daemon) -> None:
+    """Remove every VM, killing the VMMs of live ones (the next case starts with none)."""
+    for vm in daemon.ok("vm", "list"):
+        if vm["status"] in LIVE:
+            daemon.ok("vm", "stop", vm["name"], "--force")
+        removed = daemon.cli("vm", "rm", vm["name"], "--json")
+        assert removed.exit_code == 0, f"rm {vm['name']}: {removed.stdout}{removed.stderr}"
+
+
 @pytest.mark.parametrize(("vmm", "step"), CASES)
 def test_a_daemon_killed_at_a_step_leaks_and_loses_nothing(
-    netns: str, tmp_path: Path, vmm: str, step: str
+    reused: ReusedDaemons, vmm: str, step: str
 ) -> None:
     operation = step.partition(":")[0]
-    daemon = Daemon(netns, *DAEMON_ARGS[vmm], env={"ROOST_FAILPOINT": step})
+    daemon = reused.ready(vmm)
     try:
-        daemon.start()
-        install(daemon, tmp_path)
+        arming_file(daemon).write_text(step)
         vms_before(daemon, operation)
         before = {vm["name"] for vm in daemon.ok("vm", "list")}
         cut = daemon.cli(*OPERATIONS[operation][1], "--json")
         assert cut.exit_code == 5, f"{step} was not reached: {cut.stdout}{cut.stderr}"
         died(daemon)
-        restart(daemon)
+        arming_file(daemon).unlink()
+        daemon.start()
+        healthy(daemon)
         check_invariants(daemon, before - {"t"} if operation == "remove" else before)
-    finally:
-        close(daemon)
+        remove_all(daemon)
+    except BaseException:
+        reused.discard(vmm)
+        raise
 
 
 @pytest.mark.firecracker
