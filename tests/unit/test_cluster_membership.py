@@ -596,3 +596,46 @@ def test_a_fenced_agent_answers_changes_503_fenced_and_reads_as_usual() -> None:
         assert refused.json()["error"]["code"] == "fenced"
         assert refused.headers["retry-after"] == "1"
     assert get.text == "GET"
+
+
+def upgrade_through(fencing: Fencing, denial: bool) -> list[dict[str, Any]]:
+    """What `fencing` sent for a WebSocket upgrade to the vsock route, from a server that can
+    send a denial response when `denial` says so."""
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "websocket.connect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "websocket",
+        "path": "/v1/vms/a/vsock/1024",
+        "headers": [],
+        "extensions": {"websocket.http.response": {}} if denial else {},
+    }
+    asyncio.run(fencing(scope, receive, send))  # type: ignore[arg-type]
+    return sent
+
+
+def test_a_fenced_agent_refuses_websockets_503_fenced_or_closes_them() -> None:
+    refusal: list[RoostError] = []
+    reached: list[str] = []
+
+    async def routes(scope: Any, receive: Any, send: Any) -> None:
+        reached.append(scope["path"])
+
+    fencing = Fencing(routes, refusal=lambda: refusal[0] if refusal else None)
+    assert upgrade_through(fencing, denial=True) == []
+    assert reached == ["/v1/vms/a/vsock/1024"]
+
+    refusal.append(UnavailableError("host h2 was fenced", code="fenced", retry_after=1.0))
+    start, body = upgrade_through(fencing, denial=True)
+    assert (start["type"], start["status"]) == ("websocket.http.response.start", 503)
+    assert (b"retry-after", b"1") in start["headers"]
+    assert json.loads(body["body"])["error"]["code"] == "fenced"
+    assert upgrade_through(fencing, denial=False) == [
+        {"type": "websocket.close", "code": 1013, "reason": "fenced"}
+    ]
+    assert reached == ["/v1/vms/a/vsock/1024"]  # neither refused upgrade reached the routes
