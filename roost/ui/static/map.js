@@ -57,7 +57,15 @@ export function layout(vms, networks, hosts) {
   const cluster = hosts.length > 0;
   const groupNames = cluster ? hosts.map((h) => h.name) : [""];
   const groups = new Map(groupNames.map((name) => [name, { name, host: hosts.find((h) => h.name === name), connected: [], isolated: [] }]));
-  for (const vm of [...vms].sort((a, b) => a.name.localeCompare(b.name))) {
+  // fewer crossings: each VM after those whose networks come earlier (by name), then each
+  // network over the middle of its VMs
+  const order = [...nodes.keys()].sort();
+  const rank = (vm) => {
+    const ranks = interfacesOf(vm).map((nic) => order.indexOf(networkKey(nic, byBridge)));
+    return ranks.length ? ranks.reduce((a, b) => a + b, 0) / ranks.length : Infinity;
+  };
+  const sorted = [...vms].sort((a, b) => rank(a) - rank(b) || a.name.localeCompare(b.name));
+  for (const vm of sorted) {
     const key = cluster ? (vm.host ?? "") : "";
     if (!groups.has(key)) groups.set(key, { name: key, host: null, connected: [], isolated: [] });
     const group = groups.get(key);
@@ -101,7 +109,22 @@ export function layout(vms, networks, hosts) {
   }
   const vmWidth = x - GAP * 2 + PAD;
 
-  const networkNodes = [...nodes.values()].sort((a, b) => a.name.localeCompare(b.name));
+  const middle = new Map();
+  for (const vm of vms) {
+    const place = placed.get(vm.name);
+    for (const nic of interfacesOf(vm)) {
+      const key = networkKey(nic, byBridge);
+      const xs = middle.get(key) ?? [];
+      xs.push(place.x);
+      middle.set(key, xs);
+    }
+  }
+  const centre = (node) => {
+    const xs = middle.get(node.name);
+    return xs ? xs.reduce((a, b) => a + b, 0) / xs.length : Infinity;
+  };
+  const networkNodes = [...nodes.values()]
+    .sort((a, b) => centre(a) - centre(b) || a.name.localeCompare(b.name));
   const rowWidth = networkNodes.length * (NODE_W + GAP) - GAP + 2 * PAD;
   const width = Math.max(vmWidth, rowWidth, 320);
   let nx = (width - rowWidth) / 2 + PAD;
@@ -167,15 +190,24 @@ function edges(vms, plan) {
         .filter(Boolean).join(" ");
       const label = `${nic.tap ?? nic.name ?? ""} ${address}`.trim();
       const policies = policiesOf(nic);
-      const lx = x1 + (x2 - x1) * 0.3;
-      const ly = y1 + (y2 - y1) * 0.3;
+      // along the line, from near the VM, at a height of its own so that labels side by side
+      // do not sit on each other
+      const along = 0.25 + (drawn.length % 3) * 0.2;
+      const lx = x1 + (x2 - x1) * along;
+      const ly = y1 + (y2 - y1) * along;
+      let angle = (Math.atan2(y2 - y1, x2 - x1) * 180) / Math.PI;
+      if (angle > 90) angle -= 180;
+      if (angle < -90) angle += 180;
+      const turn = `rotate(${angle.toFixed(1)} ${lx.toFixed(1)} ${ly.toFixed(1)})`;
       drawn.push(svg(
         "g",
         { class: `edge mode-${nic.mode}`, "data-vm": vm.name, "data-network": node.name, "data-interface": nic.name ?? index, "data-tap": nic.tap ?? null },
         svg("title", {}, `${vm.name} ${nic.name}: ${nic.mode} on ${node.name}${nic.tap ? ` via ${nic.tap}` : ""}${address ? `, ${address}` : ""}${policies.length ? `; policies: ${policies.join(", ")}` : ""}`),
         svg("line", { x1, y1, x2, y2 }),
-        text(lx + 4, ly, label, "edge-label"),
-        policies.length ? text(lx + 4, ly + 14, `policies: ${policies.join(", ")}`, "edge-label policies") : null,
+        svg("text", { x: lx, y: ly - 3, class: "edge-label", transform: turn }, label),
+        policies.length
+          ? svg("text", { x: lx, y: ly + 10, class: "edge-label policies", transform: turn }, `policies: ${policies.join(", ")}`)
+          : null,
       ));
     });
   }

@@ -119,7 +119,7 @@ function listOf(config) {
  * (a VM that names no network inherits the plugin's; a single `network` of the same mode that
  * names no subnet or network of its own inherits the fields it leaves out), or roost.
  */
-export function originOf(key, index, vmNets, pluginNets, singleForm) {
+export function originOf(key, value, index, vmNets, pluginNets, singleForm) {
   const mine = vmNets?.[index];
   const plugins = pluginNets?.[index];
   const inherits = vmNets === null ||
@@ -131,7 +131,10 @@ export function originOf(key, index, vmNets, pluginNets, singleForm) {
     }
     return { origin: "vm", note: "this VM" };
   }
-  if (inherits && plugins && key in plugins) return { origin: "plugin", note: "plugin default" };
+  if (inherits && plugins && key in plugins) {
+    if (JSON.stringify(plugins[key]) === JSON.stringify(value)) return { origin: "plugin", note: "plugin default" };
+    return { origin: "roost", note: `roost (follows from this VM's settings; the plugin's is ${JSON.stringify(plugins[key])})` };
+  }
   return { origin: "roost", note: "roost (assigned or derived)" };
 }
 
@@ -155,7 +158,10 @@ function renderNetwork() {
     ? "vsock only: no network interface (the host reaches it over vsock)."
     : `Network source: ${source ?? (config?.config?.interfaces ? "vm (interfaces)" : "plugin")}. ` +
       "Each field says whether it is this VM's own setting, its plugin's default " +
-      `(plugin ${vm.plugin}'s manifest as installed now) or roost's.`;
+      `(plugin ${vm.plugin}'s manifest as installed now) or roost's.` +
+      (vm.running_version && vm.running_version !== config?.version
+        ? ` This is config version ${config?.version}; the VMM runs version ${vm.running_version} until it restarts.`
+        : "");
   const vmNets = listOf(config?.config);
   const pluginNets = listOf(manifest);
   const singleForm = !Array.isArray(config?.config?.interfaces) && !Array.isArray(manifest?.interfaces);
@@ -164,7 +170,7 @@ function renderNetwork() {
     const rows = [];
     for (const key of SHOWN_FIELDS) {
       if (!(key in nic) && !(vmNets?.[index] && key in vmNets[index])) continue;
-      const { origin, note } = originOf(key, index, vmNets, pluginNets, singleForm);
+      const { origin, note } = originOf(key, nic[key], index, vmNets, pluginNets, singleForm);
       rows.push(el(
         "tr",
         { "data-field": key, "data-origin": origin },
