@@ -20,7 +20,7 @@ import httpx
 import pytest
 
 from tests.certs import CA
-from tests.harness import CLIResult, Daemon, run
+from tests.harness import CLIResult, Daemon, network_namespace, run
 
 pytestmark = [pytest.mark.root]
 
@@ -62,31 +62,45 @@ class Remote:
         )
 
 
-@pytest.fixture
-def ca(tmp_path: Path) -> CA:
-    return CA.make(tmp_path)
+@pytest.fixture(scope="module")
+def ca(tmp_path_factory: pytest.TempPathFactory) -> CA:
+    return CA.make(tmp_path_factory.mktemp("ca"))
 
 
-@pytest.fixture
-def remote(netns: str, ca: CA, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Remote]:
-    monkeypatch.delenv("ROOST_TOKEN", raising=False)
+@pytest.fixture(scope="module")
+def shared_remote(ca: CA, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Remote]:
+    """One daemon for the module's tests that only send it requests (none changes what it
+    holds or how it runs), in a namespace of its own: each would otherwise start its own."""
+    directory = tmp_path_factory.mktemp("remote")
     server = ca.issue("daemon", "DNS:roost.test", "DNS:*.roost.test", "IP:127.0.0.1")
     port = free_loopback_port()
-    daemon = Daemon(
-        netns,
-        "--listen", f"tcp://127.0.0.1:{port}",
-        "--tls-cert", str(server.cert),
-        "--tls-key", str(server.key),
-        "--server-name", "api.example",
-        "--token-file", str(token_file(tmp_path, TOKEN, "daemon-token")),
-        firecracker=None,
-        env={"ROOST_TOKEN": "not-the-daemons-token"},  # its --token-file wins
-    )  # fmt: skip
-    try:
-        daemon.start()
-        yield Remote(daemon, port, ca.cert, token_file(tmp_path, TOKEN))
-    finally:
-        daemon.close()
+    with network_namespace() as netns:
+        daemon = Daemon(
+            netns,
+            "--listen", f"tcp://127.0.0.1:{port}",
+            "--tls-cert", str(server.cert),
+            "--tls-key", str(server.key),
+            "--server-name", "api.example",
+            "--token-file", str(token_file(directory, TOKEN, "daemon-token")),
+            firecracker=None,
+            env={"ROOST_TOKEN": "not-the-daemons-token"},  # its --token-file wins
+        )  # fmt: skip
+        try:
+            daemon.start()
+            yield Remote(daemon, port, ca.cert, token_file(directory, TOKEN))
+        finally:
+            daemon.close()
+
+
+@pytest.fixture
+def remote(shared_remote: Remote, monkeypatch: pytest.MonkeyPatch) -> Remote:
+    """The shared daemon, still running and holding no VM; the test's CLI starts without
+    $ROOST_TOKEN."""
+    monkeypatch.delenv("ROOST_TOKEN", raising=False)
+    daemon = shared_remote.daemon
+    assert daemon.process is not None and daemon.process.poll() is None, daemon.logs()
+    assert daemon.http.get("/v1/vms").json() == []
+    return shared_remote
 
 
 def error_of(result: CLIResult) -> tuple[int, str, str]:
