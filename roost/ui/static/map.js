@@ -10,11 +10,12 @@ import { interfacesOf } from "./model.js";
 const SVG = "http://www.w3.org/2000/svg";
 const NODE_W = 168;
 const NODE_H = 48;
+const NETWORK_H = 62;
 const GAP = 28;
 const COLUMNS = 4;
 const PAD = 24;
 const NETWORK_Y = PAD;
-const VM_TOP = NETWORK_Y + NODE_H + 150; // room for the edges' labels
+const VM_TOP = NETWORK_Y + NETWORK_H + 150; // room for the edges' labels
 const wrap = document.getElementById("map-wrap");
 
 function svg(tag, attributes = {}, ...children) {
@@ -77,7 +78,8 @@ export function layout(vms, networks, hosts) {
   let bottom = VM_TOP;
   const boxes = [];
   for (const group of groups.values()) {
-    const columns = Math.max(1, Math.min(COLUMNS, Math.max(group.connected.length, group.isolated.length)));
+    const fewest = cluster ? 2 : 1; // room for the host's title
+    const columns = Math.max(fewest, Math.min(COLUMNS, Math.max(group.connected.length, group.isolated.length)));
     const inner = columns * NODE_W + (columns - 1) * GAP;
     const left = x + (cluster ? GAP : 0);
     let y = VM_TOP + (cluster ? 40 : 0);
@@ -146,9 +148,10 @@ function networkNode(node) {
     "g",
     { class: classes.join(" "), "data-name": node.name, "data-bridge": network.bridge ?? null, transform: `translate(${node.x} ${node.y})` },
     svg("title", {}, `${node.name}: ${network.kind ?? ""} network${network.bridge ? ` on bridge ${network.bridge}` : ""}${network.subnet ? `, ${network.subnet}` : ""}`),
-    svg("rect", { width: NODE_W, height: NODE_H, rx: 6 }),
+    svg("rect", { width: NODE_W, height: NETWORK_H, rx: 6 }),
     text(10, 19, node.name, "title"),
-    text(10, 36, extra ? `${detail} · ${extra}` : detail, "detail"),
+    text(10, 36, detail, "detail"),
+    extra ? text(10, 52, extra, "detail") : null,
   );
 }
 
@@ -185,14 +188,14 @@ function edges(vms, plan) {
       const used = counts.get(node.name) ?? 0;
       counts.set(node.name, used + 1);
       const x2 = node.x + NODE_W / 2 + ((used % 5) - 2) * 8;
-      const y2 = node.y + NODE_H;
+      const y2 = node.y + NETWORK_H;
       const address = [nic.ip, nic.observed_ip && nic.observed_ip !== nic.ip ? `dhcp ${nic.observed_ip}` : null, nic.ipv6]
         .filter(Boolean).join(" ");
       const label = `${nic.tap ?? nic.name ?? ""} ${address}`.trim();
       const policies = policiesOf(nic);
       // along the line, from near the VM, at a height of its own so that labels side by side
       // do not sit on each other
-      const along = 0.25 + (drawn.length % 3) * 0.2;
+      const along = 0.4 + (drawn.length % 3) * 0.18;
       const lx = x1 + (x2 - x1) * along;
       const ly = y1 + (y2 - y1) * along;
       let angle = (Math.atan2(y2 - y1, x2 - x1) * 180) / Math.PI;
@@ -259,7 +262,7 @@ function vxlanLinks(plan, networks) {
         { class: "vxlan", "data-from": from.group.name, "data-to": to.group.name },
         svg("title", {}, `${from.group.name} ↔ ${to.group.name}: ${label}`),
         svg("path", { d: `M ${x1} ${from.y + from.height} C ${x1} ${y + depth}, ${x2} ${y + depth}, ${x2} ${to.y + to.height}` }),
-        text((x1 + x2) / 2, y + depth - 2, label, "edge-label vxlan-label"),
+        links.length ? null : text((x1 + x2) / 2, y + depth - 2, label, "edge-label vxlan-label"),
       ));
     });
   });
