@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import ssl
 import subprocess
 import sys
@@ -22,13 +23,19 @@ import pytest
 from roost.api.sessions import CSP
 from tests.certs import CA
 from tests.harness import ROOT, Daemon, process_alive, wait_for
-from tests.integration.test_remote_api import free_loopback_port, token_file
 
 pytestmark = [pytest.mark.root]
 
 TOKEN = "ui-server-token"
 SAME_ORIGIN = {"sec-fetch-site": "same-origin"}  # a page's own reads, EventSource included
 EVIL = "https://evil.example"
+
+
+def free_loopback_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port: int = probe.getsockname()[1]
+        return port
 
 
 def cookie_of(response: httpx.Response, name: str) -> tuple[str, set[str]]:
@@ -74,13 +81,15 @@ def view(netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     monkeypatch.delenv("ROOST_TOKEN", raising=False)
     ca = CA.make(tmp_path)
     server = ca.issue("daemon", "IP:127.0.0.1")
+    token = tmp_path / "token"
+    token.write_text(TOKEN)
     port = free_loopback_port()
     daemon = Daemon(
         netns,
         "--listen", f"tcp://127.0.0.1:{port}",
         "--tls-cert", str(server.cert),
         "--tls-key", str(server.key),
-        "--token-file", str(token_file(tmp_path, TOKEN)),
+        "--token-file", str(token),
         firecracker=None,
     )  # fmt: skip
     try:
