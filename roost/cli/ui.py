@@ -30,7 +30,7 @@ from roost.api.endpoints import Endpoint
 from roost.api.sessions import LOCAL_COOKIE, set_cookie, with_security_headers
 from roost.cli.apps import app
 from roost.cli.output import reporting
-from roost.cli.reach import Globals
+from roost.cli.reach import Globals, daemon
 from roost.errors import InvalidError, RoostError
 
 TYPE_CHECKING = False
@@ -71,6 +71,8 @@ def ui_command(
 ) -> None:
     """Serve the web view on 127.0.0.1 until Ctrl-C: VMs, networks, plugins, hosts and
     events, live. Open the URL it prints (its token works once)."""
+    with daemon(False) as client:  # out of reach or refusing the token: say so now
+        client.call("GET", "/v1/plugins")
     with reporting(False):
         listener = _bind(port)
         try:
@@ -107,29 +109,29 @@ def _serve(listener: socket.socket, open_browser: bool) -> None:
 
     port = listener.getsockname()[1]
     token = secrets.token_urlsafe(32)
-    daemon = DaemonForwarder(Globals.api, Globals.token_file, Globals.ca)
-    view = local_view(port, token, daemon)
+    forwarder = DaemonForwarder(Globals.api, Globals.token_file, Globals.ca)
+    view = local_view(port, token, forwarder)
 
     class Server(uvicorn.Server):
         """Breaks off the forwarded streams as it begins to stop: its graceful shutdown waits
         for every answer to end, and an event stream never does."""
 
         async def shutdown(self, sockets: list[socket.socket] | None = None) -> None:
-            daemon.stopping.set()
+            forwarder.stopping.set()
             await super().shutdown(sockets)
-            await daemon.aclose()
+            await forwarder.aclose()
 
     server = Server(
         uvicorn.Config(view, log_config=None, access_log=False, timeout_graceful_shutdown=5)
     )
     url = f"http://{LOOPBACK}:{port}/?token={token}"
-    sys.stdout.write(url + "\n")
-    sys.stdout.flush()
-    sys.stderr.write(f"roost ui: the daemon at {Globals.api}; Ctrl-C stops it\n")
-    if open_browser and not webbrowser.open(url):
-        sys.stderr.write("roost ui: found no web browser to open; open the URL yourself\n")
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
+        sys.stdout.write(url + "\n")
+        sys.stdout.flush()
+        sys.stderr.write(f"roost ui: the daemon at {Globals.api}; Ctrl-C stops it\n")
+        if open_browser and not webbrowser.open(url):
+            sys.stderr.write("roost ui: found no web browser to open; open the URL yourself\n")
         server.run(sockets=[listener])
     except (_Stop, KeyboardInterrupt):
         pass  # how one stops it: not an error

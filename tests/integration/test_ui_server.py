@@ -375,3 +375,16 @@ def test_roost_ui_open_hands_its_url_to_the_web_browser(netns: str, tmp_path: Pa
             assert ui.interrupt() == 0
     finally:
         daemon.close()
+
+
+def test_roost_ui_without_a_daemon_says_so_and_serves_nothing(tmp_path: Path) -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "roost.cli.main", "--api", f"unix://{tmp_path}/none.sock", "ui"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert (result.returncode, result.stdout) == (5, "")
+    assert "cannot reach the roost daemon" in result.stderr
