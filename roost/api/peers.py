@@ -135,8 +135,11 @@ class Router:
         self.host_name = host_name
 
     def route(self, scope: Scope) -> Peer | None:
-        target = destination(scope.get("method", "GET"), scope["path"])
+        method = scope.get("method", "GET")
+        target = destination(method, scope["path"])
         if isinstance(target, VMHost):
+            if method == "DELETE" and scope["path"] == f"{VMS}/{target.name}":
+                return self.remover_of(target.name)
             return self.host_of(target.name)
         if isinstance(target, Placement):
             return self.place(scope)
@@ -146,6 +149,11 @@ class Router:
         """The host that runs `vm`, or None when it is this one (or no VM has that name: the
         local answer is then 404)."""
         return None
+
+    def remover_of(self, vm: str) -> Peer | None:
+        """The host that removes `vm` (None: this one); its host, as for every other route,
+        unless the cluster's router says otherwise."""
+        return self.host_of(vm)
 
     def place(self, scope: Scope) -> Peer | None:
         """The host a `POST /v1/vms` goes to; None creates here (placement decides)."""

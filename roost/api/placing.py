@@ -118,11 +118,23 @@ class ClusterRouter(Router):
         self.host_id = host_id
 
     def host_of(self, vm: str) -> Peer | None:
-        with self.hosts.db.read() as session:
-            found = reservations.host_of(session.connection(), vm, self.cluster.offline_after)
+        found = self._found(vm)
         if found is None or found.id == self.host_id:
             return None
         return Peer(found.name, found.api, found.offline)
+
+    def remover_of(self, vm: str) -> Peer | None:
+        """A lost VM whose host is offline (it may never return) is removed here, record only
+        (`Engine.destroy_vm`): its host would answer 503 `host_offline` for as long as it is
+        away. Any other VM is removed by its host."""
+        found = self._found(vm)
+        if found is None or found.id == self.host_id or (found.lost and found.offline):
+            return None
+        return Peer(found.name, found.api, found.offline)
+
+    def _found(self, vm: str) -> reservations.VMHost | None:
+        with self.hosts.db.read() as session:
+            return reservations.host_of(session.connection(), vm, self.cluster.offline_after)
 
 
 def moves_on(status: int, body: bytes) -> bool:

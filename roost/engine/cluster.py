@@ -257,12 +257,20 @@ class Member:
     def end_lost(self) -> list[str]:
         """End, by PID, the VMM of each of this host's VMs the cluster marked lost, and remove
         what it held on this host (taps, rules, sockets, CNI attachments); their records stay
-        as the cluster wrote them. The names of those whose VMM ran."""
+        as the cluster wrote them. A VMM this agent runs for a VM no longer recorded as this
+        host's (a lost VM removed through another agent meanwhile) is ended too, with its run
+        dir and disk. The names of those whose VMM ran."""
         assert self.membership is not None
         with self.db.read() as session:
             lost = outages.lost_vms(session.connection(), self.membership.host_id)
+        removed = set(self.engine.live) - self.engine.records.names()
+        gone = [name for name in sorted(removed) if self.engine.abandon(name)]
+        for name in gone:
+            self.engine.run_dir(name).remove()
+            self.engine.disks.remove(name)
+            log.warning("VM %s: ended its VMM, as the VM was removed while lost", name)
         if not lost:
-            return []
+            return gone
         ended = [name for name in lost if self.engine.abandon(name)]
         wanted = set(lost) - set(ended)
         settings = self.engine.settings
@@ -277,7 +285,7 @@ class Member:
                 "be another VM's by now)",
                 name,
             )
-        return sorted(ended)
+        return sorted([*gone, *ended])
 
 
 def _fenced(message: str) -> UnavailableError:

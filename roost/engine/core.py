@@ -127,12 +127,14 @@ class Live:
     """A VMM this daemon watches, the driver that runs it, and whether it is paused. `shown`
     holds the columns of the VM's view that come from other tables and cannot change while
     its VMM runs (plugin, CID, config and manifest), so a status change need not read them
-    again; None for a VMM adopted after a restart."""
+    again; None for a VMM adopted after a restart. `taps`: those it runs with, released by
+    name once its record is gone (a lost VM removed through another agent)."""
 
     process: VMMProcess
     driver: Driver
     paused: bool = False
     shown: dict[str, Any] | None = None
+    taps: tuple[str, ...] = ()
 
 
 def _as_read(query: VMQuery, offline: frozenset[int]) -> VMQuery:
@@ -492,8 +494,16 @@ class Engine:
             raise
 
     def destroy_vm(self, name: str) -> None:
-        """Stop the VM if it runs, then remove it and everything it holds."""
+        """Stop the VM if it runs, then remove it and everything it holds. Another host's VM
+        the cluster declared lost (its host offline, maybe for good) has only its record
+        removed (its reservation given back; its addresses went when it was lost): its VMM,
+        taps and CNI attachments are its host's to end, as that host's fencing does."""
         with self.locks.hold(name, "remove"):
+            if self.records.lost_elsewhere(name):
+                self.db.transact(lambda session: self.allocator.forget(session, name))
+                log.info("VM %s: removed the record of the lost VM of another host", name)
+                self.events.publish("vm.deleted", vm=name)
+                return
             self.allocator.check_run_dir_free(name)
             stopped = self._stop(name, None, False, "remove")
             # a VMM stopped here had its host side released by the stop: not twice (each
@@ -602,7 +612,8 @@ class Engine:
             early=booting.early,
             while_booting=record_running,
         )
-        self.live[name] = Live(process, driver, shown=booting.shown)
+        taps = (*(planned.tap for planned in booting.taps), *(tap for _, tap in booting.cni_taps))
+        self.live[name] = Live(process, driver, shown=booting.shown, taps=taps)
         steps.done("booted", f"started {booting.vmm}", lambda: self._untrack(name, process))
         self._watch(name, process)
         for index, tap, mac in booting.watched:
@@ -722,7 +733,7 @@ class Engine:
         self.live.pop(name, None)
         self._unwatch(live.process)
         live.process.kill()
-        self.release_host(name)
+        self.release_host(name, sorted({*self.records.taps(name), *live.taps}))
 
     def release_host(self, name: str, taps: Sequence[str] | None = None) -> list[str]:
         """Remove what only exists while the VMM runs: its taps, their rules and its sockets
@@ -874,7 +885,10 @@ class Engine:
     def adopt(self, record: LiveRecord, process: VMMProcess) -> None:
         """Follow a VMM an earlier daemon started, as if this one had."""
         self.live[record.name] = Live(
-            process, self.drivers[record.vmm_kind], record.status is VMStatus.PAUSED
+            process,
+            self.drivers[record.vmm_kind],
+            record.status is VMStatus.PAUSED,
+            taps=tuple(record.taps),
         )
         self._watch(record.name, process)
         for interface in record.network.interfaces if record.network is not None else ():

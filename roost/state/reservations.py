@@ -16,6 +16,7 @@ from sqlalchemy import Connection, bindparam, func, select, update
 from roost.errors import ConflictError
 from roost.state.hosts import Hosts
 from roost.state.models import VM, Host
+from roost.state.vms import VMStatus
 
 _HELD = select(VM.host_id, VM.reserved_vcpus, VM.reserved_memory_mib).where(
     VM.id == bindparam("vm_id")
@@ -32,6 +33,7 @@ _HOST_OF = (
         Host.name,
         Host.api,
         (func.now() - Host.heartbeat_at >= bindparam("offline_after")).label("offline"),
+        (VM.status == VMStatus.LOST.value).label("lost"),
     )
     .join(Host, Host.id == VM.host_id)
     .where(VM.name == bindparam("vm_name"))
@@ -40,12 +42,14 @@ _HOST_OF = (
 
 @dataclass(frozen=True)
 class VMHost:
-    """The host a VM lives on, as a request for the VM is routed."""
+    """The host a VM lives on, as a request for the VM is routed; `lost`: the cluster
+    declared the VM lost."""
 
     id: int
     name: str
     api: str
     offline: bool
+    lost: bool
 
 
 def host_of(connection: Connection, vm_name: str, offline_after: float) -> VMHost | None:
@@ -56,7 +60,7 @@ def host_of(connection: Connection, vm_name: str, offline_after: float) -> VMHos
     ).first()
     if found is None:
         return None
-    return VMHost(found.host_id, found.name, found.api, bool(found.offline))
+    return VMHost(found.host_id, found.name, found.api, bool(found.offline), bool(found.lost))
 
 
 def no_capacity(host: str | int, vcpus: int, memory_mib: int) -> ConflictError:

@@ -223,6 +223,7 @@ NAME_ROWS: Select[Any] = select(VM.name).join(Plugin, Plugin.id == VM.plugin_id)
 _VM_ROW = VM_ROWS.where(VM.name == bindparam("name"))
 _VM_ID = select(VM.id).where(VM.name == bindparam("name"))
 _STATUS = select(VM.status).where(VM.name == bindparam("name"))
+_HOST_AND_STATUS = select(VM.host_id, VM.status).where(VM.name == bindparam("name"))
 _TAPS = select(VMNic.tap).join(VM, VM.id == VMNic.vm_id).where(VM.name == bindparam("name"))
 _NICS_AND_LABELS_OF = select(
     _NICS.label("nics"), _LABELS.label("labels"), _HOST_NAME.label("host")
@@ -564,6 +565,15 @@ class VMRecords:
         if status is None:
             raise no_vm(name)
         return VMStatus(status)
+
+    def lost_elsewhere(self, name: str) -> bool:
+        """Whether VM `name` is another host's and the cluster declared it lost (never on a
+        single host): nothing of it is on this host to remove, only its record."""
+        if self.host_id is None:
+            return False
+        with self.db.read() as session:
+            found = session.connection().execute(_HOST_AND_STATUS, {"name": name}).first()
+        return found is not None and found.host_id != self.host_id and found.status == VMStatus.LOST
 
     def taps(self, name: str) -> list[str]:
         """The tap names of every interface the VM has had (those of a running VM among them)."""

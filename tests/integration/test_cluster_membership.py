@@ -19,7 +19,7 @@ from roost.engine.cluster import RECONCILER_LOCK
 from roost.state.db import Database
 from roost.state.hosts import Hosts, HostState, Need
 from tests.cluster import TEST_LOST_AFTER, TEST_OFFLINE_AFTER, Agent, MakeCluster
-from tests.harness import process_alive, wait_for, write_plugin
+from tests.harness import links, process_alive, wait_for, write_plugin
 from tests.postgres import PostgresServer
 
 pytestmark = [pytest.mark.root, pytest.mark.firecracker, pytest.mark.kvm]
@@ -150,6 +150,46 @@ def test_an_agent_restarted_after_the_grace_ends_its_lost_vms_vmm_before_recover
         what="its recovery to end",
     )
     assert first.http.get("/v1/vms/stranded").json()["status"] == "lost"
+
+
+def test_a_lost_vm_of_a_frozen_host_is_removed_through_another_agent_and_its_host_ends_it(
+    make_cluster: MakeCluster, db: list[Database], tmp_path: Path
+) -> None:
+    """Its host answers nothing while away (maybe for good): any agent removes the lost VM's
+    record, its reservation and name with it; the host, thawed, ends the VMM it still runs and
+    removes its taps and run dir."""
+    cluster = make_cluster(2)
+    database = Database(cluster.database_url)
+    db.append(database)
+    hosts = Hosts(database)
+    first, frozen = cluster[1], cluster[2]
+    frozen.ok("plugin", "install", write_plugin(tmp_path, "p"))  # bridged: it has a tap
+    created = frozen.ok("vm", "create", "stranded", "--plugin", "p", "--host", frozen.name)
+    stranded, tap = int(created["vmm"]["pid"]), created["network"]["tap"]
+    assert tap in links(frozen.netns)
+
+    frozen.freeze()
+    wait_for(
+        lambda: status(database, "stranded") == "lost",
+        timeout=TEST_LOST_AFTER + 30,
+        what="its VM to be lost",
+    )
+    removed = first.cli("vm", "rm", "stranded")
+    assert removed.exit_code == 0, removed.stdout + removed.stderr
+    assert first.http.get("/v1/vms/stranded").status_code == 404
+    assert hosts.get(frozen.name).allocated.vcpus == 0
+    assert process_alive(stranded)  # the frozen host's own to end
+
+    frozen.thaw()
+    wait_for(lambda: not process_alive(stranded), timeout=30, what="its VMM to end")
+    wait_for(
+        lambda: hosts.get(frozen.name, TEST_OFFLINE_AFTER).state is HostState.ACTIVE,
+        timeout=30,
+        what=f"{frozen.name} to join again",
+    )
+    assert tap not in links(frozen.netns)
+    assert not (frozen.run_dir / "vms" / "stranded").exists()
+    assert first.ok("vm", "create", "stranded", "--plugin", "p")["name"] == "stranded"
 
 
 def reconciler_holder(postgres: PostgresServer, url: str) -> tuple[int, str] | None:
