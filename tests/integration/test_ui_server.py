@@ -22,7 +22,7 @@ import pytest
 
 from roost.api.sessions import CSP
 from tests.certs import CA
-from tests.harness import ROOT, Daemon, process_alive, wait_for
+from tests.harness import ROOT, Daemon, demo_plugin, process_alive, wait_for
 
 pytestmark = [pytest.mark.root]
 
@@ -388,3 +388,32 @@ def test_roost_ui_without_a_daemon_says_so_and_serves_nothing(tmp_path: Path) ->
     )
     assert (result.returncode, result.stdout) == (5, "")
     assert "cannot reach the roost daemon" in result.stderr
+
+
+@pytest.mark.firecracker
+@pytest.mark.kvm
+def test_roost_ui_follows_a_console_until_its_vm_stops(netns: str, tmp_path: Path) -> None:
+    daemon = Daemon(netns)
+    try:
+        daemon.start()
+        daemon.ok("plugin", "install", demo_plugin(tmp_path, "demo", network={"mode": "vsock"}))
+        vm = daemon.ok("vm", "create", "c1", "--plugin", "demo")
+        assert vm["status"] == "running"  # so its console is followed until it stops
+        ui = LocalUI(daemon)
+        try:
+            cookie = ui.log_in()
+            follow = {"follow": "true"}
+            headers = {**cookie, **SAME_ORIGIN}
+            path = "/api/v1/vms/c1/console"
+            with ui.http.stream("GET", path, params=follow, headers=headers) as console:
+                assert console.status_code == 200
+                assert console.headers["content-type"].startswith("text/plain")
+                stopped = daemon.http.post("/v1/vms/c1/stop", params={"force": "true"})
+                assert stopped.json()["status"] == "stopped"
+                followed = console.read()  # the stream ends once the VM stopped
+            log = Path(vm["vmm"]["api_socket"]).parent / "console.log"
+            assert log.read_bytes().startswith(followed)
+        finally:
+            assert ui.interrupt() == 0
+    finally:
+        daemon.close()
