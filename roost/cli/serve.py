@@ -318,8 +318,6 @@ def serve_command(
     )
     for chatty in ("alembic", "httpx", "uvicorn.error"):
         logging.getLogger(chatty).setLevel(logging.WARNING)
-    from roost.api.server import serve
-
     with reporting(as_json=False):
         if reap_orphans and keep_orphans:
             typer.echo("error: --reap-orphans and --keep-orphans exclude each other", err=True)
@@ -398,6 +396,10 @@ def serve_command(
             jail_gid=gid,
             cluster=cluster,
         )
+        # imported once the flags are found sound: the server's imports take a second or
+        # more, which a refused start need not wait for
+        from roost.api.server import serve
+
         try:
             serve(settings, endpoints)
         except OSError as error:  # e.g. the address is in use, or a directory is not writable
