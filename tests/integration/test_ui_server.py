@@ -55,6 +55,7 @@ class View:
     daemon: Daemon
     origin: str
     ca: Path
+    token_file: Path
 
     def browser(self) -> httpx.Client:
         """A client that keeps no cookies of its own: each test says which it sends."""
@@ -94,7 +95,7 @@ def view(netns: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterato
     )  # fmt: skip
     try:
         daemon.start()
-        yield View(daemon, f"https://127.0.0.1:{port}", ca.cert)
+        yield View(daemon, f"https://127.0.0.1:{port}", ca.cert, token)
     finally:
         daemon.close()
 
@@ -208,9 +209,17 @@ def test_log_out_ends_the_session(view: View) -> None:
 class LocalUI:
     """`roost ui` as a process against `daemon`, and the URL it printed."""
 
-    def __init__(self, daemon: Daemon, *args: str, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        daemon: Daemon,
+        *args: str,
+        env: dict[str, str] | None = None,
+        api: tuple[str | Path, ...] = (),
+    ) -> None:
+        """`api`: the root's options that reach the daemon (its Unix socket by default)."""
+        reach = [str(option) for option in api] or ["--api", daemon.api]
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "roost.cli.main", "--api", daemon.api, "ui", *args],
+            [sys.executable, "-m", "roost.cli.main", *reach, "ui", *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             cwd=ROOT,
@@ -417,3 +426,24 @@ def test_roost_ui_follows_a_console_until_its_vm_stops(netns: str, tmp_path: Pat
             assert ui.interrupt() == 0
     finally:
         daemon.close()
+
+
+def test_roost_ui_reaches_an_https_daemon_with_the_cli_s_ca_and_token(view: View) -> None:
+    ui = LocalUI(
+        view.daemon, api=("--api", view.origin, "--ca", view.ca, "--token-file", view.token_file)
+    )
+    try:
+        cookie = ui.log_in()
+        listed = ui.http.get("/api/v1/vms", headers={**cookie, **SAME_ORIGIN})
+        assert (listed.status_code, listed.json()) == (200, [])
+    finally:
+        assert ui.interrupt() == 0
+    stranger = subprocess.run(
+        [sys.executable, "-m", "roost.cli.main", "--api", view.origin, "--ca", str(view.ca), "ui"],
+        check=False,
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
+    assert stranger.returncode == 5 and "Authorization: Bearer" in stranger.stderr
