@@ -356,11 +356,13 @@ def test_ctrl_c_ends_roost_ui_with_exit_0_even_while_a_stream_is_open(
 ) -> None:
     cookie = local.log_in()
     pid = local.process.pid
-    children = Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    children = [
+        int(child) for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()
+    ]
     with local.http.stream("GET", "/api/v1/events", headers={**cookie, **SAME_ORIGIN}) as events:
         assert next(events.iter_raw()).startswith(b"retry:")
         assert local.interrupt() == 0
-    assert not any(process_alive(int(process)) for process in [pid, *children])
+    assert not any(process_alive(process) for process in [pid, *children])
 
 
 def test_roost_ui_open_hands_its_url_to_the_web_browser(netns: str, tmp_path: Path) -> None:

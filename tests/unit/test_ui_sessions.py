@@ -4,9 +4,10 @@ what a page of another origin (or a tool without a browser) does."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
-from roost.api import sessions
 from roost.api.sessions import (
     CSP,
     Sessions,
@@ -101,7 +102,7 @@ def test_a_session_lives_while_used_and_ends_idle_or_logged_out(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     clock = [1000.0]
-    monkeypatch.setattr(sessions.time, "monotonic", lambda: clock[0])
+    monkeypatch.setattr("roost.api.sessions.time", SimpleNamespace(monotonic=lambda: clock[0]))
     store = Sessions(idle_seconds=60)
     first, second = store.create(), store.create()
     assert first != second and len(first) >= 43  # 256 random bits
