@@ -463,11 +463,13 @@ class Reconciler:
                 return []
             self._fenced.add((beat.id, lost.epoch))
             log.warning(
-                "host %s fenced (epoch %d) after %.1f s without a heartbeat; VMs lost: %s",
+                "host %s fenced (epoch %d) after %.1f s without a heartbeat; VMs lost: %s; "
+                "gateways freed for another host: %s",
                 name,
                 lost.epoch,
                 beat.age,
                 ", ".join(lost.vms) or "none",
+                ", ".join(lost.gateways) or "none",
             )
             return [
                 ("host.fenced", {"host": name, "epoch": lost.epoch}),

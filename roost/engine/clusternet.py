@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import logging
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import psycopg
@@ -78,6 +78,7 @@ class ClusterNetworks:
         self.host_name = cluster.host_name
         self.vtep = cluster.vtep_address
         self.overlay: Overlay | None = None
+        self.settle: Callable[[], None] | None = None
         self._vxlans: Vxlans | None = None
         self._listener: Listener | None = None
 
@@ -92,6 +93,12 @@ class ClusterNetworks:
         """Whether a network on `bridge` exists and records this host as its gateway's."""
         with self.db.read() as session:
             return alloc.gateway_recorded(session, bridge, self.host_name)
+
+    def spanned(self, bridges: Collection[str]) -> list[alloc.SpannedBridge]:
+        """The cluster networks on `bridges` (this host's), with the host carrying each one's
+        gateway."""
+        with self.db.read() as session:
+            return alloc.spanned_bridges(session, bridges)
 
     def members(self) -> list[Member]:
         """Every host's part in every cluster network, from one read."""
@@ -109,6 +116,10 @@ class ClusterNetworks:
         ]
 
     def desired(self) -> list[Segment]:
+        """What the overlay wants, once this host's bridges carry the gateways the database
+        says they do (`settle`, set by the daemon: `HostNetwork.settle_gateways`)."""
+        if self.settle is not None:
+            self.settle()
         return segments(self.vtep, self.members())
 
     def start(self, worker: NetnsWorker) -> None:

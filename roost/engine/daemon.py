@@ -255,6 +255,7 @@ class Daemon:
             self._closers.append(self.cluster.close)
             self.cluster.start()
         if gateways is not None:  # once this host is registered: it may claim gateways
+            gateways.settle = engine.host.settle_gateways
             self._closers.append(gateways.stop)
             gateways.start(worker)
         recovery = Recovery(engine, settings.orphans)

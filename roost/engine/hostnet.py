@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import ipaddress
 import logging
+import secrets
 import threading
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -61,14 +62,20 @@ class Links(Protocol):
 
     def delete(self, name: str) -> bool: ...
 
+    def drop_address(self, name: str, address: ipaddress.IPv4Interface, mac: str) -> bool: ...
+
 
 class Gateways(Protocol):
     """Which host's bridge carries a cluster network's gateway address
     (`roost.engine.clusternet.ClusterNetworks`)."""
 
+    host_name: str
+
     def carried_here(self, bridge: str, session: Session | None = None) -> bool: ...
 
     def recorded_here(self, bridge: str) -> bool: ...
+
+    def spanned(self, bridges: Collection[str]) -> list[alloc.SpannedBridge]: ...
 
     def poke(self) -> None: ...
 
@@ -382,6 +389,37 @@ class HostNetwork:
         if self.gateways is not None:
             self.gateways.poke()
 
+    def settle_gateways(self) -> None:
+        """In a cluster, each cluster network's bridge here carries its gateway exactly while
+        the network records this host: a gateway no host carries (its host was lost) is
+        claimed by the first host that has the bridge, and a bridge whose gateway is recorded
+        as another host's (this one was fenced meanwhile) loses the address and the gateway's
+        MAC. Run at each overlay sync."""
+        gateways = self.gateways
+        if gateways is None:
+            return
+        with self.lock:
+            present = {*self.links.names(alloc.BRIDGE_PREFIX), *self.links.names(DEFAULT_BRIDGE)}
+            for spanned in gateways.spanned(present) if present else []:
+                bridge = spanned.bridge
+                if spanned.holder is None and gateways.carried_here(bridge):
+                    mac = alloc.gateway_mac(bridge)
+                    self.links.ensure_bridge(bridge, spanned.gateway, mtu=spanned.mtu, mac=mac)
+                    if self.nat is not None:
+                        self.nat.add(bridge, spanned.gateway.network)
+                    log.info("bridge %s carries gateway %s now", bridge, spanned.gateway)
+                elif spanned.holder not in (None, gateways.host_name) and self.links.drop_address(
+                    bridge, spanned.gateway, _bridge_mac()
+                ):
+                    if self.nat is not None:
+                        self.nat.remove(bridge)
+                    log.warning(
+                        "took gateway %s off bridge %s: host %s carries it now",
+                        spanned.gateway,
+                        bridge,
+                        spanned.holder,
+                    )
+
     def remove_bridges(self, emptied: Emptied) -> None:
         """Remove the bridges of networks that lost their last lease (unless a VM took an
         address there meanwhile). In a cluster, the bridge that carries the gateway of a network
@@ -441,6 +479,12 @@ class HostNetwork:
             self.nat.reconcile(
                 {bridge: subnet for bridge, subnet in managed.items() if bridge in present}
             )
+
+
+def _bridge_mac() -> str:
+    """A random locally administered unicast MAC for a bridge that no longer carries a
+    gateway (0a:, unlike guests' 02:, gateways' 06: and taps' fe:)."""
+    return ":".join(["0a", *(f"{byte:02x}" for byte in secrets.token_bytes(5))])
 
 
 def _no_network(name: str) -> None:

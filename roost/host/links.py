@@ -240,6 +240,28 @@ class Links:
                 raise
             raise HostError(f"cannot create tap {name}: {error.strerror or error}") from None
 
+    def drop_address(self, name: str, address: ipaddress.IPv4Interface, mac: str) -> bool:
+        """Take `address` off link `name` and give it MAC `mac` (replacing the one that went
+        with the address); whether it had the address (a missing link had not)."""
+
+        def work() -> bool:
+            index = self._index(name)
+            if index is None:
+                return False
+            have = {
+                (a.get_attr("IFA_ADDRESS"), a["prefixlen"])
+                for a in self._ipr.get_addr(index=index, family=2)
+            }
+            if (str(address.ip), address.network.prefixlen) not in have:
+                return False
+            self._ipr.addr(
+                "del", index=index, address=str(address.ip), prefixlen=address.network.prefixlen
+            )
+            self._ipr.link("set", index=index, address=mac)
+            return True
+
+        return bool(self._call(f"take {address} off {name}", work))
+
     def delete(self, name: str) -> bool:
         """Remove link `name` if it exists; True when something was removed. From the calling
         thread, inside the namespace (see the module's docstring)."""

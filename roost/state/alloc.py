@@ -12,7 +12,7 @@ import hashlib
 import heapq
 import ipaddress
 import secrets
-from collections.abc import Iterable, Iterator
+from collections.abc import Collection, Iterable, Iterator
 from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
@@ -770,6 +770,43 @@ def gateway_recorded(session: Session, bridge: str, host_name: str) -> bool:
         .where(Network.bridge == bridge, Host.name == host_name)
     ).first()
     return found is not None
+
+
+@dataclass(frozen=True)
+class SpannedBridge:
+    """A cluster network's bridge as a host has it: the gateway address it would carry, its
+    MTU, and the host the network records as carrying its gateway (None: no host now)."""
+
+    bridge: str
+    gateway: ipaddress.IPv4Interface
+    mtu: int | None
+    holder: str | None
+
+
+def spanned_bridges(session: Session, bridges: Collection[str]) -> list[SpannedBridge]:
+    """The cluster networks (with a VNI and a gateway) on `bridges`, by bridge."""
+    found = session.execute(
+        select(Network.bridge, Network.gateway, Network.subnet, Network.mtu, Host.name)
+        .outerjoin(Host, Host.id == Network.gateway_host_id)
+        .where(
+            Network.bridge.in_(list(bridges)),
+            Network.vni.is_not(None),
+            Network.gateway.is_not(None),
+            Network.subnet.is_not(None),
+        )
+        .order_by(Network.bridge)
+    )
+    return [
+        SpannedBridge(
+            row.bridge,
+            gateway_interface(
+                ipaddress.IPv4Address(row.gateway), ipaddress.IPv4Network(row.subnet)
+            ),
+            row.mtu,
+            row.name,
+        )
+        for row in found
+    ]
 
 
 def gateway_mac(bridge: str) -> str:

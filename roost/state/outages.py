@@ -27,7 +27,7 @@ from sqlalchemy import (
     update,
 )
 
-from roost.state.models import VM, Host, IPLease, VMNic
+from roost.state.models import VM, Host, IPLease, Network, VMNic
 
 LOST = "lost"  # roost.state.vms.VMStatus.LOST, the one stored status a reconciler writes
 _SECOND = literal_column("interval '1 second'", Interval())
@@ -73,6 +73,13 @@ _FENCE = (
     .where(Host.id == bindparam("host_id"), Host.epoch == bindparam("seen"), _late("after"))
     .values(epoch=Host.epoch + 1)
     .returning(Host.epoch)
+)
+# a lost host's gateways are free for a host that has the network's bridge to claim
+_FREE_GATEWAYS = (
+    update(Network)
+    .where(Network.gateway_host_id == bindparam("of_host"))
+    .values(gateway_host_id=None)
+    .returning(Network.name)
 )
 _LOSE_VMS = (
     update(VM)
@@ -145,10 +152,12 @@ def note_back(connection: Connection, host_id: int, offline_after: float) -> boo
 
 @dataclass(frozen=True)
 class LostHost:
-    """What `lose_host` did: the host's new epoch and the VMs it marked lost."""
+    """What `lose_host` did: the host's new epoch, the VMs it marked lost and the networks
+    whose gateway it no longer carries."""
 
     epoch: int
     vms: list[str]
+    gateways: list[str]
 
 
 def lose_host(
@@ -157,7 +166,9 @@ def lose_host(
     """Fence a host late by more than `lost_after` (its epoch moves on, so its heartbeats match
     no row and it knows to stop), mark its VMs `lost` and release their addresses (IPv4 leases,
     IPv6 addresses, observed addresses), keeping their names, MACs, CIDs and reservations
-    until they are removed. Meant for one transaction: the caller commits it all or nothing.
+    until they are removed, and free the gateways of the networks that record it (the next
+    host with the network's bridge claims each, `alloc.settle_gateway`). Meant for one
+    transaction: the caller commits it all or nothing.
     None if the host beat again or was fenced by someone else since it was read."""
     fenced = connection.execute(
         _FENCE, {"host_id": host_id, "seen": seen_epoch, "after": lost_after}
@@ -169,7 +180,8 @@ def lose_host(
     if ids:
         connection.execute(_RELEASE_LEASES, {"vm_ids": ids})
         connection.execute(_RELEASE_NICS, {"vm_ids": ids})
-    return LostHost(int(fenced.epoch), sorted(row.name for row in lost))
+    gateways = connection.execute(_FREE_GATEWAYS, {"of_host": host_id}).scalars()
+    return LostHost(int(fenced.epoch), sorted(row.name for row in lost), sorted(gateways))
 
 
 def lost_vms(connection: Connection, host_id: int) -> list[str]:

@@ -19,8 +19,9 @@ from sqlalchemy.orm import Session
 from roost.engine.clusternet import ClusterNetworks, Listener
 from roost.engine.overlay import Member
 from roost.engine.settings import ClusterSettings
-from roost.state import alloc
+from roost.state import alloc, outages
 from roost.state.db import Database
+from roost.state.hosts import HostRegistration, Hosts
 from roost.state.models import VM, Network, Plugin
 from tests.harness import wait_for
 
@@ -138,6 +139,42 @@ def test_of_hosts_racing_for_a_networks_gateway_exactly_one_carries_it(db: Datab
     assert len(winners) == 1, won
     again = {n: ClusterNetworks(db, cluster_settings(n, "x")).carried_here(bridge) for n in names}
     assert again == {name: name == winners[0] for name in names}  # it stays the winner's
+
+
+def test_a_lost_hosts_gateway_is_freed_and_claimed_by_the_next_host_with_the_bridge(
+    db: Database,
+) -> None:
+    postgresql_only(db)
+    registry = Hosts(db)
+    joined = {
+        name: registry.register(
+            HostRegistration(name, f"192.0.2.{n}", "unix:///x", {}, 4, 1024, {})
+        )
+        for n, name in enumerate(["h1", "h2"], start=1)
+    }
+    h1, h2 = (ClusterNetworks(db, cluster_settings(n, "x")) for n in ("h1", "h2"))
+    network = on_demand(db, SUBNETS[0])
+    assert h2.carried_here(network.bridge) and not h1.carried_here(network.bridge)
+    [spanned] = h1.spanned({network.bridge, "roost-none"})
+    assert (spanned.bridge, spanned.holder, spanned.mtu) == (network.bridge, "h2", 1450)
+    assert str(spanned.gateway) == "10.120.0.1/24"
+
+    db.transact(
+        lambda session: session.execute(
+            text("UPDATE hosts SET heartbeat_at = now() - interval '1 hour' WHERE name = 'h2'")
+        )
+    )
+    lost = db.transact_core(
+        lambda connection: outages.lose_host(
+            connection, joined["h2"].host_id, joined["h2"].epoch, 60.0, "gone"
+        )
+    )
+    assert lost is not None and lost.gateways == [network.name]
+    assert [s.holder for s in h1.spanned({network.bridge})] == [None]
+
+    assert h1.carried_here(network.bridge)  # the next host with the bridge claims it
+    assert not h2.carried_here(network.bridge)  # back from its fence: no longer its own
+    assert [s.holder for s in h2.spanned({network.bridge})] == ["h1"]
 
 
 def test_members_are_each_guests_nic_on_its_hosts_vtep_and_the_gateways_host(

@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from roost.state.alloc import gateway_mac
-from tests.cluster import Cluster, MakeCluster, vtep_address
+from tests.cluster import TEST_LOST_AFTER, Cluster, MakeCluster, vtep_address
 from tests.harness import (
     DEMO,
     addresses,
@@ -217,3 +217,36 @@ def test_the_gateway_hosts_bridge_outlives_its_last_vm_and_restarts_and_serves_o
         what="host1 (the gateway's) to forward to d2",
     )
     assert forwarding(h2, 1)[gateway_mac("roost0")] == {vtep_address(1)}
+
+
+@pytest.mark.parametrize("cluster", [2], indirect=True)
+def test_the_gateway_moves_to_another_host_with_the_bridge_when_its_host_is_lost(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    first, second = cluster[1], cluster[2]
+    plugin = write_plugin(tmp_path, "p", network={"mode": "bridged"})
+    first.ok("plugin", "install", plugin)
+    second.ok("plugin", "install", plugin, "--force")
+    h1, h2 = cluster.fabric.host(1), cluster.fabric.host(2)
+    first.ok("vm", "create", "d1", "--plugin", "p", "--host", first.name)  # the gateway's host
+    second.ok("vm", "create", "d2", "--plugin", "p", "--host", second.name)
+    assert addresses(h2, "roost0") == []
+
+    first.freeze()
+    wait_for(
+        lambda: addresses(h2, "roost0") == ["10.57.0.1/24"],
+        timeout=TEST_LOST_AFTER + 30,
+        what="host2's roost0 to carry the gateway once host1 is lost",
+    )
+    assert links(h2)["roost0"]["address"] == gateway_mac("roost0")
+
+    first.thaw()  # fenced: its roost0 is no longer the gateway's
+    wait_for(
+        lambda: (
+            addresses(h1, "roost0") == []
+            and links(h1)["roost0"]["address"] != gateway_mac("roost0")
+        ),
+        timeout=30,
+        what="host1 to take the gateway off its roost0",
+    )
+    assert addresses(h2, "roost0") == ["10.57.0.1/24"]
