@@ -92,9 +92,10 @@ class ViewAuth:
 
 class SecurityHeaders:
     """Adds roost.api.sessions' security headers to every answer of `app`; those under
-    `static_prefix` may be cached (revalidated each time), the others are never stored."""
+    `static_prefix` may be cached (revalidated each time), the others and every refusal are
+    never stored."""
 
-    def __init__(self, app: ASGIApp, static_prefix: str) -> None:
+    def __init__(self, app: ASGIApp, static_prefix: str | None = None) -> None:
         self.app = app
         self.static_prefix = static_prefix
 
@@ -102,10 +103,11 @@ class SecurityHeaders:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        static = scope["path"].startswith(self.static_prefix)
+        under = self.static_prefix is not None and scope["path"].startswith(self.static_prefix)
 
         async def secured(message: Message) -> None:
             if message["type"] == "http.response.start":
+                static = under and message["status"] < 400  # a refusal is never kept
                 headers = with_security_headers(message.get("headers", []), page=not static)
                 if static:
                     headers.append((b"cache-control", b"no-cache"))

@@ -377,7 +377,7 @@ def local_view(port: int, token: str, daemon: ASGIApp) -> ASGIApp:
                 await daemon(scope, receive, send)
                 return
             refusal = error_response(error)
-        await SecurityHeaders(refusal, "")(scope, receive, send)
+        await SecurityHeaders(refusal)(scope, receive, send)
 
     return local
 
