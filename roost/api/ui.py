@@ -12,6 +12,7 @@ that the log-in page is styled; every page needs the session.
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import re
 from collections.abc import Awaitable, Callable
@@ -42,6 +43,8 @@ MOUNT = "/ui"
 STATIC = "static/"
 # the daemon's view routes that take a browser's form (application/x-www-form-urlencoded)
 FORM_PATHS = frozenset({f"{MOUNT}/login", f"{MOUNT}/logout"})
+# how long a wrong token's answer waits, one after the other: guessing takes that long a try
+FAILED_LOGIN_SECONDS = 1.0
 # the log-in form's failure message, shown by dropping its `hidden`
 LOGIN_FAILED = re.compile(r'(<p id="login-failed"[^>]*?)\s+hidden(\s|>)')
 
@@ -161,6 +164,7 @@ def daemon_view(token: str | None) -> tuple[ASGIApp, ViewAuth]:
     auth = ViewAuth(DAEMON_COOKIE)
     base_href = MOUNT + "/"
     expected = token.encode() if token else None
+    failures = asyncio.Lock()
 
     def login_page(status: int, failed: bool = False) -> HTMLResponse:
         html = ui.render("login", api_base="", base_href=base_href)
@@ -184,6 +188,8 @@ def daemon_view(token: str | None) -> tuple[ASGIApp, ViewAuth]:
         fields = parse_qs((await request.body()).decode("utf-8", "replace"))
         given = (fields.get("token") or [""])[0].strip().encode()
         if expected is None or not hmac.compare_digest(given, expected):
+            async with failures:  # a right token is never held up by wrong ones
+                await asyncio.sleep(FAILED_LOGIN_SECONDS)
             return login_page(401, failed=True)
         secure = request.url.scheme == "https"
         answer = RedirectResponse(base_href, status_code=303)
