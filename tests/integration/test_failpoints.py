@@ -289,8 +289,8 @@ def test_a_daemon_killed_at_a_step_leaks_and_loses_nothing(
     reused: ReusedDaemons, vmm: str, step: str
 ) -> None:
     operation = step.partition(":")[0]
-    daemon = reused.ready(vmm)
     try:
+        daemon = reused.ready(vmm)
         arming_file(daemon).write_text(step)
         vms_before(daemon, operation)
         before = {vm["name"] for vm in daemon.ok("vm", "list")}
