@@ -82,19 +82,18 @@ class Roost:
 
 
 @pytest.fixture(scope="module")
-def roost(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Roost]:
+def roost() -> Iterator[Roost]:
     """A daemon with plugin `demo` (bridged on 10.70.0.0/24), network `lab`, and VMs made with
     the CLI: web-1 running, worker-2 bridged, two-nics on both networks and isolated with vsock
     only (the three not started, so their status stays put)."""
-    files = tmp_path_factory.mktemp("roost")
-    token = files / "token"
-    token.write_text(TOKEN)
     port = free_loopback_port()
     with network_namespace() as netns:
-        daemon = Daemon(netns, "--listen", f"tcp://127.0.0.1:{port}", "--token-file", str(token))
+        daemon = Daemon(netns, "--listen", f"tcp://127.0.0.1:{port}")
         try:
-            daemon.start()
-            daemon.ok("plugin", "install", demo_plugin(files, "demo", network=BRIDGED))
+            token = daemon.dir / "token"  # the daemon's dir, removed with it
+            token.write_text(TOKEN)
+            daemon.start("--token-file", str(token))
+            daemon.ok("plugin", "install", demo_plugin(daemon.dir, "demo", network=BRIDGED))
             daemon.ok("network", "create", "lab", "--subnet", "10.77.0.0/24")
             daemon.ok("vm", "create", "web-1", "--plugin", "demo")
             daemon.ok("vm", "create", "worker-2", "--plugin", "demo", "--no-start")
@@ -164,6 +163,7 @@ def browser() -> Iterator[Browser]:
     processes runs and its profile directory is gone."""
     with sync_playwright() as playwright:
         launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_FLAGS)
+        expect.set_options(timeout=WAIT_MS)  # a page's first load may wait on a busy machine
         processes = [
             pid for pid in descendants(os.getpid()) if "chromium" in " ".join(command_line(pid))
         ]
@@ -216,7 +216,7 @@ class View:
     def open(self, path: str) -> Page:
         """Load a page (path under the view's mount) and wait for its event stream."""
         self.page.goto(self.origin + self.mount + path)
-        expect(self.page.locator("#live")).to_have_text("● live", timeout=WAIT_MS)
+        expect(self.page.locator("#live")).to_have_text("● live")
         return self.page
 
     def console_errors(self, *provoked: tuple[int, str]) -> list[Logged]:
@@ -243,7 +243,7 @@ def session(browser: Browser, roost_ui: str) -> Iterator[View]:
         view = View(context.new_page(), roost_ui.split("/?", 1)[0], "", "/api").watch()
         view.page.goto(roost_ui)
         expect(view.page).to_have_url(view.origin + "/")
-        expect(view.page.locator("#live")).to_have_text("● live", timeout=WAIT_MS)
+        expect(view.page.locator("#live")).to_have_text("● live")
         yield view
     finally:
         context.close()
@@ -287,7 +287,11 @@ def test_the_vm_table_shows_every_vm_with_its_status_and_addresses(
     roost: Roost, view: View
 ) -> None:
     page = view.open("/")
-    wait_for(lambda: shows_every_vm(page, roost), what="the table to show the API's VMs")
+    wait_for(
+        lambda: shows_every_vm(page, roost),
+        timeout=WAIT_MS / 1000,
+        what="the table to show the VMs",
+    )
     web = page.locator('#vms tbody tr[data-name="web-1"]')
     address = roost.daemon.ok("vm", "show", "web-1")["network"]["ip"]
     expect(web.locator('td[data-label="Addresses"]')).to_contain_text(address)
@@ -302,11 +306,11 @@ def test_a_vm_created_with_the_cli_appears_without_a_reload(roost: Roost, view: 
     roost.daemon.ok("vm", "create", "cli-made", "--plugin", "demo", "--no-start")
     try:
         row = page.locator('#vms tbody tr[data-name="cli-made"]')
-        expect(row).to_have_attribute("data-status", "created", timeout=WAIT_MS)
+        expect(row).to_have_attribute("data-status", "created")
         assert page.evaluate("window.sameDocument") is True
     finally:
         roost.daemon.ok("vm", "rm", "cli-made")
-    expect(row).to_have_count(0, timeout=WAIT_MS)
+    expect(row).to_have_count(0)
     assert page.evaluate("window.sameDocument") is True
     assert view.console_errors() == []
 
@@ -317,7 +321,7 @@ def test_stop_on_a_vm_s_page_stops_it_in_the_page_and_in_vm_show(roost: Roost, v
         roost.daemon.ok("vm", "start", "web-1")
     page = view.open("/vms/web-1")
     status = page.locator("#vm-status .status")
-    expect(status).to_have_attribute("data-status", "running", timeout=WAIT_MS)
+    expect(status).to_have_attribute("data-status", "running")
     page.locator('#actions button[data-action="stop"]').click()
     expect(status).to_have_attribute("data-status", "stopped", timeout=60_000)
     assert roost.daemon.ok("vm", "show", "web-1")["status"] == "stopped"
@@ -335,7 +339,7 @@ def test_a_gateway_outside_its_subnet_is_refused_at_the_gateway_field_and_change
     page.locator("#f-gateway").fill("10.99.0.1")
     page.locator('form#patch button[type="submit"]').click()
     error = page.locator('.field:has(#f-gateway) p.field-error[data-loc="network.gateway"]')
-    expect(error).to_be_visible(timeout=WAIT_MS)
+    expect(error).to_be_visible()
     expect(error).to_contain_text("10.99.0.1")
     expect(page.locator("#f-gateway")).to_have_attribute("aria-invalid", "true")
     expect(page.locator("p.field-error")).to_have_count(1)
@@ -352,7 +356,7 @@ def test_a_label_holding_markup_is_shown_as_text_and_runs_nothing(roost: Roost, 
     try:
         page = view.open("/")
         label = page.locator('#vms tbody tr[data-name="labelled"] ul.labels li')
-        expect(label).to_have_text(f"note={MARKUP}", timeout=WAIT_MS)
+        expect(label).to_have_text(f"note={MARKUP}")
         assert page.locator("#vms img").count() == 0
         assert page.title() == "VMs · roost"
         page = view.open("/vms/labelled")
@@ -368,7 +372,7 @@ def test_a_label_holding_markup_is_shown_as_text_and_runs_nothing(roost: Roost, 
 def test_the_network_map_draws_one_node_per_vm_and_per_bridge(roost: Roost, view: View) -> None:
     page = view.open("/map")
     vms, networks = roost.vms(), roost.networks()
-    expect(page.locator("svg.map g.vm")).to_have_count(len(vms), timeout=WAIT_MS)
+    expect(page.locator("svg.map g.vm")).to_have_count(len(vms))
     drawn_vms = page.eval_on_selector_all("svg.map g.vm", "nodes => nodes.map(n => n.dataset.name)")
     assert sorted(drawn_vms) == sorted(vm["name"] for vm in vms)
     interfaces = [nic for vm in vms for nic in vm["interfaces"]]
@@ -390,7 +394,7 @@ def test_the_networks_plugins_hosts_and_events_pages_show_what_the_daemon_holds(
     page = view.open("/networks")
     names = sorted(network["name"] for network in roost.networks())
     rows = page.locator("#networks tbody tr[data-name]")
-    expect(rows).to_have_count(len(names), timeout=WAIT_MS)
+    expect(rows).to_have_count(len(names))
     assert sorted(row.get_attribute("data-name") or "" for row in rows.all()) == names
     page = view.open("/plugins")
     expect(page.locator('#plugins tbody tr[data-name="demo"]')).to_have_count(1)
@@ -439,8 +443,12 @@ def test_the_daemon_s_own_view_logs_in_with_the_api_token_and_out_again(
         page.locator('input[name="token"]').fill(TOKEN)
         page.locator('form button[type="submit"]').click()
         expect(page).to_have_url(view.origin + "/ui/")
-        expect(page.locator("#live")).to_have_text("● live", timeout=WAIT_MS)
-        wait_for(lambda: shows_every_vm(page, roost), what="the table to show the API's VMs")
+        expect(page.locator("#live")).to_have_text("● live")
+        wait_for(
+            lambda: shows_every_vm(page, roost),
+            timeout=WAIT_MS / 1000,
+            what="the table to show the VMs",
+        )
         page.locator("#logout").click()
         expect(page).to_have_url(view.origin + "/ui/login")
         refused = page.evaluate("async () => (await fetch('/v1/vms')).status")
