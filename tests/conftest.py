@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -21,6 +22,12 @@ from tests.harness import (
     short_tmp,
 )
 from tests.postgres import PostgresServer, missing_reason
+
+# A test run started in the background by a shell without job control inherits SIGINT ignored,
+# and so would every CLI it starts (Python keeps an inherited ignore): the tests that end a CLI
+# with Ctrl-C need SIGINT's default back, which exec hands on to the children.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:

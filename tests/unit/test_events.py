@@ -192,7 +192,9 @@ def test_publishing_never_waits_for_a_stuck_reader() -> None:
 
     events = stuck_reader(bus, publish)
     print(f"10,000 events published in {took[0] * 1000:.0f} ms past a stuck reader")
-    assert took[0] < 2
+    # a publisher that waited for the reader would never finish: this bound catches that hang
+    # on a loaded machine, it measures no speed (the print above says how long it took)
+    assert took[0] < 60
     overflow, *rest = events
     assert overflow.type == "overflow" and overflow.data["after"] == 0
     assert ids(rest) == list(range(9001, 10_001))  # the history, in order, once
