@@ -28,7 +28,7 @@ from typing import Any
 import psycopg
 import pytest
 
-from tests.harness import FIRECRACKER, Daemon, namespace_pids, run
+from tests.harness import FIRECRACKER, Daemon, namespace_pids, run, wait_for
 from tests.postgres import PostgresServer
 
 FABRIC_BRIDGE = "fabric"
@@ -211,12 +211,17 @@ class Cluster:
 
     def start(self, timeout: float = 60) -> Cluster:
         """Start every agent that is not running, all at once (they migrate and register side
-        by side), and wait until each answers."""
+        by side), and wait until each answers and has recovered (`/healthz` says `ok`)."""
         starting = [agent for agent in self.agents if agent.process is None]
         for agent in starting:
             agent.launch()
         for agent in starting:
             agent.wait_answering(timeout)
+            wait_for(
+                lambda agent=agent: agent.http.get("/healthz").json()["status"] == "ok",
+                timeout=timeout,
+                what=f"{agent.name} to recover",
+            )
         return self
 
     def close(self) -> None:
