@@ -59,6 +59,16 @@ class Endpoint:
         raise refuse("is not an endpoint")
 
     @property
+    def base_url(self) -> str:
+        """The base URL an HTTP client of this endpoint sends its requests to (a Unix socket's
+        host name is only a placeholder; an IPv6 host is bracketed)."""
+        if self.path is not None:
+            return "http://roost"
+        host = self.host or ""
+        scheme = "https" if self.tls else "http"
+        return f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.port}"
+
+    @property
     def is_tcp(self) -> bool:
         return self.host is not None
 

@@ -256,17 +256,13 @@ class Forwarder:
             return known
         endpoint = self.endpoint(peer)
         if endpoint.path is not None:
-            base = "http://roost"
             transport = httpx.AsyncHTTPTransport(uds=str(endpoint.path))
         else:
-            host = endpoint.host or ""
-            scheme = "https" if endpoint.tls else "http"
-            base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{endpoint.port}"
             verify: ssl.SSLContext | bool = self._tls_context() if endpoint.tls else False
             transport = httpx.AsyncHTTPTransport(verify=verify)
         client = httpx.AsyncClient(
             transport=transport,
-            base_url=base,
+            base_url=endpoint.base_url,
             # a followed console or an operation answers when it is done: only connecting
             # is bounded
             timeout=httpx.Timeout(None, connect=CONNECT_SECONDS),

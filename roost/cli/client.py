@@ -86,12 +86,6 @@ class Client:
         from roost.api.access import client_context
 
         uds = str(self.endpoint.path) if self.endpoint.path is not None else None
-        if uds is not None:
-            base = "http://roost"
-        else:
-            host = self.endpoint.host or ""
-            scheme = "https" if self.endpoint.tls else "http"
-            base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{self.endpoint.port}"
         verify = client_context(ca) if self.endpoint.tls else _no_tls()
         transport = transport or httpx.HTTPTransport(uds=uds, verify=verify)
         token = read_token(token_file)
@@ -99,7 +93,7 @@ class Client:
         self._failures = (httpx.TransportError,)
         return httpx.Client(
             transport=transport,
-            base_url=base,
+            base_url=self.endpoint.base_url,
             timeout=self.timeout,
             verify=verify,
             headers={b"authorization": bearer(token)} if token else None,

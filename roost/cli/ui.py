@@ -161,17 +161,13 @@ class DaemonForwarder:
 
             endpoint = self.endpoint
             if endpoint.path is not None:
-                base = "http://roost"
                 transport = httpx.AsyncHTTPTransport(uds=str(endpoint.path))
             else:
-                host = endpoint.host or ""
-                scheme = "https" if endpoint.tls else "http"
-                base = f"{scheme}://{f'[{host}]' if ':' in host else host}:{endpoint.port}"
                 verify = client_context(self.ca) if endpoint.tls else False
                 transport = httpx.AsyncHTTPTransport(verify=verify)
             self._client = httpx.AsyncClient(
                 transport=transport,
-                base_url=base,
+                base_url=endpoint.base_url,
                 # events and a followed console answer for as long as they last
                 timeout=httpx.Timeout(None, connect=CONNECT_SECONDS),
                 trust_env=False,
