@@ -24,12 +24,11 @@ host; `POST /v1/vms` is placement's to decide (`Router.place`).
 
 from __future__ import annotations
 
-import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, Any
 
 import anyio
 import httpx
@@ -37,6 +36,7 @@ from starlette.responses import Response
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from roost.api.endpoints import Endpoint
+from roost.api.hangups import ClientLeft, unless_client_leaves
 from roost.api.replies import TCP_CLIENT, error_response, on_unix_socket
 from roost.errors import HostError, InvalidError, RoostError
 
@@ -46,7 +46,6 @@ if TYPE_CHECKING:
     from websockets.asyncio.client import ClientConnection
 
 log = logging.getLogger("roost.api")
-T = TypeVar("T")
 
 FORWARDED = "x-roost-forwarded"
 CLIENT = "x-roost-client"  # `tcp`: the client reached the forwarding agent over TCP
@@ -219,10 +218,6 @@ def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
     return False
 
 
-class _ClientLeft(Exception):  # noqa: N818 - an outcome, not an error
-    """The client hung up while its request was being sent on or answered."""
-
-
 class Forwarder:
     """Calls to peers on behalf of this agent (`origin` is its host name): one pooled HTTP
     client per peer API, `token` sent to TCP peers, HTTPS peers verified against `ca` (else
@@ -293,7 +288,7 @@ class Forwarder:
         )
         try:
             response = await client.send(request, stream=True)
-        except _ClientLeft:
+        except ClientLeft:
             return
         except httpx.TransportError as error:
             raise _unreachable(peer, error) from None
@@ -338,8 +333,10 @@ class Forwarder:
         if (await receive())["type"] != "websocket.connect":
             return
         try:
-            upstream = await _unless_client_leaves(receive, self._dial(peer, scope))
-        except _ClientLeft:
+            # the peer answers an upgrade only once its guest did (maybe the route's whole
+            # timeout); before an answer, the client's next message can only be a hang-up
+            upstream = await unless_client_leaves(receive(), self._dial(peer, scope))
+        except ClientLeft:
             return
         except InvalidStatus as refusal:
             answer = refusal.response
@@ -423,27 +420,11 @@ class _Body:
         while not self.done:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                raise _ClientLeft
+                raise ClientLeft
             self.done = not message.get("more_body", False)
             chunk = message.get("body", b"")
             if chunk:
                 yield chunk
-
-
-async def _unless_client_leaves(receive: Receive, work: Awaitable[T]) -> T:
-    """`work`, given up when the client hangs up first (the peer answers an upgrade only once
-    its guest did, which may take the route's whole timeout)."""
-    working = asyncio.ensure_future(work)
-    hang_up = asyncio.ensure_future(receive())  # before an answer, only a hang-up can come
-    try:
-        await asyncio.wait({working, hang_up}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hang_up.cancel()
-        working.cancel()  # nothing, when it is done
-    await asyncio.wait({working})
-    if working.cancelled():
-        raise _ClientLeft
-    return working.result()
 
 
 async def _cancel_on_disconnect(receive: Receive, scope: anyio.CancelScope) -> None:

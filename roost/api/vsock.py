@@ -24,15 +24,15 @@ and no thread.
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import math
 from collections.abc import Awaitable, Callable
-from typing import Any, TypeVar
+from typing import Any
 
 from fastapi import FastAPI
 from starlette.websockets import WebSocket, WebSocketDisconnect, WebSocketState
 
+from roost.api.hangups import ClientLeft, unless_client_leaves
 from roost.api.replies import error_response
 from roost.engine.core import Engine
 from roost.errors import ErrorDetail, InvalidError, RoostError
@@ -40,7 +40,6 @@ from roost.spec.common import check_name
 from roost.vmm.vsock_client import dial, splice
 
 log = logging.getLogger("roost.api")
-T = TypeVar("T")
 PATH = "/v1/vms/{name}/vsock/{port}"
 MAX_PORT = 2**32 - 2  # 2**32 - 1 is VMADDR_PORT_ANY
 DEFAULT_TIMEOUT = 10.0
@@ -61,8 +60,10 @@ def register_vsock_routes(
             name, port, timeout, linger = _request(websocket)
             target = await read(engine.vsock_target, name)
             dialling = dial(target, port, timeout=timeout, what=f"vsock port {port} of VM {name!r}")
-            guest = await _unless_client_leaves(websocket, dialling)
-        except _ClientLeft:
+            await websocket.receive()  # websocket.connect: before an answer, only a hang-up follows
+            # a dial may take the whole timeout: nobody would be there for its connection
+            guest = await unless_client_leaves(websocket.receive(), dialling)
+        except ClientLeft:
             return
         except RoostError as error:
             await websocket.send_denial_response(error_response(error))
@@ -120,27 +121,6 @@ def _seconds(text: str | None, key: str, default: float, *, may_be_zero: bool) -
         least = "at least 0" if may_be_zero else "more than 0"
         raise InvalidError.at(loc, f"must be {least} and at most {MAX_SECONDS:g} seconds")
     return value
-
-
-class _ClientLeft(Exception):  # noqa: N818 - an outcome, not an error
-    """The client hung up before it was answered."""
-
-
-async def _unless_client_leaves(websocket: WebSocket, work: Awaitable[T]) -> T:
-    """`work`, given up when the client hangs up first (a dial may take the whole timeout:
-    nobody would be there for its connection)."""
-    await websocket.receive()  # websocket.connect: before an answer, only a hang-up can follow
-    working = asyncio.ensure_future(work)
-    hang_up = asyncio.ensure_future(websocket.receive())
-    try:
-        await asyncio.wait({working, hang_up}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        hang_up.cancel()
-        working.cancel()  # nothing, when it is done
-    await asyncio.wait({working})
-    if working.cancelled():
-        raise _ClientLeft
-    return working.result()
 
 
 class _WebSocketStream:
