@@ -16,7 +16,8 @@ from sqlalchemy.orm import Session
 from roost.errors import ConflictError
 from roost.state import alloc
 from roost.state.db import Database
-from roost.state.models import VM, IPLease, IPPoolEntry, Plugin
+from roost.state.models import VM, IPLease, IPPoolEntry
+from tests.records import make_vms
 
 SUBNET = ipaddress.IPv4Network("10.110.0.0/27")  # 29 addresses besides the gateway
 GATEWAY = ipaddress.IPv4Address("10.110.0.1")
@@ -29,30 +30,6 @@ def db(migrated_database_url: str) -> Iterator[Database]:
     database.migrate()
     yield database
     database.dispose()
-
-
-def make_vms(db: Database, count: int, prefix: str = "vm") -> list[int]:
-    def work(session: Session) -> list[int]:
-        plugin = session.scalar(select(Plugin).where(Plugin.name == "p"))
-        if plugin is None:
-            plugin = Plugin(name="p", version="1", manifest={})
-            session.add(plugin)
-            session.flush()
-        vms = [
-            VM(
-                name=f"{prefix}-{i}",
-                plugin_id=plugin.id,
-                status="created",
-                vmm_kind="qemu",
-                network={},
-            )
-            for i in range(count)
-        ]
-        session.add_all(vms)
-        session.flush()
-        return [vm.id for vm in vms]
-
-    return db.transact(work)
 
 
 def allocate(db: Database, vm_id: int, requested: str | None = None) -> str:

@@ -25,7 +25,6 @@ from roost.state.models import (
     CIDLease,
     IPLease,
     Network,
-    Plugin,
     VMArtifact,
     VMConfigVersion,
     VMLabel,
@@ -33,6 +32,7 @@ from roost.state.models import (
     VsockForward,
 )
 from roost.state.vms import VMQuery, VMRecords
+from tests.records import make_vms
 
 SUBNET = ipaddress.IPv4Network("10.100.0.0/24")
 GATEWAY = ipaddress.IPv4Address("10.100.0.1")
@@ -44,30 +44,6 @@ def db(migrated_database_url: str) -> Iterator[Database]:
     database.migrate()
     yield database
     database.dispose()
-
-
-def make_vms(db: Database, count: int, prefix: str = "vm") -> list[int]:
-    def work(session: Session) -> list[int]:
-        plugin = session.scalar(select(Plugin).where(Plugin.name == "p"))
-        if plugin is None:
-            plugin = Plugin(name="p", version="1", manifest={})
-            session.add(plugin)
-            session.flush()
-        vms = [
-            VM(
-                name=f"{prefix}-{i}",
-                plugin_id=plugin.id,
-                status="created",
-                vmm_kind="firecracker",
-                network={},
-            )
-            for i in range(count)
-        ]
-        session.add_all(vms)
-        session.flush()
-        return [vm.id for vm in vms]
-
-    return db.transact(work)
 
 
 # SQLite cannot reflect an index on an expression (cid_leases' per-host CIDs): the comparison
