@@ -9,21 +9,20 @@ import asyncio
 import logging
 import threading
 import time
-from collections.abc import Callable, Coroutine, Iterator
-from typing import Any, TypeVar
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import psycopg
 import pytest
 from sqlalchemy import func, select, text
 
 from roost.engine.clusterevents import SharedEventBus
-from roost.engine.events import Event, Subscription
+from roost.engine.events import Event
 from roost.state.db import Database
 from roost.state.models import StoredEvent
+from tests.event_readers import run, take
 from tests.harness import wait_for
 from tests.postgres import PostgresServer
-
-T = TypeVar("T")
 
 
 @pytest.fixture
@@ -48,23 +47,6 @@ def buses(db: Database) -> Iterator[Callable[..., SharedEventBus]]:
     for started in made:
         started.close()
         started.stop()
-
-
-def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(scenario())
-
-
-async def take(reader: Subscription, count: int, timeout: float = 30) -> list[Event]:
-    """The next `count` events (overflows included) of `reader`."""
-    taken: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while len(taken) < count:
-        left = deadline - time.monotonic()
-        assert left > 0, f"only {len(taken)} of {count} events came"
-        events = await reader.next(left)
-        assert events is not None, "the bus closed"
-        taken += events
-    return taken
 
 
 def told(events: list[Event]) -> list[tuple[Any, ...]]:

@@ -7,38 +7,20 @@ from __future__ import annotations
 import asyncio
 import threading
 import time
-from collections.abc import Callable, Coroutine
+from collections.abc import Callable
 from datetime import datetime
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import pytest
 from sqlalchemy.exc import OperationalError
 
-from roost.engine.events import QUEUE, Event, EventBus, Subscription
+from roost.engine.events import QUEUE, Event, EventBus
 from roost.errors import VMMFailedError
 from roost.spec import Manifest, VMConfig, VMConfigPatch
 from tests.engine_fakes import World, failing_commit
+from tests.event_readers import run, take
 from tests.harness import wait_for
-
-T = TypeVar("T")
-
-
-def run(scenario: Callable[[], Coroutine[Any, Any, T]]) -> T:
-    return asyncio.run(scenario())
-
-
-async def take(reader: Subscription, count: int, timeout: float = 5) -> list[Event]:
-    """The next `count` events (overflows included) of `reader`."""
-    taken: list[Event] = []
-    deadline = time.monotonic() + timeout
-    while len(taken) < count:
-        left = deadline - time.monotonic()
-        assert left > 0, f"only {len(taken)} of {count} events came"
-        events = await reader.next(left)
-        assert events is not None, "the bus closed"
-        taken += events
-    return taken
 
 
 def ids(events: list[Event]) -> list[int | None]:
