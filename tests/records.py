@@ -6,6 +6,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from roost.state.db import Database
+from roost.state.hosts import HostRegistration
 from roost.state.models import VM, Plugin
 
 
@@ -34,3 +35,17 @@ def make_vms(db: Database, count: int, prefix: str = "vm") -> list[int]:
         return [vm.id for vm in vms]
 
     return db.transact(work)
+
+
+def host_registration(name: str, vtep: str) -> HostRegistration:
+    """Host `name` of a cluster at VTEP `vtep`, with a Unix socket API no one answers, no labels
+    or facts, 8 vCPUs and 4 GiB."""
+    return HostRegistration(
+        name=name,
+        vtep_address=vtep,
+        api=f"unix:///run/roost-{name}.sock",
+        labels={},
+        capacity_vcpus=8,
+        capacity_memory_mib=4096,
+        facts={},
+    )

@@ -23,22 +23,11 @@ from roost.cli.remote import VM_COLUMNS, vm_table
 from roost.cli.views import vm_human
 from roost.spec import Manifest, VMConfig
 from roost.state import forwards
-from roost.state.hosts import HostRegistration, Hosts
+from roost.state.hosts import Hosts
 from roost.state.models import VM
 from roost.state.vms import VMQuery, VMRecords
 from tests.engine_fakes import World
-
-
-def registration(name: str, vtep: str) -> HostRegistration:
-    return HostRegistration(
-        name=name,
-        vtep_address=vtep,
-        api=f"unix:///run/roost-{name}.sock",
-        labels={},
-        capacity_vcpus=64,
-        capacity_memory_mib=65536,
-        facts={},
-    )
+from tests.records import host_registration
 
 
 def place(world: World, host_id: int, *vms: str) -> None:
@@ -54,8 +43,8 @@ class Cluster:
     def __init__(self, world: World) -> None:
         self.world = world
         hosts = Hosts(world.db)
-        self.h1 = hosts.register(registration("h1", "10.251.0.1")).host_id
-        self.h2 = hosts.register(registration("h2", "10.251.0.2")).host_id
+        self.h1 = hosts.register(host_registration("h1", "10.251.0.1")).host_id
+        self.h2 = hosts.register(host_registration("h2", "10.251.0.2")).host_id
         engine = world.engine
         engine.create_vm("a", VMConfig(plugin="p"))
         engine.create_vm("b", VMConfig(plugin="p"), start=False)

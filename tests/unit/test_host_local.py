@@ -19,8 +19,9 @@ from roost.engine.networks import policy_lookup_in
 from roost.errors import ConflictError
 from roost.state import alloc, cni, forwards
 from roost.state.db import Database
-from roost.state.hosts import HostRegistration, Hosts
+from roost.state.hosts import Hosts
 from roost.state.models import VM, Network, Plugin
+from tests.records import host_registration
 
 EXTERNAL = alloc.EXTERNAL
 ATTACHMENT = {
@@ -31,18 +32,6 @@ ATTACHMENT = {
     "args": {},
     "capability_args": {},
 }
-
-
-def registration(name: str, vtep: str) -> HostRegistration:
-    return HostRegistration(
-        name=name,
-        vtep_address=vtep,
-        api=f"unix:///run/roost-{name}.sock",
-        labels={},
-        capacity_vcpus=8,
-        capacity_memory_mib=8192,
-        facts={},
-    )
 
 
 @pytest.fixture
@@ -56,8 +45,8 @@ def db(migrated_database_url: str) -> Iterator[Database]:
 def hosts(db: Database) -> tuple[int, int]:
     registry = Hosts(db)
     return (
-        registry.register(registration("h1", "10.251.0.1")).host_id,
-        registry.register(registration("h2", "10.251.0.2")).host_id,
+        registry.register(host_registration("h1", "10.251.0.1")).host_id,
+        registry.register(host_registration("h2", "10.251.0.2")).host_id,
     )
 
 

@@ -43,6 +43,7 @@ from roost.state.hosts import HostRegistration, Hosts
 from roost.state.models import VM, Host
 from tests.engine_fakes import World
 from tests.postgres import PostgresServer
+from tests.records import host_registration
 
 DEFAULT = DefaultNetwork.from_cidr("10.57.0.0/24")
 REGISTRY = {
@@ -239,14 +240,10 @@ def world(tmp_short: Path, postgres: PostgresServer) -> Iterator[World]:
     instance.close()
 
 
-def registration(name: str, vtep: str) -> HostRegistration:
-    return HostRegistration(name, vtep, f"unix:///run/roost-{name}.sock", {}, 8, 4096, {})
-
-
 def test_the_router_sends_a_vms_requests_to_its_host_read_at_each_request(world: World) -> None:
     hosts = Hosts(world.db)
-    h1 = hosts.register(registration("h1", "10.251.0.1")).host_id
-    h2 = hosts.register(registration("h2", "10.251.0.2")).host_id
+    h1 = hosts.register(host_registration("h1", "10.251.0.1")).host_id
+    h2 = hosts.register(host_registration("h2", "10.251.0.2")).host_id
     for name, host in (("a", h1), ("b", h2)):
         world.engine.create_vm(name, VMConfig(plugin="p"), start=False)
         placed = update(VM).where(VM.name == name).values(host_id=host)
@@ -302,7 +299,7 @@ def test_a_create_sent_with_x_roost_forwarded_by_a_client_is_still_held_to_place
     that takes it still checks that placement would take it (labels, what it has, room).
     (Forwarded creates that fit are made by the three-agent tests.)"""
     hosts = Hosts(world.db)
-    h1 = hosts.register(registration("h1", "10.251.0.1")).host_id
+    h1 = hosts.register(host_registration("h1", "10.251.0.1")).host_id
     with_facts = {"vmms": ["fake"]}
     hosts.register(
         HostRegistration(
