@@ -26,14 +26,13 @@ from typing import Any
 if __name__ == "__main__":
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # the repo root, not bench/
 
-from sqlalchemy import insert, select
 from sqlalchemy.orm import Session
 
 from bench._common import cleanup, latency_ms, log, main, percentile
+from bench.ipam import add_vms
 from roost.errors import ConflictError
 from roost.state import alloc
 from roost.state.db import Database, sqlite_url
-from roost.state.models import VM, Plugin
 from tests.postgres import PostgresServer, missing_reason
 
 SUBNET = ipaddress.IPv4Network("10.220.0.0/16")  # room for every run's allocations
@@ -73,29 +72,6 @@ class Run:
 def split(items: Sequence[int], parts: int) -> list[list[int]]:
     """`items` dealt round-robin into `parts` lists (the first ones one longer when uneven)."""
     return [list(items[part::parts]) for part in range(parts)]
-
-
-def make_vms(db: Database, count: int) -> list[int]:
-    """`count` VM rows (leases refer to them) and the network, made untimed."""
-
-    def work(session: Session) -> list[int]:
-        plugin = Plugin(name="bench", version="1", manifest={})
-        session.add(plugin)
-        session.flush()
-        rows = [
-            {
-                "name": f"vm-{i}",
-                "plugin_id": plugin.id,
-                "status": "created",
-                "vmm_kind": "firecracker",
-                "network": {},
-            }
-            for i in range(count)
-        ]
-        session.execute(insert(VM), rows)
-        return list(session.scalars(select(VM.id).order_by(VM.id)))
-
-    return db.transact(work)
 
 
 def make_network(db: Database) -> float:
@@ -201,7 +177,7 @@ def backend_runs(fresh: Callable[[], Database], allocations: int, processes: int
     figures: dict[str, Any] = {"processes": processes}
     for clients in CLIENTS:
         db = fresh()
-        vm_ids = make_vms(db, allocations)
+        vm_ids = add_vms(db, allocations)
         figures["network_made_ms"] = round(make_network(db) * 1000, 1)
         url = db.url
         db.dispose()

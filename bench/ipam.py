@@ -40,6 +40,34 @@ def allocatable(subnet: ipaddress.IPv4Network) -> int:
     return subnet.num_addresses - 3
 
 
+def add_vms(db: Database, count: int, prefix: str = "vm") -> list[int]:
+    """`count` VM rows named `<prefix>-<i>` (leases reference them), bulk-inserted in one
+    transaction: set-up, not part of what is measured."""
+
+    def work(session: Session) -> list[int]:
+        plugin = session.scalar(select(Plugin).where(Plugin.name == "bench"))
+        if plugin is None:
+            plugin = Plugin(name="bench", version="1", manifest={})
+            session.add(plugin)
+            session.flush()
+        rows = [
+            {
+                "name": f"{prefix}-{i}",
+                "plugin_id": plugin.id,
+                "status": "created",
+                "vmm_kind": "firecracker",
+                "network": {},
+            }
+            for i in range(count)
+        ]
+        session.execute(insert(VM), rows)
+        return list(
+            session.scalars(select(VM.id).where(VM.name.startswith(f"{prefix}-")).order_by(VM.id))
+        )
+
+    return db.transact(work)
+
+
 class RoostIPAM:
     """roost's IPAM on a fresh SQLite database in `directory`, driven through the same state
     functions (and one write transaction per call) as the engine uses."""
@@ -51,33 +79,7 @@ class RoostIPAM:
         self.db.migrate()
 
     def add_vms(self, count: int, prefix: str = "vm") -> list[int]:
-        """`count` VM rows (leases reference them), bulk-inserted in one transaction: set-up,
-        not part of what is measured."""
-
-        def work(session: Session) -> list[int]:
-            plugin = session.scalar(select(Plugin).where(Plugin.name == "bench"))
-            if plugin is None:
-                plugin = Plugin(name="bench", version="1", manifest={})
-                session.add(plugin)
-                session.flush()
-            rows = [
-                {
-                    "name": f"{prefix}-{i}",
-                    "plugin_id": plugin.id,
-                    "status": "created",
-                    "vmm_kind": "firecracker",
-                    "network": {},
-                }
-                for i in range(count)
-            ]
-            session.execute(insert(VM), rows)
-            return list(
-                session.scalars(
-                    select(VM.id).where(VM.name.startswith(f"{prefix}-")).order_by(VM.id)
-                )
-            )
-
-        return self.db.transact(work)
+        return add_vms(self.db, count, prefix)
 
     def allocate(self, vm_id: int) -> ipaddress.IPv4Address:
         """One committed allocation: find or create the network, take the next free address."""
