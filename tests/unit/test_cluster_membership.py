@@ -366,6 +366,17 @@ def member_of(agent: World, db: Database, url: str, name: str, clock: Clock) -> 
     return Member(settings, db, agent.engine, lambda: {"vmms": ["fake"]}, clock)
 
 
+def member_with_a(agent: World, db: Database, url: str, *, start: bool = True) -> Member:
+    """Member h2, joined, with VM `a` made (started unless `start` is False) and placed on it,
+    the engine acting as h2."""
+    member = member_of(agent, db, url, "h2", Clock())
+    joined = member.join()
+    agent.engine.create_vm("a", VMConfig(plugin="p"), start=start)
+    place(db, joined.host_id, "a")
+    agent.engine.act_as_host(joined.host_id)  # (after the create: the fakes have no placement)
+    return member
+
+
 def test_a_fenced_member_ends_its_lost_vms_vmms_and_joins_again_leaving_their_records(
     agent: World, db: Database, url: str, reconcilers: list[Reconciler]
 ) -> None:
@@ -408,11 +419,7 @@ def test_a_fenced_member_ends_its_lost_vms_vmms_and_joins_again_leaving_their_re
 def test_a_lost_vms_vmm_that_ended_while_its_host_was_silent_leaves_its_record_lost(
     agent: World, db: Database, url: str, reconcilers: list[Reconciler]
 ) -> None:
-    member = member_of(agent, db, url, "h2", Clock())
-    joined = member.join()
-    agent.engine.create_vm("a", VMConfig(plugin="p"))
-    place(db, joined.host_id, "a")
-    agent.engine.act_as_host(joined.host_id)  # (after the create: the fakes have no placement)
+    member_with_a(agent, db, url)
     tap = agent.engine.show_vm("a")["network"]["tap"]
     silent_for(db, "h2", LOST_AFTER + 1)
     assert reconciler(reconcilers, url).attempt()
@@ -428,11 +435,7 @@ def test_a_lost_vms_vmm_that_ended_while_its_host_was_silent_leaves_its_record_l
 def test_an_operation_under_way_when_its_host_froze_writes_nothing_over_lost(
     agent: World, db: Database, url: str, reconcilers: list[Reconciler]
 ) -> None:
-    member = member_of(agent, db, url, "h2", Clock())
-    joined = member.join()
-    agent.engine.create_vm("a", VMConfig(plugin="p"))
-    place(db, joined.host_id, "a")
-    agent.engine.act_as_host(joined.host_id)
+    member_with_a(agent, db, url)
     silent_for(db, "h2", LOST_AFTER + 1)
     assert reconciler(reconcilers, url).attempt()
 
@@ -466,11 +469,7 @@ def test_a_start_that_reached_the_host_a_drain_just_moved_its_vm_from_boots_noth
 def test_a_vm_the_cluster_declared_lost_is_not_started_again_by_its_host(
     agent: World, db: Database, url: str, reconcilers: list[Reconciler]
 ) -> None:
-    member = member_of(agent, db, url, "h2", Clock())
-    joined = member.join()
-    agent.engine.create_vm("a", VMConfig(plugin="p"), start=False)
-    place(db, joined.host_id, "a")
-    agent.engine.act_as_host(joined.host_id)
+    member_with_a(agent, db, url, start=False)
     silent_for(db, "h2", LOST_AFTER + 1)
     assert reconciler(reconcilers, url).attempt()
 
@@ -489,11 +488,7 @@ def test_a_start_under_way_when_its_host_froze_past_the_grace_takes_no_address_o
     reconcilers: list[Reconciler],
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    member = member_of(agent, db, url, "h2", Clock())
-    joined = member.join()
-    agent.engine.create_vm("a", VMConfig(plugin="p"), start=False)
-    place(db, joined.host_id, "a")
-    agent.engine.act_as_host(joined.host_id)
+    member_with_a(agent, db, url, start=False)
     begin_start = agent.engine.records.begin_start
 
     def frozen_once_started(name: str) -> Any:
