@@ -137,8 +137,10 @@ class Guard:
                 "--server-name",
                 code="misdirected",
             )
-        if path in OPEN_PATHS or (self.view is not None and is_view_path(path)):
-            return None
+        if path in OPEN_PATHS or (
+            self.view is not None and http is not None and is_view_path(path)
+        ):
+            return None  # the view's pages check their own session; it serves no WebSocket
         if (
             self.view is not None
             and http is not None

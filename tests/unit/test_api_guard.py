@@ -14,6 +14,8 @@ import pytest
 from roost.api.app import create_app
 from roost.api.endpoints import Endpoint
 from roost.api.guard import Guard
+from roost.api.sessions import DAEMON_COOKIE
+from roost.api.ui import ViewAuth
 from roost.engine.settings import Settings
 from tests.asgi import UNIX_SERVER, json_post_scope
 from tests.unit.test_api_app import TCP, TOKEN, UNIX, Api, FakeEngine
@@ -286,7 +288,9 @@ def websocket_scope(
     }
 
 
-def guarded_upgrade(scope: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
+def guarded_upgrade(
+    scope: dict[str, Any], view: ViewAuth | None = None
+) -> tuple[list[str], list[dict[str, Any]]]:
     """What reached the routes behind the guard (their paths) and what the guard sent."""
     reached: list[str] = []
     sent: list[dict[str, Any]] = []
@@ -300,7 +304,9 @@ def guarded_upgrade(scope: dict[str, Any]) -> tuple[list[str], list[dict[str, An
     async def send(message: dict[str, Any]) -> None:
         sent.append(message)
 
-    guard = Guard(routes, endpoints=[Endpoint.parse(TCP)], token=TOKEN, max_body_bytes=4096)
+    guard = Guard(
+        routes, endpoints=[Endpoint.parse(TCP)], token=TOKEN, max_body_bytes=4096, view=view
+    )
     asyncio.run(guard(scope, receive, send))  # type: ignore[arg-type]
     return reached, sent
 
@@ -341,6 +347,22 @@ def test_a_tcp_websocket_with_the_token_and_the_listeners_host_reaches_the_route
     headers = {"host": "127.0.0.1:8000", **AUTH}
     reached, sent = guarded_upgrade(websocket_scope(("127.0.0.1", 8000), headers))
     assert (reached, sent) == (["/v1/vms/x/vsock/1024"], [])
+
+
+@pytest.mark.parametrize("path", ["/v1/vms/x/vsock/1024", "/ui/static/app.js", "/ui/"])
+def test_a_tcp_websocket_with_the_web_view_s_session_but_no_token_is_denied(path: str) -> None:
+    view = ViewAuth(DAEMON_COOKIE)
+    session = view.sessions.create()
+    headers = {
+        "host": "127.0.0.1:8000",
+        "origin": "http://127.0.0.1:8000",
+        "cookie": f"{DAEMON_COOKIE}={session}",
+    }
+    scope = {**websocket_scope(("127.0.0.1", 8000), headers), "path": path}
+    reached, sent = guarded_upgrade(scope, view)
+    status, _, error = denial(sent)
+    assert (status, error["code"]) == (401, "unauthorized")
+    assert reached == []
 
 
 def test_a_websocket_on_the_unix_socket_needs_no_token_and_takes_any_host() -> None:
