@@ -53,6 +53,14 @@ def write(path: Path, data: dict[str, Any]) -> Path:
     return path
 
 
+def install_bridged_plugin(cluster: Cluster, tmp_path: Path) -> None:
+    """Plugin `p`, bridged, installed through the first agent and then the second (with
+    --force, since the cluster already records it)."""
+    plugin = write_plugin(tmp_path, "p", network={"mode": "bridged"})
+    cluster[1].ok("plugin", "install", plugin)
+    cluster[2].ok("plugin", "install", plugin, "--force")
+
+
 def on_lan(
     agent: Any, tmp_path: Path, name: str, plugin: str, boot_args: str | None = None, **network: Any
 ) -> Any:
@@ -81,9 +89,7 @@ def test_a_cluster_network_has_a_vni_and_each_host_forwards_to_the_others_guests
     listed = {network["name"]: network for network in second.ok("network", "list")}
     assert (listed["default"]["vni"], listed["default"]["mtu"]) == (1, 1450)
     assert second.ok("network", "show", "lan")["vni"] == 2
-    plugin = write_plugin(tmp_path, "p", network={"mode": "bridged"})
-    first.ok("plugin", "install", plugin)
-    second.ok("plugin", "install", plugin, "--force")
+    install_bridged_plugin(cluster, tmp_path)
     a = on_lan(first, tmp_path, "a", "p")
     b = on_lan(second, tmp_path, "b", "p")
     bridge = a["network"]["bridge"]
@@ -193,9 +199,7 @@ def test_the_gateway_hosts_bridge_outlives_its_last_vm_and_restarts_and_serves_o
     cluster: Cluster, tmp_path: Path
 ) -> None:
     first, second = cluster[1], cluster[2]
-    plugin = write_plugin(tmp_path, "p", network={"mode": "bridged"})
-    first.ok("plugin", "install", plugin)
-    second.ok("plugin", "install", plugin, "--force")
+    install_bridged_plugin(cluster, tmp_path)
     h1, h2 = cluster.fabric.host(1), cluster.fabric.host(2)
     first.ok(
         "vm", "create", "d1", "--plugin", "p", "--host", first.name
@@ -224,9 +228,7 @@ def test_the_gateway_moves_to_another_host_with_the_bridge_when_its_host_is_lost
     cluster: Cluster, tmp_path: Path
 ) -> None:
     first, second = cluster[1], cluster[2]
-    plugin = write_plugin(tmp_path, "p", network={"mode": "bridged"})
-    first.ok("plugin", "install", plugin)
-    second.ok("plugin", "install", plugin, "--force")
+    install_bridged_plugin(cluster, tmp_path)
     h1, h2 = cluster.fabric.host(1), cluster.fabric.host(2)
     first.ok("vm", "create", "d1", "--plugin", "p", "--host", first.name)  # the gateway's host
     second.ok("vm", "create", "d2", "--plugin", "p", "--host", second.name)
