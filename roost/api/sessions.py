@@ -10,7 +10,8 @@ it authenticates must also come from the view's own pages (CSRF):
   `Host` the server already checked names it);
 - a GET or HEAD without `Origin` (same-origin reads, `EventSource`, page loads: Chromium and
   Firefox send no `Origin` on them) needs `Sec-Fetch-Site: same-origin` (the page's own
-  requests) or `none` (typed in the address bar, a bookmark), else a `Referer` on the origin;
+  requests) or `none` (typed in the address bar, a bookmark); from a browser that sends no
+  `Sec-Fetch-Site`, a `Referer` on the origin;
 - anything else (POST, PATCH, DELETE) needs the matching `Origin`, which browsers always send on
   them, and `X-Roost-UI: 1`, which a page on another origin cannot send without a CORS
   preflight nobody answers.
@@ -133,10 +134,11 @@ def cross_origin_refusal(
     if sent is not None and sent.strip().lower() != origin:
         return f"it comes from a page of {sent!r}, not of {origin}"
     if method.upper() in READS:
-        if sent is not None or headers.get("sec-fetch-site", "").lower() in FETCH_SITES:
+        site = headers.get("sec-fetch-site")
+        if sent is not None or (site or "").lower() in FETCH_SITES:
             return None
-        referer = headers.get("referer")
-        if referer is not None and _same_origin_url(referer, origin):
+        referer = headers.get("referer")  # a browser without fetch metadata: its Referer
+        if site is None and referer is not None and _same_origin_url(referer, origin):
             return None
         return "a browser's read says Sec-Fetch-Site: same-origin (or Origin); this one does not"
     if sent is None:

@@ -49,6 +49,8 @@ def test_the_view_s_own_requests_pass(method: str, headers: dict[str, str]) -> N
         ("GET", {"origin": "null", "sec-fetch-site": "same-origin"}, "'null'"),
         ("GET", {"referer": "https://roost.example:9443/"}, "Sec-Fetch-Site"),
         ("GET", {"referer": "https://user@roost.example:8443/"}, "Sec-Fetch-Site"),
+        # the fetch metadata of a page on another port outweighs a Referer
+        ("GET", {"sec-fetch-site": "same-site", "referer": ORIGIN + "/ui/"}, "Sec-Fetch-Site"),
         ("POST", {"x-roost-ui": "1", "sec-fetch-site": "same-origin"}, "Origin"),
         ("POST", {"origin": ORIGIN}, "X-Roost-UI"),
         ("POST", {"origin": ORIGIN, "x-roost-ui": "yes"}, "X-Roost-UI"),
