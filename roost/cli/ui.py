@@ -27,6 +27,7 @@ from typing import Annotated
 import typer
 
 from roost.api.endpoints import Endpoint
+from roost.api.hangups import ClientLeft
 from roost.api.sessions import LOCAL_COOKIE, set_cookie, with_security_headers
 from roost.cli.apps import app
 from roost.cli.output import reporting
@@ -207,7 +208,7 @@ class DaemonForwarder:
         )
         try:
             response = await client.send(request, stream=True)
-        except _ClientLeft:
+        except ClientLeft:
             return
         except httpx.TransportError as error:
             await error_response(unreachable(self.endpoint, error))(scope, receive, send)
@@ -257,15 +258,11 @@ class DaemonForwarder:
             tasks.cancel_scope.cancel()
 
 
-class _ClientLeft(Exception):  # noqa: N818 - an outcome, not an error
-    """The browser hung up while its request was being sent on."""
-
-
 async def _body(receive: Receive) -> AsyncIterator[bytes]:
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            raise _ClientLeft
+            raise ClientLeft
         chunk = message.get("body", b"")
         if chunk:
             yield chunk
