@@ -184,6 +184,7 @@ class DaemonForwarder:
         import httpx
 
         from roost.api.replies import error_response
+        from roost.api.ui import SecurityHeaders
         from roost.cli.client import unreachable
 
         client = self.client()
@@ -211,7 +212,8 @@ class DaemonForwarder:
         except ClientLeft:
             return
         except httpx.TransportError as error:
-            await error_response(unreachable(self.endpoint, error))(scope, receive, send)
+            refusal = error_response(unreachable(self.endpoint, error))
+            await SecurityHeaders(refusal)(scope, receive, send)
             return
         try:
             kept = [
