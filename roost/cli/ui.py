@@ -300,8 +300,9 @@ def local_view(port: int, token: str, daemon: ASGIApp) -> ASGIApp:
     show = page_endpoint(auth, api_base=API_PREFIX, base_href="/", refused=refused)
 
     async def index(request: Request) -> Response:
-        """The VM table; with `?token=`, the token's exchange for a session first."""
-        if "token" not in request.query_params:
+        """The VM table; with `?token=`, the token's exchange for a session first (on a GET: a
+        HEAD, as a link preview sends, gets no session and leaves the token unused)."""
+        if "token" not in request.query_params or request.method != "GET":
             return await show(request)
         given = request.query_params["token"].encode()
         if unused and hmac.compare_digest(given, unused[0].encode()):

@@ -279,6 +279,7 @@ def test_roost_ui_exchanges_its_token_once_for_a_strict_http_only_cookie(
         assert answer.status_code == 401, path
         assert answer.headers["content-security-policy"] == CSP
         assert answer.headers["cache-control"] == "no-store"
+    assert http.head(local.url, headers={"sec-fetch-site": "none"}).status_code == 401
     answer = http.get(local.url, headers={"sec-fetch-site": "none"})
     assert (answer.status_code, answer.headers["location"]) == (303, "/")
     session, attributes = cookie_of(answer, "roost_ui")
