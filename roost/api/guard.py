@@ -26,6 +26,9 @@ log = logging.getLogger("roost.api")
 
 # the only routes a TCP client may call without the token: probes and scrapers carry none
 OPEN_PATHS = frozenset({"/healthz", "/metrics"})
+# where the web view's session cookie stands for the token: the API its pages call, not
+# /docs or /redoc (pages of third-party script from a CDN, which would act with the session)
+VIEW_API = "/v1/"
 # how long the unread rest of a refused request's body is read and thrown away
 DISCARD_SECONDS = 10.0
 DENIAL_RESPONSE = "websocket.http.response"  # the ASGI extension: an HTTP answer to an upgrade
@@ -144,6 +147,7 @@ class Guard:
         if (
             self.view is not None
             and http is not None
+            and path.startswith(VIEW_API)
             and "authorization" not in headers
             and self.view.session(headers) is not None
         ):

@@ -181,6 +181,9 @@ def test_the_session_reaches_the_api_only_from_the_view_s_own_pages(view: View) 
         assert (forged.status_code, forged.json()["error"]["code"]) == (401, "unauthorized")
         bearer = browser.get("/v1/vms", headers={"authorization": f"Bearer {TOKEN}"})
         assert bearer.status_code == 200
+        for elsewhere in ("/docs", "/redoc", "/openapi.json"):  # the API's routes only
+            answer = browser.get(elsewhere, headers={**session, "sec-fetch-site": "none"})
+            assert (answer.status_code, answer.json()["error"]["code"]) == (401, "unauthorized")
 
 
 def test_the_session_streams_events_to_an_event_source(view: View) -> None:
