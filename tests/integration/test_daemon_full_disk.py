@@ -15,14 +15,14 @@ pytestmark = [pytest.mark.root, pytest.mark.firecracker]
 
 
 def fill(directory: Path) -> Path:
-    """A file that takes every free byte of `directory`'s filesystem."""
+    """A file that takes every free byte of `directory`'s filesystem (unbuffered: a buffered
+    writer would keep what the full filesystem refused and fail again when closed)."""
     filler = directory / "filler"
-    with filler.open("wb") as writer:
+    with filler.open("wb", buffering=0) as writer:
         chunk = b"\0" * (1 << 16)
         try:
             while True:
                 writer.write(chunk)
-                writer.flush()
         except OSError as error:
             assert error.errno == errno.ENOSPC
     return filler
