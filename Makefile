@@ -1,5 +1,5 @@
 # Two commands on a fresh Debian 12 machine, as root: `make demo` and `make test`.
-.PHONY: setup demo test lint typecheck unit clean
+.PHONY: setup demo test lint typecheck unit clean ruff mypy pytest
 
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -11,13 +11,23 @@ demo: setup
 	$(PY) scripts/demo.py
 
 lint: setup
+	$(MAKE) --no-print-directory ruff
+
+typecheck: setup
+	$(MAKE) --no-print-directory mypy
+
+# ruff and mypy run beside pytest (each is over long before it): a failure of any fails it
+test: setup
+	$(MAKE) --no-print-directory -j3 ruff mypy pytest
+
+ruff:
 	$(VENV)/bin/ruff check roost tests bench scripts
 	$(VENV)/bin/ruff format --check roost tests bench scripts
 
-typecheck: setup
+mypy:
 	$(VENV)/bin/mypy roost
 
-test: lint typecheck
+pytest:
 	./scripts/run-tests.sh
 
 clean:
