@@ -63,7 +63,9 @@ HOP_BY_HOP = frozenset(
         "upgrade",
     }
 )
-REPLACED = frozenset({"host", "authorization", FORWARDED, CLIENT})
+# the browser's session cookie is this agent's, not the peer's: the peer answers on this
+# agent's own authority (its token over TCP), as it does for every forwarded request
+REPLACED = frozenset({"host", "authorization", "cookie", FORWARDED, CLIENT})
 CONNECT_SECONDS = 5.0  # a peer that does not accept a connection by then is out of reach
 # the peer answers a vsock upgrade once the guest answered, which may take the route's whole
 # `timeout` (at most 300 s)
@@ -175,7 +177,7 @@ def request_headers(
     headers: list[tuple[bytes, bytes]], origin: str, token: str | None, *, tcp_client: bool
 ) -> list[tuple[bytes, bytes]]:
     """The headers a forwarded request carries: the client's, but the hop-by-hop ones (and
-    those its `Connection` names), its `Host`, token, any `X-Roost-Forwarded` and
+    those its `Connection` names), its `Host`, token, cookie, any `X-Roost-Forwarded` and
     `X-Roost-Client`; then `X-Roost-Forwarded: origin`, `X-Roost-Client: tcp` for a
     `tcp_client` and, for a TCP peer, this agent's `token`."""
     kept = _end_to_end(headers, HOP_BY_HOP | REPLACED)

@@ -70,11 +70,12 @@ def test_a_router_asks_for_the_host_of_a_vm_only_where_the_rule_needs_it() -> No
     assert router.route(websocket) == Peer("b", "unix:///run/b.sock")
 
 
-def test_a_forwarded_request_keeps_end_to_end_headers_and_carries_origin_and_token() -> None:
+def test_a_forwarded_request_drops_the_cookie_and_carries_origin_and_token() -> None:
     sent = request_headers(
         [
             (b"Host", b"a.example:8443"),
             (b"authorization", b"Bearer the-clients"),
+            (b"cookie", b"roost_session=the-browsers"),
             (b"x-roost-forwarded", b"somebody"),
             (b"connection", b"keep-alive, X-Private"),
             (b"x-private", b"hop"),
