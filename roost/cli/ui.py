@@ -14,11 +14,15 @@ from __future__ import annotations
 
 import asyncio
 import hmac
+import html
 import logging
+import os
 import secrets
+import shutil
 import signal
 import socket
 import sys
+import tempfile
 import webbrowser
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -37,6 +41,7 @@ from roost.errors import InvalidError, RoostError
 TYPE_CHECKING = False
 if TYPE_CHECKING:
     import httpx
+    from starlette.responses import Response
     from starlette.types import ASGIApp, Receive, Scope, Send
 
 log = logging.getLogger("roost.ui")
@@ -126,12 +131,13 @@ def _serve(listener: socket.socket, open_browser: bool) -> None:
         uvicorn.Config(view, log_config=None, access_log=False, timeout_graceful_shutdown=5)
     )
     url = f"http://{LOOPBACK}:{port}/?token={token}"
+    private = Path(tempfile.mkdtemp(prefix="roost-ui-"))  # 0700: for --open's page
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         sys.stdout.write(url + "\n")
         sys.stdout.flush()
         sys.stderr.write(f"roost ui: the daemon at {Globals.api}; Ctrl-C stops it\n")
-        if open_browser and not webbrowser.open(url):
+        if open_browser and not webbrowser.open(_opener(private, url).as_uri()):
             sys.stderr.write("roost ui: found no web browser to open; open the URL yourself\n")
         server.run(sockets=[listener])
     except (_Stop, KeyboardInterrupt):
@@ -139,6 +145,23 @@ def _serve(listener: socket.socket, open_browser: bool) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
+        shutil.rmtree(private, ignore_errors=True)
+
+
+def _opener(directory: Path, url: str) -> Path:
+    """A page only this user can read that sends the browser on to `url`: `--open` hands the
+    browser this page's path, never the tokened URL, which any local user could read from the
+    browser's command line and use first (as Jupyter does)."""
+    page = directory / "open.html"
+    fd = os.open(page, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as writer:
+        target = html.escape(url, quote=True)
+        writer.write(
+            '<!doctype html><meta charset="utf-8">'
+            f'<meta http-equiv="refresh" content="0; url={target}">'
+            f'<title>roost ui</title><p><a href="{target}">Open roost</a></p>\n'
+        )
+    return page
 
 
 class DaemonForwarder:
@@ -272,12 +295,27 @@ async def _body(receive: Receive) -> AsyncIterator[bytes]:
             return
 
 
+def _entered(fetch_site: str | None) -> Response:
+    """The answer that sets the session: a redirect to the VM table for a URL typed or pasted;
+    for one another site sent the browser to (`--open`'s private page is a file), a page that
+    moves on to it itself, as the redirect would arrive cross-site still and the SameSite=Strict
+    cookie would not go with it."""
+    from starlette.responses import HTMLResponse, RedirectResponse
+
+    if fetch_site in (None, "none", "same-origin"):
+        return RedirectResponse("/", status_code=303)
+    return HTMLResponse(
+        '<!doctype html><meta charset="utf-8"><meta http-equiv="refresh" content="0; url=/">'
+        '<title>roost ui</title><p><a href="/">Open roost</a></p>\n'
+    )
+
+
 def local_view(port: int, token: str, daemon: ASGIApp) -> ASGIApp:
     """`roost ui`'s whole server on 127.0.0.1:`port`: the one-time `token`'s exchange, the
     pages at `/` and `daemon` at `/api/v1/`, each behind the session."""
     from starlette.applications import Starlette
     from starlette.requests import Request
-    from starlette.responses import PlainTextResponse, RedirectResponse, Response
+    from starlette.responses import PlainTextResponse, RedirectResponse
     from starlette.routing import Mount, Route
 
     from roost.api.replies import error_response
@@ -307,7 +345,7 @@ def local_view(port: int, token: str, daemon: ASGIApp) -> ASGIApp:
         given = request.query_params["token"].encode()
         if unused and hmac.compare_digest(given, unused[0].encode()):
             unused.clear()
-            answer = RedirectResponse("/", status_code=303)
+            answer = _entered(headers_of(request.scope).get("sec-fetch-site"))
             session = auth.sessions.create()
             answer.headers["set-cookie"] = set_cookie(LOCAL_COOKIE, session, secure=False)
             return answer

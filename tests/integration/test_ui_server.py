@@ -385,10 +385,22 @@ def test_roost_ui_open_hands_its_url_to_the_web_browser(netns: str, tmp_path: Pa
             given = wait_for(
                 lambda: opened.exists() and opened.read_text().strip(), what="the browser's URL"
             )
-            assert given == ui.url
-            assert ui.http.get(ui.url).status_code == 303
+            # the browser's command line, which any local user can read, never holds the token:
+            # it gets a page only this user can read, which moves on to the tokened URL
+            assert ui.url.split("?token=")[1] not in given
+            page = Path(urlsplit(given).path)
+            assert page.stat().st_mode & 0o777 == 0o600
+            assert page.parent.stat().st_mode & 0o777 == 0o700
+            assert f'http-equiv="refresh" content="0; url={ui.url}"' in page.read_text()
+            # arriving from that page is a cross-site navigation: the session is set by a page
+            # that moves on to / itself, so the SameSite=Strict cookie goes along
+            entered = ui.http.get(ui.url, headers={"sec-fetch-site": "cross-site"})
+            assert entered.status_code == 200
+            assert 'http-equiv="refresh" content="0; url=/"' in entered.text
+            assert cookie_of(entered, "roost_ui")[1] == {"path=/", "httponly", "samesite=strict"}
         finally:
             assert ui.interrupt() == 0
+        assert not page.parent.exists()  # removed when roost ui ends
     finally:
         daemon.close()
 
