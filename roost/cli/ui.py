@@ -131,13 +131,14 @@ def _serve(listener: socket.socket, open_browser: bool) -> None:
         uvicorn.Config(view, log_config=None, access_log=False, timeout_graceful_shutdown=5)
     )
     url = f"http://{LOOPBACK}:{port}/?token={token}"
-    private = Path(tempfile.mkdtemp(prefix="roost-ui-"))  # 0700: for --open's page
+    # 0700, for --open's page only (made only then: a roost ui killed leaves nothing)
+    private = Path(tempfile.mkdtemp(prefix="roost-ui-")) if open_browser else None
     previous = {sig: signal.signal(sig, _raise_stop) for sig in (signal.SIGINT, signal.SIGTERM)}
     try:
         sys.stdout.write(url + "\n")
         sys.stdout.flush()
         sys.stderr.write(f"roost ui: the daemon at {Globals.api}; Ctrl-C stops it\n")
-        if open_browser and not webbrowser.open(_opener(private, url).as_uri()):
+        if private is not None and not webbrowser.open(_opener(private, url).as_uri()):
             sys.stderr.write("roost ui: found no web browser to open; open the URL yourself\n")
         server.run(sockets=[listener])
     except (_Stop, KeyboardInterrupt):
@@ -145,7 +146,8 @@ def _serve(listener: socket.socket, open_browser: bool) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        shutil.rmtree(private, ignore_errors=True)
+        if private is not None:
+            shutil.rmtree(private, ignore_errors=True)
 
 
 def _opener(directory: Path, url: str) -> Path:
