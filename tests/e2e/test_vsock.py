@@ -165,7 +165,12 @@ def test_a_vsock_only_guest_is_reached_through_the_api_the_cli_and_forwards(
             assert echoed == payloads
         finally:
             forward.send_signal(signal.SIGINT)
-            _, errors = forward.communicate(timeout=30)
+            try:
+                _, errors = forward.communicate(timeout=30)
+            except subprocess.TimeoutExpired:
+                forward.kill()  # never left running: ended by its PID and reaped, then failed
+                forward.communicate()
+                raise
         assert forward.returncode == 0, errors
 
         # nobody listens on this port in the guest: a clean failure within the timeout
